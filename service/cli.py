@@ -1,0 +1,112 @@
+"""`attrib`: serve, worker, migrate, keys create, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from service.settings import ConfigurationError, Settings
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except (ConfigurationError, ValueError) as exc:
+        raise SystemExit(f"attrib: configuration error: {exc}") from exc
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service import embedded
+    from service.app import create_app
+
+    settings = load_settings()
+    if not settings.embedded:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port)
+        return
+    embedded.prepare(settings)
+    app = create_app(settings)
+    for job_id in embedded.interrupted_jobs(settings):
+        app.state.queue.enqueue(job_id)
+    worker = embedded.start_worker(settings)
+    print(f"attrib: serving on http://{args.host}:{args.port} (docs: http://{args.host}:{args.port}/docs), "
+          f"data in {settings.data_dir.resolve()}", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        embedded.stop_worker(worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    load_settings()
+    from worker.celery_app import app
+
+    app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--loglevel={args.loglevel}"])
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from service.db.migrate import upgrade_to_head
+
+    settings = load_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_to_head(settings.resolved_database_url)
+    print("attrib: database is at the latest schema", file=sys.stderr)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    from service.auth import create_api_key
+    from service.db.migrate import upgrade_to_head
+    from service.db.session import session_scope
+
+    settings = load_settings()
+    if settings.embedded:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade_to_head(settings.resolved_database_url)
+    with session_scope(settings.resolved_database_url) as session:
+        secret = create_api_key(session, args.tenant)
+    print(secret)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from service.demo import run_demo
+
+    run_demo(port=args.port, keep=args.keep, method=args.method)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attrib", description="Training-data attribution service.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the API (and, by default, a local worker)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+
+    worker = commands.add_parser("worker", help="run a Celery worker (production topology)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = commands.add_parser("migrate", help="upgrade the database to the latest schema")
+    migrate.set_defaults(func=cmd_migrate)
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create a tenant if needed and print a new API key")
+    create.add_argument("--tenant", required=True)
+    create.set_defaults(func=cmd_keys_create)
+
+    demo = commands.add_parser("demo", help="train a small model on digits and attribute its predictions")
+    demo.add_argument("--port", type=int, default=8765)
+    demo.add_argument("--keep", action="store_true", help="leave the embedded server running afterwards")
+    demo.add_argument("--method", default="influence", help="attribution method (default: EK-FAC influence)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""SQL store: the truth about jobs and their results (SQLAlchemy 2)."""

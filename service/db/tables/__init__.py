@@ -1,0 +1,18 @@
+"""One module per table; importing this package registers them all on ``Base.metadata``."""
+
+from service.db.tables.api_key import ApiKey
+from service.db.tables.attribution import Attribution
+from service.db.tables.blob import Blob
+from service.db.tables.checkpoint import Checkpoint
+from service.db.tables.dataset import Dataset
+from service.db.tables.fit import Fit
+from service.db.tables.idempotency import IdempotentResponse
+from service.db.tables.job import FINISHED_STATUSES, JOB_STATUSES, Job
+from service.db.tables.model import Model
+from service.db.tables.result import AttributionResult
+from service.db.tables.tenant import Tenant
+
+__all__ = [
+    "ApiKey", "Attribution", "AttributionResult", "Blob", "Checkpoint", "Dataset", "Fit",
+    "IdempotentResponse", "Job", "JOB_STATUSES", "FINISHED_STATUSES", "Model", "Tenant",
+]

@@ -1,0 +1,60 @@
+"""FastAPI dependencies: settings, a database session per request, blob storage, the caller's tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service.auth import tenant_for_key
+from service.db.session import get_sessionmaker
+from service.db.tables import Tenant
+from service.problems import ProblemError
+from service.settings import Settings
+from service.storage import BlobStore
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    session = get_sessionmaker(request.app.state.settings.resolved_database_url)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def get_store(request: Request) -> BlobStore:
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer atk_...`.")
+
+
+def get_tenant(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    session: Annotated[Session, Depends(get_session)],
+) -> Tenant:
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise ProblemError(401, "an API key is required: send `Authorization: Bearer <key>`",
+                           kind="unauthenticated", headers=challenge)
+    tenant = tenant_for_key(session, credentials.credentials)
+    if tenant is None:
+        raise ProblemError(401, "the API key is not valid", kind="unauthenticated", headers=challenge)
+    return tenant
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StoreDep = Annotated[BlobStore, Depends(get_store)]
+TenantDep = Annotated[Tenant, Depends(get_tenant)]

@@ -1,0 +1,58 @@
+"""Job rows: creation, their public shape, and cancellation."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db.base import new_id, utcnow
+from service.db.tables import FINISHED_STATUSES, Attribution, Fit, Job
+from service.problems import ProblemError, not_found
+from service.schemas.jobs import JobOut, JobProgress
+
+
+def create_job(session: Session, tenant_id: str, kind: str) -> Job:
+    job = Job(id=new_id("job"), tenant_id=tenant_id, kind=kind, status="queued", progress_stage="queued",
+              created_at=utcnow())
+    session.add(job)
+    session.flush()
+    return job
+
+
+def owned_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise not_found("job", job_id)
+    return job
+
+
+def job_out(session: Session, job: Job) -> JobOut:
+    fit_id = attribution_id = result_url = None
+    if job.kind == "fit":
+        fit_id = session.scalar(select(Fit.id).where(Fit.job_id == job.id))
+        result_url = f"/v1/fits/{fit_id}" if fit_id and job.status == "succeeded" else None
+    else:
+        attribution_id = session.scalar(select(Attribution.id).where(Attribution.job_id == job.id))
+        if attribution_id and job.status == "succeeded":
+            result_url = f"/v1/attributions/{attribution_id}/results"
+    return JobOut(
+        id=job.id, kind=job.kind, status=job.status,  # type: ignore[arg-type]
+        progress=JobProgress(stage=job.progress_stage, completed=job.progress_completed, total=job.progress_total),
+        error=job.error, result_url=result_url, fit_id=fit_id, attribution_id=attribution_id,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+    )
+
+
+def cancel_job(job: Job) -> None:
+    """Queued jobs stop at once; running ones stop at their next progress report."""
+    if job.status in FINISHED_STATUSES:
+        raise ProblemError(409, f"job {job.id!r} has already finished ({job.status})", kind="conflict")
+    job.cancel_requested = True
+    if job.status == "queued":
+        job.status = "cancelled"
+        job.finished_at = utcnow()
+
+
+def job_status(session: Session, job_id: str) -> str:
+    job = session.get(Job, job_id)
+    return job.status if job is not None else "failed"

@@ -1,0 +1,33 @@
+"""How the API hands a job to the workers. Messages carry only the job id; the SQL row is the truth."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class JobQueue(Protocol):
+    def enqueue(self, job_id: str) -> None: ...
+
+    def ready(self) -> bool: ...
+
+
+class CeleryQueue:
+    """Production and embedded default: a Celery broker (Redis, or SQLite through kombu's SQLAlchemy transport)."""
+
+    def __init__(self, broker_url: str) -> None:
+        from worker.celery_app import create_celery_app
+
+        self.app = create_celery_app(broker_url)
+
+    def enqueue(self, job_id: str) -> None:
+        from worker.celery_app import RUN_JOB_TASK
+
+        self.app.send_task(RUN_JOB_TASK, args=[job_id])
+
+    def ready(self) -> bool:
+        try:
+            with self.app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=2)
+            return True
+        except Exception:  # noqa: BLE001  (any broker failure means "not ready")
+            return False

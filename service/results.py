@@ -1,0 +1,73 @@
+"""Reading ranked result rows back with the caller's id types, page by page or all at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db.tables import Attribution, AttributionResult, Dataset
+from service.schemas.attributions import ResultRow
+
+
+@dataclass(frozen=True)
+class IdTypes:
+    query_ids_are_strings: bool
+    train_ids_are_strings: bool
+
+
+def id_types(session: Session, attribution: Attribution) -> IdTypes:
+    meta = attribution.method.startswith("meta_")
+    query = session.get(Dataset, attribution.query_dataset_id) if attribution.query_dataset_id else None
+    train = session.get(Dataset, attribution.train_dataset_id)
+    return IdTypes(
+        query_ids_are_strings=bool(query and query.ids_are_strings and not meta),
+        train_ids_are_strings=bool(train and train.ids_are_strings and attribution.method != "meta_task_influence"),
+    )
+
+
+def _typed(value: str | None, as_string: bool) -> int | str | None:
+    if value is None or as_string:
+        return value
+    return int(value)
+
+
+def row_out(row: AttributionResult, types: IdTypes) -> ResultRow:
+    return ResultRow(
+        query_id=_typed(row.query_id, types.query_ids_are_strings), direction=row.direction,  # type: ignore[arg-type]
+        rank=row.rank, train_id=_typed(row.train_id, types.train_ids_are_strings),  # type: ignore[arg-type]
+        score=row.score, task=row.task, split=row.split,
+    )
+
+
+def page_of_results(
+    session: Session, attribution_id: str, direction: str, query_id: str | None,
+    after: tuple[int, int] | None, size: int,
+) -> tuple[list[AttributionResult], tuple[int, int] | None]:
+    query = select(AttributionResult).where(
+        AttributionResult.attribution_id == attribution_id, AttributionResult.direction == direction
+    )
+    if query_id is not None:
+        query = query.where(AttributionResult.query_id == query_id)
+    if after is not None:
+        pos, rank = after
+        query = query.where(
+            (AttributionResult.query_pos > pos) | ((AttributionResult.query_pos == pos) & (AttributionResult.rank > rank))
+        )
+    order = (AttributionResult.query_pos, AttributionResult.rank)
+    rows = list(session.scalars(query.order_by(*order).limit(size + 1)))
+    if len(rows) <= size:
+        return rows, None
+    return rows[:size], (rows[size - 1].query_pos, rows[size - 1].rank)
+
+
+def all_results(session: Session, attribution_id: str) -> Iterator[AttributionResult]:
+    query = (
+        select(AttributionResult)
+        .where(AttributionResult.attribution_id == attribution_id)
+        .order_by(AttributionResult.query_pos, AttributionResult.direction.desc(), AttributionResult.rank)
+        .execution_options(yield_per=5000)
+    )
+    yield from session.scalars(query)

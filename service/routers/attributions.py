@@ -1,0 +1,162 @@
+"""Attributions: submit (202 + job), read, ranked results with cursor paging, export, edit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request, status
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from service import export
+from service.attribution_requests import check_attribution
+from service.db.base import new_id, utcnow
+from service.db.session import session_scope
+from service.db.tables import Attribution
+from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.editing import create_edited_model
+from service.idempotency import remember, replay
+from service.jobs import create_job, job_status
+from service.pagination import clamp_page_size, decode_token, encode_token
+from service.problems import ProblemError, not_found, problem_responses
+from service.results import IdTypes, all_results, id_types, page_of_results, row_out
+from service.routers.models import model_out
+from service.schemas.attributions import AttributionIn, AttributionOut, EditIn, ResultRow, ResultsPage
+from service.schemas.models import ModelOut
+
+router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=problem_responses(401, 404, 422))
+
+
+def owned_attribution(session: SessionDep, tenant_id: str, attribution_id: str) -> Attribution:
+    attribution = session.get(Attribution, attribution_id)
+    if attribution is None or attribution.tenant_id != tenant_id:
+        raise not_found("attribution", attribution_id)
+    return attribution
+
+
+def attribution_out(attribution: Attribution, status_: str) -> AttributionOut:
+    return AttributionOut(
+        id=attribution.id, job_id=attribution.job_id, status=status_,  # type: ignore[arg-type]
+        model_ids=attribution.model_ids, train_dataset_id=attribution.train_dataset_id,
+        query_dataset_id=attribution.query_dataset_id, method=attribution.method, fit_id=attribution.fit_id,
+        measurement=attribution.measurement, mode=attribution.mode, top_k=attribution.top_k,
+        options=attribution.options, diagnostics=attribution.diagnostics, num_results=attribution.num_results,
+        results_url=f"/v1/attributions/{attribution.id}/results", created_at=attribution.created_at,
+    )
+
+
+@router.post("", status_code=202, response_model=AttributionOut, responses=problem_responses(409))
+def create_attribution(
+    body: AttributionIn, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    """Queue an attribution. Scores are 1/N-free (as kronfluence reports them): positive = the training
+    example helps the query (removing it would raise the query's loss)."""
+    replayed = replay(session, tenant.id, idempotency_key, "POST /v1/attributions", body)
+    if replayed is not None:
+        return replayed
+    checked = check_attribution(session, tenant.id, body, settings.max_top_k)
+    job = create_job(session, tenant.id, "attribution")
+    attribution = Attribution(
+        id=new_id("attr"), tenant_id=tenant.id, job_id=job.id, method=body.method, mode=body.mode,
+        measurement=body.measurement, model_ids=[m.id for m in checked.models], train_dataset_id=checked.train.id,
+        query_dataset_id=checked.query.id if checked.query else None, fit_id=body.fit_id, top_k=body.top_k,
+        options=checked.options.model_dump(), created_at=utcnow(),
+    )
+    session.add(attribution)
+    response = remember(session, tenant.id, idempotency_key, "POST /v1/attributions", body, 202,
+                        attribution_out(attribution, "queued"), {"Location": f"/v1/jobs/{job.id}"})
+    session.commit()
+    request.app.state.queue.enqueue(job.id)
+    return response
+
+
+@router.get("/{attribution_id}")
+def get_attribution(attribution_id: str, tenant: TenantDep, session: SessionDep) -> AttributionOut:
+    attribution = owned_attribution(session, tenant.id, attribution_id)
+    return attribution_out(attribution, job_status(session, attribution.job_id))
+
+
+def finished_attribution(session: SessionDep, tenant_id: str, attribution_id: str) -> Attribution:
+    attribution = owned_attribution(session, tenant_id, attribution_id)
+    state = job_status(session, attribution.job_id)
+    if state != "succeeded":
+        raise ProblemError(409, f"attribution {attribution_id!r} has no results: its job is {state}",
+                           kind="results-not-ready")
+    return attribution
+
+
+@router.get("/{attribution_id}/results", responses=problem_responses(400, 409))
+def get_results(
+    attribution_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    query_id: str | None = None,
+    direction: Literal["positive", "negative"] = "positive",
+    page_size: Annotated[int, Query(ge=1)] = 100,
+    page_token: str | None = None,
+) -> ResultsPage:
+    """Ranked rows ordered by query, then rank (1 = strongest) within (query, direction)."""
+    attribution = finished_attribution(session, tenant.id, attribution_id)
+    after = None
+    if page_token:
+        pos, rank = decode_token(page_token, 2)
+        after = (int(pos), int(rank))
+    size = clamp_page_size(page_size, settings.max_page_size)
+    rows, last = page_of_results(session, attribution.id, direction, query_id, after, size)
+    types = id_types(session, attribution)
+    return ResultsPage(
+        results=[row_out(row, types) for row in rows],
+        next_page_token=encode_token(list(last)) if last else None,
+    )
+
+
+def exported_rows(database_url: str, attribution_id: str, types: IdTypes) -> Iterator[ResultRow]:
+    """Rows read in their own session, which lives as long as the streamed response."""
+    with session_scope(database_url) as session:
+        for row in all_results(session, attribution_id):
+            yield row_out(row, types)
+
+
+EXPORT_MEDIA = {"csv": "text/csv", "ndjson": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
+
+
+@router.get(
+    "/{attribution_id}/results/export",
+    response_model=None,
+    responses={**problem_responses(409), 200: {"content": {m: {} for m in EXPORT_MEDIA.values()},
+                                               "description": "Every result row."}},
+)
+def export_results(
+    attribution_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    format: Literal["csv", "ndjson", "parquet"] = "csv",
+) -> StreamingResponse | FileResponse:
+    attribution = finished_attribution(session, tenant.id, attribution_id)
+    types = id_types(session, attribution)
+    rows = exported_rows(settings.resolved_database_url, attribution.id, types)
+    filename = f"{attribution.id}.{format}"
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
+    if format == "parquet":
+        path = export.parquet_file(rows, (types.query_ids_are_strings, types.train_ids_are_strings))
+        return FileResponse(path, media_type=EXPORT_MEDIA[format], headers=headers,
+                            background=BackgroundTask(os.unlink, path))
+    chunks = export.csv_chunks(rows) if format == "csv" else export.ndjson_chunks(rows)
+    return StreamingResponse(chunks, media_type=EXPORT_MEDIA[format], headers=headers)
+
+
+@router.post("/{attribution_id}/edit", status_code=status.HTTP_201_CREATED, response_model=ModelOut,
+             responses=problem_responses(409))
+def edit(
+    attribution_id: str, body: EditIn, tenant: TenantDep, session: SessionDep, store: StoreDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    """A new model: the first-order estimate of the model retrained without the given training examples
+    (or tasks), by the attribution's own method."""
+    route = f"POST /v1/attributions/{attribution_id}/edit"
+    replayed = replay(session, tenant.id, idempotency_key, route, body)
+    if replayed is not None:
+        return replayed
+    attribution = finished_attribution(session, tenant.id, attribution_id)
+    model = create_edited_model(session, store, attribution, body.remove, body.name)
+    return remember(session, tenant.id, idempotency_key, route, body, 201, model_out(model),
+                    {"Location": f"/v1/models/{model.id}"})

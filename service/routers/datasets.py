@@ -1,0 +1,76 @@
+"""Datasets: upload (safetensors, .npz without pickle, Parquet), read, list, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from sqlalchemy import select
+
+from service.artifacts import owned_dataset
+from service.db.base import new_id, utcnow
+from service.db.tables import Dataset
+from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.pagination import clamp_page_size, page_newest_first
+from service.problems import problem_responses
+from service.schemas.datasets import DatasetList, DatasetMetadata, DatasetOut
+from service.uploads import commit_blob, parse_metadata, read_head, stage_upload
+from worker.artifacts.datasets import describe, detect_format, read_dataset
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(401, 404, 422))
+
+
+def dataset_out(dataset: Dataset) -> DatasetOut:
+    return DatasetOut(
+        id=dataset.id, name=dataset.name, format=dataset.format, num_examples=dataset.num_examples,
+        fields=dataset.fields, created_at=dataset.created_at,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=problem_responses(413, 415))
+def upload_dataset(
+    tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
+    metadata: Annotated[str, Form(description="JSON: `{\"name\": str}`.")],
+    data: Annotated[UploadFile, File(description="safetensors, .npz (no pickle) or Parquet with `inputs`, "
+                                                 "`targets`, optional `ids`, `weight`, `task`, `split`.")],
+) -> DatasetOut:
+    meta = parse_metadata(metadata, DatasetMetadata)
+    staged = stage_upload(store, data, limit=settings.max_upload_bytes, field="data")
+    try:
+        fmt = detect_format(data.filename or "", read_head(staged))
+        arrays = read_dataset(staged.path, fmt, max_rows=settings.max_dataset_rows)
+        summary = describe(arrays)
+    except BaseException:
+        staged.discard()
+        raise
+    blob = commit_blob(session, staged)
+    dataset = Dataset(
+        id=new_id("ds"), tenant_id=tenant.id, name=meta.name, format=fmt, blob_sha256=blob.sha256,
+        num_examples=summary["num_examples"], fields=summary["fields"], ids_are_strings=arrays.ids_are_strings,
+        created_at=utcnow(),
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset_out(dataset)
+
+
+@router.get("")
+def list_datasets(
+    tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    page_size: Annotated[int, Query(ge=1)] = 50, page_token: str | None = None,
+) -> DatasetList:
+    size = clamp_page_size(page_size, settings.max_page_size)
+    query = select(Dataset).where(Dataset.tenant_id == tenant.id, Dataset.deleted_at.is_(None))
+    rows, token = page_newest_first(session, query, Dataset, size, page_token)
+    return DatasetList(datasets=[dataset_out(row) for row in rows], next_page_token=token)
+
+
+@router.get("/{dataset_id}")
+def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> DatasetOut:
+    return dataset_out(owned_dataset(session, tenant.id, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> Response:
+    owned_dataset(session, tenant.id, dataset_id).deleted_at = utcnow()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,67 @@
+"""Curvature fits: queued like attributions, stored as safetensors, reusable by many attributions."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+
+from service.artifacts import owned_dataset, owned_model
+from service.attribution_requests import check_inputs_fit, owned_checkpoints, owned_fit
+from service.db.base import new_id, utcnow
+from service.db.tables import Fit
+from service.dependencies import SessionDep, TenantDep
+from service.idempotency import remember, replay
+from service.jobs import create_job, job_status
+from service.problems import invalid, problem_responses
+from service.schemas.fits import FitIn, FitOut
+
+router = APIRouter(prefix="/v1/fits", tags=["fits"], responses=problem_responses(401, 404, 422))
+
+
+def fit_out(fit: Fit, status: str) -> FitOut:
+    return FitOut(
+        id=fit.id, job_id=fit.job_id, status=status, model_id=fit.model_id, dataset_id=fit.dataset_id,  # type: ignore[arg-type]
+        strategy=fit.strategy, damping=fit.damping, checkpoint_ids=fit.checkpoint_ids, options=fit.options,
+        created_at=fit.created_at,
+    )
+
+
+@router.post("", status_code=202, response_model=FitOut, responses=problem_responses(409))
+def create_fit(
+    body: FitIn, request: Request, tenant: TenantDep, session: SessionDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    replayed = replay(session, tenant.id, idempotency_key, "POST /v1/fits", body)
+    if replayed is not None:
+        return replayed
+    model = owned_model(session, tenant.id, body.model_id)
+    dataset = owned_dataset(session, tenant.id, body.dataset_id)
+    check_inputs_fit(model, dataset, "body.dataset_id")
+    if body.layers is not None:
+        unknown = [name for name in body.layers if name not in model.tracked_layers]
+        if unknown:
+            raise invalid(f"layers {unknown} are not trackable layers of the model ({model.tracked_layers})",
+                          "body.layers")
+    if body.checkpoint_ids:
+        owned_checkpoints(session, model, body.checkpoint_ids)
+    job = create_job(session, tenant.id, "fit")
+    options = body.model_dump(include={"fisher", "fisher_samples", "seed", "layers", "batch_size", "strategy"})
+    fit = Fit(
+        id=new_id("fit"), tenant_id=tenant.id, job_id=job.id, model_id=model.id, dataset_id=dataset.id,
+        strategy=body.strategy, options=options, damping=body.damping, checkpoint_ids=body.checkpoint_ids,
+        created_at=utcnow(),
+    )
+    session.add(fit)
+    response = remember(session, tenant.id, idempotency_key, "POST /v1/fits", body, 202, fit_out(fit, "queued"),
+                        {"Location": f"/v1/jobs/{job.id}"})
+    session.commit()
+    request.app.state.queue.enqueue(job.id)
+    return response
+
+
+@router.get("/{fit_id}")
+def get_fit(fit_id: str, tenant: TenantDep, session: SessionDep) -> FitOut:
+    fit = owned_fit(session, tenant.id, fit_id)
+    return fit_out(fit, job_status(session, fit.job_id))

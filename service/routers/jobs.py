@@ -1,0 +1,43 @@
+"""Jobs: status with progress, listing, cancellation."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlalchemy import select
+
+from service.db.tables import Job
+from service.dependencies import SessionDep, SettingsDep, TenantDep
+from service.jobs import cancel_job, job_out, owned_job
+from service.pagination import clamp_page_size, page_newest_first
+from service.problems import problem_responses
+from service.schemas.jobs import JobList, JobOut
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(401, 404, 422))
+
+
+@router.get("")
+def list_jobs(
+    tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    page_size: Annotated[int, Query(ge=1)] = 50, page_token: str | None = None,
+    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+) -> JobList:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    rows, token = page_newest_first(session, query, Job, clamp_page_size(page_size, settings.max_page_size), page_token)
+    return JobList(jobs=[job_out(session, job) for job in rows], next_page_token=token)
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
+    return job_out(session, owned_job(session, tenant.id, job_id))
+
+
+@router.post("/{job_id}/cancel", responses=problem_responses(409))
+def cancel(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
+    job = owned_job(session, tenant.id, job_id)
+    cancel_job(job)
+    session.flush()
+    return job_out(session, job)

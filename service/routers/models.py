@@ -1,0 +1,143 @@
+"""Models and their checkpoints: upload (validated strictly), read, list, delete, download weights."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi.responses import FileResponse
+from sqlalchemy import select, tuple_
+
+from service import artifacts
+from service.db.base import new_id, utcnow
+from service.db.tables import Checkpoint, Model
+from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.pagination import clamp_page_size, decode_token, encode_token, page_newest_first
+from service.problems import problem_responses
+from service.schemas.models import (
+    CheckpointList, CheckpointMetadata, CheckpointOut, ModelList, ModelMetadata, ModelOut,
+)
+from service.uploads import commit_blob, parse_metadata, stage_upload
+
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses(401, 404, 422))
+
+METADATA_DOC = "JSON: `{\"name\", \"format\": \"spec\", \"architecture\": {...}, \"task\": {\"loss\": ...}}`."
+
+
+def model_out(model: Model) -> ModelOut:
+    return ModelOut(
+        id=model.id, name=model.name, format=model.format, num_parameters=model.num_parameters,
+        tracked_layers=model.tracked_layers, architecture=model.architecture, task=model.task,
+        source_attribution_id=model.source_attribution_id, created_at=model.created_at,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=problem_responses(413, 415))
+def upload_model(
+    tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
+    metadata: Annotated[str, Form(description=METADATA_DOC)],
+    weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict.")],
+) -> ModelOut:
+    meta = parse_metadata(metadata, ModelMetadata)
+    spec = artifacts.check_model_metadata(meta, settings.max_parameters)
+    staged = stage_upload(store, weights, limit=settings.max_upload_bytes, field="weights")
+    try:
+        module = artifacts.load_model(spec, staged.path)
+    except BaseException:
+        staged.discard()
+        raise
+    blob = commit_blob(session, staged)
+    model = Model(
+        id=new_id("mdl"), tenant_id=tenant.id, name=meta.name, format=meta.format,
+        architecture=meta.architecture, task=meta.task.model_dump(), weights_sha256=blob.sha256,
+        num_parameters=artifacts.parameter_count(module), tracked_layers=artifacts.tracked_layers(module),
+        created_at=utcnow(),
+    )
+    session.add(model)
+    session.flush()
+    return model_out(model)
+
+
+@router.get("")
+def list_models(
+    tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    page_size: Annotated[int, Query(ge=1)] = 50, page_token: str | None = None,
+) -> ModelList:
+    size = clamp_page_size(page_size, settings.max_page_size)
+    query = select(Model).where(Model.tenant_id == tenant.id, Model.deleted_at.is_(None))
+    rows, token = page_newest_first(session, query, Model, size, page_token)
+    return ModelList(models=[model_out(row) for row in rows], next_page_token=token)
+
+
+@router.get("/{model_id}")
+def get_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelOut:
+    return model_out(artifacts.owned_model(session, tenant.id, model_id))
+
+
+@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Response:
+    model = artifacts.owned_model(session, tenant.id, model_id)
+    model.deleted_at = utcnow()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{model_id}/weights",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
+)
+def download_weights(model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep) -> FileResponse:
+    model = artifacts.owned_model(session, tenant.id, model_id)
+    with store.local_path(model.weights_sha256) as path:
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{model.id}.safetensors")
+
+
+def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
+    return CheckpointOut(
+        id=checkpoint.id, model_id=checkpoint.model_id, step=checkpoint.step,
+        learning_rate=checkpoint.learning_rate, momentum=checkpoint.momentum, stage=checkpoint.stage,
+        created_at=checkpoint.created_at,
+    )
+
+
+@router.post("/{model_id}/checkpoints", status_code=status.HTTP_201_CREATED, responses=problem_responses(409, 413))
+def upload_checkpoint(
+    model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
+    metadata: Annotated[str, Form(description="JSON: `{\"step\", \"learning_rate\", \"stage\", \"momentum\"}`.")],
+    weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict at this step.")],
+) -> CheckpointOut:
+    model = artifacts.owned_model(session, tenant.id, model_id)
+    meta = parse_metadata(metadata, CheckpointMetadata)
+    artifacts.check_checkpoint_is_new(session, model.id, meta.step, meta.stage)
+    staged = stage_upload(store, weights, limit=settings.max_upload_bytes, field="weights")
+    try:
+        artifacts.load_model(artifacts.model_spec(model), staged.path)
+    except BaseException:
+        staged.discard()
+        raise
+    blob = commit_blob(session, staged)
+    checkpoint = Checkpoint(
+        id=new_id("ckpt"), model_id=model.id, step=meta.step, learning_rate=meta.learning_rate,
+        momentum=meta.momentum, stage=meta.stage, weights_sha256=blob.sha256, created_at=utcnow(),
+    )
+    session.add(checkpoint)
+    session.flush()
+    return checkpoint_out(checkpoint)
+
+
+@router.get("/{model_id}/checkpoints")
+def list_checkpoints(
+    model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    page_size: Annotated[int, Query(ge=1)] = 100, page_token: str | None = None,
+) -> CheckpointList:
+    model = artifacts.owned_model(session, tenant.id, model_id)
+    size = clamp_page_size(page_size, settings.max_page_size)
+    query = select(Checkpoint).where(Checkpoint.model_id == model.id)
+    if page_token:
+        stage, step, ident = decode_token(page_token, 3)
+        query = query.where(tuple_(Checkpoint.stage, Checkpoint.step, Checkpoint.id) > (stage, step, ident))
+    order = (Checkpoint.stage, Checkpoint.step, Checkpoint.id)
+    rows = list(session.scalars(query.order_by(*order).limit(size + 1)))
+    last = rows[size - 1] if len(rows) > size else None
+    token = encode_token([last.stage, last.step, last.id]) if last else None
+    return CheckpointList(checkpoints=[checkpoint_out(c) for c in rows[:size]], next_page_token=token)

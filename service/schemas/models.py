@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from service.schemas.common import StrictModel
+
+
+class ModelTask(StrictModel):
+    loss: Literal["cross_entropy", "mse", "causal_lm"] = Field(
+        description="What the model is trained for. `causal_lm` is not supported yet (422)."
+    )
+
+
+class ModelMetadata(StrictModel):
+    """The `metadata` part of `POST /v1/models`."""
+
+    name: str = Field(min_length=1, max_length=200)
+    format: Literal["spec", "hf", "onnx"] = Field(
+        "spec", description="`spec` (a declarative torch.nn.Sequential). `hf` and `onnx` are not supported yet (422)."
+    )
+    architecture: dict[str, Any] = Field(description="For `spec`: `{\"type\": \"sequential\", \"layers\": [...]}`.")
+    task: ModelTask
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    format: str
+    num_parameters: int
+    tracked_layers: list[str]
+    architecture: dict[str, Any]
+    task: dict[str, Any]
+    source_attribution_id: str | None = Field(None, description="Set on models made by `/edit`.")
+    created_at: datetime
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+    next_page_token: str | None
+
+
+class CheckpointMetadata(StrictModel):
+    """The `metadata` part of `POST /v1/models/{id}/checkpoints`."""
+
+    step: int = Field(ge=0)
+    learning_rate: float = Field(gt=0, allow_inf_nan=False)
+    stage: int = Field(0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+
+
+class CheckpointOut(BaseModel):
+    id: str
+    model_id: str
+    step: int
+    learning_rate: float
+    momentum: float
+    stage: int
+    created_at: datetime
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointOut]
+    next_page_token: str | None

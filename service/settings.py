@@ -1,0 +1,67 @@
+"""Service configuration, read from ``ATTRIB_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigurationError(RuntimeError):
+    """The environment describes an impossible configuration."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATTRIB_", extra="ignore")
+
+    data_dir: Path = Field(Path("./attrib-data"), description="Where the embedded default keeps its files.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in the data directory.")
+    broker_url: str | None = Field(None, description="Celery broker URL; default: SQLite in the data directory.")
+    storage_dir: Path | None = Field(None, description="Blob storage root; default: <data_dir>/blobs.")
+    api_key: str | None = Field(None, description="API key used by the CLI; default: <data_dir>/api-key.")
+
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest accepted request body.")
+    max_parameters: int = Field(100_000_000, gt=0, description="Largest accepted model (parameter count).")
+    max_dataset_rows: int = Field(2_000_000, gt=0, description="Largest accepted dataset (examples).")
+    max_page_size: int = Field(1000, gt=0, description="Cap on page_size for lists and results.")
+    max_top_k: int = Field(10_000, gt=0, description="Cap on top_k of an attribution.")
+
+    @model_validator(mode="after")
+    def _database_and_broker_go_together(self) -> "Settings":
+        if (self.database_url is None) != (self.broker_url is None):
+            raise ConfigurationError(
+                "set both ATTRIB_DATABASE_URL and ATTRIB_BROKER_URL (production topology) or neither "
+                "(embedded default: SQLite and a local worker)"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'attrib.sqlite').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        if self.broker_url is not None:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "blobs").resolve()
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.data_dir / "api-key"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,98 @@
+"""Plain data types shared by every part of the attribution engine.
+
+The engine is a library: it takes torch modules and tensors and returns tensors. It never imports
+HTTP, database or queue code. The service and the worker talk to it only through the names exported
+from ``worker.attribution`` (see ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+LossName = Literal["cross_entropy", "mse"]
+Measurement = Literal["loss", "margin"]
+Mode = Literal["pairwise", "aggregate", "self"]
+
+# progress(stage, completed, total). The callback may raise ``Cancelled`` to stop the work.
+Progress = Callable[[str, int, int], None]
+
+
+def no_progress(stage: str, completed: int, total: int) -> None:
+    """A progress callback that ignores every report."""
+
+
+class AttributionError(ValueError):
+    """Bad input found while computing (no trackable layer, targets out of range, NaN gradients...).
+
+    The message is shown to the user as the job's error detail, so it must say what is wrong.
+    """
+
+
+class Cancelled(Exception):
+    """Raised by a progress callback when the job was cancelled."""
+
+
+@dataclass(frozen=True)
+class Examples:
+    """A dataset in tensor form. Row i of every tensor describes example i."""
+
+    inputs: torch.Tensor  # float32, (N, ...)
+    targets: torch.Tensor  # int64 (N,) for cross_entropy; float32 (N, d_out) for mse
+    weights: torch.Tensor | None = None  # float32 (N,): multiplies the example's loss
+    task: torch.Tensor | None = None  # int64 (N,): meta-learning task id
+    split: torch.Tensor | None = None  # int64 (N,): 0 = task train, 1 = task validation
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def subset(self, index: torch.Tensor) -> "Examples":
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index]
+
+        return Examples(
+            inputs=self.inputs[index],
+            targets=self.targets[index],
+            weights=pick(self.weights),
+            task=pick(self.task),
+            split=pick(self.split),
+        )
+
+
+@dataclass
+class TopK:
+    """Pairwise result: for each query, the top-k training indices in each direction.
+
+    ``positive_*`` are sorted by descending score (most helpful first); ``negative_*`` by ascending
+    score (most harmful first). Shapes are (Q, k') with k' = min(k, N).
+    """
+
+    positive_indices: torch.Tensor
+    positive_scores: torch.Tensor
+    negative_indices: torch.Tensor
+    negative_scores: torch.Tensor
+
+
+@dataclass
+class AttributionScores:
+    """What an attribution computes.
+
+    mode ``pairwise``: ``topk`` is set. Modes ``aggregate`` and ``self``: ``scores`` holds one float per
+    training unit (example, or task for meta task influence), in dataset order.
+    ``diagnostics`` is JSON-serialisable information stored with the attribution (damping used,
+    solver iterations, warnings...).
+    """
+
+    mode: Mode
+    topk: TopK | None = None
+    scores: torch.Tensor | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    # Meta-learning only. ``unit_task`` / ``unit_split``: for each ranked unit, its task id (and split for
+    # instances); with task units the unit index i means task ``unit_task[i]``, with instance units it is
+    # the example's row in the training dataset. ``query_task``: in meta pairwise mode, the task id of each
+    # query row of ``topk``.
+    unit_task: torch.Tensor | None = None
+    unit_split: torch.Tensor | None = None
+    query_task: torch.Tensor | None = None

@@ -1,0 +1,93 @@
+"""Loading stored artifacts (model weights, checkpoints, datasets, fits) for a job. Nothing is unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from sqlalchemy.orm import Session
+from torch import nn
+
+from service.db.tables import Blob, Checkpoint, Dataset, Model
+from service.storage import BlobStore, StoredBlob
+from worker.artifacts.datasets import DatasetArrays, read_dataset, to_examples
+from worker.artifacts.spec import build_module, parse_architecture
+from worker.artifacts.weights import load_weights, save_weights
+from worker.attribution import Curvature, Examples, load_curvature
+
+KEY_SEPARATOR = "::"
+
+
+def load_model(store: BlobStore, model: Model, weights_sha256: str | None = None) -> nn.Module:
+    """The model's module with its own weights, or those of one of its checkpoints."""
+    module = build_module(parse_architecture(model.architecture))
+    with store.local_path(weights_sha256 or model.weights_sha256) as path:
+        load_weights(module, path)
+    return module.eval()
+
+
+def load_checkpoint(store: BlobStore, model: Model, checkpoint: Checkpoint) -> nn.Module:
+    return load_model(store, model, checkpoint.weights_sha256)
+
+
+def load_dataset(store: BlobStore, dataset: Dataset) -> DatasetArrays:
+    with store.local_path(dataset.blob_sha256) as path:
+        return read_dataset(path, dataset.format, max_rows=max(dataset.num_examples, 1))
+
+
+def load_examples(store: BlobStore, dataset: Dataset) -> tuple[Examples, DatasetArrays]:
+    arrays = load_dataset(store, dataset)
+    return to_examples(arrays), arrays
+
+
+def put_file(session: Session, store: BlobStore, path: Path) -> StoredBlob:
+    with open(path, "rb") as handle:
+        staged = store.stage(handle, limit=1 << 62)
+    stored = staged.commit()
+    if session.get(Blob, stored.sha256) is None:
+        session.add(Blob(sha256=stored.sha256, size=stored.size))
+        session.flush()
+    return stored
+
+
+def put_state_dict(session: Session, store: BlobStore, state: dict[str, torch.Tensor]) -> StoredBlob:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "weights.safetensors"
+        save_weights(state, path)
+        return put_file(session, store, path)
+
+
+def put_curvatures(session: Session, store: BlobStore, curvatures: dict[str, Curvature]) -> StoredBlob:
+    """One safetensors file holding several named curvatures (one per model or checkpoint)."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, str]] = {}
+    for name, curvature in curvatures.items():
+        for key, tensor in curvature.to_tensors().items():
+            tensors[f"{name}{KEY_SEPARATOR}{key}"] = tensor.detach().cpu().contiguous()
+        entries[name] = curvature.metadata()
+    handle, name = tempfile.mkstemp(suffix=".safetensors")
+    os.close(handle)
+    try:
+        save_file(tensors, name, metadata={"entries": json.dumps(entries)})
+        return put_file(session, store, Path(name))
+    finally:
+        os.unlink(name)
+
+
+def load_curvatures(store: BlobStore, sha256: str) -> dict[str, Curvature]:
+    from safetensors import safe_open
+
+    with store.local_path(sha256) as path:
+        with safe_open(str(path), framework="pt") as handle:
+            entries = json.loads((handle.metadata() or {})["entries"])
+        tensors = load_file(str(path))
+    curvatures = {}
+    for name, metadata in entries.items():
+        prefix = f"{name}{KEY_SEPARATOR}"
+        own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        curvatures[name] = load_curvature(own, metadata)
+    return curvatures
