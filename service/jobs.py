@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.base import new_id, utcnow
 from service.db.tables import FINISHED_STATUSES, Attribution, Fit, Job
-from service.problems import ProblemError, not_found
+from service.problems import ProblemError, not_found, problem_dict
 from service.schemas.jobs import JobOut, JobProgress
+
+if TYPE_CHECKING:
+    from service.queue import JobQueue
 
 
 def create_job(session: Session, tenant_id: str, kind: str) -> Job:
@@ -56,3 +61,15 @@ def cancel_job(job: Job) -> None:
 def job_status(session: Session, job_id: str) -> str:
     job = session.get(Job, job_id)
     return job.status if job is not None else "failed"
+
+
+def enqueue_or_fail(session: Session, queue: "JobQueue", job: Job) -> None:
+    """Hand a committed job to the queue; if the broker refuses, the job is failed and the caller gets a 503."""
+    try:
+        queue.enqueue(job.id)
+    except Exception as exc:  # noqa: BLE001  (any broker failure)
+        job.status, job.finished_at = "failed", utcnow()
+        job.error = problem_dict(503, f"the job could not be queued: {exc}", kind="broker-unavailable")
+        session.commit()
+        raise ProblemError(503, "the job queue is unavailable; the job was not queued, try again later",
+                           kind="broker-unavailable") from exc

@@ -14,10 +14,10 @@ class JobQueue(Protocol):
 class CeleryQueue:
     """Production and embedded default: a Celery broker (Redis, or SQLite through kombu's SQLAlchemy transport)."""
 
-    def __init__(self, broker_url: str) -> None:
+    def __init__(self, broker_url: str, queue_name: str = "attrib") -> None:
         from worker.celery_app import create_celery_app
 
-        self.app = create_celery_app(broker_url)
+        self.app = create_celery_app(broker_url, queue_name)
 
     def enqueue(self, job_id: str) -> None:
         from worker.celery_app import RUN_JOB_TASK

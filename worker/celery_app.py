@@ -12,9 +12,10 @@ from service.settings import get_settings
 RUN_JOB_TASK = "attrib.run_job"
 
 
-def create_celery_app(broker_url: str) -> Celery:
+def create_celery_app(broker_url: str, queue_name: str = "attrib") -> Celery:
     app = Celery("attrib", broker=broker_url)
     app.conf.update(
+        task_default_queue=queue_name,
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
@@ -24,7 +25,6 @@ def create_celery_app(broker_url: str) -> Celery:
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        broker_transport_options={"polling_interval": 0.25} if broker_url.startswith("sqla+") else {},
     )
     app.task(name=RUN_JOB_TASK, ignore_result=True)(_run_job)
     return app

@@ -18,7 +18,7 @@ from service.db.tables import Attribution
 from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.editing import create_edited_model
 from service.idempotency import remember, replay
-from service.jobs import create_job, job_status
+from service.jobs import create_job, enqueue_or_fail, job_status
 from service.pagination import clamp_page_size, decode_token, encode_token
 from service.problems import ProblemError, not_found, problem_responses
 from service.results import IdTypes, all_results, id_types, page_of_results, row_out
@@ -47,7 +47,7 @@ def attribution_out(attribution: Attribution, status_: str) -> AttributionOut:
     )
 
 
-@router.post("", status_code=202, response_model=AttributionOut, responses=problem_responses(409))
+@router.post("", status_code=202, response_model=AttributionOut, responses=problem_responses(409, 503))
 def create_attribution(
     body: AttributionIn, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
@@ -66,10 +66,11 @@ def create_attribution(
         options=checked.options.model_dump(), created_at=utcnow(),
     )
     session.add(attribution)
+    session.flush()
     response = remember(session, tenant.id, idempotency_key, "POST /v1/attributions", body, 202,
                         attribution_out(attribution, "queued"), {"Location": f"/v1/jobs/{job.id}"})
     session.commit()
-    request.app.state.queue.enqueue(job.id)
+    enqueue_or_fail(session, request.app.state.queue, job)
     return response
 
 

@@ -13,7 +13,7 @@ from service.db.base import new_id, utcnow
 from service.db.tables import Fit
 from service.dependencies import SessionDep, TenantDep
 from service.idempotency import remember, replay
-from service.jobs import create_job, job_status
+from service.jobs import create_job, enqueue_or_fail, job_status
 from service.problems import invalid, problem_responses
 from service.schemas.fits import FitIn, FitOut
 
@@ -28,7 +28,7 @@ def fit_out(fit: Fit, status: str) -> FitOut:
     )
 
 
-@router.post("", status_code=202, response_model=FitOut, responses=problem_responses(409))
+@router.post("", status_code=202, response_model=FitOut, responses=problem_responses(409, 503))
 def create_fit(
     body: FitIn, request: Request, tenant: TenantDep, session: SessionDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
@@ -54,10 +54,11 @@ def create_fit(
         created_at=utcnow(),
     )
     session.add(fit)
+    session.flush()
     response = remember(session, tenant.id, idempotency_key, "POST /v1/fits", body, 202, fit_out(fit, "queued"),
                         {"Location": f"/v1/jobs/{job.id}"})
     session.commit()
-    request.app.state.queue.enqueue(job.id)
+    enqueue_or_fail(session, request.app.state.queue, job)
     return response
 
 
