@@ -58,3 +58,27 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def require_json(request: Request) -> None:
+    """415 for a JSON route called with another body type."""
+    kind = _content_type(request)
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise ProblemError(415, f"send the body as application/json, not {kind or 'no content type'}",
+                           kind="unsupported-media-type")
+
+
+def require_multipart(request: Request) -> None:
+    """415 for an upload route called with another body type."""
+    kind = _content_type(request)
+    if kind != "multipart/form-data":
+        raise ProblemError(415, f"upload as multipart/form-data (a `metadata` JSON part and a file part), "
+                                f"not {kind or 'no content type'}", kind="unsupported-media-type")
+
+
+JsonBody = Depends(require_json)
+MultipartBody = Depends(require_multipart)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -118,12 +119,24 @@ async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONRespons
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no route matches {request.url.path}"
+    headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 405:
-        detail = f"{request.method} is not allowed on {request.url.path}"
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+        detail = f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
     return problem_response(
         exc.status_code, detail, kind=_slug(HTTPStatus(exc.status_code).phrase),
-        title=HTTPStatus(exc.status_code).phrase, instance=request.url.path, headers=getattr(exc, "headers", None),
+        title=HTTPStatus(exc.status_code).phrase, instance=request.url.path, headers=headers or None,
     )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route accepts on this path (Starlette's Allow names only the first route's)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, request.url.path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

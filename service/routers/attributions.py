@@ -15,7 +15,7 @@ from service.attribution_requests import check_attribution
 from service.db.base import new_id, utcnow
 from service.db.session import session_scope
 from service.db.tables import Attribution
-from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.dependencies import JsonBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.editing import create_edited_model
 from service.idempotency import remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
@@ -47,7 +47,8 @@ def attribution_out(attribution: Attribution, status_: str) -> AttributionOut:
     )
 
 
-@router.post("", status_code=202, response_model=AttributionOut, responses=problem_responses(409, 503))
+@router.post("", status_code=202, response_model=AttributionOut, responses=problem_responses(409, 415, 503),
+             dependencies=[JsonBody])
 def create_attribution(
     body: AttributionIn, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
@@ -146,7 +147,7 @@ def export_results(
 
 
 @router.post("/{attribution_id}/edit", status_code=status.HTTP_201_CREATED, response_model=ModelOut,
-             responses=problem_responses(409))
+             responses=problem_responses(409, 415), dependencies=[JsonBody])
 def edit(
     attribution_id: str, body: EditIn, tenant: TenantDep, session: SessionDep, store: StoreDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,

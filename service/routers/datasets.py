@@ -10,7 +10,7 @@ from sqlalchemy import select
 from service.artifacts import owned_dataset
 from service.db.base import new_id, utcnow
 from service.db.tables import Dataset
-from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.pagination import clamp_page_size, page_newest_first
 from service.problems import problem_responses
 from service.schemas.datasets import DatasetList, DatasetMetadata, DatasetOut
@@ -27,7 +27,8 @@ def dataset_out(dataset: Dataset) -> DatasetOut:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=problem_responses(413, 415))
+@router.post("", status_code=status.HTTP_201_CREATED, responses=problem_responses(413, 415),
+             dependencies=[MultipartBody])
 def upload_dataset(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(description="JSON: `{\"name\": str}`.")],

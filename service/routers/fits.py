@@ -11,7 +11,7 @@ from service.artifacts import owned_dataset, owned_model
 from service.attribution_requests import check_inputs_fit, owned_checkpoints, owned_fit
 from service.db.base import new_id, utcnow
 from service.db.tables import Fit
-from service.dependencies import SessionDep, TenantDep
+from service.dependencies import JsonBody, SessionDep, TenantDep
 from service.idempotency import remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.problems import invalid, problem_responses
@@ -28,7 +28,8 @@ def fit_out(fit: Fit, status: str) -> FitOut:
     )
 
 
-@router.post("", status_code=202, response_model=FitOut, responses=problem_responses(409, 503))
+@router.post("", status_code=202, response_model=FitOut, responses=problem_responses(409, 415, 503),
+             dependencies=[JsonBody])
 def create_fit(
     body: FitIn, request: Request, tenant: TenantDep, session: SessionDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,

@@ -11,7 +11,7 @@ from sqlalchemy import select, tuple_
 from service import artifacts
 from service.db.base import new_id, utcnow
 from service.db.tables import Checkpoint, Model
-from service.dependencies import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.pagination import clamp_page_size, decode_token, encode_token, page_newest_first
 from service.problems import problem_responses
 from service.schemas.models import (
@@ -32,7 +32,8 @@ def model_out(model: Model) -> ModelOut:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=problem_responses(413, 415))
+@router.post("", status_code=status.HTTP_201_CREATED, responses=problem_responses(413, 415),
+             dependencies=[MultipartBody])
 def upload_model(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(description=METADATA_DOC)],
@@ -100,7 +101,8 @@ def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
     )
 
 
-@router.post("/{model_id}/checkpoints", status_code=status.HTTP_201_CREATED, responses=problem_responses(409, 413))
+@router.post("/{model_id}/checkpoints", status_code=status.HTTP_201_CREATED,
+             responses=problem_responses(409, 413, 415), dependencies=[MultipartBody])
 def upload_checkpoint(
     model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(description="JSON: `{\"step\", \"learning_rate\", \"stage\", \"momentum\"}`.")],
