@@ -44,9 +44,22 @@ def train_digits_mlp(seed: int = 0) -> tuple[nn.Sequential, dict[str, np.ndarray
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(inputs[test])).argmax(dim=1).numpy()
+    positions = pick_queries(targets[test], predicted)
+    queries = test[positions]
     data = {"train_x": inputs[train], "train_y": targets[train], "train_ids": train.astype(np.int64),
-            "test_x": inputs[test], "test_y": targets[test], "test_ids": test.astype(np.int64)}
-    return model.eval(), data
+            "test_x": inputs[queries], "test_y": targets[queries], "test_ids": queries.astype(np.int64),
+            "test_predicted": predicted[positions]}
+    return model, data
+
+
+def pick_queries(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Positions of a misclassified test digit (when there is one), then of correctly classified ones."""
+    wrong = np.flatnonzero(labels != predicted)[:1]
+    right = np.flatnonzero(labels == predicted)
+    return np.concatenate([wrong, right])[:NUM_QUERIES]
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -76,20 +89,26 @@ def check(response: httpx.Response) -> dict:  # type: ignore[type-arg]
     return response.json()  # type: ignore[no-any-return]
 
 
-def show_progress(job: dict) -> None:  # type: ignore[type-arg]
+def progress_line(job: dict) -> str:  # type: ignore[type-arg]
     progress = job["progress"]
     total = max(progress["total"], 1)
     filled = int(30 * min(progress["completed"], total) / total)
-    print(f"\r  {job['status']:<9} {progress['stage']:<10} [{'#' * filled}{'.' * (30 - filled)}] "
-          f"{progress['completed']}/{progress['total']}   ", end="", file=sys.stderr, flush=True)
+    return (f"  {job['status']:<9} {progress['stage']:<10} [{'#' * filled}{'.' * (30 - filled)}] "
+            f"{progress['completed']}/{progress['total']}")
 
 
 def wait_for_job(client: httpx.Client, job_id: str) -> dict:  # type: ignore[type-arg]
+    shown = ""
     while True:
         job = check(client.get(f"/v1/jobs/{job_id}"))
-        show_progress(job)
+        line = progress_line(job)
+        if line != shown:
+            ending = "" if sys.stderr.isatty() else "\n"
+            print(("\r" if sys.stderr.isatty() else "") + line + "   ", end=ending, file=sys.stderr, flush=True)
+            shown = line
         if job["status"] in ("succeeded", "failed", "cancelled"):
-            print(file=sys.stderr)
+            if sys.stderr.isatty():
+                print(file=sys.stderr)
             return job
         time.sleep(0.3)
 
@@ -126,12 +145,11 @@ def demo_session(client: httpx.Client, method: str) -> None:
     train = check(client.post("/v1/datasets", data={"metadata": json.dumps({"name": "digits-train"})}, files={
         "data": ("train.npz", npz_bytes(inputs=data["train_x"], targets=data["train_y"], ids=data["train_ids"]))}))
     queries = check(client.post("/v1/datasets", data={"metadata": json.dumps({"name": "digits-queries"})}, files={
-        "data": ("queries.npz", npz_bytes(inputs=data["test_x"][:NUM_QUERIES], targets=data["test_y"][:NUM_QUERIES],
-                                          ids=data["test_ids"][:NUM_QUERIES]))}))
+        "data": ("queries.npz", npz_bytes(inputs=data["test_x"], targets=data["test_y"], ids=data["test_ids"]))}))
     print(f"  model {uploaded['id']} ({uploaded['num_parameters']} parameters, tracked layers "
           f"{uploaded['tracked_layers']}); {train['num_examples']} training examples", file=sys.stderr)
     request = {"model_id": uploaded["id"], "train_dataset_id": train["id"], "query_dataset_id": queries["id"],
-               "method": method, "mode": "pairwise", "measurement": "loss", "top_k": TOP_K}
+               "method": method, "mode": "pairwise", "measurement": "margin", "top_k": TOP_K}
     attribution = check(client.post("/v1/attributions", json=request))
     print(f"attrib demo: attribution {attribution['id']} ({method}) queued as job {attribution['job_id']}",
           file=sys.stderr)
@@ -143,9 +161,12 @@ def demo_session(client: httpx.Client, method: str) -> None:
 
 def print_results(client: httpx.Client, attribution_id: str, data: dict[str, np.ndarray]) -> None:
     label_of = dict(zip(data["train_ids"].tolist(), data["train_y"].tolist()))
-    query_label = dict(zip(data["test_ids"].tolist(), data["test_y"].tolist()))
-    for query_id in data["test_ids"][:NUM_QUERIES].tolist():
-        print(f"\nQuery example {query_id} (a handwritten {query_label[query_id]}):")
+    print("\nScores: influence on the query's margin (positive = the training example helps the model get the "
+          "query right).")
+    for query_id, label, predicted in zip(data["test_ids"].tolist(), data["test_y"].tolist(),
+                                          data["test_predicted"].tolist()):
+        verdict = "correct" if label == predicted else "WRONG"
+        print(f"\nTest digit {query_id}: a handwritten {label}, the model says {predicted} ({verdict})")
         for direction, title in (("positive", "most helpful"), ("negative", "most harmful")):
             page = check(client.get(f"/v1/attributions/{attribution_id}/results",
                                     params={"query_id": query_id, "direction": direction, "page_size": TOP_K}))
