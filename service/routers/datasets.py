@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, status
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from service.artifacts import owned_dataset
 from service.db.base import new_id, utcnow
 from service.db.tables import Dataset
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
+from service.idempotency import remember, replay
 from service.pagination import clamp_page_size, page_newest_first
 from service.problems import problem_responses
 from service.schemas.datasets import DatasetList, DatasetMetadata, DatasetOut
@@ -27,16 +29,22 @@ def dataset_out(dataset: Dataset) -> DatasetOut:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=problem_responses(413, 415),
-             dependencies=[MultipartBody])
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
+             responses=problem_responses(413, 415), dependencies=[MultipartBody])
 def upload_dataset(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(description="JSON: `{\"name\": str}`.")],
     data: Annotated[UploadFile, File(description="safetensors, .npz (no pickle) or Parquet with `inputs`, "
                                                  "`targets`, optional `ids`, `weight`, `task`, `split`.")],
-) -> DatasetOut:
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
     meta = parse_metadata(metadata, DatasetMetadata)
     staged = stage_upload(store, data, limit=settings.max_upload_bytes, field="data")
+    fingerprint = {"metadata": meta.model_dump(), "data": staged.sha256}
+    replayed = replay(session, tenant.id, idempotency_key, "POST /v1/datasets", fingerprint)
+    if replayed is not None:
+        staged.discard()
+        return replayed
     try:
         fmt = detect_format(data.filename or "", read_head(staged))
         arrays = read_dataset(staged.path, fmt, max_rows=settings.max_dataset_rows)
@@ -52,7 +60,8 @@ def upload_dataset(
     )
     session.add(dataset)
     session.flush()
-    return dataset_out(dataset)
+    return remember(session, tenant.id, idempotency_key, "POST /v1/datasets", fingerprint, 201,
+                    dataset_out(dataset), {"Location": f"/v1/datasets/{dataset.id}"})
 
 
 @router.get("")

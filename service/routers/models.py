@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, status
+from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select, tuple_
 
 from service import artifacts
 from service.db.base import new_id, utcnow
 from service.db.tables import Checkpoint, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
+from service.idempotency import remember, replay
 from service.pagination import clamp_page_size, decode_token, encode_token, page_newest_first
 from service.problems import problem_responses
 from service.schemas.models import (
@@ -32,16 +33,22 @@ def model_out(model: Model) -> ModelOut:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=problem_responses(413, 415),
-             dependencies=[MultipartBody])
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut,
+             responses=problem_responses(413, 415), dependencies=[MultipartBody])
 def upload_model(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(description=METADATA_DOC)],
     weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict.")],
-) -> ModelOut:
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
     meta = parse_metadata(metadata, ModelMetadata)
     spec = artifacts.check_model_metadata(meta, settings.max_parameters)
     staged = stage_upload(store, weights, limit=settings.max_upload_bytes, field="weights")
+    fingerprint = {"metadata": meta.model_dump(), "weights": staged.sha256}
+    replayed = replay(session, tenant.id, idempotency_key, "POST /v1/models", fingerprint)
+    if replayed is not None:
+        staged.discard()
+        return replayed
     try:
         module = artifacts.load_model(spec, staged.path)
     except BaseException:
@@ -56,7 +63,8 @@ def upload_model(
     )
     session.add(model)
     session.flush()
-    return model_out(model)
+    return remember(session, tenant.id, idempotency_key, "POST /v1/models", fingerprint, 201, model_out(model),
+                    {"Location": f"/v1/models/{model.id}"})
 
 
 @router.get("")

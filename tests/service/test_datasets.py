@@ -65,3 +65,16 @@ def test_bad_datasets_are_422(sqlite_api: Api, case: str) -> None:
     assert response.status_code in (415, 422), response.text
     assert response.headers["content-type"].startswith("application/problem+json")
     assert counts(api) == before
+
+
+def test_upload_with_idempotency_key_is_stored_once(api: Api) -> None:
+    arrays = tiny_dataset(5)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    send = dict(data={"metadata": json.dumps({"name": "once"})}, files={"data": ("d.npz", buffer.getvalue())},
+                headers={"Idempotency-Key": "upload-1"})
+    first = api.client.post("/v1/datasets", **send)
+    second = api.client.post("/v1/datasets", **send)
+    assert first.status_code == second.status_code == 201
+    assert first.json()["id"] == second.json()["id"]
+    assert len(api.client.get("/v1/datasets").json()["datasets"]) == 1
