@@ -53,6 +53,7 @@ class DataInfOptions(StrictModel):
 class GradientSimilarityOptions(StrictModel):
     layers: list[str] | None = None
     batch_size: int = Field(256, ge=1, le=65_536)
+    normalize: bool = Field(False, description="Cosine of the gradients instead of their dot product.")
 
 
 class TracInOptions(StrictModel):

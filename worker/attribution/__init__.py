@@ -1,0 +1,42 @@
+"""The attribution engine: a plain PyTorch library (no HTTP, database or queue code).
+
+score(q, i) = grad f(z_q)^T P grad l(z_i) (1/N-free), f = the query's loss or minus its margin;
+positive = training example i helps query q. See /work/shared/design/ALGORITHMS.md.
+"""
+
+from worker.attribution.attribute import attribute
+from worker.attribution.curvature.base import Curvature, Preconditioner, load_curvature
+from worker.attribution.curvature.fit import fit_curvature
+from worker.attribution.editing import edit_parameters
+from worker.attribution.hooks import trackable_layers
+from worker.attribution.options import DataInfOptions, FitOptions, GradientSimilarityOptions, InfluenceOptions
+from worker.attribution.types import (
+    AttributionError,
+    AttributionScores,
+    Cancelled,
+    Examples,
+    Progress,
+    TopK,
+    no_progress,
+)
+
+__all__ = [
+    "AttributionError",
+    "AttributionScores",
+    "Cancelled",
+    "Curvature",
+    "DataInfOptions",
+    "Examples",
+    "FitOptions",
+    "GradientSimilarityOptions",
+    "InfluenceOptions",
+    "Preconditioner",
+    "Progress",
+    "TopK",
+    "attribute",
+    "edit_parameters",
+    "fit_curvature",
+    "load_curvature",
+    "no_progress",
+    "trackable_layers",
+]

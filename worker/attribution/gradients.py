@@ -1,0 +1,134 @@
+"""Streaming a dataset through the model in batches and recording per-layer gradients.
+
+Three kinds of gradients: of the training loss (given labels, weighted), of pseudo-losses with labels
+sampled from the model (true Fisher) or the given labels (empirical Fisher), and of the query
+measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from worker.attribution.hooks import Activities, ActivityRecorder
+from worker.attribution.losses import (
+    LossName,
+    MeasurementName,
+    check_targets,
+    fisher_weights,
+    forward,
+    measurement_values,
+    sample_targets,
+    training_objective,
+    weighted_sum,
+)
+from worker.attribution.types import Examples
+
+
+@dataclass(frozen=True)
+class FisherLabels:
+    """Where the labels of fitting gradients come from: sampled from the model (``true``) or given."""
+
+    kind: str = "true"  # "true" | "empirical"
+    samples: int = 1
+    seed: int = 0
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32
+
+
+def batches(examples: Examples, batch_size: int, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[int, Examples]]:
+    """(start row, batch on ``device``) for consecutive batches; float inputs cast to ``dtype``."""
+    for start in range(0, len(examples), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(examples)))
+        batch = examples.subset(index)
+        inputs = batch.inputs.to(device)
+        if inputs.dtype.is_floating_point:
+            inputs = inputs.to(dtype)
+        weights = None if batch.weights is None else batch.weights.to(device, dtype)
+        yield start, Examples(inputs=inputs, targets=batch.targets.to(device), weights=weights)
+
+
+def training_activities(model: nn.Module, recorder: ActivityRecorder, batch: Examples, loss: LossName) -> Activities:
+    """Per-layer activity for the gradient of sum_i w_i loss_i (the given labels)."""
+    recorder.clear()
+    outputs = forward(model, batch.inputs)
+    targets = check_targets(outputs, batch.targets, loss)
+    return recorder.backward(training_objective(outputs, targets, batch.weights, loss), retain_graph=False)
+
+
+MAX_REPLICATED_ROWS = 4096
+
+
+def fitting_activities(
+    model: nn.Module,
+    recorder: ActivityRecorder,
+    batch: Examples,
+    loss: LossName,
+    labels: FisherLabels,
+    generator: torch.Generator,
+) -> list[Activities]:
+    """Activities of fitting gradients: with the given labels (empirical), or with labels sampled from
+    the model (true Fisher). Several draws replicate the batch (one row per example and draw, in chunks
+    of at most MAX_REPLICATED_ROWS rows), so each returned activity may hold B x draws rows."""
+    if labels.kind == "empirical":
+        recorder.clear()
+        outputs = forward(model, batch.inputs)
+        given = check_targets(outputs, batch.targets, loss)
+        return [recorder.backward(training_objective(outputs, given, batch.weights, loss), retain_graph=False)]
+    rows = len(batch)
+    per_chunk = max(1, min(labels.samples, MAX_REPLICATED_ROWS // max(rows, 1)))
+    result = []
+    for first in range(0, labels.samples, per_chunk):
+        draws = min(per_chunk, labels.samples - first)
+        inputs = batch.inputs.repeat_interleave(draws, dim=0) if draws > 1 else batch.inputs
+        recorder.clear()
+        outputs = forward(model, inputs)
+        check_targets(outputs[::draws], batch.targets, loss)
+        sampled = sample_targets(outputs, loss, generator)
+        weights = fisher_weights(batch.weights)
+        if weights is not None and draws > 1:
+            weights = weights.repeat_interleave(draws)
+        objective = training_objective(outputs, sampled, weights, loss)
+        result.append(recorder.backward(objective, retain_graph=False))
+    return result
+
+
+def measurement_activities(
+    model: nn.Module, recorder: ActivityRecorder, batch: Examples, loss: LossName, measurement: MeasurementName
+) -> Activities:
+    """Per-layer activity for the gradient of sum_q f(z_q) (query weights are not applied)."""
+    recorder.clear()
+    outputs = forward(model, batch.inputs)
+    targets = check_targets(outputs, batch.targets, loss)
+    return recorder.backward(weighted_sum(measurement_values(outputs, targets, loss, measurement), None), retain_graph=False)
+
+
+def place_model(model: nn.Module, device: torch.device | str | None) -> tuple[nn.Module, torch.device]:
+    """The model on ``device`` (a copy when it lives elsewhere; the caller's model is never moved)."""
+    current = model_device(model)
+    if device is None:
+        return model, current
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    if target == current:
+        return model, current
+    return copy.deepcopy(model).to(target), target

@@ -1,0 +1,152 @@
+"""Per-example losses, measurements and labels sampled from the model (true Fisher).
+
+All objectives handed to the hooks are sums over the batch, so each example's gradient is its own.
+cross_entropy: -log softmax(z)[y]; mse: 1/2 sum over outputs of the squared error. Example weights
+multiply the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.attribution.types import AttributionError, Examples
+
+LossName = Literal["cross_entropy", "mse"]
+MeasurementName = Literal["loss", "margin"]
+
+
+def check_loss_name(loss: str) -> None:
+    if loss not in ("cross_entropy", "mse"):
+        raise AttributionError(f"unknown loss {loss!r}; expected 'cross_entropy' or 'mse'")
+
+
+def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Runs the model, turning a shape error into an AttributionError."""
+    try:
+        outputs = model(inputs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        raise AttributionError(
+            f"inputs of shape {tuple(inputs.shape[1:])} (per example) do not fit the model: {error}"
+        ) from error
+    if not isinstance(outputs, torch.Tensor):
+        raise AttributionError(f"the model must return a tensor, got {type(outputs).__name__}")
+    if not torch.isfinite(outputs.detach()).all():
+        raise AttributionError("the model's outputs contain NaN or Inf (non-finite weights or inputs?)")
+    return outputs
+
+
+def check_targets(outputs: torch.Tensor, targets: torch.Tensor, loss: LossName) -> torch.Tensor:
+    """Validates targets against the model outputs; returns them in the form the loss needs."""
+    if loss == "cross_entropy":
+        if outputs.dim() != 2:
+            raise AttributionError(
+                f"cross_entropy needs model outputs of shape (B, classes), got {tuple(outputs.shape)}"
+            )
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.dim() != 1:
+            raise AttributionError(
+                f"cross_entropy targets must be integer class indices of shape (N,), got {targets.dtype} "
+                f"{tuple(targets.shape)}"
+            )
+        classes = outputs.shape[1]
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
+            raise AttributionError(
+                f"cross_entropy targets must lie in [0, {classes - 1}], got values in "
+                f"[{int(targets.min())}, {int(targets.max())}]"
+            )
+        return targets.long()
+    if not targets.dtype.is_floating_point:
+        targets = targets.to(outputs.dtype)
+    if targets.shape != outputs.shape:
+        if targets.dim() == 1 and outputs.dim() == 2 and outputs.shape[1] == 1:
+            targets = targets.reshape(-1, 1)
+        else:
+            raise AttributionError(
+                f"mse targets must have the model output's shape {tuple(outputs.shape)}, got {tuple(targets.shape)}"
+            )
+    if not torch.isfinite(targets).all():
+        raise AttributionError("mse targets contain NaN or Inf")
+    return targets.to(outputs.dtype)
+
+
+def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: LossName) -> torch.Tensor:
+    """(B,) unweighted losses."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(outputs, targets, reduction="none")
+    return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1)
+
+
+def weighted_sum(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return values.sum()
+    return (values * weights.to(values.dtype)).sum()
+
+
+def training_objective(
+    outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, loss: LossName
+) -> torch.Tensor:
+    """Sum over the batch of weight_i * loss_i (targets already checked)."""
+    return weighted_sum(per_example_loss(outputs, targets, loss), weights)
+
+
+def margins(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) logit of the true class minus logsumexp of the other logits."""
+    true_logit = outputs.gather(1, targets.reshape(-1, 1)).squeeze(1)
+    others = outputs.scatter(1, targets.reshape(-1, 1), float("-inf"))
+    return true_logit - torch.logsumexp(others, dim=1)
+
+
+def measurement_values(
+    outputs: torch.Tensor, targets: torch.Tensor, loss: LossName, measurement: MeasurementName
+) -> torch.Tensor:
+    """(B,) f(z_q): the query's loss, or minus its margin (so larger f = worse, as for the loss)."""
+    if measurement == "loss":
+        return per_example_loss(outputs, targets, loss)
+    if measurement == "margin":
+        if loss != "cross_entropy":
+            raise AttributionError("measurement 'margin' needs loss 'cross_entropy'")
+        if outputs.shape[1] < 2:
+            raise AttributionError("measurement 'margin' needs at least two classes")
+        return -margins(outputs, targets)
+    raise AttributionError(f"unknown measurement {measurement!r}; expected 'loss' or 'margin'")
+
+
+def sample_targets(outputs: torch.Tensor, loss: LossName, generator: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the model's predictive distribution (true Fisher = Gauss-Newton).
+
+    cross_entropy: y ~ softmax(z); mse: y ~ N(f(x), I). Drawn on the CPU from ``generator`` so that a
+    seed gives the same labels on every device.
+    """
+    detached = outputs.detach().to("cpu", torch.float64)
+    if loss == "cross_entropy":
+        probabilities = torch.softmax(detached, dim=1)
+        sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+        return sampled.to(outputs.device)
+    noise = torch.randn(detached.shape, generator=generator, dtype=torch.float64)
+    return (detached + noise).to(outputs.device, outputs.dtype)
+
+
+def fisher_weights(weights: torch.Tensor | None) -> torch.Tensor | None:
+    """Weights for sampled-label pseudo-gradients: sqrt(|w|), so that E[g g^T] = w J^T H J."""
+    return None if weights is None else weights.abs().sqrt()
+
+
+def check_examples(examples: Examples, what: str) -> None:
+    if len(examples) == 0:
+        raise AttributionError(f"the {what} dataset is empty")
+    if examples.targets.shape[0] != len(examples):
+        raise AttributionError(
+            f"the {what} dataset has {len(examples)} inputs but {examples.targets.shape[0]} targets"
+        )
+    if examples.weights is not None:
+        if examples.weights.shape != (len(examples),):
+            raise AttributionError(f"the {what} dataset's weights must have shape ({len(examples)},)")
+        if not torch.isfinite(examples.weights).all():
+            raise AttributionError(f"the {what} dataset's weights contain NaN or Inf")
+    if examples.inputs.dtype.is_floating_point and not torch.isfinite(examples.inputs).all():
+        raise AttributionError(f"the {what} dataset's inputs contain NaN or Inf")

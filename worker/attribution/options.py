@@ -1,0 +1,121 @@
+"""Options of the engine's entry points: plain dataclasses with the documented defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from worker.attribution.types import AttributionError
+
+FitStrategy = Literal["identity", "diagonal", "kfac", "ekfac"]
+InfluenceStrategy = Literal["ekfac", "kfac", "diagonal", "identity", "exact", "cg", "lissa"]
+FisherKind = Literal["true", "empirical"]
+CurvatureKind = Literal["gauss_newton", "hessian"]
+
+FIT_STRATEGIES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
+EXACT_STRATEGIES: tuple[str, ...] = ("exact", "cg", "lissa")
+
+
+@dataclass
+class FitOptions:
+    """How a curvature approximation is fitted on the training data (damping is chosen at attribution)."""
+
+    strategy: FitStrategy = "ekfac"
+    fisher: FisherKind = "true"
+    fisher_samples: int = 1
+    seed: int = 0
+    layers: list[str] | None = None
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        if self.strategy not in FIT_STRATEGIES:
+            raise AttributionError(f"unknown fit strategy {self.strategy!r}; expected one of {FIT_STRATEGIES}")
+        if self.fisher not in ("true", "empirical"):
+            raise AttributionError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if self.fisher_samples < 1:
+            raise AttributionError(f"fisher_samples must be >= 1, got {self.fisher_samples}")
+        _check_batch_size(self.batch_size)
+
+
+@dataclass
+class InfluenceOptions:
+    """Options of method ``influence``. ``damping`` None means 0.1 x the mean eigenvalue per layer
+    (``exact``/``cg``/``lissa``: 0.1 x trace / D of the whole tracked curvature)."""
+
+    strategy: InfluenceStrategy = "ekfac"
+    damping: float | None = None
+    fisher: FisherKind = "true"
+    fisher_samples: int = 1
+    seed: int = 0
+    layers: list[str] | None = None
+    curvature: CurvatureKind = "gauss_newton"
+    max_iter: int = 100
+    tol: float = 1e-6
+    batch_size: int = 256
+
+    def fit_options(self) -> FitOptions:
+        """The fit-level part of these options (for the factor strategies)."""
+        if self.strategy not in FIT_STRATEGIES:
+            raise AttributionError(f"strategy {self.strategy!r} has no reusable fit")
+        return FitOptions(
+            strategy=self.strategy,  # type: ignore[arg-type]
+            fisher=self.fisher,
+            fisher_samples=self.fisher_samples,
+            seed=self.seed,
+            layers=None if self.layers is None else list(self.layers),
+            batch_size=self.batch_size,
+        )
+
+    def validate(self) -> None:
+        if self.strategy not in FIT_STRATEGIES + EXACT_STRATEGIES:
+            raise AttributionError(f"unknown influence strategy {self.strategy!r}")
+        if self.fisher not in ("true", "empirical"):
+            raise AttributionError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if self.fisher_samples < 1:
+            raise AttributionError(f"fisher_samples must be >= 1, got {self.fisher_samples}")
+        if self.curvature not in ("gauss_newton", "hessian"):
+            raise AttributionError(f"curvature must be 'gauss_newton' or 'hessian', got {self.curvature!r}")
+        if self.max_iter < 1:
+            raise AttributionError(f"max_iter must be >= 1, got {self.max_iter}")
+        if not self.tol > 0:
+            raise AttributionError(f"tol must be > 0, got {self.tol}")
+        check_damping(self.damping)
+        _check_batch_size(self.batch_size)
+
+
+@dataclass
+class DataInfOptions:
+    """Options of method ``datainf``. ``damping`` None: per layer 0.1 x mean_i ||g_il||^2 / d_l."""
+
+    damping: float | None = None
+    layers: list[str] | None = None
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        check_damping(self.damping)
+        _check_batch_size(self.batch_size)
+
+
+@dataclass
+class GradientSimilarityOptions:
+    """Options of method ``gradient_similarity``: the dot product of the tracked loss gradients (identity
+    curvature), or their cosine with ``normalize``."""
+
+    layers: list[str] | None = None
+    batch_size: int = 256
+    normalize: bool = False
+
+    def validate(self) -> None:
+        _check_batch_size(self.batch_size)
+
+
+def check_damping(damping: float | None) -> None:
+    if damping is None:
+        return
+    if not isinstance(damping, (int, float)) or not float(damping) > 0 or float(damping) == float("inf"):
+        raise AttributionError(f"damping must be a positive finite number, got {damping!r}")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise AttributionError(f"batch_size must be >= 1, got {batch_size}")

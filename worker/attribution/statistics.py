@@ -1,0 +1,215 @@
+"""Per-layer curvature statistics, fitted by streaming the training data (the shared substrate).
+
+Reusable pieces (SOURCE builds on them): covariance factors A = E[a a^T] (mean over positions) and
+S = E[sum_t g_t g_t^T] (mean over examples and label draws), their float64 eigendecomposition,
+corrected eigenvalues Lambda = E[(Q_S^T G Q_A)^2] in a given eigenbasis, the diagonal E[G^2], and
+``apply_in_eigenbasis`` (a function of the eigenvalues applied as Q_S[(Q_S^T V Q_A) * values]Q_A^T).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from worker.attribution.gradients import FisherLabels, batches, fitting_activities, model_dtype
+from worker.attribution.hooks import ActivityRecorder, LayerActivity, TrackedLayer, evaluation_mode
+from worker.attribution.losses import LossName
+from worker.attribution.progress import StageCounter
+from worker.attribution.types import Examples
+
+
+@dataclass
+class Covariances:
+    """Mean Kronecker factors of one layer (float64): activation A (d_in x d_in), gradient S (d_out x d_out)."""
+
+    activation: torch.Tensor
+    gradient: torch.Tensor
+
+
+@dataclass
+class Eigenbasis:
+    """Eigendecompositions of one layer's factors (float64, ascending eigenvalues)."""
+
+    activation_eigenvalues: torch.Tensor  # (d_in,)
+    activation_eigenvectors: torch.Tensor  # Q_A (d_in, d_in)
+    gradient_eigenvalues: torch.Tensor  # (d_out,)
+    gradient_eigenvectors: torch.Tensor  # Q_S (d_out, d_out)
+
+
+# ---------------------------------------------------------------- per-batch contributions
+
+
+def activation_covariance_sum(activity: LayerActivity) -> torch.Tensor:
+    """sum over examples and positions of a a^T: (d_in, d_in)."""
+    a = activity.activations.flatten(0, 1)
+    return a.T @ a
+
+
+def gradient_covariance_sum(activity: LayerActivity) -> torch.Tensor:
+    """sum over examples and positions of g g^T: (d_out, d_out)."""
+    g = activity.gradients.flatten(0, 1)
+    return g.T @ g
+
+
+def corrected_eigenvalue_sum(activity: LayerActivity, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+    """sum over examples of (Q_S^T G Q_A)^2: (d_out, d_in). Rank-one layers: one matmul, no per-example matrix."""
+    if activity.rank_one:
+        g_rotated = activity.gradients[:, 0, :] @ q_s  # (B, d_out)
+        a_rotated = activity.activations[:, 0, :] @ q_a  # (B, d_in)
+        return g_rotated.pow(2).T @ a_rotated.pow(2)
+    rotated = rotate(activity.per_example_gradients(), q_s, q_a)
+    return rotated.pow(2).sum(0)
+
+
+def squared_gradient_sum(activity: LayerActivity) -> torch.Tensor:
+    """sum over examples of G * G (the diagonal of the empirical curvature): (d_out, d_in)."""
+    if activity.rank_one:
+        return activity.gradients[:, 0, :].pow(2).T @ activity.activations[:, 0, :].pow(2)
+    return activity.per_example_gradients().pow(2).sum(0)
+
+
+# ---------------------------------------------------------------- linear algebra in the eigenbasis
+
+
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetrised matrix, in float64."""
+    m = matrix.to(torch.float64)
+    return torch.linalg.eigh(0.5 * (m + m.T))
+
+
+def eigenbasis(covariances: Covariances) -> Eigenbasis:
+    lam_a, q_a = symmetric_eigh(covariances.activation)
+    lam_s, q_s = symmetric_eigh(covariances.gradient)
+    return Eigenbasis(lam_a, q_a, lam_s, q_s)
+
+
+def rotate(vectors: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+    """Q_S^T V Q_A for V (..., d_out, d_in)."""
+    return q_s.T @ vectors @ q_a
+
+
+def unrotate(vectors: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+    """Q_S V Q_A^T for V (..., d_out, d_in)."""
+    return q_s @ vectors @ q_a.T
+
+
+def apply_in_eigenbasis(
+    vectors: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """Q_S [(Q_S^T V Q_A) * values] Q_A^T for V (..., d_out, d_in): the matrix function with eigenvalues ``values``."""
+    return unrotate(rotate(vectors, q_s, q_a) * values, q_s, q_a)
+
+
+# ---------------------------------------------------------------- passes over the training data
+
+
+Visitor = Callable[[str, LayerActivity], None]
+
+
+def stream_fitting_gradients(
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    data: Examples,
+    loss: LossName,
+    labels: FisherLabels,
+    batch_size: int,
+    device: torch.device,
+    counter: StageCounter,
+    visit: Visitor,
+) -> None:
+    """One pass over ``data``: calls ``visit(layer name, activity)`` for every batch (rows = examples x draws).
+
+    The label generator is re-seeded at each pass, so every pass sees the same sampled labels.
+    """
+    generator = labels.generator()
+    dtype = model_dtype(model)
+    with evaluation_mode(model), ActivityRecorder(layers) as recorder:
+        for _, batch in batches(data, batch_size, device, dtype):
+            for activities in fitting_activities(model, recorder, batch, loss, labels, generator):
+                for name, activity in activities.items():
+                    visit(name, activity)
+            counter.advance(len(batch))
+
+
+def fit_covariances(
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    data: Examples,
+    loss: LossName,
+    labels: FisherLabels,
+    batch_size: int,
+    device: torch.device,
+    counter: StageCounter,
+) -> dict[str, Covariances]:
+    """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws), per layer, float64."""
+    activation = {layer.name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=device) for layer in layers}
+    gradient = {layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=device) for layer in layers}
+    positions = {layer.name: 0 for layer in layers}
+    rows = {layer.name: 0 for layer in layers}
+
+    def visit(name: str, activity: LayerActivity) -> None:
+        activation[name] += activation_covariance_sum(activity).to(torch.float64)
+        gradient[name] += gradient_covariance_sum(activity).to(torch.float64)
+        positions[name] += activity.activations.shape[0] * activity.activations.shape[1]
+        rows[name] += activity.batch_size
+
+    stream_fitting_gradients(model, layers, data, loss, labels, batch_size, device, counter, visit)
+    return {
+        layer.name: Covariances(
+            activation[layer.name] / max(positions[layer.name], 1), gradient[layer.name] / max(rows[layer.name], 1)
+        )
+        for layer in layers
+    }
+
+
+def fit_corrected_eigenvalues(
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    data: Examples,
+    loss: LossName,
+    labels: FisherLabels,
+    bases: dict[str, Eigenbasis],
+    batch_size: int,
+    device: torch.device,
+    counter: StageCounter,
+) -> dict[str, torch.Tensor]:
+    """Lambda = E[(Q_S^T G Q_A)^2] per layer (mean over examples and label draws), float64."""
+    dtype = model_dtype(model)
+    q_s = {n: b.gradient_eigenvectors.to(device, dtype) for n, b in bases.items()}
+    q_a = {n: b.activation_eigenvectors.to(device, dtype) for n, b in bases.items()}
+    sums = {layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=device) for layer in layers}
+
+    rows = {layer.name: 0 for layer in layers}
+
+    def visit(name: str, activity: LayerActivity) -> None:
+        sums[name] += corrected_eigenvalue_sum(activity, q_s[name], q_a[name]).to(torch.float64)
+        rows[name] += activity.batch_size
+
+    stream_fitting_gradients(model, layers, data, loss, labels, batch_size, device, counter, visit)
+    return {name: total / max(rows[name], 1) for name, total in sums.items()}
+
+
+def fit_diagonal(
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    data: Examples,
+    loss: LossName,
+    labels: FisherLabels,
+    batch_size: int,
+    device: torch.device,
+    counter: StageCounter,
+) -> dict[str, torch.Tensor]:
+    """E[G * G] per layer (mean over examples and label draws), float64, shaped like the weight matrix."""
+    sums = {layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=device) for layer in layers}
+
+    rows = {layer.name: 0 for layer in layers}
+
+    def visit(name: str, activity: LayerActivity) -> None:
+        sums[name] += squared_gradient_sum(activity).to(torch.float64)
+        rows[name] += activity.batch_size
+
+    stream_fitting_gradients(model, layers, data, loss, labels, batch_size, device, counter, visit)
+    return {name: total / max(rows[name], 1) for name, total in sums.items()}
