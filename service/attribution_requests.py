@@ -118,6 +118,11 @@ def _check_trajectory(
         raise invalid(f"method {request.method!r} needs the model's training checkpoints: upload them with "
                       f"POST /v1/models/{models[0].id}/checkpoints", "body.model_id")
     stages = sorted({c.stage for c in checkpoints})
+    adam = sorted({c.stage for c in checkpoints if (c.optimizer or "sgd") != "sgd"})
+    if request.method == "source" and adam:
+        raise invalid(f"the checkpoints of stage(s) {adam} were trained with an Adam-type optimizer: SOURCE supports "
+                      "SGD (with momentum) trajectories only; the diagonal approximation for Adam (appendix C of the "
+                      "SOURCE paper) is not implemented yet. Use method \"tracin\" or \"influence\"", "body.model_id")
     wanted = getattr(options, "stages", None)
     for stage in wanted or []:
         if stage not in stages:
@@ -127,17 +132,33 @@ def _check_trajectory(
         if not key.isdigit() or int(key) not in stages:
             raise invalid(f"stage_datasets names stage {key!r}, which has no checkpoint (stages: {stages})",
                           "body.options.stage_datasets")
-        owned_dataset(session, tenant_id, dataset_id)
+        check_inputs_fit(models[0], owned_dataset(session, tenant_id, dataset_id), "body.options.stage_datasets")
     if len(stages) > 1 and stage_datasets:
         missing = [s for s in stages if str(s) not in stage_datasets]
         if missing:
             raise invalid(f"stage_datasets has no dataset for stage(s) {missing}", "body.options.stage_datasets")
+    _check_attributed_stages(request, stages, stage_datasets, wanted)
     segments = getattr(options, "segments", None)
     if isinstance(segments, int):
         steps = len({(c.stage, c.step) for c in checkpoints})
         if segments < 1 or segments > steps:
             raise invalid(f"segments must be between 1 and the number of checkpoints ({steps}); {segments} would "
                           "leave a segment with no checkpoint", "body.options.segments")
+
+
+def _check_attributed_stages(
+    request: AttributionIn, stages: list[int], stage_datasets: dict[str, str], wanted: list[int] | None
+) -> None:
+    """The attributed stages must train on train_dataset_id (their segments score its examples)."""
+    dataset_of = {s: stage_datasets.get(str(s), request.train_dataset_id) for s in stages}
+    attributed = wanted if wanted is not None else [s for s in stages if dataset_of[s] == request.train_dataset_id]
+    if not attributed:
+        raise invalid("no stage to attribute: no stage trains on train_dataset_id (see options.stage_datasets) "
+                      "and options.stages names none", "body.options.stages")
+    other = [s for s in attributed if dataset_of[s] != request.train_dataset_id]
+    if other:
+        raise invalid(f"stage(s) {other} train on another dataset than train_dataset_id, so their data are not "
+                      "the attributed examples", "body.options.stages")
 
 
 def _check_fit(

@@ -125,6 +125,7 @@ def upgrade() -> None:
     sa.Column('learning_rate', sa.Double(), nullable=False),
     sa.Column('momentum', sa.Double(), nullable=False),
     sa.Column('stage', sa.Integer(), nullable=False),
+    sa.Column('optimizer', sa.String(length=16), nullable=False),
     sa.Column('weights_sha256', sa.String(length=64), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['model_id'], ['models.id'], name=op.f('fk_checkpoints_model_id_models')),

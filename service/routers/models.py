@@ -105,7 +105,7 @@ def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
     return CheckpointOut(
         id=checkpoint.id, model_id=checkpoint.model_id, step=checkpoint.step,
         learning_rate=checkpoint.learning_rate, momentum=checkpoint.momentum, stage=checkpoint.stage,
-        created_at=checkpoint.created_at,
+        optimizer=checkpoint.optimizer or "sgd", created_at=checkpoint.created_at,
     )
 
 
@@ -113,7 +113,7 @@ def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
              responses=problem_responses(409, 413, 415), dependencies=[MultipartBody])
 def upload_checkpoint(
     model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
-    metadata: Annotated[str, Form(description="JSON: `{\"step\", \"learning_rate\", \"stage\", \"momentum\"}`.")],
+    metadata: Annotated[str, Form(description="JSON: `{\"step\", \"learning_rate\", \"stage\", \"momentum\", \"optimizer\"}`.")],
     weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict at this step.")],
 ) -> CheckpointOut:
     model = artifacts.owned_model(session, tenant.id, model_id)
@@ -128,7 +128,8 @@ def upload_checkpoint(
     blob = commit_blob(session, staged)
     checkpoint = Checkpoint(
         id=new_id("ckpt"), model_id=model.id, step=meta.step, learning_rate=meta.learning_rate,
-        momentum=meta.momentum, stage=meta.stage, weights_sha256=blob.sha256, created_at=utcnow(),
+        momentum=meta.momentum, stage=meta.stage, optimizer=meta.optimizer, weights_sha256=blob.sha256,
+        created_at=utcnow(),
     )
     session.add(checkpoint)
     session.flush()

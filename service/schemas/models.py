@@ -49,6 +49,10 @@ class CheckpointMetadata(StrictModel):
     learning_rate: float = Field(gt=0, allow_inf_nan=False)
     stage: int = Field(0, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="The optimizer of this step: `sgd` (with momentum) or `adam` (Adam-type). SOURCE does "
+        "not support Adam-type trajectories yet (422); TracInCP does.",
+    )
 
 
 class CheckpointOut(BaseModel):
@@ -58,6 +62,7 @@ class CheckpointOut(BaseModel):
     learning_rate: float
     momentum: float
     stage: int
+    optimizer: str = "sgd"
     created_at: datetime
 
 

@@ -20,5 +20,6 @@ class Checkpoint(Base):
     learning_rate: Mapped[float]
     momentum: Mapped[float] = mapped_column(default=0.0)
     stage: Mapped[int] = mapped_column(default=0)
+    optimizer: Mapped[str] = mapped_column(String(16), default="sgd")  # "sgd" (with momentum) | "adam"
     weights_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
