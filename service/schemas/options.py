@@ -57,23 +57,36 @@ class GradientSimilarityOptions(StrictModel):
 
 
 class TracInOptions(StrictModel):
+    """TracInCP: Σ over the chosen stages' checkpoints of learning rate × ⟨∇f(z_q), ∇ℓ(z_i)⟩, with the learning
+    rate as uploaded (momentum is not folded in). `self` mode: Σ_c η_c ‖∇ℓ(z_i)‖²."""
+
     layers: list[str] | None = None
     batch_size: int = Field(256, ge=1, le=65_536)
-    stages: list[int] | None = Field(None, description="Stages whose checkpoints are summed; default all.")
-    stage_datasets: dict[str, str] | None = Field(None, description="Training dataset of each stage, by stage.")
+    stages: list[int] | None = Field(
+        None, description="Stages whose checkpoints are summed; default: the stages trained on train_dataset_id.")
+    stage_datasets: dict[str, str] | None = Field(
+        None, description="Training dataset id of each stage (`{\"0\": id}`); default: train_dataset_id.")
 
 
 class SourceOptions(FitLevelOptions):
+    """SOURCE (segmented stationary unrolling). Rows rank the examples of `train_dataset_id`; each stage's
+    training data (its curvature and its N) come from `stage_datasets`. `self` mode: Σ over the attributed
+    segments of ⟨ḡ_s, U_s ḡ_s⟩ (no forgetting factors of later segments)."""
+
     segments: int | Literal["stages"] | None = Field(
-        None, description="Number of equal segments by step, or `stages` (one per stage). Default: one segment "
-        "per stage when there are several stages, else 3.",
+        None, description="k = k equal parts of the run by step (also cut where the stage changes, so a "
+        "segment never mixes two datasets), or `stages` (one per stage). Default: one per stage when there are "
+        "several stages, else 3 (at most one per checkpoint).",
     )
-    stages: list[int] | None = Field(None, description="Stages whose training data are attributed; default all.")
+    stages: list[int] | None = Field(
+        None, description="Stages whose segments are attributed; default: the stages trained on train_dataset_id.")
     stage_datasets: dict[str, str] | None = Field(
         None, description="Training dataset id of each stage (`{\"0\": id, \"1\": id}`); default: "
         "`train_dataset_id` for every stage.",
     )
-    variant: Literal["full", "averaged_parameters"] = "full"
+    variant: Literal["full", "averaged_parameters"] = Field(
+        "full", description="`full`: factors and gradients per checkpoint, averaged in each segment; "
+        "`averaged_parameters`: one fit per segment at its checkpoints' mean parameters.")
     damping: float | None = Field(None, gt=0, allow_inf_nan=False, description="Added to the eigenvalues (default none).")
     batch_size: int = Field(256, ge=1, le=65_536)
 
