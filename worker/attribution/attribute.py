@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from worker.attribution.curvature.base import Curvature
-from worker.attribution.curvature.fit import fit_passes
+from worker.attribution.curvature.fit import fit_layers, fit_passes
 from worker.attribution.gradients import model_dtype, place_model
 from worker.attribution.hooks import Activities, resolve_layers
 from worker.attribution.losses import LossName, MeasurementName, check_examples, check_loss_name
@@ -34,7 +34,7 @@ from worker.attribution.scoring import (
     check_finite_scores,
     mean_over_models,
     query_chunk_size,
-    stream_training_batches,
+    stream_training_activities,
 )
 from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, TopK, no_progress
 
@@ -176,10 +176,18 @@ def build_scorers(
             assert isinstance(options, InfluenceOptions)
             fit = None if fits is None else fits[position]
             layers = influence_layers(model, options, fit)
+            if fit is None and options.strategy in FIT_STRATEGIES:
+                fit = fit_layers(model, layers, train, loss, options.fit_options(), fit_counter, device)
             preconditioner = influence_preconditioner(
                 model, layers, train, loss, options, fit, fit_counter, device, dtype, progress
             )
-            scorers.append(ModelScorer(model, layers, loss, device, dtype, preconditioner))
+            index = None
+            if fit is not None and fit.training_index is not None:
+                if fit.training_index.matches(model, train, loss, [layer.name for layer in layers]):
+                    index = fit.training_index
+            scorer = ModelScorer(model, layers, loss, device, dtype, preconditioner, index=index)
+            scorer.diagnostics["training_gradients"] = "index" if index is not None else "recomputed"
+            scorers.append(scorer)
     return scorers
 
 
@@ -204,7 +212,7 @@ def self_scores(scorers: list[ModelScorer], train: Examples, batch_size: int, pr
         check_finite_scores(values)
         scores[start : start + values.shape[0]] = values.cpu()
 
-    stream_training_batches(scorers, train, batch_size, counter, visit)
+    stream_training_activities(scorers, train, batch_size, counter, visit)
     return scores
 
 
@@ -227,7 +235,7 @@ def aggregate_scores(
         check_finite_scores(values)
         scores[start : start + values.shape[0]] = values.cpu()
 
-    stream_training_batches(scorers, train, batch_size, counter, visit)
+    stream_training_activities(scorers, train, batch_size, counter, visit, queries=1)
     return scores
 
 
@@ -258,7 +266,7 @@ def pairwise_top_k(
             check_finite_scores(values)
             accumulator.update(values, start)
 
-        stream_training_batches(scorers, train, batch_size, score_counter, visit)
+        stream_training_activities(scorers, train, batch_size, score_counter, visit, queries=len(rows))
         results.append(accumulator.result())
     return _concatenate_top_k(results), num_chunks
 

@@ -132,3 +132,31 @@ def place_model(model: nn.Module, device: torch.device | str | None) -> tuple[nn
     if target == current:
         return model, current
     return copy.deepcopy(model).to(target), target
+
+
+def fitting_and_training_activities(
+    model: nn.Module,
+    recorder: ActivityRecorder,
+    batch: Examples,
+    loss: LossName,
+    labels: FisherLabels,
+    generator: torch.Generator,
+) -> tuple[list[Activities], Activities]:
+    """``fitting_activities`` and ``training_activities`` of one batch, sharing work where possible: with
+    the empirical Fisher they are the same gradients; with one sampled label per example both backward
+    passes use one forward. The sampled labels are drawn exactly as ``fitting_activities`` draws them."""
+    if labels.kind == "empirical":
+        fitting = fitting_activities(model, recorder, batch, loss, labels, generator)
+        return fitting, fitting[0]
+    if labels.samples == 1:
+        recorder.clear()
+        outputs = forward(model, batch.inputs)
+        given = check_targets(outputs, batch.targets, loss)
+        sampled = sample_targets(outputs, loss, generator)
+        fitting = recorder.backward(
+            training_objective(outputs, sampled, fisher_weights(batch.weights), loss), retain_graph=True
+        )
+        training = recorder.backward(training_objective(outputs, given, batch.weights, loss), retain_graph=False)
+        return [fitting], training
+    fitting_list = fitting_activities(model, recorder, batch, loss, labels, generator)
+    return fitting_list, training_activities(model, recorder, batch, loss)

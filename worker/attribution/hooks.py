@@ -23,6 +23,7 @@ from worker.attribution.types import AttributionError
 LayerKind = Literal["linear", "conv2d"]
 
 CONTRACTION_BLOCK_ELEMENTS = 32 * 1024**2  # largest (queries x batch x width) intermediate of a contraction
+NARROW_LAYER_WIDTH = 128  # rank-one layers with min(d_in, d_out) below this contract via per-example gradients
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,16 @@ class LayerActivity:
             a = self.activations[:, 0, :]  # (B, d_in)
             g = self.gradients[:, 0, :]  # (B, d_out)
             d_out, d_in = vectors.shape[1:]
+            if min(d_in, d_out) < NARROW_LAYER_WIDTH:
+                # narrow layer: one (Q, D) x (D, rows) matrix product with the per-example gradients g a^T
+                # (formed for a bounded number of rows) beats Q small batched products
+                rows = max(1, CONTRACTION_BLOCK_ELEMENTS // max(1, d_out * d_in))
+                flat = vectors.reshape(vectors.shape[0], d_out * d_in)
+                parts = []
+                for first in range(0, self.batch_size, rows):
+                    grads = (g[first : first + rows].unsqueeze(2) * a[first : first + rows].unsqueeze(1)).flatten(1)
+                    parts.append(flat @ grads.T)
+                return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             step = max(1, CONTRACTION_BLOCK_ELEMENTS // max(1, self.batch_size * min(d_in, d_out)))
             blocks = []
             for first in range(0, vectors.shape[0], step):  # bounds the (Q, B, d) intermediate

@@ -13,6 +13,7 @@ FisherKind = Literal["true", "empirical"]
 CurvatureKind = Literal["gauss_newton", "hessian"]
 
 FIT_STRATEGIES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
+DEFAULT_FIT_MEMORY_BUDGET_BYTES = 1024**3  # cached per-example layer inputs / output gradients of a fit
 EXACT_STRATEGIES: tuple[str, ...] = ("exact", "cg", "lissa")
 
 
@@ -26,8 +27,17 @@ class FitOptions:
     seed: int = 0
     layers: list[str] | None = None
     batch_size: int = 256
+    # Keep the training set's per-example layer inputs and loss output gradients with the fit (a training-
+    # gradient index, saved with it) so that attributing on the same training set skips the training pass;
+    # only for rank-one layers (Linear without sequence positions) and within ``memory_budget_bytes``.
+    store_gradients: bool = True
+    # Bytes of cached per-example (a, g) rows a fit may hold: the EK-FAC second pass reuses the first pass's
+    # rows instead of re-running the model, and the index above. 0 turns both off.
+    memory_budget_bytes: int = DEFAULT_FIT_MEMORY_BUDGET_BYTES
 
     def validate(self) -> None:
+        if not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 0:
+            raise AttributionError(f"memory_budget_bytes must be a non-negative integer, got {self.memory_budget_bytes!r}")
         if self.strategy not in FIT_STRATEGIES:
             raise AttributionError(f"unknown fit strategy {self.strategy!r}; expected one of {FIT_STRATEGIES}")
         if self.fisher not in ("true", "empirical"):

@@ -20,6 +20,8 @@ from worker.attribution.gradients import batches, measurement_activities, traini
 from worker.attribution.hooks import Activities, ActivityRecorder, TrackedLayer, evaluation_mode
 from worker.attribution.losses import LossName, MeasurementName
 from worker.attribution.progress import StageCounter
+from worker.attribution.threads import batch_work, few_threads
+from worker.attribution.training_index import TrainingIndex
 from worker.attribution.types import AttributionError, Examples, TopK
 
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 1024**2  # preconditioned query vectors held at once, over all models
@@ -40,6 +42,8 @@ class ModelScorer:
     preconditioner: Preconditioner | None
     normalize: bool = False
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    # the training set's per-example (a, g) rows, when a fit recorded them for this very training set
+    index: TrainingIndex | None = None
 
     @property
     def layer_names(self) -> list[str]:
@@ -56,8 +60,9 @@ class ModelScorer:
         parts: list[LayerVectors] = []
         with evaluation_mode(self.model), ActivityRecorder(self.layers) as recorder:
             for _, batch in batches(queries, batch_size, self.device, self.dtype):
-                activities = measurement_activities(self.model, recorder, batch, self.loss, measurement)
-                gradients = {name: activities[name].per_example_gradients() for name in self.layer_names}
+                with few_threads(batch_work(self.layers, len(batch))):
+                    activities = measurement_activities(self.model, recorder, batch, self.loss, measurement)
+                    gradients = {name: activities[name].per_example_gradients() for name in self.layer_names}
                 if self.normalize:
                     gradients = _unit_norm(gradients)
                 if aggregate:
@@ -68,7 +73,10 @@ class ModelScorer:
                 counter.advance(len(batch))
         vectors = {name: torch.cat([p[name] for p in parts]) for name in self.layer_names}
         if self.preconditioner is not None:
-            vectors = self.preconditioner.precondition(vectors)
+            rows = next(iter(vectors.values())).shape[0]
+            work = rows * sum(l.in_features * l.out_features * (l.in_features + l.out_features) for l in self.layers)
+            with few_threads(work):
+                vectors = self.preconditioner.precondition(vectors)
         check_finite_vectors(vectors, "preconditioned query gradients")
         return vectors
 
@@ -97,12 +105,16 @@ def _unit_norm(gradients: LayerVectors) -> LayerVectors:
 
 def check_finite_vectors(vectors: LayerVectors, what: str) -> None:
     for name, v in vectors.items():
-        if not torch.isfinite(v).all():
+        with few_threads(v.numel()):  # memory-bound: threads only pay for large tensors
+            finite = bool(torch.isfinite(v).all())
+        if not finite:
             raise AttributionError(f"non-finite {what} (NaN or Inf) at layer {name!r}")
 
 
 def check_finite_scores(scores: torch.Tensor) -> None:
-    if not torch.isfinite(scores).all():
+    with few_threads(scores.numel()):
+        finite = bool(torch.isfinite(scores).all())
+    if not finite:
         raise AttributionError("non-finite scores (NaN or Inf): the model, data or damping give unstable values")
 
 
@@ -126,11 +138,37 @@ def stream_training_batches(
             rows = torch.arange(start, min(start + batch_size, len(train)))
             chunk = train.subset(rows)
             per_model = []
-            for scorer, recorder in zip(scorers, recorders):
-                _, batch = next(batches(chunk, len(chunk), scorer.device, scorer.dtype))
-                per_model.append(training_activities(scorer.model, recorder, batch, scorer.loss))
+            with few_threads(sum(batch_work(s.layers, len(chunk)) for s in scorers) * 2):
+                for scorer, recorder in zip(scorers, recorders):
+                    _, batch = next(batches(chunk, len(chunk), scorer.device, scorer.dtype))
+                    per_model.append(training_activities(scorer.model, recorder, batch, scorer.loss))
             visit(start, per_model)
             counter.advance(len(rows))
+
+
+def stream_training_activities(
+    scorers: list[ModelScorer],
+    train: Examples,
+    batch_size: int,
+    counter: StageCounter,
+    visit: Callable[[int, list[Activities]], None],
+    queries: int = 0,
+) -> None:
+    """``stream_training_batches``, or, when every scorer carries a training-gradient index of ``train``,
+    the same activities read from the indexes in large blocks (no model pass). ``queries``: how many query
+    vectors ``visit`` contracts each block with (sizes the work for the thread policy only)."""
+    indexes = [scorer.index for scorer in scorers]
+    if not all(index is not None and index.num_examples == len(train) for index in indexes):
+        stream_training_batches(scorers, train, batch_size, counter, visit)
+        return
+    rows = min(index.block_rows(batch_size) for index in indexes)  # type: ignore[union-attr]
+    iterators = [index.blocks(rows, s.device, s.dtype) for index, s in zip(indexes, scorers)]  # type: ignore[union-attr]
+    for parts in zip(*iterators):
+        start = parts[0][0]
+        block = parts[0][1][scorers[0].layer_names[0]].batch_size
+        with few_threads(sum(batch_work(s.layers, block) + queries * block * s.vector_size for s in scorers)):
+            visit(start, [activities for _, activities in parts])
+        counter.advance(parts[0][1][scorers[0].layer_names[0]].batch_size)
 
 
 def mean_over_models(values: list[torch.Tensor]) -> torch.Tensor:
@@ -156,9 +194,12 @@ class TopKAccumulator:
 
     def update(self, scores: torch.Tensor, start: int) -> None:
         """``scores`` (Q, B) for training rows start..start+B-1."""
-        indices = torch.arange(start, start + scores.shape[1], device=scores.device).expand_as(scores)
-        self.best_scores, self.best_indices = self._merge(self.best_scores, self.best_indices, scores, indices, True)
-        self.worst_scores, self.worst_indices = self._merge(self.worst_scores, self.worst_indices, scores, indices, False)
+        with few_threads(4 * (scores.numel() + self.best_scores.numel())):  # memory-bound merges
+            indices = torch.arange(start, start + scores.shape[1], device=scores.device).expand_as(scores)
+            self.best_scores, self.best_indices = self._merge(self.best_scores, self.best_indices, scores, indices, True)
+            self.worst_scores, self.worst_indices = self._merge(
+                self.worst_scores, self.worst_indices, scores, indices, False
+            )
 
     def _merge(
         self, kept: torch.Tensor, kept_idx: torch.Tensor, new: torch.Tensor, new_idx: torch.Tensor, largest: bool

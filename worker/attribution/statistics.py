@@ -8,16 +8,23 @@ corrected eigenvalues Lambda = E[(Q_S^T G Q_A)^2] in a given eigenbasis, the dia
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from worker.attribution.gradients import FisherLabels, batches, fitting_activities, model_dtype
-from worker.attribution.hooks import ActivityRecorder, LayerActivity, TrackedLayer, evaluation_mode
+from worker.attribution.gradients import (
+    FisherLabels,
+    batches,
+    fitting_activities,
+    fitting_and_training_activities,
+    model_dtype,
+)
+from worker.attribution.hooks import Activities, ActivityRecorder, LayerActivity, TrackedLayer, evaluation_mode
 from worker.attribution.losses import LossName
 from worker.attribution.progress import StageCounter
+from worker.attribution.threads import batch_work, eigh_work, few_threads
 from worker.attribution.types import Examples
 
 
@@ -77,7 +84,8 @@ def squared_gradient_sum(activity: LayerActivity) -> torch.Tensor:
 def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors of the symmetrised matrix, in float64."""
     m = matrix.to(torch.float64)
-    return torch.linalg.eigh(0.5 * (m + m.T))
+    with few_threads(eigh_work(m.shape[0])):
+        return torch.linalg.eigh(0.5 * (m + m.T))
 
 
 def eigenbasis(covariances: Covariances) -> Eigenbasis:
@@ -128,9 +136,10 @@ def stream_fitting_gradients(
     dtype = model_dtype(model)
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
         for _, batch in batches(data, batch_size, device, dtype):
-            for activities in fitting_activities(model, recorder, batch, loss, labels, generator):
-                for name, activity in activities.items():
-                    visit(name, activity)
+            with few_threads(batch_work(layers, len(batch) * labels.samples)):
+                for activities in fitting_activities(model, recorder, batch, loss, labels, generator):
+                    for name, activity in activities.items():
+                        visit(name, activity)
             counter.advance(len(batch))
 
 
@@ -212,4 +221,59 @@ def fit_diagonal(
         rows[name] += activity.batch_size
 
     stream_fitting_gradients(model, layers, data, loss, labels, batch_size, device, counter, visit)
+    return {name: total / max(rows[name], 1) for name, total in sums.items()}
+
+
+# ---------------------------------------------------------------- one pass that also caches per-example rows
+
+
+def stream_fitting_and_training_gradients(
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    data: Examples,
+    loss: LossName,
+    labels: FisherLabels,
+    batch_size: int,
+    device: torch.device,
+    counter: StageCounter,
+    visit: Callable[[int, list[Activities], Activities | None], None],
+    with_training: bool,
+) -> None:
+    """Like ``stream_fitting_gradients`` (same batches, same sampled labels), but calls
+    ``visit(examples in batch, fitting activities, training activities or None)`` once per batch; the
+    training activities (gradients of the given-label loss) are computed when ``with_training``."""
+    generator = labels.generator()
+    dtype = model_dtype(model)
+    with evaluation_mode(model), ActivityRecorder(layers) as recorder:
+        for _, batch in batches(data, batch_size, device, dtype):
+            with few_threads(batch_work(layers, len(batch) * (labels.samples + int(with_training)))):
+                if with_training:
+                    fitting, training = fitting_and_training_activities(model, recorder, batch, loss, labels, generator)
+                else:
+                    fitting, training = fitting_activities(model, recorder, batch, loss, labels, generator), None
+                visit(len(batch), fitting, training)
+            counter.advance(len(batch))
+
+
+def corrected_eigenvalues_from_activities(
+    layers: list[TrackedLayer],
+    activity_batches: Iterable[Activities],
+    bases: dict[str, Eigenbasis],
+    device: torch.device,
+    dtype: torch.dtype,
+    after_batch: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``fit_corrected_eigenvalues`` from already recorded fitting activities (no model pass)."""
+    q_s = {n: b.gradient_eigenvectors.to(device, dtype) for n, b in bases.items()}
+    q_a = {n: b.activation_eigenvectors.to(device, dtype) for n, b in bases.items()}
+    sums = {layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=device) for layer in layers}
+    rows = {layer.name: 0 for layer in layers}
+    for position, activities in enumerate(activity_batches):
+        some = next(iter(activities.values()))
+        with few_threads(batch_work(layers, some.batch_size)):
+            for name, activity in activities.items():
+                sums[name] += corrected_eigenvalue_sum(activity, q_s[name], q_a[name]).to(torch.float64)
+                rows[name] += activity.batch_size
+        if after_batch is not None:
+            after_batch(position)
     return {name: total / max(rows[name], 1) for name, total in sums.items()}

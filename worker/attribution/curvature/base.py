@@ -16,6 +16,7 @@ import torch
 
 from worker.attribution.hooks import Activities
 from worker.attribution.options import FitOptions
+from worker.attribution.training_index import INDEX_METADATA_KEY, INDEX_STATISTICS, TrainingIndex
 from worker.attribution.types import AttributionError
 
 LayerVectors = dict[str, torch.Tensor]
@@ -78,6 +79,8 @@ class Curvature(ABC):
 
     strategy: ClassVar[str]
     _registry: ClassVar[dict[str, type["Curvature"]]] = {}
+    # per-example training-loss rows of the training set it was fitted on (None: not kept / over budget)
+    training_index: TrainingIndex | None = None
 
     def __init__(self, layer_names: list[str], options: FitOptions):
         self.layer_names = list(layer_names)
@@ -108,18 +111,25 @@ class Curvature(ABC):
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """A flat dict {"<layer>::<statistic>": tensor}, for safetensors.torch.save_file."""
         flat: dict[str, torch.Tensor] = {}
-        for layer, stats in self.layer_tensors().items():
-            for key, tensor in stats.items():
-                flat[f"{layer}{KEY_SEPARATOR}{key}"] = tensor.detach().to("cpu").contiguous()
+        stats_per_layer = [self.layer_tensors()]
+        if self.training_index is not None:
+            stats_per_layer.append(self.training_index.layer_tensors())
+        for layer_tensors in stats_per_layer:
+            for layer, stats in layer_tensors.items():
+                for key, tensor in stats.items():
+                    flat[f"{layer}{KEY_SEPARATOR}{key}"] = tensor.detach().to("cpu").contiguous()
         return flat
 
     def metadata(self) -> dict[str, str]:
-        return {
+        metadata = {
             "format_version": FORMAT_VERSION,
             "strategy": self.strategy,
             "layer_names": json.dumps(self.layer_names),
             "options": json.dumps(asdict(self.options)),
         }
+        if self.training_index is not None:
+            metadata[INDEX_METADATA_KEY] = self.training_index.metadata()
+        return metadata
 
 
 def load_curvature(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Curvature:
@@ -133,9 +143,16 @@ def load_curvature(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -
     if strategy not in Curvature._registry:
         raise AttributionError(f"unknown curvature strategy {strategy!r}")
     per_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layer_names}
+    index_tensors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         layer, _, statistic = key.rpartition(KEY_SEPARATOR)
         if layer not in per_layer:
             raise AttributionError(f"curvature tensor {key!r} names no tracked layer")
-        per_layer[layer][statistic] = tensor
-    return Curvature._registry[strategy].from_layer_tensors(layer_names, options, per_layer)
+        if statistic in INDEX_STATISTICS:
+            index_tensors.setdefault(layer, {})[statistic] = tensor
+        else:
+            per_layer[layer][statistic] = tensor
+    curvature = Curvature._registry[strategy].from_layer_tensors(layer_names, options, per_layer)
+    if index_tensors and INDEX_METADATA_KEY in metadata:
+        curvature.training_index = TrainingIndex.from_layer_tensors(metadata[INDEX_METADATA_KEY], index_tensors)
+    return curvature

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -10,12 +12,25 @@ from worker.attribution.curvature.diagonal import DiagonalCurvature
 from worker.attribution.curvature.ekfac import EkfacCurvature
 from worker.attribution.curvature.identity import IdentityCurvature
 from worker.attribution.curvature.kfac import KfacCurvature
-from worker.attribution.gradients import FisherLabels, place_model
+from worker.attribution.gradients import FisherLabels, model_dtype, place_model
 from worker.attribution.hooks import TrackedLayer, resolve_layers
 from worker.attribution.losses import LossName, check_examples, check_loss_name
 from worker.attribution.options import FitOptions
 from worker.attribution.progress import StageCounter
-from worker.attribution.statistics import eigenbasis, fit_corrected_eigenvalues, fit_covariances, fit_diagonal
+from worker.attribution.hooks import Activities
+from worker.attribution.statistics import (
+    Covariances,
+    activation_covariance_sum,
+    corrected_eigenvalues_from_activities,
+    eigenbasis,
+    fit_corrected_eigenvalues,
+    fit_covariances,
+    fit_diagonal,
+    gradient_covariance_sum,
+    squared_gradient_sum,
+    stream_fitting_and_training_gradients,
+)
+from worker.attribution.training_index import IndexRecorder, examples_fingerprint, model_fingerprint
 from worker.attribution.types import Examples, Progress, no_progress
 
 PASSES = {"identity": 0, "diagonal": 1, "kfac": 1, "ekfac": 2}
@@ -58,6 +73,9 @@ def fit_layers(
     batch = options.batch_size
     if options.strategy == "identity":
         return IdentityCurvature(names, options)
+    plan = cache_plan(model, layers, train, options)
+    if plan.any:
+        return _fit_with_cache(model, layers, train, loss, options, labels, counter, device, plan)
     if options.strategy == "diagonal":
         diagonals = fit_diagonal(model, layers, train, loss, labels, batch, device, counter)
         return DiagonalCurvature(names, options, _to_cpu(diagonals))
@@ -67,6 +85,126 @@ def fit_layers(
         return KfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases))
     eigenvalues = fit_corrected_eigenvalues(model, layers, train, loss, labels, bases, batch, device, counter)
     return EkfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases), _to_cpu(eigenvalues))
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What a fit keeps of its first pass: the fitting rows (EK-FAC second pass) and/or the training index."""
+
+    fitting_bytes: int  # 0: the EK-FAC second pass re-runs the model
+    index_bytes: int  # 0: no training-gradient index
+    shared: bool  # empirical Fisher: the fitting rows are the training gradients
+
+    @property
+    def any(self) -> bool:
+        return self.fitting_bytes > 0 or self.index_bytes > 0
+
+
+def cache_plan(model: nn.Module, layers: list[TrackedLayer], train: Examples, options: FitOptions) -> CachePlan:
+    """Byte budgets of the caches, decided before the pass from the layer widths (Linear layers only;
+    a layer that turns out not to be rank-one, e.g. with sequence positions, drops the cache on the way)."""
+    budget = options.memory_budget_bytes
+    if budget <= 0 or options.strategy == "identity" or any(layer.kind != "linear" for layer in layers):
+        return CachePlan(0, 0, False)
+    width = sum(layer.in_features + layer.out_features for layer in layers) * torch.finfo(model_dtype(model)).bits // 8
+    shared = options.fisher == "empirical"
+    draws = 1 if shared else options.fisher_samples
+    fitting = len(train) * draws * width if options.strategy == "ekfac" else 0
+    index = len(train) * width if options.store_gradients else 0
+    fitting = fitting if fitting <= budget else 0
+    if shared:
+        need = max(fitting, index)
+        index = index if need <= budget else 0
+        fitting = fitting if fitting <= budget else 0
+    else:
+        index = index if fitting + index <= budget else 0
+    return CachePlan(fitting, index, shared)
+
+
+def _fit_with_cache(
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    train: Examples,
+    loss: LossName,
+    options: FitOptions,
+    labels: FisherLabels,
+    counter: StageCounter,
+    device: torch.device,
+    plan: CachePlan,
+) -> Curvature:
+    """The fit with its first pass's per-example rows kept: the EK-FAC eigenvalue pass is pure matrix math
+    on them, and the training-loss rows become the fit's training-gradient index."""
+    names = [layer.name for layer in layers]
+    diagonal = options.strategy == "diagonal"
+    dtype = model_dtype(model)
+    if plan.shared:
+        fitting_cache = IndexRecorder(names, max(plan.fitting_bytes, plan.index_bytes))
+        training_cache = None
+    else:
+        fitting_cache = IndexRecorder(names, plan.fitting_bytes) if plan.fitting_bytes else None
+        training_cache = IndexRecorder(names, plan.index_bytes) if plan.index_bytes else None
+    matrix = {layer.name: (layer.out_features, layer.in_features) for layer in layers}
+    square = {layer.name: (layer.in_features, layer.in_features) for layer in layers}
+    if diagonal:
+        sums = {n: torch.zeros(matrix[n], dtype=torch.float64, device=device) for n in names}
+    else:
+        activation = {n: torch.zeros(square[n], dtype=torch.float64, device=device) for n in names}
+        gradient = {layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=device) for layer in layers}
+    positions = {n: 0 for n in names}
+    rows = {n: 0 for n in names}
+    advance_after: list[int] = []  # per recorded fitting activity: examples completed with it (0 mid-batch)
+
+    def visit(examples: int, fitting: list[Activities], training: Activities | None) -> None:
+        advance_after.extend([0] * (len(fitting) - 1) + [examples])
+        for activities in fitting:
+            for name, activity in activities.items():
+                if diagonal:
+                    sums[name] += squared_gradient_sum(activity).to(torch.float64)
+                else:
+                    activation[name] += activation_covariance_sum(activity).to(torch.float64)
+                    gradient[name] += gradient_covariance_sum(activity).to(torch.float64)
+                    positions[name] += activity.activations.shape[0] * activity.activations.shape[1]
+                rows[name] += activity.batch_size
+            if fitting_cache is not None:
+                fitting_cache.add(activities)
+        if training_cache is not None and training is not None:
+            training_cache.add(training)
+
+    stream_fitting_and_training_gradients(
+        model, layers, train, loss, labels, options.batch_size, device, counter, visit, training_cache is not None
+    )
+    index_source = fitting_cache if plan.shared and plan.index_bytes else training_cache
+    index = None
+    if index_source is not None and index_source.active:
+        index = index_source.index(len(train), examples_fingerprint(train), model_fingerprint(model), loss)
+    if diagonal:
+        fit: Curvature = DiagonalCurvature(names, options, _to_cpu({n: sums[n] / max(rows[n], 1) for n in names}))
+    else:
+        covariances = {
+            n: Covariances(activation[n] / max(positions[n], 1), gradient[n] / max(rows[n], 1)) for n in names
+        }
+        bases = {name: eigenbasis(c) for name, c in covariances.items()}
+        if options.strategy == "kfac":
+            fit = KfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases))
+        elif fitting_cache is not None and fitting_cache.active and plan.fitting_bytes:
+            def advance(position: int) -> None:
+                if advance_after[position]:
+                    counter.advance(advance_after[position])
+
+            eigenvalues = corrected_eigenvalues_from_activities(
+                layers, fitting_cache.activity_batches(), bases, device, dtype, advance
+            )
+            fit = EkfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases), _to_cpu(eigenvalues))
+        else:
+            if fitting_cache is not None:
+                fitting_cache.drop()
+            labels_again = FisherLabels(options.fisher, options.fisher_samples, options.seed)
+            eigenvalues = fit_corrected_eigenvalues(
+                model, layers, train, loss, labels_again, bases, options.batch_size, device, counter
+            )
+            fit = EkfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases), _to_cpu(eigenvalues))
+    fit.training_index = index
+    return fit
 
 
 def _to_cpu(values: dict) -> dict:  # type: ignore[type-arg]
