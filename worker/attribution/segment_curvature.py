@@ -89,7 +89,7 @@ def fit_segment(
     covariances = [fit_covariances(m, ls, data, loss, labels, batch_size, device, counter) for m, ls in zip(models, per_model_layers)]
     bases = {name: eigenbasis(mean_covariances([c[name] for c in covariances])) for name in layer_names}
     eigenvalue_fits = [
-        fit_corrected_eigenvalues(m, ls, data, loss, labels, bases, batch_size, device, counter)
+        fit_corrected_eigenvalues(m, ls, data, loss, labels.for_eigenvalues(), bases, batch_size, device, counter)
         for m, ls in zip(models, per_model_layers)
     ]
     eigenvalues = {name: torch.stack([e[name] for e in eigenvalue_fits]).mean(0) for name in layer_names}

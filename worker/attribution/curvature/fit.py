@@ -83,7 +83,9 @@ def fit_layers(
     bases = {name: eigenbasis(c) for name, c in covariances.items()}
     if options.strategy == "kfac":
         return KfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases))
-    eigenvalues = fit_corrected_eigenvalues(model, layers, train, loss, labels, bases, batch, device, counter)
+    eigenvalues = fit_corrected_eigenvalues(
+        model, layers, train, loss, labels.for_eigenvalues(), bases, batch, device, counter
+    )
     return EkfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases), _to_cpu(eigenvalues))
 
 
@@ -108,8 +110,9 @@ def cache_plan(model: nn.Module, layers: list[TrackedLayer], train: Examples, op
         return CachePlan(0, 0, False)
     width = sum(layer.in_features + layer.out_features for layer in layers) * torch.finfo(model_dtype(model)).bits // 8
     shared = options.fisher == "empirical"
-    draws = 1 if shared else options.fisher_samples
-    fitting = len(train) * draws * width if options.strategy == "ekfac" else 0
+    # The true Fisher's eigenvalue pass needs fresh labels (``FisherLabels.for_eigenvalues``), so only the empirical
+    # Fisher's rows can be re-used for it.
+    fitting = len(train) * width if options.strategy == "ekfac" and shared else 0
     index = len(train) * width if options.store_gradients else 0
     fitting = fitting if fitting <= budget else 0
     if shared:
@@ -198,9 +201,8 @@ def _fit_with_cache(
         else:
             if fitting_cache is not None:
                 fitting_cache.drop()
-            labels_again = FisherLabels(options.fisher, options.fisher_samples, options.seed)
             eigenvalues = fit_corrected_eigenvalues(
-                model, layers, train, loss, labels_again, bases, options.batch_size, device, counter
+                model, layers, train, loss, labels.for_eigenvalues(), bases, options.batch_size, device, counter
             )
             fit = EkfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases), _to_cpu(eigenvalues))
     fit.training_index = index
