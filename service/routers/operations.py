@@ -46,7 +46,7 @@ def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text format: request counts and latencies, jobs by status."""
     state = request.app.state
     with session_scope(state.settings.resolved_database_url) as session:
-        counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
+        counts = {status: count for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status))}
     for status in ("queued", "running", "succeeded", "failed", "cancelled"):
         state.metrics.jobs.labels(status=status).set(counts.get(status, 0))
     return PlainTextResponse(generate_latest(state.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
