@@ -1,0 +1,336 @@
+"""Total gradients g_i = D_λ f_i and total Hessian-vector products of f_i(λ) = L_O(λ, θ_i(λ); D_i^val).
+
+One ``TaskTerm`` per task. Every term provides θ'v and θ'ᵀx (θ' = dθ_i/dλ); the total gradient, the
+drop-third-order product Jᵀ∇²L_O J (J = [I; θ']) and validation-instance scores are built from them.
+``ImplicitTerm`` (iMAML / proximal, implicit function theorem with the Lagrangian for the exact HVP),
+``UnrolledTerm`` (K-step MAML, autodiff through the steps) and ``DirectTerm`` (θ' = I, the direct-IF
+baseline) differ in θ', the exact HVP and the training-instance scores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import grad, hessian, jacfwd, jvp
+
+from worker.attribution.meta.data import TaskData
+from worker.attribution.meta.functional import FunctionalModel, RetainedGradient
+from worker.attribution.meta.inner import (InnerInverse, inner_inverse, proximal_loss, solve_proximal,
+                                           train_loss, unrolled_adapt, val_loss)
+from worker.attribution.meta.options import InnerOptions
+from worker.attribution.types import AttributionError
+
+
+class TaskTerm:
+    """Shared machinery; subclasses set ``theta`` and implement jac, jac_t, hvp_exact, dense_exact."""
+
+    def __init__(self, fm: FunctionalModel, task: TaskData, lam: torch.Tensor) -> None:
+        self.fm = fm
+        self.task = task
+        self.lam = lam
+        self.theta: torch.Tensor = fm.theta_of(lam)
+        self.inner_residual = 0.0
+
+    # ----- the outer loss at (λ*, θ*) -----
+    def outer(self, lam: torch.Tensor, theta: torch.Tensor, w_val: torch.Tensor | None = None) -> torch.Tensor:
+        return val_loss(self.fm, self.task, lam, theta, w_val)
+
+    def outer_partials(self, w_val: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(∂_λ L_O, ∂_θ L_O) at (λ*, θ*)."""
+        return grad(lambda lm, th: self.outer(lm, th, w_val), argnums=(0, 1))(self.lam, self.theta)
+
+    def value(self) -> float:
+        return float(self.outer(self.lam, self.theta))
+
+    def gamma(self) -> float:
+        """This task's share of Theorem 5.1's Γ: ‖∂_θ L_O‖₁."""
+        return float(self.outer_partials()[1].abs().sum())
+
+    # ----- θ' -----
+    def jac(self, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def jac_t(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense_jac(self) -> torch.Tensor:
+        """θ' as a (p_θ, p) matrix (small models only)."""
+        eye = torch.eye(self.fm.num_lambda, dtype=self.lam.dtype, device=self.lam.device)
+        return torch.stack([self.jac(e) for e in eye], dim=1)
+
+    # ----- gradients and Hessian products -----
+    def total_grad(self, w_val: torch.Tensor | None = None) -> torch.Tensor:
+        """g = ∂_λ L_O + θ'ᵀ ∂_θ L_O (with validation weights ``w_val`` if given)."""
+        d_lam, d_theta = self.outer_partials(w_val)
+        return d_lam + self.jac_t(d_theta)
+
+    def _outer_hvp(self, v_lam: torch.Tensor, v_theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self, "_outer_graph", None) is None:
+            self._outer_graph = RetainedGradient(self.outer, self.lam, self.theta)
+        return self._outer_graph.hvp(v_lam, v_theta)
+
+    def hvp_drop(self, v: torch.Tensor) -> torch.Tensor:
+        """Jᵀ ∇²L_O J v: the total Hessian without the third-order term H' (META.md §3.3)."""
+        y_lam, y_theta = self._outer_hvp(v, self.jac(v))
+        return y_lam + self.jac_t(y_theta)
+
+    def dense_drop(self) -> torch.Tensor:
+        jac = self.dense_jac()
+        p = self.fm.num_lambda
+
+        def outer_flat(z: torch.Tensor) -> torch.Tensor:
+            return self.outer(z[:p], z[p:])
+
+        h = hessian(outer_flat)(torch.cat([self.lam, self.theta]))
+        big_j = torch.cat([torch.eye(p, dtype=jac.dtype, device=jac.device), jac], dim=0)
+        return big_j.T @ h @ big_j
+
+    def hvp_exact(self, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense_exact(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ----- instance scores (ΔQ on removal for a direction s = s_Q) -----
+    def val_scores(self, s: torch.Tensor) -> torch.Tensor:
+        """ΔQ_{−z} = w_z s·D_λℓ_z for every validation instance z."""
+        def losses(lm, th):
+            return self.fm.per_sample_losses(lm, th, self.task.x_val, self.task.y_val)
+        directional = jvp(losses, (self.lam, self.theta), (s, self.jac(s)))[1]
+        return self.task.w_val * directional
+
+    def train_scores(self, s: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def removal_gradient(self, m_tr: torch.Tensor, m_val: torch.Tensor) -> torch.Tensor:
+        """b = Σ_z m_z ∂_{w_z} ∇_λ f: with m = w on the removed instances, Δλ = (H + ρI)⁻¹ b."""
+        raise NotImplementedError
+
+
+class ImplicitTerm(TaskTerm):
+    """iMAML / proximal inner problem at stationarity; exact HVP through the Lagrangian Φ."""
+
+    def __init__(self, fm: FunctionalModel, task: TaskData, lam: torch.Tensor, options: InnerOptions,
+                 theta_start: torch.Tensor | None = None) -> None:
+        super().__init__(fm, task, lam)
+        self.options = options
+        self.theta, self.inner_residual, self.inner_iterations = solve_proximal(fm, task, lam, options, theta_start)
+        self.inverse: InnerInverse = inner_inverse(fm, task, lam, self.theta, options)
+        self.u = self.inverse.solve(self.outer_partials()[1])  # u = A⁻¹ ∂_θ L_O
+        self._inner_graph = RetainedGradient(self.inner_loss, lam, self.theta)  # blocks of ∇²L_I
+        self._lagrangian_graph = RetainedGradient(self.lagrangian, lam, self.theta)  # third order inside
+        self._zero_lam, self._zero_theta = torch.zeros_like(lam), torch.zeros_like(self.theta)
+
+    def inner_loss(self, lam: torch.Tensor, theta: torch.Tensor, w_tr: torch.Tensor | None = None) -> torch.Tensor:
+        return proximal_loss(self.fm, self.task, self.options.reg, lam, theta, w_tr)
+
+    def _grad_theta_inner(self, lam: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return grad(self.inner_loss, argnums=1)(lam, theta)
+
+    def jac(self, v: torch.Tensor) -> torch.Tensor:
+        """θ'v = −A⁻¹ (∂_θ∂_λ L_I) v."""
+        mixed = self._inner_graph.hvp(v, self._zero_theta)[1]
+        return -self.inverse.solve(mixed)
+
+    def jac_t(self, x: torch.Tensor) -> torch.Tensor:
+        """θ'ᵀx = −(∂_λ∂_θ L_I) A⁻¹ x."""
+        return -self._inner_graph.hvp(self._zero_lam, self.inverse.solve(x))[0]
+
+    def dense_jac(self) -> torch.Tensor:
+        mixed = jacfwd(lambda lm: self._grad_theta_inner(lm, self.theta))(self.lam)  # (p_θ, p)
+        a = hessian(lambda th: self.inner_loss(self.lam, th))(self.theta)
+        return -torch.linalg.solve(a, mixed)
+
+    def lagrangian(self, lam: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Φ = L_O − u·∂_θ L_I with u detached."""
+        return self.outer(lam, theta) - (self.u * self._grad_theta_inner(lam, theta)).sum()
+
+    def _lagrangian_hvp(self, v_lam: torch.Tensor, v_theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._lagrangian_graph.hvp(v_lam, v_theta)
+
+    def hvp_exact(self, v: torch.Tensor) -> torch.Tensor:
+        y_lam, y_theta = self._lagrangian_hvp(v, self.jac(v))
+        return y_lam + self.jac_t(y_theta)
+
+    def dense_exact(self) -> torch.Tensor:
+        jac = self.dense_jac()
+        p = self.fm.num_lambda
+        h = hessian(lambda z: self.lagrangian(z[:p], z[p:]))(torch.cat([self.lam, self.theta]))
+        big_j = torch.cat([torch.eye(p, dtype=jac.dtype, device=jac.device), jac], dim=0)
+        return big_j.T @ h @ big_j
+
+    def _train_weight_derivative(self, s: torch.Tensor) -> torch.Tensor:
+        """G_z = ∂_{w_z}[s·∇_λ f] for every training instance (adjoint of the inner solve)."""
+        v = self.jac(s)
+        _, y_theta = self._lagrangian_hvp(s, v)
+        a_adj = -self.inverse.solve(y_theta)
+
+        def psi(w: torch.Tensor) -> torch.Tensor:
+            def coupling(lm, th):
+                g_tr = grad(lambda t: train_loss(self.fm, self.task, lm, t, w))(th)
+                return (self.u * g_tr).sum(), g_tr
+            (_, g_tr), (d_coupling, _) = jvp(coupling, (self.lam, self.theta), (s, v))
+            return (a_adj * g_tr).sum() - d_coupling
+
+        return grad(psi)(self.task.w_tr)
+
+    def train_scores(self, s: torch.Tensor) -> torch.Tensor:
+        """ΔQ_{−z} = w_z G_z = −s·D_λP_z (the two-stage instance-IF, META.md §2)."""
+        return self.task.w_tr * self._train_weight_derivative(s)
+
+    def removal_gradient(self, m_tr: torch.Tensor, m_val: torch.Tensor) -> torch.Tensor:
+        b = self.total_grad(m_val) if bool((m_val != 0).any()) else torch.zeros_like(self.lam)
+        if bool((m_tr != 0).any()):
+            g_tr = grad(lambda t: train_loss(self.fm, self.task, self.lam, t, m_tr))(self.theta)
+            e = self.inverse.solve(g_tr)
+            z_lam, z_theta = self._lagrangian_hvp(torch.zeros_like(self.lam), e)
+
+            def coupling(lm, th):
+                return (self.u * grad(lambda t: train_loss(self.fm, self.task, lm, t, m_tr))(th)).sum()
+
+            k_lam, k_theta = grad(coupling, argnums=(0, 1))(self.lam, self.theta)
+            b = b - (z_lam + k_lam) - self.jac_t(z_theta + k_theta)
+        return b
+
+
+class UnrolledTerm(TaskTerm):
+    """K-step MAML: θ_K(λ) by differentiable gradient steps; exact HVP is forward-over-reverse."""
+
+    def __init__(self, fm: FunctionalModel, task: TaskData, lam: torch.Tensor, options: InnerOptions) -> None:
+        super().__init__(fm, task, lam)
+        self.options = options
+        self.theta = unrolled_adapt(fm, task, options, lam).detach()
+        residual = grad(lambda th: train_loss(fm, task, lam, th))(self.theta)
+        self.inner_residual = float(residual.norm())
+        self.inner_iterations = options.steps
+        with torch.enable_grad():  # graphs kept for one-backward-pass products
+            self._lam_leaf = lam.detach().requires_grad_(True)
+            self._theta_graph = self.adapt(self._lam_leaf)
+            self._objective_grad = torch.autograd.grad(self.outer(self._lam_leaf, self._theta_graph),
+                                                       self._lam_leaf, create_graph=True)[0]
+            self._cotangent = torch.zeros_like(self.theta).requires_grad_(True)
+            self._pullback_graph = torch.autograd.grad(self._theta_graph, self._lam_leaf, self._cotangent,
+                                                       create_graph=True)[0]
+
+    def adapt(self, lam: torch.Tensor, w_tr: torch.Tensor | None = None) -> torch.Tensor:
+        return unrolled_adapt(self.fm, self.task, self.options, lam, w_tr)
+
+    def objective(self, lam: torch.Tensor, w_tr: torch.Tensor | None = None,
+                  w_val: torch.Tensor | None = None) -> torch.Tensor:
+        """f(λ; w) = L_O(λ, θ_K(λ; w_tr); w_val)."""
+        return self.outer(lam, self.adapt(lam, w_tr), w_val)
+
+    def jac(self, v: torch.Tensor) -> torch.Tensor:
+        """θ'v as the derivative of the (linear) pullback θ'ᵀx in x (double backward)."""
+        return torch.autograd.grad(self._pullback_graph, self._cotangent, v, retain_graph=True)[0].detach()
+
+    def jac_t(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(self._theta_graph, self._lam_leaf, x, retain_graph=True)[0].detach()
+
+    def dense_jac(self) -> torch.Tensor:
+        return jacfwd(self.adapt)(self.lam)
+
+    def hvp_exact(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(self._objective_grad, self._lam_leaf, v, retain_graph=True)[0].detach()
+
+    def dense_exact(self) -> torch.Tensor:
+        return hessian(self.objective)(self.lam)
+
+    def _weight_derivatives(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def directional(w_tr, w_val):
+            return jvp(lambda lm: self.objective(lm, w_tr, w_val), (self.lam,), (s,))[1]
+        return grad(directional, argnums=(0, 1))(self.task.w_tr, self.task.w_val)
+
+    def train_scores(self, s: torch.Tensor) -> torch.Tensor:
+        return self.task.w_tr * self._weight_derivatives(s)[0]
+
+    def val_scores(self, s: torch.Tensor) -> torch.Tensor:
+        return self.task.w_val * self._weight_derivatives(s)[1]
+
+    def removal_gradient(self, m_tr: torch.Tensor, m_val: torch.Tensor) -> torch.Tensor:
+        def gradient(w_tr, w_val):
+            return grad(self.objective)(self.lam, w_tr, w_val)
+        return jvp(gradient, (self.task.w_tr, self.task.w_val), (m_tr, m_val))[1]
+
+
+class DirectTerm(TaskTerm):
+    """Direct-IF baseline: θ_i from the inner procedure, but θ' = I (only adapted entries) and H = Σ ∇²L_O."""
+
+    def __init__(self, adapted: TaskTerm) -> None:
+        super().__init__(adapted.fm, adapted.task, adapted.lam)
+        self.theta = adapted.theta
+        self.inner_residual = adapted.inner_residual
+        self.inner_iterations = getattr(adapted, "inner_iterations", 0)
+
+    def jac(self, v: torch.Tensor) -> torch.Tensor:
+        return self.fm.theta_of(v)
+
+    def jac_t(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fm.embed_theta(x)
+
+    def dense_jac(self) -> torch.Tensor:
+        eye = torch.eye(self.fm.num_lambda, dtype=self.lam.dtype, device=self.lam.device)
+        return eye[self.fm.adapted_index]
+
+    def hvp_exact(self, v: torch.Tensor) -> torch.Tensor:
+        return self.hvp_drop(v)
+
+    def dense_exact(self) -> torch.Tensor:
+        return self.dense_drop()
+
+    def train_scores(self, s: torch.Tensor) -> torch.Tensor:
+        raise AttributionError("direct-IF (options.direct=true) has no training-instance scores; use task units")
+
+    def removal_gradient(self, m_tr: torch.Tensor, m_val: torch.Tensor) -> torch.Tensor:
+        if bool((m_tr != 0).any()):
+            raise AttributionError("direct-IF (options.direct=true) cannot remove training instances")
+        return self.total_grad(m_val)
+
+
+def make_term(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, options: InnerOptions,
+              direct: bool = False, theta_start: torch.Tensor | None = None) -> TaskTerm:
+    """The task's term at λ; ``theta_start`` warm-starts the implicit inner solve."""
+    if options.mode == "implicit_proximal":
+        term: TaskTerm = ImplicitTerm(fm, task, lam, options, theta_start)
+    else:
+        term = UnrolledTerm(fm, task, lam, options)
+    return DirectTerm(term) if direct else term
+
+
+class TotalProblem:
+    """F(λ) = Σ_i f_i(λ) + (δ_o/2)‖λ‖² and its total Hessian (exact, Γ or drop-third-order)."""
+
+    def __init__(self, terms: list[TaskTerm], lam: torch.Tensor, outer_l2: float, third_order: str) -> None:
+        self.terms = terms
+        self.lam = lam
+        self.outer_l2 = outer_l2
+        self.third_order = third_order
+        self.gammas = [t.gamma() for t in terms] if third_order == "gamma" else [0.0] * len(terms)
+
+    @property
+    def gamma(self) -> float:
+        return float(sum(self.gammas))
+
+    def task_hvp(self, k: int, v: torch.Tensor) -> torch.Tensor:
+        term = self.terms[k]
+        if self.third_order == "exact":
+            return term.hvp_exact(v)
+        return term.hvp_drop(v) + self.gammas[k] * v
+
+    def task_dense(self, k: int) -> torch.Tensor:
+        term = self.terms[k]
+        if self.third_order == "exact":
+            return term.dense_exact()
+        h = term.dense_drop()
+        return h + self.gammas[k] * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        out = self.outer_l2 * v
+        for k in range(len(self.terms)):
+            out = out + self.task_hvp(k, v)
+        return out
+
+    def gradient(self) -> torch.Tensor:
+        out = self.outer_l2 * self.lam
+        for term in self.terms:
+            out = out + term.total_grad()
+        return out
