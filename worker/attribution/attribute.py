@@ -17,7 +17,7 @@ from worker.attribution.curvature.base import Curvature
 from worker.attribution.curvature.fit import fit_layers, fit_passes
 from worker.attribution.gradients import model_dtype, place_model
 from worker.attribution.hooks import Activities, resolve_layers
-from worker.attribution.losses import LossName, MeasurementName, check_examples, check_loss_name
+from worker.attribution.losses import LossName, MeasurementName, check_examples, check_loss_name, check_scoring_request
 from worker.attribution.methods.datainf import DataInfPreconditioner, datainf_dampings
 from worker.attribution.methods.gradient_similarity import gradient_similarity_scorer
 from worker.attribution.methods.influence import influence_layers, influence_preconditioner
@@ -103,17 +103,9 @@ def _check_request(
 ) -> MethodOptions:
     if not models:
         raise AttributionError("at least one model is needed")
-    check_loss_name(loss)
+    check_scoring_request(loss, mode, measurement, top_k)
     if method not in OPTION_TYPES:
         raise AttributionError(f"unknown method {method!r}; expected one of {sorted(OPTION_TYPES)}")
-    if mode not in ("pairwise", "aggregate", "self"):
-        raise AttributionError(f"unknown mode {mode!r}; expected 'pairwise', 'aggregate' or 'self'")
-    if measurement not in ("loss", "margin"):
-        raise AttributionError(f"unknown measurement {measurement!r}; expected 'loss' or 'margin'")
-    if measurement == "margin" and loss != "cross_entropy":
-        raise AttributionError("measurement 'margin' needs loss 'cross_entropy'")
-    if mode == "pairwise" and (not isinstance(top_k, int) or top_k < 1):
-        raise AttributionError(f"top_k must be a positive integer, got {top_k!r}")
     if mode == "self" and method == "gradient_similarity" and getattr(options, "normalize", False):
         raise AttributionError("self mode is not defined for normalized gradient_similarity (it is 1 for every "
                                "example); leave normalize false for squared gradient norms")

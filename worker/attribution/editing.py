@@ -42,7 +42,7 @@ def edit_parameters(
         raise AttributionError(f"method {method!r} takes {OPTION_TYPES[method].__name__}, got {type(options).__name__}")
     options.validate()
     check_examples(train, "training")
-    rows = _removed_rows(remove, len(train))
+    rows = removed_rows(remove, len(train))
     if fit is not None and not (isinstance(options, InfluenceOptions) and options.strategy in FIT_STRATEGIES):
         raise AttributionError("a precomputed fit is only used by method 'influence' with a factor strategy")
     placed, target = place_model(model, device)
@@ -65,7 +65,7 @@ def edit_parameters(
     return state
 
 
-def _removed_rows(remove: torch.Tensor, size: int) -> torch.Tensor:
+def removed_rows(remove: torch.Tensor, size: int) -> torch.Tensor:
     rows = torch.as_tensor(remove)
     if rows.dtype.is_floating_point or rows.dtype == torch.bool or rows.dim() != 1:
         raise AttributionError("remove must be a 1-D tensor of integer row indices into the training data")

@@ -150,3 +150,16 @@ def check_examples(examples: Examples, what: str) -> None:
             raise AttributionError(f"the {what} dataset's weights contain NaN or Inf")
     if examples.inputs.dtype.is_floating_point and not torch.isfinite(examples.inputs).all():
         raise AttributionError(f"the {what} dataset's inputs contain NaN or Inf")
+
+
+def check_scoring_request(loss: str, mode: str, measurement: str, top_k: int) -> None:
+    """The checks every scoring method makes of its mode, measurement and top_k."""
+    check_loss_name(loss)
+    if mode not in ("pairwise", "aggregate", "self"):
+        raise AttributionError(f"unknown mode {mode!r}; expected 'pairwise', 'aggregate' or 'self'")
+    if measurement not in ("loss", "margin"):
+        raise AttributionError(f"unknown measurement {measurement!r}; expected 'loss' or 'margin'")
+    if measurement == "margin" and loss != "cross_entropy":
+        raise AttributionError("measurement 'margin' needs loss 'cross_entropy'")
+    if mode == "pairwise" and (not isinstance(top_k, int) or top_k < 1):
+        raise AttributionError(f"top_k must be a positive integer, got {top_k!r}")

@@ -20,7 +20,8 @@ from torch import nn
 from worker.attribution.curvature.base import LayerVectors
 from worker.attribution.gradients import FisherLabels, batches, model_dtype, place_model, training_activities
 from worker.attribution.hooks import Activities, ActivityRecorder, evaluation_mode, resolve_layers, split_weight_matrix, weight_matrix
-from worker.attribution.losses import LossName, MeasurementName, check_examples, check_loss_name
+from worker.attribution.editing import removed_rows
+from worker.attribution.losses import LossName, MeasurementName, check_examples, check_loss_name, check_scoring_request
 from worker.attribution.options import check_damping
 from worker.attribution.progress import StageCounter
 from worker.attribution.scoring import ModelScorer, check_finite_vectors
@@ -236,15 +237,7 @@ def _self_batch(
 
 
 def check_request(train: Examples, queries: Examples | None, loss: str, mode: str, measurement: str, top_k: int) -> None:
-    check_loss_name(loss)
-    if mode not in ("pairwise", "aggregate", "self"):
-        raise AttributionError(f"unknown mode {mode!r}; expected 'pairwise', 'aggregate' or 'self'")
-    if measurement not in ("loss", "margin"):
-        raise AttributionError(f"unknown measurement {measurement!r}; expected 'loss' or 'margin'")
-    if measurement == "margin" and loss != "cross_entropy":
-        raise AttributionError("measurement 'margin' needs loss 'cross_entropy'")
-    if mode == "pairwise" and (not isinstance(top_k, int) or top_k < 1):
-        raise AttributionError(f"top_k must be a positive integer, got {top_k!r}")
+    check_scoring_request(loss, mode, measurement, top_k)
     check_examples(train, "training")
     if mode != "self":
         if queries is None:
@@ -279,7 +272,7 @@ def _diagnostics(
 def predicted_parameter_change(trajectory: SourceTrajectory, train: Examples, remove: torch.Tensor, loss: LossName,
                                batch_size: int) -> LayerVectors:
     """sum_s (1/N_s) E_M ... E_{s+1} U_s sum_{removed z} g_s(z), per tracked layer (d_out, d_in)."""
-    removed = train.subset(_removed_rows(remove, len(train)))
+    removed = train.subset(removed_rows(remove, len(train)))
     steps: dict[int, LayerVectors] = {}
     for fit in trajectory.fits:
         if fit.segment.index not in trajectory.attributed:
@@ -333,13 +326,3 @@ def _summed_gradients(model: nn.Module, names: list[str], data: Examples, loss: 
                 summed[name] += activities[name].summed_gradient()
     return summed
 
-
-def _removed_rows(remove: torch.Tensor, size: int) -> torch.Tensor:
-    rows = torch.as_tensor(remove)
-    if rows.dtype.is_floating_point or rows.dtype == torch.bool or rows.dim() != 1:
-        raise AttributionError("remove must be a 1-D tensor of integer row indices into the training data")
-    if rows.numel() == 0:
-        raise AttributionError("remove names no training example")
-    if int(rows.min()) < 0 or int(rows.max()) >= size:
-        raise AttributionError(f"remove indices must lie in [0, {size - 1}]")
-    return torch.unique(rows.long())
