@@ -22,6 +22,8 @@ def get_app_settings(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
+    """One session per request, committed before the response is sent (``scope="function"`` below), so a
+    client that has its answer can rely on the write being visible to its next request."""
     session = get_sessionmaker(request.app.state.settings.resolved_database_url)()
     try:
         yield session
@@ -42,7 +44,7 @@ bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: B
 
 def get_tenant(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    session: Annotated[Session, Depends(get_session)],
+    session: Annotated[Session, Depends(get_session, scope="function")],
 ) -> Tenant:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer":
@@ -55,7 +57,7 @@ def get_tenant(
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
