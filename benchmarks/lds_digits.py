@@ -184,7 +184,7 @@ def main() -> None:
                     runner.analyzer.fit_lambda_matrices("factors", data, per_device_batch_size=256, factor_args=fargs,
                                                         overwrite_output_dir=True)
                     same.append(lds(runner.pairwise(train, queries, None), masks, margins))
-            rows.append(("kronfluence 1.0.1", "ekfac, true Fisher, SAME sampled labels in both passes (as our engine), "
+            rows.append(("kronfluence 1.0.1", "ekfac, true Fisher, SAME sampled labels in both passes, "
                          f"mean of torch seeds 0,1,2 ({', '.join(f'{v:.3f}' for v in same)})", float(np.mean(same)),
                          float("nan"), t.seconds))
             print(rows[-1], flush=True)
