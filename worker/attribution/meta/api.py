@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from worker.attribution.meta.influence import (HessianInverse, build_problem, finish_diagnostics,
-                                               instance_scores, query_gradients, removal_gradient, task_scores)
+                                               instance_scores, meta_work, query_gradients, removal_gradient,
+                                               task_scores)
 from worker.attribution.meta.options import MetaOptions
+from worker.attribution.threads import few_threads
 from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, TopK, no_progress
 
 
@@ -30,6 +32,10 @@ def _topk(scores: torch.Tensor, top_k: int) -> TopK:
     return TopK(pos_idx, pos_scores.float(), neg_idx, neg_scores.float())
 
 
+def _work(model: nn.Module, rows: int, options: MetaOptions) -> float:
+    return meta_work(sum(q.numel() for q in model.parameters() if q.requires_grad), rows, options)
+
+
 def attribute_meta(model: nn.Module, train: Examples, queries: Examples, *,
                    loss: Literal["cross_entropy", "mse"], unit: Literal["task", "instance"],
                    mode: Literal["pairwise", "aggregate"], top_k: int, options: MetaOptions,
@@ -40,6 +46,13 @@ def attribute_meta(model: nn.Module, train: Examples, queries: Examples, *,
     ``pairwise``: per query task (sorted ids), the top_k positive and negative units.
     """
     _check_request(unit, mode, top_k)
+    with few_threads(_work(model, len(train), options)):
+        return _attribute_meta(model, train, queries, loss=loss, unit=unit, mode=mode, top_k=top_k,
+                               options=options, progress=progress, device=device)
+
+
+def _attribute_meta(model: nn.Module, train: Examples, queries: Examples, *, loss: str, unit: str, mode: str,
+                    top_k: int, options: MetaOptions, progress: Progress, device) -> AttributionScores:
     problem = build_problem(model, train, queries, loss, options, device, progress)
     inverse = HessianInverse(problem, progress)
     query_grads = query_gradients(problem)  # (Q, p)
@@ -76,7 +89,8 @@ def edit_meta(model: nn.Module, train: Examples, remove: torch.Tensor, *,
     """λ* + Σ Δλ_{−c} over the removed tasks (task ids) or instances (row indices), as a full state_dict."""
     if unit not in ("task", "instance"):
         raise AttributionError(f"meta edit unit must be 'task' or 'instance', got {unit!r}")
-    problem = build_problem(model, train, None, loss, options, device)
-    b = removal_gradient(problem, unit, torch.as_tensor(remove))
-    delta = HessianInverse(problem).solve(b)
+    with few_threads(_work(model, len(train), options)):
+        problem = build_problem(model, train, None, loss, options, device)
+        b = removal_gradient(problem, unit, torch.as_tensor(remove))
+        delta = HessianInverse(problem).solve(b)
     return problem.fm.state_dict(problem.lam + delta, model)

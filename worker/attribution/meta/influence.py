@@ -15,6 +15,7 @@ from worker.attribution.meta.options import MetaOptions, validate_options
 from worker.attribution.meta.solvers import (DenseSPD, NonPositiveCurvature, SolveInfo, conjugate_gradient,
                                              extreme_eigenvalues, neumann_series)
 from worker.attribution.meta.total import TaskTerm, TotalProblem, make_term
+from worker.attribution.threads import eigh_work, few_threads
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
 FLOAT64_MAX_PARAMS = 200_000
@@ -52,10 +53,27 @@ def _build_terms(fm: FunctionalModel, tasks: list[TaskData], lam: torch.Tensor, 
     return terms
 
 
+def meta_work(num_params: int, rows: int, options: MetaOptions) -> float:
+    """Rough multiply-adds of the largest single operation: a vmapped per-task product over all p tangents
+    (exact solver) or one product (matrix-free), and the p × p eigendecomposition of the exact solver.
+    Meta influence is many such small operations; below SMALL_WORK they run on one intra-op thread, which on
+    a loaded machine is an order of magnitude faster (threads.py) and changes results only by rounding."""
+    if options.solver == "exact":
+        return max(float(rows) * num_params * num_params, eigh_work(num_params))
+    return float(rows) * num_params
+
+
 def build_problem(model: nn.Module, train: Examples, queries: Examples | None, loss: str, options: MetaOptions,
                   device: torch.device | str | None = None, progress: Progress = no_progress) -> MetaProblem:
     """Solve every inner problem at λ* (the model's parameters) and check stationarity of F."""
     validate_options(options)
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with few_threads(meta_work(num_params, len(train), options)):
+        return _build_problem(model, train, queries, loss, options, device, progress)
+
+
+def _build_problem(model: nn.Module, train: Examples, queries: Examples | None, loss: str, options: MetaOptions,
+                   device: torch.device | str | None, progress: Progress) -> MetaProblem:
     device = torch.device(device) if device is not None else next(model.parameters()).device
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dtype = torch.float64 if num_params <= FLOAT64_MAX_PARAMS else torch.float32
@@ -114,10 +132,12 @@ class HessianInverse:
         self.iterations: list[int] = []
         self.residuals: list[float] = []
         self.dense: DenseSPD | None = None
-        if self.options.solver == "exact":
-            self._init_dense(progress)
-        else:
-            self._init_matrix_free(progress)
+        self.work = meta_work(problem.fm.num_lambda, problem.num_rows, self.options)
+        with few_threads(self.work):
+            if self.options.solver == "exact":
+                self._init_dense(progress)
+            else:
+                self._init_matrix_free(progress)
         d = problem.diagnostics
         d.update({"solver": self.options.solver, "third_order": self.options.third_order,
                   "direct": self.options.direct, "damping": self.damping, "damping_rule": self.damping_rule,
@@ -129,10 +149,9 @@ class HessianInverse:
                                    f"parameters; the model has {self.problem.fm.num_lambda}: use 'cg' or 'neumann'")
         p = self.problem.fm.num_lambda
         lam = self.problem.lam
-        per_task = []
-        for k in range(len(self.total.terms)):
-            per_task.append(self.total.task_dense(k))
-            progress("total_hessian", k + 1, len(self.total.terms))
+        progress("total_hessian", 0, len(self.total.terms))
+        per_task = self.total.dense_all()
+        progress("total_hessian", len(self.total.terms), len(self.total.terms))
         self.per_task = per_task  # dense H_k (exact solver only)
         h = sum(per_task) + self.options.outer_l2 * torch.eye(p, dtype=lam.dtype, device=lam.device)
         self.hessian = 0.5 * (h + h.T)
@@ -163,10 +182,14 @@ class HessianInverse:
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """(H + ρI)⁻¹ b for b of shape (p,) or, with the exact solver, (p, m)."""
+        with few_threads(self.work):
+            return self._solve(b)
+
+    def _solve(self, b: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             return self.dense.solve(b, self.damping)
         if b.dim() == 2:
-            return torch.stack([self.solve(col) for col in b.T], dim=1)
+            return torch.stack([self._solve(col) for col in b.T], dim=1)
         if self.options.solver == "neumann":
             return self._solve_neumann(b)
         return self._solve_cg(b)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.func import grad, hessian, jvp
+from torch.func import grad, grad_and_value, hessian, jvp
 
 from worker.attribution.meta.data import TaskData
 from worker.attribution.meta.functional import FunctionalModel, RetainedGradient
@@ -44,6 +44,7 @@ class InnerInverse:
         self.max_iter = max_iter
         self.task_id = task_id
         self.cg_iterations = 0
+        self.matrix: torch.Tensor | None = None  # the dense A when ihvp is 'dense'
 
     def solve(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
@@ -79,8 +80,11 @@ def solve_proximal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, optio
         return proximal_loss(fm, task, options.reg, lam, th)
 
     gradient = grad(objective)
+    gradient_and_value = grad_and_value(objective)  # one forward and backward per line-search trial
     target = options.tol * 1e-3  # polish well below the tolerance; Newton converges quadratically
-    g = check_finite(gradient(theta), f"the inner gradient of task {task.task_id}")
+    g, value_t = gradient_and_value(theta)
+    g = check_finite(g, f"the inner gradient of task {task.task_id}")
+    value = float(value_t)
     iterations = 0
     for iterations in range(1, options.max_iter + 1):
         g_norm = float(g.norm())
@@ -89,13 +93,12 @@ def solve_proximal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, optio
         dense_a = hessian(objective)(theta) if options.ihvp == "dense" else None
         hvp = lambda v: jvp(gradient, (theta,), (v,))[1]  # noqa: E731
         direction = _newton_direction(hvp, g, dense_a, options.ihvp, options.tol, options.max_iter)
-        value = float(objective(theta))
         slope = float(g @ direction)
         step = 1.0
         for _ in range(40):
             candidate = theta - step * direction
-            new_g = gradient(candidate)
-            new_value = float(objective(candidate))
+            new_g, new_value_t = gradient_and_value(candidate)
+            new_value = float(new_value_t)
             armijo = new_value <= value - 1e-4 * step * slope
             # near the solution the decrease is below rounding: accept a smaller gradient instead
             rounding = new_value <= value + 1e-12 * abs(value) and float(new_g.norm()) < 0.9 * g_norm
@@ -105,6 +108,7 @@ def solve_proximal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, optio
         if step < 1e-10 or (g_norm <= options.tol and float(new_g.norm()) > 0.5 * g_norm):
             break  # no further progress possible (floating-point floor)
         theta, g = candidate, check_finite(new_g, f"the inner gradient of task {task.task_id}")
+        value = new_value
     residual = float(g.norm())
     if residual > options.tol:
         raise AttributionError(
@@ -133,7 +137,10 @@ def inner_inverse(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta:
             raise AttributionError(
                 f"the inner Hessian of task {task.task_id} is not positive definite (power-iteration estimate of "
                 f"its smallest eigenvalue {lowest:.3e}): the inner problem is not at a minimum; raise inner.reg")
-    return InnerInverse(hvp, dense, options.tol, options.max_iter, task.task_id)
+    inverse = InnerInverse(hvp, dense, options.tol, options.max_iter, task.task_id)
+    if options.ihvp == "dense":
+        inverse.matrix = a
+    return inverse
 
 
 def unrolled_adapt(fm: FunctionalModel, task: TaskData, options: InnerOptions, lam: torch.Tensor,

@@ -10,7 +10,7 @@ baseline) differ in θ', the exact HVP and the training-instance scores.
 from __future__ import annotations
 
 import torch
-from torch.func import grad, hessian, jacfwd, jvp
+from torch.func import grad, hessian, jacfwd, jvp, vmap
 
 from worker.attribution.meta.data import TaskData
 from worker.attribution.meta.functional import FunctionalModel, RetainedGradient
@@ -137,7 +137,9 @@ class ImplicitTerm(TaskTerm):
 
     def dense_jac(self) -> torch.Tensor:
         mixed = jacfwd(lambda lm: self._grad_theta_inner(lm, self.theta))(self.lam)  # (p_θ, p)
-        a = hessian(lambda th: self.inner_loss(self.lam, th))(self.theta)
+        a = self.inverse.matrix  # A at θ*, formed once by inner_inverse (dense ihvp)
+        if a is None:
+            a = hessian(lambda th: self.inner_loss(self.lam, th))(self.theta)
         return -torch.linalg.solve(a, mixed)
 
     def lagrangian(self, lam: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -198,18 +200,18 @@ class UnrolledTerm(TaskTerm):
     def __init__(self, fm: FunctionalModel, task: TaskData, lam: torch.Tensor, options: InnerOptions) -> None:
         super().__init__(fm, task, lam)
         self.options = options
-        self.theta = unrolled_adapt(fm, task, options, lam).detach()
-        residual = grad(lambda th: train_loss(fm, task, lam, th))(self.theta)
-        self.inner_residual = float(residual.norm())
-        self.inner_iterations = options.steps
         with torch.enable_grad():  # graphs kept for one-backward-pass products
             self._lam_leaf = lam.detach().requires_grad_(True)
             self._theta_graph = self.adapt(self._lam_leaf)
+            self.theta = self._theta_graph.detach()  # θ_K, adapted once
             self._objective_grad = torch.autograd.grad(self.outer(self._lam_leaf, self._theta_graph),
                                                        self._lam_leaf, create_graph=True)[0]
             self._cotangent = torch.zeros_like(self.theta).requires_grad_(True)
             self._pullback_graph = torch.autograd.grad(self._theta_graph, self._lam_leaf, self._cotangent,
                                                        create_graph=True)[0]
+        residual = grad(lambda th: train_loss(fm, task, lam, th))(self.theta)
+        self.inner_residual = float(residual.norm())
+        self.inner_iterations = options.steps
 
     def adapt(self, lam: torch.Tensor, w_tr: torch.Tensor | None = None) -> torch.Tensor:
         return unrolled_adapt(self.fm, self.task, self.options, lam, w_tr)
@@ -323,6 +325,23 @@ class TotalProblem:
         h = term.dense_drop()
         return h + self.gammas[k] * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
 
+    def dense_all(self) -> list[torch.Tensor]:
+        """Every task's dense H_k: for the exact unrolled total Hessian, tasks with equal split sizes are
+        batched into one vmapped ``hessian`` (same arithmetic as ``task_dense``, up to rounding)."""
+        out: list[torch.Tensor | None] = [None] * len(self.terms)
+        if self.third_order == "exact":
+            groups: dict[tuple, list[int]] = {}
+            for k, term in enumerate(self.terms):
+                if type(term) is UnrolledTerm:
+                    t = term.task
+                    key = (tuple(t.x_tr.shape), tuple(t.y_tr.shape), tuple(t.x_val.shape), tuple(t.y_val.shape))
+                    groups.setdefault(key, []).append(k)
+            for ks in groups.values():
+                if len(ks) > 1:
+                    for k, h in zip(ks, _batched_unrolled_hessians([self.terms[k] for k in ks], self.lam)):
+                        out[k] = h
+        return [self.task_dense(k) if h is None else h for k, h in enumerate(out)]
+
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         out = self.outer_l2 * v
         for k in range(len(self.terms)):
@@ -334,3 +353,19 @@ class TotalProblem:
         for term in self.terms:
             out = out + term.total_grad()
         return out
+
+
+def _batched_unrolled_hessians(terms: list[UnrolledTerm], lam: torch.Tensor) -> torch.Tensor:
+    """∇²f_k(λ) for tasks of equal split sizes, stacked (T, p, p), by one vmap over the tasks."""
+    fm, options = terms[0].fm, terms[0].options
+
+    def objective(lm, x_tr, y_tr, w_tr, x_val, y_val, w_val):
+        theta = fm.theta_of(lm)
+        step_grad = grad(lambda th, l2: fm.split_loss(l2, th, x_tr, y_tr, w_tr))
+        for _ in range(options.steps):
+            theta = theta - options.lr * step_grad(theta, lm)
+        return fm.split_loss(lm, theta, x_val, y_val, w_val)
+
+    stacked = [torch.stack([getattr(t.task, name) for t in terms])
+               for name in ("x_tr", "y_tr", "w_tr", "x_val", "y_val", "w_val")]
+    return vmap(hessian(objective), in_dims=(None, 0, 0, 0, 0, 0, 0))(lam, *stacked)
