@@ -189,16 +189,10 @@ def fit_corrected_eigenvalues(
     dtype = model_dtype(model)
     q_s = {n: b.gradient_eigenvectors.to(device, dtype) for n, b in bases.items()}
     q_a = {n: b.activation_eigenvectors.to(device, dtype) for n, b in bases.items()}
-    sums = {layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=device) for layer in layers}
-
-    rows = {layer.name: 0 for layer in layers}
-
-    def visit(name: str, activity: LayerActivity) -> None:
-        sums[name] += corrected_eigenvalue_sum(activity, q_s[name], q_a[name]).to(torch.float64)
-        rows[name] += activity.batch_size
-
-    stream_fitting_gradients(model, layers, data, loss, labels, batch_size, device, counter, visit)
-    return {name: total / max(rows[name], 1) for name, total in sums.items()}
+    return _mean_over_fitting_rows(
+        lambda name, activity: corrected_eigenvalue_sum(activity, q_s[name], q_a[name]),
+        model, layers, data, loss, labels, batch_size, device, counter,
+    )
 
 
 def fit_diagonal(
@@ -212,12 +206,29 @@ def fit_diagonal(
     counter: StageCounter,
 ) -> dict[str, torch.Tensor]:
     """E[G * G] per layer (mean over examples and label draws), float64, shaped like the weight matrix."""
-    sums = {layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=device) for layer in layers}
+    return _mean_over_fitting_rows(
+        lambda name, activity: squared_gradient_sum(activity),
+        model, layers, data, loss, labels, batch_size, device, counter,
+    )
 
+
+def _mean_over_fitting_rows(
+    statistic: Callable[[str, LayerActivity], torch.Tensor],
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    data: Examples,
+    loss: LossName,
+    labels: FisherLabels,
+    batch_size: int,
+    device: torch.device,
+    counter: StageCounter,
+) -> dict[str, torch.Tensor]:
+    """Mean over examples and label draws of a weight-shaped per-batch sum ``statistic``, float64."""
+    sums = {layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=device) for layer in layers}
     rows = {layer.name: 0 for layer in layers}
 
     def visit(name: str, activity: LayerActivity) -> None:
-        sums[name] += squared_gradient_sum(activity).to(torch.float64)
+        sums[name] += statistic(name, activity).to(torch.float64)
         rows[name] += activity.batch_size
 
     stream_fitting_gradients(model, layers, data, loss, labels, batch_size, device, counter, visit)
