@@ -30,7 +30,8 @@ class ParamSlot:
 
 
 class FunctionalModel:
-    """Pure-function view of ``model`` with per-sample losses ``cross_entropy`` or ``mse``."""
+    """Pure-function view of ``model`` with per-sample losses ``cross_entropy`` or ``mse`` (½ Σ over outputs of
+    the squared error, as everywhere in the engine, so a proximal r means the same as in META.md)."""
 
     def __init__(self, model: nn.Module, loss: str, adapted_params: list[str] | None,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -100,7 +101,7 @@ class FunctionalModel:
         out = functional_call(self.module, {**self.params(lam, theta), **self.buffers}, (x,))
         if self.loss == "cross_entropy":  # = F.cross_entropy; gather has a vmap batching rule, nll_loss does not
             return -out.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        return ((out.reshape(y.shape) - y) ** 2).reshape(y.shape[0], -1).sum(dim=1)
+        return 0.5 * ((out.reshape(y.shape) - y) ** 2).reshape(y.shape[0], -1).sum(dim=1)
 
     def split_loss(self, lam: torch.Tensor, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                    w: torch.Tensor) -> torch.Tensor:
