@@ -131,6 +131,21 @@ def sample_targets(outputs: torch.Tensor, loss: LossName, generator: torch.Gener
     return (detached + noise).to(outputs.device, outputs.dtype)
 
 
+def output_hessian_factors(outputs: torch.Tensor, loss: LossName) -> torch.Tensor:
+    """C (m, B, d_out) with sum_k C[k, b] C[k, b]^T = the Hessian of example b's loss in its outputs.
+
+    cross_entropy: diag(p) - p p^T = sum_k p_k (e_k - p)(e_k - p)^T, so C[k] = sqrt(p_k) (e_k - p);
+    mse (1/2 sum of squares): I, so C[k] = e_k. Back-propagating each C[k] gives pseudo-gradients whose
+    outer products sum to the exact Gauss-Newton matrix (no label sampling). Detached; ``outputs`` (B, d_out).
+    """
+    detached = outputs.detach()
+    eye = torch.eye(detached.shape[1], dtype=detached.dtype, device=detached.device)
+    if loss == "cross_entropy":
+        probabilities = torch.softmax(detached, dim=1)  # (B, C)
+        return probabilities.T.sqrt().unsqueeze(-1) * (eye.unsqueeze(1) - probabilities.unsqueeze(0))
+    return eye.unsqueeze(1).expand(-1, detached.shape[0], -1)
+
+
 def fisher_weights(weights: torch.Tensor | None) -> torch.Tensor | None:
     """Weights for sampled-label pseudo-gradients: sqrt(|w|), so that E[g g^T] = w J^T H J."""
     return None if weights is None else weights.abs().sqrt()

@@ -112,8 +112,6 @@ def test_bad_inputs_raise_attribution_error():
         _run(options=implicit_options(adapted_params=["5.weight"]))
     with pytest.raises(AttributionError, match="not at stationarity"):
         _run(options=MetaOptions(inner=InnerOptions(ihvp="dense", tol=1e-14, max_iter=1)))
-    with pytest.raises(AttributionError, match="not supported yet"):
-        _run(options=MetaOptions(inner=InnerOptions(ihvp="ekfac")))
     with pytest.raises(AttributionError, match="did not converge"):
         _run(options=dataclasses.replace(implicit_options("cg"), solver="cg", max_iter=1, damping=50.0, tol=1e-12))
     with pytest.raises(AttributionError, match="not positive definite"):

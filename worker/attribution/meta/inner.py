@@ -9,12 +9,14 @@ from torch.func import grad, grad_and_value, hessian, jvp
 
 from worker.attribution.meta.data import TaskData
 from worker.attribution.meta.functional import FunctionalModel, RetainedGradient
+from worker.attribution.meta.inner_ekfac import KroneckerInnerInverse, fit_inner_ekfac
 from worker.attribution.meta.options import InnerOptions
 from worker.attribution.meta.solvers import (DenseSPD, NonPositiveCurvature, check_finite, conjugate_gradient,
                                              extreme_eigenvalues)
 
-INNER_POWER_ITERATIONS = 20  # matrix-free check that A = ∇²_θ L_I is positive definite
 from worker.attribution.types import AttributionError
+
+INNER_POWER_ITERATIONS = 20  # matrix-free check that A = ∇²_θ L_I is positive definite
 
 
 def train_loss(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor,
@@ -34,12 +36,13 @@ def proximal_loss(fm: FunctionalModel, task: TaskData, reg: float, lam: torch.Te
 
 
 class InnerInverse:
-    """A⁻¹x for the inner Hessian A = ∇²_θ L_I at the solution: dense Cholesky-like or CG."""
+    """A⁻¹x for the inner Hessian A = ∇²_θ L_I at the solution: dense eigendecomposition, CG or EK-FAC."""
 
     def __init__(self, hvp: Callable[[torch.Tensor], torch.Tensor], dense: DenseSPD | None,
-                 tol: float, max_iter: int, task_id: int) -> None:
+                 tol: float, max_iter: int, task_id: int, kronecker: KroneckerInnerInverse | None = None) -> None:
         self.hvp = hvp
         self.dense = dense
+        self.kronecker = kronecker
         self.tol = tol
         self.max_iter = max_iter
         self.task_id = task_id
@@ -47,8 +50,11 @@ class InnerInverse:
         self.matrix: torch.Tensor | None = None  # the dense A when ihvp is 'dense'
 
     def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """A⁻¹x for x (p_θ,); dense and EK-FAC also take (p_θ, m)."""
         if self.dense is not None:
             return self.dense.solve(x)
+        if self.kronecker is not None:
+            return self.kronecker.solve(x)
         what = f"inner Hessian of task {self.task_id}"
         sol, info = conjugate_gradient(self.hvp, x, self.tol, self.max_iter, what)
         self.cg_iterations += info.iterations
@@ -119,7 +125,8 @@ def solve_proximal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, optio
 
 def inner_inverse(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor,
                   options: InnerOptions) -> InnerInverse:
-    """The inner Hessian A = ∇²L_tr + rI at θ*, checked positive definite (dense) or lazily by CG."""
+    """A⁻¹ for the inner Hessian A = ∇²L_tr + rI at θ*, after checking that A is positive definite (θ* is a
+    minimum): exactly when A is formed (dense), else by power iteration on its products (cg, ekfac)."""
 
     retained = RetainedGradient(lambda t: proximal_loss(fm, task, options.reg, lam, t), theta)
     hvp = lambda v: retained.hvp(v)[0]  # noqa: E731
@@ -137,7 +144,8 @@ def inner_inverse(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta:
             raise AttributionError(
                 f"the inner Hessian of task {task.task_id} is not positive definite (power-iteration estimate of "
                 f"its smallest eigenvalue {lowest:.3e}): the inner problem is not at a minimum; raise inner.reg")
-    inverse = InnerInverse(hvp, dense, options.tol, options.max_iter, task.task_id)
+    kronecker = fit_inner_ekfac(fm, task, lam, theta, options.reg) if options.ihvp == "ekfac" else None
+    inverse = InnerInverse(hvp, dense, options.tol, options.max_iter, task.task_id, kronecker)
     if options.ihvp == "dense":
         inverse.matrix = a
     return inverse

@@ -16,7 +16,7 @@ class InnerOptions:
     reg: float = 1.0  # r of the proximal term (r/2)‖θ − λ‖²
     steps: int = 5  # K of the unrolled mode
     lr: float = 0.1  # α of the unrolled mode
-    ihvp: Literal["dense", "cg", "ekfac"] = "cg"  # inner A⁻¹x (implicit mode)
+    ihvp: Literal["dense", "cg", "ekfac"] = "cg"  # inner A⁻¹x (implicit mode); ekfac approximates A by EK-FAC
     tol: float = 1e-6  # stationarity tolerance ‖∂_θ L_I‖ and inner CG relative tolerance
     max_iter: int = 100  # Newton iterations of the inner solve and CG iterations of inner solves
 
@@ -44,8 +44,6 @@ def validate_options(options: MetaOptions) -> None:
         raise AttributionError(f"options.inner.mode must be 'implicit_proximal' or 'unrolled', got {inner.mode!r}")
     if inner.ihvp not in ("dense", "cg", "ekfac"):
         raise AttributionError(f"options.inner.ihvp must be 'dense', 'cg' or 'ekfac', got {inner.ihvp!r}")
-    if inner.mode == "implicit_proximal" and inner.ihvp == "ekfac":
-        raise AttributionError("options.inner.ihvp='ekfac' is not supported yet for meta influence; use 'dense' or 'cg'")
     if inner.mode == "implicit_proximal" and not inner.reg > 0:
         raise AttributionError(f"options.inner.reg must be > 0 for implicit_proximal, got {inner.reg}")
     if inner.mode == "unrolled" and (inner.steps < 1 or not inner.lr > 0):

@@ -137,6 +137,8 @@ class ImplicitTerm(TaskTerm):
 
     def dense_jac(self) -> torch.Tensor:
         mixed = jacfwd(lambda lm: self._grad_theta_inner(lm, self.theta))(self.lam)  # (p_θ, p)
+        if self.inverse.kronecker is not None:  # θ' with the same approximate A⁻¹ as every other product
+            return -self.inverse.solve(mixed)
         a = self.inverse.matrix  # A at θ*, formed once by inner_inverse (dense ihvp)
         if a is None:
             a = hessian(lambda th: self.inner_loss(self.lam, th))(self.theta)
