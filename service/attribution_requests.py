@@ -103,6 +103,12 @@ def _check_meta(request: AttributionIn, train: Dataset, query: Dataset | None) -
         raise invalid("meta methods have no \"self\" mode", "body.mode")
     if request.measurement != "loss":
         raise invalid("meta methods measure the post-adaptation loss: measurement must be \"loss\"", "body.measurement")
+    removal = (request.options or {}).get("removal", "first_order")
+    if removal == "newton" and request.method != "meta_task_influence":
+        raise invalid("options.removal \"newton\" applies to meta_task_influence; instance influence is first order",
+                      "body.options.removal")
+    if removal == "newton" and (request.options or {}).get("solver", "cg") == "neumann":
+        raise invalid("options.removal \"newton\" needs solver \"exact\" or \"cg\"", "body.options.solver")
     for dataset, field in ((train, "body.train_dataset_id"), (query, "body.query_dataset_id")):
         if dataset is not None and not {"task", "split"} <= set(dataset.fields):
             raise invalid(f"dataset {dataset.id!r} is not a meta-dataset: it needs `task` and `split` fields", field)

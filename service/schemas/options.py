@@ -108,6 +108,10 @@ class MetaOptions(StrictModel):
     third_order: Literal["exact", "gamma", "drop"] = "exact"
     damping: float | None = Field(None, gt=0, allow_inf_nan=False, description="ρ; null: auto (META.md §3.2).")
     direct: bool = Field(False, description="Direct-IF baseline: total-gradient correction switched off.")
+    removal: Literal["first_order", "newton"] = Field(
+        "first_order", description="Task removal: `first_order` Δλ = (H + ρI)⁻¹ g_k (the paper's task-IF); `newton` "
+        "Δλ = (H − H_k + ρI)⁻¹ g_k, the Newton step of the proximal leave-one-task-out retrain (one solve per task; "
+        "solver `exact` or `cg`; task influence only).")
     adapted_params: list[str] | None = Field(None, description="Parameters adapted in the inner loop; default all.")
     neumann_steps: int = Field(1000, ge=1, le=1_000_000)
     max_iter: int = Field(200, ge=1, le=100_000)

@@ -104,6 +104,31 @@ def test_edit_removes_tasks(meta_setup: dict) -> None:
                            json={"remove": [42], "name": "e"}).status_code == 422
 
 
+def test_newton_removal_ranks_tasks_and_edits(meta_setup: dict) -> None:
+    api = meta_setup["api"]
+    attribution = submit_meta(meta_setup, "meta_task_influence", "pairwise", removal="newton")
+    rows = all_rows(api, attribution["id"], page_size=100)
+    assert {r["query_id"] for r in rows} == {100, 101}
+    details = api.client.get(f"/v1/attributions/{attribution['id']}").json()
+    assert details["diagnostics"]["removal"] == "newton"
+    response = api.client.post(f"/v1/attributions/{attribution['id']}/edit", json={"remove": [0, 2], "name": "n"})
+    assert response.status_code == 201, response.text
+
+
+def test_newton_removal_is_refused_where_it_does_not_apply(meta_setup: dict) -> None:
+    api = meta_setup["api"]
+    base = {"model_id": meta_setup["model_id"], "train_dataset_id": meta_setup["train_dataset_id"],
+            "query_dataset_id": meta_setup["query_dataset_id"], "mode": "aggregate"}
+    for method, options, field in (
+        ("meta_instance_influence", {"removal": "newton"}, "removal"),
+        ("meta_task_influence", {"removal": "newton", "solver": "neumann"}, "solver"),
+    ):
+        response = api.client.post("/v1/attributions", json={**base, "method": method, "options": options})
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert field in response.text
+
+
 def test_meta_methods_need_meta_datasets(meta_setup: dict) -> None:
     api = meta_setup["api"]
     plain = api.upload_npz(inputs=np.zeros((4, 1), np.float32), targets=np.zeros((4, 1), np.float32)).json()["id"]

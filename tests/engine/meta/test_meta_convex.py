@@ -3,6 +3,8 @@ proximal retrain; the full removal is (H − H_k + ρI)⁻¹ g_k; edit_meta retu
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from worker.attribution.meta import attribute_meta, edit_meta
 from worker.attribution.meta.influence import HessianInverse, build_problem
 from worker.attribution.meta.retrain import proximal_retrain, reweighted_tasks
 from worker.attribution.meta.total import make_term
+from worker.attribution.types import AttributionError
 
 RHO = 0.05
 
@@ -88,3 +91,45 @@ def test_edit_meta_and_attribute_meta_on_convex_toy():
     s_q = inverse.solve(sum(t.total_grad() for t in problem.query_terms))
     expected_scores = torch.stack([t.total_grad() for t in problem.terms]) @ s_q
     assert torch.allclose(result.scores.double(), expected_scores, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_newton_removal_is_the_exact_proximal_leave_out_on_a_quadratic(solver):
+    """F is quadratic here, so removal='newton' — (H − Σ_S H_k + ρI)⁻¹ Σ_S g_k — is the proximal retrain
+    without the tasks S itself (to 1e-6, the float32 storage of λ*), for edits and for task scores."""
+    options = implicit_options(damping=RHO, removal="newton")
+    model, train = trained_linear_model(implicit_options(damping=RHO))
+    queries = regression_tasks(2, seed=9)
+    options.solver, options.tol = solver, 1e-13
+    problem = build_problem(model, train, queries, "mse", options)
+    inverse = HessianInverse(problem)
+    hessian = sum(problem.total.task_dense(k) for k in range(5)) + options.outer_l2 * torch.eye(3, dtype=torch.float64)
+    base = proximal_retrain(problem.fm, problem.train_tasks, problem.lam, options, RHO, hessian, tol=1e-13)
+
+    def retrain_without(ks):
+        tasks = reweighted_tasks(problem.train_tasks, task_scale={problem.task_ids[k]: 0.0 for k in ks})
+        reduced = hessian - sum(problem.total.task_dense(k) for k in ks)
+        return proximal_retrain(problem.fm, tasks, problem.lam, options, RHO, reduced, tol=1e-13).lam - base.lam
+
+    edited = edit_meta(model, train, torch.tensor([problem.task_ids[1], problem.task_ids[3]]), loss="mse",
+                       unit="task", options=options)
+    got = torch.cat([edited["0.weight"].reshape(-1), edited["0.bias"]]).double() - problem.lam
+    expected = retrain_without([1, 3])
+    assert float((got - expected).norm() / expected.norm()) < 1e-6
+    first_order = inverse.solve(problem.terms[1].total_grad() + problem.terms[3].total_grad())
+    assert float((first_order - expected).norm() / expected.norm()) > 1e-3  # the correction is not negligible
+    result = attribute_meta(model, train, queries, loss="mse", unit="task", mode="aggregate", top_k=2, options=options)
+    q_grad = sum(t.total_grad() for t in problem.query_terms)
+    expected_scores = torch.stack([q_grad @ retrain_without([k]) for k in range(5)])
+    assert torch.allclose(result.scores.double(), expected_scores, rtol=1e-5, atol=1e-7)
+    assert result.diagnostics["removal"] == "newton"
+
+
+def test_newton_removal_is_for_task_units_and_needs_exact_or_cg():
+    model, train = trained_linear_model(implicit_options(damping=RHO))
+    with pytest.raises(AttributionError, match="task influence"):
+        attribute_meta(model, train, train, loss="mse", unit="instance", mode="aggregate", top_k=1,
+                       options=implicit_options(damping=RHO, removal="newton"))
+    with pytest.raises(AttributionError, match="'exact' or 'cg'"):
+        attribute_meta(model, train, train, loss="mse", unit="task", mode="aggregate", top_k=1,
+                       options=dataclasses.replace(implicit_options(damping=RHO, removal="newton"), solver="neumann"))

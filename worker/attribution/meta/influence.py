@@ -140,7 +140,8 @@ class HessianInverse:
                 self._init_matrix_free(progress)
         d = problem.diagnostics
         d.update({"solver": self.options.solver, "third_order": self.options.third_order,
-                  "direct": self.options.direct, "damping": self.damping, "damping_rule": self.damping_rule,
+                  "direct": self.options.direct, "removal": self.options.removal, "damping": self.damping,
+                  "damping_rule": self.damping_rule,
                   "lambda_min": self.lambda_min, "lambda_max": self.lambda_max, "gamma": self.total.gamma})
 
     def _init_dense(self, progress: Progress) -> None:
@@ -209,6 +210,24 @@ class HessianInverse:
                 self.problem.warnings.append(f"H + ρI was not positive definite in CG; auto damping raised to {self.damping:.3e}")
         raise AssertionError("unreachable")
 
+    def solve_without(self, removed: list[int], b: torch.Tensor) -> torch.Tensor:
+        """(H − Σ_{k ∈ removed} H_k + ρI)⁻¹ b: the Newton step of the proximal retrain without those tasks."""
+        what = f"the total Hessian without task(s) {[self.problem.task_ids[k] for k in removed]} + damping"
+        with few_threads(self.work):
+            if self.dense is not None:
+                reduced = self.hessian - sum(0.5 * (self.per_task[k] + self.per_task[k].T) for k in removed)
+                return DenseSPD(reduced, what).solve(b, self.damping)
+
+            def matvec(v: torch.Tensor) -> torch.Tensor:
+                return self._matvec(v) - sum(self.total.task_hvp(k, v) for k in removed)
+
+            try:
+                x, info = conjugate_gradient(matvec, b, self.options.tol, self.options.max_iter, what)
+            except NonPositiveCurvature as exc:
+                raise AttributionError(f"{exc} with damping ρ = {self.damping:.3e}; raise options.damping") from exc
+            self._record(info)
+            return x
+
     def _solve_neumann(self, b: torch.Tensor) -> torch.Tensor:
         top = self.lambda_max + self.damping
         if top <= 0:
@@ -249,6 +268,17 @@ def task_scores(problem: MetaProblem, s: torch.Tensor) -> torch.Tensor:
     return train_gradients(problem) @ s
 
 
+def newton_task_scores(problem: MetaProblem, inverse: "HessianInverse", query_grads: torch.Tensor,
+                       progress: Progress = no_progress) -> torch.Tensor:
+    """ΔQ_{−k} = ∇Qᵀ (H − H_k + ρI)⁻¹ g_k for every training task: (K, m) for query gradients (m, p)."""
+    grads = train_gradients(problem)
+    columns = []
+    for k in range(len(grads)):
+        columns.append(query_grads @ inverse.solve_without([k], grads[k]))
+        progress("newton_removal", k + 1, len(grads))
+    return torch.stack(columns)
+
+
 def instance_scores(problem: MetaProblem, s: torch.Tensor, progress: Progress = no_progress,
                     stage: str = "instance_scores") -> torch.Tensor:
     """ΔQ on removing each training-dataset row (train and validation instances), in dataset order."""
@@ -263,18 +293,24 @@ def instance_scores(problem: MetaProblem, s: torch.Tensor, progress: Progress = 
 
 
 # ----- editing -----
+def removed_tasks(problem: MetaProblem, remove: torch.Tensor) -> list[int]:
+    """Positions (in problem.terms) of the task ids ``remove``, each once; unknown ids are an error."""
+    index = {tid: k for k, tid in enumerate(problem.task_ids)}
+    ids = set(remove.reshape(-1).to(torch.long).cpu().tolist())
+    unknown = sorted(ids - set(index))
+    if unknown:
+        raise AttributionError(f"tasks {unknown} are not in the training dataset (its tasks are {problem.task_ids})")
+    return [index[tid] for tid in sorted(ids)]
+
+
 def removal_gradient(problem: MetaProblem, unit: str, remove: torch.Tensor) -> torch.Tensor:
     """b = Σ_{c removed} c ∂_c ∇F(λ*), so that Σ Δλ_{−c} = (H + ρI)⁻¹ b (first order, additive)."""
     remove = remove.reshape(-1).to(torch.long).cpu()
     b = torch.zeros_like(problem.lam)
     if unit == "task":
-        index = {tid: k for k, tid in enumerate(problem.task_ids)}
-        unknown = sorted(set(remove.tolist()) - set(index))
-        if unknown:
-            raise AttributionError(f"tasks {unknown} are not in the training dataset (its tasks are {problem.task_ids})")
         grads = train_gradients(problem)
-        for tid in sorted(set(remove.tolist())):
-            b = b + grads[index[tid]]
+        for k in removed_tasks(problem, remove):
+            b = b + grads[k]
         return b
     if remove.numel() and (int(remove.min()) < 0 or int(remove.max()) >= problem.num_rows):
         raise AttributionError(f"instance rows to remove must be in [0, {problem.num_rows}); got {remove.tolist()}")

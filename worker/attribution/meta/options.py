@@ -31,6 +31,9 @@ class MetaOptions:
     third_order: Literal["exact", "gamma", "drop"] = "exact"
     damping: float | None = None  # ρ; None = "auto" (META.md §3.2)
     direct: bool = False  # direct-IF baseline: θ' = I, H = Σ ∇²L_O
+    # task removal: "first_order" Δλ = (H + ρI)⁻¹ g_k (the paper's task-IF); "newton" Δλ = (H − H_k + ρI)⁻¹ g_k,
+    # the Newton step of the proximal leave-one-out retrain (one solve per task; exact or cg solver)
+    removal: Literal["first_order", "newton"] = "first_order"
     adapted_params: list[str] | None = None  # names adapted in the inner loop (default all)
     neumann_steps: int = 1000
     max_iter: int = 200  # total-Hessian CG iterations / power iterations bound
@@ -54,6 +57,10 @@ def validate_options(options: MetaOptions) -> None:
         raise AttributionError(f"options.solver must be 'exact', 'cg' or 'neumann', got {options.solver!r}")
     if options.third_order not in ("exact", "gamma", "drop"):
         raise AttributionError(f"options.third_order must be 'exact', 'gamma' or 'drop', got {options.third_order!r}")
+    if options.removal not in ("first_order", "newton"):
+        raise AttributionError(f"options.removal must be 'first_order' or 'newton', got {options.removal!r}")
+    if options.removal == "newton" and options.solver == "neumann":
+        raise AttributionError("options.removal='newton' needs solver 'exact' or 'cg' (one solve with H − H_k per task)")
     if options.outer_l2 < 0:
         raise AttributionError(f"options.outer_l2 must be >= 0, got {options.outer_l2}")
     if options.damping is not None and not options.damping >= 0:
