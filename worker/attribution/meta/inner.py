@@ -70,8 +70,10 @@ def _newton_direction(hvp, g, dense_a, ihvp: str, tol: float, max_iter: int) -> 
     try:
         direction, _ = conjugate_gradient(hvp, g, min(tol, 1e-3), max_iter, "inner Newton step")
         return direction
-    except NonPositiveCurvature:
-        return g  # steepest descent while the inner problem is not locally convex
+    except NonPositiveCurvature as exc:
+        # truncated Newton (Nocedal & Wright, Algorithm 7.1): the CG iterate before the direction of negative
+        # curvature is still a descent direction; steepest descent if CG stopped at once
+        return exc.partial if bool((exc.partial != 0).any()) else g
 
 
 def solve_proximal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, options: InnerOptions,

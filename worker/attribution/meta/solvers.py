@@ -16,9 +16,10 @@ MatVec = Callable[[torch.Tensor], torch.Tensor]
 class NonPositiveCurvature(AttributionError):
     """CG met a direction p with pᵀAp ≤ 0: the matrix is not positive definite."""
 
-    def __init__(self, message: str, curvature: float) -> None:
+    def __init__(self, message: str, curvature: float, partial: torch.Tensor) -> None:
         super().__init__(message)
         self.curvature = curvature  # pᵀAp / pᵀp of the offending direction
+        self.partial = partial  # the CG iterate before that direction (zero at the first iteration)
 
 
 @dataclass
@@ -53,7 +54,7 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, tol: float, max_iter: in
             curvature = float(pap / (p @ p))
             raise NonPositiveCurvature(
                 f"{what}: the matrix is not positive definite (CG found pᵀAp/pᵀp = {curvature:.3e} at iteration {it})",
-                curvature)
+                curvature, x)
         alpha = rr / pap
         x = x + alpha * p
         r = r - alpha * ap
