@@ -1,4 +1,5 @@
-"""Task-IF and instance-IF (META.md §2): s_Q = (H + ρI)⁻¹ ∇Q, scores, damping and first-order edits."""
+"""Task-IF and instance-IF (META.md §2): s_Q = (H + ρI)⁻¹ ∇Q, scores, damping and edits (first order, or the
+Newton step with H − Σ_S H_k for removed tasks)."""
 
 from __future__ import annotations
 
