@@ -261,9 +261,7 @@ def train_meta(obj: BatchedObjective, b: Batch, lam0: torch.Tensor, adam_steps: 
         return obj.value(lam_x, b, omega), obj.gradient(lam_x, b, omega).numpy()
 
     def hess(x):
-        problem = build_problem(model_of(torch.tensor(x)), b.examples(), None, obj.loss, options)
-        h = HessianInverse(replace_problem_solver(problem)).hessian.numpy()
-        return 0.5 * (h + h.T)
+        return exact_total_hessian(model_of(torch.tensor(x)), b.examples(), obj.loss, options).numpy()
 
     res = scipy.optimize.minimize(fun, lam.numpy(), jac=True, method="L-BFGS-B",
                                   options={"maxiter": lbfgs_steps, "gtol": 1e-9, "ftol": 1e-15})
@@ -272,9 +270,11 @@ def train_meta(obj: BatchedObjective, b: Batch, lam0: torch.Tensor, adam_steps: 
     return torch.tensor(res.x)
 
 
-def replace_problem_solver(problem):
+def exact_total_hessian(model: nn.Module, examples: Examples, loss: str, options: MetaOptions) -> torch.Tensor:
+    """The library's dense total Hessian H (symmetric, no damping) of the meta-dataset at the model's λ."""
+    problem = build_problem(model, examples, None, loss, options)
     problem.options = replace(problem.options, solver="exact", damping=0.0)
-    return problem
+    return HessianInverse(problem).hessian
 
 
 def mlp_model(sizes, flat: torch.Tensor) -> nn.Sequential:
@@ -415,8 +415,7 @@ def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch
     say(f"- predictions done ({time.time() - t0:.1f} s since the exact task-IF started)")
 
     def hessian_at(lam_x: torch.Tensor, b: Batch, om: torch.Tensor) -> torch.Tensor:
-        refreshed = build_problem(model_of(lam_x), b.examples(om), None, obj.loss, fixed)
-        return HessianInverse(replace_problem_solver(refreshed)).hessian
+        return exact_total_hessian(model_of(lam_x), b.examples(om), obj.loss, fixed)
 
     # ---- ground truth: proximal leave-one-task-out
     # baseline: the proximal retrain with nothing removed (= λ* when ∇F(λ*) = 0; corrects a non-stationary λ*)

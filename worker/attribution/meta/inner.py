@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -35,19 +36,17 @@ def proximal_loss(fm: FunctionalModel, task: TaskData, reg: float, lam: torch.Te
     return train_loss(fm, task, lam, theta, w_tr) + 0.5 * reg * ((theta - fm.theta_of(lam)) ** 2).sum()
 
 
+@dataclass
 class InnerInverse:
-    """A⁻¹x for the inner Hessian A = ∇²_θ L_I at the solution: dense eigendecomposition, CG or EK-FAC."""
+    """A⁻¹x for the inner Hessian A = ∇²_θ L_I at the solution: dense eigendecomposition, EK-FAC or CG."""
 
-    def __init__(self, hvp: Callable[[torch.Tensor], torch.Tensor], dense: DenseSPD | None,
-                 tol: float, max_iter: int, task_id: int, kronecker: KroneckerInnerInverse | None = None) -> None:
-        self.hvp = hvp
-        self.dense = dense
-        self.kronecker = kronecker
-        self.tol = tol
-        self.max_iter = max_iter
-        self.task_id = task_id
-        self.cg_iterations = 0
-        self.matrix: torch.Tensor | None = None  # the dense A when ihvp is 'dense'
+    hvp: Callable[[torch.Tensor], torch.Tensor]
+    tol: float
+    max_iter: int
+    task_id: int
+    dense: DenseSPD | None = None
+    matrix: torch.Tensor | None = None  # the dense A when ihvp is 'dense'
+    kronecker: KroneckerInnerInverse | None = None
 
     def solve(self, x: torch.Tensor) -> torch.Tensor:
         """A⁻¹x for x (p_θ,); dense and EK-FAC also take (p_θ, m)."""
@@ -55,10 +54,7 @@ class InnerInverse:
             return self.dense.solve(x)
         if self.kronecker is not None:
             return self.kronecker.solve(x)
-        what = f"inner Hessian of task {self.task_id}"
-        sol, info = conjugate_gradient(self.hvp, x, self.tol, self.max_iter, what)
-        self.cg_iterations += info.iterations
-        return sol
+        return conjugate_gradient(self.hvp, x, self.tol, self.max_iter, f"inner Hessian of task {self.task_id}")[0]
 
 
 def _newton_direction(hvp, g, dense_a, ihvp: str, tol: float, max_iter: int) -> torch.Tensor:
@@ -132,10 +128,10 @@ def inner_inverse(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta:
 
     retained = RetainedGradient(lambda t: proximal_loss(fm, task, options.reg, lam, t), theta)
     hvp = lambda v: retained.hvp(v)[0]  # noqa: E731
-    dense = None
+    inverse = InnerInverse(hvp, options.tol, options.max_iter, task.task_id)
     if options.ihvp == "dense":
-        a = hessian(lambda t: proximal_loss(fm, task, options.reg, lam, t))(theta)
-        dense = DenseSPD(a, f"inner Hessian of task {task.task_id}")
+        inverse.matrix = hessian(lambda t: proximal_loss(fm, task, options.reg, lam, t))(theta)
+        inverse.dense = dense = DenseSPD(inverse.matrix, f"inner Hessian of task {task.task_id}")
         if dense.min_eigenvalue <= 0:
             raise AttributionError(
                 f"the inner Hessian of task {task.task_id} is not positive definite (smallest eigenvalue "
@@ -146,10 +142,8 @@ def inner_inverse(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta:
             raise AttributionError(
                 f"the inner Hessian of task {task.task_id} is not positive definite (power-iteration estimate of "
                 f"its smallest eigenvalue {lowest:.3e}): the inner problem is not at a minimum; raise inner.reg")
-    kronecker = fit_inner_ekfac(fm, task, lam, theta, options.reg) if options.ihvp == "ekfac" else None
-    inverse = InnerInverse(hvp, dense, options.tol, options.max_iter, task.task_id, kronecker)
-    if options.ihvp == "dense":
-        inverse.matrix = a
+    if options.ihvp == "ekfac":
+        inverse.kronecker = fit_inner_ekfac(fm, task, lam, theta, options.reg)
     return inverse
 
 
