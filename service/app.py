@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from service.limits import BodySizeLimit, BodyTooLarge
 from service.metrics import MetricsMiddleware, create_metrics
-from service.problems import install_problem_handlers, problem_response
+from service.problems import install_problem_handlers, problem_response, problem_responses
 from service.queue import CeleryQueue, JobQueue
 from service.routers import attributions, datasets, fits, jobs, models, operations
 from service.settings import Settings, get_settings
@@ -28,7 +28,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION, responses=problem_responses(429, 503))
     app.state.settings = settings
     app.state.store = store or LocalBlobStore(settings.resolved_storage_dir)
     app.state.queue = queue or CeleryQueue(settings.resolved_broker_url)

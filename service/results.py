@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.tables import Attribution, AttributionResult, Dataset
+from service.pagination import RankCursor
 from service.schemas.attributions import ResultRow
 
 
@@ -44,8 +45,8 @@ def row_out(row: AttributionResult, types: IdTypes) -> ResultRow:
 
 def page_of_results(
     session: Session, attribution_id: str, direction: str, query_id: str | None,
-    after: tuple[int, int] | None, size: int,
-) -> tuple[list[AttributionResult], tuple[int, int] | None]:
+    after: RankCursor | None, size: int,
+) -> tuple[list[AttributionResult], RankCursor | None]:
     query = select(AttributionResult).where(
         AttributionResult.attribution_id == attribution_id, AttributionResult.direction == direction
     )
@@ -60,7 +61,7 @@ def page_of_results(
     rows = list(session.scalars(query.order_by(*order).limit(size + 1)))
     if len(rows) <= size:
         return rows, None
-    return rows[:size], (rows[size - 1].query_pos, rows[size - 1].rank)
+    return rows[:size], RankCursor(rows[size - 1].query_pos, rows[size - 1].rank)
 
 
 def all_results(session: Session, attribution_id: str) -> Iterator[AttributionResult]:

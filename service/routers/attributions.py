@@ -19,14 +19,14 @@ from service.dependencies import JsonBody, SessionDep, SettingsDep, StoreDep, Te
 from service.editing import create_edited_model
 from service.idempotency import remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
-from service.pagination import clamp_page_size, decode_token, encode_token
+from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
 from service.problems import ProblemError, not_found, problem_responses
 from service.results import IdTypes, all_results, id_types, page_of_results, row_out
 from service.routers.models import model_out
 from service.schemas.attributions import AttributionIn, AttributionOut, EditIn, ResultRow, ResultsPage
 from service.schemas.models import ModelOut
 
-router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=problem_responses(401, 404, 422))
+router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=problem_responses(400, 401, 404, 422))
 
 
 def owned_attribution(session: SessionDep, tenant_id: str, attribution_id: str) -> Attribution:
@@ -47,7 +47,7 @@ def attribution_out(attribution: Attribution, status_: str) -> AttributionOut:
     )
 
 
-@router.post("", status_code=202, response_model=AttributionOut, responses=problem_responses(409, 415, 503),
+@router.post("", status_code=202, response_model=AttributionOut, responses=problem_responses(409, 413, 415),
              dependencies=[JsonBody])
 def create_attribution(
     body: AttributionIn, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
@@ -90,26 +90,23 @@ def finished_attribution(session: SessionDep, tenant_id: str, attribution_id: st
     return attribution
 
 
-@router.get("/{attribution_id}/results", responses=problem_responses(400, 409))
+@router.get("/{attribution_id}/results", responses=problem_responses(409))
 def get_results(
     attribution_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     query_id: str | None = None,
     direction: Literal["positive", "negative"] = "positive",
     page_size: Annotated[int, Query(ge=1)] = 100,
-    page_token: str | None = None,
+    page_token: PageTokenQuery = None,
 ) -> ResultsPage:
     """Ranked rows ordered by query, then rank (1 = strongest) within (query, direction)."""
     attribution = finished_attribution(session, tenant.id, attribution_id)
-    after = None
-    if page_token:
-        pos, rank = decode_token(page_token, 2)
-        after = (int(pos), int(rank))
+    after = decode_token(page_token, RankCursor) if page_token else None
     size = clamp_page_size(page_size, settings.max_page_size)
     rows, last = page_of_results(session, attribution.id, direction, query_id, after, size)
     types = id_types(session, attribution)
     return ResultsPage(
         results=[row_out(row, types) for row in rows],
-        next_page_token=encode_token(list(last)) if last else None,
+        next_page_token=encode_token(last) if last else None,
     )
 
 
@@ -147,7 +144,7 @@ def export_results(
 
 
 @router.post("/{attribution_id}/edit", status_code=status.HTTP_201_CREATED, response_model=ModelOut,
-             responses=problem_responses(409, 415), dependencies=[JsonBody])
+             responses=problem_responses(409, 413, 415), dependencies=[JsonBody])
 def edit(
     attribution_id: str, body: EditIn, tenant: TenantDep, session: SessionDep, store: StoreDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,

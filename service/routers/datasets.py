@@ -13,13 +13,13 @@ from service.db.base import new_id, utcnow
 from service.db.tables import Dataset
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.idempotency import remember, replay
-from service.pagination import clamp_page_size, page_newest_first
+from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
 from service.problems import problem_responses
 from service.schemas.datasets import DatasetList, DatasetMetadata, DatasetOut
 from service.uploads import commit_blob, parse_metadata, read_head, stage_upload
 from worker.artifacts.datasets import describe, detect_format, read_dataset
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(401, 404, 422))
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(400, 401, 404, 422))
 
 
 def dataset_out(dataset: Dataset) -> DatasetOut:
@@ -67,7 +67,7 @@ def upload_dataset(
 @router.get("")
 def list_datasets(
     tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-    page_size: Annotated[int, Query(ge=1)] = 50, page_token: str | None = None,
+    page_size: Annotated[int, Query(ge=1)] = 50, page_token: PageTokenQuery = None,
 ) -> DatasetList:
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Dataset).where(Dataset.tenant_id == tenant.id, Dataset.deleted_at.is_(None))

@@ -17,7 +17,7 @@ from service.jobs import create_job, enqueue_or_fail, job_status
 from service.problems import invalid, problem_responses
 from service.schemas.fits import FitIn, FitOut
 
-router = APIRouter(prefix="/v1/fits", tags=["fits"], responses=problem_responses(401, 404, 422))
+router = APIRouter(prefix="/v1/fits", tags=["fits"], responses=problem_responses(400, 401, 404, 422))
 
 
 def fit_out(fit: Fit, status: str) -> FitOut:
@@ -28,7 +28,7 @@ def fit_out(fit: Fit, status: str) -> FitOut:
     )
 
 
-@router.post("", status_code=202, response_model=FitOut, responses=problem_responses(409, 415, 503),
+@router.post("", status_code=202, response_model=FitOut, responses=problem_responses(409, 413, 415),
              dependencies=[JsonBody])
 def create_fit(
     body: FitIn, request: Request, tenant: TenantDep, session: SessionDep,

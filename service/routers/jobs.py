@@ -10,17 +10,17 @@ from sqlalchemy import select
 from service.db.tables import Job
 from service.dependencies import SessionDep, SettingsDep, TenantDep
 from service.jobs import cancel_job, job_out, owned_job
-from service.pagination import clamp_page_size, page_newest_first
+from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
 from service.problems import problem_responses
 from service.schemas.jobs import JobList, JobOut
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(401, 404, 422))
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(400, 401, 404, 422))
 
 
 @router.get("")
 def list_jobs(
     tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-    page_size: Annotated[int, Query(ge=1)] = 50, page_token: str | None = None,
+    page_size: Annotated[int, Query(ge=1)] = 50, page_token: PageTokenQuery = None,
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
 ) -> JobList:
     query = select(Job).where(Job.tenant_id == tenant.id)

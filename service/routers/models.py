@@ -13,14 +13,16 @@ from service.db.base import new_id, utcnow
 from service.db.tables import Checkpoint, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.idempotency import remember, replay
-from service.pagination import clamp_page_size, decode_token, encode_token, page_newest_first
+from service.pagination import (
+    CheckpointCursor, PageTokenQuery, clamp_page_size, decode_token, encode_token, page_newest_first,
+)
 from service.problems import problem_responses
 from service.schemas.models import (
     CheckpointList, CheckpointMetadata, CheckpointOut, ModelList, ModelMetadata, ModelOut,
 )
 from service.uploads import commit_blob, parse_metadata, stage_upload
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses(401, 404, 422))
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses(400, 401, 404, 422))
 
 METADATA_DOC = "JSON: `{\"name\", \"format\": \"spec\", \"architecture\": {...}, \"task\": {\"loss\": ...}}`."
 
@@ -70,7 +72,7 @@ def upload_model(
 @router.get("")
 def list_models(
     tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-    page_size: Annotated[int, Query(ge=1)] = 50, page_token: str | None = None,
+    page_size: Annotated[int, Query(ge=1)] = 50, page_token: PageTokenQuery = None,
 ) -> ModelList:
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Model).where(Model.tenant_id == tenant.id, Model.deleted_at.is_(None))
@@ -139,16 +141,16 @@ def upload_checkpoint(
 @router.get("/{model_id}/checkpoints")
 def list_checkpoints(
     model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-    page_size: Annotated[int, Query(ge=1)] = 100, page_token: str | None = None,
+    page_size: Annotated[int, Query(ge=1)] = 100, page_token: PageTokenQuery = None,
 ) -> CheckpointList:
     model = artifacts.owned_model(session, tenant.id, model_id)
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Checkpoint).where(Checkpoint.model_id == model.id)
     if page_token:
-        stage, step, ident = decode_token(page_token, 3)
-        query = query.where(tuple_(Checkpoint.stage, Checkpoint.step, Checkpoint.id) > (stage, step, ident))
+        after = decode_token(page_token, CheckpointCursor)
+        query = query.where(tuple_(Checkpoint.stage, Checkpoint.step, Checkpoint.id) > tuple(after))
     order = (Checkpoint.stage, Checkpoint.step, Checkpoint.id)
     rows = list(session.scalars(query.order_by(*order).limit(size + 1)))
     last = rows[size - 1] if len(rows) > size else None
-    token = encode_token([last.stage, last.step, last.id]) if last else None
+    token = encode_token(CheckpointCursor(last.stage, last.step, last.id)) if last else None
     return CheckpointList(checkpoints=[checkpoint_out(c) for c in rows[:size]], next_page_token=token)
