@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.limits import BodySizeLimit, BodyTooLarge
+from service.limits import BodySizeLimit
 from service.metrics import MetricsMiddleware, create_metrics
 from service.problems import install_problem_handlers, problem_response, problem_responses
 from service.queue import CeleryQueue, JobQueue
@@ -35,10 +35,9 @@ def create_app(
     app.state.metrics = create_metrics()
     install_problem_handlers(app)
     app.add_exception_handler(ArtifactError, _on_artifact_error)  # type: ignore[arg-type]
-    app.add_exception_handler(BodyTooLarge, _on_body_too_large)  # type: ignore[arg-type]
     for module in (models, datasets, fits, attributions, jobs, operations):
         app.include_router(module.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, max_json_bytes=settings.max_json_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 
@@ -50,7 +49,3 @@ async def _on_artifact_error(request, exc: ArtifactError):  # type: ignore[no-un
     return problem_response(422, exc.detail, kind="invalid-artifact", title="Invalid upload",
                             instance=request.url.path, errors=errors)
 
-
-async def _on_body_too_large(request, exc: BodyTooLarge):  # type: ignore[no-untyped-def]
-    return problem_response(413, str(exc), kind="payload-too-large", title="Content Too Large",
-                            instance=request.url.path)

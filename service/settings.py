@@ -23,8 +23,12 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="API key used by the CLI; default: <data_dir>/api-key.")
 
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest accepted request body.")
+    max_json_bytes: int = Field(16 * 1024**2, gt=0, description="Largest accepted JSON request body.")
     max_parameters: int = Field(100_000_000, gt=0, description="Largest accepted model (parameter count).")
     max_dataset_rows: int = Field(2_000_000, gt=0, description="Largest accepted dataset (examples).")
+    max_dataset_bytes: int = Field(
+        1024**3, gt=0, description="Largest accepted dataset once decompressed (checked from headers first)."
+    )
     max_page_size: int = Field(1000, gt=0, description="Cap on page_size for lists and results.")
     max_top_k: int = Field(10_000, gt=0, description="Cap on top_k of an attribution.")
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 from service.db.tables import Blob
+from service.limits import check_json_depth
 from service.problems import FieldError, ProblemError
 from service.storage import BlobStore, BlobTooLarge, StoredBlob
 from service.storage.base import StagedBlob
@@ -18,6 +19,7 @@ MetadataT = TypeVar("MetadataT", bound=BaseModel)
 
 
 def parse_metadata(raw: str, schema: type[MetadataT]) -> MetadataT:
+    check_json_depth(raw, "metadata")
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:

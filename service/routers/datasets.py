@@ -47,7 +47,7 @@ def upload_dataset(
         return replayed
     try:
         fmt = detect_format(data.filename or "", read_head(staged))
-        arrays = read_dataset(staged.path, fmt, max_rows=settings.max_dataset_rows)
+        arrays = read_dataset(staged.path, fmt, max_rows=settings.max_dataset_rows, max_bytes=settings.max_dataset_bytes)
         summary = describe(arrays)
     except BaseException:
         staged.discard()

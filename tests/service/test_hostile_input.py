@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
+import numpy as np
 import pytest
 
 from tests.service.conftest import Api
@@ -72,3 +73,80 @@ def test_timestamps_are_utc_with_z_on_every_backend(api: Api) -> None:
     for stamp in (job["created_at"], job["started_at"], job["finished_at"], model["created_at"],
                   api.client.get(f"/v1/attributions/{attribution['id']}").json()["created_at"]):
         assert stamp.endswith("Z"), stamp
+
+
+def deep_list(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_json_body_is_422(sqlite_api: Api) -> None:
+    body = ('{"model_id": "m", "train_dataset_id": "d", "query_dataset_id": "q", "options": {"x": '
+            + deep_list(2000) + "}}")
+    response = sqlite_api.client.post("/v1/attributions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "deep" in response.json()["detail"]
+
+
+def test_deeply_nested_metadata_part_is_422(sqlite_api: Api) -> None:
+    metadata = '{"name": "x", "extra": ' + deep_list(2000) + "}"
+    response = sqlite_api.client.post("/v1/datasets", data={"metadata": metadata},
+                                      files={"data": ("d.npz", b"PK\x03\x04")})
+    assert response.status_code == 422, response.text
+
+
+def test_a_residual_architecture_900_levels_deep_is_422(sqlite_api: Api) -> None:
+    layer = '{"type": "residual", "body": [' * 900 + '{"type": "relu"}' + "]}" * 900
+    metadata = ('{"name": "deep", "format": "spec", "architecture": {"type": "sequential", "layers": [' + layer
+                + ']}, "task": {"loss": "cross_entropy"}}')
+    response = sqlite_api.client.post("/v1/models", data={"metadata": metadata},
+                                      files={"weights": ("w.safetensors", b"\x00" * 16)})
+    assert response.status_code == 422, response.text
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(sqlite_api: Api) -> None:
+    response = sqlite_api.client.post("/v1/attributions", json={
+        "model_id": "[{" * 100 + '\\"[', "train_dataset_id": "d", "query_dataset_id": "q"})
+    assert response.status_code == 404, response.text  # the model does not exist: the depth check let it through
+
+
+def test_a_tiny_npz_claiming_a_huge_array_is_refused_from_its_header(sqlite_api: Api) -> None:
+    """Zeros compress ~1000x: the header says 10^8 rows, and the upload is refused before decompression."""
+    import io
+    import tracemalloc
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**8, 4)})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("inputs.npy", "w", force_zip64=True) as member:
+            member.write(header.getvalue())
+            chunk = bytes(1 << 20)
+            for _ in range(200):  # 200 MB of zeros, ~200 KB compressed (the file is truncated: never read)
+                member.write(chunk)
+        archive.writestr("targets.npy", b"")
+    tracemalloc.start()
+    response = sqlite_api.client.post("/v1/datasets", data={"metadata": json.dumps({"name": "bomb"})},
+                                      files={"data": ("bomb.npz", buffer.getvalue())})
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert response.status_code == 422, response.text
+    assert "rows" in response.json()["detail"]
+    assert peak < 64 * 1024**2, peak
+
+
+def test_chunked_upload_over_the_limit_is_413(tmp_path) -> None:
+    from tests.service.conftest import build_api
+
+    for limited in build_api(tmp_path, None, max_upload_bytes=4096):
+        def chunks():
+            yield b"--b\r\nContent-Disposition: form-data; name=\"metadata\"\r\n\r\n{\"name\": \"x\"}\r\n"
+            yield b"--b\r\nContent-Disposition: form-data; name=\"data\"; filename=\"d.npz\"\r\n\r\n"
+            for _ in range(10):
+                yield b"\x00" * 1024
+            yield b"\r\n--b--\r\n"
+
+        response = limited.client.post("/v1/datasets", content=chunks(),
+                                       headers={"content-type": "multipart/form-data; boundary=b"})
+        assert response.status_code == 413, response.text
+        assert response.headers["content-type"] == "application/problem+json"

@@ -76,7 +76,7 @@ def read_dataset(
     if fmt == "safetensors":
         arrays = _read_safetensors(path, max_rows, field)
     elif fmt == "npz":
-        arrays = _read_npz(path, max_bytes, field)
+        arrays = _read_npz(path, max_rows, max_bytes, field)
     elif fmt == "parquet":
         arrays = _read_parquet(path, max_rows, max_bytes, field)
     else:
@@ -107,11 +107,15 @@ def _read_safetensors(path: Path, max_rows: int, field: str) -> dict[str, np.nda
     return arrays
 
 
-def _read_npz(path: Path, max_bytes: int, field: str) -> dict[str, np.ndarray]:
+def _read_npz(path: Path, max_rows: int, max_bytes: int, field: str) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            for member in members:
+                _check_npy_header(archive, member, max_rows, max_bytes, field)
+    except ArtifactError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise ArtifactError(f"not a valid .npz file: {exc}", field=field) from None
     names = [m.filename.removesuffix(".npy") for m in members]
     if len(set(names)) != len(names):
@@ -130,6 +134,29 @@ def _read_npz(path: Path, max_bytes: int, field: str) -> dict[str, np.ndarray]:
     except Exception as exc:  # zlib / zipfile / numpy format errors: the file is at fault
         raise ArtifactError(f"not a valid .npz file: {exc}", field=field) from None
     return arrays
+
+
+def _check_npy_header(
+    archive: zipfile.ZipFile, member: zipfile.ZipInfo, max_rows: int, max_bytes: int, field: str
+) -> None:
+    """Shape and dtype from a member's .npy header (its first bytes), checked before anything is decompressed."""
+    name = member.filename.removesuffix(".npy")
+    with archive.open(member) as stream:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)  # the header only: no data, no pickle
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"{name}: unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise ArtifactError(f"{name}: pickled data is not accepted (object arrays cannot be loaded safely)",
+                            field=f"{field}.{name}")
+    if shape and shape[0] > max_rows:
+        raise _too_many_rows(shape[0], max_rows, field)
+    size = math.prod(shape) * dtype.itemsize
+    if size > max_bytes:
+        raise ArtifactError(f"{name}: the array holds {size:,} bytes (at most {max_bytes:,})", field=f"{field}.{name}")
 
 
 def _npz_member(npz: np.lib.npyio.NpzFile, name: str, field: str) -> np.ndarray:
