@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
 from fastapi import FastAPI
 
+from service.admission import AdmissionControl
+from service.db.session import configure_engine
 from service.limits import BodySizeLimit
 from service.metrics import MetricsMiddleware, create_metrics
 from service.problems import install_problem_handlers, problem_response, problem_responses
@@ -28,7 +34,15 @@ def create_app(
 ) -> FastAPI:
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION, responses=problem_responses(429, 503))
+    configure_engine(settings.resolved_database_url, settings.db_pool_size)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        yield
+
+    app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  responses=problem_responses(429, 503))
     app.state.settings = settings
     app.state.store = store or LocalBlobStore(settings.resolved_storage_dir)
     app.state.queue = queue or CeleryQueue(settings.resolved_broker_url)
@@ -38,6 +52,8 @@ def create_app(
     for module in (models, datasets, fits, attributions, jobs, operations):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, max_json_bytes=settings.max_json_bytes)
+    app.add_middleware(AdmissionControl, max_in_flight=settings.max_in_flight, max_waiting=settings.max_waiting,
+                       wait_seconds=settings.admission_wait_seconds)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -36,6 +39,37 @@ def create_api_key(session: Session, tenant_name: str) -> str:
     return secret
 
 
-def tenant_for_key(session: Session, secret: str) -> Tenant | None:
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None)))
-    return None if key is None else session.get(Tenant, key.tenant_id)
+@dataclass(frozen=True)
+class Caller:
+    """Who a valid key belongs to: what a request needs of its tenant."""
+
+    id: str
+    name: str
+
+
+KEY_CACHE_SECONDS = 10.0  # a revoked key stops working within this time
+_known_keys: dict[str, tuple[float, Caller]] = {}
+_known_keys_lock = threading.Lock()
+
+
+def tenant_for_key(session: Session, secret: str) -> Caller | None:
+    """The tenant of a valid key. Valid keys are remembered for KEY_CACHE_SECONDS (a hash lookup per request
+    instead of a database round trip); unknown keys are always looked up."""
+    digest = hash_key(secret)
+    now = time.monotonic()
+    with _known_keys_lock:
+        known = _known_keys.get(digest)
+    if known is not None and now - known[0] < KEY_CACHE_SECONDS:
+        return known[1]
+    row = session.execute(
+        select(Tenant.id, Tenant.name).join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+    ).first()
+    if row is None:
+        return None
+    caller = Caller(id=row.id, name=row.name)
+    with _known_keys_lock:
+        if len(_known_keys) > 100_000:
+            _known_keys.clear()
+        _known_keys[digest] = (now, caller)
+    return caller

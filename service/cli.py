@@ -23,7 +23,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     settings = load_settings()
     if not settings.embedded:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port,
+                    timeout_keep_alive=settings.keep_alive_seconds)
         return
     embedded.prepare(settings)
     app = create_app(settings)
@@ -33,7 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"attrib: serving on http://{args.host}:{args.port} (docs: http://{args.host}:{args.port}/docs), "
           f"data in {settings.data_dir.resolve()}", file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_keep_alive=settings.keep_alive_seconds)
     finally:
         embedded.stop_worker(worker)
 

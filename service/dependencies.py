@@ -9,9 +9,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service.auth import tenant_for_key
+from service.auth import Caller, tenant_for_key
 from service.db.session import get_sessionmaker
-from service.db.tables import Tenant
 from service.problems import ProblemError
 from service.settings import Settings
 from service.storage import BlobStore
@@ -45,7 +44,7 @@ bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: B
 def get_tenant(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     session: Annotated[Session, Depends(get_session, scope="function")],
-) -> Tenant:
+) -> Caller:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ProblemError(401, "an API key is required: send `Authorization: Bearer <key>`",
@@ -59,7 +58,7 @@ def get_tenant(
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
-TenantDep = Annotated[Tenant, Depends(get_tenant)]
+TenantDep = Annotated[Caller, Depends(get_tenant)]
 
 
 def _content_type(request: Request) -> str:

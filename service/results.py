@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -35,7 +36,14 @@ def _typed(value: str | None, as_string: bool) -> int | str | None:
     return int(value)
 
 
-def row_out(row: AttributionResult, types: IdTypes) -> ResultRow:
+RESULT_COLUMNS = (
+    AttributionResult.query_pos, AttributionResult.query_id, AttributionResult.direction, AttributionResult.rank,
+    AttributionResult.train_id, AttributionResult.score, AttributionResult.task, AttributionResult.split,
+)
+
+
+def row_out(row: Any, types: IdTypes) -> ResultRow:
+    """A stored row (a table row or a row of RESULT_COLUMNS) with the caller's id types."""
     return ResultRow(
         query_id=_typed(row.query_id, types.query_ids_are_strings), direction=row.direction,  # type: ignore[arg-type]
         rank=row.rank, train_id=_typed(row.train_id, types.train_ids_are_strings),  # type: ignore[arg-type]
@@ -46,8 +54,9 @@ def row_out(row: AttributionResult, types: IdTypes) -> ResultRow:
 def page_of_results(
     session: Session, attribution_id: str, direction: str, query_id: str | None,
     after: RankCursor | None, size: int,
-) -> tuple[list[AttributionResult], RankCursor | None]:
-    query = select(AttributionResult).where(
+) -> tuple[list[Any], RankCursor | None]:
+    """One page of RESULT_COLUMNS rows (plain rows, not ORM objects: a page is read, never changed)."""
+    query = select(*RESULT_COLUMNS).where(
         AttributionResult.attribution_id == attribution_id, AttributionResult.direction == direction
     )
     if query_id is not None:
@@ -58,17 +67,17 @@ def page_of_results(
             (AttributionResult.query_pos > pos) | ((AttributionResult.query_pos == pos) & (AttributionResult.rank > rank))
         )
     order = (AttributionResult.query_pos, AttributionResult.rank)
-    rows = list(session.scalars(query.order_by(*order).limit(size + 1)))
+    rows = list(session.execute(query.order_by(*order).limit(size + 1)))
     if len(rows) <= size:
         return rows, None
     return rows[:size], RankCursor(rows[size - 1].query_pos, rows[size - 1].rank)
 
 
-def all_results(session: Session, attribution_id: str) -> Iterator[AttributionResult]:
+def all_results(session: Session, attribution_id: str) -> Iterator[Any]:
     query = (
-        select(AttributionResult)
+        select(*RESULT_COLUMNS)
         .where(AttributionResult.attribution_id == attribution_id)
         .order_by(AttributionResult.query_pos, AttributionResult.direction.desc(), AttributionResult.rank)
         .execution_options(yield_per=5000)
     )
-    yield from session.scalars(query)
+    yield from session.execute(query)

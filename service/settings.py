@@ -32,6 +32,19 @@ class Settings(BaseSettings):
     max_page_size: int = Field(1000, gt=0, description="Cap on page_size for lists and results.")
     max_top_k: int = Field(10_000, gt=0, description="Cap on top_k of an attribution.")
 
+    # serving capacity (see service/admission.py)
+    api_threads: int = Field(40, ge=1, le=1024, description="Threads that run the API's (synchronous) routes.")
+    max_in_flight: int = Field(
+        32, ge=1, le=1024, description="Requests admitted into the app at once (at most api_threads)."
+    )
+    max_waiting: int = Field(1024, ge=0, description="Requests that may wait for admission; beyond: 503.")
+    keep_alive_seconds: int = Field(
+        30, ge=1, le=3600, description="How long an idle HTTP connection stays open (above a load balancer's idle time)."
+    )
+    admission_wait_seconds: float = Field(
+        10.0, gt=0, le=600, description="Longest wait for admission before a 503 with Retry-After."
+    )
+
     @model_validator(mode="after")
     def _database_and_broker_go_together(self) -> "Settings":
         if (self.database_url is None) != (self.broker_url is None):
@@ -40,6 +53,20 @@ class Settings(BaseSettings):
                 "(embedded default: SQLite and a local worker)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _admitted_requests_have_threads(self) -> "Settings":
+        if self.max_in_flight > self.api_threads:
+            raise ConfigurationError(
+                f"ATTRIB_MAX_IN_FLIGHT ({self.max_in_flight}) must not exceed ATTRIB_API_THREADS ({self.api_threads}): "
+                "an admitted request must always find a thread"
+            )
+        return self
+
+    @property
+    def db_pool_size(self) -> int:
+        """Connections for the API process: one per admitted request, and a few for background work."""
+        return self.max_in_flight + 4
 
     @property
     def embedded(self) -> bool:

@@ -1,22 +1,54 @@
-"""Engines and sessions. One engine per database URL per process."""
+"""Engines and sessions. One engine per database URL per process.
+
+The API process sizes its engine's pool from its settings (``configure_engine``) before it serves a request, so
+that every admitted request can hold a connection without waiting (see ``service/admission.py``); other processes
+(workers, the CLI) get a small default pool on first use.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+DEFAULT_POOL_SIZE = 5
+POOL_TIMEOUT_SECONDS = 10
 
-@lru_cache(maxsize=8)
+_engines: dict[str, Engine] = {}
+_sessionmakers: dict[str, sessionmaker[Session]] = {}
+_lock = threading.Lock()
+
+
+def configure_engine(url: str, pool_size: int) -> Engine:
+    """Create (or replace, when its pool is too small) the engine for ``url`` with ``pool_size`` connections."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is not None and engine.pool.size() >= pool_size:  # type: ignore[attr-defined]
+            return engine
+        _engines[url] = _create(url, pool_size)
+        _sessionmakers.pop(url, None)
+        if engine is not None:
+            engine.dispose()
+        return _engines[url]
+
+
 def get_engine(url: str) -> Engine:
+    with _lock:
+        if url not in _engines:
+            _engines[url] = _create(url, DEFAULT_POOL_SIZE)
+        return _engines[url]
+
+
+def _create(url: str, pool_size: int) -> Engine:
+    pool = {"pool_size": pool_size, "max_overflow": 4, "pool_timeout": POOL_TIMEOUT_SECONDS}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -27,9 +59,12 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
-@lru_cache(maxsize=8)
 def get_sessionmaker(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    maker = _sessionmakers.get(url)
+    if maker is None:
+        maker = sessionmaker(bind=get_engine(url), expire_on_commit=False)
+        _sessionmakers[url] = maker
+    return maker
 
 
 @contextmanager

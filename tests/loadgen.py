@@ -1,0 +1,146 @@
+"""A bounded load generator and an `attrib serve` process, shared by the load test and the latency benchmark.
+
+Load only ever goes to 127.0.0.1, for a fixed time with a fixed number of requests in flight, and stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def api_server(env_overrides: dict[str, str], log_path: Path) -> Iterator[str]:
+    """`attrib serve` in a subprocess with the given ATTRIB_* settings; yields its base URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTRIB_")}
+    env.update(env_overrides)
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_healthy(base_url, server, log_path)
+            yield base_url
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def wait_until_healthy(base_url: str, server: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited: {log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server did not become healthy")
+        time.sleep(0.2)
+
+
+@dataclass
+class LoadReport:
+    in_flight: int
+    seconds: float
+    statuses: Counter[int] = field(default_factory=Counter)
+    transport_errors: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)  # of 200 answers, seconds
+    healthz_latencies: list[float] = field(default_factory=list)
+    healthz_failures: int = 0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values()) + sum(self.transport_errors.values())
+
+    def failed(self, allowed: frozenset[int] = frozenset({200, 429, 503})) -> int:
+        """Requests that got neither an allowed status nor any answer at all."""
+        return sum(n for status, n in self.statuses.items() if status not in allowed) + sum(
+            self.transport_errors.values()
+        )
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
+
+    def summary(self) -> str:
+        healthz = max(self.healthz_latencies, default=float("nan"))
+        return (f"{self.in_flight} in flight, {self.seconds:.0f} s: {self.requests} requests "
+                f"({self.requests / self.seconds:.0f}/s), statuses {dict(self.statuses)}, "
+                f"transport errors {dict(self.transport_errors)}, p50 {1000 * self.percentile(50):.0f} ms, "
+                f"p99 {1000 * self.percentile(99):.0f} ms; /healthz max {1000 * healthz:.0f} ms, "
+                f"{self.healthz_failures} failed")
+
+
+async def _reader(client: httpx.AsyncClient, paths: list[str], stop_at: float, report: LoadReport, seed: int) -> None:
+    index = seed
+    while time.monotonic() < stop_at:
+        path = paths[index % len(paths)]
+        index += 1
+        started = time.perf_counter()
+        try:
+            response = await client.get(path)
+        except httpx.TransportError as exc:
+            report.transport_errors[type(exc).__name__] += 1
+            continue
+        report.statuses[response.status_code] += 1
+        if response.status_code == 200:
+            report.latencies.append(time.perf_counter() - started)
+        elif response.status_code in (429, 503):
+            await asyncio.sleep(min(float(response.headers.get("retry-after", "1")), 1.0))
+
+
+def _probe(base_url: str, stop_at: float, report: LoadReport, interval: float) -> None:
+    """/healthz every ``interval`` seconds, from its own thread and connection (not queued behind the load)."""
+    with httpx.Client(base_url=base_url, timeout=5) as client:
+        while time.monotonic() < stop_at:
+            started = time.perf_counter()
+            try:
+                ok = client.get("/healthz").status_code == 200
+            except httpx.TransportError:
+                ok = False
+            report.healthz_latencies.append(time.perf_counter() - started)
+            report.healthz_failures += not ok
+            time.sleep(interval)
+
+
+async def run_load_async(
+    base_url: str, paths: list[str], headers: dict[str, str], in_flight: int, seconds: float,
+    probe_interval: float = 0.1,
+) -> LoadReport:
+    report = LoadReport(in_flight=in_flight, seconds=seconds)
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=60) as client:
+        stop_at = time.monotonic() + seconds
+        prober = asyncio.to_thread(_probe, base_url, stop_at, report, probe_interval)
+        await asyncio.gather(prober, *(_reader(client, paths, stop_at, report, seed) for seed in range(in_flight)))
+    return report
+
+
+def run_load(base_url: str, paths: list[str], headers: dict[str, str], in_flight: int, seconds: float) -> LoadReport:
+    return asyncio.run(run_load_async(base_url, paths, headers, in_flight, seconds))
