@@ -16,7 +16,7 @@ from service.settings import Settings
 from service.storage import BlobStore
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:  # async: no thread hop for a field read
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
@@ -34,7 +34,7 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_store(request: Request) -> BlobStore:
+async def get_store(request: Request) -> BlobStore:
     return request.app.state.store  # type: ignore[no-any-return]
 
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, status
+from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -17,7 +17,7 @@ from service.db.session import session_scope
 from service.db.tables import Attribution
 from service.dependencies import JsonBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.editing import create_edited_model
-from service.idempotency import remember, replay
+from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
 from service.problems import ProblemError, not_found, problem_responses
@@ -51,7 +51,7 @@ def attribution_out(attribution: Attribution, status_: str) -> AttributionOut:
              dependencies=[JsonBody])
 def create_attribution(
     body: AttributionIn, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
     """Queue an attribution. Scores are 1/N-free (as kronfluence reports them): positive = the training
     example helps the query (removing it would raise the query's loss)."""
@@ -145,7 +145,7 @@ def export_results(
              responses=problem_responses(409, 413, 415), dependencies=[JsonBody])
 def edit(
     attribution_id: str, body: EditIn, tenant: TenantDep, session: SessionDep, store: StoreDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
     """A new model: the first-order estimate of the model retrained without the given training examples
     (or tasks), by the attribution's own method."""

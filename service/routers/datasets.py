@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
@@ -12,7 +12,7 @@ from service.artifacts import owned_dataset
 from service.db.base import new_id, utcnow
 from service.db.tables import Dataset
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
-from service.idempotency import remember, replay
+from service.idempotency import IdempotencyKey, remember, replay
 from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
 from service.problems import problem_responses
 from service.schemas.datasets import DatasetList, DatasetMetadata, DatasetOut
@@ -36,7 +36,7 @@ def upload_dataset(
     metadata: Annotated[str, Form(description="JSON: `{\"name\": str}`.")],
     data: Annotated[UploadFile, File(description="safetensors, .npz (no pickle) or Parquet with `inputs`, "
                                                  "`targets`, optional `ids`, `weight`, `task`, `split`.")],
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
     meta = parse_metadata(metadata, DatasetMetadata)
     staged = stage_upload(store, data, limit=settings.max_upload_bytes, field="data")

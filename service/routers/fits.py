@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.artifacts import owned_dataset, owned_model
@@ -12,7 +12,7 @@ from service.attribution_requests import check_inputs_fit, owned_checkpoints, ow
 from service.db.base import new_id, utcnow
 from service.db.tables import Fit
 from service.dependencies import JsonBody, SessionDep, TenantDep
-from service.idempotency import remember, replay
+from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.problems import invalid, problem_responses
 from service.schemas.fits import FitIn, FitOut
@@ -32,7 +32,7 @@ def fit_out(fit: Fit, status: str) -> FitOut:
              dependencies=[JsonBody])
 def create_fit(
     body: FitIn, request: Request, tenant: TenantDep, session: SessionDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/fits", body)
     if replayed is not None:

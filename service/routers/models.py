@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select, tuple_
 
@@ -12,7 +12,7 @@ from service import artifacts
 from service.db.base import new_id, utcnow
 from service.db.tables import Checkpoint, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
-from service.idempotency import remember, replay
+from service.idempotency import IdempotencyKey, remember, replay
 from service.pagination import (
     CheckpointCursor, PageTokenQuery, clamp_page_size, decode_token, encode_token, page_newest_first,
 )
@@ -41,7 +41,7 @@ def upload_model(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(description=METADATA_DOC)],
     weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict.")],
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
     meta = parse_metadata(metadata, ModelMetadata)
     spec = artifacts.check_model_metadata(meta, settings.max_parameters)
