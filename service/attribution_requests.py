@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import torch
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -15,9 +17,12 @@ from service.db.tables import Checkpoint, Dataset, Fit, Job, Model
 from service.problems import FieldError, ProblemError, invalid, not_found
 from service.schemas.attributions import AttributionIn
 from service.schemas.options import FIT_LEVEL_FIELDS, OPTIONS_BY_METHOD, StrictModel
+from service.settings import Settings
 from worker.artifacts.spec import build_module
 
 META_METHODS = ("meta_task_influence", "meta_instance_influence")
+DEFAULT_BATCH_SIZE = 256
+ACTIVATION_COPIES = 3
 TRAJECTORY_METHODS = ("source", "tracin")
 
 
@@ -43,7 +48,8 @@ def parse_options(method: str, raw: dict[str, Any]) -> StrictModel:
                            title="Invalid input", errors=errors) from exc
 
 
-def check_attribution(session: Session, tenant_id: str, request: AttributionIn, max_top_k: int) -> CheckedAttribution:
+def check_attribution(session: Session, tenant_id: str, request: AttributionIn, settings: Settings) -> CheckedAttribution:
+    max_top_k = settings.max_top_k
     models = [owned_model(session, tenant_id, model_id) for model_id in request.all_model_ids]
     _check_ensemble(models)
     loss = models[0].task["loss"]
@@ -56,11 +62,11 @@ def check_attribution(session: Session, tenant_id: str, request: AttributionIn, 
         raise invalid("measurement \"margin\" needs a classifier (task loss cross_entropy)", "body.measurement")
     for dataset, field in ((train, "body.train_dataset_id"), (query, "body.query_dataset_id")):
         if dataset is not None:
-            check_inputs_fit(models[0], dataset, field)
+            check_inputs_fit(models[0], dataset, field, settings.max_activation_bytes, _batch_size(options))
     if request.method in META_METHODS:
         _check_meta(request, train, query)
     if request.method in TRAJECTORY_METHODS:
-        _check_trajectory(session, tenant_id, request, models, options)
+        _check_trajectory(session, tenant_id, request, models, options, settings)
     fit = _check_fit(session, tenant_id, request, models, train, options)
     return CheckedAttribution(models=models, train=train, query=query, options=options, fit=fit)
 
@@ -85,17 +91,44 @@ def _query_dataset(session: Session, tenant_id: str, request: AttributionIn) -> 
     return owned_dataset(session, tenant_id, request.query_dataset_id)
 
 
-def check_inputs_fit(model: Model, dataset: Dataset, field: str) -> None:
-    """Run the architecture on one example of the dataset's input shape, on the meta device (no memory)."""
+def _batch_size(options: StrictModel) -> int:
+    return int(getattr(options, "batch_size", DEFAULT_BATCH_SIZE))
+
+
+def check_inputs_fit(
+    model: Model, dataset: Dataset, field: str, max_activation_bytes: int, batch_size: int = DEFAULT_BATCH_SIZE
+) -> None:
+    """Run the architecture on one example of the dataset's input shape, on the meta device (no memory), and
+    refuse work whose activations would not fit: every module's output for a batch, kept for the backward pass
+    with its gradient and the engine's per-layer statistics (about three float32 copies)."""
     shape = dataset.fields["inputs"]["shape"]
+    outputs: list[int] = []
     with torch.device("meta"):
         module = build_module(model_spec(model))
         probe = torch.zeros((1, *shape[1:]))
+        handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(_numel(out))) for m in module.modules()]
         try:
             module.eval()(probe)
         except Exception as exc:  # noqa: BLE001  (a shape error of any kind means "does not fit")
             raise invalid(f"the inputs of dataset {dataset.id!r} (shape {shape}) do not fit model {model.id!r}: "
                           f"{exc}", field) from exc
+        finally:
+            for handle in handles:
+                handle.remove()
+    estimate = ACTIVATION_COPIES * 4 * batch_size * (sum(outputs) + math.prod(shape[1:]))
+    if estimate > max_activation_bytes:
+        raise invalid(
+            f"model {model.id!r} on inputs of shape {shape[1:]} needs about {estimate / 1024**3:.1f} GiB of "
+            f"activations for a batch of {batch_size} (at most {max_activation_bytes / 1024**3:.1f} GiB): use a "
+            "smaller options.batch_size or a smaller model", field)
+
+
+def _numel(output: object) -> int:
+    if isinstance(output, torch.Tensor):
+        return output.numel()
+    if isinstance(output, (tuple, list)):
+        return sum(_numel(item) for item in output)
+    return 0
 
 
 def _check_meta(request: AttributionIn, train: Dataset, query: Dataset | None) -> None:
@@ -115,7 +148,8 @@ def _check_meta(request: AttributionIn, train: Dataset, query: Dataset | None) -
 
 
 def _check_trajectory(
-    session: Session, tenant_id: str, request: AttributionIn, models: list[Model], options: StrictModel
+    session: Session, tenant_id: str, request: AttributionIn, models: list[Model], options: StrictModel,
+    settings: Settings,
 ) -> None:
     if len(models) != 1:
         raise invalid(f"method {request.method!r} takes one model (model_id), not an ensemble", "body.model_ids")
@@ -138,7 +172,8 @@ def _check_trajectory(
         if not key.isdigit() or int(key) not in stages:
             raise invalid(f"stage_datasets names stage {key!r}, which has no checkpoint (stages: {stages})",
                           "body.options.stage_datasets")
-        check_inputs_fit(models[0], owned_dataset(session, tenant_id, dataset_id), "body.options.stage_datasets")
+        check_inputs_fit(models[0], owned_dataset(session, tenant_id, dataset_id), "body.options.stage_datasets",
+                         settings.max_activation_bytes, _batch_size(options))
     if len(stages) > 1 and stage_datasets:
         missing = [s for s in stages if str(s) not in stage_datasets]
         if missing:

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     )
     max_page_size: int = Field(1000, gt=0, description="Cap on page_size for lists and results.")
     max_top_k: int = Field(10_000, gt=0, description="Cap on top_k of an attribution.")
+    max_activation_bytes: int = Field(
+        16 * 1024**3, gt=0, description="Refuse jobs whose estimated activations for one batch exceed this."
+    )
 
     # serving capacity (see service/admission.py)
     api_threads: int = Field(

@@ -58,7 +58,7 @@ def create_attribution(
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/attributions", body)
     if replayed is not None:
         return replayed
-    checked = check_attribution(session, tenant.id, body, settings.max_top_k)
+    checked = check_attribution(session, tenant.id, body, settings)
     job = create_job(session, tenant.id, "attribution")
     attribution = Attribution(
         id=new_id("attr"), tenant_id=tenant.id, job_id=job.id, method=body.method, mode=body.mode,

@@ -33,7 +33,7 @@ def dataset_out(dataset: Dataset) -> DatasetOut:
              responses=problem_responses(413, 415), dependencies=[MultipartBody])
 def upload_dataset(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
-    metadata: Annotated[str, Form(description="JSON: `{\"name\": str}`.")],
+    metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description="JSON: `{\"name\": str}`.")],
     data: Annotated[UploadFile, File(description="safetensors, .npz (no pickle) or Parquet with `inputs`, "
                                                  "`targets`, optional `ids`, `weight`, `task`, `split`.")],
     idempotency_key: IdempotencyKey,

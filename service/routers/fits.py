@@ -11,7 +11,7 @@ from service.artifacts import owned_dataset, owned_model
 from service.attribution_requests import check_inputs_fit, owned_checkpoints, owned_fit
 from service.db.base import new_id, utcnow
 from service.db.tables import Fit
-from service.dependencies import JsonBody, SessionDep, TenantDep
+from service.dependencies import JsonBody, SessionDep, SettingsDep, TenantDep
 from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.problems import invalid, problem_responses
@@ -31,7 +31,7 @@ def fit_out(fit: Fit, status: str) -> FitOut:
 @router.post("", status_code=202, response_model=FitOut, responses=problem_responses(409, 413, 415),
              dependencies=[JsonBody])
 def create_fit(
-    body: FitIn, request: Request, tenant: TenantDep, session: SessionDep,
+    body: FitIn, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/fits", body)
@@ -39,7 +39,7 @@ def create_fit(
         return replayed
     model = owned_model(session, tenant.id, body.model_id)
     dataset = owned_dataset(session, tenant.id, body.dataset_id)
-    check_inputs_fit(model, dataset, "body.dataset_id")
+    check_inputs_fit(model, dataset, "body.dataset_id", settings.max_activation_bytes, body.batch_size)
     if body.layers is not None:
         unknown = [name for name in body.layers if name not in model.tracked_layers]
         if unknown:

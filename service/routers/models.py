@@ -39,7 +39,7 @@ def model_out(model: Model) -> ModelOut:
              responses=problem_responses(413, 415), dependencies=[MultipartBody])
 def upload_model(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
-    metadata: Annotated[str, Form(description=METADATA_DOC)],
+    metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description=METADATA_DOC)],
     weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict.")],
     idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
@@ -115,7 +115,7 @@ def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
              responses=problem_responses(409, 413, 415), dependencies=[MultipartBody])
 def upload_checkpoint(
     model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
-    metadata: Annotated[str, Form(description="JSON: `{\"step\", \"learning_rate\", \"stage\", \"momentum\", \"optimizer\"}`.")],
+    metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description="JSON: `{\"step\", \"learning_rate\", \"stage\", \"momentum\", \"optimizer\"}`.")],
     weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict at this step.")],
 ) -> CheckpointOut:
     model = artifacts.owned_model(session, tenant.id, model_id)

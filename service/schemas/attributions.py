@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from service.schemas.common import StrictModel
 
@@ -13,19 +13,27 @@ Method = Literal[
 ]
 
 
+ResourceId = Annotated[str, Field(min_length=1, max_length=64)]
+
+
 class AttributionIn(StrictModel):
-    model_id: str | None = None
-    model_ids: list[str] | None = Field(
+    """Give exactly one of `model_id` and `model_ids`."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["model_id"]}, {"required": ["model_ids"]}]})
+
+    model_id: ResourceId | None = None
+    model_ids: list[ResourceId] | None = Field(
         None, min_length=1, max_length=32,
         description="An ensemble of independently trained models of one architecture; scores are averaged.",
     )
-    train_dataset_id: str
-    query_dataset_id: str | None = Field(None, description="Required except in `self` mode.")
+    train_dataset_id: ResourceId
+    query_dataset_id: ResourceId | None = Field(None, description="Required except in `self` mode.")
     method: Method = "influence"
-    fit_id: str | None = None
+    fit_id: ResourceId | None = None
     measurement: Literal["loss", "margin"] = "loss"
     mode: Literal["pairwise", "aggregate", "self"] = "pairwise"
-    top_k: int = Field(10, ge=1)
+    top_k: StrictInt = Field(10, ge=1, le=1_000_000, description="Rows per query and direction (a server setting "
+                             "may cap it lower: 422).")
     options: dict[str, Any] = Field(default_factory=dict, description="Method-specific; unknown options are a 422.")
 
     @model_validator(mode="after")
@@ -74,5 +82,6 @@ class ResultsPage(BaseModel):
 
 
 class EditIn(StrictModel):
-    remove: list[int | str] = Field(min_length=1, max_length=100_000, description="Training ids (or task ids).")
+    remove: list[StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=256)]] = Field(
+        min_length=1, max_length=100_000, description="Training ids (or task ids).")
     name: str = Field(min_length=1, max_length=200)

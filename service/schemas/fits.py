@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.schemas.common import BatchSize, Damping
 from service.schemas.options import FitLevelOptions, FitStrategy
 
 
@@ -12,9 +13,10 @@ class FitIn(FitLevelOptions):
     model_id: str
     dataset_id: str
     strategy: FitStrategy = "ekfac"
-    checkpoint_ids: list[str] | None = Field(None, description="Fit at each of these checkpoints (for SOURCE).")
-    damping: float | None = Field(None, gt=0, allow_inf_nan=False, description="Default damping stored with the fit.")
-    batch_size: int = Field(256, ge=1, le=65_536)
+    checkpoint_ids: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        None, min_length=1, max_length=10_000, description="Fit at each of these checkpoints (for SOURCE).")
+    damping: Damping | None = Field(None, description="Default damping stored with the fit.")
+    batch_size: BatchSize = 256
 
 
 class FitOut(BaseModel):

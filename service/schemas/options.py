@@ -5,14 +5,21 @@ Each method has its own strict model: an unknown option is a 422, never silently
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, StrictFloat, StrictInt, StrictStr, field_validator
 
-from service.schemas.common import StrictModel
+from service.schemas.common import BatchSize, Damping, Flag, Iterations, ModuleNames, Seed, StrictModel, Tolerance
 
 FitStrategy = Literal["ekfac", "kfac", "diagonal", "identity"]
 FisherKind = Literal["true", "empirical"]
+
+
+Stages = Annotated[list[Annotated[StrictInt, Field(ge=0, le=10_000)]], Field(min_length=1, max_length=1000)]
+StageDatasets = Annotated[
+    dict[Annotated[str, Field(pattern=r"^[0-9]{1,5}$")], Annotated[StrictStr, Field(min_length=1, max_length=64)]],
+    Field(min_length=1, max_length=1000),
+]
 
 
 def _normalise_fisher(value: object) -> object:
@@ -24,47 +31,47 @@ class FitLevelOptions(StrictModel):
     """Options that decide what a curvature fit contains."""
 
     fisher: FisherKind = Field("true", description="`true`: labels sampled from the model; `empirical`: the given labels.")
-    fisher_samples: int = Field(1, ge=1, le=64, description="Sampled labels per example (true Fisher).")
-    seed: int = Field(0, ge=0, description="Seed of the label sampling.")
-    layers: list[str] | None = Field(None, description="Module names to track; default every Linear and Conv2d.")
+    fisher_samples: StrictInt = Field(1, ge=1, le=64, description="Sampled labels per example (true Fisher).")
+    seed: Seed = Field(0, description="Seed of the label sampling.")
+    layers: ModuleNames | None = Field(None, description="Module names to track; default every Linear and Conv2d.")
 
     _fisher = field_validator("fisher", mode="before")(_normalise_fisher)
 
 
 class InfluenceOptions(FitLevelOptions):
     strategy: Literal["ekfac", "kfac", "diagonal", "identity", "exact", "cg", "lissa"] = "ekfac"
-    damping: float | None = Field(
-        None, gt=0, allow_inf_nan=False,
+    damping: Damping | None = Field(
+        None,
         description="Added to every layer's eigenvalues; null: 0.1 × mean eigenvalue per layer "
         "(exact/cg/lissa: 0.1 × trace/D).",
     )
     curvature: Literal["gauss_newton", "hessian"] = Field("gauss_newton", description="For exact/cg/lissa.")
-    max_iter: int = Field(100, ge=1, le=100_000, description="For cg/lissa.")
-    tol: float = Field(1e-6, gt=0, lt=1, description="For cg.")
-    batch_size: int = Field(256, ge=1, le=65_536)
+    max_iter: Iterations = Field(100, description="For cg/lissa.")
+    tol: Tolerance = Field(1e-6, description="For cg.")
+    batch_size: BatchSize = 256
 
 
 class DataInfOptions(StrictModel):
-    damping: float | None = Field(None, gt=0, allow_inf_nan=False, description="λ per layer; null: 0.1 × mean ‖g‖²/d.")
-    layers: list[str] | None = None
-    batch_size: int = Field(256, ge=1, le=65_536)
+    damping: Damping | None = Field(None, description="λ per layer; null: 0.1 × mean ‖g‖²/d.")
+    layers: ModuleNames | None = None
+    batch_size: BatchSize = 256
 
 
 class GradientSimilarityOptions(StrictModel):
-    layers: list[str] | None = None
-    batch_size: int = Field(256, ge=1, le=65_536)
-    normalize: bool = Field(False, description="Cosine of the gradients instead of their dot product.")
+    layers: ModuleNames | None = None
+    batch_size: BatchSize = 256
+    normalize: Flag = Field(False, description="Cosine of the gradients instead of their dot product.")
 
 
 class TracInOptions(StrictModel):
     """TracInCP: Σ over the chosen stages' checkpoints of learning rate × ⟨∇f(z_q), ∇ℓ(z_i)⟩, with the learning
     rate as uploaded (momentum is not folded in). `self` mode: Σ_c η_c ‖∇ℓ(z_i)‖²."""
 
-    layers: list[str] | None = None
-    batch_size: int = Field(256, ge=1, le=65_536)
-    stages: list[int] | None = Field(
+    layers: ModuleNames | None = None
+    batch_size: BatchSize = 256
+    stages: Stages | None = Field(
         None, description="Stages whose checkpoints are summed; default: the stages trained on train_dataset_id.")
-    stage_datasets: dict[str, str] | None = Field(
+    stage_datasets: StageDatasets | None = Field(
         None, description="Training dataset id of each stage (`{\"0\": id}`); default: train_dataset_id.")
 
 
@@ -73,49 +80,52 @@ class SourceOptions(FitLevelOptions):
     training data (its curvature and its N) come from `stage_datasets`. `self` mode: Σ over the attributed
     segments of ⟨ḡ_s, U_s ḡ_s⟩ (no forgetting factors of later segments)."""
 
-    segments: int | Literal["stages"] | None = Field(
+    segments: Annotated[StrictInt, Field(ge=1, le=10_000)] | Literal["stages"] | None = Field(
         None, description="k = k equal parts of the run by step (also cut where the stage changes, so a "
         "segment never mixes two datasets), or `stages` (one per stage). Default: one per stage when there are "
         "several stages, else 3 (at most one per checkpoint).",
     )
-    stages: list[int] | None = Field(
+    stages: Stages | None = Field(
         None, description="Stages whose segments are attributed; default: the stages trained on train_dataset_id.")
-    stage_datasets: dict[str, str] | None = Field(
+    stage_datasets: StageDatasets | None = Field(
         None, description="Training dataset id of each stage (`{\"0\": id, \"1\": id}`); default: "
         "`train_dataset_id` for every stage.",
     )
     variant: Literal["full", "averaged_parameters"] = Field(
         "full", description="`full`: factors and gradients per checkpoint, averaged in each segment; "
         "`averaged_parameters`: one fit per segment at its checkpoints' mean parameters.")
-    damping: float | None = Field(None, gt=0, allow_inf_nan=False, description="Added to the eigenvalues (default none).")
-    batch_size: int = Field(256, ge=1, le=65_536)
+    damping: Damping | None = Field(None, description="Added to the eigenvalues (default none).")
+    batch_size: BatchSize = 256
 
 
 class MetaInnerOptions(StrictModel):
     mode: Literal["implicit_proximal", "unrolled"] = "implicit_proximal"
-    reg: float = Field(1.0, gt=0, allow_inf_nan=False, description="Proximal regulariser r (implicit_proximal).")
-    steps: int = Field(5, ge=1, le=1000, description="Inner gradient steps K (unrolled).")
-    lr: float = Field(0.1, gt=0, allow_inf_nan=False, description="Inner step size α (unrolled).")
+    reg: Damping = Field(1.0, description="Proximal regulariser r (implicit_proximal).")
+    steps: StrictInt = Field(5, ge=1, le=1000, description="Inner gradient steps K (unrolled).")
+    lr: Annotated[StrictFloat | StrictInt, Field(gt=0, le=1e3, allow_inf_nan=False)] = Field(
+        0.1, description="Inner step size α (unrolled).")
     ihvp: Literal["dense", "cg", "ekfac"] = "cg"
-    tol: float = Field(1e-6, gt=0)
-    max_iter: int = Field(100, ge=1, le=100_000)
+    tol: Tolerance = 1e-6
+    max_iter: Iterations = 100
 
 
 class MetaOptions(StrictModel):
     inner: MetaInnerOptions = Field(default_factory=MetaInnerOptions)
-    outer_l2: float = Field(0.0, ge=0, allow_inf_nan=False, description="δ_o of the outer objective.")
+    outer_l2: Annotated[StrictFloat | StrictInt, Field(ge=0, le=1e8, allow_inf_nan=False)] = Field(
+        0.0, description="δ_o of the outer objective.")
     solver: Literal["exact", "cg", "neumann"] = "cg"
     third_order: Literal["exact", "gamma", "drop"] = "exact"
-    damping: float | None = Field(None, gt=0, allow_inf_nan=False, description="ρ; null: auto (META.md §3.2).")
-    direct: bool = Field(False, description="Direct-IF baseline: total-gradient correction switched off.")
+    damping: Damping | None = Field(None, description="ρ; null: automatic (the smallest ρ that makes H + ρI safely "
+                                    "positive definite).")
+    direct: Flag = Field(False, description="Direct-IF baseline: total-gradient correction switched off.")
     removal: Literal["first_order", "newton"] = Field(
         "first_order", description="Task removal: `first_order` Δλ = (H + ρI)⁻¹ g_k (the paper's task-IF); `newton` "
         "Δλ = (H − H_k + ρI)⁻¹ g_k, the Newton step of the proximal leave-one-task-out retrain (one solve per task; "
         "solver `exact` or `cg`; task influence only).")
-    adapted_params: list[str] | None = Field(None, description="Parameters adapted in the inner loop; default all.")
-    neumann_steps: int = Field(1000, ge=1, le=1_000_000)
-    max_iter: int = Field(200, ge=1, le=100_000)
-    tol: float = Field(1e-8, gt=0)
+    adapted_params: ModuleNames | None = Field(None, description="Parameters adapted in the inner loop; default all.")
+    neumann_steps: StrictInt = Field(1000, ge=1, le=1_000_000)
+    max_iter: Iterations = 200
+    tol: Tolerance = 1e-8
 
 
 OPTIONS_BY_METHOD: dict[str, type[StrictModel]] = {

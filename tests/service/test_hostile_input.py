@@ -105,7 +105,7 @@ def test_a_residual_architecture_900_levels_deep_is_422(sqlite_api: Api) -> None
 
 def test_brackets_inside_strings_do_not_count_as_nesting(sqlite_api: Api) -> None:
     response = sqlite_api.client.post("/v1/attributions", json={
-        "model_id": "[{" * 100 + '\\"[', "train_dataset_id": "d", "query_dataset_id": "q"})
+        "model_id": "[{" * 30 + '\\"[', "train_dataset_id": "[" * 60, "query_dataset_id": "{" * 60})
     assert response.status_code == 404, response.text  # the model does not exist: the depth check let it through
 
 
@@ -150,3 +150,69 @@ def test_chunked_upload_over_the_limit_is_413(tmp_path) -> None:
                                        headers={"content-type": "multipart/form-data; boundary=b"})
         assert response.status_code == 413, response.text
         assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("options", [
+    {"seed": 1e30}, {"seed": False}, {"seed": 2**40}, {"seed": "1"}, {"layers": []}, {"layers": [""]},
+    {"damping": 1e300}, {"damping": True}, {"max_iter": 1e9}, {"tol": 2}, {"fisher_samples": 1.5},
+])
+def test_out_of_range_options_are_422_before_queuing(sqlite_api: Api, options: dict) -> None:
+    setup = setup_job(sqlite_api)
+    body = {"model_id": setup["model_id"], "train_dataset_id": setup["train_dataset_id"],
+            "query_dataset_id": setup["query_dataset_id"], "method": "influence", "options": options}
+    response = sqlite_api.client.post("/v1/attributions", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"].startswith("body.options.")
+    assert sqlite_api.queue.enqueued == [] or len(sqlite_api.queue.enqueued) == 0
+
+
+def test_both_model_id_and_model_ids_is_refused_and_the_schema_says_so(sqlite_api: Api) -> None:
+    schema = sqlite_api.client.get("/openapi.json").json()["components"]["schemas"]["AttributionIn"]
+    assert {"required": ["model_id"]} in schema["oneOf"] and {"required": ["model_ids"]} in schema["oneOf"]
+    response = sqlite_api.client.post("/v1/attributions", json={
+        "model_id": "a", "model_ids": ["a"], "train_dataset_id": "d", "query_dataset_id": "q"})
+    assert response.status_code == 422
+
+
+def test_an_empty_metadata_part_is_refused_by_the_schema(sqlite_api: Api) -> None:
+    schema = sqlite_api.client.get("/openapi.json").json()["components"]["schemas"]
+    upload = next(v for k, v in schema.items() if k.startswith("Body_upload_dataset"))
+    assert upload["properties"]["metadata"]["minLength"] >= 1
+    response = sqlite_api.client.post("/v1/datasets", data={"metadata": ""}, files={"data": ("d.npz", b"x")})
+    assert response.status_code == 422
+
+
+def conv_model(padding: int, channels: int = 4) -> dict:
+    return {"name": "conv", "format": "spec", "task": {"loss": "cross_entropy"}, "architecture": {
+        "type": "sequential", "layers": [
+            {"type": "conv2d", "in_channels": 1, "out_channels": channels, "kernel_size": 3, "padding": padding},
+            {"type": "adaptive_avgpool2d", "output_size": 1}, {"type": "flatten"},
+            {"type": "linear", "in_features": channels, "out_features": 3}]}}
+
+
+def test_a_conv_with_absurd_padding_is_refused_at_upload(sqlite_api: Api) -> None:
+    response = sqlite_api.client.post("/v1/models", data={"metadata": json.dumps(conv_model(100_000))},
+                                      files={"weights": ("w.safetensors", b"\x00" * 16)})
+    assert response.status_code == 422, response.text
+    assert "padding" in response.text
+
+
+def test_work_whose_activations_cannot_fit_is_refused_at_submit(sqlite_api: Api) -> None:
+    import torch
+    from safetensors.torch import save as save_safetensors
+    from torch import nn
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1024), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 3))
+    weights = save_safetensors({k: v.contiguous() for k, v in module.state_dict().items()})
+    model = sqlite_api.client.post("/v1/models", data={"metadata": json.dumps(conv_model(1024, 64))},
+                                   files={"weights": ("w.safetensors", weights)})
+    assert model.status_code == 201, model.text
+    rng = np.random.default_rng(0)
+    images = {"inputs": rng.normal(size=(8, 1, 8, 8)).astype(np.float32), "targets": rng.integers(0, 3, 8)}
+    dataset = sqlite_api.upload_npz(**images).json()
+    response = sqlite_api.client.post("/v1/attributions", json={
+        "model_id": model.json()["id"], "train_dataset_id": dataset["id"], "query_dataset_id": dataset["id"],
+        "method": "gradient_similarity"})
+    assert response.status_code == 422, response.text
+    assert "GiB of activations" in response.json()["detail"]

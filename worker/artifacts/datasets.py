@@ -111,19 +111,20 @@ def _read_npz(path: Path, max_rows: int, max_bytes: int, field: str) -> dict[str
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
+            names = [m.filename.removesuffix(".npy") for m in members]
+            if len(set(names)) != len(names):
+                raise ArtifactError("not a valid .npz file: repeated member names", field=field)
+            _check_names(names, field)
+            total = sum(m.file_size for m in members)
+            if total > max_bytes:
+                raise ArtifactError(f"the .npz file holds {total:,} bytes uncompressed (at most {max_bytes:,})",
+                                    field=field)
             for member in members:
                 _check_npy_header(archive, member, max_rows, max_bytes, field)
     except ArtifactError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise ArtifactError(f"not a valid .npz file: {exc}", field=field) from None
-    names = [m.filename.removesuffix(".npy") for m in members]
-    if len(set(names)) != len(names):
-        raise ArtifactError("not a valid .npz file: repeated member names", field=field)
-    _check_names(names, field)
-    total = sum(m.file_size for m in members)
-    if total > max_bytes:
-        raise ArtifactError(f"the .npz file holds {total:,} bytes uncompressed (at most {max_bytes:,})", field=field)
     arrays = {}
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -142,13 +143,16 @@ def _check_npy_header(
     """Shape and dtype from a member's .npy header (its first bytes), checked before anything is decompressed."""
     name = member.filename.removesuffix(".npy")
     with archive.open(member) as stream:
-        version = np.lib.format.read_magic(stream)
+        try:
+            version = np.lib.format.read_magic(stream)
+        except ValueError:
+            raise ArtifactError(f"{name}: member is not a .npy array", field=f"{field}.{name}") from None
         if version == (1, 0):
             shape, _, dtype = np.lib.format.read_array_header_1_0(stream)  # the header only: no data, no pickle
         elif version == (2, 0):
             shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
-            raise ValueError(f"{name}: unsupported .npy format version {version}")
+            raise ArtifactError(f"{name}: unsupported .npy format version {version}", field=f"{field}.{name}")
     if dtype.hasobject:
         raise ArtifactError(f"{name}: pickled data is not accepted (object arrays cannot be loaded safely)",
                             field=f"{field}.{name}")

@@ -27,9 +27,10 @@ MAX_PARAMETERS = 250_000_000  # default cap for build_module (1 GB of float32)
 FIELD = "metadata.architecture"
 
 Dim = Annotated[int, Field(strict=True, ge=1, le=MAX_DIM)]
-NonNegative = Annotated[int, Field(strict=True, ge=0, le=MAX_DIM)]
 Size2 = Dim | Annotated[list[Dim], Field(min_length=2, max_length=2)]
-Padding2 = NonNegative | Annotated[list[NonNegative], Field(min_length=2, max_length=2)]
+MAX_PADDING = 1024
+Pad = Annotated[int, Field(strict=True, ge=0, le=MAX_PADDING)]
+Padding2 = Pad | Annotated[list[Pad], Field(min_length=2, max_length=2)]
 Eps = Annotated[float, Field(strict=True, gt=0, le=1, allow_inf_nan=False)]
 Momentum = Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)]
 Probability = Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)]
