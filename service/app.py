@@ -14,6 +14,7 @@ from service.limits import BodySizeLimit
 from service.metrics import MetricsMiddleware, create_metrics
 from service.problems import install_problem_handlers, problem_response, problem_responses
 from service.queue import CeleryQueue, JobQueue
+from service.quotas import RateLimiter
 from service.routers import attributions, datasets, fits, jobs, models, operations
 from service.settings import Settings, get_settings
 from service.storage import BlobStore, LocalBlobStore
@@ -47,6 +48,7 @@ def create_app(
     app.state.store = store or LocalBlobStore(settings.resolved_storage_dir)
     app.state.queue = queue or CeleryQueue(settings.resolved_broker_url)
     app.state.metrics = create_metrics()
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     install_problem_handlers(app)
     app.add_exception_handler(ArtifactError, _on_artifact_error)  # type: ignore[arg-type]
     for module in (models, datasets, fits, attributions, jobs, operations):

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service.auth import Caller, tenant_for_key
+from service.auth import Caller, hash_key, tenant_for_key
 from service.db.session import get_sessionmaker
 from service.problems import ProblemError
 from service.settings import Settings
@@ -42,6 +42,7 @@ bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: B
 
 
 def get_tenant(
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     session: Annotated[Session, Depends(get_session, scope="function")],
 ) -> Caller:
@@ -52,6 +53,7 @@ def get_tenant(
     tenant = tenant_for_key(session, credentials.credentials)
     if tenant is None:
         raise ProblemError(401, "the API key is not valid", kind="unauthenticated", headers=challenge)
+    request.app.state.rate_limiter.check(hash_key(credentials.credentials))
     return tenant
 
 

@@ -10,13 +10,16 @@ from sqlalchemy.orm import Session
 from service.db.base import new_id, utcnow
 from service.db.tables import FINISHED_STATUSES, Attribution, Fit, Job
 from service.problems import ProblemError, not_found, problem_dict
+from service.quotas import check_active_jobs
 from service.schemas.jobs import JobOut, JobProgress
 
 if TYPE_CHECKING:
     from service.queue import JobQueue
 
 
-def create_job(session: Session, tenant_id: str, kind: str) -> Job:
+def create_job(session: Session, tenant_id: str, kind: str, max_active_jobs: int) -> Job:
+    """A queued job row; 429 when the tenant already has ``max_active_jobs`` queued or running."""
+    check_active_jobs(session, tenant_id, max_active_jobs)
     job = Job(id=new_id("job"), tenant_id=tenant_id, kind=kind, status="queued", progress_stage="queued",
               created_at=utcnow())
     session.add(job)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,17 @@ class Settings(BaseSettings):
     max_top_k: int = Field(10_000, gt=0, description="Cap on top_k of an attribution.")
     max_activation_bytes: int = Field(
         16 * 1024**3, gt=0, description="Refuse jobs whose estimated activations for one batch exceed this."
+    )
+
+    # per-key rates and per-tenant quotas (see service/quotas.py); exceeding one answers 429 + Retry-After
+    rate_limit_per_second: float = Field(50.0, gt=0, description="Average requests per second per API key.")
+    rate_limit_burst: int = Field(200, ge=1, description="Requests an API key may make at once above the rate.")
+    max_active_jobs_per_tenant: int = Field(32, ge=1, description="Queued plus running jobs per tenant.")
+    max_stored_bytes_per_tenant: int = Field(
+        100 * 1024**3, gt=0, description="Bytes of models, checkpoints and datasets a tenant may keep."
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token that unlocks GET /metrics (operators only); unset: /metrics is off."
     )
 
     # serving capacity (see service/admission.py)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from service.db.tables import Blob
 from service.limits import check_json_depth
 from service.problems import FieldError, ProblemError
+from service.quotas import check_storage
 from service.storage import BlobStore, BlobTooLarge, StoredBlob
 from service.storage.base import StagedBlob
 
@@ -43,6 +44,15 @@ def stage_upload(store: BlobStore, upload: UploadFile, *, limit: int, field: str
     except BlobTooLarge as exc:
         raise ProblemError(413, f"the `{field}` file is larger than the limit of {limit} bytes",
                            kind="payload-too-large") from exc
+
+
+def check_storage_or_discard(session: Session, tenant_id: str, staged: StagedBlob, quota: int) -> None:
+    """The tenant's storage quota, checked once the upload's size is known; a refused upload leaves nothing."""
+    try:
+        check_storage(session, tenant_id, staged.size, quota)
+    except ProblemError:
+        staged.discard()
+        raise
 
 
 def read_head(staged: StagedBlob, size: int = 16) -> bytes:

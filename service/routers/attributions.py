@@ -59,7 +59,7 @@ def create_attribution(
     if replayed is not None:
         return replayed
     checked = check_attribution(session, tenant.id, body, settings)
-    job = create_job(session, tenant.id, "attribution")
+    job = create_job(session, tenant.id, "attribution", settings.max_active_jobs_per_tenant)
     attribution = Attribution(
         id=new_id("attr"), tenant_id=tenant.id, job_id=job.id, method=body.method, mode=body.mode,
         measurement=body.measurement, model_ids=[m.id for m in checked.models], train_dataset_id=checked.train.id,

@@ -16,7 +16,7 @@ from service.idempotency import IdempotencyKey, remember, replay
 from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
 from service.problems import problem_responses
 from service.schemas.datasets import DatasetList, DatasetMetadata, DatasetOut
-from service.uploads import commit_blob, parse_metadata, read_head, stage_upload
+from service.uploads import check_storage_or_discard, commit_blob, parse_metadata, read_head, stage_upload
 from worker.artifacts.datasets import describe, detect_format, read_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(400, 401, 404, 422))
@@ -40,6 +40,7 @@ def upload_dataset(
 ) -> JSONResponse:
     meta = parse_metadata(metadata, DatasetMetadata)
     staged = stage_upload(store, data, limit=settings.max_upload_bytes, field="data")
+    check_storage_or_discard(session, tenant.id, staged, settings.max_stored_bytes_per_tenant)
     fingerprint = {"metadata": meta.model_dump(), "data": staged.sha256}
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/datasets", fingerprint)
     if replayed is not None:

@@ -47,7 +47,7 @@ def create_fit(
                           "body.layers")
     if body.checkpoint_ids:
         owned_checkpoints(session, model, body.checkpoint_ids)
-    job = create_job(session, tenant.id, "fit")
+    job = create_job(session, tenant.id, "fit", settings.max_active_jobs_per_tenant)
     options = body.model_dump(include={"fisher", "fisher_samples", "seed", "layers", "batch_size", "strategy"})
     fit = Fit(
         id=new_id("fit"), tenant_id=tenant.id, job_id=job.id, model_id=model.id, dataset_id=dataset.id,

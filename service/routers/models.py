@@ -20,7 +20,7 @@ from service.problems import problem_responses
 from service.schemas.models import (
     CheckpointList, CheckpointMetadata, CheckpointOut, ModelList, ModelMetadata, ModelOut,
 )
-from service.uploads import commit_blob, parse_metadata, stage_upload
+from service.uploads import check_storage_or_discard, commit_blob, parse_metadata, stage_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses(400, 401, 404, 422))
 
@@ -46,6 +46,7 @@ def upload_model(
     meta = parse_metadata(metadata, ModelMetadata)
     spec = artifacts.check_model_metadata(meta, settings.max_parameters)
     staged = stage_upload(store, weights, limit=settings.max_upload_bytes, field="weights")
+    check_storage_or_discard(session, tenant.id, staged, settings.max_stored_bytes_per_tenant)
     fingerprint = {"metadata": meta.model_dump(), "weights": staged.sha256}
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/models", fingerprint)
     if replayed is not None:
@@ -122,6 +123,7 @@ def upload_checkpoint(
     meta = parse_metadata(metadata, CheckpointMetadata)
     artifacts.check_checkpoint_is_new(session, model.id, meta.step, meta.stage)
     staged = stage_upload(store, weights, limit=settings.max_upload_bytes, field="weights")
+    check_storage_or_discard(session, tenant.id, staged, settings.max_stored_bytes_per_tenant)
     try:
         artifacts.load_model(artifacts.model_spec(model), staged.path)
     except BaseException:

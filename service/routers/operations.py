@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hmac
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 from sqlalchemy import func, select, text
 
 from service.db.session import get_engine, session_scope
 from service.db.tables import Job
+from service.problems import ProblemError, problem_responses
 
 router = APIRouter(tags=["operations"])
 
@@ -32,6 +36,17 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
 
 
+def _check_operator(request: Request, token: SecretStr | None) -> None:
+    if token is None:
+        raise ProblemError(404, "metrics are off: the operator sets ATTRIB_METRICS_TOKEN to serve them",
+                           kind="not-found")
+    presented = request.headers.get("authorization", "")
+    expected = f"Bearer {token.get_secret_value()}"
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise ProblemError(401, "GET /metrics needs the operator's metrics token", kind="unauthenticated",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+
 def _database_ready(url: str) -> bool:
     try:
         with get_engine(url).connect() as connection:
@@ -41,10 +56,12 @@ def _database_ready(url: str) -> bool:
         return False
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, responses=problem_responses(401, 404))
 def metrics(request: Request) -> PlainTextResponse:
-    """Prometheus text format: request counts and latencies, jobs by status."""
+    """Prometheus text format: request counts and latencies, jobs by status (all tenants together). For operators:
+    it needs `Authorization: Bearer <ATTRIB_METRICS_TOKEN>`, and answers 404 when that setting is unset."""
     state = request.app.state
+    _check_operator(request, state.settings.metrics_token)
     with session_scope(state.settings.resolved_database_url) as session:
         counts = {status: count for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status))}
     for status in ("queued", "running", "succeeded", "failed", "cancelled"):

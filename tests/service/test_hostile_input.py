@@ -216,3 +216,39 @@ def test_work_whose_activations_cannot_fit_is_refused_at_submit(sqlite_api: Api)
         "method": "gradient_similarity"})
     assert response.status_code == 422, response.text
     assert "GiB of activations" in response.json()["detail"]
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.service.conftest import build_api
+
+    for api in build_api(tmp_path, None, rate_limit_per_second=1, rate_limit_burst=3):
+        statuses = [api.client.get("/v1/models").status_code for _ in range(5)]
+        assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429]
+        refused = api.client.get("/v1/models")
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert int(refused.headers["retry-after"]) >= 1
+        other = api.client.get("/v1/models", headers=api.new_key("someone-else"))
+        assert other.status_code == 200  # another key has its own budget
+
+
+def test_active_job_quota_gets_429(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.service.conftest import build_api
+
+    for api in build_api(tmp_path, None, max_active_jobs_per_tenant=2):
+        setup = setup_job(api)
+        api.queue.paused = True  # jobs stay queued
+        body = {"model_id": setup["model_id"], "train_dataset_id": setup["train_dataset_id"],
+                "query_dataset_id": setup["query_dataset_id"], "method": "gradient_similarity"}
+        statuses = [api.client.post("/v1/attributions", json=body).status_code for _ in range(3)]
+        assert statuses == [202, 202, 429]
+
+
+def test_storage_quota_gets_429_and_stores_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.service.conftest import build_api, tiny_dataset
+
+    for api in build_api(tmp_path, None, max_stored_bytes_per_tenant=1500):
+        assert api.upload_npz(name="a", **tiny_dataset(20)).status_code == 201
+        refused = api.upload_npz(name="b", **tiny_dataset(40))
+        assert refused.status_code == 429, refused.text
+        assert "quota" in refused.json()["detail"]
+        assert [d["name"] for d in api.client.get("/v1/datasets").json()["datasets"]] == ["a"]

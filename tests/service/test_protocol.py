@@ -58,4 +58,14 @@ def test_health_ready_metrics(sqlite_api: Api) -> None:
     assert sqlite_api.client.get("/healthz").json() == {"status": "ok"}
     ready = sqlite_api.client.get("/readyz")
     assert ready.status_code == 200 and all(ready.json()["checks"].values())
-    assert "attrib_http_requests" in sqlite_api.client.get("/metrics").text
+    assert sqlite_api.client.get("/metrics").status_code == 404  # off unless the operator sets a token
+
+
+def test_metrics_need_the_operator_token_never_a_tenant_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.service.conftest import build_api
+
+    for api in build_api(tmp_path, None, metrics_token="operator-secret"):
+        assert api.client.get("/metrics").status_code == 401  # the tenant's own key is not enough
+        assert api.client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+        page = api.client.get("/metrics", headers={"Authorization": "Bearer operator-secret"})
+        assert page.status_code == 200 and "attrib_http_requests" in page.text

@@ -50,7 +50,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp: Path = tmp_path_factory.mktemp("schemathesis")
-    app_settings = make_settings(tmp, None)
+    app_settings = make_settings(tmp, None, rate_limit_per_second=100_000, rate_limit_burst=100_000)
     upgrade_to_head(app_settings.resolved_database_url)
     queue = InlineQueue(app_settings)
     app = create_app(app_settings, queue=queue)
