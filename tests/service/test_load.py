@@ -42,5 +42,5 @@ def test_256_readers_in_flight_never_lock_up_the_api(tmp_path: Path, backend: st
         report = run_load(base_url, paths, headers, IN_FLIGHT, SECONDS)
     print(report.summary())
     assert report.failed() == 0, report.summary()
-    assert report.statuses[200] >= 1000, report.summary()
+    assert report.statuses[200] >= 200, report.summary()  # it keeps answering (the lock-up answered 40 in 6,000)
     assert report.healthz_failures == 0 and max(report.healthz_latencies) < 1.0, report.summary()

@@ -1,0 +1,95 @@
+"""Results-page latency of a real `attrib serve` process at 64 and 256 requests in flight, SQLite and PostgreSQL.
+
+    python -m benchmarks.results_latency [--seconds 20] [--in-flight 64 256] [--backends sqlite postgres]
+
+Each run: a tenant with a finished attribution (20 queries × top 100 each way), then a bounded load of results
+pages (100 rows each) for a fixed time from a local async client; rate limits are lifted so that the server, not
+the per-key budget, is what is measured. Reports requests/s, status counts, p50/p99 of the 200 answers (client
+side, so they include the client's own time on the same 2 cores) and the slowest /healthz. Writes
+benchmarks/results/results_latency.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import uuid
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from tests.conftest import POSTGRES_URL, REDIS_URL
+from tests.loadgen import LoadReport, api_server, run_load
+from tests.service.test_load import results_pages
+
+RESULTS = Path(__file__).parent / "results" / "results_latency.md"
+
+
+def postgres_schema() -> tuple[str, str]:
+    schema = f"attrib_bench_{uuid.uuid4().hex[:8]}"
+    with create_engine(POSTGRES_URL).begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    return schema, f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+
+
+def drop_schema(schema: str) -> None:
+    with create_engine(POSTGRES_URL).begin() as connection:
+        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+def measure(backend: str, in_flight: list[int], seconds: float, workdir: Path) -> list[tuple[str, LoadReport]]:
+    schema = None
+    if backend == "postgres":
+        schema, url = postgres_schema()
+    else:
+        url = f"sqlite:///{workdir / 'bench.sqlite'}"
+    try:
+        paths, headers, env = results_pages(workdir / "data", url)
+        env = {**env, "ATTRIB_BROKER_URL": REDIS_URL, "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
+               "ATTRIB_RATE_LIMIT_BURST": "1000000"}
+        reports = []
+        with api_server(env, workdir / "server.log") as base_url:
+            run_load(base_url, paths, headers, 8, 3)  # warm-up
+            for count in in_flight:
+                report = run_load(base_url, paths, headers, count, seconds)
+                print(f"{backend}: {report.summary()}", flush=True)
+                reports.append((backend, report))
+        return reports
+    finally:
+        if schema is not None:
+            drop_schema(schema)
+
+
+def table(reports: list[tuple[str, LoadReport]]) -> str:
+    lines = ["| database | in flight | requests/s | 200 | 503 | other | p50 | p99 | slowest /healthz |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for backend, r in reports:
+        other = r.requests - r.statuses[200] - r.statuses[503]
+        lines.append(f"| {backend} | {r.in_flight} | {r.requests / r.seconds:.0f} | {r.statuses[200]} | "
+                     f"{r.statuses[503]} | {other} | {1000 * r.percentile(50):.0f} ms | {1000 * r.percentile(99):.0f} ms"
+                     f" | {1000 * max(r.healthz_latencies):.0f} ms |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"], choices=["sqlite", "postgres"])
+    args = parser.parse_args()
+    reports = []
+    for backend in args.backends:
+        with tempfile.TemporaryDirectory() as workdir:
+            reports += measure(backend, args.in_flight, args.seconds, Path(workdir))
+    body = table(reports)
+    print(body)
+    RESULTS.write_text(
+        f"# Results-page latency\n\n`python -m benchmarks.results_latency --seconds {args.seconds:g}` on "
+        f"{platform.machine()} ({platform.python_version()}), one `attrib serve` process with default capacity "
+        f"settings, a local async httpx client on the same machine.\n\n{body}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
