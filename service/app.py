@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from service.limits import BodySizeLimit, BodyTooLarge
 from service.metrics import MetricsMiddleware, create_metrics
 from service.problems import install_problem_handlers, problem_response
 from service.queue import CeleryQueue, JobQueue
+from service.reaper import start_reaper
 from service.routers import attributions, datasets, fits, jobs, models, operations
 from service.settings import Settings, get_settings
 from service.storage import BlobStore, LocalBlobStore
@@ -28,7 +32,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION, lifespan=run_reaper)
     app.state.settings = settings
     app.state.store = store or LocalBlobStore(settings.resolved_storage_dir)
     app.state.queue = queue or CeleryQueue(settings.resolved_broker_url)
@@ -41,6 +45,17 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
+
+
+@asynccontextmanager
+async def run_reaper(app: FastAPI) -> AsyncIterator[None]:
+    """The job reaper (`service.reaper`) runs in a thread of the API process while it serves."""
+    reaper = start_reaper(app.state.settings, app.state.queue)
+    try:
+        yield
+    finally:
+        if reaper is not None:
+            reaper.stop()
 
 
 async def _on_artifact_error(request, exc: ArtifactError):  # type: ignore[no-untyped-def]
