@@ -34,13 +34,21 @@ def create_celery_app(broker_url: str, queue_name: str = "attrib", settings: Set
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        # a running job's message must not be handed to another worker while the job runs (Redis transport)
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_seconds},
+        broker_transport_options=_transport_options(broker_url, settings),
         task_soft_time_limit=settings.job_soft_time_limit_seconds,
         task_time_limit=settings.job_time_limit_seconds,
     )
     app.task(name=RUN_JOB_TASK, ignore_result=True, base=JobTask)(_run_job)
     return app
+
+
+def _transport_options(broker_url: str, settings: Settings) -> dict[str, Any]:
+    """Redis redelivers a message not acknowledged within the visibility timeout: above the longest job, so that
+    a running job's message is never handed to a second worker. (kombu's SQLAlchemy transport, the embedded
+    default, takes engine arguments here instead and has no such timeout.)"""
+    if broker_url.split(":", 1)[0] in ("redis", "rediss", "sentinel"):
+        return {"visibility_timeout": settings.broker_visibility_timeout_seconds}
+    return {}
 
 
 class JobTask(Task):  # type: ignore[misc]
@@ -67,6 +75,13 @@ def fail_timed_out(job_id: str, settings: Settings) -> None:
         log.exception("could not fail job %s after its hard time limit", job_id)
     finally:
         engine.dispose()
+
+
+@signals.worker_process_init.connect(weak=False)
+def _import_the_runner(**_: Any) -> None:
+    """Import the job runner (and torch, seconds on a busy machine) when a pool process starts, so that the
+    import is never cut short by a job's time limit."""
+    import worker.runner  # noqa: F401
 
 
 def _run_job(job_id: str) -> None:
