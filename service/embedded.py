@@ -56,8 +56,8 @@ def _die_with_parent() -> None:
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     env = {**os.environ, "ATTRIB_DATA_DIR": str(settings.data_dir.resolve())}
     command = [
-        sys.executable, "-m", "celery", "--quiet", "-A", "worker.celery_app", "worker", "--pool=prefork", "--concurrency=1",
-        "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        sys.executable, "-m", "celery", "--quiet", "-A", "worker.celery_app", "worker", "--pool=prefork",
+        "--concurrency=1", "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
     return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 

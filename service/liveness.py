@@ -59,6 +59,10 @@ class Superseded(Exception):
     """This attempt no longer owns its job (it was presumed dead and the job was requeued, cancelled or failed)."""
 
 
+class CancelRequested(Exception):
+    """The job's cancel was requested: the attempt stops and the job ends ``cancelled``."""
+
+
 def as_utc(moment: datetime) -> datetime:
     """Timestamps read back from SQLite carry no zone; every timestamp we write is UTC."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
@@ -102,10 +106,8 @@ def stale_clause(policy: LivenessPolicy, now: datetime) -> ColumnElement[bool]:
 
 
 def ended(status: str, now: datetime, error: dict[str, Any] | None = None) -> dict[str, Any]:
-    values: dict[str, Any] = {"status": status, "finished_at": now, "error": error}
-    if status != "succeeded":
-        values["progress_stage"] = status
-    return values
+    """The values of a job that ends (its progress stays where the work stopped)."""
+    return {"status": status, "finished_at": now, "error": error}
 
 
 def claim(session: Session, job_id: str, policy: LivenessPolicy, worker: str) -> int | None:
@@ -140,7 +142,7 @@ def beat(session: Session, job_id: str, attempt: int) -> bool:
 
 
 def report_progress(session: Session, job_id: str, attempt: int, stage: str, completed: int, total: int) -> None:
-    """Write progress (a heartbeat too). Raises ``Cancelled``-worthy ``CancelRequested`` or ``Superseded``."""
+    """Write progress (and a heartbeat); raises ``CancelRequested`` or ``Superseded`` when the work must stop."""
     written = transition(
         session, job_id, [*_owned(job_id, attempt), Job.cancel_requested.is_(False)],
         progress_stage=stage, progress_completed=completed, progress_total=total, heartbeat_at=utcnow())
@@ -160,10 +162,6 @@ def finish(session: Session, job_id: str, attempt: int, status: str, error: dict
         values.update(progress_stage="done", progress_completed=done, progress_total=done)
     if not transition(session, job_id, expected, **values):
         raise _why_not_owned(session, job_id, attempt)
-
-
-class CancelRequested(Exception):
-    """The job's cancel was requested: the attempt stops and the job ends ``cancelled``."""
 
 
 def _why_not_owned(session: Session, job_id: str, attempt: int) -> Exception:

@@ -20,6 +20,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select
 
@@ -27,7 +28,7 @@ from service.db.base import utcnow
 from service.db.session import session_scope
 from service.db.tables import Job
 from service.liveness import (
-    LivenessPolicy, transition, as_utc, ended, stale_clause, time_limit_problem, worker_lost_problem,
+    LivenessPolicy, as_utc, ended, stale_clause, time_limit_problem, transition, worker_lost_problem,
 )
 from service.queue import JobQueue
 from service.settings import Settings
@@ -59,20 +60,24 @@ def _settle_stale_running(database_url: str, policy: LivenessPolicy, report: Rea
     with session_scope(database_url) as session:
         stale = session.scalars(select(Job).where(Job.status == "running", stale_clause(policy, now)).limit(BATCH))
         for job in list(stale):
+            outcome, values = _fate_of_stale(job, policy, now)
             expected = [Job.status == "running", Job.attempts == job.attempts, stale_clause(policy, now)]
-            if job.cancel_requested:
-                outcome, values = report.cancelled, ended("cancelled", now)
-            elif _ran_past_time_limit(job, policy):
-                outcome, values = report.failed, ended("failed", now, time_limit_problem(policy.soft_time_limit_seconds))
-            elif job.attempts >= policy.max_attempts:
-                outcome, values = report.failed, ended("failed", now, worker_lost_problem(job.attempts, policy))
-            else:
-                outcome, values = report.requeued, {"status": "queued", "progress_stage": "queued", "enqueued_at": now}
             if transition(session, job.id, expected, **values):
-                outcome.append(job.id)
-    for name in ("requeued", "cancelled", "failed"):
-        if ids := getattr(report, name):
-            log.warning("reaper: %s %d job(s) whose worker stopped sending heartbeats: %s", name, len(ids), ids)
+                getattr(report, outcome).append(job.id)
+    for outcome in ("requeued", "cancelled", "failed"):
+        if ids := getattr(report, outcome):
+            log.warning("reaper: %s %d job(s) whose worker stopped sending heartbeats: %s", outcome, len(ids), ids)
+
+
+def _fate_of_stale(job: Job, policy: LivenessPolicy, now: datetime) -> tuple[str, dict[str, Any]]:
+    """What becomes of a running job whose worker is gone: the report's list it goes to, and its new values."""
+    if job.cancel_requested:
+        return "cancelled", ended("cancelled", now)
+    if _ran_past_time_limit(job, policy):
+        return "failed", ended("failed", now, time_limit_problem(policy.soft_time_limit_seconds))
+    if job.attempts >= policy.max_attempts:
+        return "failed", ended("failed", now, worker_lost_problem(job.attempts, policy))
+    return "requeued", {"status": "queued", "progress_stage": "queued", "enqueued_at": now}
 
 
 def _ran_past_time_limit(job: Job, policy: LivenessPolicy) -> bool:

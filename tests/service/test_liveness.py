@@ -224,3 +224,25 @@ def wait_for(condition, seconds: float = 20) -> None:  # type: ignore[no-untyped
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_a_hard_time_limit_fails_the_job_from_the_pool_parent(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.exceptions import TimeLimitExceeded
+
+    from service.settings import get_settings
+    from worker.celery_app import RUN_JOB_TASK, app
+
+    job_id = new_job(url)
+    assert claim_in(url, job_id) == 1
+    monkeypatch.setenv("ATTRIB_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("ATTRIB_DATABASE_URL", url)
+    monkeypatch.setenv("ATTRIB_BROKER_URL", "memory://")
+    get_settings.cache_clear()
+    try:  # what Celery calls in the parent process after killing the child that ran the job
+        app.tasks[RUN_JOB_TASK].on_failure(TimeLimitExceeded(60), "task-id", [job_id], {}, None)
+    finally:
+        get_settings.cache_clear()
+    job = row(url, job_id)
+    assert job.status == "failed" and job.error["type"].endswith("/time-limit")  # type: ignore[index]
