@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import ColumnElement, or_, select
 
 from service.db.base import utcnow
 from service.db.session import session_scope
@@ -111,7 +111,7 @@ def _resend_unclaimed(database_url: str, queue: JobQueue, policy: LivenessPolicy
     _send(queue, report.resent)
 
 
-def _unclaimed_since(cutoff: datetime):  # type: ignore[no-untyped-def]
+def _unclaimed_since(cutoff: datetime) -> ColumnElement[bool]:
     return or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff)
 
 

@@ -230,7 +230,8 @@ def test_a_job_whose_worker_is_killed_succeeds_on_another_worker(faults: FaultEn
         assert job["status"] == "succeeded", job
         assert time.monotonic() - killed_at < 60
         recovered = faults.row(interrupted["job_id"])
-        assert recovered.attempts == 2 and recovered.claimed_by not in (None, first_claim)
+        # (2 unless the machine was so loaded that a live worker's heartbeat went stale too: still one result)
+        assert recovered.attempts >= 2 and recovered.claimed_by not in (None, first_claim)
         assert second.poll() is None
 
         reference = submit_slow(api, inputs)  # the same job, uninterrupted

@@ -7,11 +7,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+
 from service.auth import get_or_create_tenant, tenant_for_key
 from service.db.base import utcnow
 from service.db.migrate import upgrade_to_head
@@ -75,7 +77,7 @@ def claim_in(url: str, job_id: str, policy: LivenessPolicy = POLICY, worker: str
         return claim(session, job_id, policy, worker)
 
 
-def ago(seconds: float):  # type: ignore[no-untyped-def]
+def ago(seconds: float) -> datetime:
     return utcnow() - timedelta(seconds=seconds)
 
 
@@ -219,7 +221,7 @@ def test_the_heartbeat_thread_keeps_a_job_alive_and_notices_when_it_lost_it(url:
         wait_for(heartbeat.lost.is_set)
 
 
-def wait_for(condition, seconds: float = 20) -> None:  # type: ignore[no-untyped-def]
+def wait_for(condition: Callable[[], bool], seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
