@@ -7,22 +7,25 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from sqlalchemy import create_engine, text
 
 from service.auth import get_or_create_tenant, tenant_for_key
 from service.db.base import utcnow
-from service.db.migrate import upgrade_to_head
-from service.db.session import session_scope
+from service.db.migrate import alembic_config, upgrade_to_head
+from service.db.session import get_engine, session_scope
 from service.db.tables import Job
 from service.jobs import create_job
 from service.liveness import CancelRequested, LivenessPolicy, Superseded, beat, claim, finish, report_progress
 from service.reaper import reap
 from service.settings import ConfigurationError, Settings
+from tests.conftest import POSTGRES_URL
 from tests.service.conftest import build_api, make_settings
 from worker.heartbeat import Heartbeat
 
@@ -248,3 +251,45 @@ def test_a_hard_time_limit_fails_the_job_from_the_pool_parent(
         get_settings.cache_clear()
     job = row(url, job_id)
     assert job.status == "failed" and job.error["type"].endswith("/time-limit")  # type: ignore[index]
+
+
+@pytest.fixture
+def empty_url(tmp_path: Path, backend: str | None) -> Iterator[str]:
+    """An empty database: a SQLite file, or a PostgreSQL schema of its own (the session's is already at head)."""
+    if backend is None:
+        yield make_settings(tmp_path, None).resolved_database_url
+        return
+    schema = f"attrib_test_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def test_migration_0002_lets_the_reaper_look_after_jobs_left_by_the_previous_version(empty_url: str) -> None:
+    url = empty_url
+    command.upgrade(alembic_config(url), "0001")
+    created, started = ago(600), ago(300)
+    with get_engine(url).begin() as connection:
+        connection.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('tnt_old', 'old', :at)"),
+                           {"at": created})
+        for job_id, status in (("job_queued", "queued"), ("job_running", "running"), ("job_done", "succeeded")):
+            connection.execute(text(
+                "INSERT INTO jobs (id, tenant_id, kind, status, progress_stage, progress_completed, progress_total, "
+                "cancel_requested, attempts, created_at, started_at) VALUES (:id, 'tnt_old', 'fit', :status, "
+                "'x', 0, 0, false, :attempts, :created, :started)"),
+                {"id": job_id, "status": status, "attempts": int(status != "queued"), "created": created,
+                 "started": started if status != "queued" else None})
+    upgrade_to_head(url)
+    assert row(url, "job_queued").enqueued_at is not None and row(url, "job_running").heartbeat_at is not None
+    assert row(url, "job_done").heartbeat_at is None
+    queue = RecordingQueue()
+    report = reap(url, queue, POLICY)
+    assert (report.requeued, report.resent) == (["job_running"], ["job_queued"])
+    assert sorted(queue.sent) == ["job_queued", "job_running"]
+    get_engine(url).dispose()
