@@ -77,10 +77,12 @@ def fail_timed_out(job_id: str, settings: Settings) -> None:
         engine.dispose()
 
 
-@signals.worker_process_init.connect(weak=False)
+@signals.worker_init.connect(weak=False)
 def _import_the_runner(**_: Any) -> None:
-    """Import the job runner (and torch, seconds on a busy machine) when a pool process starts, so that the
-    import is never cut short by a job's time limit."""
+    """Import the job runner (and torch: seconds on a busy machine) in the worker's main process, before the pool
+    forks: every pool process, including one started after the previous was killed, starts at once with it
+    loaded (a slow start would exceed Celery's wait for a new pool process), and no job's time limit is spent
+    importing."""
     import worker.runner  # noqa: F401
 
 

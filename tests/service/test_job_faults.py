@@ -46,7 +46,7 @@ LIVENESS_ENV = {
     "ATTRIB_JOB_REAPER_SECONDS": "0.5",
     "ATTRIB_JOB_REQUEUE_SECONDS": "2",
 }
-SLOW_TRAIN, SLOW_QUERY, SLOW_TOP_K = 1000, 16, 5
+SLOW_TRAIN, SLOW_QUERY, SLOW_TOP_K = 1000, 10, 5
 SLOW_OPTIONS = {"strategy": "cg", "max_iter": 200, "tol": 1e-12, "fisher": "empirical"}
 
 
@@ -284,3 +284,20 @@ def test_a_job_past_its_soft_time_limit_fails_with_a_time_limit_problem(faults: 
         assert job["status"] == "failed", job
         assert job["error"]["type"].endswith("/time-limit") and "time limit of 2 s" in job["error"]["detail"]
         assert faults.row(job["id"]).attempts == 1
+
+
+def test_a_job_whose_pool_process_is_killed_as_by_the_oom_killer_is_run_again(faults: FaultEnv) -> None:
+    with faults.api() as api:
+        inputs = upload_slow_inputs(api)
+        worker = faults.start_worker()
+        job = submit(api, inputs, method="influence", top_k=2, options=SLOW_OPTIONS)
+        wait_job(api, job["job_id"], 60, until=running_with_progress)
+        killed = str(faults.row(job["job_id"]).claimed_by)  # host:pid of the pool process running the job
+        child = int(killed.rsplit(":", 1)[1])
+        assert child != worker.pid
+        os.kill(child, signal.SIGKILL)  # Celery redelivers the message at once: dropped, the job looks alive
+        assert wait_job(api, job["job_id"], 60)["status"] == "succeeded"
+        assert worker.poll() is None  # the worker started a new pool process and ran the job there
+        recovered = faults.row(job["job_id"])
+        assert recovered.attempts >= 2 and recovered.claimed_by != killed
+        assert len(stored_rows(faults.database_url, job["id"])) == 2 * SLOW_QUERY * 2
