@@ -79,11 +79,14 @@ def fail_timed_out(job_id: str, settings: Settings) -> None:
 
 @signals.worker_init.connect(weak=False)
 def _import_the_runner(**_: Any) -> None:
-    """Import the job runner (and torch: seconds on a busy machine) in the worker's main process, before the pool
-    forks: every pool process, including one started after the previous was killed, starts at once with it
-    loaded (a slow start would exceed Celery's wait for a new pool process), and no job's time limit is spent
-    importing."""
-    import worker.runner  # noqa: F401
+    """Import the job runner and its tasks (and torch: seconds on a busy machine) in the worker's main process,
+    before the pool forks: every pool process, including one started after the previous was killed, starts at
+    once with them loaded (a slow start would exceed Celery's wait for a new pool process), and no job's time
+    limit is spent importing."""
+    from worker.runner import TASKS, task_for
+
+    for kind in TASKS:
+        task_for(kind)
 
 
 def _run_job(job_id: str) -> None:
