@@ -1,5 +1,6 @@
 """Fault tests of job liveness with the production topology: real PostgreSQL (a private schema), a redis-server
-the test starts on a free port (no persistence), real `attrib worker` subprocesses, and real SIGKILLs.
+the test starts on a free port (no persistence), real `attrib worker` subprocesses, and real SIGKILLs: of a
+whole worker, of the pool process running a job (as the OOM killer would), of Redis; and a soft time limit.
 
 Liveness settings are small for the subprocesses (heartbeat 0.5 s, stale after 3 s, reaper every 0.5 s, queued
 jobs resent after 2 s) so that each test takes seconds. The slow job is honest work: a conjugate-gradient
