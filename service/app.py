@@ -15,6 +15,7 @@ from service.metrics import MetricsMiddleware, create_metrics
 from service.problems import install_problem_handlers, problem_response, problem_responses
 from service.queue import CeleryQueue, JobQueue
 from service.quotas import RateLimiter
+from service.reaper import start_reaper
 from service.routers import attributions, datasets, fits, jobs, models, operations
 from service.settings import Settings, get_settings
 from service.storage import BlobStore, LocalBlobStore
@@ -36,12 +37,6 @@ def create_app(
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     configure_engine(settings.resolved_database_url, settings.db_pool_size)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
-        yield
-
     app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
                   responses=problem_responses(429, 503))
     app.state.settings = settings
@@ -58,6 +53,20 @@ def create_app(
                        wait_seconds=settings.admission_wait_seconds)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """While the API serves: its route threads sized from the settings, and the job reaper (`service.reaper`) in
+    a thread of its own."""
+    settings: Settings = app.state.settings
+    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+    reaper = start_reaper(settings, app.state.queue)
+    try:
+        yield
+    finally:
+        if reaper is not None:
+            reaper.stop()
 
 
 async def _on_artifact_error(request, exc: ArtifactError):  # type: ignore[no-untyped-def]

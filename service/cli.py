@@ -27,9 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     timeout_keep_alive=settings.keep_alive_seconds)
         return
     embedded.prepare(settings)
-    app = create_app(settings)
-    for job_id in embedded.interrupted_jobs(settings):
-        app.state.queue.enqueue(job_id)
+    app = create_app(settings)  # its reaper requeues the jobs a previous run left running
     worker = embedded.start_worker(settings)
     print(f"attrib: serving on http://{args.host}:{args.port} (docs: http://{args.host}:{args.port}/docs), "
           f"data in {settings.data_dir.resolve()}", file=sys.stderr)
@@ -42,9 +40,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> None:
     load_settings()
-    from worker.celery_app import app
+    from worker.celery_app import app, run_reaper_in_pool_processes
 
-    app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--loglevel={args.loglevel}"])
+    run_reaper_in_pool_processes(app)
+    app.worker_main(["worker", "--pool=prefork", "--concurrency=1", f"--loglevel={args.loglevel}"])
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:

@@ -9,12 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sqlalchemy import select
-
 from service.auth import create_api_key
 from service.db.migrate import upgrade_to_head
 from service.db.session import session_scope
-from service.db.tables import Job
 from service.settings import Settings
 
 LOCAL_TENANT = "local"
@@ -48,15 +45,6 @@ def read_api_key(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def interrupted_jobs(settings: Settings) -> list[str]:
-    """Jobs left running by a previous process: put back in the queue so they start over."""
-    with session_scope(settings.resolved_database_url) as session:
-        jobs = list(session.scalars(select(Job).where(Job.status == "running")))
-        for job in jobs:
-            job.status = "queued"
-        return [job.id for job in jobs]
-
-
 def _die_with_parent() -> None:
     """Linux: the worker gets SIGTERM if `attrib serve` dies without cleaning up."""
     try:
@@ -68,8 +56,8 @@ def _die_with_parent() -> None:
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     env = {**os.environ, "ATTRIB_DATA_DIR": str(settings.data_dir.resolve())}
     command = [
-        sys.executable, "-m", "celery", "--quiet", "-A", "worker.celery_app", "worker", "--pool=solo", "--concurrency=1",
-        "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        sys.executable, "-m", "celery", "--quiet", "-A", "worker.celery_app", "worker", "--pool=prefork",
+        "--concurrency=1", "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
     return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 

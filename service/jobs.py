@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from service.db.base import new_id, utcnow
 from service.db.tables import FINISHED_STATUSES, Attribution, Fit, Job
+from service.liveness import LivenessPolicy, cancel
 from service.problems import ProblemError, not_found, problem_dict
 from service.quotas import check_active_jobs
 from service.schemas.jobs import JobOut, JobProgress
@@ -20,8 +21,9 @@ if TYPE_CHECKING:
 def create_job(session: Session, tenant_id: str, kind: str, max_active_jobs: int) -> Job:
     """A queued job row; 429 when the tenant already has ``max_active_jobs`` queued or running."""
     check_active_jobs(session, tenant_id, max_active_jobs)
+    now = utcnow()
     job = Job(id=new_id("job"), tenant_id=tenant_id, kind=kind, status="queued", progress_stage="queued",
-              created_at=utcnow())
+              created_at=now, enqueued_at=now)
     session.add(job)
     session.flush()
     return job
@@ -51,14 +53,12 @@ def job_out(session: Session, job: Job) -> JobOut:
     )
 
 
-def cancel_job(job: Job) -> None:
-    """Queued jobs stop at once; running ones stop at their next progress report."""
+def cancel_job(session: Session, job: Job, policy: LivenessPolicy) -> None:
+    """Queued jobs, and running ones whose worker is gone, stop at once; running ones with a live worker stop at
+    their next progress report."""
     if job.status in FINISHED_STATUSES:
         raise ProblemError(409, f"job {job.id!r} has already finished ({job.status})", kind="conflict")
-    job.cancel_requested = True
-    if job.status == "queued":
-        job.status = "cancelled"
-        job.finished_at = utcnow()
+    cancel(session, job, policy)
 
 
 def job_status(session: Session, job_id: str) -> str:

@@ -61,12 +61,42 @@ class Settings(BaseSettings):
         10.0, gt=0, le=600, description="Longest wait for admission before a 503 with Retry-After."
     )
 
+    # job liveness
+    job_heartbeat_seconds: float = Field(5.0, gt=0, description="How often a running job writes its heartbeat.")
+    job_stale_seconds: float = Field(
+        30.0, gt=0, description="A running job whose heartbeat is older than this has lost its worker.")
+    job_max_attempts: int = Field(
+        3, ge=1, description="Claims of one job by a worker; a job whose worker died this many times fails.")
+    job_requeue_seconds: float = Field(
+        60.0, gt=0, description="A queued job no worker claimed for this long is sent to the broker again "
+        "(when the broker's queue is empty: its message may have been lost).")
+    job_reaper_seconds: float = Field(
+        5.0, ge=0, description="Period of the reaper in the API and in each worker; 0 turns it off.")
+    job_soft_time_limit_seconds: int = Field(
+        6 * 3600, gt=0, description="A job running longer fails with a 'time limit' problem (Celery soft limit).")
+    job_time_limit_seconds: int = Field(
+        6 * 3600 + 600, gt=0, description="A job's process is killed after this long (Celery hard limit).")
+    broker_visibility_timeout_seconds: int = Field(
+        7 * 3600, gt=0, description="Redis redelivers an unacknowledged message after this long; above the "
+        "hard time limit so that a running job's message is never handed to a second worker.")
+
     @model_validator(mode="after")
     def _database_and_broker_go_together(self) -> "Settings":
         if (self.database_url is None) != (self.broker_url is None):
             raise ConfigurationError(
                 "set both ATTRIB_DATABASE_URL and ATTRIB_BROKER_URL (production topology) or neither "
                 "(embedded default: SQLite and a local worker)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _job_liveness_limits_are_ordered(self) -> "Settings":
+        if self.job_stale_seconds <= self.job_heartbeat_seconds:
+            raise ConfigurationError("ATTRIB_JOB_STALE_SECONDS must exceed ATTRIB_JOB_HEARTBEAT_SECONDS")
+        if not self.job_soft_time_limit_seconds < self.job_time_limit_seconds < self.broker_visibility_timeout_seconds:
+            raise ConfigurationError(
+                "need ATTRIB_JOB_SOFT_TIME_LIMIT_SECONDS < ATTRIB_JOB_TIME_LIMIT_SECONDS < "
+                "ATTRIB_BROKER_VISIBILITY_TIMEOUT_SECONDS"
             )
         return self
 

@@ -1,18 +1,27 @@
 """The Celery application. Messages carry only a job id (JSON); the SQL row is the truth about the job.
 
-`celery -A worker.celery_app worker` (or `attrib worker`) runs it against ``ATTRIB_BROKER_URL``.
+`celery -A worker.celery_app worker` (or `attrib worker`) runs it against ``ATTRIB_BROKER_URL``. Workers use the
+prefork pool (one child process per worker by default): the parent enforces the time limits, survives a
+child killed by the hard limit or the kernel's OOM killer, and starts a fresh child.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+from typing import Any
 
-from service.settings import get_settings
+from celery import Celery, Task, signals
+from celery.exceptions import TimeLimitExceeded
+
+from service.settings import Settings, get_settings
 
 RUN_JOB_TASK = "attrib.run_job"
 
+log = logging.getLogger(__name__)
 
-def create_celery_app(broker_url: str, queue_name: str = "attrib") -> Celery:
+
+def create_celery_app(broker_url: str, queue_name: str = "attrib", settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
     app = Celery("attrib", broker=broker_url)
     app.conf.update(
         task_default_queue=queue_name,
@@ -25,15 +34,86 @@ def create_celery_app(broker_url: str, queue_name: str = "attrib") -> Celery:
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        broker_transport_options=_transport_options(broker_url, settings),
+        task_soft_time_limit=settings.job_soft_time_limit_seconds,
+        task_time_limit=settings.job_time_limit_seconds,
     )
-    app.task(name=RUN_JOB_TASK, ignore_result=True)(_run_job)
+    app.task(name=RUN_JOB_TASK, ignore_result=True, base=JobTask)(_run_job)
     return app
+
+
+def _transport_options(broker_url: str, settings: Settings) -> dict[str, Any]:
+    """Redis redelivers a message not acknowledged within the visibility timeout: above the longest job, so that
+    a running job's message is never handed to a second worker. (kombu's SQLAlchemy transport, the embedded
+    default, takes engine arguments here instead and has no such timeout.)"""
+    if broker_url.split(":", 1)[0] in ("redis", "rediss", "sentinel"):
+        return {"visibility_timeout": settings.broker_visibility_timeout_seconds}
+    return {}
+
+
+class JobTask(Task):  # type: ignore[misc]
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Called in the parent process when the hard time limit killed the child running the job."""
+        if isinstance(exc, TimeLimitExceeded) and args:
+            fail_timed_out(str(args[0]), get_settings())
+
+
+def fail_timed_out(job_id: str, settings: Settings) -> None:
+    """Fail the job with a 'time limit' problem. This runs in the pool's parent process, which forks the children
+    that run jobs: it uses a connection of its own, closed at once, so that no child inherits it."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+    from sqlalchemy.pool import NullPool
+
+    from service.liveness import fail_running, time_limit_problem
+
+    engine = create_engine(settings.resolved_database_url, poolclass=NullPool)
+    try:
+        with Session(engine) as session, session.begin():
+            fail_running(session, job_id, time_limit_problem(settings.job_time_limit_seconds))
+    except Exception:  # noqa: BLE001  (the reaper fails it later from its stale heartbeat)
+        log.exception("could not fail job %s after its hard time limit", job_id)
+    finally:
+        engine.dispose()
+
+
+@signals.worker_init.connect(weak=False)
+def _import_the_runner(**_: Any) -> None:
+    """Import the job runner and its tasks (and torch: seconds on a busy machine) in the worker's main process,
+    before the pool forks: every pool process, including one started after the previous was killed, starts at
+    once with them loaded (a slow start would exceed Celery's wait for a new pool process), and no job's time
+    limit is spent importing."""
+    from worker.runner import TASKS, task_for
+
+    for kind in TASKS:
+        task_for(kind)
 
 
 def _run_job(job_id: str) -> None:
     from worker.runner import run_job
 
     run_job(job_id, get_settings())
+
+
+def run_reaper_in_pool_processes(app: Celery) -> None:
+    """Each process that runs jobs also runs the reaper (`service.reaper`) in a thread, so that a deployment
+    with only workers running still recovers lost jobs. Started in the pool's children, after the fork."""
+    state: dict[str, Any] = {}
+
+    def start(**_: Any) -> None:
+        from service.queue import CeleryQueue
+        from service.reaper import start_reaper
+
+        settings = get_settings()
+        queue = CeleryQueue(app.conf.broker_url, app.conf.task_default_queue)
+        state["reaper"] = start_reaper(settings, queue)
+
+    def stop(**_: Any) -> None:
+        if (reaper := state.pop("reaper", None)) is not None:
+            reaper.stop()
+
+    signals.worker_process_init.connect(start, weak=False)
+    signals.worker_process_shutdown.connect(stop, weak=False)
 
 
 app = create_celery_app(get_settings().resolved_broker_url)

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from service.db.tables import Job
 from service.dependencies import SessionDep, SettingsDep, TenantDep
 from service.jobs import cancel_job, job_out, owned_job
+from service.liveness import LivenessPolicy
 from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
 from service.problems import problem_responses
 from service.schemas.jobs import JobList, JobOut
@@ -36,8 +37,9 @@ def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", responses=problem_responses(409))
-def cancel(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
+def cancel(job_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> JobOut:
+    """A queued job, or a running one whose worker is gone (stale heartbeat), ends `cancelled` at once; a running
+    job with a live worker stops at its next progress report."""
     job = owned_job(session, tenant.id, job_id)
-    cancel_job(job)
-    session.flush()
+    cancel_job(session, job, LivenessPolicy.from_settings(settings))
     return job_out(session, job)

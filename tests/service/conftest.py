@@ -48,6 +48,9 @@ class InlineQueue:
     def ready(self) -> bool:
         return True
 
+    def backlog(self) -> int:
+        return 0
+
 
 @pytest.fixture(scope="session")
 def postgres_schema_url() -> Iterator[str]:

@@ -9,12 +9,12 @@ from sqlalchemy import insert, select
 from torch import nn
 
 from service.db.base import new_id, utcnow
-from service.db.tables import Attribution, AttributionResult, Dataset, Fit, Job, Model
+from service.db.tables import Attribution, AttributionResult, Dataset, Fit, Model
 from worker import attribution as engine
 from worker.artifacts.datasets import DatasetArrays
 from worker.attribution import AttributionScores, Curvature, Examples
 from worker.loading import load_curvatures, load_examples, load_model, put_curvatures
-from worker.runner import JobContext, mark_finished
+from worker.runner import JobContext
 from worker.tasks.options import engine_options, fit_options
 from worker.tasks.rows import result_rows
 
@@ -117,11 +117,7 @@ def save_results(
 ) -> None:
     attribution_id = request.attribution.id
     with context.session() as session:
-        job = session.get(Job, context.job_id)
-        if job is None or job.cancel_requested:
-            from worker.attribution import Cancelled
-
-            raise Cancelled()
+        context.succeed(session)  # first: ends the transaction early if the job was cancelled or taken over
         used_fit_ids = [request.fit.id] if request.fit is not None else []
         for model_id, curvature in fits.items():
             used_fit_ids.append(_store_fit(session, context, request, model_id, curvature))
@@ -133,7 +129,6 @@ def save_results(
         stored.num_results = len(rows)
         stored.diagnostics = scores.diagnostics
         stored.used_fit_ids = used_fit_ids or None
-        mark_finished(session, job, "succeeded")
 
 
 def _store_fit(session, context: JobContext, request: LoadedRequest, model_id: str,  # type: ignore[no-untyped-def]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from service.db.tables import Checkpoint, Dataset, Fit, Job, Model
+from service.db.tables import Checkpoint, Dataset, Fit, Model
 from worker.attribution import fit_curvature
 from worker.loading import load_checkpoint, load_examples, load_model, put_curvatures
-from worker.runner import JobContext, mark_finished
+from worker.runner import JobContext
 from worker.tasks.options import fit_options
 
 
@@ -32,4 +32,4 @@ def run_fit(context: JobContext) -> None:
         blob = put_curvatures(session, context.store, curvatures)
         stored = session.get(Fit, fit.id)
         stored.artifact_sha256 = blob.sha256  # type: ignore[union-attr]
-        mark_finished(session, session.get(Job, context.job_id), "succeeded")  # type: ignore[arg-type]
+        context.succeed(session)

@@ -16,7 +16,12 @@ class Job(Base):
     """A unit of queued work. This row, not the broker, is the truth about the job."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        # the reaper's two questions: running jobs by heartbeat, queued jobs by when they were last sent
+        Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
+        Index("ix_jobs_status_enqueued", "status", "enqueued_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
@@ -27,7 +32,10 @@ class Job(Base):
     progress_total: Mapped[int] = mapped_column(default=0)
     error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
-    attempts: Mapped[int] = mapped_column(default=0)
+    attempts: Mapped[int] = mapped_column(default=0)  # claims by a worker; also fences a superseded attempt
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)  # last message sent to the broker
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)  # last sign of life of its worker
+    claimed_by: Mapped[str | None] = mapped_column(String(255), default=None)  # host:pid of that worker
