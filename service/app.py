@@ -8,7 +8,8 @@ from service.limits import BodySizeLimit, BodyTooLarge
 from service.metrics import MetricsMiddleware, create_metrics
 from service.problems import install_problem_handlers, problem_response
 from service.queue import CeleryQueue, JobQueue
-from service.routers import attributions, datasets, fits, jobs, models, operations
+from service.routers import attributions, datasets, fits, jobs, models, operations, pages
+from service.routers.docs import install_docs
 from service.settings import Settings, get_settings
 from service.storage import BlobStore, LocalBlobStore
 from worker.artifacts.errors import ArtifactError
@@ -28,7 +29,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.store = store or LocalBlobStore(settings.resolved_storage_dir)
     app.state.queue = queue or CeleryQueue(settings.resolved_broker_url)
@@ -36,8 +37,9 @@ def create_app(
     install_problem_handlers(app)
     app.add_exception_handler(ArtifactError, _on_artifact_error)  # type: ignore[arg-type]
     app.add_exception_handler(BodyTooLarge, _on_body_too_large)  # type: ignore[arg-type]
-    for module in (models, datasets, fits, attributions, jobs, operations):
+    for module in (models, datasets, fits, attributions, jobs, operations, pages):
         app.include_router(module.router)
+    install_docs(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -1,4 +1,4 @@
-"""`attrib`: serve, worker, migrate, keys create, demo."""
+"""`attrib`: serve, worker, migrate, keys create, demo; the client verbs live in `attrib.cli_verbs`."""
 
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for job_id in embedded.interrupted_jobs(settings):
         app.state.queue.enqueue(job_id)
     worker = embedded.start_worker(settings)
-    print(f"attrib: serving on http://{args.host}:{args.port} (docs: http://{args.host}:{args.port}/docs), "
-          f"data in {settings.data_dir.resolve()}", file=sys.stderr)
+    print(embedded.serve_banner(settings, args.host, args.port), file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
@@ -100,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="leave the embedded server running afterwards")
     demo.add_argument("--method", default="influence", help="attribution method (default: EK-FAC influence)")
     demo.set_defaults(func=cmd_demo)
+
+    from attrib.cli_verbs import add_client_verbs
+
+    add_client_verbs(commands)
     return parser
 
 
