@@ -57,7 +57,7 @@ def serve_banner(settings: Settings, host: str, port: int) -> str:
         f"attrib: serving on {url} (API docs {url}/docs, jobs and results {url}/ui/jobs); "
         f"data in {settings.data_dir.resolve()}\n"
         f"attrib: the API key is in {key_file}; in another terminal:\n"
-        f"    export ATTRIB_URL={url} ATTRIB_API_KEY="$(cat {shlex.quote(str(key_file))})"
+        f"    export ATTRIB_URL={url} ATTRIB_API_KEY=\"$(cat {shlex.quote(str(key_file))})\""
     )
 
 

@@ -12,6 +12,15 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 ASSETS_URL = "/docs-assets"
+# Everything from this server: a page that renders here renders offline (Redoc's footer logo, which it would
+# fetch from its CDN, is not fetched).
+SAME_ORIGIN_ONLY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+                    "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
+
+
+def same_origin_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = SAME_ORIGIN_ONLY
+    return page
 
 
 def assets_dir() -> Path:
@@ -30,18 +39,18 @@ router = APIRouter(include_in_schema=False)
 @router.get("/docs")
 def swagger_ui(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return get_swagger_ui_html(
+    return same_origin_only(get_swagger_ui_html(
         openapi_url=f"{root}{request.app.openapi_url}", title=f"{request.app.title} - API docs",
         swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js", swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
         swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
-    )
+    ))
 
 
 @router.get("/redoc")
 def redoc(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return get_redoc_html(
+    return same_origin_only(get_redoc_html(
         openapi_url=f"{root}{request.app.openapi_url}", title=f"{request.app.title} - API reference",
         redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js", redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
         with_google_fonts=False,
-    )
+    ))

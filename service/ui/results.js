@@ -143,8 +143,10 @@ function exampleTile(row, example, shape) {
 }
 
 function querySide(direction, rows, trainExamples) {
-  const title = direction === "positive" ? "Most helpful (positive: removing it would raise the loss)"
-                                         : "Most harmful (negative: removing it would lower the loss)";
+  const margin = state.attribution.measurement === "margin";
+  const title = direction === "positive"
+    ? `Most helpful (positive: removing it would ${margin ? "lower the margin" : "raise the loss"})`
+    : `Most harmful (negative: removing it would ${margin ? "raise the margin" : "lower the loss"})`;
   return element("div", { class: `side ${direction}` }, element("h3", { text: title }),
     element("div", { class: "strip" }, ...rows.map((row) =>
       exampleTile(row, trainExamples.examples.get(String(row.train_id)), trainExamples.shape))));
