@@ -42,7 +42,8 @@ def upload_model(
     shards = weights if isinstance(weights, (list, tuple)) else ([weights] if weights is not None else [])
     files += [weights_part(shard) for shard in shards]
     named = {"config": (config, "config.json"), "weights_index": (weights_index, "model.safetensors.index.json"),
-             "tokenizer": (tokenizer, "tokenizer.json"), "tokenizer_config": (tokenizer_config, "tokenizer_config.json"),
+             "tokenizer": (tokenizer, "tokenizer.json"),
+             "tokenizer_config": (tokenizer_config, "tokenizer_config.json"),
              "adapter_config": (adapter_config, "adapter_config.json")}
     for field, (value, filename) in named.items():
         if value is not None:
@@ -105,7 +106,8 @@ def export(attribution: Any, format: str) -> Call:
 
 
 def edit(attribution: Any, remove: list[Any], name: str) -> Call:
-    return Call("POST", f"/v1/attributions/{ident(attribution)}/edit", json={"remove": list(remove), "name": name})
+    ids = [item.item() if hasattr(item, "item") else item for item in remove]  # numpy / torch scalars → int, str
+    return Call("POST", f"/v1/attributions/{ident(attribution)}/edit", json={"remove": ids, "name": name})
 
 
 def examples(dataset: Any, ids: list[Any]) -> Call:

@@ -72,9 +72,10 @@ def show(raw: dict[str, Any], args: argparse.Namespace, fields: Sequence[str]) -
     if args.json:
         print_json(raw)
         return
+    width = max(len(name) for name in fields) + 2
     for name in fields:
         value = raw.get(name)
-        print(f"{name + ':':<16} {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+        print(f"{name + ':':<{width}}{json.dumps(value) if isinstance(value, (dict, list)) else value}")
 
 
 def json_argument(value: str) -> Any:
@@ -126,7 +127,7 @@ def attribute(client: Client, args: argparse.Namespace) -> int:
         attribution = client.get_attribution(attribution.id)
     show(attribution.raw, args, ATTRIBUTION_FIELDS)
     if status == 0 and attribution.status == "succeeded" and not args.json:
-        print(f"{'results page:':<16} {client.results_page_url(attribution)}")
+        print(f"results page: {client.results_page_url(attribution)}")
     return status
 
 
@@ -164,7 +165,8 @@ def results(client: Client, args: argparse.Namespace) -> int:
         for row in rows:
             print(",".join(csv_cell(row.get(c)) for c in columns))
     else:
-        print_table(rows, list(dict.fromkeys(k for row in rows for k in row)) or list(RESULT_COLUMNS))
+        shown = [row | {"score": f"{row['score']:.6g}"} for row in rows]
+        print_table(shown, list(dict.fromkeys(k for row in rows for k in row)) or list(RESULT_COLUMNS))
     return 0
 
 

@@ -20,24 +20,28 @@ POLL_SECONDS = 0.5
 
 
 class ProgressBar:
-    """One tqdm bar that follows a job's stages (its description is the stage; it restarts at a new stage)."""
+    """One tqdm bar that follows a job: its description is the current stage, restarted at each new stage."""
+
+    FORMAT = "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+    FORMAT_NO_TOTAL = "{desc}{n_fmt} [{elapsed}{postfix}]"
 
     def __init__(self, job_id: str, enabled: bool) -> None:
         self.job_id = job_id
-        self.bar: Any = None
         self.enabled = enabled
-        self.stage = ""
+        self.bar: Any = None
+        self.stage: str | None = None
 
     def show(self, state: JobState) -> None:
         if not self.enabled:
             return
         progress = state.progress
-        if self.bar is None or progress.stage != self.stage:
-            if self.bar is not None:
-                self.bar.close()
+        if self.bar is None:
+            self.bar = tqdm(file=sys.stderr, unit="step", dynamic_ncols=True)
+        if progress.stage != self.stage:
             self.stage = progress.stage
-            self.bar = tqdm(total=progress.total or None, desc=f"{self.job_id} {progress.stage}", unit="step",
-                            file=sys.stderr, leave=False)
+            self.bar.reset(total=progress.total or None)
+            self.bar.bar_format = self.FORMAT if progress.total else self.FORMAT_NO_TOTAL
+            self.bar.set_description(f"{self.job_id} {progress.stage}", refresh=False)
         if progress.total and self.bar.total != progress.total:
             self.bar.total = progress.total
         self.bar.n = progress.completed

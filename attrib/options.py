@@ -86,7 +86,9 @@ class Source(MethodOptions):
     method: ClassVar[str] = "source"
 
 
-def method_and_options(method: str | None, options: MethodOptions | dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+def method_and_options(
+    method: str | None, options: MethodOptions | dict[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
     """The request's ``method`` and ``options``: a typed options object names its own method."""
     if isinstance(options, MethodOptions):
         if method is not None and method != options.method:

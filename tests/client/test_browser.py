@@ -166,5 +166,6 @@ def test_results_page_filters_by_query_and_direction(served: Served, browser: An
                                                                                              "article.query")]
              == [query_id])
     assert browser.find_elements(By.CSS_SELECTOR, ".side.positive") == []
-    shown = [e.get_attribute("data-train-id") for e in browser.find_elements(By.CSS_SELECTOR, ".side.negative .example")]
+    tiles = browser.find_elements(By.CSS_SELECTOR, ".side.negative .example")
+    shown = [tile.get_attribute("data-train-id") for tile in tiles]
     assert shown == digits_attribution["expected"]["negative"][query_id]
