@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from attrib.client import Client
 from attrib.config import DEFAULT_URL
 from attrib.errors import (
@@ -80,9 +82,11 @@ def show(raw: dict[str, Any], args: argparse.Namespace, fields: Sequence[str]) -
 
 def json_argument(value: str) -> Any:
     """Inline JSON (starting with `{` or `[`) or the path of a JSON file."""
-    text = value if value.lstrip().startswith(("{", "[")) else Path(value).read_text()
     try:
+        text = value if value.lstrip().startswith(("{", "[")) else Path(value).read_text()
         return json.loads(text)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"not inline JSON, and not a readable file: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
 
@@ -282,9 +286,9 @@ def run(handler: Handler, args: argparse.Namespace) -> None:
         code = fail(EXIT_JOB_FAILED, str(exc))
     except ApiError as exc:
         code = fail(exit_code_of(exc), describe(exc))
-    except ConnectionFailed as exc:
+    except (ConnectionFailed, httpx.HTTPError) as exc:
         code = fail(EXIT_UNAVAILABLE, f"cannot reach the server: {exc}")
-    except (FileNotFoundError, TypeError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a file that cannot be read, an export format that does not exist
         code = fail(EXIT_REFUSED, str(exc))
     raise SystemExit(code)
 

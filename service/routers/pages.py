@@ -24,8 +24,13 @@ def ui_file(name: str) -> Path:
     return Path(str(files("service.ui") / name))
 
 
+# Scripts and styles only from this server, no inline script: text from datasets can never run as code.
+PAGE_HEADERS = {"Cache-Control": "no-store", "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
+                "Referrer-Policy": "no-referrer"}
+
+
 def page(name: str) -> FileResponse:
-    return FileResponse(ui_file(name), media_type="text/html", headers={"Cache-Control": "no-store"})
+    return FileResponse(ui_file(name), media_type="text/html", headers=PAGE_HEADERS)
 
 
 @router.get("")

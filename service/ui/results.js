@@ -30,7 +30,8 @@ function imageLayout(shape) {
 
 function drawImage(values, layout) {
   const flat = values.flat(Infinity);
-  const low = Math.min(...flat), high = Math.max(...flat);
+  let low = Infinity, high = -Infinity;
+  for (const value of flat) { low = Math.min(low, value); high = Math.max(high, value); }
   const scale = high > low ? 255 / (high - low) : 0;
   const { height, width, channels, channelsFirst } = layout;
   const canvas = element("canvas", { width: String(width), height: String(height) });

@@ -16,6 +16,7 @@ from attrib import (
     ConfigurationError,
     ConnectionFailed,
     InvalidInput,
+    JobFailed,
     RetryPolicy,
     ServiceUnavailable,
 )
@@ -137,3 +138,33 @@ def test_dataset_parts_never_pickle() -> None:
         dataset_part(inputs=np.zeros((2, 3)), targets=np.array([{}, {}], dtype=object))
     with pytest.raises(TypeError, match="not both"):
         dataset_part({"inputs": np.zeros(2)}, inputs=np.zeros(2))
+
+
+def job_json(status: str, completed: int) -> dict[str, object]:
+    return {"id": "job_e", "kind": "edit", "status": status, "progress": {"stage": "edit", "completed": completed,
+                                                                          "total": 2},
+            "error": None, "result_url": None}
+
+
+def test_edit_waits_for_its_job_then_returns_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("attrib.jobs.POLL_SECONDS", 0.0)
+    script = Script(httpx.Response(202, json={"model_id": "mdl_2", "job_id": "job_e"},
+                                   headers={"Location": "/v1/jobs/job_e"}),
+                    httpx.Response(200, json=job_json("running", 1)), httpx.Response(200, json=job_json("succeeded", 2)),
+                    httpx.Response(200, json=MODEL | {"id": "mdl_2"}))
+    with client_for(script) as client:
+        model = client.edit("attr_1", [np.int64(3), "x"], name="edited", progress=False)
+    assert model.id == "mdl_2"
+    assert [r.url.path for r in script.requests] == ["/v1/attributions/attr_1/edit", "/v1/jobs/job_e",
+                                                      "/v1/jobs/job_e", "/v1/models/mdl_2"]
+    assert json.loads(script.requests[0].content) == {"remove": [3, "x"], "name": "edited"}
+
+
+def test_a_failed_edit_job_raises_job_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("attrib.jobs.POLL_SECONDS", 0.0)
+    failed = job_json("failed", 0) | {"error": {"status": 422, "detail": "id 3 is not a training id"}}
+    script = Script(httpx.Response(202, json={"model_id": "mdl_2", "job_id": "job_e"}),
+                    httpx.Response(200, json=failed))
+    with client_for(script) as client, pytest.raises(JobFailed, match="not a training id") as raised:
+        client.edit("attr_1", [3], name="edited", progress=False)
+    assert raised.value.job.status == "failed"
