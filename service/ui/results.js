@@ -5,7 +5,7 @@
 const MAX_PAGE_SIZE = 1000;
 const MAX_EXAMPLE_IDS = 100;
 const attributionId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
-const state = { attribution: null, nextToken: null, trainShape: null, queryShape: null };
+const state = { attribution: null, nextToken: null, renders: 0 };
 
 function filters() {
   return {
@@ -144,13 +144,20 @@ function exampleTile(row, example, shape) {
 }
 
 function querySide(direction, rows, trainExamples) {
-  const margin = state.attribution.measurement === "margin";
-  const title = direction === "positive"
-    ? `Most helpful (positive: removing it would ${margin ? "lower the margin" : "raise the loss"})`
-    : `Most harmful (negative: removing it would ${margin ? "raise the margin" : "lower the loss"})`;
-  return element("div", { class: `side ${direction}` }, element("h3", { text: title }),
+  return element("div", { class: `side ${direction}` }, element("h3", { text: sideTitle(direction) }),
     element("div", { class: "strip" }, ...rows.map((row) =>
       exampleTile(row, trainExamples.examples.get(String(row.train_id)), trainExamples.shape))));
+}
+
+function sideTitle(direction) {
+  if (state.attribution.mode === "self") {
+    return direction === "positive" ? "Most unusual (highest self-influence: outliers, likely mislabels)"
+                                    : "Least unusual (lowest self-influence)";
+  }
+  const margin = state.attribution.measurement === "margin";
+  return direction === "positive"
+    ? `Most helpful (positive: removing it would ${margin ? "lower the margin" : "raise the loss"})`
+    : `Most harmful (negative: removing it would ${margin ? "raise the margin" : "lower the loss"})`;
 }
 
 function queryCard(group, trainExamples, queryExamples) {
@@ -169,6 +176,7 @@ function queryCard(group, trainExamples, queryExamples) {
 }
 
 async function render(append) {
+  const generation = ++state.renders;  // a newer render (filters applied again) makes this one moot
   showMessage("Loading…");
   try {
     const { groups, nextToken } = await loadGroups(append);
@@ -178,6 +186,7 @@ async function render(append) {
     const trainExamples = await fetchExamples(state.attribution.train_dataset_id, trainIds);
     const queryExamples = await fetchExamples(state.attribution.query_dataset_id,
                                               list.map((g) => g.queryId).filter((id) => id !== null));
+    if (generation !== state.renders) return;
     const container = document.getElementById("queries");
     if (!append) container.replaceChildren();
     list.forEach((group) => container.append(queryCard(group, trainExamples, queryExamples)));
@@ -198,7 +207,9 @@ function showSummary(attribution) {
                          `train ${attribution.train_dataset_id}` +
                          (attribution.query_dataset_id ? ` · queries ${attribution.query_dataset_id}` : "") +
                          ` · job ${attribution.job_id}: ${attribution.status}` }),
-    element("p", { class: "hint", text: "Scores: positive = the training example helps the query; negative = it hurts." }));
+    element("p", { class: "hint", text: attribution.mode === "self"
+      ? "Scores: self-influence; higher = more unusual (outliers and likely mislabels first)."
+      : "Scores: positive = the training example helps the query; negative = it hurts." }));
 }
 
 async function start() {
@@ -218,6 +229,10 @@ async function start() {
     document.getElementById("filters").hidden = false;
     document.getElementById("filter-count").value = String(Math.min(8, attribution.top_k));
     document.getElementById("filter-query").disabled = attribution.mode !== "pairwise";
+    if (attribution.mode === "self") {
+      const labels = { both: "most and least unusual", positive: "most unusual", negative: "least unusual" };
+      for (const option of document.getElementById("filter-direction").options) option.text = labels[option.value];
+    }
     await render(false);
   } catch (error) {
     showError(error, start);

@@ -55,9 +55,13 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def wait_for(driver: Any, condition: Any) -> Any:
+    """Wait until ``condition(driver)`` is truthy; elements replaced by a re-render meanwhile just mean 'not yet'."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_SECONDS).until(condition)
+    wait = WebDriverWait(driver, WAIT_SECONDS, ignored_exceptions=(NoSuchElementException,
+                                                                   StaleElementReferenceException))
+    return wait.until(condition)
 
 
 def resources_outside(driver: Any, base_url: str) -> list[str]:
@@ -99,11 +103,15 @@ def digits_attribution(served: Served) -> dict[str, Any]:
                                         targets=data["test_y"], ids=data["test_ids"])
         attribution = client.attribute(uploaded, train, queries, top_k=TOP_K, measurement="margin")
         attribution.job.wait(progress=False, timeout=180)
+        outliers = client.attribute(uploaded, train, mode="self", top_k=TOP_K)
+        outliers.job.wait(progress=False, timeout=180)
+        most_unusual = [str(row.train_id) for row in client.results(outliers, page_size=TOP_K)][:TOP_K]
         expected = {direction: {} for direction in ("positive", "negative")}
         for direction, by_query in expected.items():
             for row in client.results(attribution, direction=direction):
                 by_query.setdefault(str(row.query_id), []).append(str(row.train_id))
-    return {"id": attribution.id, "expected": expected, "query_ids": [str(q) for q in data["test_ids"].tolist()]}
+    return {"id": attribution.id, "expected": expected, "query_ids": [str(q) for q in data["test_ids"].tolist()],
+            "self_id": outliers.id, "most_unusual": most_unusual}
 
 
 def canvas_is_a_picture(png: bytes) -> bool:
@@ -125,6 +133,8 @@ def test_results_page_shows_digits_beside_each_query(served: Served, browser: An
     browser.find_element(By.ID, "key-input").send_keys(served.key)
     browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
     link = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'a[href="/ui/attributions/{attribution_id}"]'))
+    if os.environ.get("ATTRIB_SCREENSHOT_DIR"):
+        browser.save_screenshot(str(Path(os.environ["ATTRIB_SCREENSHOT_DIR"]) / "jobs-page.png"))
     link.click()  # the jobs page links to the results page; the key stays in this tab's sessionStorage
     wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.query .example canvas"))
              == len(digits_attribution["query_ids"]) * 2 * TOP_K)
@@ -158,7 +168,7 @@ def test_results_page_filters_by_query_and_direction(served: Served, browser: An
 
     query_id = digits_attribution["query_ids"][1]
     browser.get(f"{served.url}/ui/attributions/{digits_attribution['id']}")  # same tab: the key is remembered
-    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "article.query"))
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "article.query canvas"))
     browser.find_element(By.ID, "filter-query").send_keys(query_id)
     Select(browser.find_element(By.ID, "filter-direction")).select_by_value("negative")
     browser.find_element(By.CSS_SELECTOR, "#filters button").click()
@@ -169,3 +179,19 @@ def test_results_page_filters_by_query_and_direction(served: Served, browser: An
     tiles = browser.find_elements(By.CSS_SELECTOR, ".side.negative .example")
     shown = [tile.get_attribute("data-train-id") for tile in tiles]
     assert shown == digits_attribution["expected"]["negative"][query_id]
+
+
+def test_results_page_of_self_influence(served: Served, browser: Any, digits_attribution: dict[str, Any]) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{served.url}/ui/attributions/{digits_attribution['self_id']}")  # same tab: the key is remembered
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.query .side.positive canvas")) == TOP_K)
+    cards = browser.find_elements(By.CSS_SELECTOR, "article.query")
+    assert len(cards) == 1 and cards[0].text.startswith("Self-influence")
+    tiles = cards[0].find_elements(By.CSS_SELECTOR, ".side.positive .example")
+    assert [tile.get_attribute("data-train-id") for tile in tiles] == digits_attribution["most_unusual"]
+    assert not browser.find_element(By.ID, "filter-query").is_enabled()
+    if os.environ.get("ATTRIB_SCREENSHOT_DIR"):
+        browser.save_screenshot(str(Path(os.environ["ATTRIB_SCREENSHOT_DIR"]) / "self-influence.png"))
+    canvases = cards[0].find_elements(By.CSS_SELECTOR, "canvas")
+    assert all(canvas_is_a_picture(canvas.screenshot_as_png) for canvas in canvases)

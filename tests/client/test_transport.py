@@ -150,7 +150,8 @@ def test_edit_waits_for_its_job_then_returns_the_model(monkeypatch: pytest.Monke
     monkeypatch.setattr("attrib.jobs.POLL_SECONDS", 0.0)
     script = Script(httpx.Response(202, json={"model_id": "mdl_2", "job_id": "job_e"},
                                    headers={"Location": "/v1/jobs/job_e"}),
-                    httpx.Response(200, json=job_json("running", 1)), httpx.Response(200, json=job_json("succeeded", 2)),
+                    httpx.Response(200, json=job_json("running", 1)),
+                    httpx.Response(200, json=job_json("succeeded", 2)),
                     httpx.Response(200, json=MODEL | {"id": "mdl_2"}))
     with client_for(script) as client:
         model = client.edit("attr_1", [np.int64(3), "x"], name="edited", progress=False)
