@@ -114,6 +114,13 @@ def digits_attribution(served: Served) -> dict[str, Any]:
             "self_id": outliers.id, "most_unusual": most_unusual}
 
 
+def open_with_key(browser: Any, served: Served, path: str) -> None:
+    """Open a page with the key already in this tab's sessionStorage (as after typing it in once)."""
+    browser.get(f"{served.url}/ui/jobs")
+    browser.execute_script("sessionStorage.setItem('attrib-api-key', arguments[0])", served.key)
+    browser.get(f"{served.url}{path}")
+
+
 def canvas_is_a_picture(png: bytes) -> bool:
     """Non-blank: both ink and paper, and many grey levels (a drawn digit, not a flat box)."""
     from PIL import Image
@@ -129,6 +136,8 @@ def test_results_page_shows_digits_beside_each_query(served: Served, browser: An
 
     attribution_id = digits_attribution["id"]
     browser.get(f"{served.url}/ui/jobs")
+    browser.execute_script("sessionStorage.clear()")
+    browser.refresh()
     wait_for(browser, lambda d: d.find_element(By.ID, "key-form").is_displayed())
     browser.find_element(By.ID, "key-input").send_keys(served.key)
     browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
@@ -167,7 +176,7 @@ def test_results_page_filters_by_query_and_direction(served: Served, browser: An
     from selenium.webdriver.support.ui import Select
 
     query_id = digits_attribution["query_ids"][1]
-    browser.get(f"{served.url}/ui/attributions/{digits_attribution['id']}")  # same tab: the key is remembered
+    open_with_key(browser, served, f"/ui/attributions/{digits_attribution['id']}")
     wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "article.query canvas"))
     browser.find_element(By.ID, "filter-query").send_keys(query_id)
     Select(browser.find_element(By.ID, "filter-direction")).select_by_value("negative")
@@ -184,7 +193,7 @@ def test_results_page_filters_by_query_and_direction(served: Served, browser: An
 def test_results_page_of_self_influence(served: Served, browser: Any, digits_attribution: dict[str, Any]) -> None:
     from selenium.webdriver.common.by import By
 
-    browser.get(f"{served.url}/ui/attributions/{digits_attribution['self_id']}")  # same tab: the key is remembered
+    open_with_key(browser, served, f"/ui/attributions/{digits_attribution['self_id']}")
     wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.query .side.positive canvas")) == TOP_K)
     cards = browser.find_elements(By.CSS_SELECTOR, "article.query")
     assert len(cards) == 1 and cards[0].text.startswith("Self-influence")

@@ -130,3 +130,19 @@ def test_async_client_reads_the_same_results(served: Served, pipeline: dict[str,
     with Client(served.url, served.key) as client:
         assert rows == list(client.results(attribution))
     assert len(frame) == 2 * 3 * TOP_K and status == "succeeded"
+
+
+def test_checkpoint_and_arrow_table_uploads(served: Served, pipeline: dict[str, Any], tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    with Client(served.url, served.key) as client:
+        checkpoint = client.upload_checkpoint(pipeline["model"], pipeline["net"].state_dict(), step=10,
+                                              learning_rate=0.1)
+        assert (checkpoint.model_id, checkpoint.step, checkpoint.stage) == (pipeline["model"].id, 10, 0)
+        arrays = tiny_dataset(6, seed=3)
+        table = pa.table({**{f"x{i}": arrays["inputs"][:, i] for i in range(4)}, "targets": arrays["targets"]})
+        from_arrow = client.upload_dataset(table, name="arrow")
+        np.savez(tmp_path / "same.npz", **arrays)
+        from_file = client.upload_dataset(tmp_path / "same.npz", name="file")
+        assert from_arrow.num_examples == from_file.num_examples == 6
+        assert client.examples(from_arrow, [5])[0]["input"] == pytest.approx(client.examples(from_file, [5])[0]["input"])
