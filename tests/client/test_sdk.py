@@ -145,4 +145,5 @@ def test_checkpoint_and_arrow_table_uploads(served: Served, pipeline: dict[str, 
         np.savez(tmp_path / "same.npz", **arrays)
         from_file = client.upload_dataset(tmp_path / "same.npz", name="file")
         assert from_arrow.num_examples == from_file.num_examples == 6
-        assert client.examples(from_arrow, [5])[0]["input"] == pytest.approx(client.examples(from_file, [5])[0]["input"])
+        from_table_input = client.examples(from_arrow, [5])[0]["input"]
+        assert from_table_input == pytest.approx(client.examples(from_file, [5])[0]["input"])
