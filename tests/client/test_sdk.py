@@ -120,6 +120,8 @@ def test_async_client_reads_the_same_results(served: Served, pipeline: dict[str,
 
     async def read() -> tuple[list[Any], Any, str]:
         async with AsyncClient(served.url, served.key) as client:
+            uploaded = await client.upload_dataset(name="async", **tiny_dataset(5, seed=4))
+            assert (await client.get_dataset(uploaded.id)).num_examples == 5
             again = await client.get_attribution(attribution.id)
             state = await again.job.wait(progress=False)
             rows = [row async for row in client.results(attribution, page_size=5)]
