@@ -16,7 +16,8 @@ from service.problems import install_problem_handlers, problem_response, problem
 from service.queue import CeleryQueue, JobQueue
 from service.quotas import RateLimiter
 from service.reaper import start_reaper
-from service.routers import attributions, datasets, fits, jobs, models, operations
+from service.routers import attributions, datasets, fits, jobs, models, operations, pages
+from service.routers.docs import install_docs
 from service.settings import Settings, get_settings
 from service.storage import BlobStore, LocalBlobStore
 from worker.artifacts.errors import ArtifactError
@@ -38,7 +39,7 @@ def create_app(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     configure_engine(settings.resolved_database_url, settings.db_pool_size)
     app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                  responses=problem_responses(429, 503))
+                  responses=problem_responses(429, 503), docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.store = store or LocalBlobStore(settings.resolved_storage_dir)
     app.state.queue = queue or CeleryQueue(settings.resolved_broker_url)
@@ -46,8 +47,9 @@ def create_app(
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     install_problem_handlers(app)
     app.add_exception_handler(ArtifactError, _on_artifact_error)  # type: ignore[arg-type]
-    for module in (models, datasets, fits, attributions, jobs, operations):
+    for module in (models, datasets, fits, attributions, jobs, operations, pages):
         app.include_router(module.router)
+    install_docs(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, max_json_bytes=settings.max_json_bytes)
     app.add_middleware(AdmissionControl, max_in_flight=settings.max_in_flight, max_waiting=settings.max_waiting,
                        wait_seconds=settings.admission_wait_seconds)

@@ -1,10 +1,11 @@
-"""`attrib`: serve, worker, migrate, keys create, demo."""
+"""`attrib`: serve, worker, migrate, keys create, demo; the client verbs live in `attrib.cli_verbs`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from attrib.cli_verbs import HelpFormatter, add_client_verbs
 from service.settings import ConfigurationError, Settings
 
 
@@ -29,8 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     embedded.prepare(settings)
     app = create_app(settings)  # its reaper requeues the jobs a previous run left running
     worker = embedded.start_worker(settings)
-    print(f"attrib: serving on http://{args.host}:{args.port} (docs: http://{args.host}:{args.port}/docs), "
-          f"data in {settings.data_dir.resolve()}", file=sys.stderr)
+    print(embedded.serve_banner(settings, args.host, args.port), file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                     timeout_keep_alive=settings.keep_alive_seconds)
@@ -79,13 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attrib", description="Training-data attribution service.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the API (and, by default, a local worker)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve = commands.add_parser("serve", help="run the API (and, by default, a local worker)",
+                                formatter_class=HelpFormatter)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.set_defaults(func=cmd_serve)
 
-    worker = commands.add_parser("worker", help="run a Celery worker (production topology)")
-    worker.add_argument("--loglevel", default="INFO")
+    worker = commands.add_parser("worker", help="run a Celery worker (production topology)",
+                                 formatter_class=HelpFormatter)
+    worker.add_argument("--loglevel", default="INFO", help="Celery log level")
     worker.set_defaults(func=cmd_worker)
 
     migrate = commands.add_parser("migrate", help="upgrade the database to the latest schema")
@@ -93,14 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="create a tenant if needed and print a new API key")
-    create.add_argument("--tenant", required=True)
+    create.add_argument("--tenant", required=True, help="tenant name (created if new)")
     create.set_defaults(func=cmd_keys_create)
 
-    demo = commands.add_parser("demo", help="train a small model on digits and attribute its predictions")
-    demo.add_argument("--port", type=int, default=8765)
+    demo = commands.add_parser("demo", help="train a small model on digits and attribute its predictions",
+                               formatter_class=HelpFormatter)
+    demo.add_argument("--port", type=int, default=8765, help="port of the demo's own embedded server")
     demo.add_argument("--keep", action="store_true", help="leave the embedded server running afterwards")
-    demo.add_argument("--method", default="influence", help="attribution method (default: EK-FAC influence)")
+    demo.add_argument("--method", default="influence", help="attribution method (default: influence, EK-FAC)")
     demo.set_defaults(func=cmd_demo)
+
+    add_client_verbs(commands)
     return parser
 
 

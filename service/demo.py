@@ -122,10 +122,9 @@ def run_demo(port: int = 8765, keep: bool = False, method: str = "influence") ->
         with httpx.Client(base_url=base_url, timeout=60.0) as client:
             wait_until_up(client, server)
             client.headers["Authorization"] = f"Bearer {read_api_key(settings)}"
-            demo_session(client, method)
-        print(f"\nAPI docs: {base_url}/docs", file=sys.stderr)
+            attribution_id = demo_session(client, method)
+        print(closing_words(settings, base_url, attribution_id, keep), file=sys.stderr)
         if keep:
-            print(f"attrib demo: the server keeps running on {base_url} (Ctrl-C to stop)", file=sys.stderr)
             server.wait()
     except KeyboardInterrupt:
         pass
@@ -135,7 +134,20 @@ def run_demo(port: int = 8765, keep: bool = False, method: str = "influence") ->
             server.wait(timeout=30)
 
 
-def demo_session(client: httpx.Client, method: str) -> None:
+def closing_words(settings: Settings, base_url: str, attribution_id: str, keep: bool) -> str:
+    """Where to look next: the results page and the API docs, and how to keep a server running for them."""
+    page = f"/ui/attributions/{attribution_id}"
+    key = f"the page asks for the API key once: it is in {settings.api_key_file.resolve()}"
+    if keep:
+        return (f"\nResults page: {base_url}{page} ({key})\nAPI docs: {base_url}/docs\n"
+                f"attrib demo: the server keeps running on {base_url} (Ctrl-C to stop)")
+    return (f"\nattrib demo: the server stops now. To look at these results in a browser, run `attrib demo --keep` "
+            f"(the server stays up) and open the results page it prints, or run `attrib serve` and open "
+            f"http://127.0.0.1:8000{page} ({key}).\nAPI docs: /docs on the running server.")
+
+
+def demo_session(client: httpx.Client, method: str) -> str:
+    """Train, upload, attribute and print; returns the attribution's id."""
     print("attrib demo: training a 64-64-10 MLP on scikit-learn's digits...", file=sys.stderr)
     model, data = train_digits_mlp()
     weights = save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()})
@@ -157,6 +169,7 @@ def demo_session(client: httpx.Client, method: str) -> None:
     if job["status"] != "succeeded":
         raise SystemExit(f"attrib demo: the job {job['status']}: {job['error']}")
     print_results(client, attribution["id"], data)
+    return str(attribution["id"])
 
 
 def print_results(client: httpx.Client, attribution_id: str, data: dict[str, np.ndarray]) -> None:

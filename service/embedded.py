@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,6 +46,18 @@ def read_api_key(settings: Settings) -> str:
     return path.read_text().strip()
 
 
+def serve_banner(settings: Settings, host: str, port: int) -> str:
+    """What `attrib serve` says on start: where it listens, where the key is and how to use it elsewhere."""
+    url = f"http://{host}:{port}"
+    key_file = settings.api_key_file.resolve()
+    return (
+        f"attrib: serving on {url} (API docs {url}/docs, jobs and results {url}/ui/jobs); "
+        f"data in {settings.data_dir.resolve()}\n"
+        f"attrib: the API key is in {key_file}; in another terminal:\n"
+        f"    export ATTRIB_URL={url} ATTRIB_API_KEY=\"$(cat {shlex.quote(str(key_file))})\""
+    )
+
+
 def _die_with_parent() -> None:
     """Linux: the worker gets SIGTERM if `attrib serve` dies without cleaning up."""
     try:
@@ -56,8 +69,9 @@ def _die_with_parent() -> None:
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     env = {**os.environ, "ATTRIB_DATA_DIR": str(settings.data_dir.resolve())}
     command = [
-        sys.executable, "-m", "celery", "--quiet", "-A", "worker.celery_app", "worker", "--pool=prefork",
-        "--concurrency=1", "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        sys.executable, "-m", "service.embedded_worker", "--quiet", "-A", "worker.celery_app", "worker",
+        "--pool=prefork", "--concurrency=1",
+        "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
     return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 

@@ -73,6 +73,14 @@ def page_of_results(
     return rows[:size], RankCursor(rows[size - 1].query_pos, rows[size - 1].rank)
 
 
+def has_query(session: Session, attribution_id: str, query_id: str) -> bool:
+    """Whether any row of the attribution belongs to this query (its id as a string)."""
+    query = select(AttributionResult.rank).where(
+        AttributionResult.attribution_id == attribution_id, AttributionResult.query_id == query_id
+    )
+    return session.scalar(query.limit(1)) is not None
+
+
 def all_results(session: Session, attribution_id: str) -> Iterator[Any]:
     query = (
         select(*RESULT_COLUMNS)

@@ -21,7 +21,7 @@ from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
 from service.problems import ProblemError, not_found, problem_responses
-from service.results import IdTypes, all_results, id_types, page_of_results, row_out
+from service.results import IdTypes, all_results, has_query, id_types, page_of_results, row_out
 from service.routers.models import model_out
 from service.schemas.attributions import AttributionIn, AttributionOut, EditIn, ResultRow, ResultsPage
 from service.schemas.models import ModelOut
@@ -103,6 +103,9 @@ def get_results(
     after = decode_token(page_token, RankCursor) if page_token else None
     size = clamp_page_size(page_size, settings.max_page_size)
     rows, last = page_of_results(session, attribution.id, direction, query_id, after, size)
+    if not rows and query_id is not None and not has_query(session, attribution.id, query_id):
+        raise ProblemError(404, f"attribution {attribution_id!r} has no query with query_id {query_id!r}",
+                           kind="not-found")
     types = id_types(session, attribution)
     page = ResultsPage(results=[row_out(row, types) for row in rows], next_page_token=encode_token(last) if last else None)
     return Response(page.model_dump_json(), media_type="application/json")  # validated once, serialized once

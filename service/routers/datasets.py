@@ -12,10 +12,11 @@ from service.artifacts import owned_dataset
 from service.db.base import new_id, utcnow
 from service.db.tables import Dataset
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
+from service.examples import MAX_EXAMPLES, dataset_examples
 from service.idempotency import IdempotencyKey, remember, replay
 from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
 from service.problems import problem_responses
-from service.schemas.datasets import DatasetList, DatasetMetadata, DatasetOut
+from service.schemas.datasets import DatasetExamples, DatasetList, DatasetMetadata, DatasetOut
 from service.uploads import check_storage_or_discard, commit_blob, parse_metadata, read_head, stage_upload
 from worker.artifacts.datasets import describe, detect_format, read_dataset
 
@@ -79,6 +80,17 @@ def list_datasets(
 @router.get("/{dataset_id}")
 def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> DatasetOut:
     return dataset_out(owned_dataset(session, tenant.id, dataset_id))
+
+
+@router.get("/{dataset_id}/examples")
+def get_examples(
+    dataset_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
+    ids: Annotated[list[str], Query(description=f"Example ids (the dataset's own ids); repeat the parameter, "
+                                                f"at most {MAX_EXAMPLES}.")],
+) -> DatasetExamples:
+    """Some examples of the dataset by id (inputs and targets), e.g. to show the training examples that an
+    attribution ranked. An unknown id is a 404 naming it."""
+    return dataset_examples(store, owned_dataset(session, tenant.id, dataset_id), ids, settings.max_dataset_rows)
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -26,3 +26,17 @@ class DatasetOut(BaseModel):
 class DatasetList(BaseModel):
     datasets: list[DatasetOut]
     next_page_token: str | None
+
+
+class DatasetExample(BaseModel):
+    id: int | str = Field(description="The example's id, with its own JSON type.")
+    input: Any = Field(description="The input as nested lists of numbers (float32 values), of shape `input_shape`.")
+    target: Any = Field(description="Class index, or a list of regression targets.")
+    task: int | None = Field(None, description="Meta-datasets: the example's task.")
+    split: int | None = Field(None, description="Meta-datasets: 0 = task train, 1 = task validation.")
+
+
+class DatasetExamples(BaseModel):
+    dataset_id: str
+    input_shape: list[int] = Field(description="Shape of one example's input (2-D or 3-D: an image).")
+    examples: list[DatasetExample] = Field(description="In the order the ids were asked for (repeats dropped).")

@@ -52,3 +52,7 @@ def test_demo_prints_helpful_and_harmful_examples(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("most helpful") == 3 and result.stdout.count("most harmful") == 3
     assert "/docs" in result.stderr
+    # how to look at the results afterwards, and the server's own first words: where the key is, how to export it
+    assert "attrib demo --keep" in result.stderr and "/ui/attributions/attr_" in result.stderr
+    assert f'ATTRIB_API_KEY="$(cat {(tmp_path / "data" / "api-key").resolve()})"' in result.stderr
+    assert "superuser" not in result.stderr  # Celery's warning, when the tests run as root

@@ -1,0 +1,97 @@
+"""Typed method options for :meth:`attrib.Client.attribute` (plain dicts are accepted too).
+
+Only the options you set are sent; the server fills in its defaults and refuses unknown ones with a 422.
+
+>>> from attrib.options import Influence
+>>> Influence(strategy="ekfac", damping=1e-3).to_json()
+{'strategy': 'ekfac', 'damping': 0.001}
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    method: ClassVar[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class Influence(MethodOptions):
+    """``method="influence"``: ∇f(z_q)ᵀ P ∇ℓ(z_i) with P the inverse damped curvature."""
+
+    strategy: Literal["ekfac", "kfac", "diagonal", "identity", "exact", "cg", "lissa"] | None = None
+    damping: float | None = None
+    fisher: Literal["true", "empirical"] | None = None
+    fisher_samples: int | None = None
+    seed: int | None = None
+    layers: list[str] | None = None
+    curvature: Literal["gauss_newton", "hessian"] | None = None
+    max_iter: int | None = None
+    tol: float | None = None
+    batch_size: int | None = None
+    method: ClassVar[str] = "influence"
+
+
+@dataclass(frozen=True)
+class DataInf(MethodOptions):
+    """``method="datainf"``: DataInf's closed form per layer."""
+
+    damping: float | None = None
+    layers: list[str] | None = None
+    batch_size: int | None = None
+    method: ClassVar[str] = "datainf"
+
+
+@dataclass(frozen=True)
+class GradientSimilarity(MethodOptions):
+    """``method="gradient_similarity"``: gradient dot product, or cosine with ``normalize=True``."""
+
+    normalize: bool | None = None
+    layers: list[str] | None = None
+    batch_size: int | None = None
+    method: ClassVar[str] = "gradient_similarity"
+
+
+@dataclass(frozen=True)
+class TracIn(MethodOptions):
+    """``method="tracin"``: TracInCP over the model's uploaded checkpoints."""
+
+    stages: list[int] | None = None
+    stage_datasets: dict[str, str] | None = None
+    layers: list[str] | None = None
+    batch_size: int | None = None
+    method: ClassVar[str] = "tracin"
+
+
+@dataclass(frozen=True)
+class Source(MethodOptions):
+    """``method="source"``: SOURCE, segmented unrolling over the model's checkpoints."""
+
+    segments: int | Literal["stages"] | None = None
+    stages: list[int] | None = None
+    stage_datasets: dict[str, str] | None = None
+    variant: Literal["full", "averaged_parameters"] | None = None
+    damping: float | None = None
+    fisher: Literal["true", "empirical"] | None = None
+    fisher_samples: int | None = None
+    seed: int | None = None
+    layers: list[str] | None = None
+    batch_size: int | None = None
+    method: ClassVar[str] = "source"
+
+
+def method_and_options(
+    method: str | None, options: MethodOptions | dict[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """The request's ``method`` and ``options``: a typed options object names its own method."""
+    if isinstance(options, MethodOptions):
+        if method is not None and method != options.method:
+            raise ValueError(f"method={method!r} but the options are for {options.method!r}")
+        return options.method, options.to_json()
+    return method or "influence", dict(options or {})
