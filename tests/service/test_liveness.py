@@ -62,7 +62,7 @@ def url(tmp_path: Path, backend: str | None) -> str:
 def new_job(url: str, tenant_id: str | None = None, **values: Any) -> str:
     with session_scope(url) as session:
         tenant_id = tenant_id or get_or_create_tenant(session, f"t-{uuid.uuid4().hex[:8]}").id
-        job = create_job(session, tenant_id, "attribution")
+        job = create_job(session, tenant_id, "attribution", max_active_jobs=1000)
         for name, value in values.items():
             setattr(job, name, value)
         return job.id
