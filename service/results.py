@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,28 @@ def id_types(session: Session, attribution: Attribution) -> IdTypes:
         query_ids_are_strings=bool(query and query.ids_are_strings and not meta),
         train_ids_are_strings=bool(train and train.ids_are_strings and attribution.method != "meta_task_influence"),
     )
+
+
+FINISHED_CACHE_SIZE = 10_000
+_finished_types: OrderedDict[str, tuple[str, IdTypes]] = OrderedDict()
+_finished_lock = threading.Lock()
+
+
+def remember_finished(attribution: Attribution, types: IdTypes) -> None:
+    """A succeeded attribution's rows never change again: remember what reading them needs (its tenant and its id
+    types), so that a results page costs one query."""
+    with _finished_lock:
+        _finished_types[attribution.id] = (attribution.tenant_id, types)
+        _finished_types.move_to_end(attribution.id)
+        while len(_finished_types) > FINISHED_CACHE_SIZE:
+            _finished_types.popitem(last=False)
+
+
+def known_finished(attribution_id: str, tenant_id: str) -> IdTypes | None:
+    """The id types of a succeeded attribution of this tenant seen before by this process, else None."""
+    with _finished_lock:
+        known = _finished_types.get(attribution_id)
+    return known[1] if known is not None and known[0] == tenant_id else None
 
 
 def _typed(value: str | None, as_string: bool) -> int | str | None:

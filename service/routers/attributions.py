@@ -21,7 +21,9 @@ from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
 from service.problems import ProblemError, not_found, problem_responses
-from service.results import IdTypes, all_results, has_query, id_types, page_of_results, row_out
+from service.results import (
+    IdTypes, all_results, has_query, id_types, known_finished, page_of_results, remember_finished, row_out,
+)
 from service.routers.models import model_out
 from service.schemas.attributions import AttributionIn, AttributionOut, EditIn, ResultRow, ResultsPage
 from service.schemas.models import ModelOut
@@ -99,14 +101,17 @@ def get_results(
     page_token: PageTokenQuery = None,
 ) -> Response:
     """Ranked rows ordered by query, then rank (1 = strongest) within (query, direction)."""
-    attribution = finished_attribution(session, tenant.id, attribution_id)
+    types = known_finished(attribution_id, tenant.id)
+    if types is None:
+        attribution = finished_attribution(session, tenant.id, attribution_id)
+        types = id_types(session, attribution)
+        remember_finished(attribution, types)
     after = decode_token(page_token, RankCursor) if page_token else None
     size = clamp_page_size(page_size, settings.max_page_size)
-    rows, last = page_of_results(session, attribution.id, direction, query_id, after, size)
-    if not rows and query_id is not None and not has_query(session, attribution.id, query_id):
+    rows, last = page_of_results(session, attribution_id, direction, query_id, after, size)
+    if not rows and query_id is not None and not has_query(session, attribution_id, query_id):
         raise ProblemError(404, f"attribution {attribution_id!r} has no query with query_id {query_id!r}",
                            kind="not-found")
-    types = id_types(session, attribution)
     page = ResultsPage(results=[row_out(row, types) for row in rows], next_page_token=encode_token(last) if last else None)
     return Response(page.model_dump_json(), media_type="application/json")  # validated once, serialized once
 
