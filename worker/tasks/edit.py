@@ -63,4 +63,5 @@ def edited_weights(
         fit_row = session.get(Fit, fit_ids[0])
         fit = load_curvatures(store, fit_row.artifact_sha256)["model"]  # type: ignore[union-attr,arg-type]
         options.strategy = fit.strategy
-    return engine.edit_parameters(module, train, removed, loss=loss, method=method, options=options, fit=fit)
+    return engine.edit_parameters(module, train, removed, loss=loss, method=method, options=options, fit=fit,
+                                  edit=engine.EditOptions(estimator="first_order")).state
