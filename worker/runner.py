@@ -5,6 +5,7 @@ Results and the final status are written in one transaction, so a job never show
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 import traceback
@@ -103,14 +104,17 @@ def mark_finished(session: Session, job: Job, status: str, error: dict | None = 
         job.progress_completed = job.progress_total = max(job.progress_total, 1)
 
 
+# job kind -> "module:function" of its task, imported when a job of that kind runs (tasks import this module
+# for JobContext, so the runner never imports them at module level)
+TASKS: dict[str, str] = {
+    "fit": "worker.tasks.fit:run_fit",
+    "attribution": "worker.tasks.attribution:run_attribution",
+    "edit": "worker.tasks.edit:run_edit",
+}
+
+
 def _dispatch(context: JobContext) -> None:
     with context.session() as session:
         kind = session.get(Job, context.job_id).kind  # type: ignore[union-attr]
-    if kind == "fit":
-        from worker.tasks.fit import run_fit
-
-        run_fit(context)
-    else:
-        from worker.tasks.attribution import run_attribution
-
-        run_attribution(context)
+    module_name, _, function_name = TASKS[kind].partition(":")
+    getattr(importlib.import_module(module_name), function_name)(context)

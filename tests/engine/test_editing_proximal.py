@@ -4,7 +4,7 @@ The reference is an independent retrain from the same weights of the anchored pr
 J_S(θ) = (1/N) Σ_{i∉S} ℓ_i(θ) − ⟨∇L(θ₀), θ − θ₀⟩ + (λ/2)‖θ − θ₀‖², written here with torch.func and minimised
 by L-BFGS to a gradient norm of 1e-12. Tolerances (relative distance of the parameter changes): the proximal
 estimator 1e-6 at tol 1e-8, and each tighter tolerance at least 10× closer than tol 1e-1; every influence
-strategy and DataInf give the same minimiser (they only precondition the solves): 1e-4 at tol 1e-6.
+strategy and DataInf give the same minimiser (the objective does not depend on the method): 1e-4 at tol 1e-6.
 """
 
 from __future__ import annotations
@@ -135,9 +135,7 @@ def test_a_set_and_its_complement_are_consistent_with_the_full_data_objective(se
 
 
 @pytest.mark.parametrize("method,options", [
-    ("influence", InfluenceOptions(strategy="ekfac")), ("influence", InfluenceOptions(strategy="kfac")),
-    ("influence", InfluenceOptions(strategy="diagonal")), ("influence", InfluenceOptions(strategy="identity")),
-    ("influence", InfluenceOptions(strategy="cg")), ("influence", InfluenceOptions(strategy="lissa")),
+    ("influence", InfluenceOptions(strategy="ekfac")), ("influence", InfluenceOptions(strategy="lissa")),
     ("datainf", DataInfOptions()),
 ])
 def test_every_method_reaches_the_same_proximal_minimiser(setup, reference, method: str, options: object) -> None:
@@ -155,6 +153,6 @@ def test_every_method_reaches_the_same_proximal_minimiser(setup, reference, meth
 def test_a_step_beyond_the_trust_radius_is_reported(setup) -> None:
     model, data, _ = setup
     result = edit_parameters(model, data, torch.arange(40), loss="cross_entropy",
-                             edit=EditOptions(proximity=1e-6, trust_radius=1e-3, tol=1e-2))
+                             edit=EditOptions(estimator="proximal", proximity=1e-6, trust_radius=1e-3, tol=1e-2))
     assert any("trust radius" in w for w in result.diagnostics["warnings"])
     assert result.diagnostics["relative_step_norm"] > 1e-3

@@ -7,7 +7,7 @@ positive = training example i helps query q. See docs/ for the methods.
 from worker.attribution.attribute import attribute
 from worker.attribution.curvature.base import Curvature, Preconditioner, load_curvature
 from worker.attribution.curvature.fit import fit_curvature
-from worker.attribution.editing import EditResult, edit_parameters
+from worker.attribution.editing import EditResult, assess_edit, edit_parameters, retrain_objective_edit
 from worker.attribution.hooks import trackable_layers
 from worker.attribution.options import DataInfOptions, EditOptions, FitOptions, GradientSimilarityOptions, InfluenceOptions
 from worker.attribution.types import (
@@ -36,7 +36,9 @@ __all__ = [
     "Progress",
     "TopK",
     "attribute",
+    "assess_edit",
     "edit_parameters",
+    "retrain_objective_edit",
     "fit_curvature",
     "load_curvature",
     "no_progress",

@@ -2,7 +2,7 @@
 
 Three estimators (``EditOptions.estimator``, docs/editing.md says what each assumes):
 - ``proximal`` (default): the minimiser of the anchored proximal retrain objective J_S (proximal.py), by
-  Levenberg-Marquardt Gauss-Newton steps over the remaining rows, CG preconditioned by the attribution's fit;
+  Levenberg-Marquardt Gauss-Newton steps over the remaining rows (each solved by CG);
 - ``newton``: one Gauss-Newton step of J_S from the current weights, clipped to a trust radius, line-searched;
 - ``first_order``: θ + (1/N) P Σ_{removed} ∇ℓ with the attribution's preconditioner P (its scoring damping):
   removing z from L = (1/N) Σ ℓ_i moves a minimiser by (1/N) H⁻¹ ∇ℓ(z) to first order.
@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from worker.attribution.attribute import OPTION_TYPES, MethodOptions, build_scorers
-from worker.attribution.curvature.base import Curvature, Preconditioner
-from worker.attribution.curvature.fit import fit_curvature
+from worker.attribution.curvature.base import Curvature
 from worker.attribution.gradients import batches, model_dtype, place_model, training_activities
 from worker.attribution.hooks import ActivityRecorder, TrackedLayer, evaluation_mode, resolve_layers
 from worker.attribution.losses import LossName, check_examples, check_loss_name, check_targets, per_example_loss
@@ -94,14 +93,36 @@ def edit_parameters(
     else:
         layers = resolve_layers(placed, options.layers)
 
-    if fit is None and edit.estimator != "first_order" and isinstance(options, InfluenceOptions) \
-            and options.strategy in FIT_STRATEGIES:
-        fit = fit_curvature(placed, train, loss, options.fit_options())  # preconditions the CG solves
-
     def first_order() -> Flat:
         return first_order_parameters(placed, train, rows, loss, method, options, fit, progress)
 
-    return estimate_edit(placed, layers, train, rows, loss, edit, fit, first_order, queries, progress)
+    return estimate_edit(placed, layers, train, rows, loss, edit, first_order, queries, progress)
+
+
+def retrain_objective_edit(
+    model: nn.Module,
+    train: Examples,
+    remove: torch.Tensor,
+    *,
+    loss: LossName,
+    edit: EditOptions,
+    layers: list[TrackedLayer] | None = None,
+    queries: Examples | None = None,
+    progress: Progress = no_progress,
+) -> EditResult:
+    """A ``newton`` or ``proximal`` edit of any model (every trackable layer by default): it needs no method's
+    preconditioner (SOURCE edits use it; their first-order estimate comes from the trajectory)."""
+    if edit.estimator == "first_order":
+        raise AttributionError("the first-order estimate is the method's own; use edit_parameters or the method")
+    check_loss_name(loss)
+    check_examples(train, "training")
+    rows = removed_rows(remove, len(train))
+    layers = layers if layers is not None else resolve_layers(model, None)
+
+    def no_first_order() -> Flat:
+        raise AssertionError("unreachable")
+
+    return estimate_edit(model, layers, train, rows, loss, edit, no_first_order, queries, progress)
 
 
 def estimate_edit(
@@ -111,13 +132,12 @@ def estimate_edit(
     rows: torch.Tensor,
     loss: LossName,
     edit: EditOptions,
-    fit: Curvature | None,
     first_order: Callable[[], Flat],
     queries: Examples | None = None,
     progress: Progress = no_progress,
 ) -> EditResult:
     """The edit of ``model``'s tracked ``layers`` for removed ``rows`` by ``edit.estimator``. ``first_order``
-    gives the method's own first-order parameters (a flat vector); ``fit`` preconditions the CG solves."""
+    gives the method's own first-order parameters (a flat vector)."""
     edit.validate()
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
     if rows.numel() == 0:
@@ -130,11 +150,9 @@ def estimate_edit(
         if edit.estimator == "first_order":
             theta = first_order().to(objective.theta0.device, objective.theta0.dtype)
         elif edit.estimator == "newton":
-            theta, report = newton_step(objective, edit.trust_radius, edit.cg_tol, edit.cg_max_iter,
-                                        _fit_preconditioning(fit, layers, objective), progress)
+            theta, report = newton_step(objective, edit.trust_radius, edit.cg_tol, edit.cg_max_iter, None, progress)
         else:
-            theta, report = minimise(objective, edit.tol, edit.max_steps, edit.cg_tol, edit.cg_max_iter,
-                                     _fit_preconditioning(fit, layers, objective), progress)
+            theta, report = minimise(objective, edit.tol, edit.max_steps, edit.cg_tol, edit.cg_max_iter, None, progress)
         check_finite_vectors({"tracked layers": theta}, "edited parameters")
         diagnostics = _diagnostics(objective, theta, report, edit, rule, queries)
     for key, value in state_entries(layers, theta).items():
@@ -154,12 +172,13 @@ def assess_edit(
 ) -> EditResult:
     """Diagnostics for a first-order state computed elsewhere (SOURCE's unrolled estimate)."""
     layers = layers if layers is not None else resolve_layers(model, None)
+    rows = removed_rows(rows, len(train))
 
     def given() -> Flat:
         return flat_from_state(layers, state, next(model.parameters()))
 
     result = estimate_edit(model, layers, train, rows, loss, EditOptions(**{**edit.__dict__, "estimator": "first_order"}),
-                           None, given, queries)
+                           given, queries)
     result.state = {key: value.detach().clone() for key, value in state.items()}
     return result
 
@@ -195,23 +214,6 @@ def _proximity(model: nn.Module, layers: list[TrackedLayer], train: Examples, lo
         return float(edit.proximity), "given"
     mean = mean_curvature_eigenvalue(model, layers, train, loss, edit.batch_size)
     return DEFAULT_PROXIMITY_FRACTION * mean, f"auto: {DEFAULT_PROXIMITY_FRACTION:g} × mean Gauss-Newton eigenvalue"
-
-
-def _fit_preconditioning(fit: Curvature | None, layers: list[TrackedLayer], objective: ProximalObjective
-                         ) -> Callable[[Flat, float], Flat] | None:
-    """(G + damping)⁻¹ v approximated by the attribution's fitted curvature, rebuilt per damping."""
-    if fit is None or fit.layer_names != [layer.name for layer in layers]:
-        return None
-    built: dict[float, Preconditioner] = {}
-
-    def apply(vector: Flat, damping: float) -> Flat:
-        if damping not in built:
-            built[damping] = fit.preconditioner(damping, objective.device, objective.dtype)
-        matrices = {name: m.unsqueeze(0) for name, m in layer_matrices(layers, vector).items()}
-        result = built[damping].precondition(matrices)
-        return torch.cat([result[layer.name][0].reshape(-1) for layer in layers]).to(vector.dtype)
-
-    return apply
 
 
 def query_losses(objective: ProximalObjective, flat: Flat, queries: Examples) -> torch.Tensor:

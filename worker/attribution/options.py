@@ -135,7 +135,7 @@ EditEstimator = Literal["proximal", "newton", "first_order"]
 EDIT_ESTIMATORS: tuple[str, ...] = ("proximal", "newton", "first_order")
 # λ of the auto proximity: this many times the mean Gauss-Newton eigenvalue trace(G)/D (chosen by
 # benchmarks/edits_retraining.py, see docs/editing.md)
-DEFAULT_PROXIMITY_FRACTION = 1.0
+DEFAULT_PROXIMITY_FRACTION = 10.0
 
 
 @dataclass
@@ -147,11 +147,11 @@ class EditOptions:
     ``first_order``: θ + (1/N) P Σ ∇ℓ with the attribution's own preconditioner P (its scoring damping).
     ``proximity`` None: DEFAULT_PROXIMITY_FRACTION × the mean Gauss-Newton eigenvalue."""
 
-    estimator: EditEstimator = "proximal"
+    estimator: EditEstimator = "newton"
     proximity: float | None = None
-    max_steps: int = 10
+    max_steps: int = 5
     tol: float = 1e-3
-    cg_max_iter: int = 30
+    cg_max_iter: int = 20
     cg_tol: float = 1e-3
     trust_radius: float = 0.2
     batch_size: int = 1024
