@@ -85,7 +85,7 @@ class EditOptionsIn(StrictModel):
         "H − Σ H_k, `proximal` iterates the retrain; meta instance influence supports `first_order` and `proximal`.")
     proximity: float | None = Field(
         None, gt=0, le=1e12, allow_inf_nan=False,
-        description="λ of the proximal term (λ/2)‖θ − θ₀‖² of the retrain objective. Null: 10 × the mean "
+        description="λ of the proximal term (λ/2)‖θ − θ₀‖² of the retrain objective. Null: the mean "
         "Gauss-Newton eigenvalue of the tracked layers (meta: the attribution's damping ρ).")
     max_steps: int = Field(5, ge=1, le=100, description="`proximal`: at most this many Gauss-Newton steps.")
     tol: float = Field(1e-3, gt=0, lt=1, description="`proximal`: stop when ‖∇J‖ ≤ tol × its value at θ₀.")

@@ -79,6 +79,7 @@ def proximal_retrain(model: nn.Module, data: Examples, remove: torch.Tensor, pro
 
 def edit(model: nn.Module, data: Examples, remove: torch.Tensor, **edit_options: object) -> dict[str, torch.Tensor]:
     options = InfluenceOptions(strategy="exact", damping=PROXIMITY)
+    edit_options.setdefault("estimator", "proximal")
     return edit_parameters(model, data, remove, loss="cross_entropy", options=options,
                            edit=EditOptions(proximity=PROXIMITY, cg_tol=1e-10, cg_max_iter=200, **edit_options)).state
 
@@ -141,7 +142,7 @@ def test_a_set_and_its_complement_are_consistent_with_the_full_data_objective(se
 def test_every_method_reaches_the_same_proximal_minimiser(setup, reference, method: str, options: object) -> None:
     model, data, queries = setup
     result = edit_parameters(model, data, REMOVE, loss="cross_entropy", method=method, options=options,  # type: ignore[arg-type]
-                             edit=EditOptions(proximity=PROXIMITY, tol=1e-6, max_steps=100, cg_tol=1e-8,
+                             edit=EditOptions(estimator="proximal", proximity=PROXIMITY, tol=1e-6, max_steps=100, cg_tol=1e-8,
                                               cg_max_iter=100), queries=queries)
     assert float((flat_change(model, result.state) - reference).norm()) <= 1e-4 * float(reference.norm())
     diagnostics = result.diagnostics

@@ -135,7 +135,7 @@ EditEstimator = Literal["proximal", "newton", "first_order"]
 EDIT_ESTIMATORS: tuple[str, ...] = ("proximal", "newton", "first_order")
 # λ of the auto proximity: this many times the mean Gauss-Newton eigenvalue trace(G)/D (chosen by
 # benchmarks/edits_retraining.py, see docs/editing.md)
-DEFAULT_PROXIMITY_FRACTION = 10.0
+DEFAULT_PROXIMITY_FRACTION = 1.0
 
 
 @dataclass

@@ -30,7 +30,7 @@ from worker.attribution.losses import LossName, check_targets, per_example_loss
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
 Flat = torch.Tensor
-CURVATURE_SCALE_ROWS = 4096  # rows used to measure the mean Gauss-Newton eigenvalue (for the auto proximity)
+CURVATURE_SCALE_ROWS = 2048  # rows used to measure the mean Gauss-Newton eigenvalue (for the auto proximity)
 
 
 # ---------------------------------------------------------------- flat vectors <-> layer matrices
