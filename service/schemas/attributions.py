@@ -94,7 +94,7 @@ class EditOptionsIn(StrictModel):
         0.2, gt=0, le=100, allow_inf_nan=False,
         description="Step norm, relative to the tracked weights' norm, beyond which the estimate is not trusted: "
         "a warning in the diagnostics (the `newton` step is shortened to it).")
-    batch_size: int = Field(1024, ge=1, le=65536, description="Rows per forward pass over the training data.")
+    batch_size: int = Field(2048, ge=1, le=65536, description="Rows per forward pass over the training data.")
 
 
 class EditIn(StrictModel):

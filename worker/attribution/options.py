@@ -154,7 +154,7 @@ class EditOptions:
     cg_max_iter: int = 20
     cg_tol: float = 1e-3
     trust_radius: float = 0.2
-    batch_size: int = 1024
+    batch_size: int = 2048
 
     def validate(self) -> None:
         if self.estimator not in EDIT_ESTIMATORS:

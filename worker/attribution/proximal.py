@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call, linearize, vjp
 
 from worker.attribution.gradients import FisherLabels, batches, fitting_activities, model_dtype
 from worker.attribution.hooks import ActivityRecorder, TrackedLayer, evaluation_mode, split_weight_matrix, weight_matrix
@@ -112,7 +112,7 @@ class ProximalObjective:
         self.kept = self.train.subset(torch.nonzero(keep).reshape(-1))
         self.n = len(self.train)
         kept_loss, kept_gradient = self.kept_loss_and_gradient(self.theta0)
-        self.kept_loss0 = kept_loss
+        self.kept_loss0 = kept_loss  # J_S(θ₀) = this; ∇J_S(θ₀) = −removal_gradient
         removed_rows = self.train.subset(self.removed)
         self.removal_gradient = self._loss_and_gradient(removed_rows, self.theta0)[1]
         self.anchor = kept_gradient + self.removal_gradient
@@ -162,19 +162,33 @@ class ProximalObjective:
 
     def curvature_product(self, flat: Flat, vector: Flat) -> Flat:
         """G_{−S}(θ) v: the kept rows' Gauss-Newton product (1/N) Σ w_i J_iᵀ H_i J_i v."""
-        self.passes += 1
-        result = torch.zeros_like(vector)
+        return self.curvature_operator(flat)(vector)
+
+    def curvature_operator(self, flat: Flat) -> Callable[[Flat], Flat]:
+        """v ↦ G_{−S}(θ) v at a fixed θ. The model is linearised once per batch (forward-mode and reverse-mode
+        maps kept while the operator lives), so each product costs one Jacobian-vector and one vector-Jacobian
+        product per batch, without re-running the forward pass."""
+        maps = []
         for batch in self._batches(self.kept):
             def outputs_of(point: Flat, inputs: torch.Tensor = batch.inputs) -> torch.Tensor:
                 return self._outputs(point, inputs)
 
-            outputs, tangent = jvp(outputs_of, (flat,), (vector,))
-            weighted = _output_hessian_product(outputs, tangent, self.loss)
-            if batch.weights is not None:
-                weighted = weighted * batch.weights.reshape(-1, *([1] * (weighted.dim() - 1)))
+            outputs, push = linearize(outputs_of, flat)
             _, pullback = vjp(outputs_of, flat)
-            result += pullback(weighted / self.n)[0]
-        return result
+            weights = None if batch.weights is None else batch.weights.reshape(-1, *([1] * (outputs.dim() - 1)))
+            maps.append((outputs.detach(), push, pullback, weights))
+
+        def apply(vector: Flat) -> Flat:
+            self.passes += 1
+            result = torch.zeros_like(vector)
+            for outputs, push, pullback, weights in maps:
+                weighted = _output_hessian_product(outputs, push(vector), self.loss)
+                if weights is not None:
+                    weighted = weighted * weights
+                result += pullback(weighted / self.n)[0].detach()
+            return result
+
+        return apply
 
 
 def mean_curvature_eigenvalue(model: nn.Module, layers: list[TrackedLayer], train: Examples, loss: LossName,
@@ -261,8 +275,10 @@ Preconditioning = Callable[[Flat, float], Flat]  # (vector, total damping) -> ap
 
 def _solve(objective: ProximalObjective, point: Flat, rhs: Flat, damping: float, cg_tol: float, cg_max_iter: int,
            precondition: Preconditioning | None) -> CGResult:
+    curvature = objective.curvature_operator(point)
+
     def matvec(v: Flat) -> Flat:
-        return objective.curvature_product(point, v) + damping * v
+        return curvature(v) + damping * v
 
     apply = None if precondition is None else (lambda v: precondition(v, damping))
     return conjugate_gradient(matvec, rhs, cg_tol, cg_max_iter, apply)
@@ -274,7 +290,7 @@ def newton_step(objective: ProximalObjective, trust_radius: float, cg_tol: float
     (Armijo) line search on the real J_S."""
     report = SolveReport(steps=1)
     theta0 = objective.theta0
-    value0, gradient0 = objective.value_and_gradient(theta0)
+    value0, gradient0 = objective.kept_loss0, -objective.removal_gradient
     solved = _solve(objective, theta0, -gradient0, objective.proximity, cg_tol, cg_max_iter, precondition)
     report.cg_iterations.append(solved.iterations)
     direction = solved.solution
