@@ -36,7 +36,6 @@ from worker.attribution.proximal import (
     SolveReport,
     flat_from_state,
     flat_parameters,
-    layer_matrices,
     mean_curvature_eigenvalue,
     minimise,
     newton_step,
@@ -150,9 +149,9 @@ def estimate_edit(
         if edit.estimator == "first_order":
             theta = first_order().to(objective.theta0.device, objective.theta0.dtype)
         elif edit.estimator == "newton":
-            theta, report = newton_step(objective, edit.trust_radius, edit.cg_tol, edit.cg_max_iter, None, progress)
+            theta, report = newton_step(objective, edit.trust_radius, edit.cg_tol, edit.cg_max_iter, progress)
         else:
-            theta, report = minimise(objective, edit.tol, edit.max_steps, edit.cg_tol, edit.cg_max_iter, None, progress)
+            theta, report = minimise(objective, edit.tol, edit.max_steps, edit.cg_tol, edit.cg_max_iter, progress)
         check_finite_vectors({"tracked layers": theta}, "edited parameters")
         diagnostics = _diagnostics(objective, theta, report, edit, rule, queries)
     for key, value in state_entries(layers, theta).items():

@@ -222,17 +222,15 @@ class CGResult:
     relative_residual: float
 
 
-def conjugate_gradient(matvec: Callable[[Flat], Flat], rhs: Flat, tol: float, max_iter: int,
-                       precondition: Callable[[Flat], Flat] | None = None) -> CGResult:
-    """(Preconditioned) CG for an SPD system A x = rhs, from x = 0."""
+def conjugate_gradient(matvec: Callable[[Flat], Flat], rhs: Flat, tol: float, max_iter: int) -> CGResult:
+    """CG for an SPD system A x = rhs, from x = 0; stops at ‖r‖ ≤ tol ‖rhs‖ or after max_iter iterations."""
     x = torch.zeros_like(rhs)
     residual = rhs.clone()
     norm0 = float(rhs.norm())
     if norm0 == 0.0:
         return CGResult(x, 0, 0.0)
-    z = precondition(residual) if precondition is not None else residual
-    direction = z.clone()
-    rz = float(residual @ z)
+    direction = residual.clone()
+    rz = float(residual @ residual)
     iterations = 0
     for iterations in range(1, max_iter + 1):
         product = matvec(direction)
@@ -244,9 +242,8 @@ def conjugate_gradient(matvec: Callable[[Flat], Flat], rhs: Flat, tol: float, ma
         residual = residual - alpha * product
         if float(residual.norm()) <= tol * norm0:
             break
-        z = precondition(residual) if precondition is not None else residual
-        rz_next = float(residual @ z)
-        direction = z + (rz_next / rz) * direction
+        rz_next = float(residual @ residual)
+        direction = residual + (rz_next / rz) * direction
         rz = rz_next
     return CGResult(x, iterations, float(residual.norm()) / norm0)
 
@@ -270,28 +267,24 @@ class SolveReport:
                 "line_search_step": self.step_scale, "clipped_to_trust_radius": self.clipped}
 
 
-Preconditioning = Callable[[Flat, float], Flat]  # (vector, total damping) -> approximately (G + damping)^-1 vector
-
-
-def _solve(objective: ProximalObjective, point: Flat, rhs: Flat, damping: float, cg_tol: float, cg_max_iter: int,
-           precondition: Preconditioning | None) -> CGResult:
+def _solve(objective: ProximalObjective, point: Flat, rhs: Flat, damping: float, cg_tol: float,
+           cg_max_iter: int) -> CGResult:
     curvature = objective.curvature_operator(point)
 
     def matvec(v: Flat) -> Flat:
         return curvature(v) + damping * v
 
-    apply = None if precondition is None else (lambda v: precondition(v, damping))
-    return conjugate_gradient(matvec, rhs, cg_tol, cg_max_iter, apply)
+    return conjugate_gradient(matvec, rhs, cg_tol, cg_max_iter)
 
 
 def newton_step(objective: ProximalObjective, trust_radius: float, cg_tol: float, cg_max_iter: int,
-                precondition: Preconditioning | None, progress: Progress = no_progress) -> tuple[Flat, SolveReport]:
+                progress: Progress = no_progress) -> tuple[Flat, SolveReport]:
     """One Gauss-Newton step (G_{−S}(θ₀) + λI) d = r from θ₀, clipped to the trust radius, then a backtracking
     (Armijo) line search on the real J_S."""
     report = SolveReport(steps=1)
     theta0 = objective.theta0
     value0, gradient0 = objective.kept_loss0, -objective.removal_gradient
-    solved = _solve(objective, theta0, -gradient0, objective.proximity, cg_tol, cg_max_iter, precondition)
+    solved = _solve(objective, theta0, -gradient0, objective.proximity, cg_tol, cg_max_iter)
     report.cg_iterations.append(solved.iterations)
     direction = solved.solution
     radius = trust_radius * float(theta0.norm())
@@ -316,7 +309,7 @@ def newton_step(objective: ProximalObjective, trust_radius: float, cg_tol: float
 
 
 def minimise(objective: ProximalObjective, tol: float, max_steps: int, cg_tol: float, cg_max_iter: int,
-             precondition: Preconditioning | None, progress: Progress = no_progress) -> tuple[Flat, SolveReport]:
+             progress: Progress = no_progress) -> tuple[Flat, SolveReport]:
     """Levenberg-Marquardt on J_S from θ₀: steps (G_{−S}(θ) + (λ + μ)I) d = −∇J_S(θ), accepted when the real
     decrease is a fair share of the model's, μ adapted by that ratio; stops at ‖∇J_S‖ ≤ tol · ‖∇J_S(θ₀)‖."""
     report = SolveReport()
@@ -330,7 +323,7 @@ def minimise(objective: ProximalObjective, tol: float, max_steps: int, cg_tol: f
     for step in range(1, max_steps + 1):
         progress("edit", step - 1, max_steps)
         report.steps = step
-        solved = _solve(objective, point, -gradient, objective.proximity + mu, cg_tol, cg_max_iter, precondition)
+        solved = _solve(objective, point, -gradient, objective.proximity + mu, cg_tol, cg_max_iter)
         report.cg_iterations.append(solved.iterations)
         direction = solved.solution
         # model decrease of the real objective (without μ): −gᵀd − ½ dᵀ(G + λ)d, with (G + λ + μ)d ≈ −g
