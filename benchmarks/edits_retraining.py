@@ -119,17 +119,18 @@ def removal_sets(arch: str, model: nn.Module, train_data: Examples, queries: Exa
     return sets
 
 
-def estimators(fractions: list[float], mean_eigenvalue: float) -> dict[str, EditOptions]:
+def estimators(fractions: list[float], mean_eigenvalue: float, cg_max_iter: int) -> dict[str, EditOptions]:
     chosen = {"first_order": EditOptions(estimator="first_order")}
     for fraction in fractions:
-        chosen[f"newton λ={fraction:g}·mean"] = EditOptions(estimator="newton", proximity=fraction * mean_eigenvalue)
+        chosen[f"newton λ={fraction:g}·mean"] = EditOptions(estimator="newton", proximity=fraction * mean_eigenvalue,
+                                                            cg_max_iter=cg_max_iter)
     proximity = max(fractions) * mean_eigenvalue
     chosen[f"proximal λ={max(fractions):g}·mean, 3 steps"] = EditOptions(estimator="proximal", proximity=proximity,
-                                                                        max_steps=3)
+                                                                        max_steps=3, cg_max_iter=cg_max_iter)
     return chosen
 
 
-def run_setting(arch: str, setting: Setting, fractions: list[float]) -> tuple[list[str], dict[str, float]]:
+def run_setting(arch: str, setting: Setting, fractions: list[float], cg_max_iter: int) -> tuple[list[str], dict[str, float]]:
     train_data, test = digits_split(num_queries=397)
     queries = Examples(test.inputs[: setting.queries], test.targets[: setting.queries])
     everything = torch.arange(len(train_data))
@@ -140,7 +141,7 @@ def run_setting(arch: str, setting: Setting, fractions: list[float]) -> tuple[li
     fit = fit_curvature(base, train_data, "cross_entropy", InfluenceOptions(strategy="ekfac").fit_options())
     layers = resolve_layers(base, None)
     mean_eigenvalue = mean_curvature_eigenvalue(base, layers, train_data, "cross_entropy", 1024)
-    chosen = estimators(fractions, mean_eigenvalue)
+    chosen = estimators(fractions, mean_eigenvalue, cg_max_iter)
     sets = removal_sets(arch, base, train_data, queries, fit, seed=1)
     full_losses = [losses(m, queries) for m in full]
     base_loss = full_losses[0]
@@ -210,6 +211,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["mlp", "cnn"], default=None)
     parser.add_argument("--fractions", default="1,10", help="proximity λ as multiples of the mean GN eigenvalue")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cg-max-iter", type=int, default=EditOptions().cg_max_iter, help="CG iterations per step")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
     set_threads(args.threads)
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -226,11 +229,11 @@ def main() -> None:
              "own loss over the queries; self-influence and random sets: every query's loss. Accuracy: test accuracy of "
              "the edited model minus the mean test accuracy of the retrained models (397 test images).", ""]
     for arch in archs:
-        table_lines, _ = run_setting(arch, settings[arch], fractions)
+        table_lines, _ = run_setting(arch, settings[arch], fractions, args.cg_max_iter)
         lines += table_lines
         print("\n".join(table_lines), flush=True)
     name = "edits_retraining_quick" if args.quick else "edits_retraining"
-    suffix = f"_{args.only}" if args.only else ""
+    suffix = (f"_{args.only}" if args.only else "") + (f"_{args.tag}" if args.tag else "")
     (RESULTS / f"{name}{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
