@@ -504,14 +504,14 @@ def detection_section(obj, train, queries, model, train_ex, fixed, lam, omega, r
 
     # ---- first-order editing
     top = np.argsort(predictions["task-IF exact"])[:len(corrupted)]
-    edited = edit_meta(model, train_ex, torch.tensor(top), loss=obj.loss, unit="task", options=fixed)
+    edited = edit_meta(model, train_ex, torch.tensor(top), loss=obj.loss, unit="task", options=fixed).state
     lam_edit = torch.cat([edited[n].reshape(-1) for n, _ in model.named_parameters()]).double()
     num_q = queries.w_tr.shape[0]
     om = omega.clone()
     om[torch.tensor(top)] = 0.0
     lam_re = chord_retrain(obj, train, lam, rho, h_full - sum(per_task[k] for k in top), om, 0, hessian_at)
     edited_newton = edit_meta(model, train_ex, torch.tensor(top), loss=obj.loss, unit="task",
-                              options=replace(fixed, removal="newton"))
+                              options=replace(fixed, removal="newton")).state
     lam_newton = torch.cat([edited_newton[n].reshape(-1) for n, _ in model.named_parameters()]).double()
     say(f"\nEditing (mean query loss): Q(λ*) = {q_star / num_q:.4f}; remove the {len(top)} most harmful tasks by "
         f"task-IF ({len(set(top.tolist()) & corrupted)} corrupted): first-order edit {query_loss(obj, queries, lam_edit) / num_q:.4f}, "

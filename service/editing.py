@@ -1,37 +1,63 @@
-"""`POST /v1/attributions/{id}/edit`: store the estimated weights as a new model."""
+"""`POST /v1/attributions/{id}/edit`: checks what can be known up front, then stores the edit and its job.
+
+The edit itself runs in the worker (worker/tasks/edit.py); the service never imports task code (docs/architecture.md).
+"""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-from typing import Any
 
 from sqlalchemy.orm import Session
 
 from service.db.base import new_id, utcnow
-from service.db.tables import Attribution, Model
+from service.db.tables import Attribution, Dataset, Edit, Job
+from service.jobs import create_job
 from service.problems import invalid
+from service.schemas.attributions import EditIn
 from service.storage import BlobStore
-from worker.attribution import AttributionError
-from worker.loading import put_state_dict
-from worker.tasks.edit import edited_weights
+from worker.artifacts.datasets import read_dataset
+from worker.artifacts.removal import removal_rows, removal_tasks
+
+EDITABLE_METHODS = ("influence", "datainf", "source", "meta_task_influence", "meta_instance_influence")
 
 
-def create_edited_model(
-    session: Session, store: BlobStore, attribution: Attribution, remove: Sequence[Any], name: str
-) -> Model:
-    try:
-        state = edited_weights(session, store, attribution, remove)
-    except AttributionError as exc:
-        raise invalid(str(exc), "body.remove") from exc
-    source = session.get(Model, attribution.model_ids[0])
-    assert source is not None
-    blob = put_state_dict(session, store, state)
-    model = Model(
-        id=new_id("mdl"), tenant_id=attribution.tenant_id, name=name, format=source.format,
-        architecture=source.architecture, task=source.task, weights_sha256=blob.sha256,
-        num_parameters=source.num_parameters, tracked_layers=source.tracked_layers,
-        source_attribution_id=attribution.id, created_at=utcnow(),
+def submit_edit(
+    session: Session, store: BlobStore, attribution: Attribution, body: EditIn, max_active_jobs: int
+) -> tuple[Edit, Job]:
+    _check_method(attribution, body)
+    _check_ids(session, store, attribution, body)
+    job = create_job(session, attribution.tenant_id, "edit", max_active_jobs)
+    edit = Edit(
+        id=new_id("edit"), tenant_id=attribution.tenant_id, job_id=job.id, attribution_id=attribution.id,
+        model_id=new_id("mdl"), name=body.name, remove=list(body.remove), options=body.options.model_dump(),
+        created_at=utcnow(),
     )
-    session.add(model)
+    session.add(edit)
     session.flush()
-    return model
+    return edit, job
+
+
+def _check_method(attribution: Attribution, body: EditIn) -> None:
+    if attribution.method not in EDITABLE_METHODS:
+        detail = {"tracin": "TracInCP gives no parameter-change estimate; edit a `source` or `influence` attribution"}
+        raise invalid(detail.get(attribution.method, f"method {attribution.method!r} gives no parameter-change "
+                                 f"estimate; editable methods: {', '.join(EDITABLE_METHODS)}"), "body")
+    if len(attribution.model_ids) != 1:
+        raise invalid("editing needs an attribution of one model, not an ensemble", "body")
+    if attribution.method == "meta_instance_influence" and body.options.estimator == "newton":
+        raise invalid("estimator 'newton' (a solve with H − Σ H_k) applies to task influence; meta instance "
+                      "influence supports 'first_order' and 'proximal'", "body.options.estimator")
+
+
+def _check_ids(session: Session, store: BlobStore, attribution: Attribution, body: EditIn) -> None:
+    dataset = session.get(Dataset, attribution.train_dataset_id)
+    if dataset is None or dataset.deleted_at is not None:
+        raise invalid(f"the attribution's training dataset {attribution.train_dataset_id!r} no longer exists", "body")
+    with store.local_path(dataset.blob_sha256) as path:
+        arrays = read_dataset(path, dataset.format, max_rows=max(dataset.num_examples, 1))
+    if attribution.method == "meta_task_influence":
+        _, missing = removal_tasks(arrays.task, body.remove)
+        what = "task ids not in the training dataset"
+    else:
+        _, missing = removal_rows(arrays.ids, body.remove)
+        what = "ids not in the training dataset"
+    if missing:
+        raise invalid(f"{what}: {missing[:10]}", "body.remove")

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.base import new_id, utcnow
-from service.db.tables import FINISHED_STATUSES, Attribution, Fit, Job
+from service.db.tables import FINISHED_STATUSES, Attribution, Edit, Fit, Job
 from service.liveness import LivenessPolicy, cancel
 from service.problems import ProblemError, not_found, problem_dict
 from service.quotas import check_active_jobs
@@ -37,8 +37,13 @@ def owned_job(session: Session, tenant_id: str, job_id: str) -> Job:
 
 
 def job_out(session: Session, job: Job) -> JobOut:
-    fit_id = attribution_id = result_url = None
-    if job.kind == "fit":
+    fit_id = attribution_id = result_url = model_id = None
+    if job.kind == "edit":
+        edit = session.scalar(select(Edit).where(Edit.job_id == job.id))
+        if edit is not None:
+            model_id, attribution_id = edit.model_id, edit.attribution_id
+            result_url = f"/v1/models/{model_id}" if job.status == "succeeded" else None
+    elif job.kind == "fit":
         fit_id = session.scalar(select(Fit.id).where(Fit.job_id == job.id))
         result_url = f"/v1/fits/{fit_id}" if fit_id and job.status == "succeeded" else None
     else:
@@ -48,7 +53,7 @@ def job_out(session: Session, job: Job) -> JobOut:
     return JobOut(
         id=job.id, kind=job.kind, status=job.status,  # type: ignore[arg-type]
         progress=JobProgress(stage=job.progress_stage, completed=job.progress_completed, total=job.progress_total),
-        error=job.error, result_url=result_url, fit_id=fit_id, attribution_id=attribution_id,
+        error=job.error, result_url=result_url, fit_id=fit_id, attribution_id=attribution_id, model_id=model_id,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
     )
 

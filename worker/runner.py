@@ -35,13 +35,6 @@ log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_SECONDS = 0.5
 
-# The task run for each kind of job: "module:function", imported when a job of that kind runs.
-TASKS: dict[str, str] = {
-    "fit": "worker.tasks.fit:run_fit",
-    "attribution": "worker.tasks.attribution:run_attribution",
-}
-
-
 @dataclass
 class JobContext:
     """What a task needs: where the database and blobs are, how to report progress, and how to finish."""
@@ -128,6 +121,15 @@ def _finish(context: JobContext, status: str, error: dict[str, Any] | None) -> N
             finish(session, context.job_id, context.attempt, status, error)
     except Superseded as exc:
         log.warning("job %s: not marked %s: %s", context.job_id, status, exc)
+
+
+# job kind -> "module:function" of its task, imported when a job of that kind runs (tasks import this module
+# for JobContext, so the runner never imports them at module level)
+TASKS: dict[str, str] = {
+    "fit": "worker.tasks.fit:run_fit",
+    "attribution": "worker.tasks.attribution:run_attribution",
+    "edit": "worker.tasks.edit:run_edit",
+}
 
 
 def _dispatch(context: JobContext) -> None:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -16,7 +16,7 @@ from service.db.base import new_id, utcnow
 from service.db.session import session_scope
 from service.db.tables import Attribution
 from service.dependencies import JsonBody, SessionDep, SettingsDep, StoreDep, TenantDep
-from service.editing import create_edited_model
+from service.editing import submit_edit
 from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
@@ -24,9 +24,7 @@ from service.problems import ProblemError, not_found, problem_responses
 from service.results import (
     IdTypes, all_results, has_query, id_types, known_finished, page_of_results, remember_finished, row_out,
 )
-from service.routers.models import model_out
-from service.schemas.attributions import AttributionIn, AttributionOut, EditIn, ResultRow, ResultsPage
-from service.schemas.models import ModelOut
+from service.schemas.attributions import AttributionIn, AttributionOut, EditAccepted, EditIn, ResultRow, ResultsPage
 
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=problem_responses(400, 401, 404, 422))
 
@@ -149,19 +147,27 @@ def export_results(
     return StreamingResponse(chunks, media_type=EXPORT_MEDIA[format], headers=headers)
 
 
-@router.post("/{attribution_id}/edit", status_code=status.HTTP_201_CREATED, response_model=ModelOut,
-             responses=problem_responses(409, 413, 415), dependencies=[JsonBody])
+@router.post("/{attribution_id}/edit", status_code=202, response_model=EditAccepted,
+             responses={**problem_responses(409, 413, 415),
+                        202: {"headers": {"Location": {"description": "The edit's job: `/v1/jobs/{job_id}`.",
+                                                       "schema": {"type": "string"}}}}},
+             dependencies=[JsonBody])
 def edit(
-    attribution_id: str, body: EditIn, tenant: TenantDep, session: SessionDep, store: StoreDep,
-    idempotency_key: IdempotencyKey,
+    attribution_id: str, body: EditIn, request: Request, tenant: TenantDep, session: SessionDep, store: StoreDep,
+    settings: SettingsDep, idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
-    """A new model: the first-order estimate of the model retrained without the given training examples
-    (or tasks), by the attribution's own method."""
+    """Queue an edit: a new model whose weights estimate the model retrained without the given training
+    examples (or tasks). Answers 202 with the model id it will have and its job (`Location`); the model exists
+    (`GET /v1/models/{model_id}`) once the job succeeds, with the edit's diagnostics. `options.estimator` says
+    how the retrain is estimated (default `newton`)."""
     route = f"POST /v1/attributions/{attribution_id}/edit"
     replayed = replay(session, tenant.id, idempotency_key, route, body)
     if replayed is not None:
         return replayed
     attribution = finished_attribution(session, tenant.id, attribution_id)
-    model = create_edited_model(session, store, attribution, body.remove, body.name)
-    return remember(session, tenant.id, idempotency_key, route, body, 201, model_out(model),
-                    {"Location": f"/v1/models/{model.id}"})
+    edit_row, job = submit_edit(session, store, attribution, body, settings.max_active_jobs_per_tenant)
+    response = remember(session, tenant.id, idempotency_key, route, body, 202,
+                        EditAccepted(model_id=edit_row.model_id, job_id=job.id), {"Location": f"/v1/jobs/{job.id}"})
+    session.commit()
+    enqueue_or_fail(session, request.app.state.queue, job)
+    return response

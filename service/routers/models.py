@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select, tuple_
+from sqlalchemy.orm import Session
 
 from service import artifacts
 from service.db.base import new_id, utcnow
-from service.db.tables import Checkpoint, Model
+from service.db.tables import Checkpoint, Edit, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.idempotency import IdempotencyKey, remember, replay
 from service.pagination import (
@@ -27,12 +28,21 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_respo
 METADATA_DOC = "JSON: `{\"name\", \"format\": \"spec\", \"architecture\": {...}, \"task\": {\"loss\": ...}}`."
 
 
-def model_out(model: Model) -> ModelOut:
+def model_out(model: Model, edit_diagnostics: dict[str, Any] | None = None) -> ModelOut:
     return ModelOut(
         id=model.id, name=model.name, format=model.format, num_parameters=model.num_parameters,
         tracked_layers=model.tracked_layers, architecture=model.architecture, task=model.task,
-        source_attribution_id=model.source_attribution_id, created_at=model.created_at,
+        source_attribution_id=model.source_attribution_id, edit_diagnostics=edit_diagnostics,
+        created_at=model.created_at,
     )
+
+
+def edit_diagnostics(session: Session, model_ids: list[str]) -> dict[str, dict[str, Any] | None]:
+    """The diagnostics of the edits that made these models (models made by `/edit` only)."""
+    if not model_ids:
+        return {}
+    rows = session.execute(select(Edit.model_id, Edit.diagnostics).where(Edit.model_id.in_(model_ids)))
+    return {model_id: diagnostics for model_id, diagnostics in rows}
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut,
@@ -78,12 +88,14 @@ def list_models(
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Model).where(Model.tenant_id == tenant.id, Model.deleted_at.is_(None))
     rows, token = page_newest_first(session, query, Model, size, page_token)
-    return ModelList(models=[model_out(row) for row in rows], next_page_token=token)
+    diagnostics = edit_diagnostics(session, [row.id for row in rows if row.source_attribution_id])
+    return ModelList(models=[model_out(row, diagnostics.get(row.id)) for row in rows], next_page_token=token)
 
 
 @router.get("/{model_id}")
 def get_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelOut:
-    return model_out(artifacts.owned_model(session, tenant.id, model_id))
+    model = artifacts.owned_model(session, tenant.id, model_id)
+    return model_out(model, edit_diagnostics(session, [model.id]).get(model.id) if model.source_attribution_id else None)
 
 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)

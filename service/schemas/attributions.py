@@ -81,7 +81,42 @@ class ResultsPage(BaseModel):
     next_page_token: str | None
 
 
+class EditOptionsIn(StrictModel):
+    """How the edit estimates the retrained model (docs/editing.md says what each estimator assumes)."""
+
+    estimator: Literal["newton", "proximal", "first_order"] | None = Field(
+        None, description="`newton` (default; meta instance influence: `first_order`): one Gauss-Newton step of the "
+        "proximal retrain objective from the current weights, inside a trust radius, with a line search on the real "
+        "remaining-data loss. `proximal`: Gauss-Newton (Levenberg-Marquardt) steps until that objective is minimised "
+        "to `tol` (slower). `first_order`: θ + (1/N) P Σ ∇ℓ with the attribution's own preconditioner and scoring "
+        "damping (SOURCE: its unrolled estimate; meta: (H + ρI)⁻¹ Σ g). Meta task influence: `newton` solves with "
+        "H − Σ H_k, `proximal` iterates the retrain; meta instance influence supports `first_order` and `proximal`.")
+    proximity: float | None = Field(
+        None, gt=0, le=1e12, allow_inf_nan=False,
+        description="λ of the proximal term (λ/2)‖θ − θ₀‖² of the retrain objective. Null: the mean "
+        "Gauss-Newton eigenvalue of the tracked layers (meta: the attribution's damping ρ).")
+    max_steps: int = Field(5, ge=1, le=100, description="`proximal`: at most this many Gauss-Newton steps.")
+    tol: float = Field(1e-3, gt=0, lt=1, description="`proximal`: stop when ‖∇J‖ ≤ tol × its value at θ₀.")
+    cg_max_iter: int = Field(20, ge=1, le=1000, description="Conjugate-gradient iterations per Gauss-Newton step.")
+    trust_radius: float = Field(
+        0.2, gt=0, le=100, allow_inf_nan=False,
+        description="Step norm, relative to the tracked weights' norm, beyond which the estimate is not trusted: "
+        "a warning in the diagnostics (the `newton` step is shortened to it).")
+    batch_size: int = Field(2048, ge=1, le=65536, description="Rows per forward pass over the training data.")
+
+
 class EditIn(StrictModel):
     remove: list[StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=256)]] = Field(
         min_length=1, max_length=100_000, description="Training ids (or task ids).")
     name: str = Field(min_length=1, max_length=200)
+    options: EditOptionsIn = Field(default_factory=EditOptionsIn)
+
+    model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [
+        {"remove": [12, 408, 977], "name": "digits-mlp-minus-3", "options": {"estimator": "newton"}}]}}
+
+
+class EditAccepted(BaseModel):
+    """`POST /v1/attributions/{id}/edit`: the queued edit. The model exists once the job succeeds."""
+
+    model_id: str
+    job_id: str

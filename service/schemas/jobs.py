@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class JobProgress(BaseModel):
@@ -14,13 +14,15 @@ class JobProgress(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    kind: Literal["fit", "attribution"]
+    kind: Literal["fit", "attribution", "edit"]
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: JobProgress
     error: dict[str, Any] | None
     result_url: str | None
     fit_id: str | None = None
     attribution_id: str | None = None
+    model_id: str | None = Field(None, description="Edit jobs: the model the edit makes (it exists once the job "
+                                 "succeeds).")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -34,6 +34,9 @@ class ModelOut(BaseModel):
     architecture: dict[str, Any]
     task: dict[str, Any]
     source_attribution_id: str | None = Field(None, description="Set on models made by `/edit`.")
+    edit_diagnostics: dict[str, Any] | None = Field(
+        None, description="Models made by `/edit`: the estimator, proximity λ, step norm relative to the weights, "
+        "remaining-data training loss before and after, the change of the attribution's query losses, warnings.")
     created_at: datetime
 
 

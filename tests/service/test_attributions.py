@@ -217,12 +217,57 @@ def test_fit_then_influence_with_fit_id_then_edit(api: Api) -> None:
     assert [r["train_id"] for r in a] == [r["train_id"] for r in b]
     assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], rel=1e-5)
     edited = api.client.post(f"/v1/attributions/{with_fit['id']}/edit", json={"remove": [0, 3, 5], "name": "minus3"})
-    assert edited.status_code == 201, edited.text
-    new_model = edited.json()
+    assert edited.status_code == 202, edited.text
+    accepted = edited.json()
+    assert edited.headers["location"] == f"/v1/jobs/{accepted['job_id']}"
+    job = api.client.get(f"/v1/jobs/{accepted['job_id']}").json()
+    assert (job["kind"], job["status"], job["model_id"]) == ("edit", "succeeded", accepted["model_id"])
+    assert job["result_url"] == f"/v1/models/{accepted['model_id']}"
+    new_model = api.client.get(f"/v1/models/{accepted['model_id']}").json()
     assert new_model["source_attribution_id"] == with_fit["id"]
+    diagnostics = new_model["edit_diagnostics"]
+    assert diagnostics["estimator"] == "newton" and diagnostics["num_removed"] == 3
+    assert diagnostics["remaining_loss_after"] <= diagnostics["remaining_loss_before"] * 1.1
+    assert len(diagnostics["query_loss_changes"]) == len(setup["query"]["targets"]) and "warnings" in diagnostics
     weights = load_safetensors(api.client.get(f"/v1/models/{new_model['id']}/weights").content)
     original = setup["module"].state_dict()
     assert set(weights) == set(original)
     assert any(not torch.equal(weights[k], original[k]) for k in original)
     unknown = api.client.post(f"/v1/attributions/{with_fit['id']}/edit", json={"remove": [9999], "name": "x"})
     assert unknown.status_code == 422
+
+
+def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> None:
+    from worker.runner import run_job
+
+    api = sqlite_api
+    setup = setup_job(api)
+    attribution = submit(api, setup, method="influence", options={"strategy": "kfac"})
+    api.queue.paused = True
+    route = f"/v1/attributions/{attribution['id']}/edit"
+    body = {"remove": [1, 2], "name": "minus2", "options": {"estimator": "proximal", "max_steps": 3}}
+    first = api.client.post(route, json=body, headers={"Idempotency-Key": "edit-1"})
+    again = api.client.post(route, json=body, headers={"Idempotency-Key": "edit-1"})
+    assert first.status_code == again.status_code == 202 and first.json() == again.json()
+    accepted = first.json()
+    assert api.queue.enqueued.count(accepted["job_id"]) == 1
+    queued = api.client.get(f"/v1/jobs/{accepted['job_id']}").json()
+    assert (queued["kind"], queued["status"], queued["model_id"]) == ("edit", "queued", accepted["model_id"])
+    assert api.client.get(f"/v1/models/{accepted['model_id']}").status_code == 404
+    run_job(accepted["job_id"], api.settings)
+    assert api.client.get(f"/v1/jobs/{accepted['job_id']}").json()["status"] == "succeeded"
+    model = api.client.get(f"/v1/models/{accepted['model_id']}").json()
+    assert model["name"] == "minus2" and model["edit_diagnostics"]["estimator"] == "proximal"
+    listed = {m["id"]: m for m in api.client.get("/v1/models").json()["models"]}
+    assert listed[accepted["model_id"]]["edit_diagnostics"] == model["edit_diagnostics"]
+
+    cancelled = api.client.post(route, json={"remove": [3], "name": "never"}).json()
+    assert api.client.post(f"/v1/jobs/{cancelled['job_id']}/cancel").json()["status"] == "cancelled"
+    run_job(cancelled["job_id"], api.settings)
+    assert api.client.get(f"/v1/models/{cancelled['model_id']}").status_code == 404
+
+    for bad, field in (({"remove": [], "name": "x"}, "remove"), ({"remove": [1], "name": "x", "options": {"proximity": -1}}, "proximity"),
+                       ({"remove": [1], "name": "x", "options": {"estimator": "retrain"}}, "estimator"),
+                       ({"remove": [1], "name": "x", "options": {"steps": 3}}, "steps")):
+        response = api.client.post(route, json=bad)
+        assert response.status_code == 422 and field in response.text, (bad, response.text)

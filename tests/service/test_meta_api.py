@@ -99,7 +99,12 @@ def test_edit_removes_tasks(meta_setup: dict) -> None:
     api = meta_setup["api"]
     attribution = submit_meta(meta_setup, "meta_task_influence", "aggregate")
     response = api.client.post(f"/v1/attributions/{attribution['id']}/edit", json={"remove": [1, 3], "name": "e"})
-    assert response.status_code == 201, response.text
+    assert response.status_code == 202, response.text
+    job = api.client.get(f"/v1/jobs/{response.json()['job_id']}").json()
+    assert job["kind"] == "edit" and job["status"] == "succeeded", job
+    diagnostics = api.client.get(f"/v1/models/{response.json()['model_id']}").json()["edit_diagnostics"]
+    assert diagnostics["estimator"] == "newton" and diagnostics["num_removed"] == 2
+    assert len(diagnostics["query_loss_changes"]) == 2
     assert api.client.post(f"/v1/attributions/{attribution['id']}/edit",
                            json={"remove": [42], "name": "e"}).status_code == 422
 
@@ -112,7 +117,8 @@ def test_newton_removal_ranks_tasks_and_edits(meta_setup: dict) -> None:
     details = api.client.get(f"/v1/attributions/{attribution['id']}").json()
     assert details["diagnostics"]["removal"] == "newton"
     response = api.client.post(f"/v1/attributions/{attribution['id']}/edit", json={"remove": [0, 2], "name": "n"})
-    assert response.status_code == 201, response.text
+    assert response.status_code == 202, response.text
+    assert api.client.get(f"/v1/jobs/{response.json()['job_id']}").json()["status"] == "succeeded"
 
 
 def test_newton_removal_is_refused_where_it_does_not_apply(meta_setup: dict) -> None:

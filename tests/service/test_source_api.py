@@ -98,14 +98,20 @@ def test_source_pairwise_rows_equal_the_engine_and_edit_uses_its_estimate(trajec
     assert [r["train_id"] for r in rows] == expected.topk.positive_indices.flatten().tolist()
     assert [r["score"] for r in rows] == pytest.approx(expected.topk.positive_scores.flatten().tolist(), rel=1e-5)
 
-    edited = api.client.post(f"/v1/attributions/{attribution['id']}/edit", json={"remove": [1, 4], "name": "minus2"})
-    assert edited.status_code == 201, edited.text
-    weights = load_safetensors(api.client.get(f"/v1/models/{edited.json()['id']}/weights").content)
+    edited = api.client.post(f"/v1/attributions/{attribution['id']}/edit",
+                             json={"remove": [1, 4], "name": "minus2", "options": {"estimator": "first_order"}})
+    assert edited.status_code == 202, edited.text
+    assert api.client.get(f"/v1/jobs/{edited.json()['job_id']}").json()["status"] == "succeeded"
+    weights = load_safetensors(api.client.get(f"/v1/models/{edited.json()['model_id']}/weights").content)
     estimate = edit_source(t["final"], t["checkpoints"], stage_data, stage_data[0], torch.tensor([1, 4]),
                            loss="cross_entropy", attributed_stages=[0])
     for key, value in estimate.items():
         assert torch.allclose(weights[key], value.float(), atol=1e-6), key
     assert any(not torch.equal(weights[k], v) for k, v in t["final"].state_dict().items())
+    newton = api.client.post(f"/v1/attributions/{attribution['id']}/edit", json={"remove": [1, 4], "name": "n"})
+    assert newton.status_code == 202, newton.text
+    model = api.client.get(f"/v1/models/{newton.json()['model_id']}").json()
+    assert model["edit_diagnostics"]["estimator"] == "newton"
 
 
 def test_source_variants_modes_and_tracin(trajectory: dict) -> None:

@@ -1,15 +1,15 @@
 """The attribution engine: a plain PyTorch library (no HTTP, database or queue code).
 
 score(q, i) = grad f(z_q)^T P grad l(z_i) (1/N-free), f = the query's loss or minus its margin;
-positive = training example i helps query q. See /work/shared/design/ALGORITHMS.md.
+positive = training example i helps query q. See docs/ for the methods.
 """
 
 from worker.attribution.attribute import attribute
 from worker.attribution.curvature.base import Curvature, Preconditioner, load_curvature
 from worker.attribution.curvature.fit import fit_curvature
-from worker.attribution.editing import edit_parameters
+from worker.attribution.editing import EditResult, assess_edit, edit_parameters, retrain_objective_edit
 from worker.attribution.hooks import trackable_layers
-from worker.attribution.options import DataInfOptions, FitOptions, GradientSimilarityOptions, InfluenceOptions
+from worker.attribution.options import DataInfOptions, EditOptions, FitOptions, GradientSimilarityOptions, InfluenceOptions
 from worker.attribution.types import (
     AttributionError,
     AttributionScores,
@@ -26,6 +26,8 @@ __all__ = [
     "Cancelled",
     "Curvature",
     "DataInfOptions",
+    "EditOptions",
+    "EditResult",
     "Examples",
     "FitOptions",
     "GradientSimilarityOptions",
@@ -34,7 +36,9 @@ __all__ = [
     "Progress",
     "TopK",
     "attribute",
+    "assess_edit",
     "edit_parameters",
+    "retrain_objective_edit",
     "fit_curvature",
     "load_curvature",
     "no_progress",

@@ -1,12 +1,19 @@
-"""First-order editing: the parameters the model would have if retrained without some examples.
+"""Editing: the parameters the model would have if retrained without some training examples.
 
-theta_new = theta + (1/N) sum_{removed z} P grad l(z), with P the same preconditioner as the attribution
-(removing z from the mean objective L = (1/N) sum_i l_i moves its minimiser by (1/N) H^-1 grad l(z)).
+Three estimators (``EditOptions.estimator``, docs/editing.md says what each assumes):
+- ``proximal`` (default): the minimiser of the anchored proximal retrain objective J_S (proximal.py), by
+  Levenberg-Marquardt Gauss-Newton steps over the remaining rows (each solved by CG);
+- ``newton``: one Gauss-Newton step of J_S from the current weights, clipped to a trust radius, line-searched;
+- ``first_order``: θ + (1/N) P Σ_{removed} ∇ℓ with the attribution's preconditioner P (its scoring damping):
+  removing z from L = (1/N) Σ ℓ_i moves a minimiser by (1/N) H⁻¹ ∇ℓ(z) to first order.
+Removing nothing is the identity for every estimator. Every edit carries diagnostics (``EditResult``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -14,11 +21,39 @@ from torch import nn
 from worker.attribution.attribute import OPTION_TYPES, MethodOptions, build_scorers
 from worker.attribution.curvature.base import Curvature
 from worker.attribution.gradients import batches, model_dtype, place_model, training_activities
-from worker.attribution.hooks import ActivityRecorder, evaluation_mode, split_weight_matrix, weight_matrix
-from worker.attribution.losses import LossName, check_examples, check_loss_name
-from worker.attribution.options import FIT_STRATEGIES, InfluenceOptions
+from worker.attribution.hooks import ActivityRecorder, TrackedLayer, evaluation_mode, resolve_layers
+from worker.attribution.losses import LossName, check_examples, check_loss_name, check_targets, per_example_loss
+from worker.attribution.methods.influence import influence_layers
+from worker.attribution.options import (
+    DEFAULT_PROXIMITY_FRACTION,
+    FIT_STRATEGIES,
+    EditOptions,
+    InfluenceOptions,
+)
+from worker.attribution.proximal import (
+    Flat,
+    ProximalObjective,
+    SolveReport,
+    flat_from_state,
+    flat_parameters,
+    mean_curvature_eigenvalue,
+    minimise,
+    newton_step,
+    state_entries,
+)
 from worker.attribution.scoring import check_finite_vectors
-from worker.attribution.types import AttributionError, Examples, no_progress
+from worker.attribution.types import AttributionError, Examples, Progress, no_progress
+
+MAX_REPORTED_QUERIES = 1000
+LOSS_RISE_WARNING = 0.1  # relative rise of the remaining rows' mean loss that is reported as a warning
+
+
+@dataclass
+class EditResult:
+    """The edited model's full state_dict and what the edit did (JSON-serialisable diagnostics)."""
+
+    state: dict[str, torch.Tensor]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 def edit_parameters(
@@ -30,10 +65,14 @@ def edit_parameters(
     method: Literal["influence", "datainf"] = "influence",
     options: MethodOptions | None = None,
     fit: Curvature | None = None,
+    edit: EditOptions | None = None,
+    queries: Examples | None = None,
     device: torch.device | str | None = None,
-) -> dict[str, torch.Tensor]:
-    """A full state_dict (same keys as ``model.state_dict()``) with the tracked layers moved by
-    (1/N) P sum_{removed} grad l; every other entry is a copy of the model's."""
+    progress: Progress = no_progress,
+) -> EditResult:
+    """The model retrained without the rows ``remove`` of ``train``, estimated with the attribution's method
+    (``influence`` or ``datainf``) and ``options``; ``fit`` is the attribution's stored curvature, if any.
+    ``queries``: the attribution's queries, whose loss changes are reported."""
     check_loss_name(loss)
     if method not in ("influence", "datainf"):
         raise AttributionError(f"editing needs method 'influence' or 'datainf', got {method!r}")
@@ -41,36 +80,198 @@ def edit_parameters(
     if not isinstance(options, OPTION_TYPES[method]):
         raise AttributionError(f"method {method!r} takes {OPTION_TYPES[method].__name__}, got {type(options).__name__}")
     options.validate()
+    edit = edit if edit is not None else EditOptions()
+    edit.validate()
     check_examples(train, "training")
     rows = removed_rows(remove, len(train))
     if fit is not None and not (isinstance(options, InfluenceOptions) and options.strategy in FIT_STRATEGIES):
         raise AttributionError("a precomputed fit is only used by method 'influence' with a factor strategy")
-    placed, target = place_model(model, device)
-    scorer = build_scorers([(placed, target)], train, loss, method, options, None if fit is None else [fit], no_progress)[0]
+    placed, _ = place_model(model, device)
+    if isinstance(options, InfluenceOptions):
+        layers = influence_layers(placed, options, fit)
+    else:
+        layers = resolve_layers(placed, options.layers)
+
+    def first_order() -> Flat:
+        return first_order_parameters(placed, train, rows, loss, method, options, fit, progress)
+
+    return estimate_edit(placed, layers, train, rows, loss, edit, first_order, queries, progress)
+
+
+def retrain_objective_edit(
+    model: nn.Module,
+    train: Examples,
+    remove: torch.Tensor,
+    *,
+    loss: LossName,
+    edit: EditOptions,
+    layers: list[TrackedLayer] | None = None,
+    queries: Examples | None = None,
+    progress: Progress = no_progress,
+) -> EditResult:
+    """A ``newton`` or ``proximal`` edit of any model (every trackable layer by default): it needs no method's
+    preconditioner (SOURCE edits use it; their first-order estimate comes from the trajectory)."""
+    if edit.estimator == "first_order":
+        raise AttributionError("the first-order estimate is the method's own; use edit_parameters or the method")
+    check_loss_name(loss)
+    check_examples(train, "training")
+    rows = removed_rows(remove, len(train))
+    layers = layers if layers is not None else resolve_layers(model, None)
+
+    def no_first_order() -> Flat:
+        raise AssertionError("unreachable")
+
+    return estimate_edit(model, layers, train, rows, loss, edit, no_first_order, queries, progress)
+
+
+def estimate_edit(
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    train: Examples,
+    rows: torch.Tensor,
+    loss: LossName,
+    edit: EditOptions,
+    first_order: Callable[[], Flat],
+    queries: Examples | None = None,
+    progress: Progress = no_progress,
+) -> EditResult:
+    """The edit of ``model``'s tracked ``layers`` for removed ``rows`` by ``edit.estimator``. ``first_order``
+    gives the method's own first-order parameters (a flat vector)."""
+    edit.validate()
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    if rows.numel() == 0:
+        return EditResult(state, {"estimator": edit.estimator, "num_removed": 0, "num_train": len(train),
+                                  "step_norm": 0.0, "relative_step_norm": 0.0, "warnings": []})
+    with evaluation_mode(model):
+        objective = ProximalObjective(model, layers, train, rows, loss, edit.batch_size, progress)
+        objective.proximity, rule = _proximity(model, layers, train, loss, edit)
+        report = SolveReport()
+        if edit.estimator == "first_order":
+            theta = first_order().to(objective.theta0.device, objective.theta0.dtype)
+        elif edit.estimator == "newton":
+            theta, report = newton_step(objective, edit.trust_radius, edit.cg_tol, edit.cg_max_iter, progress)
+        else:
+            theta, report = minimise(objective, edit.tol, edit.max_steps, edit.cg_tol, edit.cg_max_iter, progress)
+        check_finite_vectors({"tracked layers": theta}, "edited parameters")
+        diagnostics = _diagnostics(objective, theta, report, edit, rule, queries)
+    for key, value in state_entries(layers, theta).items():
+        state[key] = value.detach().to(state[key].device, state[key].dtype).clone()
+    return EditResult(state, diagnostics)
+
+
+def assess_edit(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    train: Examples,
+    rows: torch.Tensor,
+    loss: LossName,
+    edit: EditOptions,
+    layers: list[TrackedLayer] | None = None,
+    queries: Examples | None = None,
+) -> EditResult:
+    """Diagnostics for a first-order state computed elsewhere (SOURCE's unrolled estimate)."""
+    layers = layers if layers is not None else resolve_layers(model, None)
+    rows = removed_rows(rows, len(train))
+
+    def given() -> Flat:
+        return flat_from_state(layers, state, next(model.parameters()))
+
+    result = estimate_edit(model, layers, train, rows, loss, EditOptions(**{**edit.__dict__, "estimator": "first_order"}),
+                           given, queries)
+    result.state = {key: value.detach().clone() for key, value in state.items()}
+    return result
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def first_order_parameters(
+    model: nn.Module, train: Examples, rows: torch.Tensor, loss: LossName, method: str,
+    options: MethodOptions, fit: Curvature | None, progress: Progress,
+) -> Flat:
+    """θ + (1/N) P Σ_{removed} ∇ℓ over the tracked layers, P the attribution's own preconditioner."""
+    device = next(model.parameters()).device
+    scorer = build_scorers([(model, device)], train, loss, method, options, None if fit is None else [fit], progress)[0]
     assert scorer.preconditioner is not None
     removed = train.subset(rows)
-    summed = {layer.name: torch.zeros(1, layer.out_features, layer.in_features, device=target, dtype=scorer.dtype) for layer in scorer.layers}
-    with evaluation_mode(placed), ActivityRecorder(scorer.layers) as recorder:
-        for _, batch in batches(removed, options.batch_size, target, model_dtype(placed)):
-            activities = training_activities(placed, recorder, batch, loss)
+    summed = {layer.name: torch.zeros(1, layer.out_features, layer.in_features, device=device, dtype=scorer.dtype)
+              for layer in scorer.layers}
+    with evaluation_mode(model), ActivityRecorder(scorer.layers) as recorder:
+        for _, batch in batches(removed, options.batch_size, device, model_dtype(model)):
+            activities = training_activities(model, recorder, batch, loss)
             for name in scorer.layer_names:
                 summed[name] += activities[name].summed_gradient().unsqueeze(0)
     steps = scorer.preconditioner.precondition(summed)
     check_finite_vectors(steps, "parameter edits")
-    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    for layer in scorer.layers:
-        matrix = weight_matrix(layer) + steps[layer.name][0] / len(train)
-        for key, value in split_weight_matrix(layer, matrix).items():
-            state[key] = value.detach().to(state[key].device, state[key].dtype).clone()
-    return state
+    step = torch.cat([steps[layer.name][0].reshape(-1) for layer in scorer.layers])
+    return flat_parameters(scorer.layers).to(step.dtype) + step / len(train)
+
+
+def _proximity(model: nn.Module, layers: list[TrackedLayer], train: Examples, loss: LossName,
+               edit: EditOptions) -> tuple[float, str]:
+    if edit.proximity is not None:
+        return float(edit.proximity), "given"
+    mean = mean_curvature_eigenvalue(model, layers, train, loss, edit.batch_size)
+    return DEFAULT_PROXIMITY_FRACTION * mean, f"auto: {DEFAULT_PROXIMITY_FRACTION:g} × mean Gauss-Newton eigenvalue"
+
+
+def query_losses(objective: ProximalObjective, flat: Flat, queries: Examples) -> torch.Tensor:
+    """(Q,) loss of each query at the tracked parameters ``flat``."""
+    values = []
+    with torch.no_grad():
+        for _, batch in batches(queries, objective.batch_size, objective.device, objective.dtype):
+            outputs = objective._outputs(flat, batch.inputs)
+            values.append(per_example_loss(outputs, check_targets(outputs, batch.targets, objective.loss), objective.loss))
+    return torch.cat(values).double().cpu()
+
+
+def _diagnostics(objective: ProximalObjective, theta: Flat, report: SolveReport, edit: EditOptions, rule: str,
+                 queries: Examples | None) -> dict[str, Any]:
+    step = theta - objective.theta0
+    relative = float(step.norm()) / max(float(objective.theta0.norm()), 1e-300)
+    before, after = objective.mean_kept_loss(objective.theta0), objective.mean_kept_loss(theta)
+    warnings = list(report.warnings)
+    if relative > edit.trust_radius:
+        warnings.append(f"the edit moves the tracked weights by {100 * relative:.1f}% of their norm (trust radius "
+                        f"{100 * edit.trust_radius:.0f}%): outside the region where a local estimate of retraining "
+                        "can be trusted")
+    if report.clipped:
+        warnings.append("the Newton step left the trust radius and was shortened to it")
+    if after > before * (1 + LOSS_RISE_WARNING) + 1e-12:
+        warnings.append(f"the remaining rows' mean training loss rose from {before:.4g} to {after:.4g}: the edit "
+                        "undoes what the model learned from the data it keeps")
+    diagnostics: dict[str, Any] = {
+        "estimator": edit.estimator,
+        "num_removed": int(objective.removed.numel()),
+        "num_train": objective.n,
+        "proximity": objective.proximity,
+        "proximity_rule": rule,
+        "step_norm": float(step.norm()),
+        "relative_step_norm": relative,
+        "remaining_loss_before": before,
+        "remaining_loss_after": after,
+        "passes_over_remaining_data": objective.passes,
+        "solver": report.as_dict() if edit.estimator != "first_order" else None,
+        "warnings": warnings,
+    }
+    if queries is not None and len(queries):
+        start, end = query_losses(objective, objective.theta0, queries), query_losses(objective, theta, queries)
+        change = end - start
+        diagnostics.update({
+            "query_loss_before_mean": float(start.mean()),
+            "query_loss_after_mean": float(end.mean()),
+            "query_loss_changes": [float(v) for v in change[:MAX_REPORTED_QUERIES]],
+        })
+    return diagnostics
 
 
 def removed_rows(remove: torch.Tensor, size: int) -> torch.Tensor:
+    """Sorted unique row indices; an empty set is allowed (the edit is then the identity)."""
     rows = torch.as_tensor(remove)
+    if rows.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
     if rows.dtype.is_floating_point or rows.dtype == torch.bool or rows.dim() != 1:
         raise AttributionError("remove must be a 1-D tensor of integer row indices into the training data")
-    if rows.numel() == 0:
-        raise AttributionError("remove names no training example")
     if int(rows.min()) < 0 or int(rows.max()) >= size:
         raise AttributionError(f"remove indices must lie in [0, {size - 1}]")
     return torch.unique(rows.long())

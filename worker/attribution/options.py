@@ -129,3 +129,41 @@ def check_damping(damping: float | None) -> None:
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise AttributionError(f"batch_size must be >= 1, got {batch_size}")
+
+
+EditEstimator = Literal["proximal", "newton", "first_order"]
+EDIT_ESTIMATORS: tuple[str, ...] = ("proximal", "newton", "first_order")
+# λ of the auto proximity: this many times the mean Gauss-Newton eigenvalue trace(G)/D (chosen by
+# benchmarks/edits_retraining.py, see docs/editing.md)
+DEFAULT_PROXIMITY_FRACTION = 1.0
+
+
+@dataclass
+class EditOptions:
+    """How an edit estimates the model retrained without some examples (docs/editing.md).
+
+    ``proximal``: minimise the anchored proximal retrain objective J_S (worker/attribution/proximal.py) by
+    Gauss-Newton steps; ``newton``: one such step from the current weights with a trust radius and a line search;
+    ``first_order``: θ + (1/N) P Σ ∇ℓ with the attribution's own preconditioner P (its scoring damping).
+    ``proximity`` None: DEFAULT_PROXIMITY_FRACTION × the mean Gauss-Newton eigenvalue."""
+
+    estimator: EditEstimator = "newton"
+    proximity: float | None = None
+    max_steps: int = 5
+    tol: float = 1e-3
+    cg_max_iter: int = 20
+    cg_tol: float = 1e-3
+    trust_radius: float = 0.2
+    batch_size: int = 2048
+
+    def validate(self) -> None:
+        if self.estimator not in EDIT_ESTIMATORS:
+            raise AttributionError(f"unknown edit estimator {self.estimator!r}; expected one of {EDIT_ESTIMATORS}")
+        check_damping(self.proximity)
+        if self.max_steps < 1 or self.cg_max_iter < 1:
+            raise AttributionError("max_steps and cg_max_iter must be >= 1")
+        if not 0 < self.tol < 1 or not 0 < self.cg_tol < 1:
+            raise AttributionError("tol and cg_tol must lie in (0, 1)")
+        if not self.trust_radius > 0:
+            raise AttributionError(f"trust_radius must be > 0, got {self.trust_radius}")
+        _check_batch_size(self.batch_size)

@@ -18,7 +18,8 @@ from torch import nn
 
 from service.db.tables import Attribution, Checkpoint, Dataset, Model
 from service.storage import BlobStore
-from worker.attribution import AttributionError, AttributionScores, Examples
+from worker.attribution import (AttributionError, AttributionScores, EditOptions, EditResult, Examples, Progress,
+                                assess_edit, retrain_objective_edit)
 from worker.attribution.methods.source import SourceOptions, attribute_source
 from worker.attribution.methods.source import edit_source as engine_edit_source
 from worker.attribution.methods.tracin import TracInOptions, attribute_tracin
@@ -56,17 +57,21 @@ def compute_source_or_tracin(request: Any, context: Any) -> AttributionScores:
 
 def edit_source(
     session: Session, store: BlobStore, attribution: Attribution, model_row: Model, module: nn.Module,
-    removed_indices: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """The final weights moved by SOURCE's own estimate of removing ``removed_indices`` (rows of the train set)."""
-    train_row = session.get(Dataset, attribution.train_dataset_id)
-    assert train_row is not None
-    train, _ = load_examples(store, train_row)
+    train: Examples, removed_indices: torch.Tensor, options: EditOptions, queries: Examples | None,
+    progress: Progress,
+) -> EditResult:
+    """``first_order``: the final weights moved by SOURCE's own unrolled estimate of removing ``removed_indices``
+    (rows of the train set); ``newton`` / ``proximal``: the retrain objective at the final weights."""
+    loss = model_row.task["loss"]
+    if options.estimator != "first_order":
+        return retrain_objective_edit(module, train, removed_indices, loss=loss, edit=options, queries=queries,
+                                      progress=progress)
     trajectory = load_trajectory(session, store, attribution, model_row, train)
-    return engine_edit_source(
-        module, trajectory.checkpoints, trajectory.stage_data, train, removed_indices, loss=model_row.task["loss"],
+    state = engine_edit_source(
+        module, trajectory.checkpoints, trajectory.stage_data, train, removed_indices, loss=loss,
         options=source_options(attribution.options), attributed_stages=trajectory.attributed_stages,
     )
+    return assess_edit(module, state, train, removed_indices, loss, options, queries=queries)
 
 
 def source_options(values: dict[str, Any]) -> SourceOptions:

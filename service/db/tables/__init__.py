@@ -5,6 +5,7 @@ from service.db.tables.attribution import Attribution
 from service.db.tables.blob import Blob
 from service.db.tables.checkpoint import Checkpoint
 from service.db.tables.dataset import Dataset
+from service.db.tables.edit import Edit
 from service.db.tables.fit import Fit
 from service.db.tables.idempotency import IdempotentResponse
 from service.db.tables.job import FINISHED_STATUSES, JOB_STATUSES, Job
@@ -13,6 +14,6 @@ from service.db.tables.result import AttributionResult
 from service.db.tables.tenant import Tenant
 
 __all__ = [
-    "ApiKey", "Attribution", "AttributionResult", "Blob", "Checkpoint", "Dataset", "Fit",
+    "ApiKey", "Attribution", "AttributionResult", "Blob", "Checkpoint", "Dataset", "Edit", "Fit",
     "IdempotentResponse", "Job", "JOB_STATUSES", "FINISHED_STATUSES", "Model", "Tenant",
 ]

@@ -25,7 +25,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
-    kind: Mapped[str] = mapped_column(String(16))  # fit | attribution
+    kind: Mapped[str] = mapped_column(String(16))  # fit | attribution | edit
     status: Mapped[str] = mapped_column(String(16), default="queued")
     progress_stage: Mapped[str] = mapped_column(String(64), default="queued")
     progress_completed: Mapped[int] = mapped_column(default=0)

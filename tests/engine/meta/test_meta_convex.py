@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from meta_toys import implicit_options, regression_tasks, unrolled_options
+from worker.attribution import EditOptions
 from worker.attribution.meta import attribute_meta, edit_meta
 from worker.attribution.meta.influence import HessianInverse, build_problem
 from worker.attribution.meta.retrain import proximal_retrain, reweighted_tasks
@@ -75,7 +76,7 @@ def test_edit_meta_and_attribute_meta_on_convex_toy():
     problem = build_problem(model, train, queries, "mse", options)
     inverse = HessianInverse(problem)
     remove = torch.tensor([1, 3])
-    edited = edit_meta(model, train, remove, loss="mse", unit="task", options=options)
+    edited = edit_meta(model, train, remove, loss="mse", unit="task", options=options).state
     assert set(edited) == set(model.state_dict()) and edited["0.weight"].dtype == torch.float32
     grads = [problem.terms[k].total_grad() for k in (1, 3)]
     expected = problem.lam + inverse.solve(grads[0] + grads[1])
@@ -83,7 +84,7 @@ def test_edit_meta_and_attribute_meta_on_convex_toy():
     assert float((got - expected).norm()) < 1e-6
     # instance edit of every row of task 1's validation split = the task edit of task 1 (val weights only)
     rows = problem.train_tasks[1].rows_val
-    edited_rows = edit_meta(model, train, rows, loss="mse", unit="instance", options=options)
+    edited_rows = edit_meta(model, train, rows, loss="mse", unit="instance", options=options).state
     expected_rows = problem.lam + inverse.solve(grads[0])
     got_rows = torch.cat([edited_rows["0.weight"].reshape(-1), edited_rows["0.bias"]]).double()
     assert float((got_rows - expected_rows).norm()) < 1e-6
@@ -111,11 +112,17 @@ def test_newton_removal_is_the_exact_proximal_leave_out_on_a_quadratic(solver):
         reduced = hessian - sum(problem.total.task_dense(k) for k in ks)
         return proximal_retrain(problem.fm, tasks, problem.lam, options, RHO, reduced, tol=1e-13).lam - base.lam
 
-    edited = edit_meta(model, train, torch.tensor([problem.task_ids[1], problem.task_ids[3]]), loss="mse",
-                       unit="task", options=options)
+    removed = torch.tensor([problem.task_ids[1], problem.task_ids[3]])
+    edited = edit_meta(model, train, removed, loss="mse", unit="task", options=options).state
     got = torch.cat([edited["0.weight"].reshape(-1), edited["0.bias"]]).double() - problem.lam
     expected = retrain_without([1, 3])
     assert float((got - expected).norm() / expected.norm()) < 1e-6
+    proximal = edit_meta(model, train, removed, loss="mse", unit="task", options=options,
+                         edit=EditOptions(estimator="proximal", tol=1e-9, max_steps=20))
+    got_proximal = torch.cat([proximal.state["0.weight"].reshape(-1), proximal.state["0.bias"]]).double() - problem.lam
+    assert float((got_proximal - expected).norm() / expected.norm()) < 1e-6
+    assert proximal.diagnostics["solver"]["converged"]
+    assert proximal.diagnostics["remaining_loss_after"] <= proximal.diagnostics["remaining_loss_before"]
     first_order = inverse.solve(problem.terms[1].total_grad() + problem.terms[3].total_grad())
     assert float((first_order - expected).norm() / expected.norm()) > 1e-3  # the correction is not negligible
     result = attribute_meta(model, train, queries, loss="mse", unit="task", mode="aggregate", top_k=2, options=options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -9,8 +10,11 @@ from torch import nn
 
 from worker.attribution.meta.influence import (HessianInverse, MetaProblem, build_problem, finish_diagnostics,
                                                instance_scores, meta_work, newton_task_scores, query_gradients,
-                                               removal_gradient, removed_tasks, task_scores)
+                                               removal_gradient, removed_tasks, task_scores, train_gradients)
 from worker.attribution.meta.options import MetaOptions
+from worker.attribution.meta.retrain import chord_retrain, objective_gradient, reweighted_tasks
+from worker.attribution.editing import EditResult
+from worker.attribution.options import EditOptions
 from worker.attribution.threads import few_threads
 from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, TopK, no_progress
 
@@ -91,17 +95,93 @@ def _attribute_meta(model: nn.Module, train: Examples, queries: Examples, *, los
 
 def edit_meta(model: nn.Module, train: Examples, remove: torch.Tensor, *,
               loss: Literal["cross_entropy", "mse"], unit: Literal["task", "instance"], options: MetaOptions,
-              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """λ* + Σ Δλ_{−c} over the removed tasks (task ids) or instances (row indices), as a full state_dict.
-    With ``removal='newton'`` (tasks): λ* + (H − Σ_S H_k + ρI)⁻¹ Σ_S g_k, the Newton step of the retrain."""
+              edit: EditOptions | None = None, queries: Examples | None = None,
+              device: torch.device | str | None = None) -> EditResult:
+    """The meta-parameters retrained without the removed tasks (task ids) or instances (row indices), as a full
+    state_dict with diagnostics. ``edit.estimator``: ``first_order`` λ* + (H + ρI)⁻¹ Σ g (additive, META.md §2);
+    ``newton`` (tasks) λ* + (H − Σ_S H_k + ρI)⁻¹ Σ g, the solve of ``removal='newton'``; ``proximal``: chord
+    iterations on the anchored proximal retrain objective, with that Newton matrix (instances: H + ρI) as the chord.
+    ``edit.proximity`` replaces the damping ρ when given; ``edit`` None follows ``options.removal``."""
+    if edit is None:  # the attribution's own removal rule
+        edit = EditOptions(estimator="newton" if options.removal == "newton" and unit == "task" else "first_order")
+    edit.validate()
     if unit not in ("task", "instance"):
         raise AttributionError(f"meta edit unit must be 'task' or 'instance', got {unit!r}")
+    if edit.estimator == "newton" and unit != "task":
+        raise AttributionError("estimator 'newton' applies to task influence; use 'first_order' or 'proximal'")
+    if edit.proximity is not None:
+        options = replace(options, damping=float(edit.proximity))
     with few_threads(_work(model, len(train), options)):
-        problem = build_problem(model, train, None, loss, options, device)
-        b = removal_gradient(problem, unit, torch.as_tensor(remove))
+        problem = build_problem(model, train, queries, loss, options, device)
+        remove = torch.as_tensor(remove).reshape(-1)
+        b = removal_gradient(problem, unit, remove)
         inverse = HessianInverse(problem)
-        if options.removal == "newton" and unit == "task":
-            delta = inverse.solve_without(removed_tasks(problem, torch.as_tensor(remove)), b)
+        removed = removed_tasks(problem, remove) if unit == "task" else []
+        if remove.numel() == 0:
+            delta, info = torch.zeros_like(problem.lam), {}
+        elif edit.estimator == "first_order":
+            delta, info = inverse.solve(b), {}
+        elif edit.estimator == "newton":
+            delta, info = inverse.solve_without(removed, b), {}
         else:
-            delta = inverse.solve(b)
-    return problem.fm.state_dict(problem.lam + delta, model)
+            delta, info = _proximal_delta(problem, inverse, unit, remove, removed, b, edit)
+        diagnostics = _edit_diagnostics(problem, unit, remove, delta, edit, info)
+    result = EditResult(problem.fm.state_dict(problem.lam + delta, model), diagnostics)
+    return result
+
+
+def _modified_tasks(problem: MetaProblem, unit: str, remove: torch.Tensor) -> list:
+    if unit == "task":
+        return reweighted_tasks(problem.train_tasks, task_scale={int(t): 0.0 for t in remove.tolist()})
+    return reweighted_tasks(problem.train_tasks, row_scale={int(r): 0.0 for r in remove.tolist()})
+
+
+def _proximal_delta(problem: MetaProblem, inverse: HessianInverse, unit: str, remove: torch.Tensor, removed: list[int],
+                    b: torch.Tensor, edit: EditOptions) -> tuple[torch.Tensor, dict]:
+    anchor = train_gradients(problem).sum(0) + problem.options.outer_l2 * problem.lam
+
+    def solve(g: torch.Tensor) -> torch.Tensor:
+        return inverse.solve_without(removed, g) if unit == "task" else inverse.solve(g)
+
+    tol = edit.tol * float(b.norm())
+    result = chord_retrain(problem.fm, _modified_tasks(problem, unit, remove), problem.lam, problem.options,
+                           inverse.damping, solve, anchor=anchor, tol=tol, max_iter=edit.max_steps)
+    converged = result.gradient_norm <= tol
+    if not converged:
+        problem.warnings.append(f"the proximal retrain was not solved to tolerance in {edit.max_steps} chord steps "
+                                f"(‖∇‖ = {result.gradient_norm:.2e}); raise options.max_steps")
+    return result.lam - problem.lam, {"steps": result.iterations, "converged": converged,
+                                      "gradient_norm_ratio": result.gradient_norm / max(float(b.norm()), 1e-300)}
+
+
+def _objective_value(problem: MetaProblem, tasks: list, lam: torch.Tensor) -> float:
+    """Σ over tasks of the post-adaptation validation loss at λ (weights as in ``tasks``), plus the outer L2."""
+    _, terms = objective_gradient(problem.fm, tasks, lam, problem.options)
+    return sum(t.value() for t in terms) + 0.5 * problem.options.outer_l2 * float(lam @ lam)
+
+
+def _edit_diagnostics(problem: MetaProblem, unit: str, remove: torch.Tensor, delta: torch.Tensor, edit: EditOptions,
+                      info: dict) -> dict:
+    new = problem.lam + delta
+    relative = float(delta.norm()) / max(float(problem.lam.norm()), 1e-300)
+    warnings = list(problem.warnings)
+    if relative > edit.trust_radius:
+        warnings.append(f"the edit moves the meta-parameters by {100 * relative:.1f}% of their norm (trust radius "
+                        f"{100 * edit.trust_radius:.0f}%): outside the region where a local estimate can be trusted")
+    diagnostics = {"estimator": edit.estimator, "unit": unit, "num_removed": int(remove.numel()),
+                   "proximity": problem.diagnostics.get("damping"), "proximity_rule": problem.diagnostics.get("damping_rule"),
+                   "step_norm": float(delta.norm()), "relative_step_norm": relative, "solver": info or None}
+    if remove.numel():
+        tasks = _modified_tasks(problem, unit, remove)
+        before, after = _objective_value(problem, tasks, problem.lam), _objective_value(problem, tasks, new)
+        diagnostics.update({"remaining_loss_before": before, "remaining_loss_after": after})
+        if after > before * 1.1 + 1e-12:
+            warnings.append(f"the remaining tasks' outer loss rose from {before:.4g} to {after:.4g}")
+    if problem.query_tasks:
+        start = torch.tensor([t.value() for t in problem.query_terms], dtype=torch.float64)
+        _, terms = objective_gradient(problem.fm, problem.query_tasks, new, problem.options)
+        end = torch.tensor([t.value() for t in terms], dtype=torch.float64)
+        diagnostics.update({"query_loss_before_mean": float(start.mean()), "query_loss_after_mean": float(end.mean()),
+                            "query_loss_changes": [float(v) for v in (end - start)[:1000]]})
+    diagnostics["warnings"] = warnings
+    return diagnostics

@@ -8,6 +8,7 @@ instance = zero weight in its split.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -64,14 +65,33 @@ def proximal_retrain(fm: FunctionalModel, tasks: list[TaskData], lam_star: torch
     """Chord iteration from λ* on the modified, proximally damped objective; raises if it does not converge."""
     system = torch.linalg.cholesky(0.5 * (chord_matrix + chord_matrix.T)
                                    + damping * torch.eye(lam_star.numel(), dtype=lam_star.dtype))
+
+    def solve(g: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(g.reshape(-1, 1), system).reshape(-1)
+
+    result = chord_retrain(fm, tasks, lam_star, options, damping, solve, tol=tol, max_iter=max_iter)
+    if result.gradient_norm > tol:
+        raise AttributionError(f"proximal retrain did not converge: ‖∇‖ = {result.gradient_norm:.2e} after "
+                               f"{max_iter} chord steps")
+    return result
+
+
+def chord_retrain(fm: FunctionalModel, tasks: list[TaskData], lam_star: torch.Tensor, options: MetaOptions,
+                  damping: float, solve: Callable[[torch.Tensor], torch.Tensor], anchor: torch.Tensor | None = None,
+                  tol: float = 1e-7, max_iter: int = 100) -> RetrainResult:
+    """λ ← λ − M⁻¹ ∇G(λ) from λ*, G = the modified objective + (ρ/2)‖λ − λ*‖² − ⟨anchor, λ⟩ (``anchor``: the
+    full objective's gradient at λ*, so that removing nothing stays at λ*; None: no anchor), ``solve`` = M⁻¹.
+    Stops at ‖∇G‖ ≤ tol or after ``max_iter`` steps (the result says which)."""
     lam = lam_star.clone()
     terms = None
     norm = float("inf")
     for it in range(max_iter + 1):
         g, terms = objective_gradient(fm, tasks, lam, options, terms)
         g = g + damping * (lam - lam_star)
+        if anchor is not None:
+            g = g - anchor
         norm = float(g.norm())
-        if norm <= tol:
+        if norm <= tol or it == max_iter:
             return RetrainResult(lam, it, norm, terms)
-        lam = lam - torch.cholesky_solve(g.reshape(-1, 1), system).reshape(-1)
-    raise AttributionError(f"proximal retrain did not converge: ‖∇‖ = {norm:.2e} after {max_iter} chord steps")
+        lam = lam - solve(g)
+    raise AssertionError("unreachable")

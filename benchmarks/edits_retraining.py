@@ -1,0 +1,241 @@
+"""Edits against retraining on digits: does an edited model behave like the model retrained without the examples?
+
+For an MLP 64→128→128→10 and a small CNN on scikit-learn's 8×8 digits (1,400 training images, 397 test images):
+1. train the model (seed 0), fit EK-FAC once and attribute (pairwise on Q test queries, and self-influence);
+2. removal sets: the top-k helpful training examples of each single query (k = 10, 40, 100), the top-k by
+   self-influence, and random sets of k;
+3. for each set, edit the seed-0 model with each estimator (``first_order`` with the attribution's scoring
+   damping, ``newton`` and ``proximal`` at several proximity fractions), and retrain without the set from
+   scratch with several seeds (the same recipe; the ground truth is the mean over seeds of the change against
+   the full retrain with the same seed);
+4. report the Pearson correlation and the sign agreement of the query-loss changes (edited vs retrained; for a
+   query's own top-k set its own loss, for self-influence and random sets every query's loss), the test accuracy
+   of the edited models against the retrained ones, and edit time against retrain time.
+
+    python -m benchmarks.edits_retraining            # full size, writes results/edits_retraining.md
+    python -m benchmarks.edits_retraining --quick    # a smaller run, results/edits_retraining_quick.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common import RESULTS, digits_split, set_threads
+from worker.attribution import EditOptions, Examples, InfluenceOptions, attribute, edit_parameters, fit_curvature
+from worker.attribution.hooks import resolve_layers
+from worker.attribution.proximal import mean_curvature_eigenvalue
+
+KS = (10, 40, 100)
+
+
+@dataclass
+class Setting:
+    name: str
+    queries: int
+    seeds: int
+    epochs: int
+    lr: float = 0.01
+    weight_decay: float = 1e-3
+
+
+def build(arch: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if arch == "mlp":
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(16 * 16, 10))
+
+
+def train(arch: str, data: Examples, rows: torch.Tensor, seed: int, setting: Setting) -> nn.Module:
+    """Full-batch Adam on the mean cross-entropy + (weight_decay/2)‖θ‖² (the seed picks the initialisation)."""
+    model = build(arch, seed)
+    x, y = data.inputs[rows], data.targets[rows]
+    optimizer = torch.optim.Adam(model.parameters(), lr=setting.lr)
+    for _ in range(setting.epochs):
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y) + 0.5 * setting.weight_decay * sum(p.pow(2).sum() for p in model.parameters())
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def losses(model: nn.Module, data: Examples) -> torch.Tensor:
+    with torch.no_grad():
+        return F.cross_entropy(model(data.inputs), data.targets, reduction="none").double()
+
+
+def accuracy(model: nn.Module, data: Examples) -> float:
+    with torch.no_grad():
+        return float((model(data.inputs).argmax(1) == data.targets).double().mean())
+
+
+def load(arch: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    model = build(arch, 0)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@dataclass
+class RemovalSet:
+    group: str  # "top-10 helpful", "self top-40", "random 100", ...
+    rows: torch.Tensor
+    query: int | None  # the query whose own top-k this is (None: every query is measured)
+
+
+@dataclass
+class Outcome:
+    retrained_change: np.ndarray  # (Q,) mean over seeds
+    retrained_accuracy: float
+    edited_change: dict[str, np.ndarray] = field(default_factory=dict)
+    edited_accuracy: dict[str, float] = field(default_factory=dict)
+    edit_seconds: dict[str, float] = field(default_factory=dict)
+    warnings: dict[str, int] = field(default_factory=dict)
+
+
+def removal_sets(arch: str, model: nn.Module, train_data: Examples, queries: Examples, fit, seed: int) -> list[RemovalSet]:
+    options = InfluenceOptions(strategy="ekfac")
+    pairwise = attribute(model, train_data, queries, loss="cross_entropy", method="influence", mode="pairwise",
+                         top_k=max(KS), options=options, fits=[fit])
+    own = attribute(model, train_data, None, loss="cross_entropy", method="influence", mode="self", options=options,
+                    fits=[fit])
+    assert pairwise.topk is not None and own.scores is not None
+    generator = torch.Generator().manual_seed(seed)
+    sets = []
+    for k in KS:
+        for q in range(len(queries)):
+            sets.append(RemovalSet(f"top-{k} helpful (own query)", pairwise.topk.positive_indices[q, :k].clone(), q))
+    for k in KS:
+        sets.append(RemovalSet(f"top-{k} self-influence", torch.topk(own.scores, k).indices, None))
+        sets.append(RemovalSet(f"random {k}", torch.randperm(len(train_data), generator=generator)[:k], None))
+    return sets
+
+
+def estimators(fractions: list[float], mean_eigenvalue: float, cg_max_iter: int) -> dict[str, EditOptions]:
+    chosen = {"first_order": EditOptions(estimator="first_order")}
+    for fraction in fractions:
+        chosen[f"newton λ={fraction:g}·mean"] = EditOptions(estimator="newton", proximity=fraction * mean_eigenvalue,
+                                                            cg_max_iter=cg_max_iter)
+    proximity = max(fractions) * mean_eigenvalue
+    chosen[f"proximal λ={max(fractions):g}·mean, 3 steps"] = EditOptions(estimator="proximal", proximity=proximity,
+                                                                        max_steps=3, cg_max_iter=cg_max_iter)
+    return chosen
+
+
+def run_setting(arch: str, setting: Setting, fractions: list[float], cg_max_iter: int) -> tuple[list[str], dict[str, float]]:
+    train_data, test = digits_split(num_queries=397)
+    queries = Examples(test.inputs[: setting.queries], test.targets[: setting.queries])
+    everything = torch.arange(len(train_data))
+    started = time.perf_counter()
+    full = [train(arch, train_data, everything, s, setting) for s in range(setting.seeds)]
+    retrain_seconds = (time.perf_counter() - started) / setting.seeds
+    base = full[0]
+    fit = fit_curvature(base, train_data, "cross_entropy", InfluenceOptions(strategy="ekfac").fit_options())
+    layers = resolve_layers(base, None)
+    mean_eigenvalue = mean_curvature_eigenvalue(base, layers, train_data, "cross_entropy", 1024)
+    chosen = estimators(fractions, mean_eigenvalue, cg_max_iter)
+    sets = removal_sets(arch, base, train_data, queries, fit, seed=1)
+    full_losses = [losses(m, queries) for m in full]
+    base_loss = full_losses[0]
+    outcomes = []
+    for index, removal in enumerate(sets):
+        keep = torch.ones(len(train_data), dtype=torch.bool)
+        keep[removal.rows] = False
+        rows = torch.nonzero(keep).reshape(-1)
+        retrained = [train(arch, train_data, rows, s, setting) for s in range(setting.seeds)]
+        change = torch.stack([losses(m, queries) - full_losses[s] for s, m in enumerate(retrained)]).mean(0)
+        outcome = Outcome(change.numpy(), float(np.mean([accuracy(m, test) for m in retrained])))
+        for name, options in chosen.items():
+            began = time.perf_counter()
+            result = edit_parameters(base, train_data, removal.rows, loss="cross_entropy", method="influence",
+                                     options=InfluenceOptions(strategy="ekfac"), fit=fit, edit=options)
+            outcome.edit_seconds[name] = time.perf_counter() - began
+            edited = load(arch, result.state)
+            outcome.edited_change[name] = (losses(edited, queries) - base_loss).numpy()
+            outcome.edited_accuracy[name] = accuracy(edited, test)
+            outcome.warnings[name] = len(result.diagnostics["warnings"])
+        outcomes.append(outcome)
+        print(f"  {arch} set {index + 1}/{len(sets)} {removal.group} done ({time.perf_counter() - started:.0f} s)",
+              file=sys.stderr, flush=True)
+    lines = table(arch, setting, sets, outcomes, chosen, retrain_seconds, [accuracy(m, test) for m in full])
+    return lines, {"retrain_seconds": retrain_seconds}
+
+
+def table(arch: str, setting: Setting, sets: list[RemovalSet], outcomes: list[Outcome], chosen: dict[str, EditOptions],
+          retrain_seconds: float, full_accuracy: list[float]) -> list[str]:
+    groups = list(dict.fromkeys(s.group for s in sets))
+    lines = [f"### {arch.upper()} ({setting.queries} queries, {setting.seeds} retraining seeds, {setting.epochs} "
+             f"full-batch Adam epochs, L2 {setting.weight_decay})", "",
+             f"Full retrain: test accuracy {np.mean(full_accuracy):.4f} (seeds {', '.join(f'{a:.3f}' for a in full_accuracy)}); "
+             f"one retrain takes {retrain_seconds:.2f} s.", "",
+             "| removal set | estimator | Pearson | sign agree | acc. edited − retrained (mean / worst) | "
+             "retrained Δloss range | edited Δloss range | edit time (× cheaper than a retrain) | sets with warnings |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for group in groups:
+        members = [(s, o) for s, o in zip(sets, outcomes) if s.group == group]
+        for name in chosen:
+            truth, predicted = [], []
+            for removal, outcome in members:
+                if removal.query is not None:
+                    truth.append(outcome.retrained_change[removal.query])
+                    predicted.append(outcome.edited_change[name][removal.query])
+                else:
+                    truth.extend(outcome.retrained_change)
+                    predicted.extend(outcome.edited_change[name])
+            truth_a, predicted_a = np.array(truth), np.array(predicted)
+            pearson = float(np.corrcoef(truth_a, predicted_a)[0, 1]) if truth_a.std() > 0 and predicted_a.std() > 0 else float("nan")
+            sign = float(np.mean(np.sign(truth_a) == np.sign(predicted_a)))
+            gaps = np.array([o.edited_accuracy[name] - o.retrained_accuracy for _, o in members])
+            seconds = float(np.mean([o.edit_seconds[name] for _, o in members]))
+            warned = sum(o.warnings[name] > 0 for _, o in members)
+            lines.append(
+                f"| {group} | {name} | {pearson:.2f} | {100 * sign:.0f}% | {100 * gaps.mean():+.2f} / "
+                f"{100 * gaps[np.abs(gaps).argmax()]:+.2f} pt | [{truth_a.min():.3f}, {truth_a.max():.3f}] | "
+                f"[{predicted_a.min():.3f}, {predicted_a.max():.3f}] | {seconds:.3f} s ({retrain_seconds / seconds:.0f}×) | "
+                f"{warned}/{len(members)} |")
+    lines.append("")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer queries and seeds (a few minutes)")
+    parser.add_argument("--only", choices=["mlp", "cnn"], default=None)
+    parser.add_argument("--fractions", default="1,10", help="proximity λ as multiples of the mean GN eigenvalue")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cg-max-iter", type=int, default=EditOptions().cg_max_iter, help="CG iterations per step")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    settings = {
+        "mlp": Setting("mlp", queries=3 if args.quick else 6, seeds=2, epochs=300),
+        "cnn": Setting("cnn", queries=2 if args.quick else 3, seeds=2, epochs=150),
+    }
+    archs = [args.only] if args.only else ["mlp", "cnn"]
+    lines = ["# Edits against retraining (digits)", "",
+             f"Command: `python -m benchmarks.edits_retraining {' '.join(sys.argv[1:])}`; "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, {args.threads} threads, CPU.",
+             "", "Pearson and sign agreement: query-loss changes of the edited model (seed-0 model, edited) against "
+             "the mean over seeds of (retrained without the set − full retrain, same seed). Own-query sets: each query's "
+             "own loss over the queries; self-influence and random sets: every query's loss. Accuracy: test accuracy of "
+             "the edited model minus the mean test accuracy of the retrained models (397 test images).", ""]
+    for arch in archs:
+        table_lines, _ = run_setting(arch, settings[arch], fractions, args.cg_max_iter)
+        lines += table_lines
+        print("\n".join(table_lines), flush=True)
+    name = "edits_retraining_quick" if args.quick else "edits_retraining"
+    suffix = (f"_{args.only}" if args.only else "") + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{name}{suffix}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""The proximal retrain objective of an edit, and its minimisation by Gauss-Newton steps solved with CG.
+
+Removing the rows S of the training data from a model at θ₀ is estimated as the minimiser of
+
+    J_S(θ) = (1/N) Σ_{i ∉ S} w_i ℓ_i(θ) − ⟨g₀, θ − θ₀⟩ + (λ/2) ‖θ − θ₀‖²,    g₀ = ∇ (1/N) Σ_i w_i ℓ_i (θ₀)
+
+over the tracked layers' parameters θ (everything else stays fixed). N is the full training count. The anchor
+term −⟨g₀, θ − θ₀⟩ makes θ₀ stationary when nothing is removed (so an edit answers the removal only, not the
+leftover gradient of an unfinished training run); for a model trained with an L2 penalty (δ/2)‖θ‖² and λ = δ,
+J_S equals that penalised retrain objective up to a constant. The proximal term (λ/2)‖θ − θ₀‖² keeps the retrain
+near θ₀: it stands in for the finite training that a real retrain from the same start would do (docs/editing.md).
+
+Curvature products use the Gauss-Newton matrix G = (1/N) Σ w_i J_iᵀ H_i J_i (H_i: the loss Hessian in the
+outputs, PSD), so every linear system (G_{−S} + λI + μI) d = −∇J is positive definite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, linearize, vjp
+
+from worker.attribution.gradients import FisherLabels, batches, fitting_activities, model_dtype
+from worker.attribution.hooks import ActivityRecorder, TrackedLayer, evaluation_mode, split_weight_matrix, weight_matrix
+from worker.attribution.losses import LossName, check_targets, per_example_loss
+from worker.attribution.types import AttributionError, Examples, Progress, no_progress
+
+Flat = torch.Tensor
+CURVATURE_SCALE_ROWS = 2048  # rows used to measure the mean Gauss-Newton eigenvalue (for the auto proximity)
+
+
+# ---------------------------------------------------------------- flat vectors <-> layer matrices
+
+
+def flat_parameters(layers: list[TrackedLayer]) -> Flat:
+    """The tracked layers' weight matrices (bias as last column), flattened and concatenated."""
+    return torch.cat([weight_matrix(layer).reshape(-1) for layer in layers])
+
+
+def layer_matrices(layers: list[TrackedLayer], flat: Flat) -> dict[str, torch.Tensor]:
+    """{layer name: (out_features, in_features)} views of a flat vector."""
+    matrices, start = {}, 0
+    for layer in layers:
+        size = layer.out_features * layer.in_features
+        matrices[layer.name] = flat[start : start + size].reshape(layer.out_features, layer.in_features)
+        start += size
+    return matrices
+
+
+def state_entries(layers: list[TrackedLayer], flat: Flat) -> dict[str, torch.Tensor]:
+    """{state_dict key: tensor} of the tracked layers for a flat vector."""
+    entries: dict[str, torch.Tensor] = {}
+    matrices = layer_matrices(layers, flat)
+    for layer in layers:
+        entries.update(split_weight_matrix(layer, matrices[layer.name]))
+    return entries
+
+
+def flat_from_state(layers: list[TrackedLayer], state: dict[str, torch.Tensor], like: Flat) -> Flat:
+    """The tracked layers' entries of a state_dict as a flat vector (the layout of ``flat_parameters``)."""
+    parts = []
+    for layer in layers:
+        prefix = f"{layer.name}." if layer.name else ""
+        weight = state[prefix + "weight"].reshape(layer.out_features, -1)
+        if layer.has_bias:
+            weight = torch.cat([weight, state[prefix + "bias"].reshape(-1, 1)], dim=1)
+        parts.append(weight.reshape(-1))
+    return torch.cat(parts).to(like.device, like.dtype)
+
+
+# ---------------------------------------------------------------- the objective
+
+
+def _output_hessian_product(outputs: torch.Tensor, tangent: torch.Tensor, loss: LossName) -> torch.Tensor:
+    """H_i u_i for each row: cross-entropy (diag(p) − p pᵀ) u, mse (½‖·‖²) u."""
+    if loss == "cross_entropy":
+        p = torch.softmax(outputs.detach(), dim=1)
+        return p * tangent - p * (p * tangent).sum(1, keepdim=True)
+    return tangent
+
+
+@dataclass
+class ProximalObjective:
+    """J_S of the module docstring for one model, its removed rows and a proximity λ (set later)."""
+
+    model: nn.Module
+    layers: list[TrackedLayer]
+    train: Examples
+    removed: torch.Tensor  # sorted unique row indices into train
+    loss: LossName
+    batch_size: int
+    progress: Progress = no_progress
+    proximity: float = 0.0
+    theta0: Flat = field(init=False)
+    removal_gradient: Flat = field(init=False)  # r = (1/N) Σ_{i∈S} w_i ∇ℓ_i(θ₀)
+    anchor: Flat = field(init=False)  # g₀ = ∇L(θ₀) over all rows
+    kept: Examples = field(init=False)
+    passes: int = field(init=False, default=0)  # passes over the kept rows (gradients + curvature products)
+
+    def __post_init__(self) -> None:
+        self.device = next(self.model.parameters()).device
+        self.dtype = model_dtype(self.model)
+        self.theta0 = flat_parameters(self.layers).to(self.device, self.dtype)
+        tracked = set(state_entries(self.layers, self.theta0))
+        self.frozen = {key: value.detach() for key, value in self.model.named_parameters() if key not in tracked}
+        keep = torch.ones(len(self.train), dtype=torch.bool)
+        keep[self.removed] = False
+        self.kept = self.train.subset(torch.nonzero(keep).reshape(-1))
+        self.n = len(self.train)
+        kept_loss, kept_gradient = self.kept_loss_and_gradient(self.theta0)
+        self.kept_loss0 = kept_loss  # J_S(θ₀) = this; ∇J_S(θ₀) = −removal_gradient
+        removed_rows = self.train.subset(self.removed)
+        self.removal_gradient = self._loss_and_gradient(removed_rows, self.theta0)[1]
+        self.anchor = kept_gradient + self.removal_gradient
+
+    # -- the model as a function of the flat tracked parameters
+    def _outputs(self, flat: Flat, inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, {**self.frozen, **state_entries(self.layers, flat)}, (inputs,))
+
+    def _batches(self, examples: Examples) -> list[Examples]:
+        return [batch for _, batch in batches(examples, self.batch_size, self.device, self.dtype)]
+
+    def _loss_and_gradient(self, examples: Examples, flat: Flat) -> tuple[float, Flat]:
+        """(Σ w_i ℓ_i / N, its gradient) over ``examples`` at ``flat``."""
+        total, gradient = 0.0, torch.zeros_like(flat)
+        for batch in self._batches(examples):
+            point = flat.detach().requires_grad_(True)
+            outputs = self._outputs(point, batch.inputs)
+            targets = check_targets(outputs, batch.targets, self.loss)
+            values = per_example_loss(outputs, targets, self.loss)
+            if batch.weights is not None:
+                values = values * batch.weights
+            value = values.sum() / self.n
+            gradient += torch.autograd.grad(value, point)[0]
+            total += float(value.detach())
+        return total, gradient
+
+    def kept_loss_and_gradient(self, flat: Flat) -> tuple[float, Flat]:
+        self.passes += 1
+        return self._loss_and_gradient(self.kept, flat)
+
+    def mean_kept_loss(self, flat: Flat) -> float:
+        """The remaining rows' mean loss Σ_{i∉S} w_i ℓ_i / |kept| at ``flat`` (a diagnostic)."""
+        with torch.no_grad():
+            total = 0.0
+            for batch in self._batches(self.kept):
+                outputs = self._outputs(flat, batch.inputs)
+                values = per_example_loss(outputs, check_targets(outputs, batch.targets, self.loss), self.loss)
+                total += float((values * batch.weights).sum() if batch.weights is not None else values.sum())
+        return total / max(len(self.kept), 1)
+
+    def value_and_gradient(self, flat: Flat) -> tuple[float, Flat]:
+        """J_S(θ) and ∇J_S(θ)."""
+        step = flat - self.theta0
+        kept_loss, kept_gradient = self.kept_loss_and_gradient(flat)
+        value = kept_loss - float(self.anchor @ step) + 0.5 * self.proximity * float(step @ step)
+        return value, kept_gradient - self.anchor + self.proximity * step
+
+    def curvature_product(self, flat: Flat, vector: Flat) -> Flat:
+        """G_{−S}(θ) v: the kept rows' Gauss-Newton product (1/N) Σ w_i J_iᵀ H_i J_i v."""
+        return self.curvature_operator(flat)(vector)
+
+    def curvature_operator(self, flat: Flat) -> Callable[[Flat], Flat]:
+        """v ↦ G_{−S}(θ) v at a fixed θ. The model is linearised once per batch (forward-mode and reverse-mode
+        maps kept while the operator lives), so each product costs one Jacobian-vector and one vector-Jacobian
+        product per batch, without re-running the forward pass."""
+        maps = []
+        for batch in self._batches(self.kept):
+            def outputs_of(point: Flat, inputs: torch.Tensor = batch.inputs) -> torch.Tensor:
+                return self._outputs(point, inputs)
+
+            outputs, push = linearize(outputs_of, flat)
+            _, pullback = vjp(outputs_of, flat)
+            weights = None if batch.weights is None else batch.weights.reshape(-1, *([1] * (outputs.dim() - 1)))
+            maps.append((outputs.detach(), push, pullback, weights))
+
+        def apply(vector: Flat) -> Flat:
+            self.passes += 1
+            result = torch.zeros_like(vector)
+            for outputs, push, pullback, weights in maps:
+                weighted = _output_hessian_product(outputs, push(vector), self.loss)
+                if weights is not None:
+                    weighted = weighted * weights
+                result += pullback(weighted / self.n)[0].detach()
+            return result
+
+        return apply
+
+
+def mean_curvature_eigenvalue(model: nn.Module, layers: list[TrackedLayer], train: Examples, loss: LossName,
+                              batch_size: int, seed: int = 0) -> float:
+    """trace(G) / D over the tracked parameters: the mean squared norm of per-example gradients with labels
+    sampled from the model (the true Fisher, = Gauss-Newton for these losses), on up to CURVATURE_SCALE_ROWS rows."""
+    rows = train if len(train) <= CURVATURE_SCALE_ROWS else train.subset(
+        torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:CURVATURE_SCALE_ROWS])
+    device, dtype = next(model.parameters()).device, model_dtype(model)
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with evaluation_mode(model), ActivityRecorder(layers) as recorder:
+        for _, batch in batches(rows, batch_size, device, dtype):
+            for activities in fitting_activities(model, recorder, batch, loss, FisherLabels("true", 1, seed), generator):
+                total += float(sum(activities[layer.name].squared_norms().sum() for layer in layers))
+    size = sum(layer.num_parameters for layer in layers)
+    value = total / (len(rows) * size)
+    if not value > 0 or value == float("inf"):
+        raise AttributionError("the model has no curvature on the training data (zero or non-finite gradients); "
+                               "give options.proximity explicitly")
+    return value
+
+
+# ---------------------------------------------------------------- solvers
+
+
+@dataclass
+class CGResult:
+    solution: Flat
+    iterations: int
+    relative_residual: float
+
+
+def conjugate_gradient(matvec: Callable[[Flat], Flat], rhs: Flat, tol: float, max_iter: int) -> CGResult:
+    """CG for an SPD system A x = rhs, from x = 0; stops at ‖r‖ ≤ tol ‖rhs‖ or after max_iter iterations."""
+    x = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    norm0 = float(rhs.norm())
+    if norm0 == 0.0:
+        return CGResult(x, 0, 0.0)
+    direction = residual.clone()
+    rz = float(residual @ residual)
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        product = matvec(direction)
+        curvature = float(direction @ product)
+        if not curvature > 0:
+            raise AttributionError("the edit's curvature system is not positive definite (non-finite values?)")
+        alpha = rz / curvature
+        x = x + alpha * direction
+        residual = residual - alpha * product
+        if float(residual.norm()) <= tol * norm0:
+            break
+        rz_next = float(residual @ residual)
+        direction = residual + (rz_next / rz) * direction
+        rz = rz_next
+    return CGResult(x, iterations, float(residual.norm()) / norm0)
+
+
+@dataclass
+class SolveReport:
+    """How the estimate was computed (stored in the edit's diagnostics)."""
+
+    steps: int = 0
+    accepted_steps: int = 0
+    cg_iterations: list[int] = field(default_factory=list)
+    gradient_norm_ratio: float = 1.0  # ‖∇J_S‖ at the answer / ‖∇J_S(θ₀)‖
+    converged: bool = False
+    step_scale: float = 1.0  # the newton step's line-search factor
+    clipped: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "accepted_steps": self.accepted_steps, "cg_iterations": self.cg_iterations,
+                "gradient_norm_ratio": self.gradient_norm_ratio, "converged": self.converged,
+                "line_search_step": self.step_scale, "clipped_to_trust_radius": self.clipped}
+
+
+def _solve(objective: ProximalObjective, point: Flat, rhs: Flat, damping: float, cg_tol: float,
+           cg_max_iter: int) -> CGResult:
+    curvature = objective.curvature_operator(point)
+
+    def matvec(v: Flat) -> Flat:
+        return curvature(v) + damping * v
+
+    return conjugate_gradient(matvec, rhs, cg_tol, cg_max_iter)
+
+
+def newton_step(objective: ProximalObjective, trust_radius: float, cg_tol: float, cg_max_iter: int,
+                progress: Progress = no_progress) -> tuple[Flat, SolveReport]:
+    """One Gauss-Newton step (G_{−S}(θ₀) + λI) d = r from θ₀, clipped to the trust radius, then a backtracking
+    (Armijo) line search on the real J_S."""
+    report = SolveReport(steps=1)
+    theta0 = objective.theta0
+    value0, gradient0 = objective.kept_loss0, -objective.removal_gradient
+    solved = _solve(objective, theta0, -gradient0, objective.proximity, cg_tol, cg_max_iter)
+    report.cg_iterations.append(solved.iterations)
+    direction = solved.solution
+    radius = trust_radius * float(theta0.norm())
+    if float(direction.norm()) > radius > 0:
+        direction = direction * (radius / float(direction.norm()))
+        report.clipped = True
+    slope = float(gradient0 @ direction)
+    scale = 1.0
+    for _ in range(12):
+        progress("edit", report.steps, 1)
+        value, gradient = objective.value_and_gradient(theta0 + scale * direction)
+        if value <= value0 + 1e-4 * scale * slope:
+            break
+        scale *= 0.5
+    else:
+        report.warnings.append("the line search found no decrease of the proximal objective along the Newton step; "
+                               "the edit is θ₀ moved by a tiny step")
+    report.step_scale = scale
+    report.accepted_steps = 1
+    report.gradient_norm_ratio = float(gradient.norm()) / max(float(gradient0.norm()), 1e-300)
+    return theta0 + scale * direction, report
+
+
+def minimise(objective: ProximalObjective, tol: float, max_steps: int, cg_tol: float, cg_max_iter: int,
+             progress: Progress = no_progress) -> tuple[Flat, SolveReport]:
+    """Levenberg-Marquardt on J_S from θ₀: steps (G_{−S}(θ) + (λ + μ)I) d = −∇J_S(θ), accepted when the real
+    decrease is a fair share of the model's, μ adapted by that ratio; stops at ‖∇J_S‖ ≤ tol · ‖∇J_S(θ₀)‖."""
+    report = SolveReport()
+    point = objective.theta0
+    value, gradient = objective.value_and_gradient(point)
+    norm0 = float(gradient.norm())
+    if norm0 == 0.0:
+        report.converged, report.gradient_norm_ratio = True, 0.0
+        return point, report
+    mu = 0.0
+    for step in range(1, max_steps + 1):
+        progress("edit", step - 1, max_steps)
+        report.steps = step
+        solved = _solve(objective, point, -gradient, objective.proximity + mu, cg_tol, cg_max_iter)
+        report.cg_iterations.append(solved.iterations)
+        direction = solved.solution
+        # model decrease of the real objective (without μ): −gᵀd − ½ dᵀ(G + λ)d, with (G + λ + μ)d ≈ −g
+        predicted = -0.5 * float(gradient @ direction) + 0.5 * mu * float(direction @ direction)
+        candidate_value, candidate_gradient = objective.value_and_gradient(point + direction)
+        ratio = (value - candidate_value) / predicted if predicted > 0 else -1.0
+        # near the minimiser the decrease is lost in rounding: then a smaller gradient decides
+        rounding = abs(value - candidate_value) <= 1e-13 * max(1.0, abs(value))
+        if ratio > 1e-4 or (rounding and float(candidate_gradient.norm()) < float(gradient.norm())):
+            point, value, gradient = point + direction, candidate_value, candidate_gradient
+            report.accepted_steps += 1
+            if ratio > 0.75:
+                mu = mu / 3.0
+        if ratio < 0.25:
+            mu = max(4.0 * mu, objective.proximity)
+        report.gradient_norm_ratio = float(gradient.norm()) / norm0
+        if report.gradient_norm_ratio <= tol:
+            report.converged = True
+            break
+    progress("edit", max_steps, max_steps)
+    if not report.converged:
+        report.warnings.append(
+            f"the proximal retrain objective was not minimised to tolerance in {max_steps} steps "
+            f"(‖∇J‖ fell to {report.gradient_norm_ratio:.2e} of its start; tol {tol:g}): raise options.max_steps")
+    return point, report
+
