@@ -184,8 +184,6 @@ class AsyncClient:
     async def edit(self, attribution: Any, remove: list[Any], *, name: str, progress: bool = True) -> Model:
         """See :meth:`attrib.Client.edit`."""
         body = await self.call(calls.edit(attribution, remove, name))
-        if "job_id" not in body:  # pre-edit-jobs server: 201 with the model itself
-            return Model.from_json(body)
         await AsyncJob(self, body["job_id"]).wait(progress=progress)
         return await self.get_model(body["model_id"])
 

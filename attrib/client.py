@@ -266,8 +266,6 @@ class Client:
         >>> client.download_weights(cleaned, "cleaned.safetensors")
         """
         body = self.call(calls.edit(attribution, remove, name))
-        if "job_id" not in body:  # pre-edit-jobs server: 201 with the model itself
-            return Model.from_json(body)
         Job(self, body["job_id"]).wait(progress=progress)
         return self.get_model(body["model_id"])
 

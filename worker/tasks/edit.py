@@ -13,11 +13,11 @@ import torch
 from sqlalchemy import select
 from torch import nn
 
-from service.db.tables import Attribution, Dataset, Edit, Fit, Job, Model
+from service.db.tables import Attribution, Dataset, Edit, Fit, Model
 from worker import attribution as engine
 from worker.artifacts.datasets import DatasetArrays
 from worker.artifacts.removal import removal_rows, removal_tasks
-from worker.attribution import AttributionError, Cancelled, EditOptions, EditResult, Examples
+from worker.attribution import AttributionError, EditOptions, EditResult, Examples
 from worker.loading import load_curvatures, load_examples, load_model, put_state_dict
 from worker.runner import JobContext
 from worker.tasks.options import dataclass_from, engine_options
