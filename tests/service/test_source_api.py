@@ -15,7 +15,7 @@ from torch import nn
 
 from tests.service.conftest import Api, tiny_classifier, tiny_dataset
 from worker.attribution import Examples
-from worker.attribution.methods.source import SourceOptions, attribute_source, edit_source
+from worker.attribution.methods.source import attribute_source, edit_source
 from worker.attribution.methods.tracin import attribute_tracin
 from worker.attribution.trajectory import TrajectoryCheckpoint
 

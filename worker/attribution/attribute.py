@@ -17,7 +17,7 @@ from worker.attribution.curvature.base import Curvature
 from worker.attribution.curvature.fit import fit_layers, fit_passes
 from worker.attribution.gradients import model_dtype, place_model
 from worker.attribution.hooks import Activities, resolve_layers
-from worker.attribution.losses import LossName, MeasurementName, check_examples, check_loss_name, check_scoring_request
+from worker.attribution.losses import LossName, MeasurementName, check_examples, check_scoring_request
 from worker.attribution.methods.datainf import DataInfPreconditioner, datainf_dampings
 from worker.attribution.methods.gradient_similarity import gradient_similarity_scorer
 from worker.attribution.methods.influence import influence_layers, influence_preconditioner
