@@ -39,7 +39,9 @@ def drop_schema(schema: str) -> None:
         connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
-def measure(backend: str, in_flight: list[int], seconds: float, workdir: Path) -> list[tuple[str, LoadReport]]:
+def measure(
+    backend: str, in_flight: list[int], seconds: float, workdir: Path, processes: int
+) -> list[tuple[str, LoadReport]]:
     schema = None
     if backend == "postgres":
         schema, url = postgres_schema()
@@ -50,7 +52,7 @@ def measure(backend: str, in_flight: list[int], seconds: float, workdir: Path) -
         env = {**env, "ATTRIB_BROKER_URL": REDIS_URL, "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
                "ATTRIB_RATE_LIMIT_BURST": "1000000"}
         reports = []
-        with api_server(env, workdir / "server.log") as base_url:
+        with api_server(env, workdir / "server.log", "--workers", str(processes)) as base_url:
             run_load(base_url, paths, headers, 8, 3)  # warm-up
             for count in in_flight:
                 report = run_wrk(base_url, paths, headers, count, seconds)
@@ -78,16 +80,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--in-flight", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"], choices=["sqlite", "postgres"])
+    parser.add_argument("--workers", type=int, default=1, help="API processes (`attrib serve --workers`)")
     args = parser.parse_args()
     reports = []
     for backend in args.backends:
         with tempfile.TemporaryDirectory() as workdir:
-            reports += measure(backend, args.in_flight, args.seconds, Path(workdir))
+            reports += measure(backend, args.in_flight, args.seconds, Path(workdir), args.workers)
     body = table(reports)
     print(body)
     RESULTS.write_text(
-        f"# Results-page latency\n\n`python -m benchmarks.results_latency --seconds {args.seconds:g}` on "
-        f"{platform.machine()} ({platform.python_version()}), one `attrib serve` process with default capacity "
+        f"# Results-page latency\n\n`python -m benchmarks.results_latency --seconds {args.seconds:g} --workers "
+        f"{args.workers}` on {platform.machine()} ({platform.python_version()}), `attrib serve --workers "
+        f"{args.workers}` with default capacity "
         f"settings, `wrk` on the same machine.\n\n{body}\n"
     )
 

@@ -24,9 +24,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     settings = load_settings()
     if not settings.embedded:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port,
+        # the app is built in each process (from the same ATTRIB_* environment) when there are several
+        target = create_app(settings) if args.workers == 1 else "service.app:create_app"
+        uvicorn.run(target, factory=args.workers > 1, workers=args.workers, host=args.host, port=args.port,
                     timeout_keep_alive=settings.keep_alive_seconds)
         return
+    if args.workers != 1:
+        raise SystemExit("attrib: --workers needs the production topology (ATTRIB_DATABASE_URL and "
+                         "ATTRIB_BROKER_URL); the embedded default serves from one process")
     embedded.prepare(settings)
     app = create_app(settings)  # its reaper requeues the jobs a previous run left running
     worker = embedded.start_worker(settings)
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="API processes (production topology only); each runs ATTRIB_API_THREADS threads and "
+                            "admits ATTRIB_MAX_IN_FLIGHT requests")
     serve.set_defaults(func=cmd_serve)
 
     worker = commands.add_parser("worker", help="run a Celery worker (production topology)",

@@ -29,13 +29,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def api_server(env_overrides: dict[str, str], log_path: Path) -> Iterator[str]:
-    """`attrib serve` in a subprocess with the given ATTRIB_* settings; yields its base URL."""
+def api_server(env_overrides: dict[str, str], log_path: Path, *serve_args: str) -> Iterator[str]:
+    """`attrib serve` in a subprocess with the given ATTRIB_* settings (and options); yields its base URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTRIB_")}
     env.update(env_overrides)
     with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
+        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), *serve_args],
+                                  env=env,
                                   stdout=log, stderr=subprocess.STDOUT)
         base_url = f"http://127.0.0.1:{port}"
         try:
