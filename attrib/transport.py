@@ -1,4 +1,4 @@
-"""Sending one logical request: retries with backoff on 503 / connection errors, one Idempotency-Key per POST,
+"""Sending one logical request: retries with backoff on 429 / 503 / connection errors, one Idempotency-Key per POST,
 problem documents raised as typed exceptions. Sync and async twins share everything but the waiting."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import httpx
 from attrib.errors import ConnectionFailed, error_from_response
 from attrib.payloads import FilePart
 
-RETRY_STATUSES = frozenset({502, 503, 504})
+RETRY_STATUSES = frozenset({429, 502, 503, 504})  # 429 and 503 carry a Retry-After, which is honoured
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,21 @@ function setUpKey(start) {
   else askForKey(start);
 }
 
+const RETRIES = 4;  // a busy server (503) or a key over its rate (429) says when to come back: Retry-After
+
 async function api(path, params) {
   const url = new URL(path, location.origin);
   for (const [name, value] of Object.entries(params || {})) {
     if (value === null || value === undefined || value === "") continue;
     for (const item of Array.isArray(value) ? value : [value]) url.searchParams.append(name, String(item));
   }
-  const response = await fetch(url, { headers: { Authorization: `Bearer ${apiKey()}` } });
+  let response;
+  for (let attempt = 0; ; attempt++) {
+    response = await fetch(url, { headers: { Authorization: `Bearer ${apiKey()}` } });
+    if (![429, 503].includes(response.status) || attempt >= RETRIES) break;
+    const seconds = Math.min(Number(response.headers.get("Retry-After")) || 1, 10);
+    await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+  }
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
     if (response.status === 401) sessionStorage.removeItem(KEY_NAME);

@@ -59,6 +59,17 @@ def test_a_retried_post_reuses_its_idempotency_key() -> None:
     assert all(b'name="weights"' in request.content for request in script.requests)  # the file is re-sent whole
 
 
+def test_a_key_over_its_rate_waits_for_retry_after_and_goes_on() -> None:
+    from attrib.transport import RetryPolicy
+
+    limited = httpx.Response(429, headers={"Retry-After": "3"}, json={"status": 429, "detail": "too many requests"})
+    script = Script(limited, httpx.Response(200, json={"models": [], "next_page_token": None}))
+    assert RetryPolicy().delay(0, limited) == 3.0  # the server's Retry-After, not the backoff
+    with client_for(script) as client:
+        assert list(client.list_models()) == []
+    assert len(script.requests) == 2
+
+
 def test_two_logical_posts_get_two_keys() -> None:
     script = Script(httpx.Response(201, json=MODEL), httpx.Response(201, json=MODEL))
     with client_for(script) as client:
