@@ -16,7 +16,7 @@ class AttributionResult(Base):
     __tablename__ = "attribution_results"
     __table_args__ = (
         Index("ix_results_page", "attribution_id", "direction", "query_pos", "rank", unique=True),
-        Index("ix_results_query", "attribution_id", "direction", "query_id", "rank"),
+        Index("ix_results_query", "attribution_id", "direction", "query_id", "query_pos", "rank"),
     )
 
     id: Mapped[int] = mapped_column(
