@@ -1,8 +1,8 @@
 """Writing result rows in bulk, inside the caller's transaction (the one that also marks the job succeeded).
 
 PostgreSQL: ``COPY attribution_results (...) FROM STDIN`` through psycopg 3's copy API on the session's own
-connection. SQLite (and any other database): the driver's ``executemany`` of plain tuples in batches. Neither
-path builds an ORM object or a dict per row, and neither commits: the rows become visible with the job's final
+connection. SQLite: the driver's ``executemany`` of plain tuples in batches (another database: Core inserts). No
+path builds an ORM object, and none commits: the rows become visible with the job's final
 status when the caller's transaction commits, or never, when it rolls back.
 """
 
@@ -21,6 +21,7 @@ from worker.tasks.rows import RESULT_FIELDS, ResultColumns
 TABLE = AttributionResult.__tablename__
 COLUMNS = ("attribution_id", *RESULT_FIELDS)
 EXECUTEMANY_BATCH = 20_000
+SQLITE_WRITE_CACHE_KIB = 64 * 1024
 
 
 def write_results(session: Session, attribution_id: str, columns: ResultColumns) -> None:
@@ -48,10 +49,17 @@ def _copy_rows(driver_connection: Any, rows: Iterable[tuple[Any, ...]]) -> None:
 
 
 def _executemany_rows(connection: Connection, rows: Iterable[tuple[Any, ...]]) -> None:
-    """The driver's executemany of plain tuples, in batches that bound the memory held at once."""
+    """The driver's executemany of plain tuples, in batches that bound the memory held at once. SQLite's page
+    cache is raised for the write (a full ranking's index pages would otherwise spill to the WAL mid-transaction)
+    and put back after it, as the connection returns to a pool shared with the API."""
     statement = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-    for batch in _batches(rows, EXECUTEMANY_BATCH):
-        connection.exec_driver_sql(statement, batch)
+    cache_size = connection.exec_driver_sql("PRAGMA cache_size").scalar()
+    connection.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_WRITE_CACHE_KIB}")
+    try:
+        for batch in _batches(rows, EXECUTEMANY_BATCH):
+            connection.exec_driver_sql(statement, batch)
+    finally:
+        connection.exec_driver_sql(f"PRAGMA cache_size = {int(cache_size)}")
 
 
 def _batches(rows: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
