@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
 
 from service.db.tables import Attribution, AttributionResult, Dataset
@@ -75,23 +75,32 @@ def row_out(row: Any, types: IdTypes) -> ResultRow:
     )
 
 
-def page_of_results(
-    session: Session, attribution_id: str, direction: str, query_id: str | None,
-    after: RankCursor | None, size: int,
-) -> tuple[list[Any], RankCursor | None]:
-    """One page of RESULT_COLUMNS rows (plain rows, not ORM objects: a page is read, never changed)."""
+def page_query(
+    attribution_id: str, direction: str, query_id: str | None, after: RankCursor | None, limit: int
+) -> Select[Any]:
+    """The statement of one page of RESULT_COLUMNS rows after ``after``, ordered by (query_pos, rank).
+
+    The cursor is a row-value comparison on (query_pos, rank): with ``ix_results_page`` (``ix_results_query``
+    when a query_id is given) PostgreSQL and SQLite read the page as one index range scan that starts at the
+    cursor, in index order, with no sort, so a page costs the same at any depth (tests/service/test_result_storage.py
+    checks both plans).
+    """
     query = select(*RESULT_COLUMNS).where(
         AttributionResult.attribution_id == attribution_id, AttributionResult.direction == direction
     )
     if query_id is not None:
         query = query.where(AttributionResult.query_id == query_id)
     if after is not None:
-        pos, rank = after
-        query = query.where(
-            (AttributionResult.query_pos > pos) | ((AttributionResult.query_pos == pos) & (AttributionResult.rank > rank))
-        )
-    order = (AttributionResult.query_pos, AttributionResult.rank)
-    rows = list(session.execute(query.order_by(*order).limit(size + 1)))
+        query = query.where(tuple_(AttributionResult.query_pos, AttributionResult.rank) > tuple_(*after))
+    return query.order_by(AttributionResult.query_pos, AttributionResult.rank).limit(limit)
+
+
+def page_of_results(
+    session: Session, attribution_id: str, direction: str, query_id: str | None,
+    after: RankCursor | None, size: int,
+) -> tuple[list[Any], RankCursor | None]:
+    """One page of RESULT_COLUMNS rows (plain rows, not ORM objects: a page is read, never changed)."""
+    rows = list(session.execute(page_query(attribution_id, direction, query_id, after, size + 1)))
     if len(rows) <= size:
         return rows, None
     return rows[:size], RankCursor(rows[size - 1].query_pos, rows[size - 1].rank)
@@ -99,8 +108,9 @@ def page_of_results(
 
 def has_query(session: Session, attribution_id: str, query_id: str) -> bool:
     """Whether any row of the attribution belongs to this query (its id as a string)."""
-    query = select(AttributionResult.rank).where(
-        AttributionResult.attribution_id == attribution_id, AttributionResult.query_id == query_id
+    query = select(AttributionResult.rank).where(  # both directions: a seek into ix_results_query for each
+        AttributionResult.attribution_id == attribution_id, AttributionResult.direction.in_(("positive", "negative")),
+        AttributionResult.query_id == query_id,
     )
     return session.scalar(query.limit(1)) is not None
 

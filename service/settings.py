@@ -76,6 +76,9 @@ class Settings(BaseSettings):
         6 * 3600, gt=0, description="A job running longer fails with a 'time limit' problem (Celery soft limit).")
     job_time_limit_seconds: int = Field(
         6 * 3600 + 600, gt=0, description="A job's process is killed after this long (Celery hard limit).")
+    broker_polling_seconds: float = Field(
+        0.1, gt=0, le=5, description="How often workers poll the embedded default's SQLite broker for jobs (Redis "
+        "needs no polling).")
     broker_visibility_timeout_seconds: int = Field(
         7 * 3600, gt=0, description="Redis redelivers an unacknowledged message after this long; above the "
         "hard time limit so that a running job's message is never handed to a second worker.")

@@ -14,8 +14,11 @@ from celery import Celery, Task, signals
 from celery.exceptions import TimeLimitExceeded
 
 from service.settings import Settings, get_settings
+from worker import sqlite_broker
 
 RUN_JOB_TASK = "attrib.run_job"
+
+sqlite_broker.register()
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +47,14 @@ def create_celery_app(broker_url: str, queue_name: str = "attrib", settings: Set
 
 def _transport_options(broker_url: str, settings: Settings) -> dict[str, Any]:
     """Redis redelivers a message not acknowledged within the visibility timeout: above the longest job, so that
-    a running job's message is never handed to a second worker. (kombu's SQLAlchemy transport, the embedded
-    default, takes engine arguments here instead and has no such timeout.)"""
-    if broker_url.split(":", 1)[0] in ("redis", "rediss", "sentinel"):
+    a running job's message is never handed to a second worker; its workers block on the queue and get a message
+    at once. kombu's SQLAlchemy transport (the embedded default) has no such timeout and is polled: every
+    ``broker_polling_seconds`` (see worker/sqlite_broker.py) instead of kombu's 1 s."""
+    scheme = broker_url.split(":", 1)[0]
+    if scheme in ("redis", "rediss", "sentinel"):
         return {"visibility_timeout": settings.broker_visibility_timeout_seconds}
+    if scheme.startswith("sqla+"):
+        return {"polling_interval": settings.broker_polling_seconds}
     return {}
 
 

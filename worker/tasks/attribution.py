@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from torch import nn
 
 from service.db.base import new_id, utcnow
-from service.db.tables import Attribution, AttributionResult, Dataset, Fit, Model
+from service.db.tables import Attribution, Dataset, Fit, Model
 from worker import attribution as engine
 from worker.artifacts.datasets import DatasetArrays
 from worker.attribution import AttributionScores, Curvature, Examples
 from worker.loading import load_curvatures, load_examples, load_model, put_curvatures
 from worker.runner import JobContext
 from worker.tasks.options import engine_options, fit_options
-from worker.tasks.rows import result_rows
+from worker.tasks.result_writer import write_results
+from worker.tasks.rows import ResultColumns, result_columns
 
 FACTOR_STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
-INSERT_BATCH = 5000
 
 
 @dataclass
@@ -62,7 +61,7 @@ def run_attribution(context: JobContext) -> None:
     else:
         scores, fits = compute_influence(request, context)
     query_ids = request.query_arrays.ids.tolist() if request.query_arrays is not None else None
-    rows = result_rows(scores, method, request.attribution.top_k, request.train_arrays.ids.tolist(), query_ids)
+    rows = result_columns(scores, method, request.attribution.top_k, request.train_arrays.ids.tolist(), query_ids)
     save_results(context, request, scores, rows, fits)
 
 
@@ -112,7 +111,7 @@ def compute_trajectory(request: LoadedRequest, context: JobContext) -> Attributi
 
 
 def save_results(
-    context: JobContext, request: LoadedRequest, scores: AttributionScores, rows: list[dict[str, Any]],
+    context: JobContext, request: LoadedRequest, scores: AttributionScores, rows: ResultColumns,
     fits: dict[str, dict[str, Curvature]],
 ) -> None:
     attribution_id = request.attribution.id
@@ -121,9 +120,7 @@ def save_results(
         used_fit_ids = [request.fit.id] if request.fit is not None else []
         for model_id, curvature in fits.items():
             used_fit_ids.append(_store_fit(session, context, request, model_id, curvature))
-        for start in range(0, len(rows), INSERT_BATCH):
-            batch = [{**row, "attribution_id": attribution_id} for row in rows[start:start + INSERT_BATCH]]
-            session.execute(insert(AttributionResult), batch)
+        write_results(session, attribution_id, rows)
         stored = session.get(Attribution, attribution_id)
         assert stored is not None
         stored.num_results = len(rows)

@@ -1,71 +1,143 @@
-"""Turning engine scores into ranked result rows (the caller's ids, rank 1 = strongest)."""
+"""Turning engine scores into ranked result rows (the caller's ids, rank 1 = strongest), column by column.
+
+Rows are built as numpy columns straight from the engine's top-k tensors (no Python object per row until the
+writer asks for tuples), so a full ranking of a million rows takes a fraction of a second to prepare. Ids are
+stored as text: each distinct id is turned into text once, and the columns pick from those texts by index.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
+import numpy as np
 import torch
 
 from worker.attribution import AttributionScores, TopK
 
-Row = dict[str, Any]
+# The stored columns of a result row, in the order of ``ResultColumns.tuples()``.
+RESULT_FIELDS = ("direction", "query_pos", "query_id", "rank", "train_id", "score", "task", "split")
+DIRECTIONS = ("positive", "negative")
 
 
 def _text(value: Any) -> str:
     return str(value.item() if hasattr(value, "item") else value)
 
 
-def pairwise_rows(
-    topk: TopK, query_ids: Sequence[Any], unit_id: "UnitLabels",
-) -> Iterator[Row]:
+def _texts(values: Sequence[Any]) -> np.ndarray:
+    """Each value as text, in an object array that columns index into."""
+    texts = np.empty(len(values), dtype=object)
+    texts[:] = [_text(value) for value in values]
+    return texts
+
+
+@dataclass
+class ResultColumns:
+    """Result rows as equal-length columns; ``task``/``split`` are None when no row has them."""
+
+    direction: np.ndarray
+    query_pos: np.ndarray
+    query_id: np.ndarray | None
+    rank: np.ndarray
+    train_id: np.ndarray
+    score: np.ndarray
+    task: np.ndarray | None = None
+    split: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.rank.shape[0])
+
+    def tuples(self) -> Iterator[tuple[Any, ...]]:
+        """One plain tuple per row (Python ints, floats, str or None), fields in ``RESULT_FIELDS`` order."""
+        columns = [getattr(self, name) for name in RESULT_FIELDS]
+        return zip(*(repeat(None, len(self)) if column is None else column.tolist() for column in columns))
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(RESULT_FIELDS, row)) for row in self.tuples()]
+
+    @staticmethod
+    def concat(parts: list["ResultColumns"]) -> "ResultColumns":
+        def joined(name: str) -> np.ndarray | None:
+            columns = [getattr(part, name) for part in parts]
+            if all(column is None for column in columns):
+                return None
+            return np.concatenate([np.full(len(part), None, dtype=object) if column is None else column
+                                   for part, column in zip(parts, columns)])
+
+        return ResultColumns(**{name: joined(name) for name in RESULT_FIELDS})  # type: ignore[arg-type]
+
+
+class UnitLabels:
+    """Maps unit indices of the engine's output to the rows' train_id (and task/split for meta instances)."""
+
+    def __init__(self, train_ids: Sequence[Any], scores: AttributionScores, method: str) -> None:
+        self.by_task = method == "meta_task_influence"
+        task = scores.unit_task.cpu().numpy() if scores.unit_task is not None else None
+        split = scores.unit_split.cpu().numpy() if scores.unit_split is not None else None
+        if self.by_task:
+            assert task is not None
+            self.train_text, self.task, self.split = _texts(task.tolist()), None, None
+        else:
+            self.train_text, self.task, self.split = _texts(train_ids), task, split
+
+    def columns(self, indices: np.ndarray) -> dict[str, np.ndarray | None]:
+        """train_id, task and split of the units at ``indices`` (a flat integer array)."""
+        train_id = self.train_text[indices]
+        if self.task is None:
+            return {"train_id": train_id, "task": None, "split": None}
+        task = self.task[indices].astype(np.int64).astype(object)
+        if self.split is None:
+            return {"train_id": train_id, "task": task, "split": np.full(indices.shape[0], None, dtype=object)}
+        return {"train_id": train_id, "task": task, "split": self.split[indices].astype(np.int64).astype(object)}
+
+
+def pairwise_columns(topk: TopK, query_ids: Sequence[Any], units: UnitLabels) -> ResultColumns:
+    """Per query, its top-k'; both directions; query_pos is the query's row, rank counts from 1."""
+    query_text = _texts(query_ids)
+    parts = []
     for direction, indices, scores in (
         ("positive", topk.positive_indices, topk.positive_scores),
         ("negative", topk.negative_indices, topk.negative_scores),
     ):
-        for pos in range(indices.shape[0]):
-            for rank, (index, score) in enumerate(zip(indices[pos].tolist(), scores[pos].tolist()), start=1):
-                yield {"direction": direction, "query_pos": pos, "query_id": _text(query_ids[pos]), "rank": rank,
-                       "score": float(score), **unit_id(index)}
+        num_queries, k = indices.shape
+        query_pos = np.repeat(np.arange(num_queries, dtype=np.int64), k)
+        parts.append(ResultColumns(
+            direction=np.full(num_queries * k, direction, dtype=object), query_pos=query_pos,
+            query_id=query_text[query_pos], rank=np.tile(np.arange(1, k + 1, dtype=np.int64), num_queries),
+            score=scores.detach().cpu().numpy().astype(np.float64).reshape(-1),
+            **units.columns(indices.detach().cpu().numpy().reshape(-1)),  # type: ignore[arg-type]
+        ))
+    return ResultColumns.concat(parts)
 
 
-def ranked_rows(scores: torch.Tensor, top_k: int, unit_id: "UnitLabels", *, all_positive: bool) -> Iterator[Row]:
+def ranked_columns(scores: torch.Tensor, top_k: int, units: UnitLabels, *, all_positive: bool) -> ResultColumns:
     """aggregate: top_k each way; self (``all_positive``): every unit highest first, top_k lowest first."""
     order = torch.argsort(scores, descending=True, stable=True)
-    positive = order if all_positive else order[:top_k]
-    negative = torch.flip(order, dims=[0])[:top_k]
-    for direction, picked in (("positive", positive), ("negative", negative)):
-        for rank, index in enumerate(picked.tolist(), start=1):
-            yield {"direction": direction, "query_pos": 0, "query_id": None, "rank": rank,
-                   "score": float(scores[index]), **unit_id(index)}
+    values = scores.detach().cpu().numpy().astype(np.float64)
+    parts = []
+    for direction, picked in (
+        ("positive", order if all_positive else order[:top_k]),
+        ("negative", torch.flip(order, dims=[0])[:top_k]),
+    ):
+        indices = picked.cpu().numpy()
+        count = indices.shape[0]
+        parts.append(ResultColumns(
+            direction=np.full(count, direction, dtype=object), query_pos=np.zeros(count, dtype=np.int64),
+            query_id=None, rank=np.arange(1, count + 1, dtype=np.int64), score=values[indices],
+            **units.columns(indices),  # type: ignore[arg-type]
+        ))
+    return ResultColumns.concat(parts)
 
 
-class UnitLabels:
-    """Maps a unit index of the engine's output to the row's train_id (and task/split for meta instances)."""
-
-    def __init__(self, train_ids: Sequence[Any], scores: AttributionScores, method: str) -> None:
-        self.train_ids = train_ids
-        self.task = scores.unit_task
-        self.split = scores.unit_split
-        self.by_task = method == "meta_task_influence"
-
-    def __call__(self, index: int) -> Row:
-        if self.by_task:
-            return {"train_id": _text(self.task[index]), "task": None, "split": None}  # type: ignore[index]
-        row: Row = {"train_id": _text(self.train_ids[index]), "task": None, "split": None}
-        if self.task is not None:
-            row["task"] = int(self.task[index])
-            row["split"] = int(self.split[index]) if self.split is not None else None
-        return row
-
-
-def result_rows(
+def result_columns(
     scores: AttributionScores, method: str, top_k: int, train_ids: Sequence[Any], query_ids: Sequence[Any] | None
-) -> list[Row]:
+) -> ResultColumns:
     units = UnitLabels(train_ids, scores, method)
     if scores.mode == "pairwise":
         assert scores.topk is not None
         labels = scores.query_task.tolist() if scores.query_task is not None else list(query_ids or [])
-        return list(pairwise_rows(scores.topk, labels, units))
+        return pairwise_columns(scores.topk, labels, units)
     assert scores.scores is not None
-    return list(ranked_rows(scores.scores, top_k, units, all_positive=scores.mode == "self"))
+    return ranked_columns(scores.scores, top_k, units, all_positive=scores.mode == "self")

@@ -1,0 +1,236 @@
+"""Result storage: rows built column-wise equal the row-by-row definition; the bulk writers (PostgreSQL COPY,
+SQLite executemany) store exactly what ORM inserts stored; rows appear only with the job's success, never from a
+fenced or cancelled attempt; every results page is an index range scan with no sort, at any depth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.orm import Session
+
+from service.db.session import session_scope
+from service.db.tables import AttributionResult, Job
+from service.pagination import RankCursor
+from service.results import page_query
+from tests.service.conftest import Api, tiny_classifier, tiny_dataset
+from worker.attribution import AttributionScores, TopK
+from worker.tasks import attribution as attribution_task
+from worker.tasks.result_writer import write_results
+from worker.tasks.rows import ResultColumns, result_columns
+
+STORED = (AttributionResult.direction, AttributionResult.query_pos, AttributionResult.query_id, AttributionResult.rank,
+          AttributionResult.train_id, AttributionResult.score, AttributionResult.task, AttributionResult.split)
+
+
+def reference_rows(scores: AttributionScores, method: str, top_k: int, train_ids: list[Any],
+                   query_ids: list[Any] | None) -> list[dict[str, Any]]:
+    """The rows by their definition, one at a time (as the service built them before the column-wise path)."""
+    def unit(index: int) -> dict[str, Any]:
+        if method == "meta_task_influence":
+            return {"train_id": str(int(scores.unit_task[index])), "task": None, "split": None}  # type: ignore[index]
+        if scores.unit_task is None:
+            return {"train_id": str(train_ids[index]), "task": None, "split": None}
+        split = int(scores.unit_split[index]) if scores.unit_split is not None else None
+        return {"train_id": str(train_ids[index]), "task": int(scores.unit_task[index]), "split": split}
+
+    rows: list[dict[str, Any]] = []
+    if scores.mode == "pairwise":
+        assert scores.topk is not None
+        labels = scores.query_task.tolist() if scores.query_task is not None else query_ids
+        for direction, indices, values in (("positive", scores.topk.positive_indices, scores.topk.positive_scores),
+                                           ("negative", scores.topk.negative_indices, scores.topk.negative_scores)):
+            for pos in range(indices.shape[0]):
+                for rank, (index, score) in enumerate(zip(indices[pos].tolist(), values[pos].tolist()), start=1):
+                    rows.append({"direction": direction, "query_pos": pos, "query_id": str(labels[pos]),  # type: ignore[index]
+                                 "rank": rank, "score": float(score), **unit(index)})
+        return rows
+    assert scores.scores is not None
+    order = torch.argsort(scores.scores, descending=True, stable=True).tolist()
+    picks = (("positive", order if scores.mode == "self" else order[:top_k]), ("negative", order[::-1][:top_k]))
+    for direction, picked in picks:
+        for rank, index in enumerate(picked, start=1):
+            rows.append({"direction": direction, "query_pos": 0, "query_id": None, "rank": rank,
+                         "score": float(scores.scores[index]), **unit(index)})
+    return rows
+
+
+def pairwise_scores(num_queries: int, num_train: int, k: int, seed: int = 0, **meta: Any) -> AttributionScores:
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(num_queries, num_train, generator=generator) * torch.logspace(-30, 3, num_train)
+    positive, positive_index = torch.topk(matrix, k, dim=1)
+    negative, negative_index = torch.topk(matrix, k, dim=1, largest=False)
+    return AttributionScores(mode="pairwise", topk=TopK(positive_index, positive, negative_index, negative), **meta)
+
+
+CASES = {
+    "pairwise, string ids": (pairwise_scores(3, 7, 4), "influence", 4, [f"ex-{i}" for i in range(7)], ["a", "b", "c"]),
+    "pairwise, int ids": (pairwise_scores(2, 5, 5), "influence", 5, list(range(100, 105)), [7, 9]),
+    "aggregate": (AttributionScores(mode="aggregate", scores=torch.tensor([0.5, -2.0, 0.5, 3.0, 1e-40])),
+                  "influence", 2, [10, 11, 12, 13, 14], None),
+    "self": (AttributionScores(mode="self", scores=torch.tensor([1.0, -1.0, 2.0])), "tracin", 1, ["x", "y", "z"], None),
+    "meta instances": (pairwise_scores(2, 4, 3, unit_task=torch.tensor([0, 0, 1, 1]), unit_split=torch.tensor([0, 1, 0, 1]),
+                                       query_task=torch.tensor([5, 5])), "meta_instance_influence", 3, [0, 1, 2, 3], None),
+    "meta tasks": (AttributionScores(mode="aggregate", scores=torch.tensor([0.1, 0.3, -0.2]),
+                                     unit_task=torch.tensor([4, 8, 6])), "meta_task_influence", 3, [0, 1, 2], None),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_columns_equal_the_row_by_row_definition(case: str) -> None:
+    scores, method, top_k, train_ids, query_ids = CASES[case]
+    columns = result_columns(scores, method, top_k, train_ids, query_ids)
+    assert columns.dicts() == reference_rows(scores, method, top_k, train_ids, query_ids)
+    assert len(columns) == len(columns.dicts())
+
+
+# --- with a real attribution row, on both databases ---------------------------------------------------------------
+
+
+def setup_attribution(api: Api, n_train: int = 40, n_query: int = 5, top_k: int = 6) -> dict[str, Any]:
+    """Upload a tiny model and data and submit a pairwise job; the queue is paused: nothing ran yet."""
+    model = api.upload_model(tiny_classifier()).json()["id"]
+    train = api.upload_npz(**tiny_dataset(n_train, seed=1)).json()["id"]
+    query = api.upload_npz(**tiny_dataset(n_query, seed=2)).json()["id"]
+    api.queue.paused = True
+    response = api.client.post("/v1/attributions", json={
+        "model_id": model, "train_dataset_id": train, "query_dataset_id": query, "method": "gradient_similarity",
+        "mode": "pairwise", "top_k": top_k})
+    assert response.status_code == 202, response.text
+    api.queue.paused = False
+    return response.json()  # type: ignore[no-any-return]
+
+
+def stored(session: Session, attribution_id: str) -> list[tuple[Any, ...]]:
+    query = select(*STORED).where(AttributionResult.attribution_id == attribution_id).order_by(
+        AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank)
+    return [tuple(row) for row in session.execute(query)]
+
+
+def count_rows(url: str, attribution_id: str) -> int:
+    with session_scope(url) as session:
+        query = select(func.count()).where(AttributionResult.attribution_id == attribution_id)
+        return int(session.scalar(query) or 0)
+
+
+def job_row(url: str, job_id: str) -> Job:
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def test_bulk_writes_store_what_orm_inserts_stored(api: Api) -> None:
+    attribution = setup_attribution(api)
+    url = api.settings.resolved_database_url
+    for case in ("pairwise, string ids", "meta instances", "aggregate"):
+        scores, method, top_k, train_ids, query_ids = CASES[case]
+        columns = result_columns(scores, method, top_k, train_ids, query_ids)
+        with session_scope(url) as session:
+            write_results(session, attribution["id"], columns)
+            bulk = stored(session, attribution["id"])
+            session.rollback()
+            session.execute(insert(AttributionResult), [{**row, "attribution_id": attribution["id"]}
+                                                         for row in columns.dicts()])
+            orm = stored(session, attribution["id"])
+            session.rollback()
+        assert bulk == orm and len(bulk) == len(columns), case
+
+
+def test_rows_are_visible_only_with_the_jobs_success(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = api.settings.resolved_database_url
+    seen_before_commit: list[tuple[int, str]] = []
+    real_write = attribution_task.write_results
+
+    def write_and_look(session: Session, attribution_id: str, columns: ResultColumns) -> None:
+        real_write(session, attribution_id, columns)
+        job_id = session.execute(text("SELECT job_id FROM attributions WHERE id = :id"), {"id": attribution_id}).scalar()
+        seen_before_commit.append((count_rows(url, attribution_id), job_row(url, str(job_id)).status))
+
+    monkeypatch.setattr(attribution_task, "write_results", write_and_look)
+    attribution = setup_attribution(api, top_k=6)
+    api.queue.enqueue(attribution["job_id"])
+    assert seen_before_commit == [(0, "running")]  # another connection sees neither the rows nor the success
+    assert job_row(url, attribution["job_id"]).status == "succeeded"
+    assert count_rows(url, attribution["id"]) == 2 * 5 * 6
+
+
+@pytest.mark.parametrize("interruption", ["taken over by a new attempt", "cancelled"])
+def test_a_fenced_or_cancelled_attempt_writes_no_rows(
+    api: Api, monkeypatch: pytest.MonkeyPatch, interruption: str
+) -> None:
+    url = api.settings.resolved_database_url
+    real_save = attribution_task.save_results
+
+    def interrupt_then_save(context: Any, *args: Any) -> None:
+        with session_scope(url) as session:
+            if interruption == "cancelled":
+                values: dict[str, Any] = {"cancel_requested": True}
+            else:
+                values = {"attempts": Job.attempts + 1, "claimed_by": "another-worker"}
+            session.execute(update(Job).where(Job.id == context.job_id).values(**values))
+        real_save(context, *args)
+
+    monkeypatch.setattr(attribution_task, "save_results", interrupt_then_save)
+    attribution = setup_attribution(api)
+    api.queue.enqueue(attribution["job_id"])
+    job = job_row(url, attribution["job_id"])
+    assert count_rows(url, attribution["id"]) == 0
+    if interruption == "cancelled":
+        assert job.status == "cancelled"
+    else:
+        assert (job.status, job.attempts, job.claimed_by) == ("running", 2, "another-worker")
+
+
+# --- results pages read an index range, with no sort, at any depth --------------------------------------------------
+
+
+@pytest.fixture
+def filled(api: Api) -> Iterator[tuple[str, str]]:
+    """A real attribution with 2 x 20 x 1,000 rows, and another one's rows beside it (statistics analysed)."""
+    url = api.settings.resolved_database_url
+    attribution = setup_attribution(api)
+    neighbour = setup_attribution(api)
+    columns = result_columns(pairwise_scores(20, 1000, 1000), "influence", 1000, list(range(1000)),
+                             [f"q{i % 10}" for i in range(20)])  # query ids shared by two query rows each
+    with session_scope(url) as session:
+        write_results(session, attribution["id"], columns)
+        write_results(session, neighbour["id"], columns)
+    with session_scope(url) as session:
+        session.execute(text("ANALYZE"))
+    yield url, attribution["id"]
+
+
+def page_plan(session: Session, statement: Any) -> str:
+    compiled = statement.compile(dialect=session.get_bind().dialect, compile_kwargs={"literal_binds": True})
+    explain = "EXPLAIN QUERY PLAN " if session.get_bind().dialect.name == "sqlite" else "EXPLAIN "
+    return "\n".join(str(row[-1] if explain.endswith("PLAN ") else row[0])
+                     for row in session.execute(text(explain + str(compiled))))
+
+
+@pytest.mark.parametrize("query_id", [None, "q3"])
+@pytest.mark.parametrize("after", [None, RankCursor(1, 3), RankCursor(12, 900)])
+def test_every_results_page_is_an_index_range_scan_without_a_sort(
+    filled: tuple[str, str], query_id: str | None, after: RankCursor | None
+) -> None:
+    url, attribution_id = filled
+    index = "ix_results_query" if query_id else "ix_results_page"
+    with session_scope(url) as session:
+        plan = page_plan(session, page_query(attribution_id, "positive", query_id, after, 101))
+        if session.get_bind().dialect.name == "sqlite":
+            assert f"SEARCH attribution_results USING INDEX {index} (" in plan, plan
+            assert "(query_pos,rank)>(?,?)" in plan or after is None, plan
+            assert "TEMP B-TREE" not in plan and "SCAN" not in plan, plan
+        else:
+            assert f"Index Scan using {index} on attribution_results" in plan, plan
+            assert "ROW(query_pos, rank) > ROW(" in plan or after is None, plan
+            assert "Sort" not in plan and "Seq Scan" not in plan and "Filter" not in plan, plan
+        # and the page itself: the rows right after the cursor, in order
+        rows = list(session.execute(page_query(attribution_id, "positive", query_id, after, 5)))
+    keys = [(row.query_pos, row.rank) for row in rows]
+    assert keys == sorted(keys) and len(keys) == 5
+    assert after is None or keys[0] > tuple(after)
+    assert query_id is None or {row.query_id for row in rows} == {query_id}

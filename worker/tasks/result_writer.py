@@ -1,0 +1,68 @@
+"""Writing result rows in bulk, inside the caller's transaction (the one that also marks the job succeeded).
+
+PostgreSQL: ``COPY attribution_results (...) FROM STDIN`` through psycopg 3's copy API on the session's own
+connection. SQLite: the driver's ``executemany`` of plain tuples in batches (another database: Core inserts). No
+path builds an ORM object, and none commits: the rows become visible with the job's final
+status when the caller's transaction commits, or never, when it rolls back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import Any
+
+from sqlalchemy import Connection, insert
+from sqlalchemy.orm import Session
+
+from service.db.tables import AttributionResult
+from worker.tasks.rows import RESULT_FIELDS, ResultColumns
+
+TABLE = AttributionResult.__tablename__
+COLUMNS = ("attribution_id", *RESULT_FIELDS)
+EXECUTEMANY_BATCH = 20_000
+SQLITE_WRITE_CACHE_KIB = 64 * 1024
+
+
+def write_results(session: Session, attribution_id: str, columns: ResultColumns) -> None:
+    """Insert every row of ``columns`` for ``attribution_id`` in ``session``'s transaction."""
+    if len(columns) == 0:
+        return
+    rows = ((attribution_id, *row) for row in columns.tuples())
+    connection = session.connection()
+    dialect = connection.dialect
+    if dialect.name == "postgresql" and dialect.driver == "psycopg":
+        _copy_rows(connection.connection.driver_connection, rows)
+    elif dialect.paramstyle == "qmark":  # sqlite3
+        _executemany_rows(connection, rows)
+    else:
+        for batch in _batches(rows, EXECUTEMANY_BATCH):
+            connection.execute(insert(AttributionResult.__table__), [dict(zip(COLUMNS, row)) for row in batch])
+
+
+def _copy_rows(driver_connection: Any, rows: Iterable[tuple[Any, ...]]) -> None:
+    """psycopg 3: stream the rows through COPY on the transaction's own connection."""
+    statement = f"COPY {TABLE} ({', '.join(COLUMNS)}) FROM STDIN"
+    with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def _executemany_rows(connection: Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+    """The driver's executemany of plain tuples, in batches that bound the memory held at once. SQLite's page
+    cache is raised for the write (a full ranking's index pages would otherwise spill to the WAL mid-transaction)
+    and put back after it, as the connection returns to a pool shared with the API."""
+    statement = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+    cache_size = connection.exec_driver_sql("PRAGMA cache_size").scalar()
+    connection.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_WRITE_CACHE_KIB}")
+    try:
+        for batch in _batches(rows, EXECUTEMANY_BATCH):
+            connection.exec_driver_sql(statement, batch)
+    finally:
+        connection.exec_driver_sql(f"PRAGMA cache_size = {int(cache_size)}")
+
+
+def _batches(rows: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    iterator = iter(rows)
+    while batch := list(islice(iterator, size)):
+        yield batch
