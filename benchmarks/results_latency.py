@@ -40,7 +40,7 @@ def drop_schema(schema: str) -> None:
 
 
 def measure(
-    backend: str, in_flight: list[int], seconds: float, workdir: Path, processes: int
+    backend: str, in_flight: list[int], seconds: float, workdir: Path, processes: int, settings: dict[str, str]
 ) -> list[tuple[str, LoadReport]]:
     schema = None
     if backend == "postgres":
@@ -50,7 +50,7 @@ def measure(
     try:
         paths, headers, env = results_pages(workdir / "data", url)
         env = {**env, "ATTRIB_BROKER_URL": REDIS_URL, "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
-               "ATTRIB_RATE_LIMIT_BURST": "1000000"}
+               "ATTRIB_RATE_LIMIT_BURST": "1000000", **settings}
         reports = []
         with api_server(env, workdir / "server.log", "--workers", str(processes)) as base_url:
             run_load(base_url, paths, headers, 8, 3)  # warm-up
@@ -81,18 +81,20 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"], choices=["sqlite", "postgres"])
     parser.add_argument("--workers", type=int, default=1, help="API processes (`attrib serve --workers`)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="ATTRIB_NAME=VALUE", help="server settings")
     args = parser.parse_args()
     reports = []
     for backend in args.backends:
         with tempfile.TemporaryDirectory() as workdir:
-            reports += measure(backend, args.in_flight, args.seconds, Path(workdir), args.workers)
+            reports += measure(backend, args.in_flight, args.seconds, Path(workdir), args.workers,
+                               dict(item.split("=", 1) for item in args.set))
     body = table(reports)
     print(body)
     RESULTS.write_text(
         f"# Results-page latency\n\n`python -m benchmarks.results_latency --seconds {args.seconds:g} --workers "
-        f"{args.workers}` on {platform.machine()} ({platform.python_version()}), `attrib serve --workers "
-        f"{args.workers}` with default capacity "
-        f"settings, `wrk` on the same machine.\n\n{body}\n"
+        f"{args.workers}{' --set ' + ' '.join(args.set) if args.set else ''}` on {platform.machine()} ({platform.python_version()}), `attrib serve --workers "
+        f"{args.workers}` with {'these' if args.set else 'the default'} capacity settings, `wrk` on the same "
+        f"machine.\n\n{body}\n"
     )
 
 
