@@ -51,7 +51,7 @@ def api_server(env_overrides: dict[str, str], log_path: Path, *serve_args: str) 
                 server.wait()
 
 
-def wait_until_healthy(base_url: str, server: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
+def wait_until_healthy(base_url: str, server: subprocess.Popen[bytes], log_path: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if server.poll() is not None:

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.service.test_embedded_serve import free_port
+from tests.loadgen import api_server
 
 
 @dataclass(frozen=True)
@@ -29,38 +24,12 @@ class Served:
         return env | {"ATTRIB_URL": self.url, "ATTRIB_DATA_DIR": str(self.data_dir)} | extra
 
 
-def wait_until_up(server: subprocess.Popen[bytes], url: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert server.poll() is None, server.stdout.read().decode()  # type: ignore[union-attr]
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "attrib serve did not start"
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    data_dir = tmp_path_factory.mktemp("served") / "data"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTRIB_")}
-    env |= {"ATTRIB_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(server, url)
+    base = tmp_path_factory.mktemp("served")
+    data_dir = base / "data"
+    with api_server({"ATTRIB_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}, base / "server.log") as url:
         yield Served(url=url, data_dir=data_dir, key=(data_dir / "api-key").read_text().strip())
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture
