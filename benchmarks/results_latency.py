@@ -15,39 +15,24 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
-import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
-from tests.conftest import POSTGRES_URL, REDIS_URL
+from tests.conftest import REDIS_URL, private_postgres_schema
 from tests.loadgen import LoadReport, api_server, run_load, run_wrk
 from tests.service.test_load import results_pages
 
 RESULTS = Path(__file__).parent / "results" / "results_latency.md"
 
 
-def postgres_schema() -> tuple[str, str]:
-    schema = f"attrib_bench_{uuid.uuid4().hex[:8]}"
-    with create_engine(POSTGRES_URL).begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    return schema, f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-
-
-def drop_schema(schema: str) -> None:
-    with create_engine(POSTGRES_URL).begin() as connection:
-        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-
-
 def measure(
     backend: str, in_flight: list[int], seconds: float, workdir: Path, processes: int, settings: dict[str, str]
 ) -> list[tuple[str, LoadReport]]:
-    schema = None
-    if backend == "postgres":
-        schema, url = postgres_schema()
-    else:
-        url = f"sqlite:///{workdir / 'bench.sqlite'}"
-    try:
+    with ExitStack() as stack:
+        if backend == "postgres":
+            url = stack.enter_context(private_postgres_schema("attrib_bench"))
+        else:
+            url = f"sqlite:///{workdir / 'bench.sqlite'}"
         paths, headers, env = results_pages(workdir / "data", url)
         env = {**env, "ATTRIB_BROKER_URL": REDIS_URL, "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
                "ATTRIB_RATE_LIMIT_BURST": "1000000", **settings}
@@ -59,9 +44,6 @@ def measure(
                 print(f"{backend}: {report.summary()}", flush=True)
                 reports.append((backend, report))
         return reports
-    finally:
-        if schema is not None:
-            drop_schema(schema)
 
 
 def table(reports: list[tuple[str, LoadReport]]) -> str:

@@ -14,7 +14,6 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save as save_safetensors
-from sqlalchemy import create_engine, text
 from torch import nn
 
 from service.app import create_app
@@ -22,7 +21,7 @@ from service.auth import create_api_key
 from service.db.migrate import upgrade_to_head
 from service.db.session import session_scope
 from service.settings import Settings
-from tests.conftest import POSTGRES_URL, require_server
+from tests.conftest import private_postgres_schema, require_server
 from worker.runner import run_job
 
 MLP_ARCHITECTURE = {"type": "sequential", "layers": [
@@ -56,16 +55,8 @@ class InlineQueue:
 def postgres_schema_url() -> Iterator[str]:
     """A private schema in the real `test` database, dropped at the end."""
     require_server("PostgreSQL", 5432)
-    schema = f"attrib_test_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with private_postgres_schema() as url:
+        yield url
 
 
 def make_settings(tmp_path: Path, database_url: str | None, **limits: Any) -> Settings:

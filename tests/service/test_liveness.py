@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from service.auth import get_or_create_tenant, tenant_for_key
 from service.db.base import utcnow
@@ -25,7 +25,7 @@ from service.jobs import create_job
 from service.liveness import CancelRequested, LivenessPolicy, Superseded, beat, claim, finish, report_progress
 from service.reaper import reap
 from service.settings import ConfigurationError, Settings
-from tests.conftest import POSTGRES_URL
+from tests.conftest import private_postgres_schema
 from tests.service.conftest import build_api, make_settings
 from worker.heartbeat import Heartbeat
 
@@ -259,16 +259,8 @@ def empty_url(tmp_path: Path, backend: str | None) -> Iterator[str]:
     if backend is None:
         yield make_settings(tmp_path, None).resolved_database_url
         return
-    schema = f"attrib_test_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with private_postgres_schema() as url:
+        yield url
 
 
 def test_migration_0002_lets_the_reaper_look_after_jobs_left_by_the_previous_version(empty_url: str) -> None:
