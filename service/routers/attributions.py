@@ -110,6 +110,7 @@ def get_results(
     if not rows and query_id is not None and not has_query(session, attribution_id, query_id):
         raise ProblemError(404, f"attribution {attribution_id!r} has no query with query_id {query_id!r}",
                            kind="not-found")
+    session.close()  # read only: its connection goes back now, on this thread (see dependencies.get_session)
     page = ResultsPage(results=[row_out(row, types) for row in rows], next_page_token=encode_token(last) if last else None)
     return Response(page.model_dump_json(), media_type="application/json")  # validated once, serialized once
 
