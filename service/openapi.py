@@ -7,7 +7,7 @@ that leaves ambiguous for a generated client:
   generators send the file as a text field);
 - every JSON request body and JSON response carries an `example`: the first of its schema's `examples`, or, for a
   problem document, a problem of that status as the service sends it;
-- every path parameter carries an example id.
+- every parameter carries an example (ids, page sizes, tokens, ...).
 
 Operation ids are the route functions' names (`upload_model`, `get_results`, ...), so generated functions read well.
 """
@@ -21,12 +21,20 @@ from fastapi.routing import APIRoute
 
 from service.problems import PROBLEM_TYPE_BASE, FieldError, Problem
 
-PATH_PARAMETER_EXAMPLES = {
-    "model_id": "mdl_3f9c0e6a1b2c4d5e6f7a8b9c",
-    "dataset_id": "ds_5e1d2c3b4a5f6e7d8c9b0a1f",
-    "fit_id": "fit_0a1b2c3d4e5f6a7b8c9d0e1f",
-    "attribution_id": "attr_9c8b7a6f5e4d3c2b1a0f9e8d",
-    "job_id": "job_7d6c5b4a3f2e1d0c9b8a7f6e",
+PARAMETER_EXAMPLES: dict[tuple[str, str], Any] = {
+    ("path", "model_id"): "mdl_3f9c0e6a1b2c4d5e6f7a8b9c",
+    ("path", "dataset_id"): "ds_5e1d2c3b4a5f6e7d8c9b0a1f",
+    ("path", "fit_id"): "fit_0a1b2c3d4e5f6a7b8c9d0e1f",
+    ("path", "attribution_id"): "attr_9c8b7a6f5e4d3c2b1a0f9e8d",
+    ("path", "job_id"): "job_7d6c5b4a3f2e1d0c9b8a7f6e",
+    ("query", "page_size"): 50,
+    ("query", "page_token"): "WzAsIDJd",  # opaque: always the `next_page_token` of the page before
+    ("query", "direction"): "negative",
+    ("query", "query_id"): "7",
+    ("query", "format"): "ndjson",
+    ("query", "ids"): ["12", "408"],
+    ("query", "status"): "running",
+    ("header", "idempotency-key"): "upload-digits-train-2026-01-31",
 }
 JSON_MEDIA_TYPES = ("application/json", "application/problem+json")
 NOT_READY = "attribution 'attr_9c8b7a6f5e4d3c2b1a0f9e8d' has no results: its job is running"
@@ -76,7 +84,7 @@ def refine(spec: dict[str, Any]) -> dict[str, Any]:
     for path, operation in _operations(spec):
         _binary_file_parts(operation, schemas)
         _body_and_response_examples(operation, schemas, path)
-        _path_parameter_examples(operation)
+        _parameter_examples(operation)
     return spec
 
 
@@ -125,10 +133,11 @@ def _body_and_response_examples(operation: dict[str, Any], schemas: dict[str, An
                 media["example"] = examples[0]
 
 
-def _path_parameter_examples(operation: dict[str, Any]) -> None:
+def _parameter_examples(operation: dict[str, Any]) -> None:
     for parameter in operation.get("parameters", []):
-        if parameter.get("in") == "path" and parameter["name"] in PATH_PARAMETER_EXAMPLES:
-            parameter.setdefault("example", PATH_PARAMETER_EXAMPLES[parameter["name"]])
+        example = PARAMETER_EXAMPLES.get((parameter["in"], parameter["name"].lower()))
+        if example is not None:
+            parameter.setdefault("example", example)
 
 
 def location_header(status: int, description: str) -> dict[int | str, dict[str, Any]]:

@@ -44,8 +44,7 @@ def test_every_operation_has_a_summary_a_description_and_examples(spec: dict[str
         for media_type, media in op.get("requestBody", {}).get("content", {}).items():
             assert "example" in media, (label, media_type)
         for parameter in op.get("parameters", []):
-            if parameter["in"] == "path":
-                assert "example" in parameter, (label, parameter["name"])
+            assert "example" in parameter, (label, parameter["name"])
         successes = {status: r for status, r in op["responses"].items() if status.startswith("2")}
         assert successes, label
         for status, response in successes.items():
