@@ -18,6 +18,7 @@ import sys
 import time
 import typing
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from types import ModuleType
 from typing import Any
 
@@ -180,6 +181,8 @@ def test_generated_client_runs_the_whole_flow(served: Served, generated: ModuleT
     assert job.status == "succeeded", polled.content
     assert job.result_url == f"/v1/attributions/{attribution.id}/results"
     assert_utc_z(polled.content, "created_at", "started_at", "finished_at")
+    assert isinstance(job.finished_at, datetime) and job.finished_at.utcoffset() == timedelta(0)  # parsed as UTC
+    assert job.created_at <= job.finished_at
 
     # Page: 3 queries × top 3, four rows a page, following `next_page_token`.
     get_results = api(generated, "attributions", "get_results")
