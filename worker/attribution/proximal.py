@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, linearize, vjp
+from torch.func import functional_call
 
 from worker.attribution.gradients import FisherLabels, batches, fitting_activities, model_dtype
 from worker.attribution.hooks import ActivityRecorder, TrackedLayer, evaluation_mode, split_weight_matrix, weight_matrix
@@ -165,27 +165,29 @@ class ProximalObjective:
         return self.curvature_operator(flat)(vector)
 
     def curvature_operator(self, flat: Flat) -> Callable[[Flat], Flat]:
-        """v ↦ G_{−S}(θ) v at a fixed θ. The model is linearised once per batch (forward-mode and reverse-mode
-        maps kept while the operator lives), so each product costs one Jacobian-vector and one vector-Jacobian
-        product per batch, without re-running the forward pass."""
+        """v ↦ G_{−S}(θ) v at a fixed θ. Each batch's forward pass runs once, with the graph of its vector-Jacobian
+        map u ↦ Jᵀu kept while the operator lives; a product then costs backward passes only: J v as the
+        derivative of ⟨Jᵀu, v⟩ in u (the double-backward trick), and Jᵀ (H J v). (Forward-mode ``jvp`` re-runs
+        the forward pass at every product, and ``torch.func.linearize`` traces the model first: both cost more
+        on the benchmark's MLP, benchmarks/edits_retraining.py.)"""
+        point = flat.detach().requires_grad_(True)
         maps = []
         for batch in self._batches(self.kept):
-            def outputs_of(point: Flat, inputs: torch.Tensor = batch.inputs) -> torch.Tensor:
-                return self._outputs(point, inputs)
-
-            outputs, push = linearize(outputs_of, flat)
-            _, pullback = vjp(outputs_of, flat)
+            outputs = self._outputs(point, batch.inputs)
+            dual = torch.zeros_like(outputs, requires_grad=True)
+            transposed = torch.autograd.grad(outputs, point, dual, create_graph=True)[0]  # Jᵀu, linear in u
             weights = None if batch.weights is None else batch.weights.reshape(-1, *([1] * (outputs.dim() - 1)))
-            maps.append((outputs.detach(), push, pullback, weights))
+            maps.append((outputs, dual, transposed, weights))
 
         def apply(vector: Flat) -> Flat:
             self.passes += 1
             result = torch.zeros_like(vector)
-            for outputs, push, pullback, weights in maps:
-                weighted = _output_hessian_product(outputs, push(vector), self.loss)
+            for outputs, dual, transposed, weights in maps:
+                pushed = torch.autograd.grad(transposed, dual, vector, retain_graph=True)[0]  # J v
+                weighted = _output_hessian_product(outputs.detach(), pushed, self.loss)
                 if weights is not None:
                     weighted = weighted * weights
-                result += pullback(weighted / self.n)[0].detach()
+                result += torch.autograd.grad(outputs, point, weighted / self.n, retain_graph=True)[0].detach()
             return result
 
         return apply
