@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -15,19 +16,30 @@ from torch import nn
 from service.db.tables import Blob, Checkpoint, Dataset, Model
 from service.storage import BlobStore, StoredBlob
 from worker.artifacts.datasets import DatasetArrays, read_dataset, to_examples
-from worker.artifacts.spec import build_module, parse_architecture
-from worker.artifacts.weights import load_weights, save_weights
+from worker.artifacts.formats import StoredModel, model_format
+from worker.artifacts.weights import save_weights
 from worker.attribution import Curvature, Examples, load_curvature
 
 KEY_SEPARATOR = "::"
 
 
 def load_model(store: BlobStore, model: Model, weights_sha256: str | None = None) -> nn.Module:
-    """The model's module with its own weights, or those of one of its checkpoints."""
-    module = build_module(parse_architecture(model.architecture))
-    with store.local_path(weights_sha256 or model.weights_sha256) as path:
-        load_weights(module, path)
-    return module.eval()
+    """The model's module with its own weights, or those of one of its checkpoints, built by its format
+    (worker.artifacts.formats): strictly, from safetensors, no pickle, no remote code."""
+    with ExitStack() as stack:
+        stored = stored_model(stack, store, model, weights_sha256 or model.weights_sha256)
+        return model_format(model.format).build(stored)
+
+
+def stored_model(stack: ExitStack, store: BlobStore, model: Model, weights_sha256: str) -> StoredModel:
+    """The model's stored pieces as local files (weights, and kept files such as a tokenizer), open for as long as
+    ``stack`` is."""
+    files = model.architecture.get("files") or {}
+    return StoredModel(
+        architecture=model.architecture, task=model.task,
+        weights=stack.enter_context(store.local_path(weights_sha256)),
+        files={name: stack.enter_context(store.local_path(sha256)) for name, sha256 in files.items()},
+    )
 
 
 def load_checkpoint(store: BlobStore, model: Model, checkpoint: Checkpoint) -> nn.Module:
