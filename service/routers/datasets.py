@@ -55,7 +55,7 @@ def upload_dataset(
         staged.discard()
         return replayed
     try:
-        fmt = detect_format(data.filename or "", read_head(staged))
+        fmt: str = detect_format(data.filename or "", read_head(staged))
         if is_text_dataset(field_names(staged.path, fmt)):
             text = read_text_dataset(staged.path, fmt, max_rows=settings.max_dataset_rows,
                                      max_bytes=settings.max_dataset_bytes,

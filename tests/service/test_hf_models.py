@@ -26,7 +26,12 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import (
-    AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, GPT2Config, LlamaConfig, PreTrainedModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
 )
 
 from service.db.session import session_scope
@@ -36,7 +41,7 @@ from tests.service.conftest import Api, build_api
 from worker.artifacts.text_datasets import IGNORE_INDEX, read_stored
 from worker.loading import load_model
 
-WORDS = "the cat sat on mat a dog ran in park and then it slept".split()
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "in", "park", "and", "then", "it", "slept"]
 VOCAB = {"[PAD]": 0, "[UNK]": 1, **{word: i + 2 for i, word in enumerate(WORDS)}}
 
 
@@ -56,7 +61,8 @@ def tiny_llama() -> PreTrainedModel:
 def tiny_bert() -> PreTrainedModel:
     torch.manual_seed(2)
     config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, num_labels=3)
+                        intermediate_size=32, max_position_embeddings=32)
+    config.num_labels = 3
     return AutoModelForSequenceClassification.from_config(config)
 
 
@@ -270,7 +276,7 @@ def test_hostile_uploads_are_refused_and_leave_nothing(tmp_path: Path, case: str
         assert counts(api) == before
 
 
-def _hostile(api: Api, folder: Path, task: dict[str, Any], case: str) -> Any:  # noqa: C901 - one branch per case
+def _hostile(api: Api, folder: Path, task: dict[str, Any], case: str) -> Any:
     config = (folder / "config.json").read_bytes()
     weights = (folder / "model.safetensors").read_bytes()
     if case == "auto_map":
@@ -367,7 +373,7 @@ def test_text_and_prompt_completion_parquet_tokenized_with_the_models_tokenizer(
     response = post_dataset(sqlite_api, text, "t.parquet", tokenize_with=model_id)
     assert response.status_code == 201, response.text
     stored = stored_text(sqlite_api, response.json()["id"])
-    assert stored.input_ids[0].tolist() == [VOCAB[w] for w in "the cat sat on the mat".split()]
+    assert stored.input_ids[0].tolist() == [VOCAB[w] for w in ["the", "cat", "sat", "on", "the", "mat"]]
     assert stored.input_ids[1].tolist() == [VOCAB["a"], VOCAB["dog"], VOCAB["ran"], 0, 0, 0]
     assert stored.attention_mask[1].tolist() == [1, 1, 1, 0, 0, 0] and stored.ids.tolist() == ["x", "y"]
 
@@ -380,3 +386,30 @@ def test_text_and_prompt_completion_parquet_tokenized_with_the_models_tokenizer(
                                       [IGNORE_INDEX, IGNORE_INDEX, VOCAB["ran"], IGNORE_INDEX, IGNORE_INDEX]]
     strict = post_dataset(sqlite_api, pairs, "p.parquet", tokenize_with=model_id, max_length=5, truncation=False)
     assert strict.status_code == 422 and "max_length" in strict.json()["detail"]
+
+
+# ------------------------------------------------------------------------------------------ at submission
+
+
+def test_submission_checks_text_datasets_against_the_model(sqlite_api: Api, tmp_path: Path) -> None:
+    api = sqlite_api
+    gpt2 = post_parts(api, saved(tiny_gpt2(), tmp_path / "m"), {"loss": "causal_lm"}).json()["id"]
+    bert = post_parts(api, saved(tiny_bert(), tmp_path / "b"), MODELS["bert"][1]).json()["id"]
+    in_vocab = post_dataset(api, save_safetensors({"input_ids": torch.tensor([[2, 3, 4], [5, 6, 7]])}), "a").json()
+    too_big = post_dataset(api, save_safetensors({"input_ids": torch.tensor([[2, 3, 99], [5, 6, 7]])}), "b").json()
+    too_long = post_dataset(api, save_safetensors({"input_ids": torch.ones((2, 40), dtype=torch.int64)}), "c").json()
+    numbers = api.upload_npz(inputs=torch.zeros(4, 4).numpy(), targets=torch.zeros(4, dtype=torch.int64).numpy())
+    spec = api.upload_model(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
+
+    def submit(model_id: str, train_id: str) -> Any:
+        return api.client.post("/v1/attributions", json={
+            "model_id": model_id, "train_dataset_id": train_id, "query_dataset_id": in_vocab["id"],
+            "method": "gradient_similarity", "mode": "pairwise", "top_k": 2})
+
+    cases = [(gpt2, too_big["id"], "vocabulary size 16"), (gpt2, too_long["id"], "at most 32"),
+             (gpt2, numbers.json()["id"], "text dataset"), (bert, in_vocab["id"], "targets"),
+             (spec.json()["id"], in_vocab["id"], "format \"hf\"")]
+    for model_id, train_id, words in cases:
+        response = submit(model_id, train_id)
+        assert response.status_code == 422, response.text
+        assert words in response.json()["detail"], response.json()["detail"]

@@ -12,8 +12,8 @@ import shutil
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import IO
 

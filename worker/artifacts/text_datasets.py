@@ -167,7 +167,8 @@ def _scalar_column(column: pa.ChunkedArray, name: str, field: str) -> np.ndarray
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
         return np.asarray(array.to_pylist(), dtype=str)
     if pa.types.is_integer(array.type) or pa.types.is_floating(array.type):
-        return array.to_numpy(zero_copy_only=False)
+        values: np.ndarray = array.to_numpy(zero_copy_only=False)
+        return values
     raise ArtifactError(f"{name}: column type {array.type} is not accepted", field=f"{field}.{name}")
 
 
@@ -242,7 +243,7 @@ def _tokenized(table: pa.Table, tokenize: TokenizeOptions | None, max_rows: int,
     else:
         prompts = _encode(tokenize, strings("prompt"), tokenize.add_special_tokens)
         completions = _encode(tokenize, strings("completion"), False)
-        rows = [p + c for p, c in zip(prompts, completions)]
+        rows = [p + c for p, c in zip(prompts, completions, strict=True)]
         prompt_lengths = [len(p) for p in prompts]
     too_long = [i for i, row in enumerate(rows) if len(row) > tokenize.max_length]
     if too_long and not tokenize.truncation:

@@ -23,7 +23,7 @@ def load_tokenizer(path: Path, field: str = "tokenizer") -> Tokenizer:
     read_json_object(path, field=field, max_bytes=MAX_TOKENIZER_BYTES, max_depth=MAX_DEPTH)
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as exc:  # the library's own error type: the file is at fault
+    except Exception as exc:  # noqa: BLE001 - the library raises plain Exceptions for a bad file
         raise ArtifactError(f"tokenizer.json could not be loaded by the tokenizers library: {exc}",
                             field=field) from None
 

@@ -27,8 +27,13 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.pytorch_utils import Conv1D
 
 from worker.artifacts.archive import ArchiveLimits, extract_archive
@@ -86,12 +91,20 @@ def task_head(task: dict[str, Any]) -> Head:
         if head not in (None, "causal_lm"):
             raise ArtifactError("task loss \"causal_lm\" takes no other head", field="metadata.task.head")
         return "causal_lm"
-    if head in ("sequence_classification", "image_classification"):
-        if loss not in LOSSES_BY_HEAD[head]:
+    classifier = as_head(head)
+    if classifier in ("sequence_classification", "image_classification"):
+        if loss not in LOSSES_BY_HEAD[classifier]:
             raise ArtifactError(f"head {head!r} takes loss cross_entropy or mse", field="metadata.task.loss")
-        return head
+        return classifier
     raise ArtifactError("format \"hf\" needs task {\"loss\": \"causal_lm\"} or {\"loss\": \"cross_entropy\" | \"mse\", "
                         "\"head\": \"sequence_classification\" | \"image_classification\"}", field="metadata.task.head")
+
+
+def as_head(value: object) -> Head | None:
+    for head in HEADS:
+        if value == head:
+            return head
+    return None
 
 
 def parse_config(raw: dict[str, Any], head: Head) -> PretrainedConfig:
@@ -126,7 +139,7 @@ def _auto_class(head: Head) -> Any:
 def instantiate(config: PretrainedConfig, head: Head) -> PreTrainedModel:
     """The model class for this head, built with the config's sizes (on the current default device)."""
     try:
-        model = _auto_class(head).from_config(config, trust_remote_code=False, torch_dtype=torch.float32)
+        model = _auto_class(head).from_config(config, trust_remote_code=False, dtype=torch.float32)
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, AssertionError) as exc:
         raise ArtifactError(f"config.json does not describe a buildable {config.model_type} model: {exc}",
                             field="config") from None
@@ -379,9 +392,9 @@ class HfFormat:
 
 
 def stored_architecture(architecture: dict[str, Any]) -> HfArchitecture:
-    head = architecture.get("head")
+    head = as_head(architecture.get("head"))
     config = architecture.get("config")
-    if head not in HEADS or not isinstance(config, dict):
+    if head is None or not isinstance(config, dict):
         raise ArtifactError("the stored model is not a format \"hf\" model", field="model")
     tokenizer_config = architecture.get("tokenizer_config")
     return HfArchitecture(config=config, head=head, tokenizer_config=tokenizer_config)
@@ -414,4 +427,5 @@ def load_model(architecture: dict[str, Any], weights: Path) -> PreTrainedModel:
         raise ArtifactError(f"weights do not fit config.json: missing {_names(missing)}, unexpected "
                             f"{_names(list(result.unexpected_keys))}", field="weights")
     model.tie_weights()
-    return model.to(torch.float32).eval()
+    model.train(False)
+    return model
