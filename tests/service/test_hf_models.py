@@ -252,11 +252,14 @@ def link_info(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
 HOSTILE = ["auto_map", "unknown_model_type", "remote_code_type", "bin_weights", "pickle_in_archive", "symlink",
            "hardlink", "absolute_path", "dotdot", "missing_tensor", "unexpected_tensor", "misshaped_tensor",
            "nan_tensor", "too_many_parameters", "archive_bomb", "too_many_members", "deep_config", "bad_tokenizer",
-           "tokenizer_auto_map", "architecture_given", "no_head", "vit_as_causal_lm"]
+           "tokenizer_auto_map", "architecture_given", "no_head", "vit_as_causal_lm", "zip_symlink",
+           "too_many_layers", "indivisible_heads"]
 NAMED = {"missing_tensor": "transformer.h.1.mlp.c_fc.weight", "unexpected_tensor": "transformer.h.9.extra.weight",
          "misshaped_tensor": "transformer.h.0.attn.c_proj.weight", "nan_tensor": "transformer.ln_f.weight",
          "auto_map": "auto_map", "unknown_model_type": "model_type", "remote_code_type": "remote_code",
-         "bin_weights": "pickle", "pickle_in_archive": "pickle", "too_many_parameters": "parameters"}
+         "bin_weights": "pickle", "pickle_in_archive": "pickle", "too_many_parameters": "parameters",
+         "zip_symlink": "link", "symlink": "link", "hardlink": "link", "dotdot": "..", "absolute_path": "absolute",
+         "archive_bomb": "decompresses", "too_many_members": "members", "too_many_layers": "layers"}
 
 
 @pytest.mark.parametrize("case", HOSTILE)
@@ -301,6 +304,19 @@ def _hostile(api: Api, folder: Path, task: dict[str, Any], case: str) -> Any:
         task = {"loss": "cross_entropy"}
     elif case == "vit_as_causal_lm":
         edit_config(folder, model_type="vit")
+    elif case == "too_many_layers":
+        edit_config(folder, n_layer=10**6)
+    elif case == "indivisible_heads":
+        edit_config(folder, n_head=3)
+    elif case == "zip_symlink":
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr("config.json", config)
+            archive.writestr("model.safetensors", weights)
+            link = zipfile.ZipInfo("tokenizer.json")
+            link.external_attr = 0o120777 << 16
+            archive.writestr(link, "/etc/passwd")
+        return post_archive(api, "model.zip", buffer.getvalue(), task)
     elif case == "bin_weights":
         return api.client.post("/v1/models", data={"metadata": metadata(task)}, files={
             "config": ("config.json", config), "weights": ("pytorch_model.bin", b"\x80\x02}q\x00.")})
