@@ -30,7 +30,7 @@ def check_hf_inputs(model: Model, dataset: Dataset, field: str) -> None:
         if shape != expected:
             raise invalid(f"the inputs of dataset {dataset.id!r} have shape {shape}; model {model.id!r} takes "
                           f"images of shape {expected}", field)
-        _check_classes(model, dataset, int(config.num_labels), field)
+        _check_classes(model, dataset, config.num_labels or 1, field)
         return
     if not is_text:
         raise invalid(f"model {model.id!r} is a Hugging Face text model: it needs a text dataset (`input_ids`...); "
@@ -46,7 +46,7 @@ def check_hf_inputs(model: Model, dataset: Dataset, field: str) -> None:
     if head == "sequence_classification":
         if "targets" not in dataset.fields:
             raise invalid(f"model {model.id!r} classifies sequences: dataset {dataset.id!r} needs `targets`", field)
-        _check_classes(model, dataset, int(config.num_labels), field)
+        _check_classes(model, dataset, config.num_labels or 1, field)
 
 
 def _check_classes(model: Model, dataset: Dataset, num_labels: int, field: str) -> None:
