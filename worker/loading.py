@@ -17,6 +17,7 @@ from service.db.tables import Blob, Checkpoint, Dataset, Model
 from service.storage import BlobStore, StoredBlob
 from worker.artifacts.datasets import DatasetArrays, read_dataset, to_examples
 from worker.artifacts.formats import StoredModel, model_format
+from worker.artifacts.text_datasets import TextArrays, read_stored
 from worker.artifacts.weights import save_weights
 from worker.attribution import Curvature, Examples, load_curvature
 
@@ -49,6 +50,12 @@ def load_checkpoint(store: BlobStore, model: Model, checkpoint: Checkpoint) -> n
 def load_dataset(store: BlobStore, dataset: Dataset) -> DatasetArrays:
     with store.local_path(dataset.blob_sha256) as path:
         return read_dataset(path, dataset.format, max_rows=max(dataset.num_examples, 1))
+
+
+def load_text_dataset(store: BlobStore, dataset: Dataset) -> TextArrays:
+    """A text dataset (format ``text``) as validated and stored at upload: token ids, mask, labels or targets."""
+    with store.local_path(dataset.blob_sha256) as path:
+        return read_stored(path)
 
 
 def load_examples(store: BlobStore, dataset: Dataset) -> tuple[Examples, DatasetArrays]:

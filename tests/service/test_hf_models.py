@@ -27,19 +27,21 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     BertConfig,
     GPT2Config,
     LlamaConfig,
     PreTrainedModel,
+    ViTConfig,
 )
 
 from service.db.session import session_scope
 from service.db.tables import Blob, Dataset, Model
 from service.storage.local import LocalBlobStore
 from tests.service.conftest import Api, build_api
-from worker.artifacts.text_datasets import IGNORE_INDEX, read_stored
-from worker.loading import load_model
+from worker.artifacts.text_datasets import IGNORE_INDEX
+from worker.loading import load_model, load_text_dataset
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "in", "park", "and", "then", "it", "slept"]
 VOCAB = {"[PAD]": 0, "[UNK]": 1, **{word: i + 2 for i, word in enumerate(WORDS)}}
@@ -166,6 +168,22 @@ def test_uploads_load_back_as_the_same_model(sqlite_api: Api, tmp_path: Path, na
     weights = load_safetensors(sqlite_api.client.get(f"/v1/models/{body['id']}/weights").content)
     for key, tensor in load_file(str(folder / "model.safetensors")).items():
         assert torch.equal(weights[key], tensor), key
+
+
+def test_an_image_classifier(sqlite_api: Api, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32)
+    config.num_labels = 3
+    model = AutoModelForImageClassification.from_config(config).eval()
+    model.save_pretrained(tmp_path / "vit")
+    response = post_parts(sqlite_api, tmp_path / "vit", {"loss": "cross_entropy", "head": "image_classification"})
+    assert response.status_code == 201, response.text
+    assert response.json()["tracked_layers"] == linear_names(model)
+    pixels = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded(sqlite_api, response.json()["id"])(pixel_values=pixels).logits,
+                              model(pixel_values=pixels).logits, atol=1e-6)
 
 
 def test_sharded_weights_with_their_index(sqlite_api: Api, tmp_path: Path) -> None:
@@ -363,8 +381,7 @@ def stored_text(api: Api, dataset_id: str) -> Any:
     with session_scope(api.settings.resolved_database_url) as session:
         row = session.get(Dataset, dataset_id)
         assert row is not None and row.format == "text"
-        with LocalBlobStore(api.settings.resolved_storage_dir).local_path(row.blob_sha256) as path:
-            return read_stored(path)
+        return load_text_dataset(LocalBlobStore(api.settings.resolved_storage_dir), row)
 
 
 def test_token_id_datasets_in_safetensors(sqlite_api: Api) -> None:

@@ -19,6 +19,8 @@ What is accepted, and how it is checked before anything is allocated:
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +42,7 @@ from worker.artifacts.archive import ArchiveLimits, extract_archive
 from worker.artifacts.errors import ArtifactError
 from worker.artifacts.formats.base import ModelUpload, PreparedModel, StoredModel
 from worker.artifacts.json_file import read_json_object
-from worker.artifacts.safetensors_file import FLOAT_DTYPES, TensorInfo, iter_tensors, non_finite_reason, read_header
+from worker.artifacts.safetensors_file import INT_DTYPES, TensorInfo, iter_tensors, non_finite_reason, read_header
 from worker.artifacts.tokenizer import check_tokenizer_config, load_tokenizer
 
 Head = Literal["causal_lm", "sequence_classification", "image_classification"]
@@ -178,41 +180,6 @@ def tracked_layers(model: nn.Module) -> list[str]:
     return names
 
 
-def weight_groups(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], list[list[str]], set[str]]:
-    """Expected tensor names and shapes; groups of names sharing one parameter (tied); persistent buffers."""
-    by_tensor: dict[int, list[str]] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(parameter), []).append(name)
-        shapes[name] = tuple(parameter.shape)
-    state = model.state_dict()
-    buffers = {name for name in state if name not in shapes}
-    for name in buffers:
-        shapes[name] = tuple(state[name].shape)
-    return shapes, list(by_tensor.values()), buffers
-
-
-def check_weight_names(model: nn.Module, infos: dict[str, TensorInfo], field: str) -> None:
-    """Names and shapes exactly the model's: each parameter present once (any name of a tied group), no other
-    tensor, the same shapes, floating dtypes. Buffers may be left out (the model computes them)."""
-    shapes, groups, buffers = weight_groups(model)
-    missing = [group[0] for group in groups if not any(name in infos for name in group)]
-    unexpected = [name for name in infos if name not in shapes]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_names(unexpected)}")
-    if problems:
-        raise ArtifactError(f"weights do not fit config.json: {'; '.join(problems)}", field=field)
-    for name, info in infos.items():
-        if info.shape != shapes[name]:
-            raise ArtifactError(f"weights do not fit config.json: tensor {name!r} has shape {list(info.shape)} in the "
-                                f"file but the model expects {list(shapes[name])}", field=field)
-        if name not in buffers and info.dtype not in FLOAT_DTYPES:
-            raise ArtifactError(f"tensor {name!r} has dtype {info.dtype}; a floating dtype is needed", field=field)
-
-
 def _names(names: list[str]) -> str:
     shown = ", ".join(sorted(names)[:MAX_NAMES_SHOWN])
     more = len(names) - MAX_NAMES_SHOWN
@@ -328,17 +295,17 @@ def _check_index(files: HfFiles, headers: dict[Path, dict[str, TensorInfo]]) -> 
         raise ArtifactError(f"the index does not match the weights files: {detail}", field="weights_index")
 
 
-def merge_weights(headers: dict[Path, dict[str, TensorInfo]], model: nn.Module, target: Path) -> Path:
-    """One float32 safetensors file of every tensor (finite values checked); the single file when it already is."""
+def merge_weights(headers: dict[Path, dict[str, TensorInfo]], target: Path) -> Path:
+    """One safetensors file of every tensor, floating ones as float32, finite values checked; the single uploaded
+    file itself when it already is that."""
     tensors: dict[str, torch.Tensor] = {}
-    _, _, buffers = weight_groups(model)
     for path, infos in headers.items():
         for name, tensor in iter_tensors(path, list(infos), field="weights"):
             reason = non_finite_reason(tensor)
             if reason:
                 raise ArtifactError(f"tensor {name!r} contains {reason} values", field="weights")
-            tensors[name] = tensor if name in buffers else tensor.to(torch.float32)
-    if len(headers) == 1 and all(t.dtype == torch.float32 or n in buffers for n, t in tensors.items()):
+            tensors[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+    if len(headers) == 1 and all(info.dtype in ("F32", *INT_DTYPES) for info in next(iter(headers.values())).values()):
         return next(iter(headers))
     save_file({name: t.contiguous() for name, t in tensors.items()}, str(target))
     return target
@@ -365,8 +332,6 @@ class HfFormat:
             raise ArtifactError(f"config.json describes {count:,} parameters, over the limit of "
                                 f"{upload.max_parameters:,}", field="config")
         headers = shard_plan(files)
-        combined = {name: info for infos in headers.values() for name, info in infos.items()}
-        check_weight_names(model, combined, "weights")
         tokenizer_config = None
         if files.tokenizer_config is not None:
             tokenizer_config = check_tokenizer_config(files.tokenizer_config)
@@ -374,7 +339,7 @@ class HfFormat:
         if files.tokenizer is not None:
             load_tokenizer(files.tokenizer)
             extra["tokenizer"] = files.tokenizer
-        weights = merge_weights(headers, model, work_dir / "model.safetensors")
+        weights = merge_weights(headers, work_dir / "model.safetensors")
         architecture = HfArchitecture(config=raw, head=head, tokenizer_config=tokenizer_config)
         stored = StoredModel(architecture=architecture.to_json(), task=upload.task, weights=weights)
         built = self.build(stored)  # proves the stored pieces load as the worker will load them
@@ -410,26 +375,39 @@ def stored_config(architecture: dict[str, Any]) -> PretrainedConfig:
 
 
 def load_model(architecture: dict[str, Any], weights: Path) -> PreTrainedModel:
-    """The model rebuilt from the stored config and one safetensors file, strictly: same names and shapes (tied
-    aliases aside), finite float values; no pickle, no remote code. In eval mode, float32, on the CPU."""
+    """The model rebuilt from the stored config and one safetensors file by transformers' own loader (which knows
+    each model's checkpoint names), strictly: a missing, unexpected or mis-shaped tensor is an ArtifactError
+    naming it; values must be finite. No pickle (safetensors only), no remote code, nothing fetched. In eval
+    mode, float32, on the CPU."""
     hf = stored_architecture(architecture)
     config = parse_config(hf.config, hf.head)
-    infos = read_header(weights, field="weights")
-    check_weight_names(meta_model(config, hf.head), infos, "weights")
-    model = instantiate(config, hf.head)
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in iter_tensors(weights, list(infos), field="weights"):
+    read_header(weights, field="weights")  # the header is checked before the library reads the file
+    with tempfile.TemporaryDirectory(prefix="hf-model-") as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(hf.config))  # the generation config falls back on it
+        (Path(folder) / "model.safetensors").symlink_to(weights.resolve())
+        try:
+            model, info = _auto_class(hf.head).from_pretrained(
+                folder, config=config, output_loading_info=True, trust_remote_code=False, use_safetensors=True,
+                local_files_only=True, dtype=torch.float32, ignore_mismatched_sizes=True,
+            )
+        except Exception as exc:  # noqa: BLE001 - whatever the loader trips on, the uploaded weights are at fault
+            raise ArtifactError(f"the weights could not be loaded into the model: {exc}", field="weights") from None
+    problems = []
+    if info["missing_keys"]:
+        problems.append(f"missing tensors: {_names(sorted(info['missing_keys']))}")
+    if info["unexpected_keys"]:
+        problems.append(f"unexpected tensors: {_names(sorted(info['unexpected_keys']))}")
+    for name, found, expected in sorted(info["mismatched_keys"]):
+        problems.append(f"tensor {name!r} has shape {list(found)} in the file but the model expects {list(expected)}")
+    if info["error_msgs"]:
+        problems.append("; ".join(str(message) for message in info["error_msgs"]))
+    if problems:
+        raise ArtifactError(f"weights do not fit config.json: {'; '.join(problems)}", field="weights")
+    if not isinstance(model, PreTrainedModel):
+        raise ArtifactError("the weights did not load into a transformers model", field="weights")
+    for name, tensor in model.state_dict().items():
         reason = non_finite_reason(tensor)
         if reason:
             raise ArtifactError(f"tensor {name!r} contains {reason} values", field="weights")
-        state[name] = tensor
-    result = model.load_state_dict(state, strict=False)
-    _, groups, buffers = weight_groups(model)
-    aliases = {name for group in groups for name in group if any(other in state for other in group)}
-    missing = [name for name in result.missing_keys if name not in aliases and name not in buffers]
-    if missing or result.unexpected_keys:
-        raise ArtifactError(f"weights do not fit config.json: missing {_names(missing)}, unexpected "
-                            f"{_names(list(result.unexpected_keys))}", field="weights")
-    model.tie_weights()
     model.train(False)
     return model
