@@ -54,6 +54,9 @@ def _check_classes(model: Model, dataset: Dataset, num_labels: int, field: str) 
     shape = targets.get("shape", [])
     if model.task.get("loss") == "cross_entropy" and (len(shape) != 1 or not str(targets.get("dtype")).startswith("int")):
         raise invalid(f"dataset {dataset.id!r}: cross_entropy needs integer class targets of shape (N,)", field)
+    if model.task.get("loss") == "cross_entropy" and int(targets.get("max", 0)) >= num_labels:
+        raise invalid(f"dataset {dataset.id!r} has class targets up to {targets.get('max')}; model {model.id!r} has "
+                      f"{num_labels} labels", field)
     if model.task.get("loss") == "mse" and shape[1:] != [num_labels] and not (num_labels == 1 and len(shape) == 1):
         raise invalid(f"dataset {dataset.id!r}: mse targets of shape {shape} do not match the model's {num_labels} "
                       "outputs", field)

@@ -17,9 +17,11 @@ from service.db.tables import Blob, Checkpoint, Dataset, Model
 from service.storage import BlobStore, StoredBlob
 from worker.artifacts.datasets import DatasetArrays, read_dataset, to_examples
 from worker.artifacts.formats import StoredModel, model_format
+from worker.artifacts.text_datasets import STORED_FORMAT as TEXT_FORMAT
 from worker.artifacts.text_datasets import TextArrays, read_stored
 from worker.artifacts.weights import save_weights
 from worker.attribution import Curvature, Examples, load_curvature
+from worker.attribution.text import TextBatch
 
 KEY_SEPARATOR = "::"
 
@@ -59,8 +61,25 @@ def load_text_dataset(store: BlobStore, dataset: Dataset) -> TextArrays:
 
 
 def load_examples(store: BlobStore, dataset: Dataset) -> tuple[Examples, DatasetArrays]:
+    if dataset.format == TEXT_FORMAT:
+        return load_text_examples(store, dataset)
     arrays = load_dataset(store, dataset)
     return to_examples(arrays), arrays
+
+
+def load_text_examples(store: BlobStore, dataset: Dataset) -> tuple[Examples, DatasetArrays]:
+    """A text dataset in the engine's token form (worker.attribution.text): token ids as inputs, the attention
+    mask, and labels (causal LM: -100 = not scored) or class targets; the arrays carry the example ids."""
+    text = load_text_dataset(store, dataset)
+    input_ids, mask = torch.from_numpy(text.input_ids), torch.from_numpy(text.attention_mask)
+    if text.labels is not None:
+        examples = TextBatch(input_ids=input_ids, attention_mask=mask, labels=torch.from_numpy(text.labels)).examples()
+        targets = text.labels
+    else:
+        assert text.targets is not None
+        examples = Examples(inputs=input_ids, targets=torch.from_numpy(text.targets), attention_mask=mask)
+        targets = text.targets
+    return examples, DatasetArrays(inputs=text.input_ids, targets=targets, ids=text.ids)
 
 
 def put_file(session: Session, store: BlobStore, path: Path) -> StoredBlob:

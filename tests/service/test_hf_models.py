@@ -446,3 +446,79 @@ def test_submission_checks_text_datasets_against_the_model(sqlite_api: Api, tmp_
         response = submit(model_id, train_id)
         assert response.status_code == 422, response.text
         assert words in response.json()["detail"], response.json()["detail"]
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def summed_nll_gradients(model: PreTrainedModel, input_ids: Any, mask: Any, labels: Any, layers: list[str]) -> Any:
+    """Per example: the gradient of the summed next-token NLL over the tracked layers' weights and biases."""
+    modules = dict(model.named_modules())
+    params = [p for name in layers for p in (modules[name].weight, modules[name].bias) if p is not None]
+    rows = []
+    for i in range(input_ids.shape[0]):
+        logits = model(input_ids=input_ids[i : i + 1], attention_mask=mask[i : i + 1]).logits[0, :-1]
+        target = labels[i, 1:]
+        loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def test_gpt2_text_attribution_end_to_end(sqlite_api: Api, tmp_path: Path) -> None:
+    api = sqlite_api
+    model = tiny_gpt2().eval()
+    uploaded = post_parts(api, saved(model, tmp_path / "m"), {"loss": "causal_lm"}).json()
+    train = post_dataset(api, parquet_bytes({"text": ["the cat sat on the mat", "a dog ran in the park",
+                                                      "the cat slept", "a dog sat"], "ids": ["t0", "t1", "t2", "t3"]}),
+                         "train.parquet", tokenize_with=uploaded["id"]).json()
+    query = post_dataset(api, parquet_bytes({"prompt": ["the cat", "a dog"], "completion": ["sat", "ran"]}),
+                         "query.parquet", tokenize_with=uploaded["id"]).json()
+    response = api.client.post("/v1/attributions", json={
+        "model_id": uploaded["id"], "train_dataset_id": train["id"], "query_dataset_id": query["id"],
+        "method": "gradient_similarity", "mode": "pairwise", "top_k": 4})
+    assert response.status_code == 202, response.text
+    job = api.client.get(f"/v1/jobs/{response.json()['job_id']}").json()
+    assert job["status"] == "succeeded", job
+    rows = api.client.get(f"/v1/attributions/{response.json()['id']}/results",
+                          params={"direction": "positive", "page_size": 100}).json()["results"]
+    scores = {(r["query_id"], r["train_id"]): r["score"] for r in rows}
+    assert {train_id for _, train_id in scores} <= {"t0", "t1", "t2", "t3"} and {q for q, _ in scores} == {0, 1}
+
+    def tensors(dataset_id: str) -> tuple[Any, Any, Any]:
+        stored = stored_text(api, dataset_id)
+        return (torch.from_numpy(stored.input_ids), torch.from_numpy(stored.attention_mask),
+                torch.from_numpy(stored.labels))
+
+    layers = uploaded["tracked_layers"]
+    exact = summed_nll_gradients(model, *tensors(query["id"]), layers) @ summed_nll_gradients(
+        model, *tensors(train["id"]), layers).T
+    for (query_id, train_id), score in scores.items():
+        assert score == pytest.approx(float(exact[query_id, int(train_id[1])]), rel=1e-3, abs=1e-5)
+
+    influence = api.client.post("/v1/attributions", json={
+        "model_id": uploaded["id"], "train_dataset_id": train["id"], "query_dataset_id": query["id"],
+        "method": "influence", "mode": "pairwise", "top_k": 2})
+    assert influence.status_code == 202, influence.text
+    job = api.client.get(f"/v1/jobs/{influence.json()['job_id']}").json()
+    assert job["status"] == "succeeded", job
+
+
+def test_bert_sequence_classification_end_to_end(sqlite_api: Api, tmp_path: Path) -> None:
+    api = sqlite_api
+    uploaded = post_parts(api, saved(tiny_bert(), tmp_path / "b"), MODELS["bert"][1]).json()
+    data = save_safetensors({"input_ids": torch.tensor([[2, 3, 4, 0], [5, 6, 7, 8], [9, 10, 0, 0]]),
+                             "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]),
+                             "targets": torch.tensor([0, 2, 1])})
+    dataset = post_dataset(api, data, "cls.safetensors").json()
+    assert dataset["fields"]["targets"]["shape"] == [3]
+    response = api.client.post("/v1/attributions", json={
+        "model_id": uploaded["id"], "train_dataset_id": dataset["id"], "mode": "self", "method": "influence",
+        "top_k": 3})
+    assert response.status_code == 202, response.text
+    job = api.client.get(f"/v1/jobs/{response.json()['job_id']}").json()
+    assert job["status"] == "succeeded", job
+    out_of_range = post_dataset(api, save_safetensors({"input_ids": torch.tensor([[2, 3]]), "targets": torch.tensor([5])}),
+                                "bad.safetensors").json()
+    refused = api.client.post("/v1/attributions", json={
+        "model_id": uploaded["id"], "train_dataset_id": out_of_range["id"], "mode": "self", "method": "influence"})
+    assert refused.status_code == 422 and "targets" in refused.json()["detail"], refused.text

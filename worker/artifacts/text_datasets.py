@@ -373,6 +373,8 @@ def describe_text(ds: TextArrays) -> dict[str, Any]:
                             "scored": int((ds.labels[:, 1:] != IGNORE_INDEX).sum())}
     if ds.targets is not None:
         fields["targets"] = {"dtype": str(ds.targets.dtype), "shape": list(ds.targets.shape)}
+        if ds.targets.dtype == np.int64:
+            fields["targets"]["max"] = int(ds.targets.max())
     return {"num_examples": ds.num_examples, "fields": fields}
 
 
@@ -403,7 +405,8 @@ def read_stored(path: Path) -> TextArrays:
 
     def matrix(name: str) -> np.ndarray:
         flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return np.ascontiguousarray(flat.reshape(n, -1))
+        rows: np.ndarray = flat.reshape(n, -1).copy()  # writable: the engine turns it into tensors
+        return rows
 
     ids_column = table.column("ids").combine_chunks()
     ids = (np.asarray(ids_column.to_pylist(), dtype=str) if pa.types.is_string(ids_column.type)
@@ -413,7 +416,7 @@ def read_stored(path: Path) -> TextArrays:
     if "targets" in names:
         column = table.column("targets").combine_chunks()
         targets = matrix("targets").astype(np.float32) if pa.types.is_fixed_size_list(column.type) else \
-            column.to_numpy(zero_copy_only=False)
+            column.to_numpy(zero_copy_only=False).copy()
     return TextArrays(input_ids=matrix("input_ids"), attention_mask=matrix("attention_mask"), ids=ids,
                       labels=matrix("labels") if "labels" in names else None, targets=targets)
 
