@@ -17,18 +17,23 @@ from service.idempotency import IdempotencyKey, remember, replay
 from service.pagination import (
     CheckpointCursor, PageTokenQuery, clamp_page_size, decode_token, encode_token, page_newest_first,
 )
+from service.model_uploads import (
+    check_quota_or_discard, discard_all, fingerprint_files, prepare_and_store, stage_parts,
+)
+from service.openapi import location_header, multipart_example
 from service.problems import problem_responses
 from service.schemas.models import (
     CheckpointList, CheckpointMetadata, CheckpointOut, ModelFormats, ModelList, ModelMetadata, ModelOut,
-)
-from service.model_uploads import (
-    check_quota_or_discard, discard_all, fingerprint_files, prepare_and_store, stage_parts,
 )
 from service.uploads import check_storage_or_discard, commit_blob, parse_metadata, stage_upload
 from worker.artifacts.formats import FORMATS, NOT_SUPPORTED_YET, model_format
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses(400, 401, 404, 422))
 
+MODEL_METADATA_EXAMPLE = ('{"name": "digits-mlp", "format": "spec", "architecture": {"type": "sequential", "layers": '
+                          '[{"type": "linear", "in_features": 64, "out_features": 128}, {"type": "relu"}, '
+                          '{"type": "linear", "in_features": 128, "out_features": 10}]}, '
+                          '"task": {"loss": "cross_entropy"}}')
 METADATA_DOC = ("JSON: `{\"name\", \"format\": \"spec\" | \"hf\", \"architecture\": {...} (spec only), "
                 "\"task\": {\"loss\": ..., \"head\": ... (hf classifiers)}}`. See `GET /v1/models/formats`.")
 WEIGHTS_DOC = ("safetensors of the model's state_dict; `hf`: repeat the part for shards (with `weights_index`). "
@@ -54,8 +59,10 @@ def edit_diagnostics(session: Session, model_ids: list[str]) -> dict[str, dict[s
     return {model_id: diagnostics for model_id, diagnostics in rows}
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut,
-             responses=problem_responses(413, 415), dependencies=[MultipartBody])
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut, summary="Upload a model",
+             responses={**problem_responses(413, 415), **location_header(201, "The model: `/v1/models/{id}`.")},
+             openapi_extra=multipart_example(metadata=MODEL_METADATA_EXAMPLE, weights="(safetensors bytes)"),
+             dependencies=[MultipartBody])
 def upload_model(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description=METADATA_DOC)],
@@ -67,6 +74,11 @@ def upload_model(
     tokenizer_config: Annotated[UploadFile | None, File(description="`hf`: tokenizer_config.json (optional).")] = None,
     archive: Annotated[UploadFile | None, File(description=ARCHIVE_DOC)] = None,
 ) -> JSONResponse:
+    """`spec`: a declarative `torch.nn.Sequential` (`metadata`) and the safetensors of its state_dict (`weights`).
+    `hf`: a Hugging Face transformers model (`config`, `weights`, optional tokenizer parts, or one `archive`; see
+    `GET /v1/models/formats`). Everything is validated strictly (never unpickled, no remote code): weights that are
+    truncated, hold NaN or do not fit the architecture are a 422 that names the problem, and nothing is stored.
+    With an `Idempotency-Key`, a repeat returns the first answer."""
     meta = parse_metadata(metadata, ModelMetadata)
     fmt = model_format(meta.format)
     given = {"weights": weights or [], "config": [config] if config else [], "weights_index": [weights_index] if
@@ -93,7 +105,7 @@ def upload_model(
                     {"Location": f"/v1/models/{model.id}"})
 
 
-@router.get("/formats")
+@router.get("/formats", summary="List the model formats")
 def list_formats() -> ModelFormats:
     """The model formats `POST /v1/models` accepts: their parts, losses, and for `hf` the allow-listed
     `model_type`s and heads."""
@@ -101,11 +113,12 @@ def list_formats() -> ModelFormats:
                         not_supported_yet=list(NOT_SUPPORTED_YET))
 
 
-@router.get("")
+@router.get("", summary="List models")
 def list_models(
     tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     page_size: Annotated[int, Query(ge=1)] = 50, page_token: PageTokenQuery = None,
 ) -> ModelList:
+    """The tenant's models, newest first, cursor-paged (`next_page_token`)."""
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Model).where(Model.tenant_id == tenant.id, Model.deleted_at.is_(None))
     rows, token = page_newest_first(session, query, Model, size, page_token)
@@ -113,14 +126,16 @@ def list_models(
     return ModelList(models=[model_out(row, diagnostics.get(row.id)) for row in rows], next_page_token=token)
 
 
-@router.get("/{model_id}")
+@router.get("/{model_id}", summary="Get a model")
 def get_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelOut:
+    """One model; models made by an edit carry the edit's diagnostics."""
     model = artifacts.owned_model(session, tenant.id, model_id)
     return model_out(model, edit_diagnostics(session, [model.id]).get(model.id) if model.source_attribution_id else None)
 
 
-@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a model")
 def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Response:
+    """The model is no longer listed nor usable in new fits and attributions."""
     model = artifacts.owned_model(session, tenant.id, model_id)
     model.deleted_at = utcnow()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -129,9 +144,12 @@ def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Respo
 @router.get(
     "/{model_id}/weights",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
+    summary="Download a model's weights",
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "The safetensors file of the model's state_dict."}},
 )
 def download_weights(model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep) -> FileResponse:
+    """The weights as uploaded, or as an edit made them: a safetensors file (`{model_id}.safetensors`)."""
     model = artifacts.owned_model(session, tenant.id, model_id)
     with store.local_path(model.weights_sha256) as path:
         return FileResponse(path, media_type="application/octet-stream", filename=f"{model.id}.safetensors")
@@ -145,13 +163,18 @@ def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
     )
 
 
-@router.post("/{model_id}/checkpoints", status_code=status.HTTP_201_CREATED,
-             responses=problem_responses(409, 413, 415), dependencies=[MultipartBody])
+@router.post("/{model_id}/checkpoints", status_code=status.HTTP_201_CREATED, summary="Upload a checkpoint",
+             responses=problem_responses(409, 413, 415), dependencies=[MultipartBody],
+             openapi_extra=multipart_example(metadata='{"step": 500, "learning_rate": 0.05, "momentum": 0.9}',
+                                             weights="(safetensors bytes)"))
 def upload_checkpoint(
     model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description="JSON: `{\"step\", \"learning_rate\", \"stage\", \"momentum\", \"optimizer\"}`.")],
     weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict at this step.")],
 ) -> CheckpointOut:
+    """A training checkpoint of the model (for SOURCE and TracInCP): the state_dict at a step of its training,
+    with that step's learning rate, momentum, optimizer and stage. A second checkpoint at the same (stage, step)
+    is a 409."""
     model = artifacts.owned_model(session, tenant.id, model_id)
     meta = parse_metadata(metadata, CheckpointMetadata)
     artifacts.check_checkpoint_is_new(session, model.id, meta.step, meta.stage)
@@ -173,11 +196,12 @@ def upload_checkpoint(
     return checkpoint_out(checkpoint)
 
 
-@router.get("/{model_id}/checkpoints")
+@router.get("/{model_id}/checkpoints", summary="List a model's checkpoints")
 def list_checkpoints(
     model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     page_size: Annotated[int, Query(ge=1)] = 100, page_token: PageTokenQuery = None,
 ) -> CheckpointList:
+    """The model's checkpoints by (stage, step), cursor-paged (`next_page_token`)."""
     model = artifacts.owned_model(session, tenant.id, model_id)
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Checkpoint).where(Checkpoint.model_id == model.id)
