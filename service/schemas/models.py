@@ -67,6 +67,15 @@ class ModelOut(BaseModel):
 
 
 class ModelFormats(BaseModel):
+    """The model formats `POST /v1/models` accepts."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "formats": [{"name": "spec", "parts": ["weights"], "losses": ["cross_entropy", "mse"]},
+                    {"name": "hf", "parts": ["config", "weights", "weights_index", "tokenizer", "tokenizer_config",
+                                             "archive"],
+                     "model_types": ["gpt2", "llama", "qwen2", "mistral", "bert", "roberta", "distilbert", "vit"]}],
+        "not_supported_yet": ["onnx"]}]})
+
     formats: list[dict[str, Any]] = Field(description="Each accepted format: name, parts, losses; for `hf` the "
                                           "allow-listed model_types by head.")
     not_supported_yet: list[str]
