@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from service.artifacts import model_spec, owned_dataset, owned_model
 from service.db.tables import Checkpoint, Dataset, Fit, Job, Model
+from service.hf_requests import check_hf_inputs
 from service.problems import FieldError, ProblemError, invalid, not_found
 from service.schemas.attributions import AttributionIn
 from service.schemas.options import FIT_LEVEL_FIELDS, OPTIONS_BY_METHOD, StrictModel
@@ -100,7 +101,11 @@ def check_inputs_fit(
 ) -> None:
     """Run the architecture on one example of the dataset's input shape, on the meta device (no memory), and
     refuse work whose activations would not fit: every module's output for a batch, kept for the backward pass
-    with its gradient and the engine's per-layer statistics (about three float32 copies)."""
+    with its gradient and the engine's per-layer statistics (about three float32 copies). A `format: "hf"` model
+    is checked from its config instead, and so is a text dataset (service.hf_requests)."""
+    if model.format == "hf" or "inputs" not in dataset.fields:
+        check_hf_inputs(model, dataset, field)
+        return
     shape = dataset.fields["inputs"]["shape"]
     outputs: list[int] = []
     with torch.device("meta"):

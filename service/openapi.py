@@ -104,8 +104,17 @@ def _binary_file_parts(operation: dict[str, Any], schemas: dict[str, Any]) -> No
         return
     body = _resolve(media["schema"], schemas)
     for part in body.get("properties", {}).values():
-        if part.get("type") == "string" and "contentMediaType" in part:
-            part["format"] = "binary"
+        _mark_binary(part)
+
+
+def _mark_binary(part: dict[str, Any]) -> None:
+    """A file part, also inside an optional part (`anyOf` with null) or a repeated one (array `items`)."""
+    if part.get("type") == "string" and "contentMediaType" in part:
+        part["format"] = "binary"
+    for variant in part.get("anyOf", []):
+        _mark_binary(variant)
+    if isinstance(part.get("items"), dict):
+        _mark_binary(part["items"])
 
 
 def problem_example(status: int, path: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -15,19 +16,33 @@ from torch import nn
 from service.db.tables import Blob, Checkpoint, Dataset, Model
 from service.storage import BlobStore, StoredBlob
 from worker.artifacts.datasets import DatasetArrays, read_dataset, to_examples
-from worker.artifacts.spec import build_module, parse_architecture
-from worker.artifacts.weights import load_weights, save_weights
+from worker.artifacts.formats import StoredModel, model_format
+from worker.artifacts.text_datasets import STORED_FORMAT as TEXT_FORMAT
+from worker.artifacts.text_datasets import TextArrays, read_stored
+from worker.artifacts.weights import save_weights
 from worker.attribution import Curvature, Examples, load_curvature
+from worker.attribution.text import TextBatch
 
 KEY_SEPARATOR = "::"
 
 
 def load_model(store: BlobStore, model: Model, weights_sha256: str | None = None) -> nn.Module:
-    """The model's module with its own weights, or those of one of its checkpoints."""
-    module = build_module(parse_architecture(model.architecture))
-    with store.local_path(weights_sha256 or model.weights_sha256) as path:
-        load_weights(module, path)
-    return module.eval()
+    """The model's module with its own weights, or those of one of its checkpoints, built by its format
+    (worker.artifacts.formats): strictly, from safetensors, no pickle, no remote code."""
+    with ExitStack() as stack:
+        stored = stored_model(stack, store, model, weights_sha256 or model.weights_sha256)
+        return model_format(model.format).build(stored)
+
+
+def stored_model(stack: ExitStack, store: BlobStore, model: Model, weights_sha256: str) -> StoredModel:
+    """The model's stored pieces as local files (weights, and kept files such as a tokenizer), open for as long as
+    ``stack`` is."""
+    files = model.architecture.get("files") or {}
+    return StoredModel(
+        architecture=model.architecture, task=model.task,
+        weights=stack.enter_context(store.local_path(weights_sha256)),
+        files={name: stack.enter_context(store.local_path(sha256)) for name, sha256 in files.items()},
+    )
 
 
 def load_checkpoint(store: BlobStore, model: Model, checkpoint: Checkpoint) -> nn.Module:
@@ -39,9 +54,32 @@ def load_dataset(store: BlobStore, dataset: Dataset) -> DatasetArrays:
         return read_dataset(path, dataset.format, max_rows=max(dataset.num_examples, 1))
 
 
+def load_text_dataset(store: BlobStore, dataset: Dataset) -> TextArrays:
+    """A text dataset (format ``text``) as validated and stored at upload: token ids, mask, labels or targets."""
+    with store.local_path(dataset.blob_sha256) as path:
+        return read_stored(path)
+
+
 def load_examples(store: BlobStore, dataset: Dataset) -> tuple[Examples, DatasetArrays]:
+    if dataset.format == TEXT_FORMAT:
+        return load_text_examples(store, dataset)
     arrays = load_dataset(store, dataset)
     return to_examples(arrays), arrays
+
+
+def load_text_examples(store: BlobStore, dataset: Dataset) -> tuple[Examples, DatasetArrays]:
+    """A text dataset in the engine's token form (worker.attribution.text): token ids as inputs, the attention
+    mask, and labels (causal LM: -100 = not scored) or class targets; the arrays carry the example ids."""
+    text = load_text_dataset(store, dataset)
+    input_ids, mask = torch.from_numpy(text.input_ids), torch.from_numpy(text.attention_mask)
+    if text.labels is not None:
+        examples = TextBatch(input_ids=input_ids, attention_mask=mask, labels=torch.from_numpy(text.labels)).examples()
+        targets = text.labels
+    else:
+        assert text.targets is not None
+        examples = Examples(inputs=input_ids, targets=torch.from_numpy(text.targets), attention_mask=mask)
+        targets = text.targets
+    return examples, DatasetArrays(inputs=text.input_ids, targets=targets, ids=text.ids)
 
 
 def put_file(session: Session, store: BlobStore, path: Path) -> StoredBlob:

@@ -16,10 +16,12 @@ from service.examples import MAX_EXAMPLES, dataset_examples
 from service.idempotency import IdempotencyKey, remember, replay
 from service.openapi import location_header, multipart_example
 from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
-from service.problems import problem_responses
+from service.dataset_uploads import stage_text_dataset, tokenize_options
+from service.problems import invalid, problem_responses
 from service.schemas.datasets import DatasetExamples, DatasetList, DatasetMetadata, DatasetOut
 from service.uploads import check_storage_or_discard, commit_blob, parse_metadata, read_head, stage_upload
 from worker.artifacts.datasets import describe, detect_format, read_dataset
+from worker.artifacts.text_datasets import STORED_FORMAT, describe_text, field_names, is_text_dataset, read_text_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(400, 401, 404, 422))
 
@@ -37,9 +39,14 @@ def dataset_out(dataset: Dataset) -> DatasetOut:
              dependencies=[MultipartBody])
 def upload_dataset(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
-    metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description="JSON: `{\"name\": str}`.")],
+    metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description="JSON: `{\"name\": str}`; text datasets also "
+                                                                        "`tokenize_with`, `max_length`, `truncation`, "
+                                                                        "`padding`, `add_special_tokens`.")],
     data: Annotated[UploadFile, File(description="safetensors, .npz (no pickle) or Parquet with `inputs`, "
-                                                 "`targets`, optional `ids`, `weight`, `task`, `split`.")],
+                                                 "`targets`, optional `ids`, `weight`, `task`, `split`; or a text "
+                                                 "dataset: `input_ids`, optional `attention_mask`, `labels`, "
+                                                 "`targets`, `ids` (safetensors or Parquet), or Parquet `text` / "
+                                                 "`prompt` + `completion` columns with `metadata.tokenize_with`.")],
     idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
     """Arrays `inputs` and `targets`, optional `ids` (integers or strings, unique), `weight`, and `task`/`split`
@@ -54,16 +61,29 @@ def upload_dataset(
         staged.discard()
         return replayed
     try:
-        fmt = detect_format(data.filename or "", read_head(staged))
-        arrays = read_dataset(staged.path, fmt, max_rows=settings.max_dataset_rows, max_bytes=settings.max_dataset_bytes)
-        summary = describe(arrays)
+        fmt: str = detect_format(data.filename or "", read_head(staged))
+        if is_text_dataset(field_names(staged.path, fmt)):
+            text = read_text_dataset(staged.path, fmt, max_rows=settings.max_dataset_rows,
+                                     max_bytes=settings.max_dataset_bytes,
+                                     tokenize=tokenize_options(session, store, tenant.id, meta))
+            summary, ids_are_strings, fmt = describe_text(text), text.ids_are_strings, STORED_FORMAT
+            stored = stage_text_dataset(store, text)
+            staged.discard()
+            staged = stored
+        else:
+            if meta.tokenize_with is not None:
+                raise invalid("metadata.tokenize_with applies to text datasets (`text` or `prompt` + `completion` "
+                              "columns)", "metadata.tokenize_with")
+            arrays = read_dataset(staged.path, fmt, max_rows=settings.max_dataset_rows,
+                                  max_bytes=settings.max_dataset_bytes)
+            summary, ids_are_strings = describe(arrays), arrays.ids_are_strings
     except BaseException:
         staged.discard()
         raise
     blob = commit_blob(session, staged)
     dataset = Dataset(
         id=new_id("ds"), tenant_id=tenant.id, name=meta.name, format=fmt, blob_sha256=blob.sha256,
-        num_examples=summary["num_examples"], fields=summary["fields"], ids_are_strings=arrays.ids_are_strings,
+        num_examples=summary["num_examples"], fields=summary["fields"], ids_are_strings=ids_are_strings,
         created_at=utcnow(),
     )
     session.add(dataset)

@@ -17,12 +17,16 @@ from service.idempotency import IdempotencyKey, remember, replay
 from service.pagination import (
     CheckpointCursor, PageTokenQuery, clamp_page_size, decode_token, encode_token, page_newest_first,
 )
+from service.model_uploads import (
+    check_quota_or_discard, discard_all, fingerprint_files, prepare_and_store, stage_parts,
+)
 from service.openapi import location_header, multipart_example
 from service.problems import problem_responses
 from service.schemas.models import (
-    CheckpointList, CheckpointMetadata, CheckpointOut, ModelList, ModelMetadata, ModelOut,
+    CheckpointList, CheckpointMetadata, CheckpointOut, ModelFormats, ModelList, ModelMetadata, ModelOut,
 )
 from service.uploads import check_storage_or_discard, commit_blob, parse_metadata, stage_upload
+from worker.artifacts.formats import FORMATS, NOT_SUPPORTED_YET, model_format
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses(400, 401, 404, 422))
 
@@ -30,7 +34,12 @@ MODEL_METADATA_EXAMPLE = ('{"name": "digits-mlp", "format": "spec", "architectur
                           '[{"type": "linear", "in_features": 64, "out_features": 128}, {"type": "relu"}, '
                           '{"type": "linear", "in_features": 128, "out_features": 10}]}, '
                           '"task": {"loss": "cross_entropy"}}')
-METADATA_DOC = "JSON: `{\"name\", \"format\": \"spec\", \"architecture\": {...}, \"task\": {\"loss\": ...}}`."
+METADATA_DOC = ("JSON: `{\"name\", \"format\": \"spec\" | \"hf\", \"architecture\": {...} (spec only), "
+                "\"task\": {\"loss\": ..., \"head\": ... (hf classifiers)}}`. See `GET /v1/models/formats`.")
+WEIGHTS_DOC = ("safetensors of the model's state_dict; `hf`: repeat the part for shards (with `weights_index`). "
+               "Pickles (.bin, .pt) are refused.")
+ARCHIVE_DOC = ("`hf`: instead of the file parts, a .tar, .tar.gz or .zip of a save_pretrained folder (no links, "
+               "absolute paths or `..`).")
 
 
 def model_out(model: Model, edit_diagnostics: dict[str, Any] | None = None) -> ModelOut:
@@ -57,38 +66,51 @@ def edit_diagnostics(session: Session, model_ids: list[str]) -> dict[str, dict[s
 def upload_model(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description=METADATA_DOC)],
-    weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict.")],
     idempotency_key: IdempotencyKey,
+    weights: Annotated[list[UploadFile] | None, File(description=WEIGHTS_DOC)] = None,
+    config: Annotated[UploadFile | None, File(description="`hf`: config.json.")] = None,
+    weights_index: Annotated[UploadFile | None, File(description="`hf` shards: model.safetensors.index.json.")] = None,
+    tokenizer: Annotated[UploadFile | None, File(description="`hf`: tokenizer.json (optional).")] = None,
+    tokenizer_config: Annotated[UploadFile | None, File(description="`hf`: tokenizer_config.json (optional).")] = None,
+    archive: Annotated[UploadFile | None, File(description=ARCHIVE_DOC)] = None,
 ) -> JSONResponse:
-    """A declarative `torch.nn.Sequential` (`metadata`) and the safetensors of its state_dict (`weights`). Both are
-    validated strictly (never unpickled): weights that are truncated, hold NaN or do not fit the architecture are
-    a 422 that names the problem, and nothing is stored. With an `Idempotency-Key`, a repeat returns the first
-    answer."""
+    """`spec`: a declarative `torch.nn.Sequential` (`metadata`) and the safetensors of its state_dict (`weights`).
+    `hf`: a Hugging Face transformers model (`config`, `weights`, optional tokenizer parts, or one `archive`; see
+    `GET /v1/models/formats`). Everything is validated strictly (never unpickled, no remote code): weights that are
+    truncated, hold NaN or do not fit the architecture are a 422 that names the problem, and nothing is stored.
+    With an `Idempotency-Key`, a repeat returns the first answer."""
     meta = parse_metadata(metadata, ModelMetadata)
-    spec = artifacts.check_model_metadata(meta, settings.max_parameters)
-    staged = stage_upload(store, weights, limit=settings.max_upload_bytes, field="weights")
-    check_storage_or_discard(session, tenant.id, staged, settings.max_stored_bytes_per_tenant)
-    fingerprint = {"metadata": meta.model_dump(), "weights": staged.sha256}
+    fmt = model_format(meta.format)
+    given = {"weights": weights or [], "config": [config] if config else [], "weights_index": [weights_index] if
+             weights_index else [], "tokenizer": [tokenizer] if tokenizer else [], "tokenizer_config":
+             [tokenizer_config] if tokenizer_config else [], "archive": [archive] if archive else []}
+    parts = {name: files for name, files in given.items() if files}
+    staged = stage_parts(store, parts, settings)
+    check_quota_or_discard(session, tenant.id, staged, settings.max_stored_bytes_per_tenant)
+    fingerprint = {"metadata": meta.model_dump(), **fingerprint_files(staged)}
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/models", fingerprint)
     if replayed is not None:
-        staged.discard()
+        discard_all(staged)
         return replayed
-    try:
-        module = artifacts.load_model(spec, staged.path)
-    except BaseException:
-        staged.discard()
-        raise
-    blob = commit_blob(session, staged)
+    task = meta.task.model_dump(exclude_none=True)
+    stored = prepare_and_store(session, store, fmt, meta.architecture, task, staged, settings)
     model = Model(
         id=new_id("mdl"), tenant_id=tenant.id, name=meta.name, format=meta.format,
-        architecture=meta.architecture, task=meta.task.model_dump(), weights_sha256=blob.sha256,
-        num_parameters=artifacts.parameter_count(module), tracked_layers=artifacts.tracked_layers(module),
-        created_at=utcnow(),
+        architecture=stored.architecture, task=task, weights_sha256=stored.weights_sha256,
+        num_parameters=stored.num_parameters, tracked_layers=stored.tracked_layers, created_at=utcnow(),
     )
     session.add(model)
     session.flush()
     return remember(session, tenant.id, idempotency_key, "POST /v1/models", fingerprint, 201, model_out(model),
                     {"Location": f"/v1/models/{model.id}"})
+
+
+@router.get("/formats", summary="List the model formats")
+def list_formats() -> ModelFormats:
+    """The model formats `POST /v1/models` accepts: their parts, losses, and for `hf` the allow-listed
+    `model_type`s and heads."""
+    return ModelFormats(formats=[model_format(name).describe() for name in FORMATS],
+                        not_supported_yet=list(NOT_SUPPORTED_YET))
 
 
 @router.get("", summary="List models")
@@ -159,7 +181,7 @@ def upload_checkpoint(
     staged = stage_upload(store, weights, limit=settings.max_upload_bytes, field="weights")
     check_storage_or_discard(session, tenant.id, staged, settings.max_stored_bytes_per_tenant)
     try:
-        artifacts.load_model(artifacts.model_spec(model), staged.path)
+        model_format(model.format).check_weights(model.architecture, model.task, staged.path)
     except BaseException:
         staged.discard()
         raise

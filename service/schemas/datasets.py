@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +11,15 @@ class DatasetMetadata(StrictModel):
     """The `metadata` part of `POST /v1/datasets`."""
 
     name: str = Field(min_length=1, max_length=200)
+    tokenize_with: str | None = Field(
+        None, description="Text datasets (Parquet with `text`, or `prompt` + `completion` columns): the id of a "
+        "`hf` model uploaded with a tokenizer; its tokenizer.json turns the text into `input_ids` (the `tokenizers` "
+        "library: no code runs).")
+    max_length: int = Field(512, ge=1, le=32_768, description="Tokenized text: at most this many tokens per row.")
+    truncation: bool = Field(True, description="Tokenized text: cut rows longer than max_length (else 422).")
+    padding: Literal["longest", "max_length"] = Field(
+        "longest", description="Tokenized text: pad rows to the longest row or to max_length.")
+    add_special_tokens: bool = Field(True, description="Tokenized text: let the tokenizer add its special tokens.")
 
 
 DATASET_EXAMPLE: dict[str, Any] = {

@@ -9,7 +9,12 @@ from service.schemas.common import EXAMPLE_TIME, StrictModel, Timestamp
 
 class ModelTask(StrictModel):
     loss: Literal["cross_entropy", "mse", "causal_lm"] = Field(
-        description="What the model is trained for. `causal_lm` is not supported yet (422)."
+        description="What the model is trained for. `causal_lm` (token cross-entropy, labels -100 ignored) needs "
+        "format `hf`."
+    )
+    head: Literal["sequence_classification", "image_classification"] | None = Field(
+        None, description="Format `hf` with loss `cross_entropy` or `mse`: the transformers head the model has "
+        "(AutoModelForSequenceClassification / AutoModelForImageClassification). Not for `spec`."
     )
 
 
@@ -18,9 +23,12 @@ class ModelMetadata(StrictModel):
 
     name: str = Field(min_length=1, max_length=200)
     format: Literal["spec", "hf", "onnx"] = Field(
-        "spec", description="`spec` (a declarative torch.nn.Sequential). `hf` and `onnx` are not supported yet (422)."
+        "spec", description="`spec` (a declarative torch.nn.Sequential) or `hf` (a Hugging Face transformers "
+        "config.json + safetensors, see `GET /v1/models/formats`). `onnx` is not supported yet (422)."
     )
-    architecture: dict[str, Any] = Field(description="For `spec`: `{\"type\": \"sequential\", \"layers\": [...]}`.")
+    architecture: dict[str, Any] = Field(
+        default_factory=dict, description="For `spec`: `{\"type\": \"sequential\", \"layers\": [...]}`. For `hf`: "
+        "left out (the `config` part is the architecture).")
     task: ModelTask
 
 
@@ -56,6 +64,21 @@ class ModelOut(BaseModel):
         None, description="Models made by `/edit`: the estimator, proximity λ, step norm relative to the weights, "
         "remaining-data training loss before and after, the change of the attribution's query losses, warnings.")
     created_at: Timestamp
+
+
+class ModelFormats(BaseModel):
+    """The model formats `POST /v1/models` accepts."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "formats": [{"name": "spec", "parts": ["weights"], "losses": ["cross_entropy", "mse"]},
+                    {"name": "hf", "parts": ["config", "weights", "weights_index", "tokenizer", "tokenizer_config",
+                                             "archive"],
+                     "model_types": ["gpt2", "llama", "qwen2", "mistral", "bert", "roberta", "distilbert", "vit"]}],
+        "not_supported_yet": ["onnx"]}]})
+
+    formats: list[dict[str, Any]] = Field(description="Each accepted format: name, parts, losses; for `hf` the "
+                                          "allow-listed model_types by head.")
+    not_supported_yet: list[str]
 
 
 class ModelList(BaseModel):

@@ -126,15 +126,16 @@ def test_generated_client_runs_the_whole_flow(served: Served, generated: ModuleT
     models = importlib.import_module(f"{generated.__name__}.models")
     client = generated.AuthenticatedClient(base_url=served.url, token=served.key, timeout=60.0)
 
-    # Upload a model: the `weights` part is a generated `File`, sent as a file (a text field would be a 422).
+    # Upload a model: the `weights` part (repeatable) is a list of generated `File`s, each sent as a file part (a
+    # text field would be a 422).
     net = tiny_classifier()
     weights = save_safetensors({k: v.contiguous() for k, v in net.state_dict().items()})
     metadata = {"name": "tiny", "format": "spec", "architecture": MLP_ARCHITECTURE, "task": {"loss": "cross_entropy"}}
     upload_model = api(generated, "models", "upload_model")
     sent = upload_model.sync_detailed(client=client, body=models.BodyUploadModel(
         metadata=json.dumps(metadata),
-        weights=generated.types.File(payload=io.BytesIO(weights), file_name="tiny.safetensors",
-                                     mime_type="application/octet-stream"),
+        weights=[generated.types.File(payload=io.BytesIO(weights), file_name="tiny.safetensors",
+                                      mime_type="application/octet-stream")],  # repeatable: hf shards
     ))
     assert sent.status_code == 201, sent.content
     model = sent.parsed

@@ -109,7 +109,7 @@ def test_problems_are_typed_exceptions(served: Served, pipeline: dict[str, Any])
             client.attribute(pipeline["model"], pipeline["train"], pipeline["queries"], options={"nonsense": 1})
         assert invalid.value.status == 422 and any("nonsense" in e.field + e.message for e in invalid.value.errors)
         with pytest.raises(InvalidInput, match="not supported yet"):
-            client.upload_model(pipeline["net"], name="hf", format="hf", architecture={}, loss="cross_entropy",
+            client.upload_model(pipeline["net"], name="onnx", format="onnx", architecture={}, loss="cross_entropy",
                                 config={"model_type": "bert"})
     with Client(served.url, "atk_not-a-key") as stranger, pytest.raises(Unauthorized):
         stranger.get_model(pipeline["model"].id)

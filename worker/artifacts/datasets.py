@@ -532,3 +532,8 @@ def check_inputs_fit(module: nn.Module, ds: DatasetArrays, loss: str) -> int:
     num_outputs = int(output.shape[-1])
     check_targets(ds, loss, num_outputs)
     return num_outputs
+
+
+def check_ids(array: np.ndarray, field: str = "data") -> np.ndarray:
+    """Validated example ids (unique int64 or strings), for other dataset kinds (text datasets)."""
+    return _ids(array, field)

@@ -83,6 +83,7 @@ def edit_parameters(
     edit = edit if edit is not None else EditOptions()
     edit.validate()
     check_examples(train, "training")
+    _check_not_tokens(train)
     rows = removed_rows(remove, len(train))
     if fit is not None and not (isinstance(options, InfluenceOptions) and options.strategy in FIT_STRATEGIES):
         raise AttributionError("a precomputed fit is only used by method 'influence' with a factor strategy")
@@ -115,6 +116,7 @@ def retrain_objective_edit(
         raise AttributionError("the first-order estimate is the method's own; use edit_parameters or the method")
     check_loss_name(loss)
     check_examples(train, "training")
+    _check_not_tokens(train)
     rows = removed_rows(remove, len(train))
     layers = layers if layers is not None else resolve_layers(model, None)
 
@@ -263,6 +265,11 @@ def _diagnostics(objective: ProximalObjective, theta: Flat, report: SolveReport,
             "query_loss_changes": [float(v) for v in change[:MAX_REPORTED_QUERIES]],
         })
     return diagnostics
+
+
+def _check_not_tokens(train: Examples) -> None:
+    if train.attention_mask is not None:
+        raise AttributionError("edits of token datasets (attention_mask) are not supported yet")
 
 
 def removed_rows(remove: torch.Tensor, size: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from worker.attribution.losses import (
     forward,
     measurement_values,
     sample_targets,
+    sample_token_labels,
     training_objective,
     weighted_sum,
 )
@@ -74,13 +75,26 @@ def batches(examples: Examples, batch_size: int, device: torch.device, dtype: to
         if inputs.dtype.is_floating_point:
             inputs = inputs.to(dtype)
         weights = None if batch.weights is None else batch.weights.to(device, dtype)
-        yield start, Examples(inputs=inputs, targets=batch.targets.to(device), weights=weights)
+        mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+        yield start, Examples(inputs=inputs, targets=batch.targets.to(device), weights=weights, attention_mask=mask)
+
+
+def run_model(model: nn.Module, recorder: ActivityRecorder, batch: Examples) -> torch.Tensor:
+    """Clears ``recorder`` (which masks padded positions with the batch's attention mask) and runs the model."""
+    recorder.clear(batch.attention_mask)
+    return forward(model, batch.inputs, batch.attention_mask)
+
+
+def sampled_labels(outputs: torch.Tensor, given: torch.Tensor, loss: LossName, generator: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the model (true Fisher); causal LM labels only at the given labels' scored positions."""
+    if loss == "causal_lm":
+        return sample_token_labels(outputs, given, generator)
+    return sample_targets(outputs, loss, generator)
 
 
 def training_activities(model: nn.Module, recorder: ActivityRecorder, batch: Examples, loss: LossName) -> Activities:
     """Per-layer activity for the gradient of sum_i w_i loss_i (the given labels)."""
-    recorder.clear()
-    outputs = forward(model, batch.inputs)
+    outputs = run_model(model, recorder, batch)
     targets = check_targets(outputs, batch.targets, loss)
     return recorder.backward(training_objective(outputs, targets, batch.weights, loss), retain_graph=False)
 
@@ -100,8 +114,7 @@ def fitting_activities(
     the model (true Fisher). Several draws replicate the batch (one row per example and draw, in chunks
     of at most MAX_REPLICATED_ROWS rows), so each returned activity may hold B x draws rows."""
     if labels.kind == "empirical":
-        recorder.clear()
-        outputs = forward(model, batch.inputs)
+        outputs = run_model(model, recorder, batch)
         given = check_targets(outputs, batch.targets, loss)
         return [recorder.backward(training_objective(outputs, given, batch.weights, loss), retain_graph=False)]
     rows = len(batch)
@@ -109,11 +122,10 @@ def fitting_activities(
     result = []
     for first in range(0, labels.samples, per_chunk):
         draws = min(per_chunk, labels.samples - first)
-        inputs = batch.inputs.repeat_interleave(draws, dim=0) if draws > 1 else batch.inputs
-        recorder.clear()
-        outputs = forward(model, inputs)
+        replicated = batch if draws == 1 else _replicate(batch, draws)
+        outputs = run_model(model, recorder, replicated)
         check_targets(outputs[::draws], batch.targets, loss)
-        sampled = sample_targets(outputs, loss, generator)
+        sampled = sampled_labels(outputs, replicated.targets, loss, generator)
         weights = fisher_weights(batch.weights)
         if weights is not None and draws > 1:
             weights = weights.repeat_interleave(draws)
@@ -122,12 +134,21 @@ def fitting_activities(
     return result
 
 
+def _replicate(batch: Examples, draws: int) -> Examples:
+    """Each row repeated ``draws`` times in a row (inputs, targets and attention mask; weights are not kept)."""
+    mask = None if batch.attention_mask is None else batch.attention_mask.repeat_interleave(draws, dim=0)
+    return Examples(
+        inputs=batch.inputs.repeat_interleave(draws, dim=0),
+        targets=batch.targets.repeat_interleave(draws, dim=0),
+        attention_mask=mask,
+    )
+
+
 def measurement_activities(
     model: nn.Module, recorder: ActivityRecorder, batch: Examples, loss: LossName, measurement: MeasurementName
 ) -> Activities:
     """Per-layer activity for the gradient of sum_q f(z_q) (query weights are not applied)."""
-    recorder.clear()
-    outputs = forward(model, batch.inputs)
+    outputs = run_model(model, recorder, batch)
     targets = check_targets(outputs, batch.targets, loss)
     return recorder.backward(weighted_sum(measurement_values(outputs, targets, loss, measurement), None), retain_graph=False)
 
@@ -160,10 +181,9 @@ def fitting_and_training_activities(
         fitting = fitting_activities(model, recorder, batch, loss, labels, generator)
         return fitting, fitting[0]
     if labels.samples == 1:
-        recorder.clear()
-        outputs = forward(model, batch.inputs)
+        outputs = run_model(model, recorder, batch)
         given = check_targets(outputs, batch.targets, loss)
-        sampled = sample_targets(outputs, loss, generator)
+        sampled = sampled_labels(outputs, given, loss, generator)
         fitting = recorder.backward(
             training_objective(outputs, sampled, fisher_weights(batch.weights), loss), retain_graph=True
         )

@@ -3,12 +3,21 @@
 For a tracked layer with weight matrix W (d_out x d_in, the bias folded in as a last column fed by a
 constant 1), a forward hook records the layer's inputs a (B, T, d_in) and the gradient of a scalar
 objective w.r.t. the layer's outputs g (B, T, d_out). T counts sequence positions (1 for a plain
-Linear, H*W output positions for Conv2d). The per-example gradient of W is sum_t g_t a_t^T.
-Objectives are summed over the batch, so each example's gradient is its own.
+Linear, every leading dimension after the batch for a Linear on (B, ..., d) inputs, H*W output
+positions for Conv2d). The per-example gradient of W is sum_t g_t a_t^T. Objectives are summed over
+the batch, so each example's gradient is its own.
+
+Tracked module types: ``nn.Linear``, ``nn.Conv2d`` (groups 1), Hugging Face's ``Conv1D`` (GPT-2: y =
+x W + b, so the weight matrix is W^T), LoRA's ``lora_A`` / ``lora_B`` (plain ``nn.Linear``), and
+``nn.Embedding`` only when named in ``layers`` (weight matrix E^T, d_out = embedding size, d_in =
+vocabulary; its input columns are one-hot token rows). With token inputs, the recorder is given the
+batch's attention mask: activations and output gradients at padded positions are set to zero, so
+padding contributes to no statistic and no gradient.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,10 +29,11 @@ from torch import nn
 
 from worker.attribution.types import AttributionError
 
-LayerKind = Literal["linear", "conv2d"]
+LayerKind = Literal["linear", "conv2d", "conv1d", "embedding"]
 
 CONTRACTION_BLOCK_ELEMENTS = 32 * 1024**2  # largest (queries x batch x width) intermediate of a contraction
 NARROW_LAYER_WIDTH = 128  # rank-one layers with min(d_in, d_out) below this contract via per-example gradients
+LORA_MODULE_NAMES = ("lora_A", "lora_B")  # peft's adapter matrices (nn.Linear modules in a ModuleDict)
 
 
 @dataclass(frozen=True)
@@ -42,17 +52,67 @@ class TrackedLayer:
         return self.in_features * self.out_features
 
 
+def conv1d_type() -> type[nn.Module] | None:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D``, when transformers is imported (no model can
+    contain one otherwise; the engine does not import transformers itself)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    found = getattr(module, "Conv1D", None) if module is not None else None
+    if isinstance(found, type) and issubclass(found, nn.Module):
+        return found
+    return None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 def _is_trackable(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
     if isinstance(module, nn.Conv2d):
         return module.groups == 1
-    return False
+    return _is_conv1d(module)
 
 
 def trackable_layers(model: nn.Module) -> list[str]:
-    """Module names of every nn.Linear and nn.Conv2d (groups == 1) in ``model``, in module order."""
+    """Module names of every nn.Linear, nn.Conv2d (groups == 1) and transformers Conv1D in ``model``, in
+    module order (nn.Embedding layers can be tracked too, but only when named)."""
     return [name for name, module in model.named_modules() if _is_trackable(module)]
+
+
+def is_lora_layer(name: str) -> bool:
+    """True for peft's adapter linears (``...lora_A.<adapter>`` / ``...lora_B.<adapter>``)."""
+    parts = name.split(".")
+    return any(part in LORA_MODULE_NAMES for part in parts[:-1])
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """The layers tracked when none are named: every trackable layer, except that
+
+    * a model with LoRA adapters (peft) tracks only its ``lora_A`` / ``lora_B`` linears (adapter-only
+      attribution: the frozen base weights are not what was trained);
+    * a Hugging Face model's output embedding (``get_output_embeddings()``, the LM head) is left out: its
+      gradient factor is vocabulary x vocabulary (name it in ``layers`` to track it).
+    Plain models (no adapters, no ``get_output_embeddings``) track exactly ``trackable_layers``.
+    """
+    names = trackable_layers(model)
+    adapters = [name for name in names if is_lora_layer(name)]
+    if adapters:
+        return adapters
+    output_embeddings = _output_embeddings(model)
+    if output_embeddings is None:
+        return names
+    modules = dict(model.named_modules())
+    return [name for name in names if modules[name] is not output_embeddings]
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return None
+    found = getter()
+    return found if isinstance(found, nn.Module) else None
 
 
 def describe_layer(name: str, module: nn.Module) -> TrackedLayer:
@@ -65,16 +125,27 @@ def describe_layer(name: str, module: nn.Module) -> TrackedLayer:
         kh, kw = module.kernel_size
         columns = module.in_channels * kh * kw + int(has_bias)
         return TrackedLayer(name, module, "conv2d", columns, module.out_channels, has_bias)
-    raise AttributionError(f"layer {name!r} is a {type(module).__name__}; only Linear and Conv2d can be tracked")
+    if _is_conv1d(module):
+        weight = module.weight
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise AttributionError(f"layer {name!r}: a Conv1D without a 2-d weight")
+        return TrackedLayer(name, module, "conv1d", int(weight.shape[0]) + int(has_bias), int(weight.shape[1]), has_bias)
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None or module.sparse:
+            raise AttributionError(f"layer {name!r}: embeddings with max_norm or sparse gradients are not supported")
+        return TrackedLayer(name, module, "embedding", module.num_embeddings, module.embedding_dim, False)
+    raise AttributionError(
+        f"layer {name!r} is a {type(module).__name__}; only Linear, Conv2d, Conv1D and Embedding can be tracked"
+    )
 
 
 def resolve_layers(model: nn.Module, names: list[str] | None) -> list[TrackedLayer]:
-    """The tracked layers: ``names`` (in model order) or every trackable layer."""
+    """The tracked layers: ``names`` (in model order) or ``default_layers(model)``."""
     modules = dict(model.named_modules())
     if names is None:
-        chosen = trackable_layers(model)
+        chosen = default_layers(model)
         if not chosen:
-            raise AttributionError("the model has no trackable layer (nn.Linear or nn.Conv2d)")
+            raise AttributionError("the model has no trackable layer (nn.Linear, nn.Conv2d or Conv1D)")
     else:
         if len(names) == 0:
             raise AttributionError("layers must name at least one layer")
@@ -117,10 +188,12 @@ def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def layer_activations(layer: TrackedLayer, x: torch.Tensor) -> torch.Tensor:
     """The weight matrix's input columns for a batch: (B, T, in_features)."""
-    if layer.kind == "linear":
+    if layer.kind in ("linear", "conv1d"):
         if x.dim() < 2:
             raise AttributionError(f"layer {layer.name!r} got an input without a batch dimension: {tuple(x.shape)}")
         a = x.reshape(x.shape[0], -1, x.shape[-1])
+    elif layer.kind == "embedding":
+        a = _one_hot_rows(layer, x)
     else:
         if x.dim() != 4:
             raise AttributionError(f"layer {layer.name!r} expects (B, C, H, W) inputs, got {tuple(x.shape)}")
@@ -128,16 +201,53 @@ def layer_activations(layer: TrackedLayer, x: torch.Tensor) -> torch.Tensor:
     return _append_ones(a) if layer.has_bias else a
 
 
+def _one_hot_rows(layer: TrackedLayer, ids: torch.Tensor) -> torch.Tensor:
+    """Token ids (B, ...) -> one-hot rows (B, T, vocabulary) in the weight's dtype (padding_idx: a zero row,
+    as its embedding gets no gradient)."""
+    module = layer.module
+    if not isinstance(module, nn.Embedding) or ids.dim() < 1:
+        raise AttributionError(f"layer {layer.name!r} got embedding inputs of shape {tuple(ids.shape)}")
+    rows = F.one_hot(ids.reshape(ids.shape[0], -1), module.num_embeddings).to(module.weight.dtype)
+    if module.padding_idx is not None:
+        rows[..., module.padding_idx] = 0
+    return rows
+
+
+def position_mask(layer: TrackedLayer, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, T) mask of this layer call's positions: the batch's attention mask when the layer runs on
+    every token ((B, T, d) inputs, or (B, T) token ids for an embedding), None for a layer that sees one
+    row per example ((B, d), e.g. a classification head) or when there is no mask."""
+    if mask is None:
+        return None
+    rows = x.dim() - (0 if layer.kind == "embedding" else 1)
+    if rows == 1:
+        return None
+    if layer.kind != "conv2d" and rows == 2 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return mask.to(torch.bool)
+    raise AttributionError(
+        f"layer {layer.name!r}: its input of shape {tuple(x.shape)} does not line up with the attention mask "
+        f"{tuple(mask.shape)} (token layers must see (batch, tokens, features) inputs)"
+    )
+
+
 def layer_output_gradients(layer: TrackedLayer, grad: torch.Tensor) -> torch.Tensor:
     """Gradients w.r.t. the layer's outputs: (B, T, out_features)."""
-    if layer.kind == "linear":
+    if layer.kind != "conv2d":
         return grad.reshape(grad.shape[0], -1, grad.shape[-1])
     return grad.flatten(2).transpose(1, 2)
 
 
+def _masked(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, d) rows with the masked positions set to zero."""
+    return rows if mask is None else torch.where(mask.unsqueeze(-1), rows, 0.0)
+
+
 def weight_matrix(layer: TrackedLayer) -> torch.Tensor:
     """The layer's parameters as one (out_features, in_features) matrix, bias as last column."""
-    weight = layer.module.weight.detach().reshape(layer.out_features, -1)
+    weight = layer.module.weight.detach()
+    if layer.kind in ("conv1d", "embedding"):
+        weight = weight.T  # Conv1D: y = x W + b; Embedding: y = E^T onehot(x)
+    weight = weight.reshape(layer.out_features, -1)
     if layer.has_bias:
         return torch.cat([weight, layer.module.bias.detach().reshape(-1, 1)], dim=1)
     return weight
@@ -148,7 +258,10 @@ def split_weight_matrix(layer: TrackedLayer, matrix: torch.Tensor) -> dict[str, 
     module = layer.module
     prefix = f"{layer.name}." if layer.name else ""
     columns = layer.in_features - int(layer.has_bias)
-    params = {prefix + "weight": matrix[:, :columns].reshape(module.weight.shape)}
+    weight = matrix[:, :columns]
+    if layer.kind in ("conv1d", "embedding"):
+        weight = weight.T
+    params = {prefix + "weight": weight.reshape(module.weight.shape)}
     if layer.has_bias:
         params[prefix + "bias"] = matrix[:, columns].reshape(module.bias.shape)
     return params
@@ -159,10 +272,21 @@ def split_weight_matrix(layer: TrackedLayer, matrix: torch.Tensor) -> dict[str, 
 
 @dataclass
 class LayerActivity:
-    """One layer's record for a batch: inputs a (B, T, d_in) and output gradients g (B, T, d_out)."""
+    """One layer's record for a batch: inputs a (B, T, d_in) and output gradients g (B, T, d_out).
+
+    ``mask`` (B, T) bool, with token inputs: False at padded positions (whose a and g are zero).
+    """
 
     activations: torch.Tensor
     gradients: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @property
+    def num_positions(self) -> int:
+        """Positions that count in the activation covariance: B x T, less the padded ones."""
+        if self.mask is None:
+            return int(self.activations.shape[0] * self.activations.shape[1])
+        return int(self.mask.sum())
 
     @property
     def rank_one(self) -> bool:
@@ -232,6 +356,8 @@ class ActivityRecorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._inputs: dict[str, list[torch.Tensor]] = {}
         self._outputs: dict[str, list[torch.Tensor]] = {}
+        self._masks: dict[str, list[torch.Tensor | None]] = {}
+        self._mask: torch.Tensor | None = None
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._recording = False
 
@@ -256,22 +382,33 @@ class ActivityRecorder:
         self._stop()
         self._grad_mode.__exit__(None, None, None)
 
-    def clear(self) -> None:
-        """Forgets recorded tensors and records the next forward passes (until a final ``backward``)."""
+    def clear(self, attention_mask: torch.Tensor | None = None) -> None:
+        """Forgets recorded tensors and records the next forward passes (until a final ``backward``).
+
+        ``attention_mask`` (B, T), for token inputs: positions where it is 0 are zeroed in every recorded
+        activation and output gradient of layers that run on every token.
+        """
         self._inputs = {layer.name: [] for layer in self.layers}
         self._outputs = {layer.name: [] for layer in self.layers}
+        self._masks = {layer.name: [] for layer in self.layers}
+        self._mask = attention_mask
         self._recording = True
 
     def _stop(self) -> None:
         self._inputs = {layer.name: [] for layer in self.layers}
         self._outputs = {layer.name: [] for layer in self.layers}
+        self._masks = {layer.name: [] for layer in self.layers}
+        self._mask = None
         self._recording = False
 
     def _hook(self, layer: TrackedLayer) -> Callable[..., torch.Tensor]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
             if not self._recording:
                 return None
-            self._inputs[layer.name].append(layer_activations(layer, inputs[0].detach()))
+            x = inputs[0].detach()
+            mask = position_mask(layer, x, self._mask)
+            self._inputs[layer.name].append(_masked(layer_activations(layer, x), mask))
+            self._masks[layer.name].append(mask)
             self._outputs[layer.name].append(output)
             # later in-place ops (ReLU(inplace=True)) act on the copy, not on the recorded output
             return output.clone()
@@ -288,23 +425,36 @@ class ActivityRecorder:
         result: Activities = {}
         position = 0
         for layer in self.layers:
-            acts, gs = [], []
-            for out, a in zip(self._outputs[layer.name], self._inputs[layer.name]):
+            acts, gs, masks = [], [], []
+            calls = zip(self._outputs[layer.name], self._inputs[layer.name], self._masks[layer.name])
+            for out, a, mask in calls:
                 grad = grads[position]
                 position += 1
                 if grad is None:
                     grad = torch.zeros_like(out)
-                gs.append(layer_output_gradients(layer, grad.detach()))
+                gs.append(_masked(layer_output_gradients(layer, grad.detach()), mask))
                 acts.append(a)
+                masks.append(mask)
             if not acts:
                 raise AttributionError(f"layer {layer.name!r} was not called in the forward pass")
             g = torch.cat(gs, dim=1)
             if not torch.isfinite(g).all():
                 raise AttributionError(f"non-finite gradients (NaN or Inf) at layer {layer.name!r}")
-            result[layer.name] = LayerActivity(torch.cat(acts, dim=1), g)
+            result[layer.name] = LayerActivity(torch.cat(acts, dim=1), g, _joined_masks(masks, acts))
         if not retain_graph:
             self._stop()
         return result
+
+
+def _joined_masks(masks: list[torch.Tensor | None], acts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The masks of a layer's calls in one forward, joined along positions (None when no call was masked)."""
+    if all(mask is None for mask in masks):
+        return None
+    parts = [
+        torch.ones(a.shape[:2], dtype=torch.bool, device=a.device) if mask is None else mask
+        for mask, a in zip(masks, acts)
+    ]
+    return torch.cat(parts, dim=1)
 
 
 @contextmanager

@@ -1,8 +1,10 @@
 """Per-example losses, measurements and labels sampled from the model (true Fisher).
 
 All objectives handed to the hooks are sums over the batch, so each example's gradient is its own.
-cross_entropy: -log softmax(z)[y]; mse: 1/2 sum over outputs of the squared error. Example weights
-multiply the loss.
+cross_entropy: -log softmax(z)[y]; mse: 1/2 sum over outputs of the squared error; causal_lm: the
+summed next-token negative log-likelihood of the scored tokens, -sum_t log softmax(z_t)[y_{t+1}] over
+positions whose label y_{t+1} is not -100 (logits (B, T, V), labels (B, T) aligned with the inputs, the
+shift done here as in Hugging Face's causal LM loss). Example weights multiply the loss.
 """
 
 from __future__ import annotations
@@ -13,36 +15,56 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.attribution.text import IGNORE_INDEX, run_text_model
 from worker.attribution.types import AttributionError, Examples
 
-LossName = Literal["cross_entropy", "mse"]
+LossName = Literal["cross_entropy", "mse", "causal_lm"]
 MeasurementName = Literal["loss", "margin"]
+LOSS_NAMES = ("cross_entropy", "mse", "causal_lm")
 
 
 def check_loss_name(loss: str) -> None:
-    if loss not in ("cross_entropy", "mse"):
-        raise AttributionError(f"unknown loss {loss!r}; expected 'cross_entropy' or 'mse'")
+    if loss not in LOSS_NAMES:
+        raise AttributionError(f"unknown loss {loss!r}; expected 'cross_entropy', 'mse' or 'causal_lm'")
 
 
-def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Runs the model, turning a shape error into an AttributionError."""
+def forward(model: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Runs the model, turning a shape error into an AttributionError.
+
+    With an ``attention_mask`` (token inputs) the model is run by ``text.run_text_model`` (the Hugging
+    Face convention); a returned ``ModelOutput`` gives its ``logits``.
+    """
     try:
-        outputs = model(inputs)
+        outputs = model(inputs) if attention_mask is None else run_text_model(model, inputs, attention_mask)
     except torch.cuda.OutOfMemoryError:
         raise
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
         raise AttributionError(
             f"inputs of shape {tuple(inputs.shape[1:])} (per example) do not fit the model: {error}"
         ) from error
-    if not isinstance(outputs, torch.Tensor):
-        raise AttributionError(f"the model must return a tensor, got {type(outputs).__name__}")
+    outputs = output_tensor(outputs)
+    if attention_mask is not None and outputs.dim() >= 3 and outputs.shape[:2] == attention_mask.shape:
+        # outputs at padded positions are never used (and may be NaN: fully masked attention rows)
+        outputs = torch.where(attention_mask.bool().unsqueeze(-1), outputs, 0.0)
     if not torch.isfinite(outputs.detach()).all():
         raise AttributionError("the model's outputs contain NaN or Inf (non-finite weights or inputs?)")
     return outputs
 
 
+def output_tensor(outputs: object) -> torch.Tensor:
+    """The model's output tensor: the tensor itself, or the ``logits`` of a Hugging Face ``ModelOutput``."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise AttributionError(f"the model must return a tensor or logits, got {type(outputs).__name__}")
+    return logits
+
+
 def check_targets(outputs: torch.Tensor, targets: torch.Tensor, loss: LossName) -> torch.Tensor:
     """Validates targets against the model outputs; returns them in the form the loss needs."""
+    if loss == "causal_lm":
+        return _check_token_labels(outputs, targets)
     if loss == "cross_entropy":
         if outputs.dim() != 2:
             raise AttributionError(
@@ -74,8 +96,43 @@ def check_targets(outputs: torch.Tensor, targets: torch.Tensor, loss: LossName) 
     return targets.to(outputs.dtype)
 
 
+def _check_token_labels(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if outputs.dim() != 3:
+        raise AttributionError(f"causal_lm needs model logits of shape (B, T, vocabulary), got {tuple(outputs.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != outputs.shape[:2]:
+        raise AttributionError(
+            f"causal_lm labels must be integer token ids of shape (N, T) = {tuple(outputs.shape[:2])} (-100 = not "
+            f"scored), got {labels.dtype} {tuple(labels.shape)}"
+        )
+    vocabulary = outputs.shape[2]
+    scored = labels[labels != IGNORE_INDEX]
+    if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= vocabulary):
+        raise AttributionError(
+            f"causal_lm labels must be -100 or lie in [0, {vocabulary - 1}], got values in "
+            f"[{int(scored.min())}, {int(scored.max())}]"
+        )
+    return labels.long()
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: logit position t is scored when the next label y_{t+1} is not -100 (last position never)."""
+    scored = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    scored[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return scored
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) next-token losses -log softmax(z_t)[y_{t+1}] at scored positions, 0 elsewhere."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    values = F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
+    return values.reshape(labels.shape)
+
+
 def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: LossName) -> torch.Tensor:
     """(B,) unweighted losses."""
+    if loss == "causal_lm":
+        return token_losses(outputs, targets).sum(1)
     if loss == "cross_entropy":
         return F.cross_entropy(outputs, targets, reduction="none")
     return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1)
@@ -123,12 +180,30 @@ def sample_targets(outputs: torch.Tensor, loss: LossName, generator: torch.Gener
     seed gives the same labels on every device.
     """
     detached = outputs.detach().to("cpu", torch.float64)
+    if loss == "causal_lm":
+        raise AttributionError("causal_lm labels are sampled by sample_token_labels (they need the given labels)")
     if loss == "cross_entropy":
         probabilities = torch.softmax(detached, dim=1)
         sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
         return sampled.to(outputs.device)
     noise = torch.randn(detached.shape, generator=generator, dtype=torch.float64)
     return (detached + noise).to(outputs.device, outputs.dtype)
+
+
+def sample_token_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Causal LM labels drawn from the model: y_{t+1} ~ softmax(z_t) at every scored position, -100 elsewhere.
+
+    Drawn on the CPU from ``generator`` (as ``sample_targets``); ``labels`` gives the scored positions.
+    """
+    scored = scored_positions(labels)
+    probabilities = torch.softmax(logits.detach()[scored].to("cpu", torch.float64), dim=-1)
+    sampled = torch.full_like(labels, IGNORE_INDEX)
+    if probabilities.shape[0]:
+        draws = torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(labels.device)
+        following = torch.zeros_like(scored)
+        following[:, 1:] = scored[:, :-1]
+        sampled[following] = draws
+    return sampled
 
 
 def output_hessian_factors(outputs: torch.Tensor, loss: LossName) -> torch.Tensor:
@@ -163,6 +238,11 @@ def check_examples(examples: Examples, what: str) -> None:
             raise AttributionError(f"the {what} dataset's weights must have shape ({len(examples)},)")
         if not torch.isfinite(examples.weights).all():
             raise AttributionError(f"the {what} dataset's weights contain NaN or Inf")
+    if examples.attention_mask is not None and examples.attention_mask.shape != examples.inputs.shape[:2]:
+        raise AttributionError(
+            f"the {what} dataset's attention_mask must have the token inputs' shape {tuple(examples.inputs.shape[:2])}, "
+            f"got {tuple(examples.attention_mask.shape)}"
+        )
     if examples.inputs.dtype.is_floating_point and not torch.isfinite(examples.inputs).all():
         raise AttributionError(f"the {what} dataset's inputs contain NaN or Inf")
 

@@ -162,7 +162,7 @@ def fit_covariances(
     def visit(name: str, activity: LayerActivity) -> None:
         activation[name] += activation_covariance_sum(activity).to(torch.float64)
         gradient[name] += gradient_covariance_sum(activity).to(torch.float64)
-        positions[name] += activity.activations.shape[0] * activity.activations.shape[1]
+        positions[name] += activity.num_positions
         rows[name] += activity.batch_size
 
     stream_fitting_gradients(model, layers, data, loss, labels, batch_size, device, counter, visit)

@@ -41,10 +41,12 @@ def _hash_tensor(digest: "hashlib._Hash", tensor: torch.Tensor | None) -> None:
 
 
 def examples_fingerprint(examples: Examples) -> str:
-    """A hash of the training rows (inputs, targets, weights)."""
+    """A hash of the training rows (inputs, targets, weights, and the attention mask of token datasets)."""
     digest = hashlib.blake2b(digest_size=16)
     for tensor in (examples.inputs, examples.targets, examples.weights):
         _hash_tensor(digest, tensor)
+    if examples.attention_mask is not None:  # token datasets only (other fingerprints are unchanged)
+        _hash_tensor(digest, examples.attention_mask)
     return digest.hexdigest()
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-LossName = Literal["cross_entropy", "mse"]
+LossName = Literal["cross_entropy", "mse", "causal_lm"]
 Measurement = Literal["loss", "margin"]
 Mode = Literal["pairwise", "aggregate", "self"]
 
@@ -37,13 +37,19 @@ class Cancelled(Exception):
 
 @dataclass(frozen=True)
 class Examples:
-    """A dataset in tensor form. Row i of every tensor describes example i."""
+    """A dataset in tensor form. Row i of every tensor describes example i.
 
-    inputs: torch.Tensor  # float32, (N, ...)
-    targets: torch.Tensor  # int64 (N,) for cross_entropy; float32 (N, d_out) for mse
+    Token datasets (language models, see ``worker.attribution.text``): ``inputs`` are int64 token ids
+    (N, T), ``attention_mask`` (N, T) is 1 at real tokens and 0 at padding, and ``targets`` are the labels
+    (N, T) of loss ``causal_lm`` (-100 = not scored) or the classes (N,) of ``cross_entropy``.
+    """
+
+    inputs: torch.Tensor  # float32, (N, ...); or int64 token ids (N, T)
+    targets: torch.Tensor  # int64 (N,) for cross_entropy; float32 (N, d_out) for mse; int64 (N, T) for causal_lm
     weights: torch.Tensor | None = None  # float32 (N,): multiplies the example's loss
     task: torch.Tensor | None = None  # int64 (N,): meta-learning task id
     split: torch.Tensor | None = None  # int64 (N,): 0 = task train, 1 = task validation
+    attention_mask: torch.Tensor | None = None  # int64 or bool (N, T): 0 = padding (token inputs only)
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -58,6 +64,7 @@ class Examples:
             weights=pick(self.weights),
             task=pick(self.task),
             split=pick(self.split),
+            attention_mask=pick(self.attention_mask),
         )
 
 

@@ -18,7 +18,8 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from worker.attribution.curvature.base import LayerVectors, Preconditioner
 from worker.attribution.gradients import batches, model_dtype
 from worker.attribution.hooks import TrackedLayer, evaluation_mode, split_weight_matrix, weight_matrix
-from worker.attribution.losses import LossName, check_targets, forward, training_objective
+from worker.attribution.losses import LossName, check_targets, forward, output_tensor, scored_positions, training_objective
+from worker.attribution.text import position_ids
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
 MAX_DENSE_PARAMETERS = 10_000
@@ -64,20 +65,33 @@ class FlatModel:
         self.loss = loss
         self.theta = flat_parameters(layers)
 
-    def outputs(self, flat: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, parameters_from_flat(flat, self.layers), (inputs,))
+    def outputs(self, flat: torch.Tensor, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Model outputs with the tracked weights replaced (tied weights are not swapped together: a weight
+        shared by two modules counts, as in the hooks, only through the tracked module)."""
+        params = parameters_from_flat(flat, self.layers)
+        if attention_mask is None:
+            return output_tensor(functional_call(self.model, params, (inputs,), tie_weights=False))
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
+        return output_tensor(functional_call(self.model, params, (inputs,), kwargs, tie_weights=False))
 
     def objective(self, flat: torch.Tensor, batch: Examples) -> torch.Tensor:
         """sum_i w_i l_i over the batch."""
-        return training_objective(self.outputs(flat, batch.inputs), batch.targets, batch.weights, self.loss)
+        outputs = self.outputs(flat, batch.inputs, batch.attention_mask)
+        return training_objective(outputs, batch.targets, batch.weights, self.loss)
 
 
-def output_hessian_product(outputs: torch.Tensor, vectors: torch.Tensor, loss: LossName) -> torch.Tensor:
-    """H_out v for outputs (B, C) and v (..., B, C): softmax Hessian diag(p) - p p^T, or I for mse."""
+def output_hessian_product(
+    outputs: torch.Tensor, vectors: torch.Tensor, loss: LossName, targets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """H_out v for outputs (B, C) and v (..., B, C): softmax Hessian diag(p) - p p^T, or I for mse.
+    causal_lm: outputs (B, T, V), the softmax Hessian at the positions scored by ``targets``, 0 elsewhere."""
     if loss == "mse":
         return vectors
-    p = torch.softmax(outputs, dim=1)
-    return p * vectors - p * (p * vectors).sum(-1, keepdim=True)
+    p = torch.softmax(outputs, dim=-1)
+    product = p * vectors - p * (p * vectors).sum(-1, keepdim=True)
+    if loss == "causal_lm" and targets is not None:
+        product = product * scored_positions(targets).unsqueeze(-1).to(product.dtype)
+    return product
 
 
 def _checked_batches(
@@ -87,8 +101,8 @@ def _checked_batches(
     dtype = model_dtype(model)
     for start, batch in batches(data, batch_size, device, dtype):
         with torch.no_grad():
-            targets = check_targets(forward(model, batch.inputs), batch.targets, loss)
-        yield start, Examples(inputs=batch.inputs, targets=targets, weights=batch.weights)
+            targets = check_targets(forward(model, batch.inputs, batch.attention_mask), batch.targets, loss)
+        yield start, Examples(inputs=batch.inputs, targets=targets, weights=batch.weights, attention_mask=batch.attention_mask)
 
 
 # ---------------------------------------------------------------- dense matrices
@@ -115,7 +129,7 @@ def dense_curvature(
     total = torch.zeros(size, size, dtype=torch.float64, device=device)
     with evaluation_mode(model):
         for start, batch in _checked_batches(model, data, loss, batch_size, device):
-            total += _batch_curvature(flat_model, batch, kind).to(torch.float64)
+            total += _batch_curvature(flat_model, batch, kind).detach().to(torch.float64)
             progress("curvature", start + len(batch), len(data))
     return total / len(data)
 
@@ -124,16 +138,19 @@ def _batch_curvature(flat_model: FlatModel, batch: Examples, kind: str) -> torch
     theta = flat_model.theta
     if kind == "hessian":
         return torch.func.hessian(lambda f: flat_model.objective(f, batch))(theta)
-    outputs = flat_model.outputs(theta, batch.inputs).detach()
-    jacobian = jacrev(lambda f: flat_model.outputs(f, batch.inputs))(theta)  # (B, C, D)
-    jacobian = jacobian.reshape(outputs.shape[0], -1, theta.numel())
+    outputs = flat_model.outputs(theta, batch.inputs, batch.attention_mask).detach()
+    jacobian = jacrev(lambda f: flat_model.outputs(f, batch.inputs, batch.attention_mask))(theta)  # (B, [T,] C, D)
     if flat_model.loss == "mse":
         h_j = jacobian
     else:
-        p = torch.softmax(outputs, dim=1).unsqueeze(2)  # (B, C, 1)
-        h_j = p * jacobian - p * (p * jacobian).sum(1, keepdim=True)
+        p = torch.softmax(outputs, dim=-1).unsqueeze(-1)  # (B, [T,] C, 1)
+        h_j = p * jacobian - p * (p * jacobian).sum(-2, keepdim=True)
+        if flat_model.loss == "causal_lm":
+            h_j = h_j * scored_positions(batch.targets).reshape(*outputs.shape[:2], 1, 1).to(h_j.dtype)
     if batch.weights is not None:
-        h_j = h_j * batch.weights.reshape(-1, 1, 1)
+        h_j = h_j * batch.weights.reshape(-1, *([1] * (h_j.dim() - 1)))
+    jacobian = jacobian.reshape(outputs.shape[0], -1, theta.numel())
+    h_j = h_j.reshape(outputs.shape[0], -1, theta.numel())
     return torch.einsum("bcd,bce->de", jacobian, h_j)
 
 
@@ -203,11 +220,11 @@ def _batch_product(flat_model: FlatModel, theta: torch.Tensor, batch: Examples, 
         return vmap(lambda v: jvp(gradient, (theta,), (v,))[1])(vectors)
 
     def outputs_fn(f: torch.Tensor) -> torch.Tensor:
-        return flat_model.outputs(f, batch.inputs)
+        return flat_model.outputs(f, batch.inputs, batch.attention_mask)
 
     outputs, vjp_fn = vjp(outputs_fn, theta)
     j_v = vmap(lambda v: jvp(outputs_fn, (theta,), (v,))[1])(vectors)  # (Q, B, C)
-    h_j_v = output_hessian_product(outputs.detach(), j_v, flat_model.loss)
+    h_j_v = output_hessian_product(outputs.detach(), j_v, flat_model.loss, batch.targets)
     if batch.weights is not None:
         h_j_v = h_j_v * batch.weights.reshape(1, -1, *([1] * (h_j_v.dim() - 2)))
     return vmap(lambda u: vjp_fn(u)[0])(h_j_v)

@@ -166,7 +166,7 @@ def _fit_with_cache(
                 else:
                     activation[name] += activation_covariance_sum(activity).to(torch.float64)
                     gradient[name] += gradient_covariance_sum(activity).to(torch.float64)
-                    positions[name] += activity.activations.shape[0] * activity.activations.shape[1]
+                    positions[name] += activity.num_positions
                 rows[name] += activity.batch_size
             if fitting_cache is not None:
                 fitting_cache.add(activities)
