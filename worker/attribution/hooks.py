@@ -220,7 +220,7 @@ def position_mask(layer: TrackedLayer, x: torch.Tensor, mask: torch.Tensor | Non
     if mask is None:
         return None
     rows = x.dim() - (0 if layer.kind == "embedding" else 1)
-    if rows == 1:
+    if rows == 1 and x.shape[0] == mask.shape[0]:
         return None
     if layer.kind != "conv2d" and rows == 2 and tuple(x.shape[:2]) == tuple(mask.shape):
         return mask.to(torch.bool)
