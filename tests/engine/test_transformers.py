@@ -226,6 +226,10 @@ def test_default_layers_leave_out_the_lm_head_and_track_only_lora() -> None:
     names = default_layers(adapted)
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert len(names) == 4  # lora_A and lora_B of c_attn and c_fc
+    # a classifier adapter also trains a full copy of the head (peft's modules_to_save): tracked with the adapters
+    classifier = peft.get_peft_model(bert(), peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    trained = {n.rsplit(".", 1)[0] for n, p in classifier.named_parameters() if p.requires_grad}
+    assert set(default_layers(classifier)) == trained and any("modules_to_save" in n for n in trained)
 
 
 def test_adapter_only_attribution_equals_full_gradients_restricted_to_the_adapters() -> None:

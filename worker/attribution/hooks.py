@@ -34,6 +34,7 @@ LayerKind = Literal["linear", "conv2d", "conv1d", "embedding"]
 CONTRACTION_BLOCK_ELEMENTS = 32 * 1024**2  # largest (queries x batch x width) intermediate of a contraction
 NARROW_LAYER_WIDTH = 128  # rank-one layers with min(d_in, d_out) below this contract via per-example gradients
 LORA_MODULE_NAMES = ("lora_A", "lora_B")  # peft's adapter matrices (nn.Linear modules in a ModuleDict)
+PEFT_TRAINED_COPIES = "modules_to_save"  # peft's fully trained copies of chosen modules (e.g. a classifier head)
 
 
 @dataclass(frozen=True)
@@ -87,19 +88,24 @@ def is_lora_layer(name: str) -> bool:
     return any(part in LORA_MODULE_NAMES for part in parts[:-1])
 
 
+def _is_adapter_trained(name: str) -> bool:
+    """A LoRA linear, or a layer of peft's ``modules_to_save`` copies (trained in full with the adapter)."""
+    return is_lora_layer(name) or PEFT_TRAINED_COPIES in name.split(".")[:-1]
+
+
 def default_layers(model: nn.Module) -> list[str]:
     """The layers tracked when none are named: every trackable layer, except that
 
-    * a model with LoRA adapters (peft) tracks only its ``lora_A`` / ``lora_B`` linears (adapter-only
-      attribution: the frozen base weights are not what was trained);
+    * a model with LoRA adapters (peft) tracks only its ``lora_A`` / ``lora_B`` linears and the layers of
+      its ``modules_to_save`` copies (adapter-only attribution: the frozen base weights are not what was
+      trained);
     * a Hugging Face model's output embedding (``get_output_embeddings()``, the LM head) is left out: its
       gradient factor is vocabulary x vocabulary (name it in ``layers`` to track it).
     Plain models (no adapters, no ``get_output_embeddings``) track exactly ``trackable_layers``.
     """
     names = trackable_layers(model)
-    adapters = [name for name in names if is_lora_layer(name)]
-    if adapters:
-        return adapters
+    if any(is_lora_layer(name) for name in names):
+        return [name for name in names if _is_adapter_trained(name)]
     output_embeddings = _output_embeddings(model)
     if output_embeddings is None:
         return names
