@@ -248,28 +248,34 @@ def _masked(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows if mask is None else torch.where(mask.unsqueeze(-1), rows, 0.0)
 
 
+def _parameter(layer: TrackedLayer, name: str) -> torch.Tensor:
+    value = getattr(layer.module, name, None)
+    if not isinstance(value, torch.Tensor):
+        raise AttributionError(f"layer {layer.name!r} has no {name} tensor")
+    return value
+
+
 def weight_matrix(layer: TrackedLayer) -> torch.Tensor:
     """The layer's parameters as one (out_features, in_features) matrix, bias as last column."""
-    weight = layer.module.weight.detach()
+    weight = _parameter(layer, "weight").detach()
     if layer.kind in ("conv1d", "embedding"):
         weight = weight.T  # Conv1D: y = x W + b; Embedding: y = E^T onehot(x)
     weight = weight.reshape(layer.out_features, -1)
     if layer.has_bias:
-        return torch.cat([weight, layer.module.bias.detach().reshape(-1, 1)], dim=1)
+        return torch.cat([weight, _parameter(layer, "bias").detach().reshape(-1, 1)], dim=1)
     return weight
 
 
 def split_weight_matrix(layer: TrackedLayer, matrix: torch.Tensor) -> dict[str, torch.Tensor]:
     """Inverse of ``weight_matrix``: {"<layer>.weight": ..., "<layer>.bias": ...} (model state_dict keys)."""
-    module = layer.module
     prefix = f"{layer.name}." if layer.name else ""
     columns = layer.in_features - int(layer.has_bias)
     weight = matrix[:, :columns]
     if layer.kind in ("conv1d", "embedding"):
         weight = weight.T
-    params = {prefix + "weight": weight.reshape(module.weight.shape)}
+    params = {prefix + "weight": weight.reshape(_parameter(layer, "weight").shape)}
     if layer.has_bias:
-        params[prefix + "bias"] = matrix[:, columns].reshape(module.bias.shape)
+        params[prefix + "bias"] = matrix[:, columns].reshape(_parameter(layer, "bias").shape)
     return params
 
 
@@ -407,7 +413,7 @@ class ActivityRecorder:
         self._mask = None
         self._recording = False
 
-    def _hook(self, layer: TrackedLayer) -> Callable[..., torch.Tensor]:
+    def _hook(self, layer: TrackedLayer) -> Callable[..., torch.Tensor | None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
             if not self._recording:
                 return None
