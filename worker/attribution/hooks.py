@@ -34,6 +34,7 @@ LayerKind = Literal["linear", "conv2d", "conv1d", "embedding"]
 CONTRACTION_BLOCK_ELEMENTS = 32 * 1024**2  # largest (queries x batch x width) intermediate of a contraction
 NARROW_LAYER_WIDTH = 128  # rank-one layers with min(d_in, d_out) below this contract via per-example gradients
 LORA_MODULE_NAMES = ("lora_A", "lora_B")  # peft's adapter matrices (nn.Linear modules in a ModuleDict)
+PEFT_TRAINED_COPIES = "modules_to_save"  # peft's fully trained copies of chosen modules (e.g. a classifier head)
 
 
 @dataclass(frozen=True)
@@ -87,19 +88,24 @@ def is_lora_layer(name: str) -> bool:
     return any(part in LORA_MODULE_NAMES for part in parts[:-1])
 
 
+def _is_adapter_trained(name: str) -> bool:
+    """A LoRA linear, or a layer of peft's ``modules_to_save`` copies (trained in full with the adapter)."""
+    return is_lora_layer(name) or PEFT_TRAINED_COPIES in name.split(".")[:-1]
+
+
 def default_layers(model: nn.Module) -> list[str]:
     """The layers tracked when none are named: every trackable layer, except that
 
-    * a model with LoRA adapters (peft) tracks only its ``lora_A`` / ``lora_B`` linears (adapter-only
-      attribution: the frozen base weights are not what was trained);
+    * a model with LoRA adapters (peft) tracks only its ``lora_A`` / ``lora_B`` linears and the layers of
+      its ``modules_to_save`` copies (adapter-only attribution: the frozen base weights are not what was
+      trained);
     * a Hugging Face model's output embedding (``get_output_embeddings()``, the LM head) is left out: its
       gradient factor is vocabulary x vocabulary (name it in ``layers`` to track it).
     Plain models (no adapters, no ``get_output_embeddings``) track exactly ``trackable_layers``.
     """
     names = trackable_layers(model)
-    adapters = [name for name in names if is_lora_layer(name)]
-    if adapters:
-        return adapters
+    if any(is_lora_layer(name) for name in names):
+        return [name for name in names if _is_adapter_trained(name)]
     output_embeddings = _output_embeddings(model)
     if output_embeddings is None:
         return names
@@ -220,7 +226,7 @@ def position_mask(layer: TrackedLayer, x: torch.Tensor, mask: torch.Tensor | Non
     if mask is None:
         return None
     rows = x.dim() - (0 if layer.kind == "embedding" else 1)
-    if rows == 1:
+    if rows == 1 and x.shape[0] == mask.shape[0]:
         return None
     if layer.kind != "conv2d" and rows == 2 and tuple(x.shape[:2]) == tuple(mask.shape):
         return mask.to(torch.bool)
@@ -242,28 +248,34 @@ def _masked(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows if mask is None else torch.where(mask.unsqueeze(-1), rows, 0.0)
 
 
+def _parameter(layer: TrackedLayer, name: str) -> torch.Tensor:
+    value = getattr(layer.module, name, None)
+    if not isinstance(value, torch.Tensor):
+        raise AttributionError(f"layer {layer.name!r} has no {name} tensor")
+    return value
+
+
 def weight_matrix(layer: TrackedLayer) -> torch.Tensor:
     """The layer's parameters as one (out_features, in_features) matrix, bias as last column."""
-    weight = layer.module.weight.detach()
+    weight = _parameter(layer, "weight").detach()
     if layer.kind in ("conv1d", "embedding"):
         weight = weight.T  # Conv1D: y = x W + b; Embedding: y = E^T onehot(x)
     weight = weight.reshape(layer.out_features, -1)
     if layer.has_bias:
-        return torch.cat([weight, layer.module.bias.detach().reshape(-1, 1)], dim=1)
+        return torch.cat([weight, _parameter(layer, "bias").detach().reshape(-1, 1)], dim=1)
     return weight
 
 
 def split_weight_matrix(layer: TrackedLayer, matrix: torch.Tensor) -> dict[str, torch.Tensor]:
     """Inverse of ``weight_matrix``: {"<layer>.weight": ..., "<layer>.bias": ...} (model state_dict keys)."""
-    module = layer.module
     prefix = f"{layer.name}." if layer.name else ""
     columns = layer.in_features - int(layer.has_bias)
     weight = matrix[:, :columns]
     if layer.kind in ("conv1d", "embedding"):
         weight = weight.T
-    params = {prefix + "weight": weight.reshape(module.weight.shape)}
+    params = {prefix + "weight": weight.reshape(_parameter(layer, "weight").shape)}
     if layer.has_bias:
-        params[prefix + "bias"] = matrix[:, columns].reshape(module.bias.shape)
+        params[prefix + "bias"] = matrix[:, columns].reshape(_parameter(layer, "bias").shape)
     return params
 
 
@@ -401,7 +413,7 @@ class ActivityRecorder:
         self._mask = None
         self._recording = False
 
-    def _hook(self, layer: TrackedLayer) -> Callable[..., torch.Tensor]:
+    def _hook(self, layer: TrackedLayer) -> Callable[..., torch.Tensor | None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
             if not self._recording:
                 return None

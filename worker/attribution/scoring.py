@@ -20,7 +20,7 @@ from worker.attribution.gradients import batches, measurement_activities, traini
 from worker.attribution.hooks import Activities, ActivityRecorder, TrackedLayer, evaluation_mode
 from worker.attribution.losses import LossName, MeasurementName
 from worker.attribution.progress import StageCounter
-from worker.attribution.threads import batch_work, few_threads
+from worker.attribution.threads import batch_work, few_threads, token_rows
 from worker.attribution.training_index import TrainingIndex
 from worker.attribution.types import AttributionError, Examples, TopK
 
@@ -60,7 +60,7 @@ class ModelScorer:
         parts: list[LayerVectors] = []
         with evaluation_mode(self.model), ActivityRecorder(self.layers) as recorder:
             for _, batch in batches(queries, batch_size, self.device, self.dtype):
-                with few_threads(batch_work(self.layers, len(batch))):
+                with few_threads(batch_work(self.layers, token_rows(batch))):
                     activities = measurement_activities(self.model, recorder, batch, self.loss, measurement)
                     gradients = {name: activities[name].per_example_gradients() for name in self.layer_names}
                 if self.normalize:
@@ -138,7 +138,7 @@ def stream_training_batches(
             rows = torch.arange(start, min(start + batch_size, len(train)))
             chunk = train.subset(rows)
             per_model = []
-            with few_threads(sum(batch_work(s.layers, len(chunk)) for s in scorers) * 2):
+            with few_threads(sum(batch_work(s.layers, token_rows(chunk)) for s in scorers) * 2):
                 for scorer, recorder in zip(scorers, recorders):
                     _, batch = next(batches(chunk, len(chunk), scorer.device, scorer.dtype))
                     per_model.append(training_activities(scorer.model, recorder, batch, scorer.loss))

@@ -24,7 +24,7 @@ from worker.attribution.gradients import (
 from worker.attribution.hooks import Activities, ActivityRecorder, LayerActivity, TrackedLayer, evaluation_mode
 from worker.attribution.losses import LossName
 from worker.attribution.progress import StageCounter
-from worker.attribution.threads import batch_work, eigh_work, few_threads
+from worker.attribution.threads import batch_work, eigh_work, few_threads, token_rows
 from worker.attribution.types import Examples
 
 
@@ -136,7 +136,7 @@ def stream_fitting_gradients(
     dtype = model_dtype(model)
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
         for _, batch in batches(data, batch_size, device, dtype):
-            with few_threads(batch_work(layers, len(batch) * labels.samples)):
+            with few_threads(batch_work(layers, token_rows(batch) * labels.samples)):
                 for activities in fitting_activities(model, recorder, batch, loss, labels, generator):
                     for name, activity in activities.items():
                         visit(name, activity)
@@ -257,7 +257,7 @@ def stream_fitting_and_training_gradients(
     dtype = model_dtype(model)
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
         for _, batch in batches(data, batch_size, device, dtype):
-            with few_threads(batch_work(layers, len(batch) * (labels.samples + int(with_training)))):
+            with few_threads(batch_work(layers, token_rows(batch) * (labels.samples + int(with_training)))):
                 if with_training:
                     fitting, training = fitting_and_training_activities(model, recorder, batch, loss, labels, generator)
                 else:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from worker.attribution.hooks import TrackedLayer
+from worker.attribution.types import Examples
 
 SMALL_WORK = 1 << 29  # multiply-adds (some 20-50 ms on one core)
 
@@ -39,6 +40,13 @@ def batch_work(layers: list[TrackedLayer], rows: int) -> float:
         layer.in_features * layer.out_features * 3 + layer.in_features**2 + layer.out_features**2 for layer in layers
     )
     return float(rows) * per_row
+
+
+def token_rows(batch: Examples) -> int:
+    """Rows of the tracked layers' work in a batch: examples, times the sequence length for token batches."""
+    if batch.attention_mask is None:
+        return len(batch)
+    return len(batch) * int(batch.attention_mask.shape[1])
 
 
 def eigh_work(size: int) -> float:
