@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -27,15 +28,17 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 
     Async, so that it costs no thread hop when it does no I/O: making a session touches no connection, and a
     route that ended its own transaction (a read-only page calls ``session.close()``) leaves nothing to commit.
-    Only a session still in a transaction is committed (or rolled back) on a worker thread."""
+    Only a session still in a transaction is committed (or rolled back) on a worker thread, outside the route
+    threads' limit (as FastAPI does for its own exits): when every route thread waits for a lock that this
+    commit releases (SQLite's writer lock, with concurrent idempotent retries), the commit must still run."""
     session = get_sessionmaker(request.app.state.settings.resolved_database_url)()
     try:
         yield session
     except BaseException:
-        await run_in_threadpool(_roll_back_and_close, session)
+        await to_thread.run_sync(_roll_back_and_close, session, limiter=CapacityLimiter(1))
         raise
     if session.in_transaction():
-        await run_in_threadpool(_commit_and_close, session)
+        await to_thread.run_sync(_commit_and_close, session, limiter=CapacityLimiter(1))
     else:
         session.close()
 
