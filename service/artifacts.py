@@ -1,4 +1,4 @@
-"""Service-side use of the artifact layer: ownership lookups and upload validation."""
+"""Service-side use of the artifact layer: upload validation (tenant-scoped lookups: `service.ownership`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from torch import nn
 
-from service.db.tables import Checkpoint, Dataset, Model
-from service.problems import ProblemError, invalid, not_found
+from service.db.tables import Checkpoint, Model
+from service.problems import ProblemError, invalid
 from service.schemas.models import ModelMetadata
 from worker.artifacts.spec import SequentialSpec, build_module, count_parameters, parse_architecture
 from worker.artifacts.spec import parameter_count as module_parameter_count
@@ -47,20 +47,6 @@ def tracked_layers(module: nn.Module) -> list[str]:
 
 def model_spec(model: Model) -> SequentialSpec:
     return parse_architecture(model.architecture)
-
-
-def owned_model(session: Session, tenant_id: str, model_id: str) -> Model:
-    model = session.get(Model, model_id)
-    if model is None or model.tenant_id != tenant_id or model.deleted_at is not None:
-        raise not_found("model", model_id)
-    return model
-
-
-def owned_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.tenant_id != tenant_id or dataset.deleted_at is not None:
-        raise not_found("dataset", dataset_id)
-    return dataset
 
 
 def check_checkpoint_is_new(session: Session, model_id: str, step: int, stage: int) -> None:

@@ -29,13 +29,6 @@ def create_job(session: Session, tenant_id: str, kind: str, max_active_jobs: int
     return job
 
 
-def owned_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant_id:
-        raise not_found("job", job_id)
-    return job
-
-
 def job_out(session: Session, job: Job) -> JobOut:
     fit_id = attribution_id = result_url = model_id = None
     if job.kind == "edit":

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from service.db.tables import Attribution, AttributionResult, Dataset
 from service.pagination import RankCursor
 from service.schemas.attributions import ResultRow
+from worker.methods.registry import get_method
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,14 @@ class IdTypes:
 
 
 def id_types(session: Session, attribution: Attribution) -> IdTypes:
-    meta = attribution.method.startswith("meta_")
+    """Rows name dataset examples by their ids (as the dataset has them: text or integers) or tasks by their
+    integer task ids, as the method declares (`Method.train_unit`, `Method.query_unit`)."""
+    method = get_method(attribution.method)
     query = session.get(Dataset, attribution.query_dataset_id) if attribution.query_dataset_id else None
     train = session.get(Dataset, attribution.train_dataset_id)
     return IdTypes(
-        query_ids_are_strings=bool(query and query.ids_are_strings and not meta),
-        train_ids_are_strings=bool(train and train.ids_are_strings and attribution.method != "meta_task_influence"),
+        query_ids_are_strings=bool(query and query.ids_are_strings and method.query_unit == "example"),
+        train_ids_are_strings=bool(train and train.ids_are_strings and method.train_unit == "example"),
     )
 
 

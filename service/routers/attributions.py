@@ -20,20 +20,14 @@ from service.editing import submit_edit
 from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
-from service.problems import ProblemError, not_found, problem_responses
+from service.ownership import owned
+from service.problems import ProblemError, problem_responses
 from service.results import (
     IdTypes, all_results, has_query, id_types, known_finished, page_of_results, remember_finished, row_out,
 )
 from service.schemas.attributions import AttributionIn, AttributionOut, EditAccepted, EditIn, ResultRow, ResultsPage
 
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=problem_responses(400, 401, 404, 422))
-
-
-def owned_attribution(session: SessionDep, tenant_id: str, attribution_id: str) -> Attribution:
-    attribution = session.get(Attribution, attribution_id)
-    if attribution is None or attribution.tenant_id != tenant_id:
-        raise not_found("attribution", attribution_id)
-    return attribution
 
 
 def attribution_out(attribution: Attribution, status_: str) -> AttributionOut:
@@ -58,12 +52,13 @@ def create_attribution(
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/attributions", body)
     if replayed is not None:
         return replayed
-    checked = check_attribution(session, tenant.id, body, settings)
+    asked = body.root  # the request model of the method it names, with its typed options
+    checked = check_attribution(session, tenant.id, asked, settings)
     job = create_job(session, tenant.id, "attribution", settings.max_active_jobs_per_tenant)
     attribution = Attribution(
-        id=new_id("attr"), tenant_id=tenant.id, job_id=job.id, method=body.method, mode=body.mode,
-        measurement=body.measurement, model_ids=[m.id for m in checked.models], train_dataset_id=checked.train.id,
-        query_dataset_id=checked.query.id if checked.query else None, fit_id=body.fit_id, top_k=body.top_k,
+        id=new_id("attr"), tenant_id=tenant.id, job_id=job.id, method=checked.method.name, mode=asked.mode,
+        measurement=asked.measurement, model_ids=[m.id for m in checked.models], train_dataset_id=checked.train.id,
+        query_dataset_id=checked.query.id if checked.query else None, fit_id=asked.fit_id, top_k=asked.top_k,
         options=checked.options.model_dump(), created_at=utcnow(),
     )
     session.add(attribution)
@@ -77,12 +72,12 @@ def create_attribution(
 
 @router.get("/{attribution_id}")
 def get_attribution(attribution_id: str, tenant: TenantDep, session: SessionDep) -> AttributionOut:
-    attribution = owned_attribution(session, tenant.id, attribution_id)
+    attribution = owned(session, Attribution, tenant.id, attribution_id)
     return attribution_out(attribution, job_status(session, attribution.job_id))
 
 
 def finished_attribution(session: SessionDep, tenant_id: str, attribution_id: str) -> Attribution:
-    attribution = owned_attribution(session, tenant_id, attribution_id)
+    attribution = owned(session, Attribution, tenant_id, attribution_id)
     state = job_status(session, attribution.job_id)
     if state != "succeeded":
         raise ProblemError(409, f"attribution {attribution_id!r} has no results: its job is {state}",

@@ -8,11 +8,11 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from service.artifacts import owned_dataset
 from service.db.base import new_id, utcnow
 from service.db.tables import Dataset
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.examples import MAX_EXAMPLES, dataset_examples
+from service.ownership import owned
 from service.idempotency import IdempotencyKey, remember, replay
 from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
 from service.problems import problem_responses
@@ -79,7 +79,7 @@ def list_datasets(
 
 @router.get("/{dataset_id}")
 def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> DatasetOut:
-    return dataset_out(owned_dataset(session, tenant.id, dataset_id))
+    return dataset_out(owned(session, Dataset, tenant.id, dataset_id))
 
 
 @router.get("/{dataset_id}/examples")
@@ -90,10 +90,10 @@ def get_examples(
 ) -> DatasetExamples:
     """Some examples of the dataset by id (inputs and targets), e.g. to show the training examples that an
     attribution ranked. An unknown id is a 404 naming it."""
-    return dataset_examples(store, owned_dataset(session, tenant.id, dataset_id), ids, settings.max_dataset_rows)
+    return dataset_examples(store, owned(session, Dataset, tenant.id, dataset_id), ids, settings.max_dataset_rows)
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> Response:
-    owned_dataset(session, tenant.id, dataset_id).deleted_at = utcnow()
+    owned(session, Dataset, tenant.id, dataset_id).deleted_at = utcnow()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

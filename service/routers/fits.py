@@ -6,15 +6,16 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from service.artifacts import owned_dataset, owned_model
-from service.attribution_requests import check_inputs_fit, owned_checkpoints, owned_fit
+from service.attribution_requests import check_inputs_fit, owned_checkpoints
 from service.db.base import new_id, utcnow
-from service.db.tables import Fit
+from service.db.tables import Dataset, Fit, Model
 from service.dependencies import JsonBody, SessionDep, SettingsDep, TenantDep
+from service.ownership import owned
 from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.problems import invalid, problem_responses
 from service.schemas.fits import FitIn, FitOut
+from service.schemas.options import FIT_STORED_FIELDS
 
 router = APIRouter(prefix="/v1/fits", tags=["fits"], responses=problem_responses(400, 401, 404, 422))
 
@@ -36,8 +37,8 @@ def create_fit(
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/fits", body)
     if replayed is not None:
         return replayed
-    model = owned_model(session, tenant.id, body.model_id)
-    dataset = owned_dataset(session, tenant.id, body.dataset_id)
+    model = owned(session, Model, tenant.id, body.model_id)
+    dataset = owned(session, Dataset, tenant.id, body.dataset_id)
     check_inputs_fit(model, dataset, "body.dataset_id", settings.max_activation_bytes, body.batch_size)
     if body.layers is not None:
         unknown = [name for name in body.layers if name not in model.tracked_layers]
@@ -47,7 +48,7 @@ def create_fit(
     if body.checkpoint_ids:
         owned_checkpoints(session, model, body.checkpoint_ids)
     job = create_job(session, tenant.id, "fit", settings.max_active_jobs_per_tenant)
-    options = body.model_dump(include={"fisher", "fisher_samples", "seed", "layers", "batch_size", "strategy"})
+    options = body.model_dump(include=set(FIT_STORED_FIELDS))
     fit = Fit(
         id=new_id("fit"), tenant_id=tenant.id, job_id=job.id, model_id=model.id, dataset_id=dataset.id,
         strategy=body.strategy, options=options, damping=body.damping, checkpoint_ids=body.checkpoint_ids,
@@ -64,5 +65,5 @@ def create_fit(
 
 @router.get("/{fit_id}")
 def get_fit(fit_id: str, tenant: TenantDep, session: SessionDep) -> FitOut:
-    fit = owned_fit(session, tenant.id, fit_id)
+    fit = owned(session, Fit, tenant.id, fit_id)
     return fit_out(fit, job_status(session, fit.job_id))

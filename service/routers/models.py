@@ -13,6 +13,7 @@ from service import artifacts
 from service.db.base import new_id, utcnow
 from service.db.tables import Checkpoint, Edit, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
+from service.ownership import owned
 from service.idempotency import IdempotencyKey, remember, replay
 from service.pagination import (
     CheckpointCursor, PageTokenQuery, clamp_page_size, decode_token, encode_token, page_newest_first,
@@ -94,13 +95,13 @@ def list_models(
 
 @router.get("/{model_id}")
 def get_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelOut:
-    model = artifacts.owned_model(session, tenant.id, model_id)
+    model = owned(session, Model, tenant.id, model_id)
     return model_out(model, edit_diagnostics(session, [model.id]).get(model.id) if model.source_attribution_id else None)
 
 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Response:
-    model = artifacts.owned_model(session, tenant.id, model_id)
+    model = owned(session, Model, tenant.id, model_id)
     model.deleted_at = utcnow()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -111,7 +112,7 @@ def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Respo
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
 )
 def download_weights(model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep) -> FileResponse:
-    model = artifacts.owned_model(session, tenant.id, model_id)
+    model = owned(session, Model, tenant.id, model_id)
     with store.local_path(model.weights_sha256) as path:
         return FileResponse(path, media_type="application/octet-stream", filename=f"{model.id}.safetensors")
 
@@ -131,7 +132,7 @@ def upload_checkpoint(
     metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description="JSON: `{\"step\", \"learning_rate\", \"stage\", \"momentum\", \"optimizer\"}`.")],
     weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict at this step.")],
 ) -> CheckpointOut:
-    model = artifacts.owned_model(session, tenant.id, model_id)
+    model = owned(session, Model, tenant.id, model_id)
     meta = parse_metadata(metadata, CheckpointMetadata)
     artifacts.check_checkpoint_is_new(session, model.id, meta.step, meta.stage)
     staged = stage_upload(store, weights, limit=settings.max_upload_bytes, field="weights")
@@ -157,7 +158,7 @@ def list_checkpoints(
     model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     page_size: Annotated[int, Query(ge=1)] = 100, page_token: PageTokenQuery = None,
 ) -> CheckpointList:
-    model = artifacts.owned_model(session, tenant.id, model_id)
+    model = owned(session, Model, tenant.id, model_id)
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Checkpoint).where(Checkpoint.model_id == model.id)
     if page_token:
