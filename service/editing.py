@@ -17,6 +17,7 @@ from worker.artifacts.datasets import read_dataset
 from worker.artifacts.removal import removal_rows, removal_tasks
 from worker.methods.registry import all_methods, get_method
 
+
 def submit_edit(
     session: Session, store: BlobStore, attribution: Attribution, body: EditIn, max_active_jobs: int
 ) -> tuple[Edit, Job]:

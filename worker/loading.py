@@ -18,8 +18,7 @@ from worker.artifacts.datasets import DatasetArrays, read_dataset, to_examples
 from worker.artifacts.spec import build_module, parse_architecture
 from worker.artifacts.weights import load_weights, save_weights
 from worker.attribution import Curvature, Examples, load_curvature
-
-KEY_SEPARATOR = "::"
+from worker.attribution.curvature.base import KEY_SEPARATOR
 
 
 def load_model(store: BlobStore, model: Model, weights_sha256: str | None = None) -> nn.Module:

@@ -1,18 +1,36 @@
 from __future__ import annotations
 
+import functools
+import operator
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union, cast
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
-    BaseModel, ConfigDict, RootModel, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, StrictInt, StrictStr, TypeAdapter,
-    ValidationError, create_model, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    RootModel,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError, core_schema
 
 from service.schemas.common import StrictModel
 from worker.methods.base import Method
-from worker.methods.registry import DEFAULT_METHOD, UnknownMethod, all_methods, get_method, method_names
+from worker.methods.registry import (
+    DEFAULT_METHOD,
+    UnknownMethod,
+    all_methods,
+    get_method,
+    method_names,
+)
 
 ResourceId = Annotated[str, Field(min_length=1, max_length=64)]
 
@@ -38,7 +56,7 @@ class AttributionRequest(StrictModel):
     options: StrictModel
 
     @model_validator(mode="after")
-    def _one_model_source(self) -> "AttributionRequest":
+    def _one_model_source(self) -> AttributionRequest:
         if (self.model_id is None) == (self.model_ids is None):
             raise ValueError("give exactly one of model_id and model_ids")
         return self
@@ -97,8 +115,8 @@ def _validate_by_method(value: Any) -> AttributionRequest:
 
 def request_union() -> Any:
     """Every registered method's request model, as one union discriminated on `method`."""
-    variants = tuple(request_model(method) for method in all_methods())
-    return Annotated[Union[variants], Field(discriminator="method")]
+    variants = [request_model(method) for method in all_methods()]
+    return Annotated[functools.reduce(operator.or_, variants), Field(discriminator="method")]
 
 
 class _ByMethod:

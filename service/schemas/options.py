@@ -6,14 +6,15 @@ pieces they share, so that every rule about options is written once.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, StrictInt, StrictStr, field_validator
 
 from service.schemas.common import BatchSize, ModuleNames, Seed, StrictModel
 
-FitStrategy = Literal["ekfac", "kfac", "diagonal", "identity"]
-FisherKind = Literal["true", "empirical"]
+# The engine's lists (defined once, there), re-exported for the request schemas.
+from worker.attribution.options import FisherKind as FisherKind
+from worker.attribution.options import FitStrategy as FitStrategy
 
 # The options that decide what a curvature fit contains: an attribution that reuses a fit (fit_id) may not give
 # other values for them.
@@ -38,7 +39,8 @@ def _normalise_fisher(value: object) -> object:
 class FitLevelOptions(StrictModel):
     """Options that decide what a curvature fit contains."""
 
-    fisher: FisherKind = Field("true", description="`true`: labels sampled from the model; `empirical`: the given labels.")
+    fisher: FisherKind = Field(
+        "true", description="`true`: labels sampled from the model; `empirical`: the given labels.")
     fisher_samples: StrictInt = Field(1, ge=1, le=64, description="Sampled labels per example (true Fisher).")
     seed: Seed = Field(0, description="Seed of the label sampling.")
     layers: ModuleNames | None = Field(None, description="Module names to track; default every Linear and Conv2d.")

@@ -102,7 +102,8 @@ def test_openapi_documents_each_method_as_a_variant(sqlite_api: Api) -> None:
     union = schemas["AttributionIn"]
     assert union["discriminator"]["propertyName"] == "method"
     names = {
-        "influence": "InfluenceOptions", "datainf": "DataInfOptions", "gradient_similarity": "GradientSimilarityOptions",
+        "influence": "InfluenceOptions", "datainf": "DataInfOptions",
+        "gradient_similarity": "GradientSimilarityOptions",
         "tracin": "TracInOptions", "source": "SourceOptions", "meta_task_influence": "MetaTaskInfluenceOptions",
         "meta_instance_influence": "MetaInstanceInfluenceOptions",
     }

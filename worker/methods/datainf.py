@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from service.schemas.common import BatchSize, Damping, ModuleNames, StrictModel
 from service.schemas.options import DEFAULT_BATCH_SIZE
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 class DataInfOptions(StrictModel):
     """Options of method `datainf`."""
 
-    model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [{"damping": 0.01}]}}
+    model_config = ConfigDict(json_schema_extra={"examples": [{"damping": 0.01}]})
 
     damping: Damping | None = Field(None, description="λ per layer; null: 0.1 × mean ‖g‖²/d.")
     layers: ModuleNames | None = Field(None, description="Module names to track; default every Linear and Conv2d.")

@@ -3,7 +3,7 @@ or their cosine with `normalize`."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from service.schemas.common import BatchSize, Flag, ModuleNames, StrictModel
 from service.schemas.options import DEFAULT_BATCH_SIZE
@@ -13,7 +13,7 @@ from worker.methods.base import Method, RunInputs, RunOutput
 class GradientSimilarityOptions(StrictModel):
     """Options of method `gradient_similarity`."""
 
-    model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [{"normalize": True}]}}
+    model_config = ConfigDict(json_schema_extra={"examples": [{"normalize": True}]})
 
     layers: ModuleNames | None = Field(None, description="Module names to track; default every Linear and Conv2d.")
     batch_size: BatchSize = Field(DEFAULT_BATCH_SIZE, description="Examples per forward/backward pass.")

@@ -3,29 +3,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, cast
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from service.schemas.common import BatchSize, Damping, Iterations, StrictModel, Tolerance
-from service.schemas.options import DEFAULT_BATCH_SIZE, FIT_STORED_FIELDS, FitLevelOptions, FitSettings, FitStrategy
+from service.schemas.common import BatchSize, Damping, Iterations, Tolerance
+from service.schemas.options import DEFAULT_BATCH_SIZE, FIT_STORED_FIELDS, FitLevelOptions, FitSettings
+from worker.attribution.options import FIT_STRATEGIES, CurvatureKind, FitStrategy, InfluenceStrategy
 from worker.methods.base import EditInputs, EditSupport, MadeFit, Method, RunInputs, RunOutput
 
 if TYPE_CHECKING:
     from worker.attribution import EditResult
 
-# Strategies whose curvature is a reusable fit (POST /v1/fits) and those solved against the exact curvature.
-FACTOR_STRATEGIES: tuple[str, ...] = ("ekfac", "kfac", "diagonal", "identity")
-EXACT_STRATEGIES: tuple[str, ...] = ("exact", "cg", "lissa")
 
 
 class InfluenceOptions(FitLevelOptions):
     """Options of method `influence`."""
 
-    model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [
-        {"strategy": "ekfac", "damping": None, "fisher": "true", "batch_size": 256}]}}
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"strategy": "ekfac", "damping": None, "fisher": "true", "batch_size": 256}]})
 
-    strategy: Literal["ekfac", "kfac", "diagonal", "identity", "exact", "cg", "lissa"] = Field(
+    strategy: InfluenceStrategy = Field(
         "ekfac", description="Curvature: a fit (`ekfac`, `kfac`, `diagonal`, `identity`) or the tracked "
         "Gauss-Newton/Hessian itself (`exact`: dense solve; `cg`: conjugate gradients; `lissa`: LiSSA).")
     damping: Damping | None = Field(
@@ -33,7 +31,7 @@ class InfluenceOptions(FitLevelOptions):
         description="Added to every layer's eigenvalues; null: 0.1 × mean eigenvalue per layer "
         "(exact/cg/lissa: 0.1 × trace/D).",
     )
-    curvature: Literal["gauss_newton", "hessian"] = Field("gauss_newton", description="For exact/cg/lissa.")
+    curvature: CurvatureKind = Field("gauss_newton", description="For exact/cg/lissa.")
     max_iter: Iterations = Field(100, description="For cg/lissa.")
     tol: Tolerance = Field(1e-6, description="For cg.")
     batch_size: BatchSize = Field(DEFAULT_BATCH_SIZE, description="Examples per forward/backward pass.")
@@ -55,10 +53,10 @@ def run(inputs: RunInputs) -> RunOutput:
     if inputs.fit is not None:
         curvatures = [inputs.fit]
         engine_options.strategy = cast(FitStrategy, inputs.fit.strategy)  # a stored fit has a factor strategy
-    elif options.strategy in FACTOR_STRATEGIES:
+    elif options.strategy in FIT_STRATEGIES:
         settings = options.fit_settings()
         curvatures = []
-        for model_id, module in zip(inputs.model_ids, inputs.modules):
+        for model_id, module in zip(inputs.model_ids, inputs.modules, strict=True):
             curvature = fit_curvature(module, inputs.train, inputs.loss, fit_options(settings),
                                       progress=inputs.progress)
             curvatures.append(curvature)

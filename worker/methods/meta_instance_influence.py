@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from service.schemas.common import StrictModel
 from worker.methods.base import EditInputs, EditSupport, Method, RunInputs, RunOutput
 from worker.methods.meta_common import MetaOptionsBase, edit_meta, run_meta
 
@@ -19,8 +18,8 @@ if TYPE_CHECKING:
 class MetaInstanceInfluenceOptions(MetaOptionsBase):
     """Options of method `meta_instance_influence`."""
 
-    model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [
-        {"solver": "cg", "inner": {"mode": "implicit_proximal", "reg": 1.0}}]}}
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"solver": "cg", "inner": {"mode": "implicit_proximal", "reg": 1.0}}]})
 
     removal: Literal["first_order"] = Field(
         "first_order", description="Instance removal is first order, Δλ = (H + ρI)⁻¹ g_i (`newton` applies to "

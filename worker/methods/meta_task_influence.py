@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from service.schemas.common import StrictModel
 from worker.methods.base import EditInputs, EditSupport, Method, RunInputs, RunOutput
 from worker.methods.meta_common import MetaOptionsBase, edit_meta, run_meta
 
@@ -19,8 +18,8 @@ if TYPE_CHECKING:
 class MetaTaskInfluenceOptions(MetaOptionsBase):
     """Options of method `meta_task_influence`."""
 
-    model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [
-        {"solver": "cg", "removal": "newton", "inner": {"mode": "implicit_proximal", "reg": 1.0}}]}}
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"solver": "cg", "removal": "newton", "inner": {"mode": "implicit_proximal", "reg": 1.0}}]})
 
     removal: Literal["first_order", "newton"] = Field(
         "first_order", description="Task removal: `first_order` Δλ = (H + ρI)⁻¹ g_k (the paper's task-IF); `newton` "

@@ -7,7 +7,13 @@ from __future__ import annotations
 import threading
 
 from worker.methods import (
-    datainf, gradient_similarity, influence, meta_instance_influence, meta_task_influence, source, tracin,
+    datainf,
+    gradient_similarity,
+    influence,
+    meta_instance_influence,
+    meta_task_influence,
+    source,
+    tracin,
 )
 from worker.methods.base import Method
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, StrictInt
+from pydantic import ConfigDict, Field, StrictInt
 
 from service.schemas.common import BatchSize, Damping, StrictModel
 from service.schemas.options import DEFAULT_BATCH_SIZE, FitLevelOptions, TrajectoryOptions
@@ -22,8 +22,7 @@ class SourceOptions(FitLevelOptions, TrajectoryOptions):
     """Options of method `source`. Rows rank the examples of `train_dataset_id`; each stage's training data (its
     curvature and its N) come from `stage_datasets`."""
 
-    model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [
-        {"segments": 3, "variant": "full", "damping": None}]}}
+    model_config = ConfigDict(json_schema_extra={"examples": [{"segments": 3, "variant": "full", "damping": None}]})
 
     segments: Annotated[StrictInt, Field(ge=1, le=10_000)] | Literal["stages"] | None = Field(
         None, description="k = k equal parts of the run by step (also cut where the stage changes, so a "

@@ -3,9 +3,9 @@ with the learning rate η_c as uploaded (momentum is not folded in). `self` mode
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from service.schemas.common import BatchSize, ModuleNames, StrictModel
+from service.schemas.common import BatchSize, ModuleNames
 from service.schemas.options import DEFAULT_BATCH_SIZE, TrajectoryOptions
 from worker.methods.base import Method, RunInputs, RunOutput
 
@@ -13,8 +13,8 @@ from worker.methods.base import Method, RunInputs, RunOutput
 class TracInOptions(TrajectoryOptions):
     """Options of method `tracin`. Checkpoints are the model's uploaded checkpoints of the attributed stages."""
 
-    model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [
-        {"stages": [1], "stage_datasets": {"0": "ds_pretrain", "1": "ds_finetune"}}]}}
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"stages": [1], "stage_datasets": {"0": "ds_pretrain", "1": "ds_finetune"}}]})
 
     layers: ModuleNames | None = Field(None, description="Module names to track; default every Linear and Conv2d.")
     batch_size: BatchSize = Field(DEFAULT_BATCH_SIZE, description="Examples per forward/backward pass.")

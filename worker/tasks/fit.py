@@ -6,8 +6,8 @@ from sqlalchemy import select
 
 from service.db.tables import Checkpoint, Dataset, Fit, Model
 from worker.attribution import fit_curvature
-from worker.loading import load_checkpoint, load_examples, load_model, put_curvatures
 from worker.context import JobContext
+from worker.loading import load_checkpoint, load_examples, load_model, put_curvatures
 from worker.methods.engine_options import fit_options
 from worker.tasks.options import fit_settings, loss_name
 
