@@ -4,23 +4,40 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
 
 from service.db.tables import Attribution, AttributionResult, Dataset
 from service.pagination import RankCursor
-from service.schemas.attributions import ResultRow
+from service.schemas.attributions import ResultIdTypes, ResultRow
 from worker.methods.registry import get_method
 
 
-@dataclass(frozen=True)
-class IdTypes:
-    query_ids_are_strings: bool
-    train_ids_are_strings: bool
+IdTypes = ResultIdTypes
+
+
+class StoredResult(Protocol):
+    """A stored result row as read back (a row of RESULT_COLUMNS, or a table row): ids are text."""
+
+    @property
+    def query_pos(self) -> int: ...
+    @property
+    def query_id(self) -> str | None: ...
+    @property
+    def direction(self) -> str: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def train_id(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def task(self) -> int | None: ...
+    @property
+    def split(self) -> int | None: ...
 
 
 def id_types(session: Session, attribution: Attribution) -> IdTypes:
@@ -57,25 +74,15 @@ def known_finished(attribution_id: str, tenant_id: str) -> IdTypes | None:
     return known[1] if known is not None and known[0] == tenant_id else None
 
 
-def _typed(value: str | None, as_string: bool) -> int | str | None:
-    if value is None or as_string:
-        return value
-    return int(value)
-
-
 RESULT_COLUMNS = (
     AttributionResult.query_pos, AttributionResult.query_id, AttributionResult.direction, AttributionResult.rank,
     AttributionResult.train_id, AttributionResult.score, AttributionResult.task, AttributionResult.split,
 )
 
 
-def row_out(row: Any, types: IdTypes) -> ResultRow:
-    """A stored row (a table row or a row of RESULT_COLUMNS) with the caller's id types."""
-    return ResultRow(
-        query_id=_typed(row.query_id, types.query_ids_are_strings), direction=row.direction,  # type: ignore[arg-type]
-        rank=row.rank, train_id=_typed(row.train_id, types.train_ids_are_strings),  # type: ignore[arg-type]
-        score=row.score, task=row.task, split=row.split,
-    )
+def row_out(row: StoredResult, types: IdTypes) -> ResultRow:
+    """A stored row with the caller's id types (`from_attributes`)."""
+    return ResultRow.model_validate(row, from_attributes=True, context=types)
 
 
 def page_query(
@@ -101,7 +108,7 @@ def page_query(
 def page_of_results(
     session: Session, attribution_id: str, direction: str, query_id: str | None,
     after: RankCursor | None, size: int,
-) -> tuple[list[Any], RankCursor | None]:
+) -> tuple[Sequence[StoredResult], RankCursor | None]:
     """One page of RESULT_COLUMNS rows (plain rows, not ORM objects: a page is read, never changed)."""
     rows = list(session.execute(page_query(attribution_id, direction, query_id, after, size + 1)))
     if len(rows) <= size:
@@ -118,7 +125,7 @@ def has_query(session: Session, attribution_id: str, query_id: str) -> bool:
     return session.scalar(query.limit(1)) is not None
 
 
-def all_results(session: Session, attribution_id: str) -> Iterator[Any]:
+def all_results(session: Session, attribution_id: str) -> Iterator[StoredResult]:
     query = (
         select(*RESULT_COLUMNS)
         .where(AttributionResult.attribution_id == attribution_id)

@@ -12,6 +12,7 @@ from starlette.background import BackgroundTask
 
 from service import export
 from service.attribution_requests import check_attribution
+from service.conversions import from_row
 from service.db.base import new_id, utcnow
 from service.db.session import session_scope
 from service.db.tables import Attribution
@@ -30,15 +31,10 @@ from service.schemas.attributions import AttributionIn, AttributionOut, EditAcce
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=problem_responses(400, 401, 404, 422))
 
 
-def attribution_out(attribution: Attribution, status_: str) -> AttributionOut:
-    return AttributionOut(
-        id=attribution.id, job_id=attribution.job_id, status=status_,  # type: ignore[arg-type]
-        model_ids=attribution.model_ids, train_dataset_id=attribution.train_dataset_id,
-        query_dataset_id=attribution.query_dataset_id, method=attribution.method, fit_id=attribution.fit_id,
-        measurement=attribution.measurement, mode=attribution.mode, top_k=attribution.top_k,
-        options=attribution.options, diagnostics=attribution.diagnostics, num_results=attribution.num_results,
-        results_url=f"/v1/attributions/{attribution.id}/results", created_at=attribution.created_at,
-    )
+def attribution_view(attribution: Attribution, status: str) -> AttributionOut:
+    """The stored attribution (`from_attributes`) with its job's status and where its results are."""
+    return from_row(AttributionOut, attribution, status=status,
+                    results_url=f"/v1/attributions/{attribution.id}/results")
 
 
 @router.post("", status_code=202, response_model=AttributionOut, responses=problem_responses(409, 413, 415),
@@ -64,7 +60,7 @@ def create_attribution(
     session.add(attribution)
     session.flush()
     response = remember(session, tenant.id, idempotency_key, "POST /v1/attributions", body, 202,
-                        attribution_out(attribution, "queued"), {"Location": f"/v1/jobs/{job.id}"})
+                        attribution_view(attribution, "queued"), {"Location": f"/v1/jobs/{job.id}"})
     session.commit()
     enqueue_or_fail(session, request.app.state.queue, job)
     return response
@@ -73,7 +69,7 @@ def create_attribution(
 @router.get("/{attribution_id}")
 def get_attribution(attribution_id: str, tenant: TenantDep, session: SessionDep) -> AttributionOut:
     attribution = owned(session, Attribution, tenant.id, attribution_id)
-    return attribution_out(attribution, job_status(session, attribution.job_id))
+    return attribution_view(attribution, job_status(session, attribution.job_id))
 
 
 def finished_attribution(session: SessionDep, tenant_id: str, attribution_id: str) -> Attribution:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
+from service.conversions import from_row
 from service.db.base import new_id, utcnow
 from service.db.tables import Dataset
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
@@ -21,13 +22,6 @@ from service.uploads import check_storage_or_discard, commit_blob, parse_metadat
 from worker.artifacts.datasets import describe, detect_format, read_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(400, 401, 404, 422))
-
-
-def dataset_out(dataset: Dataset) -> DatasetOut:
-    return DatasetOut(
-        id=dataset.id, name=dataset.name, format=dataset.format, num_examples=dataset.num_examples,
-        fields=dataset.fields, created_at=dataset.created_at,
-    )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
@@ -63,7 +57,7 @@ def upload_dataset(
     session.add(dataset)
     session.flush()
     return remember(session, tenant.id, idempotency_key, "POST /v1/datasets", fingerprint, 201,
-                    dataset_out(dataset), {"Location": f"/v1/datasets/{dataset.id}"})
+                    from_row(DatasetOut, dataset), {"Location": f"/v1/datasets/{dataset.id}"})
 
 
 @router.get("")
@@ -74,12 +68,12 @@ def list_datasets(
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Dataset).where(Dataset.tenant_id == tenant.id, Dataset.deleted_at.is_(None))
     rows, token = page_newest_first(session, query, Dataset, size, page_token)
-    return DatasetList(datasets=[dataset_out(row) for row in rows], next_page_token=token)
+    return DatasetList(datasets=[from_row(DatasetOut, row) for row in rows], next_page_token=token)
 
 
 @router.get("/{dataset_id}")
 def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> DatasetOut:
-    return dataset_out(owned(session, Dataset, tenant.id, dataset_id))
+    return from_row(DatasetOut, owned(session, Dataset, tenant.id, dataset_id))
 
 
 @router.get("/{dataset_id}/examples")

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.attribution_requests import check_inputs_fit, owned_checkpoints
+from service.conversions import from_row
 from service.db.base import new_id, utcnow
 from service.db.tables import Dataset, Fit, Model
 from service.dependencies import JsonBody, SessionDep, SettingsDep, TenantDep
@@ -18,14 +19,6 @@ from service.schemas.fits import FitIn, FitOut
 from service.schemas.options import FIT_STORED_FIELDS
 
 router = APIRouter(prefix="/v1/fits", tags=["fits"], responses=problem_responses(400, 401, 404, 422))
-
-
-def fit_out(fit: Fit, status: str) -> FitOut:
-    return FitOut(
-        id=fit.id, job_id=fit.job_id, status=status, model_id=fit.model_id, dataset_id=fit.dataset_id,  # type: ignore[arg-type]
-        strategy=fit.strategy, damping=fit.damping, checkpoint_ids=fit.checkpoint_ids, options=fit.options,
-        created_at=fit.created_at,
-    )
 
 
 @router.post("", status_code=202, response_model=FitOut, responses=problem_responses(409, 413, 415),
@@ -56,7 +49,7 @@ def create_fit(
     )
     session.add(fit)
     session.flush()
-    response = remember(session, tenant.id, idempotency_key, "POST /v1/fits", body, 202, fit_out(fit, "queued"),
+    response = remember(session, tenant.id, idempotency_key, "POST /v1/fits", body, 202, from_row(FitOut, fit, status="queued"),
                         {"Location": f"/v1/jobs/{job.id}"})
     session.commit()
     enqueue_or_fail(session, request.app.state.queue, job)
@@ -66,4 +59,4 @@ def create_fit(
 @router.get("/{fit_id}")
 def get_fit(fit_id: str, tenant: TenantDep, session: SessionDep) -> FitOut:
     fit = owned(session, Fit, tenant.id, fit_id)
-    return fit_out(fit, job_status(session, fit.job_id))
+    return from_row(FitOut, fit, status=job_status(session, fit.job_id))

@@ -10,6 +10,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from service import artifacts
+from service.conversions import from_row
 from service.db.base import new_id, utcnow
 from service.db.tables import Checkpoint, Edit, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
@@ -30,12 +31,8 @@ METADATA_DOC = "JSON: `{\"name\", \"format\": \"spec\", \"architecture\": {...},
 
 
 def model_out(model: Model, edit_diagnostics: dict[str, Any] | None = None) -> ModelOut:
-    return ModelOut(
-        id=model.id, name=model.name, format=model.format, num_parameters=model.num_parameters,
-        tracked_layers=model.tracked_layers, architecture=model.architecture, task=model.task,
-        source_attribution_id=model.source_attribution_id, edit_diagnostics=edit_diagnostics,
-        created_at=model.created_at,
-    )
+    """The stored model (`from_attributes`) with the diagnostics of the edit that made it, if any."""
+    return from_row(ModelOut, model, edit_diagnostics=edit_diagnostics)
 
 
 def edit_diagnostics(session: Session, model_ids: list[str]) -> dict[str, dict[str, Any] | None]:
@@ -117,14 +114,6 @@ def download_weights(model_id: str, tenant: TenantDep, session: SessionDep, stor
         return FileResponse(path, media_type="application/octet-stream", filename=f"{model.id}.safetensors")
 
 
-def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
-    return CheckpointOut(
-        id=checkpoint.id, model_id=checkpoint.model_id, step=checkpoint.step,
-        learning_rate=checkpoint.learning_rate, momentum=checkpoint.momentum, stage=checkpoint.stage,
-        optimizer=checkpoint.optimizer or "sgd", created_at=checkpoint.created_at,
-    )
-
-
 @router.post("/{model_id}/checkpoints", status_code=status.HTTP_201_CREATED,
              responses=problem_responses(409, 413, 415), dependencies=[MultipartBody])
 def upload_checkpoint(
@@ -150,7 +139,7 @@ def upload_checkpoint(
     )
     session.add(checkpoint)
     session.flush()
-    return checkpoint_out(checkpoint)
+    return from_row(CheckpointOut, checkpoint)
 
 
 @router.get("/{model_id}/checkpoints")
@@ -168,4 +157,4 @@ def list_checkpoints(
     rows = list(session.scalars(query.order_by(*order).limit(size + 1)))
     last = rows[size - 1] if len(rows) > size else None
     token = encode_token(CheckpointCursor(last.stage, last.step, last.id)) if last else None
-    return CheckpointList(checkpoints=[checkpoint_out(c) for c in rows[:size]], next_page_token=token)
+    return CheckpointList(checkpoints=[from_row(CheckpointOut, c) for c in rows[:size]], next_page_token=token)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import operator
 from datetime import datetime
 from typing import Annotated, Any, Literal, cast
@@ -15,8 +16,10 @@ from pydantic import (
     StrictInt,
     StrictStr,
     TypeAdapter,
+    ValidationInfo,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -115,7 +118,7 @@ def _validate_by_method(value: Any) -> AttributionRequest:
 
 def request_union() -> Any:
     """Every registered method's request model, as one union discriminated on `method`."""
-    variants = [request_model(method) for method in all_methods()]
+    variants = [request_model(entry) for entry in all_methods()]
     return Annotated[functools.reduce(operator.or_, variants), Field(discriminator="method")]
 
 
@@ -158,7 +161,17 @@ class AttributionOut(BaseModel):
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class ResultIdTypes:
+    """Whether a result's query and train ids are given back as text (else as integers): stored ids are text."""
+
+    query_ids_are_strings: bool
+    train_ids_are_strings: bool
+
+
 class ResultRow(BaseModel):
+    """One ranked row. Read from a stored row with `from_attributes` and a `ResultIdTypes` as the context."""
+
     query_id: int | str | None
     direction: Literal["positive", "negative"]
     rank: int
@@ -166,6 +179,15 @@ class ResultRow(BaseModel):
     score: float
     task: int | None = Field(None, description="Meta instance rows: the instance's task.")
     split: int | None = Field(None, description="Meta instance rows: 0 = task train, 1 = task validation.")
+
+    @field_validator("query_id", "train_id", mode="before")
+    @classmethod
+    def _caller_id_type(cls, value: object, info: ValidationInfo) -> object:
+        types = info.context
+        if not isinstance(value, str) or not isinstance(types, ResultIdTypes):
+            return value
+        as_string = types.query_ids_are_strings if info.field_name == "query_id" else types.train_ids_are_strings
+        return value if as_string else int(value)
 
 
 class ResultsPage(BaseModel):

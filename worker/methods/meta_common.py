@@ -37,7 +37,7 @@ class MetaInnerOptions(StrictModel):
 class MetaOptionsBase(StrictModel):
     """Options of the meta methods' total-Hessian solve."""
 
-    inner: MetaInnerOptions = Field(default_factory=MetaInnerOptions)
+    inner: MetaInnerOptions = Field(default_factory=MetaInnerOptions, description="The inner (adaptation) problem.")
     outer_l2: Annotated[StrictFloat | StrictInt, Field(ge=0, le=1e8, allow_inf_nan=False)] = Field(
         0.0, description="δ_o of the outer objective.")
     removal: Literal["first_order", "newton"] = "first_order"

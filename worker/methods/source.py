@@ -1,7 +1,7 @@
-"""Method `source` (SOURCE, segmented stationary unrolling): the run is cut into segments; each attributed
-segment s contributes ∇f(z_q)ᵀ U_s ḡ_s(z_i), with ḡ_s the example's mean gradient over the segment's checkpoints
-and U_s the unrolled effect of the segment's (EK-FAC approximated) curvature and of the later segments. `self`
-mode: Σ over the attributed segments of ⟨ḡ_s, U_s ḡ_s⟩ (no forgetting factors of later segments)."""
+"""Method `source` (SOURCE, segmented stationary unrolling): score(q, i) = Σ_s ⟨U_s E_{s+1} ⋯ E_M ∇f(z_q), ḡ_s(z_i)⟩
+over the attributed segments s (ḡ_s: the example's mean gradient over the segment's checkpoints; U_s: the
+segment's unrolled effect of its EK-FAC curvature; E_t: a later segment's forgetting factor). `self` mode:
+Σ_s ⟨ḡ_s, U_s ḡ_s⟩ (no forgetting factors of later segments)."""
 
 from __future__ import annotations
 
