@@ -38,7 +38,8 @@ class CheckedAttribution:
 def check_attribution(
     session: Session, tenant_id: str, request: AttributionRequest, settings: Settings
 ) -> CheckedAttribution:
-    """What the method declares (modes, measurements, inputs) checked against the request before queuing."""
+    """The request checked against what its method declares before queuing. Modes and measurements are already
+    enforced by the method's request model (`service.schemas.attributions.request_model`); here: the inputs."""
     method = get_method(request.method)
     options = request.options
     max_top_k = settings.max_top_k
@@ -54,22 +55,12 @@ def check_attribution(
     for dataset, field in ((train, "body.train_dataset_id"), (query, "body.query_dataset_id")):
         if dataset is not None:
             check_inputs_fit(models[0], dataset, field, settings.max_activation_bytes, _batch_size(options))
-    _check_declared(method, request)
     if method.needs_meta_datasets:
         _check_meta_datasets(train, query)
     if method.needs_checkpoints:
         _check_trajectory(session, tenant_id, request, method, models, settings)
     fit = _check_fit(session, tenant_id, request, method, models, train)
     return CheckedAttribution(method=method, models=models, train=train, query=query, options=options, fit=fit)
-
-
-def _check_declared(method: Method, request: AttributionRequest) -> None:
-    if request.mode not in method.modes:
-        raise invalid(f"method {method.name!r} has no {request.mode!r} mode (its modes: {', '.join(method.modes)})",
-                      "body.mode")
-    if request.measurement not in method.measurements:
-        raise invalid(f"method {method.name!r} measures {' or '.join(method.measurements)}: measurement must be "
-                      f"{method.measurements[0]!r}", "body.measurement")
 
 
 def _check_ensemble(models: list[Model]) -> None:

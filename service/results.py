@@ -15,7 +15,6 @@ from service.pagination import RankCursor
 from service.schemas.attributions import ResultIdTypes, ResultRow
 from worker.methods.registry import get_method
 
-
 IdTypes = ResultIdTypes
 
 

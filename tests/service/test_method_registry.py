@@ -138,3 +138,22 @@ def test_every_option_reaches_the_engine() -> None:
         engine_fields = {field.name for field in dataclasses.fields(mappings[method.name](method.options()))}
         model_fields = set(method.options.model_fields) - {"stages", "stage_datasets"}
         assert model_fields <= engine_fields, (method.name, model_fields - engine_fields)
+
+
+def test_a_stored_option_the_model_no_longer_knows_fails_the_job(sqlite_api: Api) -> None:
+    """The worker re-reads stored options through the method's model: nothing is dropped silently."""
+    from service.db.session import session_scope
+    from service.db.tables import Attribution
+    from worker.runner import run_job
+
+    setup = setup_job(sqlite_api, n_train=8, n_query=2)
+    sqlite_api.queue.paused = True
+    attribution = submit(sqlite_api, setup, method="gradient_similarity", options={"normalize": True})
+    with session_scope(sqlite_api.settings.resolved_database_url) as session:
+        stored = session.get(Attribution, attribution["id"])
+        assert stored is not None and stored.options["normalize"] is True
+        stored.options = {**stored.options, "retired_option": 3}
+    run_job(attribution["job_id"], sqlite_api.settings)
+    job = sqlite_api.client.get(f"/v1/jobs/{attribution['job_id']}").json()
+    assert job["status"] == "failed" and job["error"]["status"] == 422
+    assert "retired_option" in job["error"]["detail"] and "GradientSimilarityOptions" in job["error"]["detail"]

@@ -132,6 +132,7 @@ class Method:
     summary: str
     options: type[StrictModel]
     run: Callable[[RunInputs], RunOutput]
+    # Every mode but `self` takes a query dataset (query_dataset_id); `self` takes none.
     modes: tuple[ModeName, ...] = ALL_MODES
     measurements: tuple[MeasurementName, ...] = ALL_MEASUREMENTS
     # Inputs: checkpoints (trajectory methods take one model and its uploaded checkpoints), meta-datasets (every
@@ -147,8 +148,3 @@ class Method:
     not_editable: str = ""
     # Method-specific checks of the checkpoints before queuing (raise MethodInputError).
     check_checkpoints: Callable[[StrictModel, Sequence[CheckpointFacts]], None] | None = None
-
-    @property
-    def needs_query_in(self) -> tuple[ModeName, ...]:
-        """The modes of this method that take a query dataset (every mode but `self`)."""
-        return tuple(mode for mode in self.modes if mode != "self")
