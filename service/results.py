@@ -15,8 +15,6 @@ from service.pagination import RankCursor
 from service.schemas.attributions import ResultIdTypes, ResultRow
 from worker.methods.registry import get_method
 
-IdTypes = ResultIdTypes
-
 
 class StoredResult(Protocol):
     """A stored result row as read back (a row of RESULT_COLUMNS, or a table row): ids are text."""
@@ -39,24 +37,24 @@ class StoredResult(Protocol):
     def split(self) -> int | None: ...
 
 
-def id_types(session: Session, attribution: Attribution) -> IdTypes:
+def id_types(session: Session, attribution: Attribution) -> ResultIdTypes:
     """Rows name dataset examples by their ids (as the dataset has them: text or integers) or tasks by their
     integer task ids, as the method declares (`Method.train_unit`, `Method.query_unit`)."""
     method = get_method(attribution.method)
     query = session.get(Dataset, attribution.query_dataset_id) if attribution.query_dataset_id else None
     train = session.get(Dataset, attribution.train_dataset_id)
-    return IdTypes(
+    return ResultIdTypes(
         query_ids_are_strings=bool(query and query.ids_are_strings and method.query_unit == "example"),
         train_ids_are_strings=bool(train and train.ids_are_strings and method.train_unit == "example"),
     )
 
 
 FINISHED_CACHE_SIZE = 10_000
-_finished_types: OrderedDict[str, tuple[str, IdTypes]] = OrderedDict()
+_finished_types: OrderedDict[str, tuple[str, ResultIdTypes]] = OrderedDict()
 _finished_lock = threading.Lock()
 
 
-def remember_finished(attribution: Attribution, types: IdTypes) -> None:
+def remember_finished(attribution: Attribution, types: ResultIdTypes) -> None:
     """A succeeded attribution's rows never change again: remember what reading them needs (its tenant and its id
     types), so that a results page costs one query."""
     with _finished_lock:
@@ -66,7 +64,7 @@ def remember_finished(attribution: Attribution, types: IdTypes) -> None:
             _finished_types.popitem(last=False)
 
 
-def known_finished(attribution_id: str, tenant_id: str) -> IdTypes | None:
+def known_finished(attribution_id: str, tenant_id: str) -> ResultIdTypes | None:
     """The id types of a succeeded attribution of this tenant seen before by this process, else None."""
     with _finished_lock:
         known = _finished_types.get(attribution_id)
@@ -79,7 +77,7 @@ RESULT_COLUMNS = (
 )
 
 
-def row_out(row: StoredResult, types: IdTypes) -> ResultRow:
+def row_out(row: StoredResult, types: ResultIdTypes) -> ResultRow:
     """A stored row with the caller's id types (`from_attributes`)."""
     return ResultRow.model_validate(row, from_attributes=True, context=types)
 

@@ -24,9 +24,11 @@ from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, deco
 from service.ownership import owned
 from service.problems import ProblemError, problem_responses
 from service.results import (
-    IdTypes, all_results, has_query, id_types, known_finished, page_of_results, remember_finished, row_out,
+    all_results, has_query, id_types, known_finished, page_of_results, remember_finished, row_out,
 )
-from service.schemas.attributions import AttributionIn, AttributionOut, EditAccepted, EditIn, ResultRow, ResultsPage
+from service.schemas.attributions import (
+    AttributionIn, AttributionOut, EditAccepted, EditIn, ResultIdTypes, ResultRow, ResultsPage,
+)
 
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=problem_responses(400, 401, 404, 422))
 
@@ -105,7 +107,7 @@ def get_results(
     return Response(page.model_dump_json(), media_type="application/json")  # validated once, serialized once
 
 
-def exported_rows(database_url: str, attribution_id: str, types: IdTypes) -> Iterator[ResultRow]:
+def exported_rows(database_url: str, attribution_id: str, types: ResultIdTypes) -> Iterator[ResultRow]:
     """Rows read in their own session, which lives as long as the streamed response."""
     with session_scope(database_url) as session:
         for row in all_results(session, attribution_id):

@@ -1,7 +1,9 @@
 """The one place where typed request options become the engine's option dataclasses.
 
-Every field is named here: a field added to an options model and not mapped is a type error (mypy) or a failing
-test (tests/service/test_method_registry.py checks each model maps every field), never silently dropped.
+Every field is named here, once. tests/service/test_method_registry.py checks that each option of each method
+has a field of that name in the engine's dataclass (the trajectory methods' `stages` / `stage_datasets` are read
+by the job, `worker.methods.stages`): an option the engine does not know fails that test, and mypy checks each
+constructor call here.
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ from worker.attribution import AttributionScores, Curvature, Examples
 from worker.context import JobContext
 from worker.loading import load_curvatures, load_examples, load_model, put_curvatures
 from worker.methods.base import MadeFit, Method, RunInputs, RunOutput
-from worker.methods.registry import get_method
-from worker.tasks.options import loss_name, measurement_name, method_options, mode_name
+from worker.tasks.options import loss_name, measurement_name, method_of, method_options, mode_name
 from worker.tasks.result_writer import write_results
 from worker.tasks.rows import ResultColumns, result_columns
 from worker.tasks.trajectory import load_trajectory
@@ -56,7 +55,7 @@ def load_request(context: JobContext) -> LoadedRequest:
 
 def run_attribution(context: JobContext) -> None:
     request = load_request(context)
-    method = get_method(request.attribution.method)
+    method = method_of(request.attribution.method)
     output = method.run(run_inputs(context, request, method))
     query_ids = request.query_arrays.ids.tolist() if request.query_arrays is not None else None
     rows = result_columns(output.scores, method.name, request.attribution.top_k, request.train_arrays.ids.tolist(),

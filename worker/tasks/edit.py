@@ -21,8 +21,7 @@ from worker.context import JobContext
 from worker.loading import load_curvatures, load_examples, load_model, put_state_dict
 from worker.methods.base import EditInputs, Method, Trajectory
 from worker.methods.engine_options import edit_options as engine_edit_options
-from worker.methods.registry import get_method
-from worker.tasks.options import edit_options, loss_name, method_options
+from worker.tasks.options import edit_options, loss_name, method_of, method_options
 from worker.tasks.trajectory import load_trajectory
 
 
@@ -52,7 +51,7 @@ def load_edit(context: JobContext) -> LoadedEdit:
         assert edit is not None
         attribution = session.get(Attribution, edit.attribution_id)
         assert attribution is not None
-        method = get_method(attribution.method)
+        method = method_of(attribution.method)
         model_row = session.get(Model, attribution.model_ids[0])
         train_row = session.get(Dataset, attribution.train_dataset_id)
         query_row = session.get(Dataset, attribution.query_dataset_id) if attribution.query_dataset_id else None

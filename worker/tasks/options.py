@@ -15,6 +15,7 @@ from service.schemas.common import StrictModel
 from service.schemas.options import FitSettings
 from worker.attribution import AttributionError
 from worker.methods.base import LossName, MeasurementName, Method, ModeName
+from worker.methods.registry import UnknownMethod, get_method
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 LOSSES: dict[str, LossName] = {"cross_entropy": "cross_entropy", "mse": "mse"}
@@ -27,6 +28,14 @@ def read_stored(model: type[ModelT], stored: dict[str, Any], what: str) -> Model
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(options)'}: {e['msg']}" for e in exc.errors())
         raise AttributionError(f"the stored {what} no longer fit this service's options model "
                                f"{model.__name__}: {problems}") from exc
+
+
+def method_of(name: str) -> Method:
+    """The registered method of a stored request; a job of a method this worker does not know fails with a 422."""
+    try:
+        return get_method(name)
+    except UnknownMethod:
+        raise AttributionError(f"method {name!r} is not known to this worker") from None
 
 
 def method_options(method: Method, stored: dict[str, Any]) -> StrictModel:
