@@ -2,33 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import math
+from dataclasses import dataclass
 
 import torch
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.artifacts import model_spec, owned_dataset, owned_model
+from service.artifacts import model_spec
 from service.db.tables import Checkpoint, Dataset, Fit, Job, Model
 from service.hf_requests import check_hf_inputs
-from service.problems import FieldError, ProblemError, invalid, not_found
-from service.schemas.attributions import AttributionIn
-from service.schemas.options import FIT_LEVEL_FIELDS, OPTIONS_BY_METHOD, StrictModel
+from service.ownership import owned
+from service.problems import ProblemError, invalid
+from service.schemas.attributions import AttributionRequest
+from service.schemas.common import StrictModel
+from service.schemas.options import DEFAULT_BATCH_SIZE, FIT_LEVEL_FIELDS, TrajectoryOptions
 from service.settings import Settings
 from worker.artifacts.spec import build_module
+from worker.methods.base import CheckpointFacts, Method, MethodInputError
+from worker.methods.registry import all_methods, get_method
+from worker.methods.stages import stage_plan
 
-META_METHODS = ("meta_task_influence", "meta_instance_influence")
-DEFAULT_BATCH_SIZE = 256
 ACTIVATION_COPIES = 3
-TRAJECTORY_METHODS = ("source", "tracin")
 
 
 @dataclass
 class CheckedAttribution:
+    method: Method
     models: list[Model]
     train: Dataset
     query: Dataset | None
@@ -36,27 +36,19 @@ class CheckedAttribution:
     fit: Fit | None
 
 
-def parse_options(method: str, raw: dict[str, Any]) -> StrictModel:
-    try:
-        return OPTIONS_BY_METHOD[method].model_validate(raw)
-    except ValidationError as exc:
-        errors = [
-            FieldError(field=".".join(["body", "options", *(str(p) for p in e["loc"])]), message=e["msg"])
-            for e in exc.errors()
-        ]
-        summary = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
-        raise ProblemError(422, f"invalid options for method {method!r}: {summary}", kind="invalid-input",
-                           title="Invalid input", errors=errors) from exc
-
-
-def check_attribution(session: Session, tenant_id: str, request: AttributionIn, settings: Settings) -> CheckedAttribution:
+def check_attribution(
+    session: Session, tenant_id: str, request: AttributionRequest, settings: Settings
+) -> CheckedAttribution:
+    """The request checked against what its method declares before queuing. Modes and measurements are already
+    enforced by the method's request model (`service.schemas.attributions.request_model`); here: the inputs."""
+    method = get_method(request.method)
+    options = request.options
     max_top_k = settings.max_top_k
-    models = [owned_model(session, tenant_id, model_id) for model_id in request.all_model_ids]
+    models = [owned(session, Model, tenant_id, model_id) for model_id in request.all_model_ids]
     _check_ensemble(models)
     loss = models[0].task["loss"]
-    train = owned_dataset(session, tenant_id, request.train_dataset_id)
+    train = owned(session, Dataset, tenant_id, request.train_dataset_id)
     query = _query_dataset(session, tenant_id, request)
-    options = parse_options(request.method, request.options)
     if request.top_k > max_top_k:
         raise invalid(f"top_k may be at most {max_top_k}", "body.top_k")
     if request.measurement == "margin" and loss != "cross_entropy":
@@ -64,12 +56,12 @@ def check_attribution(session: Session, tenant_id: str, request: AttributionIn, 
     for dataset, field in ((train, "body.train_dataset_id"), (query, "body.query_dataset_id")):
         if dataset is not None:
             check_inputs_fit(models[0], dataset, field, settings.max_activation_bytes, _batch_size(options))
-    if request.method in META_METHODS:
-        _check_meta(request, train, query)
-    if request.method in TRAJECTORY_METHODS:
-        _check_trajectory(session, tenant_id, request, models, options, settings)
-    fit = _check_fit(session, tenant_id, request, models, train, options)
-    return CheckedAttribution(models=models, train=train, query=query, options=options, fit=fit)
+    if method.needs_meta_datasets:
+        _check_meta_datasets(train, query)
+    if method.needs_checkpoints:
+        _check_trajectory(session, tenant_id, request, method, models, settings)
+    fit = _check_fit(session, tenant_id, request, method, models, train)
+    return CheckedAttribution(method=method, models=models, train=train, query=query, options=options, fit=fit)
 
 
 def _check_ensemble(models: list[Model]) -> None:
@@ -82,18 +74,19 @@ def _check_ensemble(models: list[Model]) -> None:
         raise invalid("model_ids repeats a model", "body.model_ids")
 
 
-def _query_dataset(session: Session, tenant_id: str, request: AttributionIn) -> Dataset | None:
+def _query_dataset(session: Session, tenant_id: str, request: AttributionRequest) -> Dataset | None:
     if request.mode == "self":
         if request.query_dataset_id is not None:
             raise invalid("mode \"self\" takes no query dataset", "body.query_dataset_id")
         return None
     if request.query_dataset_id is None:
         raise invalid(f"mode {request.mode!r} needs query_dataset_id", "body.query_dataset_id")
-    return owned_dataset(session, tenant_id, request.query_dataset_id)
+    return owned(session, Dataset, tenant_id, request.query_dataset_id)
 
 
 def _batch_size(options: StrictModel) -> int:
-    return int(getattr(options, "batch_size", DEFAULT_BATCH_SIZE))
+    batch_size = getattr(options, "batch_size", DEFAULT_BATCH_SIZE)
+    return batch_size if isinstance(batch_size, int) else DEFAULT_BATCH_SIZE
 
 
 def check_inputs_fit(
@@ -136,86 +129,47 @@ def _numel(output: object) -> int:
     return 0
 
 
-def _check_meta(request: AttributionIn, train: Dataset, query: Dataset | None) -> None:
-    if request.mode == "self":
-        raise invalid("meta methods have no \"self\" mode", "body.mode")
-    if request.measurement != "loss":
-        raise invalid("meta methods measure the post-adaptation loss: measurement must be \"loss\"", "body.measurement")
-    removal = (request.options or {}).get("removal", "first_order")
-    if removal == "newton" and request.method != "meta_task_influence":
-        raise invalid("options.removal \"newton\" applies to meta_task_influence; instance influence is first order",
-                      "body.options.removal")
-    if removal == "newton" and (request.options or {}).get("solver", "cg") == "neumann":
-        raise invalid("options.removal \"newton\" needs solver \"exact\" or \"cg\"", "body.options.solver")
+def _check_meta_datasets(train: Dataset, query: Dataset | None) -> None:
     for dataset, field in ((train, "body.train_dataset_id"), (query, "body.query_dataset_id")):
         if dataset is not None and not {"task", "split"} <= set(dataset.fields):
             raise invalid(f"dataset {dataset.id!r} is not a meta-dataset: it needs `task` and `split` fields", field)
 
 
 def _check_trajectory(
-    session: Session, tenant_id: str, request: AttributionIn, models: list[Model], options: StrictModel,
+    session: Session, tenant_id: str, request: AttributionRequest, method: Method, models: list[Model],
     settings: Settings,
 ) -> None:
     if len(models) != 1:
-        raise invalid(f"method {request.method!r} takes one model (model_id), not an ensemble", "body.model_ids")
+        raise invalid(f"method {method.name!r} takes one model (model_id), not an ensemble", "body.model_ids")
     checkpoints = list(session.scalars(select(Checkpoint).where(Checkpoint.model_id == models[0].id)))
     if not checkpoints:
-        raise invalid(f"method {request.method!r} needs the model's training checkpoints: upload them with "
+        raise invalid(f"method {method.name!r} needs the model's training checkpoints: upload them with "
                       f"POST /v1/models/{models[0].id}/checkpoints", "body.model_id")
-    stages = sorted({c.stage for c in checkpoints})
-    adam = sorted({c.stage for c in checkpoints if (c.optimizer or "sgd") != "sgd"})
-    if request.method == "source" and adam:
-        raise invalid(f"the checkpoints of stage(s) {adam} were trained with an Adam-type optimizer: SOURCE supports "
-                      "SGD (with momentum) trajectories only; the diagonal approximation for Adam (appendix C of the "
-                      "SOURCE paper) is not implemented yet. Use method \"tracin\" or \"influence\"", "body.model_id")
-    wanted = getattr(options, "stages", None)
-    for stage in wanted or []:
-        if stage not in stages:
-            raise invalid(f"stage {stage} has no checkpoint (stages with checkpoints: {stages})", "body.options.stages")
-    stage_datasets: dict[str, str] = getattr(options, "stage_datasets", None) or {}
-    for key, dataset_id in stage_datasets.items():
-        if not key.isdigit() or int(key) not in stages:
-            raise invalid(f"stage_datasets names stage {key!r}, which has no checkpoint (stages: {stages})",
-                          "body.options.stage_datasets")
-        check_inputs_fit(models[0], owned_dataset(session, tenant_id, dataset_id), "body.options.stage_datasets",
+    facts = [CheckpointFacts(stage=c.stage, step=c.step, optimizer=c.optimizer or "sgd") for c in checkpoints]
+    options = request.options
+    if not isinstance(options, TrajectoryOptions):
+        raise TypeError(f"method {method.name!r} reads checkpoints: its options must extend TrajectoryOptions")
+    try:
+        if method.check_checkpoints is not None:
+            method.check_checkpoints(options, facts)
+        stage_plan(options, sorted({c.stage for c in facts}), request.train_dataset_id)
+    except MethodInputError as exc:
+        raise invalid(exc.message, exc.field) from exc
+    for dataset_id in (options.stage_datasets or {}).values():
+        check_inputs_fit(models[0], owned(session, Dataset, tenant_id, dataset_id), "body.options.stage_datasets",
                          settings.max_activation_bytes, _batch_size(options))
-    if len(stages) > 1 and stage_datasets:
-        missing = [s for s in stages if str(s) not in stage_datasets]
-        if missing:
-            raise invalid(f"stage_datasets has no dataset for stage(s) {missing}", "body.options.stage_datasets")
-    _check_attributed_stages(request, stages, stage_datasets, wanted)
-    segments = getattr(options, "segments", None)
-    if isinstance(segments, int):
-        steps = len({(c.stage, c.step) for c in checkpoints})
-        if segments < 1 or segments > steps:
-            raise invalid(f"segments must be between 1 and the number of checkpoints ({steps}); {segments} would "
-                          "leave a segment with no checkpoint", "body.options.segments")
-
-
-def _check_attributed_stages(
-    request: AttributionIn, stages: list[int], stage_datasets: dict[str, str], wanted: list[int] | None
-) -> None:
-    """The attributed stages must train on train_dataset_id (their segments score its examples)."""
-    dataset_of = {s: stage_datasets.get(str(s), request.train_dataset_id) for s in stages}
-    attributed = wanted if wanted is not None else [s for s in stages if dataset_of[s] == request.train_dataset_id]
-    if not attributed:
-        raise invalid("no stage to attribute: no stage trains on train_dataset_id (see options.stage_datasets) "
-                      "and options.stages names none", "body.options.stages")
-    other = [s for s in attributed if dataset_of[s] != request.train_dataset_id]
-    if other:
-        raise invalid(f"stage(s) {other} train on another dataset than train_dataset_id, so their data are not "
-                      "the attributed examples", "body.options.stages")
 
 
 def _check_fit(
-    session: Session, tenant_id: str, request: AttributionIn, models: list[Model], train: Dataset,
-    options: StrictModel,
+    session: Session, tenant_id: str, request: AttributionRequest, method: Method, models: list[Model],
+    train: Dataset,
 ) -> Fit | None:
     if request.fit_id is None:
         return None
-    fit = owned_fit(session, tenant_id, request.fit_id)
-    if request.method != "influence":
-        raise invalid(f"fit_id is used by method \"influence\", not {request.method!r}", "body.fit_id")
+    fit = owned(session, Fit, tenant_id, request.fit_id)
+    if not method.accepts_fit:
+        users = " or ".join(f"\"{m.name}\"" for m in all_methods() if m.accepts_fit)
+        raise invalid(f"fit_id is used by method {users}, not {method.name!r}", "body.fit_id")
     if len(models) != 1 or fit.model_id != models[0].id:
         raise invalid(f"fit {fit.id!r} was made for model {fit.model_id!r}", "body.fit_id")
     if fit.dataset_id != train.id:
@@ -224,19 +178,12 @@ def _check_fit(
     if job is None or job.status != "succeeded":
         raise ProblemError(409, f"fit {fit.id!r} is not ready (its job is {job.status if job else 'missing'})",
                            kind="fit-not-ready")
-    requested = options.model_dump()
-    given = set(request.options)
+    requested = request.options.model_dump()
+    given = request.options.model_fields_set
     for name in FIT_LEVEL_FIELDS:
         if name in given and requested.get(name) != fit.options.get(name):
             raise invalid(f"option {name}={requested.get(name)!r} differs from fit {fit.id!r} "
                           f"({fit.options.get(name)!r}); leave it out or make a new fit", f"body.options.{name}")
-    return fit
-
-
-def owned_fit(session: Session, tenant_id: str, fit_id: str) -> Fit:
-    fit = session.get(Fit, fit_id)
-    if fit is None or fit.tenant_id != tenant_id:
-        raise not_found("fit", fit_id)
     return fit
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from service.artifacts import owned_model
+from service.db.tables import Model
+from service.ownership import owned
 from service.schemas.datasets import DatasetMetadata
 from service.storage import BlobStore
 from service.storage.base import StagedBlob
@@ -22,7 +23,7 @@ def tokenize_options(session: Session, store: BlobStore, tenant_id: str, meta: D
     """How to tokenize text columns: the tokenizer uploaded with model ``tokenize_with``; None without it."""
     if meta.tokenize_with is None:
         return None
-    model = owned_model(session, tenant_id, meta.tokenize_with)
+    model = owned(session, Model, tenant_id, meta.tokenize_with)
     files = model.architecture.get("files") or {}
     if model.format != "hf" or "tokenizer" not in files:
         raise ArtifactError(f"model {model.id!r} has no tokenizer: upload it (format \"hf\") with a `tokenizer` part "

@@ -15,8 +15,7 @@ from service.schemas.attributions import EditIn
 from service.storage import BlobStore
 from worker.artifacts.datasets import read_dataset
 from worker.artifacts.removal import removal_rows, removal_tasks
-
-EDITABLE_METHODS = ("influence", "datainf", "source", "meta_task_influence", "meta_instance_influence")
+from worker.methods.registry import all_methods, get_method
 
 
 def submit_edit(
@@ -35,16 +34,21 @@ def submit_edit(
     return edit, job
 
 
+def editable_methods() -> list[str]:
+    return [entry.name for entry in all_methods() if entry.edit is not None]
+
+
 def _check_method(attribution: Attribution, body: EditIn) -> None:
-    if attribution.method not in EDITABLE_METHODS:
-        detail = {"tracin": "TracInCP gives no parameter-change estimate; edit a `source` or `influence` attribution"}
-        raise invalid(detail.get(attribution.method, f"method {attribution.method!r} gives no parameter-change "
-                                 f"estimate; editable methods: {', '.join(EDITABLE_METHODS)}"), "body")
+    method = get_method(attribution.method)
+    if method.edit is None:
+        raise invalid(method.not_editable or f"method {method.name!r} gives no parameter-change estimate; editable "
+                      f"methods: {', '.join(editable_methods())}", "body")
     if len(attribution.model_ids) != 1:
         raise invalid("editing needs an attribution of one model, not an ensemble", "body")
-    if attribution.method == "meta_instance_influence" and body.options.estimator == "newton":
-        raise invalid("estimator 'newton' (a solve with H − Σ H_k) applies to task influence; meta instance "
-                      "influence supports 'first_order' and 'proximal'", "body.options.estimator")
+    estimator = body.options.estimator
+    if estimator is not None and estimator not in method.edit.estimators:
+        raise invalid(method.edit.estimator_note or f"method {method.name!r} supports the estimators "
+                      f"{', '.join(method.edit.estimators)}, not {estimator!r}", "body.options.estimator")
 
 
 def _check_ids(session: Session, store: BlobStore, attribution: Attribution, body: EditIn) -> None:
@@ -53,7 +57,7 @@ def _check_ids(session: Session, store: BlobStore, attribution: Attribution, bod
         raise invalid(f"the attribution's training dataset {attribution.train_dataset_id!r} no longer exists", "body")
     with store.local_path(dataset.blob_sha256) as path:
         arrays = read_dataset(path, dataset.format, max_rows=max(dataset.num_examples, 1))
-    if attribution.method == "meta_task_influence":
+    if get_method(attribution.method).train_unit == "task":
         _, missing = removal_tasks(arrays.task, body.remove)
         what = "task ids not in the training dataset"
     else:

@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.conversions import from_row
 from service.db.base import new_id, utcnow
 from service.db.tables import FINISHED_STATUSES, Attribution, Edit, Fit, Job
 from service.liveness import LivenessPolicy, cancel
-from service.problems import ProblemError, not_found, problem_dict
+from service.problems import ProblemError, problem_dict
 from service.quotas import check_active_jobs
 from service.schemas.jobs import JobOut, JobProgress
 
@@ -29,13 +30,6 @@ def create_job(session: Session, tenant_id: str, kind: str, max_active_jobs: int
     return job
 
 
-def owned_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant_id:
-        raise not_found("job", job_id)
-    return job
-
-
 def job_out(session: Session, job: Job) -> JobOut:
     fit_id = attribution_id = result_url = model_id = None
     if job.kind == "edit":
@@ -50,12 +44,9 @@ def job_out(session: Session, job: Job) -> JobOut:
         attribution_id = session.scalar(select(Attribution.id).where(Attribution.job_id == job.id))
         if attribution_id and job.status == "succeeded":
             result_url = f"/v1/attributions/{attribution_id}/results"
-    return JobOut(
-        id=job.id, kind=job.kind, status=job.status,  # type: ignore[arg-type]
-        progress=JobProgress(stage=job.progress_stage, completed=job.progress_completed, total=job.progress_total),
-        error=job.error, result_url=result_url, fit_id=fit_id, attribution_id=attribution_id, model_id=model_id,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-    )
+    progress = JobProgress(stage=job.progress_stage, completed=job.progress_completed, total=job.progress_total)
+    return from_row(JobOut, job, progress=progress, result_url=result_url, fit_id=fit_id,
+                    attribution_id=attribution_id, model_id=model_id)
 
 
 def cancel_job(session: Session, job: Job, policy: LivenessPolicy) -> None:

@@ -140,7 +140,7 @@ def _allowed_methods(request: Request) -> list[str]:
     for template, operations in request.app.openapi().get("paths", {}).items():
         pattern = "^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)) + "$"
         if re.match(pattern, request.url.path):
-            methods |= {method.upper() for method in operations}
+            methods |= {verb.upper() for verb in operations}
     return sorted(methods)
 
 

@@ -4,40 +4,57 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
 
 from service.db.tables import Attribution, AttributionResult, Dataset
 from service.pagination import RankCursor
-from service.schemas.attributions import ResultRow
+from service.schemas.attributions import ResultIdTypes, ResultRow
+from worker.methods.registry import get_method
 
 
-@dataclass(frozen=True)
-class IdTypes:
-    query_ids_are_strings: bool
-    train_ids_are_strings: bool
+class StoredResult(Protocol):
+    """A stored result row as read back (a row of RESULT_COLUMNS, or a table row): ids are text."""
+
+    @property
+    def query_pos(self) -> int: ...
+    @property
+    def query_id(self) -> str | None: ...
+    @property
+    def direction(self) -> str: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def train_id(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def task(self) -> int | None: ...
+    @property
+    def split(self) -> int | None: ...
 
 
-def id_types(session: Session, attribution: Attribution) -> IdTypes:
-    meta = attribution.method.startswith("meta_")
+def id_types(session: Session, attribution: Attribution) -> ResultIdTypes:
+    """Rows name dataset examples by their ids (as the dataset has them: text or integers) or tasks by their
+    integer task ids, as the method declares (`Method.train_unit`, `Method.query_unit`)."""
+    method = get_method(attribution.method)
     query = session.get(Dataset, attribution.query_dataset_id) if attribution.query_dataset_id else None
     train = session.get(Dataset, attribution.train_dataset_id)
-    return IdTypes(
-        query_ids_are_strings=bool(query and query.ids_are_strings and not meta),
-        train_ids_are_strings=bool(train and train.ids_are_strings and attribution.method != "meta_task_influence"),
+    return ResultIdTypes(
+        query_ids_are_strings=bool(query and query.ids_are_strings and method.query_unit == "example"),
+        train_ids_are_strings=bool(train and train.ids_are_strings and method.train_unit == "example"),
     )
 
 
 FINISHED_CACHE_SIZE = 10_000
-_finished_types: OrderedDict[str, tuple[str, IdTypes]] = OrderedDict()
+_finished_types: OrderedDict[str, tuple[str, ResultIdTypes]] = OrderedDict()
 _finished_lock = threading.Lock()
 
 
-def remember_finished(attribution: Attribution, types: IdTypes) -> None:
+def remember_finished(attribution: Attribution, types: ResultIdTypes) -> None:
     """A succeeded attribution's rows never change again: remember what reading them needs (its tenant and its id
     types), so that a results page costs one query."""
     with _finished_lock:
@@ -47,17 +64,11 @@ def remember_finished(attribution: Attribution, types: IdTypes) -> None:
             _finished_types.popitem(last=False)
 
 
-def known_finished(attribution_id: str, tenant_id: str) -> IdTypes | None:
+def known_finished(attribution_id: str, tenant_id: str) -> ResultIdTypes | None:
     """The id types of a succeeded attribution of this tenant seen before by this process, else None."""
     with _finished_lock:
         known = _finished_types.get(attribution_id)
     return known[1] if known is not None and known[0] == tenant_id else None
-
-
-def _typed(value: str | None, as_string: bool) -> int | str | None:
-    if value is None or as_string:
-        return value
-    return int(value)
 
 
 RESULT_COLUMNS = (
@@ -66,13 +77,9 @@ RESULT_COLUMNS = (
 )
 
 
-def row_out(row: Any, types: IdTypes) -> ResultRow:
-    """A stored row (a table row or a row of RESULT_COLUMNS) with the caller's id types."""
-    return ResultRow(
-        query_id=_typed(row.query_id, types.query_ids_are_strings), direction=row.direction,  # type: ignore[arg-type]
-        rank=row.rank, train_id=_typed(row.train_id, types.train_ids_are_strings),  # type: ignore[arg-type]
-        score=row.score, task=row.task, split=row.split,
-    )
+def row_out(row: StoredResult, types: ResultIdTypes) -> ResultRow:
+    """A stored row with the caller's id types (`from_attributes`)."""
+    return ResultRow.model_validate(row, from_attributes=True, context=types)
 
 
 def page_query(
@@ -98,7 +105,7 @@ def page_query(
 def page_of_results(
     session: Session, attribution_id: str, direction: str, query_id: str | None,
     after: RankCursor | None, size: int,
-) -> tuple[list[Any], RankCursor | None]:
+) -> tuple[Sequence[StoredResult], RankCursor | None]:
     """One page of RESULT_COLUMNS rows (plain rows, not ORM objects: a page is read, never changed)."""
     rows = list(session.execute(page_query(attribution_id, direction, query_id, after, size + 1)))
     if len(rows) <= size:
@@ -115,7 +122,7 @@ def has_query(session: Session, attribution_id: str, query_id: str) -> bool:
     return session.scalar(query.limit(1)) is not None
 
 
-def all_results(session: Session, attribution_id: str) -> Iterator[Any]:
+def all_results(session: Session, attribution_id: str) -> Iterator[StoredResult]:
     query = (
         select(*RESULT_COLUMNS)
         .where(AttributionResult.attribution_id == attribution_id)

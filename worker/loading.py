@@ -21,9 +21,8 @@ from worker.artifacts.text_datasets import STORED_FORMAT as TEXT_FORMAT
 from worker.artifacts.text_datasets import TextArrays, read_stored
 from worker.artifacts.weights import save_weights
 from worker.attribution import Curvature, Examples, load_curvature
+from worker.attribution.curvature.base import KEY_SEPARATOR
 from worker.attribution.text import TextBatch
-
-KEY_SEPARATOR = "::"
 
 
 def load_model(store: BlobStore, model: Model, weights_sha256: str | None = None) -> nn.Module:

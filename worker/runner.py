@@ -8,74 +8,28 @@ replaced stops at its next progress report and can never write results or a stat
 
 from __future__ import annotations
 
-import importlib
 import logging
-import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.orm import Session
 
 from service.db.session import session_scope
 from service.db.tables import Job
-from service.liveness import (
-    CancelRequested, LivenessPolicy, Superseded, claim, finish, report_progress, time_limit_problem, worker_name,
-)
+from service.liveness import LivenessPolicy, Superseded, claim, finish, time_limit_problem, worker_name
 from service.problems import problem_dict
 from service.settings import Settings
 from service.storage import BlobStore, LocalBlobStore
 from worker.artifacts.errors import ArtifactError
 from worker.attribution import AttributionError, Cancelled
+from worker.context import JobContext
 from worker.heartbeat import Heartbeat
+from worker.tasks import JOB_KINDS, JobTask
+
+# job kind -> its task (worker/tasks/__init__.py); the tasks import worker.context, never this module
+TASKS = JOB_KINDS
 
 log = logging.getLogger(__name__)
-
-PROGRESS_WRITE_SECONDS = 0.5
-
-@dataclass
-class JobContext:
-    """What a task needs: where the database and blobs are, how to report progress, and how to finish."""
-
-    job_id: str
-    database_url: str
-    store: BlobStore
-    attempt: int = 1
-    heartbeat: Heartbeat | None = None
-    _last_write: float = field(default=0.0)
-    _last_stage: str = field(default="")
-
-    def session(self):  # type: ignore[no-untyped-def]
-        return session_scope(self.database_url)
-
-    def progress(self, stage: str, completed: int, total: int) -> None:
-        """Write progress (throttled); stop the work with ``Cancelled`` if the job was cancelled, or with
-        ``Superseded`` if this attempt no longer owns the job."""
-        if self.heartbeat is not None and self.heartbeat.lost.is_set():
-            raise Superseded(f"job {self.job_id} attempt {self.attempt} lost its job")
-        now = time.monotonic()
-        final = total > 0 and completed >= total
-        if stage == self._last_stage and now - self._last_write < PROGRESS_WRITE_SECONDS and not final:
-            return
-        self._last_write, self._last_stage = now, stage
-        with self.session() as session:
-            try:
-                report_progress(session, self.job_id, self.attempt, stage, completed, total)
-            except CancelRequested:
-                raise Cancelled() from None
-
-    def succeed(self, session: Session) -> None:
-        """Mark the job succeeded in ``session``'s transaction (with the results written in it); raises
-        ``Cancelled`` or ``Superseded`` instead, and the caller's transaction rolls back, if the job was
-        cancelled meanwhile or this attempt no longer owns it."""
-        job = session.get(Job, self.job_id)
-        try:
-            finish(session, self.job_id, self.attempt, "succeeded",
-                   progress_total=job.progress_total if job is not None else 0)
-        except CancelRequested:
-            raise Cancelled() from None
 
 
 def store_for(settings: Settings) -> BlobStore:
@@ -123,15 +77,6 @@ def _finish(context: JobContext, status: str, error: dict[str, Any] | None) -> N
         log.warning("job %s: not marked %s: %s", context.job_id, status, exc)
 
 
-# job kind -> "module:function" of its task, imported when a job of that kind runs (tasks import this module
-# for JobContext, so the runner never imports them at module level)
-TASKS: dict[str, str] = {
-    "fit": "worker.tasks.fit:run_fit",
-    "attribution": "worker.tasks.attribution:run_attribution",
-    "edit": "worker.tasks.edit:run_edit",
-}
-
-
 def _dispatch(context: JobContext) -> None:
     with context.session() as session:
         job = session.get(Job, context.job_id)
@@ -140,6 +85,5 @@ def _dispatch(context: JobContext) -> None:
     task_for(kind)(context)
 
 
-def task_for(kind: str) -> Callable[[JobContext], None]:
-    module_name, function_name = TASKS[kind].split(":")
-    return getattr(importlib.import_module(module_name), function_name)  # type: ignore[no-any-return]
+def task_for(kind: str) -> JobTask:
+    return TASKS[kind]

@@ -12,6 +12,7 @@ from starlette.background import BackgroundTask
 
 from service import export
 from service.attribution_requests import check_attribution
+from service.conversions import from_row
 from service.db.base import new_id, utcnow
 from service.db.session import session_scope
 from service.db.tables import Attribution
@@ -21,31 +22,22 @@ from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
 from service.openapi import json_body_example, location_header
-from service.problems import ProblemError, not_found, problem_responses
+from service.ownership import owned
+from service.problems import ProblemError, problem_responses
 from service.results import (
-    IdTypes, all_results, has_query, id_types, known_finished, page_of_results, remember_finished, row_out,
+    all_results, has_query, id_types, known_finished, page_of_results, remember_finished, row_out,
 )
-from service.schemas.attributions import AttributionIn, AttributionOut, EditAccepted, EditIn, ResultRow, ResultsPage
+from service.schemas.attributions import (
+    AttributionIn, AttributionOut, EditAccepted, EditIn, ResultIdTypes, ResultRow, ResultsPage,
+)
 
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=problem_responses(400, 401, 404, 422))
 
 
-def owned_attribution(session: SessionDep, tenant_id: str, attribution_id: str) -> Attribution:
-    attribution = session.get(Attribution, attribution_id)
-    if attribution is None or attribution.tenant_id != tenant_id:
-        raise not_found("attribution", attribution_id)
-    return attribution
-
-
-def attribution_out(attribution: Attribution, status_: str) -> AttributionOut:
-    return AttributionOut(
-        id=attribution.id, job_id=attribution.job_id, status=status_,  # type: ignore[arg-type]
-        model_ids=attribution.model_ids, train_dataset_id=attribution.train_dataset_id,
-        query_dataset_id=attribution.query_dataset_id, method=attribution.method, fit_id=attribution.fit_id,
-        measurement=attribution.measurement, mode=attribution.mode, top_k=attribution.top_k,
-        options=attribution.options, diagnostics=attribution.diagnostics, num_results=attribution.num_results,
-        results_url=f"/v1/attributions/{attribution.id}/results", created_at=attribution.created_at,
-    )
+def attribution_view(attribution: Attribution, status: str) -> AttributionOut:
+    """The stored attribution (`from_attributes`) with its job's status and where its results are."""
+    return from_row(AttributionOut, attribution, status=status,
+                    results_url=f"/v1/attributions/{attribution.id}/results")
 
 
 ATTRIBUTION_REQUEST_EXAMPLE = {
@@ -71,18 +63,19 @@ def create_attribution(
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/attributions", body)
     if replayed is not None:
         return replayed
-    checked = check_attribution(session, tenant.id, body, settings)
+    asked = body.root  # the request model of the method it names, with its typed options
+    checked = check_attribution(session, tenant.id, asked, settings)
     job = create_job(session, tenant.id, "attribution", settings.max_active_jobs_per_tenant)
     attribution = Attribution(
-        id=new_id("attr"), tenant_id=tenant.id, job_id=job.id, method=body.method, mode=body.mode,
-        measurement=body.measurement, model_ids=[m.id for m in checked.models], train_dataset_id=checked.train.id,
-        query_dataset_id=checked.query.id if checked.query else None, fit_id=body.fit_id, top_k=body.top_k,
+        id=new_id("attr"), tenant_id=tenant.id, job_id=job.id, method=checked.method.name, mode=asked.mode,
+        measurement=asked.measurement, model_ids=[m.id for m in checked.models], train_dataset_id=checked.train.id,
+        query_dataset_id=checked.query.id if checked.query else None, fit_id=asked.fit_id, top_k=asked.top_k,
         options=checked.options.model_dump(), created_at=utcnow(),
     )
     session.add(attribution)
     session.flush()
     response = remember(session, tenant.id, idempotency_key, "POST /v1/attributions", body, 202,
-                        attribution_out(attribution, "queued"), {"Location": f"/v1/jobs/{job.id}"})
+                        attribution_view(attribution, "queued"), {"Location": f"/v1/jobs/{job.id}"})
     session.commit()
     enqueue_or_fail(session, request.app.state.queue, job)
     return response
@@ -91,12 +84,12 @@ def create_attribution(
 @router.get("/{attribution_id}", summary="Get an attribution")
 def get_attribution(attribution_id: str, tenant: TenantDep, session: SessionDep) -> AttributionOut:
     """One attribution with the status of its job, its options as resolved, its diagnostics and row count."""
-    attribution = owned_attribution(session, tenant.id, attribution_id)
-    return attribution_out(attribution, job_status(session, attribution.job_id))
+    attribution = owned(session, Attribution, tenant.id, attribution_id)
+    return attribution_view(attribution, job_status(session, attribution.job_id))
 
 
 def finished_attribution(session: SessionDep, tenant_id: str, attribution_id: str) -> Attribution:
-    attribution = owned_attribution(session, tenant_id, attribution_id)
+    attribution = owned(session, Attribution, tenant_id, attribution_id)
     state = job_status(session, attribution.job_id)
     if state != "succeeded":
         raise ProblemError(409, f"attribution {attribution_id!r} has no results: its job is {state}",
@@ -131,7 +124,7 @@ def get_results(
     return Response(page.model_dump_json(), media_type="application/json")  # validated once, serialized once
 
 
-def exported_rows(database_url: str, attribution_id: str, types: IdTypes) -> Iterator[ResultRow]:
+def exported_rows(database_url: str, attribution_id: str, types: ResultIdTypes) -> Iterator[ResultRow]:
     """Rows read in their own session, which lives as long as the streamed response."""
     with session_scope(database_url) as session:
         for row in all_results(session, attribution_id):

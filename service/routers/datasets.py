@@ -8,13 +8,14 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from service.artifacts import owned_dataset
+from service.conversions import from_row
 from service.db.base import new_id, utcnow
 from service.db.tables import Dataset
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.examples import MAX_EXAMPLES, dataset_examples
 from service.idempotency import IdempotencyKey, remember, replay
 from service.openapi import location_header, multipart_example
+from service.ownership import owned
 from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
 from service.dataset_uploads import stage_text_dataset, tokenize_options
 from service.problems import invalid, problem_responses
@@ -24,13 +25,6 @@ from worker.artifacts.datasets import describe, detect_format, read_dataset
 from worker.artifacts.text_datasets import STORED_FORMAT, describe_text, field_names, is_text_dataset, read_text_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(400, 401, 404, 422))
-
-
-def dataset_out(dataset: Dataset) -> DatasetOut:
-    return DatasetOut(
-        id=dataset.id, name=dataset.name, format=dataset.format, num_examples=dataset.num_examples,
-        fields=dataset.fields, created_at=dataset.created_at,
-    )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut, summary="Upload a dataset",
@@ -89,7 +83,7 @@ def upload_dataset(
     session.add(dataset)
     session.flush()
     return remember(session, tenant.id, idempotency_key, "POST /v1/datasets", fingerprint, 201,
-                    dataset_out(dataset), {"Location": f"/v1/datasets/{dataset.id}"})
+                    from_row(DatasetOut, dataset), {"Location": f"/v1/datasets/{dataset.id}"})
 
 
 @router.get("", summary="List datasets")
@@ -101,13 +95,13 @@ def list_datasets(
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Dataset).where(Dataset.tenant_id == tenant.id, Dataset.deleted_at.is_(None))
     rows, token = page_newest_first(session, query, Dataset, size, page_token)
-    return DatasetList(datasets=[dataset_out(row) for row in rows], next_page_token=token)
+    return DatasetList(datasets=[from_row(DatasetOut, row) for row in rows], next_page_token=token)
 
 
 @router.get("/{dataset_id}", summary="Get a dataset")
 def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> DatasetOut:
     """One dataset: its format, number of examples and the dtype and shape of each field."""
-    return dataset_out(owned_dataset(session, tenant.id, dataset_id))
+    return from_row(DatasetOut, owned(session, Dataset, tenant.id, dataset_id))
 
 
 @router.get("/{dataset_id}/examples", summary="Get examples of a dataset")
@@ -118,11 +112,11 @@ def get_examples(
 ) -> DatasetExamples:
     """Some examples of the dataset by id (inputs and targets), e.g. to show the training examples that an
     attribution ranked. An unknown id is a 404 naming it."""
-    return dataset_examples(store, owned_dataset(session, tenant.id, dataset_id), ids, settings.max_dataset_rows)
+    return dataset_examples(store, owned(session, Dataset, tenant.id, dataset_id), ids, settings.max_dataset_rows)
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a dataset")
 def delete_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> Response:
     """The dataset is no longer listed nor usable in new fits and attributions."""
-    owned_dataset(session, tenant.id, dataset_id).deleted_at = utcnow()
+    owned(session, Dataset, tenant.id, dataset_id).deleted_at = utcnow()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

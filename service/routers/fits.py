@@ -6,26 +6,20 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from service.artifacts import owned_dataset, owned_model
-from service.attribution_requests import check_inputs_fit, owned_checkpoints, owned_fit
+from service.attribution_requests import check_inputs_fit, owned_checkpoints
+from service.conversions import from_row
 from service.db.base import new_id, utcnow
-from service.db.tables import Fit
+from service.db.tables import Dataset, Fit, Model
 from service.dependencies import JsonBody, SessionDep, SettingsDep, TenantDep
 from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.openapi import location_header
+from service.ownership import owned
 from service.problems import invalid, problem_responses
 from service.schemas.fits import FitIn, FitOut
+from service.schemas.options import FIT_STORED_FIELDS
 
 router = APIRouter(prefix="/v1/fits", tags=["fits"], responses=problem_responses(400, 401, 404, 422))
-
-
-def fit_out(fit: Fit, status: str) -> FitOut:
-    return FitOut(
-        id=fit.id, job_id=fit.job_id, status=status, model_id=fit.model_id, dataset_id=fit.dataset_id,  # type: ignore[arg-type]
-        strategy=fit.strategy, damping=fit.damping, checkpoint_ids=fit.checkpoint_ids, options=fit.options,
-        created_at=fit.created_at,
-    )
 
 
 @router.post("", status_code=202, response_model=FitOut, summary="Queue a curvature fit",
@@ -41,8 +35,8 @@ def create_fit(
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/fits", body)
     if replayed is not None:
         return replayed
-    model = owned_model(session, tenant.id, body.model_id)
-    dataset = owned_dataset(session, tenant.id, body.dataset_id)
+    model = owned(session, Model, tenant.id, body.model_id)
+    dataset = owned(session, Dataset, tenant.id, body.dataset_id)
     check_inputs_fit(model, dataset, "body.dataset_id", settings.max_activation_bytes, body.batch_size)
     if body.layers is not None:
         unknown = [name for name in body.layers if name not in model.tracked_layers]
@@ -52,7 +46,7 @@ def create_fit(
     if body.checkpoint_ids:
         owned_checkpoints(session, model, body.checkpoint_ids)
     job = create_job(session, tenant.id, "fit", settings.max_active_jobs_per_tenant)
-    options = body.model_dump(include={"fisher", "fisher_samples", "seed", "layers", "batch_size", "strategy"})
+    options = body.model_dump(include=set(FIT_STORED_FIELDS))
     fit = Fit(
         id=new_id("fit"), tenant_id=tenant.id, job_id=job.id, model_id=model.id, dataset_id=dataset.id,
         strategy=body.strategy, options=options, damping=body.damping, checkpoint_ids=body.checkpoint_ids,
@@ -60,8 +54,8 @@ def create_fit(
     )
     session.add(fit)
     session.flush()
-    response = remember(session, tenant.id, idempotency_key, "POST /v1/fits", body, 202, fit_out(fit, "queued"),
-                        {"Location": f"/v1/jobs/{job.id}"})
+    response = remember(session, tenant.id, idempotency_key, "POST /v1/fits", body, 202,
+                        from_row(FitOut, fit, status="queued"), {"Location": f"/v1/jobs/{job.id}"})
     session.commit()
     enqueue_or_fail(session, request.app.state.queue, job)
     return response
@@ -70,5 +64,5 @@ def create_fit(
 @router.get("/{fit_id}", summary="Get a fit")
 def get_fit(fit_id: str, tenant: TenantDep, session: SessionDep) -> FitOut:
     """One fit, with the status of its job."""
-    fit = owned_fit(session, tenant.id, fit_id)
-    return fit_out(fit, job_status(session, fit.job_id))
+    fit = owned(session, Fit, tenant.id, fit_id)
+    return from_row(FitOut, fit, status=job_status(session, fit.job_id))

@@ -9,8 +9,9 @@ from sqlalchemy import select
 
 from service.db.tables import Job
 from service.dependencies import SessionDep, SettingsDep, TenantDep
-from service.jobs import cancel_job, job_out, owned_job
+from service.jobs import cancel_job, job_out
 from service.liveness import LivenessPolicy
+from service.ownership import owned
 from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
 from service.problems import problem_responses
 from service.schemas.jobs import JobList, JobOut
@@ -36,13 +37,13 @@ def list_jobs(
 def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     """A job's status and progress; poll it after a 202 (its `Location`). A succeeded job has `result_url`, a
     failed one a problem document in `error`."""
-    return job_out(session, owned_job(session, tenant.id, job_id))
+    return job_out(session, owned(session, Job, tenant.id, job_id))
 
 
 @router.post("/{job_id}/cancel", responses=problem_responses(409), summary="Cancel a job", name="cancel_job")
 def cancel(job_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> JobOut:
     """A queued job, or a running one whose worker is gone (stale heartbeat), ends `cancelled` at once; a running
     job with a live worker stops at its next progress report."""
-    job = owned_job(session, tenant.id, job_id)
+    job = owned(session, Job, tenant.id, job_id)
     cancel_job(session, job, LivenessPolicy.from_settings(settings))
     return job_out(session, job)

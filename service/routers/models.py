@@ -10,6 +10,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from service import artifacts
+from service.conversions import from_row
 from service.db.base import new_id, utcnow
 from service.db.tables import Checkpoint, Edit, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
@@ -21,6 +22,7 @@ from service.model_uploads import (
     check_quota_or_discard, discard_all, fingerprint_files, prepare_and_store, stage_parts,
 )
 from service.openapi import location_header, multipart_example
+from service.ownership import owned
 from service.problems import problem_responses
 from service.schemas.models import (
     CheckpointList, CheckpointMetadata, CheckpointOut, ModelFormats, ModelList, ModelMetadata, ModelOut,
@@ -43,12 +45,8 @@ ARCHIVE_DOC = ("`hf`: instead of the file parts, a .tar, .tar.gz or .zip of a sa
 
 
 def model_out(model: Model, edit_diagnostics: dict[str, Any] | None = None) -> ModelOut:
-    return ModelOut(
-        id=model.id, name=model.name, format=model.format, num_parameters=model.num_parameters,
-        tracked_layers=model.tracked_layers, architecture=model.architecture, task=model.task,
-        source_attribution_id=model.source_attribution_id, edit_diagnostics=edit_diagnostics,
-        created_at=model.created_at,
-    )
+    """The stored model (`from_attributes`) with the diagnostics of the edit that made it, if any."""
+    return from_row(ModelOut, model, edit_diagnostics=edit_diagnostics)
 
 
 def edit_diagnostics(session: Session, model_ids: list[str]) -> dict[str, dict[str, Any] | None]:
@@ -129,14 +127,14 @@ def list_models(
 @router.get("/{model_id}", summary="Get a model")
 def get_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelOut:
     """One model; models made by an edit carry the edit's diagnostics."""
-    model = artifacts.owned_model(session, tenant.id, model_id)
+    model = owned(session, Model, tenant.id, model_id)
     return model_out(model, edit_diagnostics(session, [model.id]).get(model.id) if model.source_attribution_id else None)
 
 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a model")
 def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Response:
     """The model is no longer listed nor usable in new fits and attributions."""
-    model = artifacts.owned_model(session, tenant.id, model_id)
+    model = owned(session, Model, tenant.id, model_id)
     model.deleted_at = utcnow()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -150,17 +148,9 @@ def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Respo
 )
 def download_weights(model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep) -> FileResponse:
     """The weights as uploaded, or as an edit made them: a safetensors file (`{model_id}.safetensors`)."""
-    model = artifacts.owned_model(session, tenant.id, model_id)
+    model = owned(session, Model, tenant.id, model_id)
     with store.local_path(model.weights_sha256) as path:
         return FileResponse(path, media_type="application/octet-stream", filename=f"{model.id}.safetensors")
-
-
-def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
-    return CheckpointOut(
-        id=checkpoint.id, model_id=checkpoint.model_id, step=checkpoint.step,
-        learning_rate=checkpoint.learning_rate, momentum=checkpoint.momentum, stage=checkpoint.stage,
-        optimizer=checkpoint.optimizer or "sgd", created_at=checkpoint.created_at,
-    )
 
 
 @router.post("/{model_id}/checkpoints", status_code=status.HTTP_201_CREATED, summary="Upload a checkpoint",
@@ -175,7 +165,7 @@ def upload_checkpoint(
     """A training checkpoint of the model (for SOURCE and TracInCP): the state_dict at a step of its training,
     with that step's learning rate, momentum, optimizer and stage. A second checkpoint at the same (stage, step)
     is a 409."""
-    model = artifacts.owned_model(session, tenant.id, model_id)
+    model = owned(session, Model, tenant.id, model_id)
     meta = parse_metadata(metadata, CheckpointMetadata)
     artifacts.check_checkpoint_is_new(session, model.id, meta.step, meta.stage)
     staged = stage_upload(store, weights, limit=settings.max_upload_bytes, field="weights")
@@ -193,7 +183,7 @@ def upload_checkpoint(
     )
     session.add(checkpoint)
     session.flush()
-    return checkpoint_out(checkpoint)
+    return from_row(CheckpointOut, checkpoint)
 
 
 @router.get("/{model_id}/checkpoints", summary="List a model's checkpoints")
@@ -202,7 +192,7 @@ def list_checkpoints(
     page_size: Annotated[int, Query(ge=1)] = 100, page_token: PageTokenQuery = None,
 ) -> CheckpointList:
     """The model's checkpoints by (stage, step), cursor-paged (`next_page_token`)."""
-    model = artifacts.owned_model(session, tenant.id, model_id)
+    model = owned(session, Model, tenant.id, model_id)
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Checkpoint).where(Checkpoint.model_id == model.id)
     if page_token:
@@ -212,4 +202,4 @@ def list_checkpoints(
     rows = list(session.scalars(query.order_by(*order).limit(size + 1)))
     last = rows[size - 1] if len(rows) > size else None
     token = encode_token(CheckpointCursor(last.stage, last.step, last.id)) if last else None
-    return CheckpointList(checkpoints=[checkpoint_out(c) for c in rows[:size]], next_page_token=token)
+    return CheckpointList(checkpoints=[from_row(CheckpointOut, c) for c in rows[:size]], next_page_token=token)

@@ -1,22 +1,26 @@
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import functools
+import operator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, RootModel, StrictInt, StrictStr,
+    TypeAdapter, ValidationError, ValidationInfo, create_model, field_validator, model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError, core_schema
 
 from service.schemas.common import EXAMPLE_TIME, StrictModel, Timestamp
-
-Method = Literal[
-    "influence", "source", "datainf", "tracin", "gradient_similarity",
-    "meta_task_influence", "meta_instance_influence",
-]
-
+from worker.methods.base import Method
+from worker.methods.registry import DEFAULT_METHOD, UnknownMethod, all_methods, get_method, method_names
 
 ResourceId = Annotated[str, Field(min_length=1, max_length=64)]
 
 
-class AttributionIn(StrictModel):
-    """Give exactly one of `model_id` and `model_ids`."""
+class AttributionRequest(StrictModel):
+    """What every method's request has. Give exactly one of `model_id` and `model_ids`."""
 
     model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["model_id"]}, {"required": ["model_ids"]}]})
 
@@ -27,16 +31,16 @@ class AttributionIn(StrictModel):
     )
     train_dataset_id: ResourceId
     query_dataset_id: ResourceId | None = Field(None, description="Required except in `self` mode.")
-    method: Method = "influence"
+    method: str = DEFAULT_METHOD
     fit_id: ResourceId | None = None
     measurement: Literal["loss", "margin"] = "loss"
     mode: Literal["pairwise", "aggregate", "self"] = "pairwise"
     top_k: StrictInt = Field(10, ge=1, le=1_000_000, description="Rows per query and direction (a server setting "
                              "may cap it lower: 422).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Method-specific; unknown options are a 422.")
+    options: StrictModel
 
     @model_validator(mode="after")
-    def _one_model_source(self) -> "AttributionIn":
+    def _one_model_source(self) -> AttributionRequest:
         if (self.model_id is None) == (self.model_ids is None):
             raise ValueError("give exactly one of model_id and model_ids")
         return self
@@ -44,6 +48,79 @@ class AttributionIn(StrictModel):
     @property
     def all_model_ids(self) -> list[str]:
         return [self.model_id] if self.model_id is not None else list(self.model_ids or [])
+
+
+_variants: dict[str, type[AttributionRequest]] = {}
+
+
+def request_model(method: Method) -> type[AttributionRequest]:
+    """The request body of one method: `method` is its name, `options` its own strict options model."""
+    known = _variants.get(method.name)
+    if known is not None and known.model_fields["options"].annotation is method.options:
+        return known
+    name_type: Any = cast(Any, Literal)[method.name]  # the one name, as a JSON schema `const`
+    method_field = (name_type, Field(method.name if method.name == DEFAULT_METHOD else ..., description=method.summary))
+    modes: Any = cast(Any, Literal)[method.modes]
+    measurements: Any = cast(Any, Literal)[method.measurements]
+    variant = create_model(
+        f"{method.options.__name__.removesuffix('Options')}AttributionIn", __base__=AttributionRequest,
+        __module__=__name__,
+        method=method_field,
+        mode=(modes, Field(method.modes[0], description="`pairwise`: top-k rows per query; `aggregate`: one ranking "
+                           "for the summed queries; `self`: each training example's score on itself.")),
+        measurement=(measurements, Field(method.measurements[0], description="What is measured on a query: its "
+                                         "loss, or its margin (classifiers).")),
+        options=(method.options, Field(default_factory=method.options,
+                                       description=f"Options of method `{method.name}`; unknown options are a 422; "
+                                       "omitted: every default.")),
+    )
+    _variants[method.name] = variant
+    return variant
+
+
+def _validate_by_method(value: Any) -> AttributionRequest:
+    """The body validated by the model of the method it names (default `influence`), with the current registry."""
+    if isinstance(value, AttributionRequest):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError("model_type", "Input should be a valid dictionary or object")
+    name = value.get("method", DEFAULT_METHOD)
+    try:
+        method = get_method(name) if isinstance(name, str) else None
+    except UnknownMethod:
+        method = None
+    if method is None:
+        expected = ", ".join(repr(n) for n in method_names())
+        raise ValidationError.from_exception_data("AttributionIn", [InitErrorDetails(
+            type=PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected}),
+            loc=("method",), input=name)])
+    return request_model(method).model_validate(value)
+
+
+def request_union() -> Any:
+    """Every registered method's request model, as one union discriminated on `method`."""
+    variants = [request_model(entry) for entry in all_methods()]
+    return Annotated[functools.reduce(operator.or_, variants), Field(discriminator="method")]
+
+
+class _ByMethod:
+    """`AttributionIn`: validated by the model of the method the body names (default `influence`) in the registry
+    as it is when the request comes; documented as the oneOf of every method's request model, discriminated on
+    `method` (component `AttributionIn`)."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            _validate_by_method,
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda v: v.model_dump(mode="json")),
+        )
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return handler(TypeAdapter(request_union()).core_schema)
+
+
+class AttributionIn(RootModel[Annotated[AttributionRequest, _ByMethod()]]):
+    """The body of `POST /v1/attributions`: one method's request, chosen by `method` (default `influence`); each
+    method has its own strict options model (docs/methods.md). Give exactly one of `model_id` and `model_ids`."""
 
 
 class AttributionOut(BaseModel):
@@ -75,8 +152,17 @@ class AttributionOut(BaseModel):
     created_at: Timestamp
 
 
+@dataclass(frozen=True)
+class ResultIdTypes:
+    """Whether a result's query and train ids are given back as text (else as integers): stored ids are text."""
+
+    query_ids_are_strings: bool
+    train_ids_are_strings: bool
+
+
 class ResultRow(BaseModel):
-    """One ranked training example for one query (docs/contract.md: results and the sign convention)."""
+    """One ranked training example for one query (docs/contract.md: results and the sign convention). Read from a
+    stored row with `from_attributes` and a `ResultIdTypes` as the context."""
 
     query_id: int | str | None = Field(description="The query's id as in its dataset; null in `aggregate` and "
                                        "`self` modes.")
@@ -88,6 +174,15 @@ class ResultRow(BaseModel):
                          "margin). `self` mode: higher = more unusual.")
     task: int | None = Field(None, description="Meta instance rows: the instance's task.")
     split: int | None = Field(None, description="Meta instance rows: 0 = task train, 1 = task validation.")
+
+    @field_validator("query_id", "train_id", mode="before")
+    @classmethod
+    def _caller_id_type(cls, value: object, info: ValidationInfo) -> object:
+        types = info.context
+        if not isinstance(value, str) or not isinstance(types, ResultIdTypes):
+            return value
+        as_string = types.query_ids_are_strings if info.field_name == "query_id" else types.train_ids_are_strings
+        return value if as_string else int(value)
 
 
 class ResultsPage(BaseModel):

@@ -167,8 +167,10 @@ def test_out_of_range_options_are_422_before_queuing(sqlite_api: Api, options: d
 
 
 def test_both_model_id_and_model_ids_is_refused_and_the_schema_says_so(sqlite_api: Api) -> None:
-    schema = sqlite_api.client.get("/openapi.json").json()["components"]["schemas"]["AttributionIn"]
-    assert {"required": ["model_id"]} in schema["oneOf"] and {"required": ["model_ids"]} in schema["oneOf"]
+    schemas = sqlite_api.client.get("/openapi.json").json()["components"]["schemas"]
+    for variant in schemas["AttributionIn"]["discriminator"]["mapping"].values():  # each method's request
+        schema = schemas[variant.rsplit("/", 1)[1]]
+        assert {"required": ["model_id"]} in schema["oneOf"] and {"required": ["model_ids"]} in schema["oneOf"]
     response = sqlite_api.client.post("/v1/attributions", json={
         "model_id": "a", "model_ids": ["a"], "train_dataset_id": "d", "query_dataset_id": "q"})
     assert response.status_code == 422

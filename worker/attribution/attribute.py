@@ -106,12 +106,12 @@ def _check_request(
     check_scoring_request(loss, mode, measurement, top_k)
     if method not in OPTION_TYPES:
         raise AttributionError(f"unknown method {method!r}; expected one of {sorted(OPTION_TYPES)}")
-    if mode == "self" and method == "gradient_similarity" and getattr(options, "normalize", False):
-        raise AttributionError("self mode is not defined for normalized gradient_similarity (it is 1 for every "
-                               "example); leave normalize false for squared gradient norms")
     options = options if options is not None else OPTION_TYPES[method]()
     if not isinstance(options, OPTION_TYPES[method]):
         raise AttributionError(f"method {method!r} takes {OPTION_TYPES[method].__name__}, got {type(options).__name__}")
+    if mode == "self" and isinstance(options, GradientSimilarityOptions) and options.normalize:
+        raise AttributionError("self mode is not defined for normalized gradient_similarity (it is 1 for every "
+                               "example); leave normalize false for squared gradient norms")
     options.validate()
     check_examples(train, "training")
     if mode != "self":
@@ -120,7 +120,7 @@ def _check_request(
         check_examples(queries, "query")
     if fits is not None:
         fits = list(fits)
-        if method != "influence" or not isinstance(options, InfluenceOptions) or options.strategy not in FIT_STRATEGIES:
+        if not isinstance(options, InfluenceOptions) or options.strategy not in FIT_STRATEGIES:
             raise AttributionError("precomputed fits are only used by method 'influence' with a factor strategy")
         if len(fits) != len(models):
             raise AttributionError(f"{len(fits)} fits given for {len(models)} models")
@@ -148,15 +148,15 @@ def build_scorers(
     fits: Sequence[Curvature] | None,
     progress: Progress,
 ) -> list[ModelScorer]:
-    fit_counter = StageCounter(progress, "fit", _fit_total(train, method, options, fits, len(placed))).start()
+    """One scorer per model, by the type of ``options`` (each engine method has its own options class)."""
+    fit_counter = StageCounter(progress, "fit", _fit_total(train, options, fits, len(placed))).start()
     scorers = []
     for position, (model, device) in enumerate(placed):
         dtype = model_dtype(model)
-        if method == "gradient_similarity":
+        if isinstance(options, GradientSimilarityOptions):
             scorers.append(gradient_similarity_scorer(model, resolve_layers(model, options.layers), loss, device, dtype,
                                                       normalize=options.normalize))
-        elif method == "datainf":
-            assert isinstance(options, DataInfOptions)
+        elif isinstance(options, DataInfOptions):
             layers = resolve_layers(model, options.layers)
             if options.damping is None:
                 dampings = datainf_dampings(model, layers, train, loss, options.batch_size, device, fit_counter)
@@ -183,11 +183,11 @@ def build_scorers(
     return scorers
 
 
-def _fit_total(train: Examples, method: str, options: MethodOptions, fits: Sequence[Curvature] | None, models: int) -> int:
-    if method == "datainf":
-        return len(train) * models if options.damping is None else 0  # type: ignore[union-attr]
-    if method == "influence" and fits is None and options.strategy in FIT_STRATEGIES:  # type: ignore[union-attr]
-        return fit_passes(options.fit_options()) * len(train) * models  # type: ignore[union-attr]
+def _fit_total(train: Examples, options: MethodOptions, fits: Sequence[Curvature] | None, models: int) -> int:
+    if isinstance(options, DataInfOptions):
+        return len(train) * models if options.damping is None else 0
+    if isinstance(options, InfluenceOptions) and fits is None and options.strategy in FIT_STRATEGIES:
+        return fit_passes(options.fit_options()) * len(train) * models
     return 0
 
 

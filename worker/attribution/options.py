@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from worker.attribution.types import AttributionError
 
-FitStrategy = Literal["identity", "diagonal", "kfac", "ekfac"]
+FitStrategy = Literal["ekfac", "kfac", "diagonal", "identity"]  # curvatures that are a reusable fit
 InfluenceStrategy = Literal["ekfac", "kfac", "diagonal", "identity", "exact", "cg", "lissa"]
 FisherKind = Literal["true", "empirical"]
 CurvatureKind = Literal["gauss_newton", "hessian"]
 
-FIT_STRATEGIES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
+FIT_STRATEGIES: tuple[str, ...] = get_args(FitStrategy)
 DEFAULT_FIT_MEMORY_BUDGET_BYTES = 1024**3  # cached per-example layer inputs / output gradients of a fit
-EXACT_STRATEGIES: tuple[str, ...] = ("exact", "cg", "lissa")
+EXACT_STRATEGIES: tuple[str, ...] = ("exact", "cg", "lissa")  # the rest of InfluenceStrategy
 
 
 @dataclass

@@ -6,9 +6,10 @@ from sqlalchemy import select
 
 from service.db.tables import Checkpoint, Dataset, Fit, Model
 from worker.attribution import fit_curvature
+from worker.context import JobContext
 from worker.loading import load_checkpoint, load_examples, load_model, put_curvatures
-from worker.runner import JobContext
-from worker.tasks.options import fit_options
+from worker.methods.engine_options import fit_options
+from worker.tasks.options import fit_settings, loss_name
 
 
 def run_fit(context: JobContext) -> None:
@@ -19,8 +20,8 @@ def run_fit(context: JobContext) -> None:
         checkpoints = [session.get(Checkpoint, c) for c in (fit.checkpoint_ids or [])]  # type: ignore[union-attr]
     assert fit is not None and model is not None and dataset is not None
     train, _ = load_examples(context.store, dataset)
-    options = fit_options(fit.options)
-    loss = model.task["loss"]
+    options = fit_options(fit_settings(fit.options))
+    loss = loss_name(model.task["loss"])
     targets = {"model": load_model(context.store, model)} if not checkpoints else {
         c.id: load_checkpoint(context.store, model, c) for c in checkpoints if c is not None
     }

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from worker.attribution import AttributionScores, TopK
+from worker.methods.registry import get_method
 
 # The stored columns of a result row, in the order of ``ResultColumns.tuples()``.
 RESULT_FIELDS = ("direction", "query_pos", "query_id", "rank", "train_id", "score", "task", "split")
@@ -73,7 +74,7 @@ class UnitLabels:
     """Maps unit indices of the engine's output to the rows' train_id (and task/split for meta instances)."""
 
     def __init__(self, train_ids: Sequence[Any], scores: AttributionScores, method: str) -> None:
-        self.by_task = method == "meta_task_influence"
+        self.by_task = get_method(method).train_unit == "task"
         task = scores.unit_task.cpu().numpy() if scores.unit_task is not None else None
         split = scores.unit_split.cpu().numpy() if scores.unit_split is not None else None
         if self.by_task:

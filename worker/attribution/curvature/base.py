@@ -22,7 +22,10 @@ from worker.attribution.types import AttributionError
 LayerVectors = dict[str, torch.Tensor]
 
 FORMAT_VERSION = "1"
-KEY_SEPARATOR = "::"
+KEY_SEPARATOR = "::"  # between a layer (or fit) name and a statistic in stored tensor keys
+# Default damping: this fraction of the mean eigenvalue (or of trace / D, or of the mean squared gradient norm per
+# parameter for DataInf) when the request gives none.
+DEFAULT_DAMPING_FRACTION = 0.1
 
 
 class Preconditioner(ABC):
@@ -64,7 +67,7 @@ class LayerwisePreconditioner(Preconditioner):
         return sum(self.layer_self_scores(name, activities[name]) for name in self.layer_names)  # type: ignore[return-value]
 
 
-def default_damping(values: torch.Tensor, fraction: float = 0.1) -> float:
+def default_damping(values: torch.Tensor, fraction: float = DEFAULT_DAMPING_FRACTION) -> float:
     """``fraction`` x the mean of ``values``; 1.0 if that is not positive (a layer with no curvature)."""
     damping = fraction * float(values.to(torch.float64).mean())
     return damping if damping > 0 and damping != float("inf") else 1.0

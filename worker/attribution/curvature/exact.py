@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
-from worker.attribution.curvature.base import LayerVectors, Preconditioner
+from worker.attribution.curvature.base import DEFAULT_DAMPING_FRACTION, LayerVectors, Preconditioner
 from worker.attribution.gradients import batches, model_dtype
 from worker.attribution.hooks import TrackedLayer, evaluation_mode, split_weight_matrix, weight_matrix
 from worker.attribution.losses import LossName, check_targets, forward, output_tensor, scored_positions, training_objective
@@ -183,7 +183,7 @@ class DensePreconditioner(Preconditioner):
 
 
 def _default_damping(trace: float, size: int) -> float:
-    damping = 0.1 * trace / size
+    damping = DEFAULT_DAMPING_FRACTION * trace / size
     return damping if damping > 0 else 1.0
 
 

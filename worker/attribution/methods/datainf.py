@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.attribution.curvature.base import LayerVectors, Preconditioner
+from worker.attribution.curvature.base import DEFAULT_DAMPING_FRACTION, LayerVectors, Preconditioner
 from worker.attribution.gradients import batches, model_dtype, training_activities
 from worker.attribution.hooks import ActivityRecorder, LayerActivity, TrackedLayer, evaluation_mode
 from worker.attribution.losses import LossName
@@ -38,7 +38,7 @@ def datainf_dampings(
             counter.advance(len(batch))
     dampings = {}
     for layer in layers:
-        value = 0.1 * totals[layer.name] / len(train) / layer.num_parameters
+        value = DEFAULT_DAMPING_FRACTION * totals[layer.name] / len(train) / layer.num_parameters
         dampings[layer.name] = value if value > 0 else 1.0
     return dampings
 
