@@ -387,7 +387,7 @@ def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch
         q_terms = [DirectTerm(t) for t in problem.query_terms] if variant == "direct" else problem.query_terms
         total = TotalProblem(terms, problem.lam, options.outer_l2, opts.third_order)
         alt = replace(problem, options=opts, terms=terms, query_terms=q_terms, total=total, diagnostics={}, warnings=[])
-        alt.cached_grads = [t.total_grad() for t in terms]
+        alt.train_task_gradients = [t.total_grad() for t in terms]
         alt_inverse = HessianInverse(alt)
         predictions[label] = (train_gradients(alt) @ alt_inverse.solve(query_gradients(alt).sum(0))).numpy()
         extra = f", Γ = {total.gamma:.3g}" if variant == "gamma" else ""

@@ -164,10 +164,10 @@ def fitting_and_training_activities(
         outputs = forward(model, batch.inputs)
         given = check_targets(outputs, batch.targets, loss)
         sampled = sample_targets(outputs, loss, generator)
-        fitting = recorder.backward(
+        sampled_fitting = recorder.backward(
             training_objective(outputs, sampled, fisher_weights(batch.weights), loss), retain_graph=True
         )
         training = recorder.backward(training_objective(outputs, given, batch.weights, loss), retain_graph=False)
-        return [fitting], training
+        return [sampled_fitting], training
     fitting_list = fitting_activities(model, recorder, batch, loss, labels, generator)
     return fitting_list, training_activities(model, recorder, batch, loss)

@@ -21,6 +21,8 @@ from torch import nn
 from worker.attribution.types import AttributionError
 
 LayerKind = Literal["linear", "conv2d"]
+# nn.Module.register_forward_hook's hook: (module, inputs, output) -> a replacement output or None
+ForwardHook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor | None]
 
 CONTRACTION_BLOCK_ELEMENTS = 32 * 1024**2  # largest (queries x batch x width) intermediate of a contraction
 NARROW_LAYER_WIDTH = 128  # rank-one layers with min(d_in, d_out) below this contract via per-example gradients
@@ -31,7 +33,7 @@ class TrackedLayer:
     """A tracked module and the shape of its weight matrix (bias folded in)."""
 
     name: str
-    module: nn.Module
+    module: nn.Linear | nn.Conv2d
     kind: LayerKind
     in_features: int  # columns of the weight matrix, including the bias column
     out_features: int
@@ -117,14 +119,14 @@ def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def layer_activations(layer: TrackedLayer, x: torch.Tensor) -> torch.Tensor:
     """The weight matrix's input columns for a batch: (B, T, in_features)."""
-    if layer.kind == "linear":
+    if isinstance(layer.module, nn.Linear):
         if x.dim() < 2:
             raise AttributionError(f"layer {layer.name!r} got an input without a batch dimension: {tuple(x.shape)}")
         a = x.reshape(x.shape[0], -1, x.shape[-1])
     else:
         if x.dim() != 4:
             raise AttributionError(f"layer {layer.name!r} expects (B, C, H, W) inputs, got {tuple(x.shape)}")
-        a = _conv_patches(layer.module, x)  # type: ignore[arg-type]
+        a = _conv_patches(layer.module, x)
     return _append_ones(a) if layer.has_bias else a
 
 
@@ -138,7 +140,7 @@ def layer_output_gradients(layer: TrackedLayer, grad: torch.Tensor) -> torch.Ten
 def weight_matrix(layer: TrackedLayer) -> torch.Tensor:
     """The layer's parameters as one (out_features, in_features) matrix, bias as last column."""
     weight = layer.module.weight.detach().reshape(layer.out_features, -1)
-    if layer.has_bias:
+    if layer.module.bias is not None:
         return torch.cat([weight, layer.module.bias.detach().reshape(-1, 1)], dim=1)
     return weight
 
@@ -149,7 +151,7 @@ def split_weight_matrix(layer: TrackedLayer, matrix: torch.Tensor) -> dict[str, 
     prefix = f"{layer.name}." if layer.name else ""
     columns = layer.in_features - int(layer.has_bias)
     params = {prefix + "weight": matrix[:, :columns].reshape(module.weight.shape)}
-    if layer.has_bias:
+    if module.bias is not None:
         params[prefix + "bias"] = matrix[:, columns].reshape(module.bias.shape)
     return params
 
@@ -267,7 +269,7 @@ class ActivityRecorder:
         self._outputs = {layer.name: [] for layer in self.layers}
         self._recording = False
 
-    def _hook(self, layer: TrackedLayer) -> Callable[..., torch.Tensor]:
+    def _hook(self, layer: TrackedLayer) -> ForwardHook:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
             if not self._recording:
                 return None

@@ -19,9 +19,19 @@ LossName = Literal["cross_entropy", "mse"]
 MeasurementName = Literal["loss", "margin"]
 
 
+LOSS_NAMES: tuple[LossName, ...] = ("cross_entropy", "mse")
+
+
 def check_loss_name(loss: str) -> None:
-    if loss not in ("cross_entropy", "mse"):
-        raise AttributionError(f"unknown loss {loss!r}; expected 'cross_entropy' or 'mse'")
+    loss_name(loss)
+
+
+def loss_name(loss: str) -> LossName:
+    """``loss`` as a ``LossName``; an AttributionError when it names no loss."""
+    for name in LOSS_NAMES:
+        if loss == name:
+            return name
+    raise AttributionError(f"unknown loss {loss!r}; expected 'cross_entropy' or 'mse'")
 
 
 def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,8 @@ class ProximalObjective:
 
     # -- the model as a function of the flat tracked parameters
     def _outputs(self, flat: Flat, inputs: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, {**self.frozen, **state_entries(self.layers, flat)}, (inputs,))
+        outputs: torch.Tensor = functional_call(self.model, {**self.frozen, **state_entries(self.layers, flat)}, (inputs,))
+        return outputs
 
     def _batches(self, examples: Examples) -> list[Examples]:
         return [batch for _, batch in batches(examples, self.batch_size, self.device, self.dtype)]
@@ -174,7 +175,7 @@ class ProximalObjective:
                 return self._outputs(point, inputs)
 
             outputs, push = linearize(outputs_of, flat)
-            _, pullback = vjp(outputs_of, flat)
+            pullback = vjp(outputs_of, flat)[1]  # vjp gives (outputs, the vector-Jacobian map)
             weights = None if batch.weights is None else batch.weights.reshape(-1, *([1] * (outputs.dim() - 1)))
             maps.append((outputs.detach(), push, pullback, weights))
 

@@ -30,7 +30,7 @@ INDEX_BLOCK_ELEMENTS = 16 * 1024**2  # rows x (d_in + d_out) elements handed to 
 MIN_INDEX_BLOCK_ROWS = 256
 
 
-def _hash_tensor(digest: "hashlib._Hash", tensor: torch.Tensor | None) -> None:
+def _hash_tensor(digest: hashlib.blake2b, tensor: torch.Tensor | None) -> None:
     if tensor is None:
         digest.update(b"none;")
         return

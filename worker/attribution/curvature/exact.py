@@ -65,7 +65,8 @@ class FlatModel:
         self.theta = flat_parameters(layers)
 
     def outputs(self, flat: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, parameters_from_flat(flat, self.layers), (inputs,))
+        outputs: torch.Tensor = functional_call(self.model, parameters_from_flat(flat, self.layers), (inputs,))
+        return outputs
 
     def objective(self, flat: torch.Tensor, batch: Examples) -> torch.Tensor:
         """sum_i w_i l_i over the batch."""
@@ -123,7 +124,8 @@ def dense_curvature(
 def _batch_curvature(flat_model: FlatModel, batch: Examples, kind: str) -> torch.Tensor:
     theta = flat_model.theta
     if kind == "hessian":
-        return torch.func.hessian(lambda f: flat_model.objective(f, batch))(theta)
+        hessian: torch.Tensor = torch.func.hessian(lambda f: flat_model.objective(f, batch))(theta)
+        return hessian
     outputs = flat_model.outputs(theta, batch.inputs).detach()
     jacobian = jacrev(lambda f: flat_model.outputs(f, batch.inputs))(theta)  # (B, C, D)
     jacobian = jacobian.reshape(outputs.shape[0], -1, theta.numel())
@@ -200,17 +202,21 @@ def curvature_product(
 def _batch_product(flat_model: FlatModel, theta: torch.Tensor, batch: Examples, vectors: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "hessian":
         gradient = grad(lambda f: flat_model.objective(f, batch))
-        return vmap(lambda v: jvp(gradient, (theta,), (v,))[1])(vectors)
+        products: torch.Tensor = vmap(lambda v: jvp(gradient, (theta,), (v,))[1])(vectors)
+        return products
 
     def outputs_fn(f: torch.Tensor) -> torch.Tensor:
         return flat_model.outputs(f, batch.inputs)
 
-    outputs, vjp_fn = vjp(outputs_fn, theta)
+    pair = vjp(outputs_fn, theta)  # (outputs, the vector-Jacobian map)
+    outputs: torch.Tensor = pair[0]
+    vjp_fn = pair[1]
     j_v = vmap(lambda v: jvp(outputs_fn, (theta,), (v,))[1])(vectors)  # (Q, B, C)
     h_j_v = output_hessian_product(outputs.detach(), j_v, flat_model.loss)
     if batch.weights is not None:
         h_j_v = h_j_v * batch.weights.reshape(1, -1, *([1] * (h_j_v.dim() - 2)))
-    return vmap(lambda u: vjp_fn(u)[0])(h_j_v)
+    pulled: torch.Tensor = vmap(lambda u: vjp_fn(u)[0])(h_j_v)
+    return pulled
 
 
 def hutchinson_trace(product: Callable[[torch.Tensor], torch.Tensor], size: int, device: torch.device, dtype: torch.dtype, seed: int) -> float:

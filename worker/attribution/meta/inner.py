@@ -57,8 +57,12 @@ class InnerInverse:
         return conjugate_gradient(self.hvp, x, self.tol, self.max_iter, f"inner Hessian of task {self.task_id}")[0]
 
 
-def _newton_direction(hvp, g, dense_a, ihvp: str, tol: float, max_iter: int) -> torch.Tensor:
-    if ihvp == "dense":
+def _newton_direction(hvp: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor, dense_a: torch.Tensor | None,
+                      tol: float, max_iter: int) -> torch.Tensor:
+    """The Newton step A⁻¹g: by the dense A when given (ihvp 'dense'), else by conjugate gradients on ``hvp``."""
+    if dense_a is not None:
+        values: torch.Tensor
+        vectors: torch.Tensor
         values, vectors = torch.linalg.eigh(0.5 * (dense_a + dense_a.T))
         floor = max(1e-10 * float(values.abs().max()), 1e-12)
         values = values.abs().clamp_min(floor)  # saddle-free Newton away from a minimum
@@ -96,7 +100,7 @@ def solve_proximal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, optio
             break
         dense_a = hessian(objective)(theta) if options.ihvp == "dense" else None
         hvp = lambda v: jvp(gradient, (theta,), (v,))[1]  # noqa: E731
-        direction = _newton_direction(hvp, g, dense_a, options.ihvp, options.tol, options.max_iter)
+        direction = _newton_direction(hvp, g, dense_a, options.tol, options.max_iter)
         slope = float(g @ direction)
         step = 1.0
         for _ in range(40):

@@ -37,7 +37,7 @@ from worker.attribution.segment_curvature import (
 from worker.attribution.statistics import rotate
 from worker.attribution.trajectory import Segment, SegmentSpec, TrajectoryCheckpoint, build_segments
 from worker.attribution.trajectory_scoring import QueryVectors, aggregate_scores, pairwise_top_k, self_scores
-from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, no_progress
+from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, no_progress, tensor_sum
 
 
 @dataclass
@@ -280,7 +280,7 @@ def predicted_parameter_change(trajectory: SourceTrajectory, train: Examples, re
         summed = [_summed_gradients(model, trajectory.layer_names, removed, loss, batch_size, trajectory.device)
                   for model in fit.gradient_models]
         steps[fit.segment.index] = {
-            name: (sum(s[name] for s in summed) / (len(summed) * fit.num_examples)).unsqueeze(0)  # type: ignore[operator]
+            name: (tensor_sum(s[name] for s in summed) / (len(summed) * fit.num_examples)).unsqueeze(0)
             for name in trajectory.layer_names
         }
     change = unrolled_parameter_change(trajectory.fits, steps)

@@ -23,7 +23,7 @@ from worker.attribution.scoring import ModelScorer
 from worker.attribution.trajectory import TrajectoryCheckpoint, check_checkpoints, ordered
 from worker.attribution.trajectory_scoring import aggregate_scores, pairwise_top_k, self_scores
 from worker.attribution.segment_curvature import check_same_architecture
-from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, no_progress
+from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, no_progress, tensor_sum
 
 
 @dataclass
@@ -69,9 +69,9 @@ def attribute_tracin(
 
     if mode == "self":
         def score_batch(per_model: list[Activities]) -> torch.Tensor:
-            return sum(  # type: ignore[return-value]
-                rate * sum(a[name].squared_norms().to(torch.float64) for name in s.layer_names)  # type: ignore[misc]
-                for s, a, rate in zip(scorers, per_model, rates)
+            return tensor_sum(
+                rate * tensor_sum(a[name].squared_norms().to(torch.float64) for name in s.layer_names)
+                for s, a, rate in zip(scorers, per_model, rates, strict=True)
             )
 
         result = AttributionScores(mode="self", scores=self_scores(scorers, train, options.batch_size, progress, score_batch))
