@@ -173,11 +173,11 @@ def demo_session(client: httpx.Client, method: str) -> str:
 
 
 def print_results(client: httpx.Client, attribution_id: str, data: dict[str, np.ndarray]) -> None:
-    label_of = dict(zip(data["train_ids"].tolist(), data["train_y"].tolist()))
+    label_of = dict(zip(data["train_ids"].tolist(), data["train_y"].tolist(), strict=True))
     print("\nScores: influence on the query's margin (positive = the training example helps the model get the "
           "query right).")
     for query_id, label, predicted in zip(data["test_ids"].tolist(), data["test_y"].tolist(),
-                                          data["test_predicted"].tolist()):
+                                          data["test_predicted"].tolist(), strict=True):
         verdict = "correct" if label == predicted else "WRONG"
         print(f"\nTest digit {query_id}: a handwritten {label}, the model says {predicted} ({verdict})")
         for direction, title in (("positive", "most helpful"), ("negative", "most harmful")):

@@ -71,11 +71,11 @@ def job_status(session: Session, job_id: str) -> str:
     return job.status if job is not None else "failed"
 
 
-def enqueue_or_fail(session: Session, queue: "JobQueue", job: Job) -> None:
+def enqueue_or_fail(session: Session, queue: JobQueue, job: Job) -> None:
     """Hand a committed job to the queue; if the broker refuses, the job is failed and the caller gets a 503."""
     try:
         queue.enqueue(job.id)
-    except Exception as exc:  # noqa: BLE001  (any broker failure)
+    except Exception as exc:  # any broker failure
         job.status, job.finished_at = "failed", utcnow()
         job.error = problem_dict(503, f"the job could not be queued: {exc}", kind="broker-unavailable")
         session.commit()

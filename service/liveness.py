@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, or_, update
@@ -40,7 +40,7 @@ class LivenessPolicy:
     time_limit_seconds: float
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "LivenessPolicy":
+    def from_settings(cls, settings: Settings) -> LivenessPolicy:
         return cls(
             heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
             max_attempts=settings.job_max_attempts, requeue_seconds=settings.job_requeue_seconds,
@@ -65,7 +65,7 @@ class CancelRequested(Exception):
 
 def as_utc(moment: datetime) -> datetime:
     """Timestamps read back from SQLite carry no zone; every timestamp we write is UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def worker_name() -> str:

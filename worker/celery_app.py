@@ -78,7 +78,7 @@ def fail_timed_out(job_id: str, settings: Settings) -> None:
     try:
         with Session(engine) as session, session.begin():
             fail_running(session, job_id, time_limit_problem(settings.job_time_limit_seconds))
-    except Exception:  # noqa: BLE001  (the reaper fails it later from its stale heartbeat)
+    except Exception:  # the reaper fails it later from its stale heartbeat
         log.exception("could not fail job %s after its hard time limit", job_id)
     finally:
         engine.dispose()

@@ -55,7 +55,7 @@ def proximal_retrain(model: nn.Module, data: Examples, remove: torch.Tensor, pro
     keep = torch.tensor([i for i in range(N) if i not in set(remove.tolist())])
 
     def total_loss(params: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, dict(zip(names, params)), (data.inputs[rows],))
+        out = functional_call(model, dict(zip(names, params, strict=True)), (data.inputs[rows],))
         return F.cross_entropy(out, data.targets[rows], reduction="sum") / N
 
     start = [t.clone().requires_grad_(True) for t in theta0]
@@ -67,14 +67,14 @@ def proximal_retrain(model: nn.Module, data: Examples, remove: torch.Tensor, pro
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         value = total_loss(params, keep)
-        for p, p0, g in zip(params, theta0, anchor):
+        for p, p0, g in zip(params, theta0, anchor, strict=True):
             value = value - (g * (p - p0)).sum() + 0.5 * proximity * (p - p0).pow(2).sum()
         value.backward()
         return value
 
     for _ in range(5):
         optimizer.step(closure)
-    return torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, theta0)])
+    return torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, theta0, strict=True)])
 
 
 def edit(model: nn.Module, data: Examples, remove: torch.Tensor, **edit_options: object) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from tests.service.conftest import tiny_dataset
 PARALLEL = 10
 
 
-def post_together(base_url: str, headers: dict[str, str], send: "callable") -> list[httpx.Response]:
+def post_together(base_url: str, headers: dict[str, str], send: callable) -> list[httpx.Response]:
     barrier = threading.Barrier(PARALLEL)
     replies: list[httpx.Response] = [None] * PARALLEL  # type: ignore[list-item]
 

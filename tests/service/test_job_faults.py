@@ -9,6 +9,7 @@ influence solve per query, run to its iteration cap, on 1,000 training examples.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -130,10 +131,8 @@ class FaultEnv:
 
     def kill_worker(self, worker: subprocess.Popen[bytes]) -> None:
         """SIGKILL the worker and the pool process running its job (its whole process group)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         worker.wait()
 
     def row(self, job_id: str) -> Job:

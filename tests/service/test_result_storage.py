@@ -44,7 +44,7 @@ def reference_rows(scores: AttributionScores, method: str, top_k: int, train_ids
         for direction, indices, values in (("positive", scores.topk.positive_indices, scores.topk.positive_scores),
                                            ("negative", scores.topk.negative_indices, scores.topk.negative_scores)):
             for pos in range(indices.shape[0]):
-                for rank, (index, score) in enumerate(zip(indices[pos].tolist(), values[pos].tolist()), start=1):
+                for rank, (index, score) in enumerate(zip(indices[pos].tolist(), values[pos].tolist(), strict=True), start=1):
                     rows.append({"direction": direction, "query_pos": pos, "query_id": str(labels[pos]),  # type: ignore[index]
                                  "rank": rank, "score": float(score), **unit(index)})
         return rows

@@ -132,7 +132,7 @@ def _read_npz(path: Path, max_rows: int, max_bytes: int, field: str) -> dict[str
                 arrays[name] = _npz_member(npz, name, field)
     except ArtifactError:
         raise
-    except Exception as exc:  # zlib / zipfile / numpy format errors: the file is at fault
+    except Exception as exc:  # noqa: BLE001 (zlib / zipfile / numpy format errors: the file is at fault)
         raise ArtifactError(f"not a valid .npz file: {exc}", field=field) from None
     return arrays
 
@@ -517,7 +517,7 @@ def check_inputs_fit(module: nn.Module, ds: DatasetArrays, loss: str) -> int:
     try:
         with torch.no_grad():
             output = module(sample)
-    except Exception as exc:  # any torch failure means the inputs do not fit
+    except Exception as exc:  # noqa: BLE001 (any torch failure means the inputs do not fit)
         raise ArtifactError(
             f"dataset inputs of shape {list(ds.inputs.shape)} do not fit the model: {exc}", field="data.inputs"
         ) from None

@@ -28,7 +28,6 @@ from worker.attribution.losses import (
 )
 from worker.attribution.types import Examples
 
-
 EIGENVALUE_SEED_OFFSET = 1_000_003
 
 
@@ -43,7 +42,7 @@ class FisherLabels:
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 
-    def for_eigenvalues(self) -> "FisherLabels":
+    def for_eigenvalues(self) -> FisherLabels:
         """Labels of the EK-FAC eigenvalue pass. With the true Fisher they are drawn independently of the
         covariance pass: labels re-used from the samples that chose the eigenbasis bias its eigenvalues
         (LDS on digits, untuned recipe: 0.50 with re-used labels, 0.60 with fresh ones, as kronfluence)."""

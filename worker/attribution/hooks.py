@@ -94,7 +94,7 @@ def resolve_layers(model: nn.Module, names: list[str] | None) -> list[TrackedLay
 
 
 def _append_ones(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+    return torch.cat([x, x.new_ones((*x.shape[:-1], 1))], dim=-1)
 
 
 def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             pad = [0, 0, 0, 0]
         elif isinstance(padding, str):  # "same"
             pad = []
-            for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
+            for d, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
                 total = d * (k - 1)
                 pad += [total // 2, total - total // 2]
         else:
@@ -237,7 +237,7 @@ class ActivityRecorder:
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._recording = False
 
-    def __enter__(self) -> "ActivityRecorder":
+    def __enter__(self) -> ActivityRecorder:
         self._stop()
         self._grad_mode = torch.enable_grad()  # works even when the caller is inside torch.no_grad()
         self._grad_mode.__enter__()
@@ -291,7 +291,7 @@ class ActivityRecorder:
         position = 0
         for layer in self.layers:
             acts, gs = [], []
-            for out, a in zip(self._outputs[layer.name], self._inputs[layer.name]):
+            for out, a in zip(self._outputs[layer.name], self._inputs[layer.name], strict=True):
                 grad = grads[position]
                 position += 1
                 if grad is None:

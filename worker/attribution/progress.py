@@ -14,7 +14,7 @@ class StageCounter:
         self.total = int(total)
         self.completed = 0
 
-    def start(self) -> "StageCounter":
+    def start(self) -> StageCounter:
         self.progress(self.stage, self.completed, self.total)
         return self
 

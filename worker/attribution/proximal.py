@@ -233,7 +233,7 @@ def conjugate_gradient(matvec: Callable[[Flat], Flat], rhs: Flat, tol: float, ma
     direction = residual.clone()
     rz = float(residual @ residual)
     iterations = 0
-    for iterations in range(1, max_iter + 1):
+    for iterations in range(1, max_iter + 1):  # noqa: B007 (the count is read after the loop)
         product = matvec(direction)
         curvature = float(direction @ product)
         if not curvature > 0:

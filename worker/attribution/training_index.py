@@ -97,7 +97,7 @@ class TrainingIndex:
         }
 
     @classmethod
-    def from_layer_tensors(cls, metadata: str, tensors: dict[str, dict[str, torch.Tensor]]) -> "TrainingIndex | None":
+    def from_layer_tensors(cls, metadata: str, tensors: dict[str, dict[str, torch.Tensor]]) -> TrainingIndex | None:
         try:
             info = json.loads(metadata)
             # fresh (aligned, owned) copies: memory-mapped file tensors can take other kernel paths

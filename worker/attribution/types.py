@@ -61,7 +61,7 @@ class Examples:
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
-    def subset(self, index: torch.Tensor) -> "Examples":
+    def subset(self, index: torch.Tensor) -> Examples:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[index]
 

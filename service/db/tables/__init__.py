@@ -14,6 +14,18 @@ from service.db.tables.result import AttributionResult
 from service.db.tables.tenant import Tenant
 
 __all__ = [
-    "ApiKey", "Attribution", "AttributionResult", "Blob", "Checkpoint", "Dataset", "Edit", "Fit",
-    "IdempotentResponse", "Job", "JOB_STATUSES", "FINISHED_STATUSES", "Model", "Tenant",
+    "FINISHED_STATUSES",
+    "JOB_STATUSES",
+    "ApiKey",
+    "Attribution",
+    "AttributionResult",
+    "Blob",
+    "Checkpoint",
+    "Dataset",
+    "Edit",
+    "Fit",
+    "IdempotentResponse",
+    "Job",
+    "Model",
+    "Tenant",
 ]

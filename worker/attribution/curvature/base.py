@@ -76,7 +76,7 @@ class Curvature(ABC):
     """Fitted curvature statistics of the tracked layers of one model."""
 
     strategy: ClassVar[str]
-    _registry: ClassVar[dict[str, type["Curvature"]]] = {}
+    _registry: ClassVar[dict[str, type[Curvature]]] = {}
     # per-example training-loss rows of the training set it was fitted on (None: not kept / over budget)
     training_index: TrainingIndex | None = None
 
@@ -103,7 +103,7 @@ class Curvature(ABC):
     @abstractmethod
     def from_layer_tensors(
         cls, layer_names: list[str], options: FitOptions, tensors: dict[str, dict[str, torch.Tensor]]
-    ) -> "Curvature":
+    ) -> Curvature:
         """Inverse of ``layer_tensors``."""
 
     def to_tensors(self) -> dict[str, torch.Tensor]:

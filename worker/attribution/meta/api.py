@@ -8,14 +8,25 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from worker.attribution.editing import EditResult
 from worker.attribution.losses import LossName
 from worker.attribution.meta.data import TaskData
-from worker.attribution.meta.influence import (HessianInverse, MetaProblem, build_problem, finish_diagnostics,
-                                               instance_scores, meta_work, newton_task_scores, query_gradients,
-                                               removal_gradient, removed_tasks, task_scores, train_gradients)
+from worker.attribution.meta.influence import (
+    HessianInverse,
+    MetaProblem,
+    build_problem,
+    finish_diagnostics,
+    instance_scores,
+    meta_work,
+    newton_task_scores,
+    query_gradients,
+    removal_gradient,
+    removed_tasks,
+    task_scores,
+    train_gradients,
+)
 from worker.attribution.meta.options import MetaOptions
 from worker.attribution.meta.retrain import chord_retrain, objective_gradient, reweighted_tasks
-from worker.attribution.editing import EditResult
 from worker.attribution.options import EditOptions
 from worker.attribution.threads import few_threads
 from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, TopK, no_progress

@@ -124,12 +124,12 @@ class RetainedGradient:
         with torch.enable_grad():
             self.leaves = [x.detach().requires_grad_(True) for x in inputs]
             grads = torch.autograd.grad(fn(*self.leaves), self.leaves, create_graph=True, allow_unused=True)
-        self.grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, self.leaves)]
+        self.grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, self.leaves, strict=True)]
 
     def hvp(self, *vectors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        pairs = [(g, v) for g, v in zip(self.grads, vectors) if g.requires_grad]
+        pairs = [(g, v) for g, v in zip(self.grads, vectors, strict=True) if g.requires_grad]
         if not pairs:
             return tuple(torch.zeros_like(x) for x in self.leaves)
         out = torch.autograd.grad([g for g, _ in pairs], self.leaves, [v for _, v in pairs],
                                   retain_graph=True, allow_unused=True)
-        return tuple(torch.zeros_like(x) if o is None else o.detach() for o, x in zip(out, self.leaves))
+        return tuple(torch.zeros_like(x) if o is None else o.detach() for o, x in zip(out, self.leaves, strict=True))

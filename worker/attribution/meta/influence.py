@@ -13,8 +13,14 @@ from torch import nn
 from worker.attribution.meta.data import TaskData, split_tasks
 from worker.attribution.meta.functional import FunctionalModel
 from worker.attribution.meta.options import MetaOptions, validate_options
-from worker.attribution.meta.solvers import (DenseSPD, NonPositiveCurvature, SolveInfo, conjugate_gradient,
-                                             extreme_eigenvalues, neumann_series)
+from worker.attribution.meta.solvers import (
+    DenseSPD,
+    NonPositiveCurvature,
+    SolveInfo,
+    conjugate_gradient,
+    extreme_eigenvalues,
+    neumann_series,
+)
 from worker.attribution.meta.total import TaskTerm, TotalProblem, make_term
 from worker.attribution.threads import eigh_work, few_threads
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress, tensor_sum
@@ -270,7 +276,7 @@ def task_scores(problem: MetaProblem, s: torch.Tensor) -> torch.Tensor:
     return train_gradients(problem) @ s
 
 
-def newton_task_scores(problem: MetaProblem, inverse: "HessianInverse", query_grads: torch.Tensor,
+def newton_task_scores(problem: MetaProblem, inverse: HessianInverse, query_grads: torch.Tensor,
                        progress: Progress = no_progress) -> torch.Tensor:
     """ΔQ_{−k} = ∇Qᵀ (H − H_k + ρI)⁻¹ g_k for every training task: (K, m) for query gradients (m, p)."""
     grads = train_gradients(problem)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.func import grad, grad_and_value, hessian, jvp
@@ -12,9 +12,13 @@ from worker.attribution.meta.data import TaskData
 from worker.attribution.meta.functional import FunctionalModel, RetainedGradient
 from worker.attribution.meta.inner_ekfac import KroneckerInnerInverse, fit_inner_ekfac
 from worker.attribution.meta.options import InnerOptions
-from worker.attribution.meta.solvers import (DenseSPD, NonPositiveCurvature, check_finite, conjugate_gradient,
-                                             extreme_eigenvalues)
-
+from worker.attribution.meta.solvers import (
+    DenseSPD,
+    NonPositiveCurvature,
+    check_finite,
+    conjugate_gradient,
+    extreme_eigenvalues,
+)
 from worker.attribution.types import AttributionError
 
 INNER_POWER_ITERATIONS = 20  # matrix-free check that A = ∇²_θ L_I is positive definite
@@ -94,12 +98,15 @@ def solve_proximal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, optio
     g = check_finite(g, f"the inner gradient of task {task.task_id}")
     value = float(value_t)
     iterations = 0
-    for iterations in range(1, options.max_iter + 1):
+    for iterations in range(1, options.max_iter + 1):  # noqa: B007 (the count is read after the loop)
         g_norm = float(g.norm())
         if g_norm <= target:
             break
         dense_a = hessian(objective)(theta) if options.ihvp == "dense" else None
-        hvp = lambda v: jvp(gradient, (theta,), (v,))[1]  # noqa: E731
+        def hvp(v: torch.Tensor, point: torch.Tensor = theta) -> torch.Tensor:
+            product: torch.Tensor = jvp(gradient, (point,), (v,))[1]
+            return product
+
         direction = _newton_direction(hvp, g, dense_a, options.tol, options.max_iter)
         slope = float(g @ direction)
         step = 1.0

@@ -24,8 +24,14 @@ from worker.attribution.hooks import ActivityRecorder, LayerActivity, TrackedLay
 from worker.attribution.losses import output_hessian_factors
 from worker.attribution.meta.data import TaskData
 from worker.attribution.meta.functional import FunctionalModel
-from worker.attribution.statistics import (Covariances, activation_covariance_sum, apply_in_eigenbasis,
-                                           corrected_eigenvalue_sum, eigenbasis, gradient_covariance_sum)
+from worker.attribution.statistics import (
+    Covariances,
+    activation_covariance_sum,
+    apply_in_eigenbasis,
+    corrected_eigenvalue_sum,
+    eigenbasis,
+    gradient_covariance_sum,
+)
 from worker.attribution.types import tensor_sum
 
 

@@ -14,8 +14,15 @@ from torch.func import grad, hessian, jacfwd, jvp, vmap
 
 from worker.attribution.meta.data import TaskData
 from worker.attribution.meta.functional import FunctionalModel, RetainedGradient
-from worker.attribution.meta.inner import (InnerInverse, inner_inverse, proximal_loss, solve_proximal,
-                                           train_loss, unrolled_adapt, val_loss)
+from worker.attribution.meta.inner import (
+    InnerInverse,
+    inner_inverse,
+    proximal_loss,
+    solve_proximal,
+    train_loss,
+    unrolled_adapt,
+    val_loss,
+)
 from worker.attribution.meta.options import InnerOptions
 from worker.attribution.types import AttributionError
 

@@ -20,9 +20,9 @@ from worker.attribution.losses import LossName, MeasurementName
 from worker.attribution.methods.source import check_request
 from worker.attribution.progress import StageCounter
 from worker.attribution.scoring import ModelScorer
+from worker.attribution.segment_curvature import check_same_architecture
 from worker.attribution.trajectory import TrajectoryCheckpoint, check_checkpoints, ordered
 from worker.attribution.trajectory_scoring import aggregate_scores, pairwise_top_k, self_scores
-from worker.attribution.segment_curvature import check_same_architecture
 from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, no_progress, tensor_sum
 
 
@@ -62,7 +62,7 @@ def attribute_tracin(
 
     def vectors_for(chunk: Examples, aggregate: bool) -> list[LayerVectors]:
         vectors = []
-        for scorer, rate in zip(scorers, rates):
+        for scorer, rate in zip(scorers, rates, strict=True):
             gradients = scorer.query_vectors(chunk, measurement, options.batch_size, counter, aggregate)
             vectors.append({name: v * rate for name, v in gradients.items()})
         return vectors
