@@ -17,7 +17,8 @@ from service.storage import BlobStore
 
 
 async def get_app_settings(request: Request) -> Settings:  # async: no thread hop for a field read
-    return request.app.state.settings  # type: ignore[no-any-return]
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -35,7 +36,8 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 async def get_store(request: Request) -> BlobStore:
-    return request.app.state.store  # type: ignore[no-any-return]
+    store: BlobStore = request.app.state.store
+    return store
 
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer atk_...`.")

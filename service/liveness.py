@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, or_, update
 from sqlalchemy.orm import Session
 
 from service.db.base import utcnow
+from service.db.session import affected_rows
 from service.db.tables import FINISHED_STATUSES, Job
 from service.problems import problem_dict
 from service.settings import Settings
@@ -89,8 +90,7 @@ def time_limit_problem(seconds: float) -> dict[str, Any]:
 def transition(session: Session, job_id: str, expected: list[ColumnElement[bool]], **values: Any) -> bool:
     """UPDATE the job only if it still matches ``expected``; True when this caller made the change."""
     statement = update(Job).where(Job.id == job_id, *expected).values(**values)
-    result = session.execute(statement.execution_options(synchronize_session=False))
-    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+    return affected_rows(session, statement.execution_options(synchronize_session=False)) == 1
 
 
 def _as_observed(job: Job, policy: LivenessPolicy, now: datetime) -> list[ColumnElement[bool]]:

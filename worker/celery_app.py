@@ -58,7 +58,7 @@ def _transport_options(broker_url: str, settings: Settings) -> dict[str, Any]:
     return {}
 
 
-class JobTask(Task):  # type: ignore[misc]
+class JobTask(Task):
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Called in the parent process when the hard time limit killed the child running the job."""
         if isinstance(exc, TimeLimitExceeded) and args:
