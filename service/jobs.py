@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.base import new_id, utcnow
-from service.db.tables import FINISHED_STATUSES, Attribution, Edit, Fit, Job
+from service.db.tables import FINISHED_STATUSES, Attribution, Edit, Fit, Job, JobStatus
 from service.liveness import LivenessPolicy, cancel
 from service.problems import ProblemError, not_found, problem_dict
 from service.quotas import check_active_jobs
@@ -51,7 +51,7 @@ def job_out(session: Session, job: Job) -> JobOut:
         if attribution_id and job.status == "succeeded":
             result_url = f"/v1/attributions/{attribution_id}/results"
     return JobOut(
-        id=job.id, kind=job.kind, status=job.status,  # type: ignore[arg-type]
+        id=job.id, kind=job.kind, status=job.status,
         progress=JobProgress(stage=job.progress_stage, completed=job.progress_completed, total=job.progress_total),
         error=job.error, result_url=result_url, fit_id=fit_id, attribution_id=attribution_id, model_id=model_id,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
@@ -66,7 +66,7 @@ def cancel_job(session: Session, job: Job, policy: LivenessPolicy) -> None:
     cancel(session, job, policy)
 
 
-def job_status(session: Session, job_id: str) -> str:
+def job_status(session: Session, job_id: str) -> JobStatus:
     job = session.get(Job, job_id)
     return job.status if job is not None else "failed"
 

@@ -12,7 +12,8 @@ InfluenceStrategy = Literal["ekfac", "kfac", "diagonal", "identity", "exact", "c
 FisherKind = Literal["true", "empirical"]
 CurvatureKind = Literal["gauss_newton", "hessian"]
 
-FIT_STRATEGIES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
+_FIT_STRATEGIES: tuple[FitStrategy, ...] = ("identity", "diagonal", "kfac", "ekfac")
+FIT_STRATEGIES: tuple[str, ...] = _FIT_STRATEGIES
 DEFAULT_FIT_MEMORY_BUDGET_BYTES = 1024**3  # cached per-example layer inputs / output gradients of a fit
 EXACT_STRATEGIES: tuple[str, ...] = ("exact", "cg", "lissa")
 
@@ -65,10 +66,11 @@ class InfluenceOptions:
 
     def fit_options(self) -> FitOptions:
         """The fit-level part of these options (for the factor strategies)."""
-        if self.strategy not in FIT_STRATEGIES:
+        strategy = next((s for s in _FIT_STRATEGIES if s == self.strategy), None)
+        if strategy is None:
             raise AttributionError(f"strategy {self.strategy!r} has no reusable fit")
         return FitOptions(
-            strategy=self.strategy,  # type: ignore[arg-type]
+            strategy=strategy,
             fisher=self.fisher,
             fisher_samples=self.fisher_samples,
             seed=self.seed,
