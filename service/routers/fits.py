@@ -13,6 +13,7 @@ from service.db.tables import Fit
 from service.dependencies import JsonBody, SessionDep, SettingsDep, TenantDep
 from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
+from service.openapi import location_header
 from service.problems import invalid, problem_responses
 from service.schemas.fits import FitIn, FitOut
 
@@ -27,12 +28,16 @@ def fit_out(fit: Fit, status: str) -> FitOut:
     )
 
 
-@router.post("", status_code=202, response_model=FitOut, responses=problem_responses(409, 413, 415),
+@router.post("", status_code=202, response_model=FitOut, summary="Queue a curvature fit",
+             responses={**problem_responses(409, 413, 415),
+                        **location_header(202, "The fit's job: `/v1/jobs/{job_id}`.")},
              dependencies=[JsonBody])
 def create_fit(
     body: FitIn, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
+    """Queue a fit of the model's curvature (EK-FAC, K-FAC, diagonal or identity) on a dataset; many attributions
+    reuse it via `fit_id`. Answers 202 with the fit and `Location: /v1/jobs/{job_id}`; poll the job."""
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/fits", body)
     if replayed is not None:
         return replayed
@@ -62,7 +67,8 @@ def create_fit(
     return response
 
 
-@router.get("/{fit_id}")
+@router.get("/{fit_id}", summary="Get a fit")
 def get_fit(fit_id: str, tenant: TenantDep, session: SessionDep) -> FitOut:
+    """One fit, with the status of its job."""
     fit = owned_fit(session, tenant.id, fit_id)
     return fit_out(fit, job_status(session, fit.job_id))
