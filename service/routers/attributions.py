@@ -14,16 +14,23 @@ from service import export
 from service.attribution_requests import check_attribution
 from service.db.base import new_id, utcnow
 from service.db.session import session_scope
-from service.db.tables import Attribution
+from service.db.tables import Attribution, JobStatus
 from service.dependencies import JsonBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.editing import submit_edit
 from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
-from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
 from service.openapi import json_body_example, location_header
+from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
 from service.problems import ProblemError, not_found, problem_responses
 from service.results import (
-    IdTypes, all_results, has_query, id_types, known_finished, page_of_results, remember_finished, row_out,
+    IdTypes,
+    all_results,
+    has_query,
+    id_types,
+    known_finished,
+    page_of_results,
+    remember_finished,
+    row_out,
 )
 from service.schemas.attributions import AttributionIn, AttributionOut, EditAccepted, EditIn, ResultRow, ResultsPage
 
@@ -37,9 +44,9 @@ def owned_attribution(session: SessionDep, tenant_id: str, attribution_id: str) 
     return attribution
 
 
-def attribution_out(attribution: Attribution, status_: str) -> AttributionOut:
+def attribution_out(attribution: Attribution, status_: JobStatus) -> AttributionOut:
     return AttributionOut(
-        id=attribution.id, job_id=attribution.job_id, status=status_,  # type: ignore[arg-type]
+        id=attribution.id, job_id=attribution.job_id, status=status_,
         model_ids=attribution.model_ids, train_dataset_id=attribution.train_dataset_id,
         query_dataset_id=attribution.query_dataset_id, method=attribution.method, fit_id=attribution.fit_id,
         measurement=attribution.measurement, mode=attribution.mode, top_k=attribution.top_k,

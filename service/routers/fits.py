@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.artifacts import owned_dataset, owned_model
 from service.attribution_requests import check_inputs_fit, owned_checkpoints, owned_fit
 from service.db.base import new_id, utcnow
-from service.db.tables import Fit
+from service.db.tables import Fit, JobStatus
 from service.dependencies import JsonBody, SessionDep, SettingsDep, TenantDep
 from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
@@ -20,9 +19,9 @@ from service.schemas.fits import FitIn, FitOut
 router = APIRouter(prefix="/v1/fits", tags=["fits"], responses=problem_responses(400, 401, 404, 422))
 
 
-def fit_out(fit: Fit, status: str) -> FitOut:
+def fit_out(fit: Fit, status: JobStatus) -> FitOut:
     return FitOut(
-        id=fit.id, job_id=fit.job_id, status=status, model_id=fit.model_id, dataset_id=fit.dataset_id,  # type: ignore[arg-type]
+        id=fit.id, job_id=fit.job_id, status=status, model_id=fit.model_id, dataset_id=fit.dataset_id,
         strategy=fit.strategy, damping=fit.damping, checkpoint_ids=fit.checkpoint_ids, options=fit.options,
         created_at=fit.created_at,
     )

@@ -14,13 +14,23 @@ from service.db.base import new_id, utcnow
 from service.db.tables import Checkpoint, Edit, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.idempotency import IdempotencyKey, remember, replay
-from service.pagination import (
-    CheckpointCursor, PageTokenQuery, clamp_page_size, decode_token, encode_token, page_newest_first,
-)
 from service.openapi import location_header, multipart_example
+from service.pagination import (
+    CheckpointCursor,
+    PageTokenQuery,
+    clamp_page_size,
+    decode_token,
+    encode_token,
+    page_newest_first,
+)
 from service.problems import problem_responses
 from service.schemas.models import (
-    CheckpointList, CheckpointMetadata, CheckpointOut, ModelList, ModelMetadata, ModelOut,
+    CheckpointList,
+    CheckpointMetadata,
+    CheckpointOut,
+    ModelList,
+    ModelMetadata,
+    ModelOut,
 )
 from service.uploads import check_storage_or_discard, commit_blob, parse_metadata, stage_upload
 
