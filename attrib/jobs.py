@@ -70,7 +70,7 @@ class Job:
     JobState(id='job_…', kind='attribution', status='succeeded', …)
     """
 
-    def __init__(self, client: "Client", job_id: str) -> None:
+    def __init__(self, client: Client, job_id: str) -> None:
         self.client = client
         self.id = job_id
 
@@ -109,7 +109,7 @@ class Job:
 class AsyncJob:
     """The async twin of :class:`Job`: ``await job.wait()``."""
 
-    def __init__(self, client: "AsyncClient", job_id: str) -> None:
+    def __init__(self, client: AsyncClient, job_id: str) -> None:
         self.client = client
         self.id = job_id
 

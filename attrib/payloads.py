@@ -78,7 +78,9 @@ def weights_part(weights: Any, field: str = "weights") -> FilePart:
 def npz_bytes(arrays: Mapping[str, Any]) -> bytes:
     """``.npz`` bytes of plain arrays (numbers or unicode strings: never pickled objects)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **{name: to_numpy(value) for name, value in arrays.items()})
+    # typed Any: numpy's stub would match a ``**`` mapping of arrays against savez's own ``allow_pickle: bool``
+    named: dict[str, Any] = {name: to_numpy(value) for name, value in arrays.items()}
+    np.savez(buffer, **named)
     return buffer.getvalue()
 
 

@@ -18,7 +18,7 @@ class Model:
     raw: dict[str, Any] = field(repr=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Model":
+    def from_json(cls, data: dict[str, Any]) -> Model:
         return cls(data["id"], data["name"], data["format"], data["num_parameters"],
                    list(data.get("tracked_layers", [])), data)
 
@@ -32,7 +32,7 @@ class Dataset:
     raw: dict[str, Any] = field(repr=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Dataset":
+    def from_json(cls, data: dict[str, Any]) -> Dataset:
         return cls(data["id"], data["name"], data["num_examples"], dict(data.get("fields", {})), data)
 
 
@@ -45,7 +45,7 @@ class Checkpoint:
     raw: dict[str, Any] = field(repr=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Checkpoint":
+    def from_json(cls, data: dict[str, Any]) -> Checkpoint:
         return cls(data["id"], data["model_id"], data["step"], data.get("stage", 0), data)
 
 
@@ -73,7 +73,7 @@ class JobState:
         return self.status in TERMINAL_STATUSES
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "JobState":
+    def from_json(cls, data: dict[str, Any]) -> JobState:
         progress = data.get("progress") or {}
         return cls(data["id"], data["kind"], data["status"],
                    Progress(str(progress.get("stage", "")), int(progress.get("completed", 0)),
@@ -94,7 +94,7 @@ class ResultRow:
     split: int | None = None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ResultRow":
+    def from_json(cls, data: dict[str, Any]) -> ResultRow:
         return cls(data.get("query_id"), data["direction"], data["rank"], data["train_id"], data["score"],
                    data.get("task"), data.get("split"))
 
@@ -115,7 +115,7 @@ class Attribution:
     job: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], job: Any = None) -> "Attribution":
+    def from_json(cls, data: dict[str, Any], job: Any = None) -> Attribution:
         return cls(data["id"], data["job_id"], data["status"], data["method"], data["mode"], data["top_k"],
                    data["train_dataset_id"], data.get("query_dataset_id"), data, job)
 
@@ -128,5 +128,5 @@ class Fit:
     job: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], job: Any = None) -> "Fit":
+    def from_json(cls, data: dict[str, Any], job: Any = None) -> Fit:
         return cls(data["id"], data["job_id"], data, job)

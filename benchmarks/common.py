@@ -8,6 +8,7 @@ Only the engine's public API (``worker.attribution``) is used; kronfluence is us
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shlex
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -34,10 +35,8 @@ THREADS = 2
 
 def set_threads(n: int = THREADS) -> None:
     torch.set_num_threads(n)
-    try:
+    with contextlib.suppress(RuntimeError):  # already set
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set
-        pass
 
 
 # ---------------------------------------------------------------- data
@@ -140,7 +139,7 @@ def train_many(
     """Trains M = len(seeds) MLPs at once, model m on rows ``index[m]`` of (x, y) with seed ``seeds[m]``.
     Equivalent to M separate trainings (parameters, Adam states and batches are per model)."""
     sizes = [x.shape[1], *recipe.hidden, int(y.max()) + 1]
-    m, n = index.shape
+    n = index.shape[1]
     params = _init(sizes, seeds)
     flat = [t for pair in params for t in pair]
     opt = torch.optim.Adam(flat, lr=recipe.lr)
@@ -191,7 +190,7 @@ def to_module(params: list[tuple[torch.Tensor, torch.Tensor]], m: int) -> nn.Seq
     model = mlp(sizes)
     linears = [layer for layer in model if isinstance(layer, nn.Linear)]
     with torch.no_grad():
-        for layer, (w, b) in zip(linears, params):
+        for layer, (w, b) in zip(linears, params, strict=True):
             layer.weight.copy_(w[m].T)
             layer.bias.copy_(b[m])
     return model.eval()
@@ -234,7 +233,7 @@ class Timer:
         self.seconds = 0.0
         self.cpu_seconds = 0.0
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.start = time.perf_counter()
         self.cpu_start = time.process_time()
         return self
@@ -359,7 +358,7 @@ def environment() -> str:
         commit = "?"
     return "\n".join(
         [
-            f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
             f"- machine: {os.cpu_count()} CPU cores visible ({cpu}), torch threads {torch.get_num_threads()}; "
             "CPU shared with other work, so timings are noisy",
             f"- python {platform.python_version()}, torch {torch.__version__}, kronfluence {_version('kronfluence')}, "

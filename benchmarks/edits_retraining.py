@@ -180,7 +180,7 @@ def table(arch: str, setting: Setting, sets: list[RemovalSet], outcomes: list[Ou
              "retrained Δloss range | edited Δloss range | edit time (× cheaper than a retrain) | sets with warnings |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for group in groups:
-        members = [(s, o) for s, o in zip(sets, outcomes) if s.group == group]
+        members = [(s, o) for s, o in zip(sets, outcomes, strict=True) if s.group == group]
         for name in chosen:
             truth, predicted = [], []
             for removal, outcome in members:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ FULL_TOP_K = 5000
 
 def architecture(sizes: list[int]) -> dict[str, Any]:
     layers: list[dict[str, Any]] = []
-    for index, (inputs, outputs) in enumerate(zip(sizes, sizes[1:])):
+    for index, (inputs, outputs) in enumerate(itertools.pairwise(sizes)):
         layers.append({"type": "linear", "in_features": inputs, "out_features": outputs})
         if index < len(sizes) - 2:
             layers.append({"type": "relu"})

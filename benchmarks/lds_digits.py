@@ -200,7 +200,7 @@ def main() -> None:
             print(rows[-1], flush=True)
 
     kron_single = [r[2] for r in rows if r[0].startswith("kronfluence") and "mean of torch seeds" in r[1]]
-    ours_default = [r for r in rows if r[0] == "ours influence ekfac"][0]
+    ours_default = next(r for r in rows if r[0] == "ours influence ekfac")
     best_single = max((r for r in rows if r[0].startswith("ours")), key=lambda r: r[2])
     best_ens = max((r for r in rows if r[0].startswith("ours")), key=lambda r: r[3] if r[3] == r[3] else -1)
     table = [

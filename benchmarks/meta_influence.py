@@ -31,8 +31,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from worker.attribution.meta import InnerOptions, MetaOptions, attribute_meta, edit_meta
-from worker.attribution.meta.influence import (HessianInverse, build_problem, query_gradients,
-                                               train_gradients)
+from worker.attribution.meta.influence import HessianInverse, build_problem, query_gradients, train_gradients
 from worker.attribution.meta.total import DirectTerm, TotalProblem
 from worker.attribution.types import AttributionError, Examples
 
@@ -89,7 +88,10 @@ def sinusoid_tasks(num: int, corrupted: int, rng: np.random.Generator) -> Batch:
         y = amp * np.sin(x + phase)
         if i < corrupted:
             y = rng.normal(0, 1.5, size=y.shape)
-        xs_tr.append(x[:10]); ys_tr.append(y[:10]); xs_val.append(x[10:]); ys_val.append(y[10:])
+        xs_tr.append(x[:10])
+        ys_tr.append(y[:10])
+        xs_val.append(x[10:])
+        ys_val.append(y[10:])
     t = lambda a: torch.tensor(np.stack(a)).float().double()  # noqa: E731  (float32-exact, as the service stores inputs)
     w = torch.full((num, 10), 0.1)
     return Batch(t(xs_tr), t(ys_tr), w.clone(), t(xs_val), t(ys_val), w.clone())
@@ -110,7 +112,8 @@ def digits_tasks(features: np.ndarray, labels: np.ndarray, num: int, corrupted: 
             y = np.array([lab for _, lab in part])
             if i < corrupted:
                 y = rng.integers(0, 5, size=y.shape)
-            xs.append(x); ys.append(y)
+            xs.append(x)
+            ys.append(y)
     w = torch.full((num, 25), 1 / 25)
     return Batch(torch.tensor(np.stack(xs_tr)), torch.tensor(np.stack(ys_tr)), w.clone(),
                  torch.tensor(np.stack(xs_val)), torch.tensor(np.stack(ys_val)), w.clone())
@@ -337,7 +340,7 @@ def slope(pred, act) -> float:
 
 
 def recall_at(order: np.ndarray, corrupted: set[int], fraction: float) -> float:
-    top = order[: int(round(fraction * len(order)))]
+    top = order[: round(fraction * len(order))]
     return len(set(top.tolist()) & corrupted) / len(corrupted)
 
 
@@ -387,7 +390,7 @@ def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch
         q_terms = [DirectTerm(t) for t in problem.query_terms] if variant == "direct" else problem.query_terms
         total = TotalProblem(terms, problem.lam, options.outer_l2, opts.third_order)
         alt = replace(problem, options=opts, terms=terms, query_terms=q_terms, total=total, diagnostics={}, warnings=[])
-        alt.cached_grads = [t.total_grad() for t in terms]
+        alt.train_task_gradients = [t.total_grad() for t in terms]
         alt_inverse = HessianInverse(alt)
         predictions[label] = (train_gradients(alt) @ alt_inverse.solve(query_gradients(alt).sum(0))).numpy()
         extra = f", Γ = {total.gamma:.3g}" if variant == "gamma" else ""
@@ -449,13 +452,13 @@ def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch
     try:
         instance_section(obj, train, queries, model, train_ex, query_ex, fixed, lam, omega, rho, h_full, hessian_at,
                          q_star, num_tasks, instances, seed)
-    except Exception as exc:  # report and go on: the task-level figures above stand
+    except Exception as exc:  # noqa: BLE001 (report and go on: the task-level figures above stand)
         say(f"\n(instance section failed: {type(exc).__name__}: {exc})")
     if detection:
         try:
             detection_section(obj, train, queries, model, train_ex, fixed, lam, omega, rho, h_full, per_task,
                               hessian_at, q_star, num_tasks, corrupted, predictions, actual, problem, seed)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (report and go on)
             say(f"\n(detection/editing section failed: {type(exc).__name__}: {exc})")
 
 

@@ -26,7 +26,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from worker.attribution import Examples, GradientSimilarityOptions, InfluenceOptions, attribute
+from worker.attribution import AttributionScores, Examples, GradientSimilarityOptions, InfluenceOptions, attribute
 from worker.attribution.losses import margins
 from worker.attribution.methods.source import SourceOptions, attribute_source
 from worker.attribution.methods.tracin import attribute_tracin
@@ -117,14 +117,16 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, outcomes: torch.Tensor) -> fl
     return float(np.nanmean(values))
 
 
-def full_matrix(result, n: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def full_matrix(result: AttributionScores, n: int) -> torch.Tensor:
     topk = result.topk
+    assert topk is not None, "a pairwise result"
     matrix = torch.full((topk.positive_indices.shape[0], n), float("nan"), dtype=torch.float64)
     matrix.scatter_(1, topk.positive_indices, topk.positive_scores.double())
     return matrix
 
 
-def method_scores(setting: Setting, final: nn.Module, checkpoints: list[TrajectoryCheckpoint]) -> dict[str, torch.Tensor]:
+def method_scores(setting: Setting, final: nn.Module,
+                  checkpoints: list[TrajectoryCheckpoint]) -> dict[str, tuple[torch.Tensor, float]]:
     stage_data = {i: s.data for i, s in enumerate(setting.stages)}
     train = stage_data[setting.attributed_stage]
     n, queries = len(train), setting.queries
@@ -156,7 +158,7 @@ def method_scores(setting: Setting, final: nn.Module, checkpoints: list[Trajecto
         start = time.perf_counter()
         scores[name] = full_matrix(run(), n)
         timings[name] = time.perf_counter() - start
-    return {name: (scores[name], timings[name]) for name in scores}  # type: ignore[misc]
+    return {name: (scores[name], timings[name]) for name in scores}
 
 
 def settings(seed: int) -> list[Setting]:

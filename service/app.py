@@ -6,14 +6,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from service.admission import AdmissionControl
 from service.db.session import configure_engine
 from service.limits import BodySizeLimit
 from service.metrics import MetricsMiddleware, create_metrics
 from service.openapi import install_openapi, operation_id
-from service.problems import install_problem_handlers, problem_response, problem_responses
+from service.problems import add_problem_handler, install_problem_handlers, problem_response, problem_responses
 from service.queue import CeleryQueue, JobQueue
 from service.quotas import RateLimiter
 from service.reaper import start_reaper
@@ -48,7 +49,7 @@ def create_app(
     app.state.metrics = create_metrics()
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     install_problem_handlers(app)
-    app.add_exception_handler(ArtifactError, _on_artifact_error)  # type: ignore[arg-type]
+    add_problem_handler(app, ArtifactError, _on_artifact_error)
     for module in (models, datasets, fits, attributions, jobs, operations, pages):
         app.include_router(module.router)
     install_docs(app)
@@ -74,7 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             reaper.stop()
 
 
-async def _on_artifact_error(request, exc: ArtifactError):  # type: ignore[no-untyped-def]
+async def _on_artifact_error(request: Request, exc: ArtifactError) -> JSONResponse:
     from service.problems import FieldError
 
     errors = [FieldError(field=exc.field, message=exc.detail)] if exc.field else None

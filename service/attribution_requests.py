@@ -107,7 +107,7 @@ def check_inputs_fit(
         handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(_numel(out))) for m in module.modules()]
         try:
             module.eval()(probe)
-        except Exception as exc:  # noqa: BLE001  (a shape error of any kind means "does not fit")
+        except Exception as exc:
             raise invalid(f"the inputs of dataset {dataset.id!r} (shape {shape}) do not fit model {model.id!r}: "
                           f"{exc}", field) from exc
         finally:

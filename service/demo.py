@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 import httpx
 import numpy as np
@@ -62,7 +63,7 @@ def pick_queries(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     return np.concatenate([wrong, right])[:NUM_QUERIES]
 
 
-def npz_bytes(**arrays: np.ndarray) -> bytes:
+def npz_bytes(**arrays: Any) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
@@ -82,14 +83,14 @@ def wait_until_up(client: httpx.Client, server: subprocess.Popen[bytes], timeout
     raise SystemExit("attrib demo: the server did not start in time")
 
 
-def check(response: httpx.Response) -> dict:  # type: ignore[type-arg]
+def check(response: httpx.Response) -> dict[str, Any]:
     if response.status_code >= 400:
         raise SystemExit(f"attrib demo: {response.request.method} {response.request.url.path} answered "
                          f"{response.status_code}: {response.text}")
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
-def progress_line(job: dict) -> str:  # type: ignore[type-arg]
+def progress_line(job: dict[str, Any]) -> str:
     progress = job["progress"]
     total = max(progress["total"], 1)
     filled = int(30 * min(progress["completed"], total) / total)
@@ -97,7 +98,7 @@ def progress_line(job: dict) -> str:  # type: ignore[type-arg]
             f"{progress['completed']}/{progress['total']}")
 
 
-def wait_for_job(client: httpx.Client, job_id: str) -> dict:  # type: ignore[type-arg]
+def wait_for_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
     shown = ""
     while True:
         job = check(client.get(f"/v1/jobs/{job_id}"))
@@ -173,11 +174,11 @@ def demo_session(client: httpx.Client, method: str) -> str:
 
 
 def print_results(client: httpx.Client, attribution_id: str, data: dict[str, np.ndarray]) -> None:
-    label_of = dict(zip(data["train_ids"].tolist(), data["train_y"].tolist()))
+    label_of = dict(zip(data["train_ids"].tolist(), data["train_y"].tolist(), strict=True))
     print("\nScores: influence on the query's margin (positive = the training example helps the model get the "
           "query right).")
     for query_id, label, predicted in zip(data["test_ids"].tolist(), data["test_y"].tolist(),
-                                          data["test_predicted"].tolist()):
+                                          data["test_predicted"].tolist(), strict=True):
         verdict = "correct" if label == predicted else "WRONG"
         print(f"\nTest digit {query_id}: a handwritten {label}, the model says {predicted} ({verdict})")
         for direction, title in (("positive", "most helpful"), ("negative", "most harmful")):

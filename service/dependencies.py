@@ -19,7 +19,8 @@ from service.storage import BlobStore
 
 
 async def get_app_settings(request: Request) -> Settings:  # async: no thread hop for a field read
-    return request.app.state.settings  # type: ignore[no-any-return]
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
@@ -61,7 +62,8 @@ def _roll_back_and_close(session: Session) -> None:
 
 
 async def get_store(request: Request) -> BlobStore:
-    return request.app.state.store  # type: ignore[no-any-return]
+    store: BlobStore = request.app.state.store
+    return store
 
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer atk_...`.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shlex
@@ -60,10 +61,8 @@ def serve_banner(settings: Settings, host: str, port: int) -> str:
 
 def _die_with_parent() -> None:
     """Linux: the worker gets SIGTERM if `attrib serve` dies without cleaning up."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:

@@ -19,7 +19,7 @@ def positions_of(ids: np.ndarray, wanted: list[str], dataset_id: str) -> list[in
     keys = parse_ids(wanted, as_strings=ids.dtype.kind == "U")
     matched = np.flatnonzero(np.isin(ids, keys))
     position_of = {ids[p].item(): int(p) for p in matched}
-    missing = [ident for ident, key in zip(wanted, keys.tolist()) if key not in position_of]
+    missing = [ident for ident, key in zip(wanted, keys.tolist(), strict=True) if key not in position_of]
     if missing:
         shown = ", ".join(repr(ident) for ident in missing[:10])
         raise ProblemError(404, f"dataset {dataset_id!r} has no example with id {shown}", kind="not-found")

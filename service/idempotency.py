@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.db.base import utcnow
-from service.db.session import session_scope
+from service.db.session import affected_rows, session_scope
 from service.db.tables import IdempotentResponse
 from service.dependencies import TenantDep
 from service.problems import ProblemError
@@ -51,13 +51,14 @@ def _reserve(url: str, tenant_id: str, key: str, route: str) -> str:
     """'owned' (this request reserved the key), 'done' (a response is stored) or 'busy' (another request holds it)."""
     with session_scope(url) as session:
         stale_before = utcnow() - timedelta(seconds=STALE_RESERVATION_SECONDS)
-        taken_over = session.execute(
+        taken_over = affected_rows(
+            session,
             update(IdempotentResponse)
             .where(IdempotentResponse.tenant_id == tenant_id, IdempotentResponse.key == key,
                    IdempotentResponse.route == route, IdempotentResponse.status_code == RESERVED,
                    IdempotentResponse.created_at < stale_before)
-            .values(created_at=utcnow())
-        ).rowcount
+            .values(created_at=utcnow()),
+        )
         if taken_over:
             return "owned"
     try:

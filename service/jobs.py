@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from service.conversions import from_row
 from service.db.base import new_id, utcnow
-from service.db.tables import FINISHED_STATUSES, Attribution, Edit, Fit, Job
+from service.db.tables import FINISHED_STATUSES, Attribution, Edit, Fit, Job, JobStatus
 from service.liveness import LivenessPolicy, cancel
 from service.problems import ProblemError, problem_dict
 from service.quotas import check_active_jobs
@@ -57,16 +57,16 @@ def cancel_job(session: Session, job: Job, policy: LivenessPolicy) -> None:
     cancel(session, job, policy)
 
 
-def job_status(session: Session, job_id: str) -> str:
+def job_status(session: Session, job_id: str) -> JobStatus:
     job = session.get(Job, job_id)
     return job.status if job is not None else "failed"
 
 
-def enqueue_or_fail(session: Session, queue: "JobQueue", job: Job) -> None:
+def enqueue_or_fail(session: Session, queue: JobQueue, job: Job) -> None:
     """Hand a committed job to the queue; if the broker refuses, the job is failed and the caller gets a 503."""
     try:
         queue.enqueue(job.id)
-    except Exception as exc:  # noqa: BLE001  (any broker failure)
+    except Exception as exc:  # any broker failure
         job.status, job.finished_at = "failed", utcnow()
         job.error = problem_dict(503, f"the job could not be queued: {exc}", kind="broker-unavailable")
         session.commit()

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, or_, update
 from sqlalchemy.orm import Session
 
 from service.db.base import utcnow
+from service.db.session import affected_rows
 from service.db.tables import FINISHED_STATUSES, Job
 from service.problems import problem_dict
 from service.settings import Settings
@@ -40,7 +41,7 @@ class LivenessPolicy:
     time_limit_seconds: float
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "LivenessPolicy":
+    def from_settings(cls, settings: Settings) -> LivenessPolicy:
         return cls(
             heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
             max_attempts=settings.job_max_attempts, requeue_seconds=settings.job_requeue_seconds,
@@ -65,7 +66,7 @@ class CancelRequested(Exception):
 
 def as_utc(moment: datetime) -> datetime:
     """Timestamps read back from SQLite carry no zone; every timestamp we write is UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def worker_name() -> str:
@@ -89,8 +90,7 @@ def time_limit_problem(seconds: float) -> dict[str, Any]:
 def transition(session: Session, job_id: str, expected: list[ColumnElement[bool]], **values: Any) -> bool:
     """UPDATE the job only if it still matches ``expected``; True when this caller made the change."""
     statement = update(Job).where(Job.id == job_id, *expected).values(**values)
-    result = session.execute(statement.execution_options(synchronize_session=False))
-    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+    return affected_rows(session, statement.execution_options(synchronize_session=False)) == 1
 
 
 def _as_observed(job: Job, policy: LivenessPolicy, now: datetime) -> list[ColumnElement[bool]]:

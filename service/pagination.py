@@ -85,7 +85,7 @@ def clamp_page_size(page_size: int, cap: int) -> int:
 
 
 def page_newest_first(
-    session: "Session", query: "Select[Any]", table: Any, size: int, token: str | None
+    session: Session, query: Select[Any], table: Any, size: int, token: str | None
 ) -> tuple[list[Any], str | None]:
     """One page of ``query`` ordered newest first by (created_at, id), and the token of the next page."""
     from sqlalchemy import tuple_

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -152,11 +153,28 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+HandledError = TypeVar("HandledError", bound=Exception)
+
+
+def add_problem_handler(
+    app: FastAPI, kind: type[HandledError], handler: Callable[[Request, HandledError], Awaitable[JSONResponse]],
+) -> None:
+    """``app.add_exception_handler`` for a handler of one exception class (Starlette types every handler as
+    taking any ``Exception``; it calls this one only for ``kind`` and its subclasses)."""
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, kind):
+            raise exc
+        return await handler(request, exc)
+
+    app.add_exception_handler(kind, handle)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ProblemError, _on_problem)  # type: ignore[arg-type]
-    app.add_exception_handler(RequestValidationError, _on_validation)  # type: ignore[arg-type]
-    app.add_exception_handler(StarletteHTTPException, _on_http)  # type: ignore[arg-type]
-    app.add_exception_handler(Exception, _on_unexpected)
+    add_problem_handler(app, ProblemError, _on_problem)
+    add_problem_handler(app, RequestValidationError, _on_validation)
+    add_problem_handler(app, StarletteHTTPException, _on_http)
+    add_problem_handler(app, Exception, _on_unexpected)
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

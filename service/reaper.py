@@ -28,7 +28,13 @@ from service.db.base import utcnow
 from service.db.session import session_scope
 from service.db.tables import Job
 from service.liveness import (
-    LivenessPolicy, as_utc, ended, stale_clause, time_limit_problem, transition, worker_lost_problem,
+    LivenessPolicy,
+    as_utc,
+    ended,
+    stale_clause,
+    time_limit_problem,
+    transition,
+    worker_lost_problem,
 )
 from service.queue import JobQueue
 from service.settings import Settings
@@ -132,7 +138,7 @@ class ReaperThread:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="attrib-reaper", daemon=True)
 
-    def start(self) -> "ReaperThread":
+    def start(self) -> ReaperThread:
         self._thread.start()
         return self
 
@@ -144,7 +150,7 @@ class ReaperThread:
         while not self._stop.is_set():
             try:
                 reap(self.database_url, self.queue, self.policy)
-            except Exception:  # noqa: BLE001  (a database hiccup must not end the thread)
+            except Exception:  # a database hiccup must not end the thread
                 log.exception("reaper: pass failed; retrying in %g s", self.period)
             self._stop.wait(self.period)
 

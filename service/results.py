@@ -84,7 +84,7 @@ def row_out(row: StoredResult, types: ResultIdTypes) -> ResultRow:
 
 def page_query(
     attribution_id: str, direction: str, query_id: str | None, after: RankCursor | None, limit: int
-) -> Select[Any]:
+) -> Select[*tuple[Any, ...]]:
     """The statement of one page of RESULT_COLUMNS rows after ``after``, ordered by (query_pos, rank).
 
     The cursor is a row-value comparison on (query_pos, rank): with ``ix_results_page`` (``ix_results_query``

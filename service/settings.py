@@ -84,7 +84,7 @@ class Settings(BaseSettings):
         "hard time limit so that a running job's message is never handed to a second worker.")
 
     @model_validator(mode="after")
-    def _database_and_broker_go_together(self) -> "Settings":
+    def _database_and_broker_go_together(self) -> Settings:
         if (self.database_url is None) != (self.broker_url is None):
             raise ConfigurationError(
                 "set both ATTRIB_DATABASE_URL and ATTRIB_BROKER_URL (production topology) or neither "
@@ -93,7 +93,7 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _job_liveness_limits_are_ordered(self) -> "Settings":
+    def _job_liveness_limits_are_ordered(self) -> Settings:
         if self.job_stale_seconds <= self.job_heartbeat_seconds:
             raise ConfigurationError("ATTRIB_JOB_STALE_SECONDS must exceed ATTRIB_JOB_HEARTBEAT_SECONDS")
         if not self.job_soft_time_limit_seconds < self.job_time_limit_seconds < self.broker_visibility_timeout_seconds:

@@ -58,7 +58,7 @@ def _transport_options(broker_url: str, settings: Settings) -> dict[str, Any]:
     return {}
 
 
-class JobTask(Task):  # type: ignore[misc]
+class JobTask(Task):
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Called in the parent process when the hard time limit killed the child running the job."""
         if isinstance(exc, TimeLimitExceeded) and args:
@@ -78,7 +78,7 @@ def fail_timed_out(job_id: str, settings: Settings) -> None:
     try:
         with Session(engine) as session, session.begin():
             fail_running(session, job_id, time_limit_problem(settings.job_time_limit_seconds))
-    except Exception:  # noqa: BLE001  (the reaper fails it later from its stale heartbeat)
+    except Exception:  # the reaper fails it later from its stale heartbeat
         log.exception("could not fail job %s after its hard time limit", job_id)
     finally:
         engine.dispose()

@@ -24,14 +24,14 @@ NOT_ENGINE_OPTIONS = frozenset({
 })
 
 
-class Channel(kombu_sqlalchemy.Channel):  # type: ignore[misc]
+class Channel(kombu_sqlalchemy.Channel):
     def _engine_from_config(self) -> Any:
         client = self.connection.client
         options = {name: value for name, value in client.transport_options.items() if name not in NOT_ENGINE_OPTIONS}
         return create_engine(client.hostname, **options)
 
 
-class Transport(kombu_sqlalchemy.Transport):  # type: ignore[misc]
+class Transport(kombu_sqlalchemy.Transport):
     Channel = Channel
 
 

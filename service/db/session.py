@@ -10,9 +10,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 DEFAULT_POOL_SIZE = 5
 POOL_TIMEOUT_SECONDS = 10
@@ -26,7 +28,7 @@ def configure_engine(url: str, pool_size: int) -> Engine:
     """Create (or replace, when its pool is too small) the engine for ``url`` with ``pool_size`` connections."""
     with _lock:
         engine = _engines.get(url)
-        if engine is not None and engine.pool.size() >= pool_size:  # type: ignore[attr-defined]
+        if engine is not None and isinstance(engine.pool, QueuePool) and engine.pool.size() >= pool_size:
             return engine
         _engines[url] = _create(url, pool_size)
         _sessionmakers.pop(url, None)
@@ -51,7 +53,7 @@ def _create(url: str, pool_size: int) -> Engine:
     return create_engine(url, pool_pre_ping=True, **pool)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:  # DB-API objects: untyped by nature
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
@@ -79,3 +81,10 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def affected_rows(session: Session, statement: Executable) -> int:
+    """Runs an UPDATE or DELETE in ``session``; the number of rows it matched."""
+    result = session.execute(statement)
+    assert isinstance(result, CursorResult)  # what a DML statement answers (Session.execute types a plain Result)
+    return result.rowcount

@@ -20,15 +20,27 @@ from service.dependencies import JsonBody, SessionDep, SettingsDep, StoreDep, Te
 from service.editing import submit_edit
 from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
-from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
 from service.openapi import json_body_example, location_header
 from service.ownership import owned
+from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
 from service.problems import ProblemError, problem_responses
 from service.results import (
-    all_results, has_query, id_types, known_finished, page_of_results, remember_finished, row_out,
+    all_results,
+    has_query,
+    id_types,
+    known_finished,
+    page_of_results,
+    remember_finished,
+    row_out,
 )
 from service.schemas.attributions import (
-    AttributionIn, AttributionOut, EditAccepted, EditIn, ResultIdTypes, ResultRow, ResultsPage,
+    AttributionIn,
+    AttributionOut,
+    EditAccepted,
+    EditIn,
+    ResultIdTypes,
+    ResultRow,
+    ResultsPage,
 )
 
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=problem_responses(400, 401, 404, 422))

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from service.conversions import from_row
+from service.dataset_uploads import stage_text_dataset, tokenize_options
 from service.db.base import new_id, utcnow
 from service.db.tables import Dataset
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
@@ -17,7 +18,6 @@ from service.idempotency import IdempotencyKey, remember, replay
 from service.openapi import location_header, multipart_example
 from service.ownership import owned
 from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
-from service.dataset_uploads import stage_text_dataset, tokenize_options
 from service.problems import invalid, problem_responses
 from service.schemas.datasets import DatasetExamples, DatasetList, DatasetMetadata, DatasetOut
 from service.uploads import check_storage_or_discard, commit_blob, parse_metadata, read_head, stage_upload

@@ -15,17 +15,32 @@ from service.db.base import new_id, utcnow
 from service.db.tables import Checkpoint, Edit, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.idempotency import IdempotencyKey, remember, replay
-from service.pagination import (
-    CheckpointCursor, PageTokenQuery, clamp_page_size, decode_token, encode_token, page_newest_first,
-)
 from service.model_uploads import (
-    check_quota_or_discard, discard_all, fingerprint_files, prepare_and_store, stage_parts,
+    check_quota_or_discard,
+    discard_all,
+    fingerprint_files,
+    prepare_and_store,
+    stage_parts,
 )
 from service.openapi import location_header, multipart_example
 from service.ownership import owned
+from service.pagination import (
+    CheckpointCursor,
+    PageTokenQuery,
+    clamp_page_size,
+    decode_token,
+    encode_token,
+    page_newest_first,
+)
 from service.problems import problem_responses
 from service.schemas.models import (
-    CheckpointList, CheckpointMetadata, CheckpointOut, ModelFormats, ModelList, ModelMetadata, ModelOut,
+    CheckpointList,
+    CheckpointMetadata,
+    CheckpointOut,
+    ModelFormats,
+    ModelList,
+    ModelMetadata,
+    ModelOut,
 )
 from service.uploads import check_storage_or_discard, commit_blob, parse_metadata, stage_upload
 from worker.artifacts.formats import FORMATS, NOT_SUPPORTED_YET, model_format

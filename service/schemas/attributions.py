@@ -6,8 +6,20 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, RootModel, StrictInt, StrictStr,
-    TypeAdapter, ValidationError, ValidationInfo, create_model, field_validator, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    RootModel,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError, core_schema
@@ -229,8 +241,8 @@ class EditIn(StrictModel):
     name: str = Field(min_length=1, max_length=200)
     options: EditOptionsIn = Field(default_factory=EditOptionsIn)
 
-    model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [
-        {"remove": [12, 408, 977], "name": "digits-mlp-minus-3", "options": {"estimator": "newton"}}]}}
+    model_config = ConfigDict(**StrictModel.model_config, json_schema_extra={"examples": [
+        {"remove": [12, 408, 977], "name": "digits-mlp-minus-3", "options": {"estimator": "newton"}}]})
 
 
 class EditAccepted(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 from pydantic import (
@@ -39,12 +39,12 @@ Flag = StrictBool
 def _utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
-    return moment.astimezone(timezone.utc)
+    return moment.astimezone(UTC)
 
 
 def rfc3339_utc(moment: datetime) -> str:
     """`2026-01-31T09:30:00.250000Z`: RFC 3339, in UTC, with `Z` (never `+00:00`)."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 EXAMPLE_TIME = "2026-01-31T09:30:00.250000Z"

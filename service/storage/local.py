@@ -18,7 +18,7 @@ CHUNK_BYTES = 1 << 20
 
 @dataclass
 class LocalStagedBlob:
-    store: "LocalBlobStore"
+    store: LocalBlobStore
     path: Path
     sha256: str
     size: int

@@ -41,7 +41,7 @@ def test_datainf_matches_direct_formula() -> None:
     got = torch.zeros(3, 12, dtype=torch.float64).scatter_(1, result.topk.positive_indices, result.topk.positive_scores.double())
     assert float((got - expected).abs().max()) <= 2e-7 * float(expected.abs().max())
     used = result.diagnostics["models"][0]["damping"]
-    assert all(abs(used[name] - lam) <= 1e-9 * lam for name, lam in zip(used, lambdas))
+    assert all(abs(used[name] - lam) <= 1e-9 * lam for name, lam in zip(used, lambdas, strict=True))
 
 
 def test_datainf_user_damping() -> None:

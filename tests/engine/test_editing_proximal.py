@@ -9,6 +9,8 @@ strategy and DataInf give the same minimiser (the objective does not depend on t
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from worker.attribution import DataInfOptions, EditOptions, Examples, InfluenceOptions, edit_parameters
+from worker.attribution.options import EditEstimator
 
 N, PROXIMITY = 80, 0.05
 REMOVE = torch.tensor([2, 7, 11, 30, 31, 64])
@@ -55,7 +58,7 @@ def proximal_retrain(model: nn.Module, data: Examples, remove: torch.Tensor, pro
     keep = torch.tensor([i for i in range(N) if i not in set(remove.tolist())])
 
     def total_loss(params: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, dict(zip(names, params)), (data.inputs[rows],))
+        out = functional_call(model, dict(zip(names, params, strict=True)), (data.inputs[rows],))
         return F.cross_entropy(out, data.targets[rows], reduction="sum") / N
 
     start = [t.clone().requires_grad_(True) for t in theta0]
@@ -67,14 +70,14 @@ def proximal_retrain(model: nn.Module, data: Examples, remove: torch.Tensor, pro
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         value = total_loss(params, keep)
-        for p, p0, g in zip(params, theta0, anchor):
+        for p, p0, g in zip(params, theta0, anchor, strict=True):
             value = value - (g * (p - p0)).sum() + 0.5 * proximity * (p - p0).pow(2).sum()
         value.backward()
         return value
 
     for _ in range(5):
         optimizer.step(closure)
-    return torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, theta0)])
+    return torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, theta0, strict=True)])
 
 
 def edit(model: nn.Module, data: Examples, remove: torch.Tensor, **edit_options: object) -> dict[str, torch.Tensor]:
@@ -97,10 +100,10 @@ def test_proximal_edit_approaches_the_proximal_retrain_as_tolerance_tightens(set
 
 
 @pytest.mark.parametrize("estimator", ["proximal", "newton", "first_order"])
-def test_removing_nothing_changes_nothing(setup, estimator: str) -> None:
+def test_removing_nothing_changes_nothing(setup, estimator: EditEstimator) -> None:
     model, data, queries = setup
     result = edit_parameters(model, data, torch.zeros(0, dtype=torch.long), loss="cross_entropy",
-                             edit=EditOptions(estimator=estimator), queries=queries)  # type: ignore[arg-type]
+                             edit=EditOptions(estimator=estimator), queries=queries)
     for key, value in model.state_dict().items():
         assert torch.equal(result.state[key], value)
     assert result.diagnostics["num_removed"] == 0 and result.diagnostics["step_norm"] == 0.0
@@ -139,9 +142,11 @@ def test_a_set_and_its_complement_are_consistent_with_the_full_data_objective(se
     ("influence", InfluenceOptions(strategy="ekfac")), ("influence", InfluenceOptions(strategy="lissa")),
     ("datainf", DataInfOptions()),
 ])
-def test_every_method_reaches_the_same_proximal_minimiser(setup, reference, method: str, options: object) -> None:
+def test_every_method_reaches_the_same_proximal_minimiser(
+    setup, reference, method: Literal["influence", "datainf"], options: InfluenceOptions | DataInfOptions,
+) -> None:
     model, data, queries = setup
-    result = edit_parameters(model, data, REMOVE, loss="cross_entropy", method=method, options=options,  # type: ignore[arg-type]
+    result = edit_parameters(model, data, REMOVE, loss="cross_entropy", method=method, options=options,
                              edit=EditOptions(estimator="proximal", proximity=PROXIMITY, tol=1e-6, max_steps=100, cg_tol=1e-8,
                                               cg_max_iter=100), queries=queries)
     assert float((flat_change(model, result.state) - reference).norm()) <= 1e-4 * float(reference.norm())

@@ -71,7 +71,7 @@ def test_non_finite_gradients_raise() -> None:
     model = mlp()
     with torch.no_grad():
         model[2].weight[0, 0] = float("inf")
-    with pytest.raises(AttributionError, match="non-finite|NaN or Inf"):
+    with pytest.raises(AttributionError, match=r"non-finite|NaN or Inf"):
         run(model=model)
 
 

@@ -51,7 +51,7 @@ def explicit_curvature(model, data: Examples, loss: str, kind: str) -> torch.Ten
     total = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
     for i in range(len(data)):
         x = data.inputs[i : i + 1]
-        j = jacobian(lambda f: outputs(f, x)[0], theta)  # (C, D)
+        j = jacobian(lambda f, x=x: outputs(f, x)[0], theta)  # (C, D)
         if loss == "cross_entropy":
             p = torch.softmax(outputs(theta, x)[0], 0).detach()
             h = torch.diag(p) - torch.outer(p, p)

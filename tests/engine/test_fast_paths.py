@@ -199,7 +199,7 @@ def test_progress_reaches_the_totals_with_the_cache() -> None:
 
 def test_ensemble_with_one_index_falls_back() -> None:
     first, second = make_mlp(seed=0), make_mlp(seed=1)
-    train, queries = make_data(16, (5,), 3, 0), make_data(3, (5,), 3, 1)
+    train = make_data(16, (5,), 3, 0)
     fits = [_fit(first, train, "ekfac"), _fit(second, train, "ekfac", memory_budget_bytes=0)]
     slow = [_fit(first, train, "ekfac", memory_budget_bytes=0), fits[1]]
     options = InfluenceOptions(strategy="ekfac", batch_size=5)

@@ -22,8 +22,8 @@ from worker.attribution import (
     InfluenceOptions,
     attribute,
     fit_curvature,
+    scoring,
 )
-from worker.attribution import scoring
 from worker.attribution.curvature.exact import exact_preconditioner
 from worker.attribution.hooks import resolve_layers
 
@@ -155,7 +155,7 @@ def test_ensemble_averages_scores() -> None:
     result = attribute(models, train, queries, loss="cross_entropy", method="influence", mode="pairwise", top_k=20,
                        options=options, fits=fits)
     expected = sum(
-        dense_scores(m, train, queries, "cross_entropy", preconditioner_matrix(m, train, "ekfac", f)) for m, f in zip(models, fits)
+        dense_scores(m, train, queries, "cross_entropy", preconditioner_matrix(m, train, "ekfac", f)) for m, f in zip(models, fits, strict=True)
     ) / 2
     assert_close(full_matrix(result, 20), expected)
     assert result.diagnostics["num_models"] == 2

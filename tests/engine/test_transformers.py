@@ -138,7 +138,7 @@ def explicit_gradients(
     for i, sequence in enumerate(tokens):
         loss = unpadded_loss(model, sequence, None if labels is None else labels[i], 0 if prompts is None else prompts[i])
         values = torch.autograd.grad(loss, list(params.values()))
-        grads = dict(zip(params, values))
+        grads = dict(zip(params, values, strict=True))
         rows.append(torch.cat([layer_gradient(layer, grads) for layer in layers]))
     return torch.stack(rows)
 
@@ -168,7 +168,7 @@ def test_padded_batches_and_lm_loss_definition() -> None:
         logits = model(examples.inputs, attention_mask=examples.attention_mask,
                        position_ids=position_ids(examples.attention_mask)).logits
         losses = per_example_loss(logits, examples.targets, "causal_lm")
-        expected = torch.stack([unpadded_loss(model, t, None, p) for t, p in zip(tokens, [2, 1])])
+        expected = torch.stack([unpadded_loss(model, t, None, p) for t, p in zip(tokens, [2, 1], strict=True)])
         assert torch.allclose(losses, expected, rtol=1e-10, atol=0)
 
 

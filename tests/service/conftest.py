@@ -7,7 +7,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic
 
 import numpy as np
 import pytest
@@ -15,11 +15,13 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save as save_safetensors
 from torch import nn
+from typing_extensions import TypeVar
 
 from service.app import create_app
 from service.auth import create_api_key
 from service.db.migrate import upgrade_to_head
 from service.db.session import session_scope
+from service.queue import JobQueue
 from service.settings import Settings
 from tests.conftest import private_postgres_schema, require_server
 from worker.runner import run_job
@@ -71,10 +73,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
     return str(request.getfixturevalue("postgres_schema_url"))
 
 
-class Api:
-    """A test client with an API key and helpers to upload the usual artifacts."""
+QueueT = TypeVar("QueueT", bound=JobQueue, default=InlineQueue)
 
-    def __init__(self, client: TestClient, settings: Settings, queue: InlineQueue) -> None:
+
+class Api(Generic[QueueT]):
+    """A test client with an API key and helpers to upload the usual artifacts; ``queue`` is the app's queue
+    (an ``InlineQueue`` unless a test gives another)."""
+
+    def __init__(self, client: TestClient, settings: Settings, queue: QueueT) -> None:
         self.client = client
         self.settings = settings
         self.queue = queue

@@ -53,7 +53,7 @@ def all_rows(api: Api, attribution_id: str, direction: str = "positive", page_si
 
 def loss_gradients(module: nn.Module, inputs: np.ndarray, targets: np.ndarray) -> torch.Tensor:
     grads = []
-    for x, y in zip(inputs, targets):
+    for x, y in zip(inputs, targets, strict=True):
         module.zero_grad()
         loss = nn.functional.cross_entropy(module(torch.tensor(x)[None]), torch.tensor([int(y)]))
         loss.backward()

@@ -40,7 +40,7 @@ def test_job_runs_through_redis_and_a_celery_worker(
                 TestClient(app) as client:
             with session_scope(settings.resolved_database_url) as session:
                 client.headers["Authorization"] = f"Bearer {create_api_key(session, 'redis-tenant')}"
-            api = Api(client, settings, queue)  # type: ignore[arg-type]
+            api = Api(client, settings, queue)
             assert client.get("/readyz").json()["checks"] == {"database": True, "broker": True, "storage": True}
             setup = setup_job(api)
             response = client.post("/v1/attributions", json={

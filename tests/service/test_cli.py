@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.db.session import session_scope
 from service.auth import tenant_for_key
+from service.db.session import session_scope
 from service.settings import ConfigurationError, Settings
 from tests.service.test_embedded_serve import free_port
 

@@ -43,7 +43,7 @@ def test_serve_runs_a_job_to_ranked_results(tmp_path: Path) -> None:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             deadline = time.monotonic() + 60
             while True:
-                assert server.poll() is None, server.stdout.read().decode()  # type: ignore[union-attr]
+                assert server.poll() is None, server.communicate()[0].decode()
                 try:
                     if client.get("/healthz").status_code == 200:
                         break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,7 +221,7 @@ def test_work_whose_activations_cannot_fit_is_refused_at_submit(sqlite_api: Api)
     assert "GiB of activations" in response.json()["detail"]
 
 
-def test_a_key_over_its_rate_gets_429_with_retry_after(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_key_over_its_rate_gets_429_with_retry_after(tmp_path: Path) -> None:
     from tests.service.conftest import build_api
 
     for api in build_api(tmp_path, None, rate_limit_per_second=1, rate_limit_burst=3):
@@ -233,7 +234,7 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(tmp_path) -> None:  # typ
         assert other.status_code == 200  # another key has its own budget
 
 
-def test_active_job_quota_gets_429(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_active_job_quota_gets_429(tmp_path: Path) -> None:
     from tests.service.conftest import build_api
 
     for api in build_api(tmp_path, None, max_active_jobs_per_tenant=2):
@@ -245,7 +246,7 @@ def test_active_job_quota_gets_429(tmp_path) -> None:  # type: ignore[no-untyped
         assert statuses == [202, 202, 429]
 
 
-def test_storage_quota_gets_429_and_stores_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_storage_quota_gets_429_and_stores_nothing(tmp_path: Path) -> None:
     from tests.service.conftest import build_api, tiny_dataset
 
     for api in build_api(tmp_path, None, max_stored_bytes_per_tenant=1500):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,14 +18,15 @@ from service.db.migrate import upgrade_to_head
 from service.db.session import session_scope
 from tests.conftest import REDIS_URL, require_server
 from tests.loadgen import api_server
-from tests.service.conftest import tiny_dataset
+from tests.service.conftest import Api, tiny_dataset
 
 PARALLEL = 10
 
 
-def post_together(base_url: str, headers: dict[str, str], send: "callable") -> list[httpx.Response]:
+def post_together(base_url: str, headers: dict[str, str],
+                  send: Callable[[httpx.Client], httpx.Response]) -> list[httpx.Response]:
     barrier = threading.Barrier(PARALLEL)
-    replies: list[httpx.Response] = [None] * PARALLEL  # type: ignore[list-item]
+    replies: list[httpx.Response | None] = [None] * PARALLEL
 
     def one(index: int) -> None:
         with httpx.Client(base_url=base_url, headers=headers, timeout=60) as client:
@@ -36,7 +38,9 @@ def post_together(base_url: str, headers: dict[str, str], send: "callable") -> l
         thread.start()
     for thread in threads:
         thread.join()
-    return replies
+    answered = [reply for reply in replies if reply is not None]
+    assert len(answered) == PARALLEL, "a request thread failed"
+    return answered
 
 
 @pytest.mark.e2e
@@ -69,7 +73,7 @@ def test_parallel_retries_create_one_resource_and_answer_alike(tmp_path: Path, b
     assert different.status_code == 422 and different.json()["type"].endswith("/idempotency-key-reused")
 
 
-def test_a_failed_request_releases_its_key(sqlite_api) -> None:  # type: ignore[no-untyped-def]
+def test_a_failed_request_releases_its_key(sqlite_api: Api) -> None:
     bad = sqlite_api.client.post("/v1/datasets", data={"metadata": json.dumps({"name": "x"})},
                                  files={"data": ("d.npz", b"not an npz")}, headers={"Idempotency-Key": "k1"})
     assert bad.status_code == 422

@@ -9,6 +9,7 @@ influence solve per query, run to its iteration cap, on 1,000 training examples.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -34,7 +35,7 @@ from service.auth import create_api_key
 from service.db.migrate import upgrade_to_head
 from service.db.session import session_scope
 from service.db.tables import AttributionResult, Fit, Job
-from service.queue import CeleryQueue
+from service.queue import CeleryQueue, JobQueue
 from service.settings import Settings
 from tests.conftest import POSTGRES_URL, require_server
 from tests.service.conftest import Api
@@ -109,12 +110,14 @@ class FaultEnv:
                         **{**values, **overrides})
 
     @contextmanager
-    def api(self, **overrides: Any) -> Iterator[Api]:
+    def api(self, **overrides: Any) -> Iterator[Api[JobQueue]]:
         settings = self.settings(**overrides)
-        with TestClient(create_app(settings)) as client:
+        app = create_app(settings)
+        with TestClient(app) as client:
             with session_scope(self.database_url) as session:
                 client.headers["Authorization"] = f"Bearer {create_api_key(session, 'faults')}"
-            yield Api(client, settings, client.app.state.queue)  # type: ignore[attr-defined,arg-type]
+            queue: JobQueue = app.state.queue
+            yield Api(client, settings, queue)
 
     def start_worker(self, **extra_env: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, **LIVENESS_ENV, "ATTRIB_DATA_DIR": str(self.tmp_path),
@@ -130,10 +133,8 @@ class FaultEnv:
 
     def kill_worker(self, worker: subprocess.Popen[bytes]) -> None:
         """SIGKILL the worker and the pool process running its job (its whole process group)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         worker.wait()
 
     def row(self, job_id: str) -> Job:
@@ -165,7 +166,7 @@ def faults(tmp_path: Path) -> Iterator[FaultEnv]:
         admin.dispose()
 
 
-def upload_slow_inputs(api: Api) -> dict[str, str]:
+def upload_slow_inputs(api: Api[JobQueue]) -> dict[str, str]:
     rng = np.random.default_rng(0)
     architecture = {"type": "sequential", "layers": [
         {"type": "linear", "in_features": 16, "out_features": 32}, {"type": "tanh"},
@@ -182,17 +183,17 @@ def upload_slow_inputs(api: Api) -> dict[str, str]:
     return {"model_id": model, "train_dataset_id": train, "query_dataset_id": query}
 
 
-def submit(api: Api, inputs: dict[str, str], method: str = "influence", **body: Any) -> dict[str, Any]:
+def submit(api: Api[JobQueue], inputs: dict[str, str], method: str = "influence", **body: Any) -> dict[str, Any]:
     response = api.client.post("/v1/attributions", json={**inputs, "method": method, "mode": "pairwise", **body})
     assert response.status_code == 202, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
-def submit_slow(api: Api, inputs: dict[str, str]) -> dict[str, Any]:
+def submit_slow(api: Api[JobQueue], inputs: dict[str, str]) -> dict[str, Any]:
     return submit(api, inputs, top_k=SLOW_TOP_K, options=SLOW_OPTIONS)
 
 
-def wait_job(api: Api, job_id: str, seconds: float, until: Any = None) -> dict[str, Any]:
+def wait_job(api: Api[JobQueue], job_id: str, seconds: float, until: Any = None) -> dict[str, Any]:
     """Poll the job until ``until(job)`` (default: it finished)."""
     until = until or (lambda job: job["status"] not in ("queued", "running"))
     deadline = time.monotonic() + seconds

@@ -75,6 +75,12 @@ def row(url: str, job_id: str) -> Job:
         return job
 
 
+def error_of(job: Job) -> dict[str, Any]:
+    """The problem document of a failed job."""
+    assert job.error is not None
+    return job.error
+
+
 def claim_in(url: str, job_id: str, policy: LivenessPolicy = POLICY, worker: str = "w") -> int | None:
     with session_scope(url) as session:
         return claim(session, job_id, policy, worker)
@@ -118,7 +124,7 @@ def test_a_stale_job_is_taken_over_and_its_old_attempt_is_fenced_off(url: str) -
     job_id = new_job(url)
     assert claim_in(url, job_id) == 1
     with session_scope(url) as session:
-        session.get(Job, job_id).heartbeat_at = ago(60)  # type: ignore[union-attr]
+        session.get_one(Job, job_id).heartbeat_at = ago(60)
     assert claim_in(url, job_id, worker="second") == 2
     with session_scope(url) as session:
         assert not beat(session, job_id, 1)
@@ -145,10 +151,10 @@ def test_reaper_requeues_stale_jobs_and_fails_them_after_the_last_attempt(url: s
     assert row(url, fresh).status == "running"
     assert (row(url, stale).status, row(url, stale).attempts) == ("queued", 1)
     assert row(url, cancelling).status == "cancelled"
-    lost = row(url, exhausted)
-    assert lost.status == "failed" and lost.error["type"].endswith("/worker-lost")  # type: ignore[index]
-    assert "died 3 times" in lost.error["detail"]  # type: ignore[index]
-    assert row(url, too_long).error["type"].endswith("/time-limit")  # type: ignore[index]
+    lost = error_of(row(url, exhausted))
+    assert row(url, exhausted).status == "failed" and lost["type"].endswith("/worker-lost")
+    assert "died 3 times" in lost["detail"]
+    assert error_of(row(url, too_long))["type"].endswith("/time-limit")
     assert claim_in(url, stale) == 2
     assert reap(url, queue, POLICY) == type(report)()  # nothing left to do
 
@@ -156,7 +162,7 @@ def test_reaper_requeues_stale_jobs_and_fails_them_after_the_last_attempt(url: s
 def test_a_claim_of_a_job_out_of_attempts_fails_it(url: str) -> None:
     job_id = new_job(url, status="queued", attempts=3)
     assert claim_in(url, job_id) is None
-    assert row(url, job_id).error["type"].endswith("/worker-lost")  # type: ignore[index]
+    assert error_of(row(url, job_id))["type"].endswith("/worker-lost")
 
 
 def test_reaper_resends_unclaimed_queued_jobs_only_when_the_broker_queue_is_empty(url: str) -> None:
@@ -216,11 +222,11 @@ def test_the_heartbeat_thread_keeps_a_job_alive_and_notices_when_it_lost_it(url:
     job_id = new_job(url)
     assert claim_in(url, job_id) == 1
     with session_scope(url) as session:
-        session.get(Job, job_id).heartbeat_at = ago(60)  # type: ignore[union-attr]
+        session.get_one(Job, job_id).heartbeat_at = ago(60)
     with Heartbeat(url, job_id, 1, period=0.05) as heartbeat:
         wait_for(lambda: not POLICY.is_stale(row(url, job_id).heartbeat_at, utcnow()))
         with session_scope(url) as session:
-            session.get(Job, job_id).attempts = 2  # type: ignore[union-attr]  (another attempt took the job)
+            session.get_one(Job, job_id).attempts = 2  # another attempt took the job
         wait_for(heartbeat.lost.is_set)
 
 
@@ -250,7 +256,7 @@ def test_a_hard_time_limit_fails_the_job_from_the_pool_parent(
     finally:
         get_settings.cache_clear()
     job = row(url, job_id)
-    assert job.status == "failed" and job.error["type"].endswith("/time-limit")  # type: ignore[index]
+    assert job.status == "failed" and error_of(job)["type"].endswith("/time-limit")
 
 
 @pytest.fixture

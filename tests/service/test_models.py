@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
@@ -72,7 +74,7 @@ def test_delete_then_404(api: Api) -> None:
     assert api.client.get(f"/v1/models/{model_id}").status_code == 404
 
 
-def _post_raw(api: Api, metadata: dict, weights: bytes):  # type: ignore[no-untyped-def]
+def _post_raw(api: Api, metadata: dict[str, Any], weights: bytes) -> httpx.Response:
     return api.client.post("/v1/models", data={"metadata": json.dumps(metadata)},
                            files={"weights": ("w.safetensors", weights)})
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.service.conftest import Api
 
 
@@ -61,7 +63,7 @@ def test_health_ready_metrics(sqlite_api: Api) -> None:
     assert sqlite_api.client.get("/metrics").status_code == 404  # off unless the operator sets a token
 
 
-def test_metrics_need_the_operator_token_never_a_tenant_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_need_the_operator_token_never_a_tenant_key(tmp_path: Path) -> None:
     from tests.service.conftest import build_api
 
     for api in build_api(tmp_path, None, metrics_token="operator-secret"):

@@ -31,7 +31,8 @@ def reference_rows(scores: AttributionScores, method: str, top_k: int, train_ids
     """The rows by their definition, one at a time (as the service built them before the column-wise path)."""
     def unit(index: int) -> dict[str, Any]:
         if method == "meta_task_influence":
-            return {"train_id": str(int(scores.unit_task[index])), "task": None, "split": None}  # type: ignore[index]
+            assert scores.unit_task is not None
+            return {"train_id": str(int(scores.unit_task[index])), "task": None, "split": None}
         if scores.unit_task is None:
             return {"train_id": str(train_ids[index]), "task": None, "split": None}
         split = int(scores.unit_split[index]) if scores.unit_split is not None else None
@@ -41,11 +42,12 @@ def reference_rows(scores: AttributionScores, method: str, top_k: int, train_ids
     if scores.mode == "pairwise":
         assert scores.topk is not None
         labels = scores.query_task.tolist() if scores.query_task is not None else query_ids
+        assert labels is not None
         for direction, indices, values in (("positive", scores.topk.positive_indices, scores.topk.positive_scores),
                                            ("negative", scores.topk.negative_indices, scores.topk.negative_scores)):
             for pos in range(indices.shape[0]):
-                for rank, (index, score) in enumerate(zip(indices[pos].tolist(), values[pos].tolist()), start=1):
-                    rows.append({"direction": direction, "query_pos": pos, "query_id": str(labels[pos]),  # type: ignore[index]
+                for rank, (index, score) in enumerate(zip(indices[pos].tolist(), values[pos].tolist(), strict=True), start=1):
+                    rows.append({"direction": direction, "query_pos": pos, "query_id": str(labels[pos]),
                                  "rank": rank, "score": float(score), **unit(index)})
         return rows
     assert scores.scores is not None
@@ -101,7 +103,7 @@ def setup_attribution(api: Api, n_train: int = 40, n_query: int = 5, top_k: int 
         "mode": "pairwise", "top_k": top_k})
     assert response.status_code == 202, response.text
     api.queue.paused = False
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 def stored(session: Session, attribution_id: str) -> list[tuple[Any, ...]]:

@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-from schemathesis import checks
+from schemathesis import GenerationMode, checks
 from schemathesis.core.failures import FailureGroup
 
 from service.app import create_app

@@ -132,7 +132,7 @@ def _read_npz(path: Path, max_rows: int, max_bytes: int, field: str) -> dict[str
                 arrays[name] = _npz_member(npz, name, field)
     except ArtifactError:
         raise
-    except Exception as exc:  # zlib / zipfile / numpy format errors: the file is at fault
+    except Exception as exc:  # noqa: BLE001 (zlib / zipfile / numpy format errors: the file is at fault)
         raise ArtifactError(f"not a valid .npz file: {exc}", field=field) from None
     return arrays
 
@@ -245,14 +245,18 @@ def _tabular_inputs(table: pa.Table, field: str) -> np.ndarray:
     return np.stack(columns, axis=1)
 
 
+# the arrays of list columns: (N, d1, ...) tensors when every list of a level has one length
+LIST_ARRAYS = (pa.ListArray, pa.LargeListArray, pa.FixedSizeListArray)
+
+
 def _column(column: pa.ChunkedArray, name: str, field: str) -> np.ndarray:
     """A column as numpy: scalars -> (N,), (nested) lists of equal length -> (N, d1, d2...), strings -> 'U'."""
     array = column.combine_chunks()
-    if pa.types.is_dictionary(array.type):
+    if isinstance(array, pa.DictionaryArray):
         array = array.dictionary_decode()
     rows = len(array)
     shape: list[int] = [rows]
-    while _is_list(array.type):
+    while isinstance(array, LIST_ARRAYS):
         _no_nulls(array, name, field)
         lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
         if len(lengths) and (lengths != lengths[0]).any():
@@ -260,23 +264,20 @@ def _column(column: pa.ChunkedArray, name: str, field: str) -> np.ndarray:
         shape.append(int(lengths[0]) if len(lengths) else 0)
         array = array.flatten()
     _no_nulls(array, name, field)
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+    if isinstance(array, (pa.StringArray, pa.LargeStringArray)):
         return _string_column(array, name, field, shape)
     if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_boolean(array.type)):
         raise ArtifactError(f"{name}: column type {array.type} is not numeric", field=f"{field}.{name}")
     return array.to_numpy(zero_copy_only=False).reshape(shape)
 
 
-def _string_column(array: pa.Array, name: str, field: str, shape: list[int]) -> np.ndarray:
+def _string_column(array: pa.StringArray | pa.LargeStringArray, name: str, field: str,
+                   shape: list[int]) -> np.ndarray:
     if len(shape) != 1:
         raise ArtifactError(f"{name}: lists of strings are not accepted", field=f"{field}.{name}")
     if len(array) and pc.max(pc.utf8_length(array)).as_py() > MAX_ID_LENGTH:
         raise ArtifactError(f"{name}: strings longer than {MAX_ID_LENGTH} characters", field=f"{field}.{name}")
     return array.to_numpy(zero_copy_only=False).astype(str).reshape(shape)
-
-
-def _is_list(data_type: object) -> bool:
-    return pa.types.is_fixed_size_list(data_type) or pa.types.is_list(data_type) or pa.types.is_large_list(data_type)
 
 
 def _no_nulls(array: pa.Array, name: str, field: str) -> None:
@@ -517,7 +518,7 @@ def check_inputs_fit(module: nn.Module, ds: DatasetArrays, loss: str) -> int:
     try:
         with torch.no_grad():
             output = module(sample)
-    except Exception as exc:  # any torch failure means the inputs do not fit
+    except Exception as exc:  # noqa: BLE001 (any torch failure means the inputs do not fit)
         raise ArtifactError(
             f"dataset inputs of shape {list(ds.inputs.shape)} do not fit the model: {exc}", field="data.inputs"
         ) from None

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -113,7 +113,7 @@ def iter_tensors(path: Path, names: list[str], *, field: str) -> Iterator[tuple[
                 yield name, f.get_tensor(name)
     except ArtifactError:
         raise
-    except Exception as exc:  # the library's SafetensorError and friends: the file is at fault
+    except Exception as exc:  # noqa: BLE001 (the library's SafetensorError and friends: the file is at fault)
         raise invalid(str(exc), field) from None
 
 

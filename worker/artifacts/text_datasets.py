@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pyarrow as pa
@@ -185,12 +185,13 @@ def _targets_column(column: pa.ChunkedArray, field: str) -> np.ndarray:
 
 def _list_rows(array: pa.Array, name: str, field: str) -> list[list[Any]]:
     _no_nulls(array, name, field)
+    if not isinstance(array, (pa.ListArray, pa.LargeListArray, pa.FixedSizeListArray)):
+        raise ArtifactError(f"{name}: a list column is needed, not {array.type}", field=f"{field}.{name}")
     values = array.flatten()
     _no_nulls(values, name, field)
     if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
         raise ArtifactError(f"{name}: list values of type {values.type}; integers are needed", field=f"{field}.{name}")
-    rows: list[list[Any]] = array.to_pylist()
-    return rows
+    return cast(list[list[Any]], cast(Any, array).to_pylist())  # no nulls (checked above); untyped in the stubs
 
 
 def _token_column(column: pa.ChunkedArray, name: str, field: str) -> np.ndarray:
@@ -234,8 +235,7 @@ def _tokenized(table: pa.Table, tokenize: TokenizeOptions | None, max_rows: int,
         _no_nulls(array, name, field)
         if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
             raise ArtifactError(f"{name}: a string column is needed", field=f"{field}.{name}")
-        values: list[str] = array.to_pylist()
-        return values
+        return cast(list[str], array.to_pylist())  # no nulls (checked above)
 
     if has_text:
         rows = _encode(tokenize, strings("text"), tokenize.add_special_tokens)
@@ -404,7 +404,9 @@ def read_stored(path: Path) -> TextArrays:
     n = table.num_rows
 
     def matrix(name: str) -> np.ndarray:
-        flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        column = table.column(name).combine_chunks()
+        assert isinstance(column, (pa.ListArray, pa.LargeListArray, pa.FixedSizeListArray))  # written by write_stored
+        flat = column.flatten().to_numpy(zero_copy_only=False)
         rows: np.ndarray = flat.reshape(n, -1).copy()  # writable: the engine turns it into tensors
         return rows
 

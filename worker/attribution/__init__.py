@@ -9,7 +9,13 @@ from worker.attribution.curvature.base import Curvature, Preconditioner, load_cu
 from worker.attribution.curvature.fit import fit_curvature
 from worker.attribution.editing import EditResult, assess_edit, edit_parameters, retrain_objective_edit
 from worker.attribution.hooks import trackable_layers
-from worker.attribution.options import DataInfOptions, EditOptions, FitOptions, GradientSimilarityOptions, InfluenceOptions
+from worker.attribution.options import (
+    DataInfOptions,
+    EditOptions,
+    FitOptions,
+    GradientSimilarityOptions,
+    InfluenceOptions,
+)
 from worker.attribution.types import (
     AttributionError,
     AttributionScores,
@@ -35,12 +41,12 @@ __all__ = [
     "Preconditioner",
     "Progress",
     "TopK",
-    "attribute",
     "assess_edit",
+    "attribute",
     "edit_parameters",
-    "retrain_objective_edit",
     "fit_curvature",
     "load_curvature",
     "no_progress",
+    "retrain_objective_edit",
     "trackable_layers",
 ]

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from worker.attribution.curvature.base import Curvature
+from worker.attribution.curvature.base import Curvature, LayerVectors
 from worker.attribution.curvature.fit import fit_layers, fit_passes
 from worker.attribution.gradients import model_dtype, place_model
 from worker.attribution.hooks import Activities, resolve_layers
@@ -42,7 +42,7 @@ MethodName = Literal["influence", "datainf", "gradient_similarity"]
 ModeName = Literal["pairwise", "aggregate", "self"]
 MethodOptions = InfluenceOptions | DataInfOptions | GradientSimilarityOptions
 
-OPTION_TYPES: dict[str, type] = {
+OPTION_TYPES: dict[str, type[MethodOptions]] = {
     "influence": InfluenceOptions,
     "datainf": DataInfOptions,
     "gradient_similarity": GradientSimilarityOptions,
@@ -162,8 +162,8 @@ def build_scorers(
                 dampings = datainf_dampings(model, layers, train, loss, options.batch_size, device, fit_counter)
             else:
                 dampings = {layer.name: float(options.damping) for layer in layers}
-            preconditioner = DataInfPreconditioner(model, layers, train, loss, dampings, options.batch_size, device, progress)
-            scorers.append(ModelScorer(model, layers, loss, device, dtype, preconditioner))
+            datainf = DataInfPreconditioner(model, layers, train, loss, dampings, options.batch_size, device, progress)
+            scorers.append(ModelScorer(model, layers, loss, device, dtype, datainf))
         else:
             assert isinstance(options, InfluenceOptions)
             fit = None if fits is None else fits[position]
@@ -174,9 +174,10 @@ def build_scorers(
                 model, layers, train, loss, options, fit, fit_counter, device, dtype, progress
             )
             index = None
-            if fit is not None and fit.training_index is not None:
-                if fit.training_index.matches(model, train, loss, [layer.name for layer in layers]):
-                    index = fit.training_index
+            if fit is not None and fit.training_index is not None and fit.training_index.matches(
+                model, train, loss, [layer.name for layer in layers]
+            ):
+                index = fit.training_index
             scorer = ModelScorer(model, layers, loss, device, dtype, preconditioner, index=index)
             scorer.diagnostics["training_gradients"] = "index" if index is not None else "recomputed"
             scorers.append(scorer)
@@ -200,7 +201,7 @@ def self_scores(scorers: list[ModelScorer], train: Examples, batch_size: int, pr
     counter = StageCounter(progress, "score", len(train)).start()
 
     def visit(start: int, per_model: list[Activities]) -> None:
-        values = mean_over_models([s.self_scores(a) for s, a in zip(scorers, per_model)])
+        values = mean_over_models([s.self_scores(a) for s, a in zip(scorers, per_model, strict=True)])
         check_finite_scores(values)
         scores[start : start + values.shape[0]] = values.cpu()
 
@@ -223,7 +224,7 @@ def aggregate_scores(
     counter = StageCounter(progress, "score", len(train)).start()
 
     def visit(start: int, per_model: list[Activities]) -> None:
-        values = mean_over_models([s.train_scores(a, v) for s, a, v in zip(scorers, per_model, vectors)])[0]
+        values = mean_over_models([s.train_scores(a, v) for s, a, v in zip(scorers, per_model, vectors, strict=True)])[0]
         check_finite_scores(values)
         scores[start : start + values.shape[0]] = values.cpu()
 
@@ -253,8 +254,9 @@ def pairwise_top_k(
         vectors = [s.query_vectors(chunk_queries, measurement, batch_size, query_counter, aggregate=False) for s in scorers]
         accumulator = TopKAccumulator(len(rows), top_k, scorers[0].device)
 
-        def visit(start: int, per_model: list[Activities]) -> None:
-            values = mean_over_models([s.train_scores(a, v) for s, a, v in zip(scorers, per_model, vectors)])
+        def visit(start: int, per_model: list[Activities], vectors: list[LayerVectors] = vectors,
+                  accumulator: TopKAccumulator = accumulator) -> None:  # bound now: called within this iteration
+            values = mean_over_models([s.train_scores(a, v) for s, a, v in zip(scorers, per_model, vectors, strict=True)])
             check_finite_scores(values)
             accumulator.update(values, start)
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from worker.attribution.attribute import OPTION_TYPES, MethodOptions, build_scorers
+from worker.attribution.attribute import MethodOptions, build_scorers
 from worker.attribution.curvature.base import Curvature
 from worker.attribution.gradients import batches, model_dtype, place_model, training_activities
 from worker.attribution.hooks import ActivityRecorder, TrackedLayer, evaluation_mode, resolve_layers
@@ -27,6 +27,7 @@ from worker.attribution.methods.influence import influence_layers
 from worker.attribution.options import (
     DEFAULT_PROXIMITY_FRACTION,
     FIT_STRATEGIES,
+    DataInfOptions,
     EditOptions,
     InfluenceOptions,
 )
@@ -76,9 +77,10 @@ def edit_parameters(
     check_loss_name(loss)
     if method not in ("influence", "datainf"):
         raise AttributionError(f"editing needs method 'influence' or 'datainf', got {method!r}")
-    options = options if options is not None else OPTION_TYPES[method]()
-    if not isinstance(options, OPTION_TYPES[method]):
-        raise AttributionError(f"method {method!r} takes {OPTION_TYPES[method].__name__}, got {type(options).__name__}")
+    expected = InfluenceOptions if method == "influence" else DataInfOptions
+    options = options if options is not None else expected()
+    if not isinstance(options, expected):
+        raise AttributionError(f"method {method!r} takes {expected.__name__}, got {type(options).__name__}")
     options.validate()
     edit = edit if edit is not None else EditOptions()
     edit.validate()
@@ -281,4 +283,5 @@ def removed_rows(remove: torch.Tensor, size: int) -> torch.Tensor:
         raise AttributionError("remove must be a 1-D tensor of integer row indices into the training data")
     if int(rows.min()) < 0 or int(rows.max()) >= size:
         raise AttributionError(f"remove indices must lie in [0, {size - 1}]")
-    return torch.unique(rows.long())
+    unique: torch.Tensor = torch.unique(rows.long())
+    return unique

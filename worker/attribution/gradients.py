@@ -29,7 +29,6 @@ from worker.attribution.losses import (
 )
 from worker.attribution.types import Examples
 
-
 EIGENVALUE_SEED_OFFSET = 1_000_003
 
 
@@ -44,7 +43,7 @@ class FisherLabels:
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 
-    def for_eigenvalues(self) -> "FisherLabels":
+    def for_eigenvalues(self) -> FisherLabels:
         """Labels of the EK-FAC eigenvalue pass. With the true Fisher they are drawn independently of the
         covariance pass: labels re-used from the samples that chose the eigenbasis bias its eigenvalues
         (LDS on digits, untuned recipe: 0.50 with re-used labels, 0.60 with fresh ones, as kronfluence)."""
@@ -184,10 +183,10 @@ def fitting_and_training_activities(
         outputs = run_model(model, recorder, batch)
         given = check_targets(outputs, batch.targets, loss)
         sampled = sampled_labels(outputs, given, loss, generator)
-        fitting = recorder.backward(
+        sampled_fitting = recorder.backward(
             training_objective(outputs, sampled, fisher_weights(batch.weights), loss), retain_graph=True
         )
         training = recorder.backward(training_objective(outputs, given, batch.weights, loss), retain_graph=False)
-        return [fitting], training
+        return [sampled_fitting], training
     fitting_list = fitting_activities(model, recorder, batch, loss, labels, generator)
     return fitting_list, training_activities(model, recorder, batch, loss)

@@ -169,7 +169,7 @@ def resolve_layers(model: nn.Module, names: list[str] | None) -> list[TrackedLay
 
 
 def _append_ones(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+    return torch.cat([x, x.new_ones((*x.shape[:-1], 1))], dim=-1)
 
 
 def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             pad = [0, 0, 0, 0]
         elif isinstance(padding, str):  # "same"
             pad = []
-            for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
+            for d, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
                 total = d * (k - 1)
                 pad += [total // 2, total - total // 2]
         else:
@@ -373,7 +373,7 @@ class ActivityRecorder:
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._recording = False
 
-    def __enter__(self) -> "ActivityRecorder":
+    def __enter__(self) -> ActivityRecorder:
         self._stop()
         self._grad_mode = torch.enable_grad()  # works even when the caller is inside torch.no_grad()
         self._grad_mode.__enter__()
@@ -438,7 +438,7 @@ class ActivityRecorder:
         position = 0
         for layer in self.layers:
             acts, gs, masks = [], [], []
-            calls = zip(self._outputs[layer.name], self._inputs[layer.name], self._masks[layer.name])
+            calls = zip(self._outputs[layer.name], self._inputs[layer.name], self._masks[layer.name], strict=True)
             for out, a, mask in calls:
                 grad = grads[position]
                 position += 1
@@ -464,7 +464,7 @@ def _joined_masks(masks: list[torch.Tensor | None], acts: list[torch.Tensor]) ->
         return None
     parts = [
         torch.ones(a.shape[:2], dtype=torch.bool, device=a.device) if mask is None else mask
-        for mask, a in zip(masks, acts)
+        for mask, a in zip(masks, acts, strict=True)
     ]
     return torch.cat(parts, dim=1)
 

@@ -20,7 +20,15 @@ from worker.attribution.types import AttributionError, Examples
 
 LossName = Literal["cross_entropy", "mse", "causal_lm"]
 MeasurementName = Literal["loss", "margin"]
-LOSS_NAMES = ("cross_entropy", "mse", "causal_lm")
+LOSS_NAMES: tuple[LossName, ...] = ("cross_entropy", "mse", "causal_lm")
+
+
+def loss_name(loss: str) -> LossName:
+    """``loss`` as a ``LossName``; an AttributionError when it names no loss."""
+    for name in LOSS_NAMES:
+        if loss == name:
+            return name
+    raise AttributionError(f"unknown loss {loss!r}; expected 'cross_entropy', 'mse' or 'causal_lm'")
 
 
 def check_loss_name(loss: str) -> None:

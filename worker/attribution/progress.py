@@ -8,13 +8,13 @@ from worker.attribution.types import Progress, no_progress
 class StageCounter:
     """Counts work units of one stage; every ``advance`` reports to the callback (which may raise Cancelled)."""
 
-    def __init__(self, progress: Progress, stage: str, total: int):
-        self.progress = progress or no_progress
+    def __init__(self, progress: Progress | None, stage: str, total: int) -> None:
+        self.progress = progress if progress is not None else no_progress
         self.stage = stage
         self.total = int(total)
         self.completed = 0
 
-    def start(self) -> "StageCounter":
+    def start(self) -> StageCounter:
         self.progress(self.stage, self.completed, self.total)
         return self
 

@@ -119,7 +119,9 @@ class ProximalObjective:
 
     # -- the model as a function of the flat tracked parameters
     def _outputs(self, flat: Flat, inputs: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, {**self.frozen, **state_entries(self.layers, flat)}, (inputs,))
+        outputs: torch.Tensor = functional_call(self.model, {**self.frozen, **state_entries(self.layers, flat)},
+                                                (inputs,))
+        return outputs
 
     def _batches(self, examples: Examples) -> list[Examples]:
         return [batch for _, batch in batches(examples, self.batch_size, self.device, self.dtype)]
@@ -234,7 +236,7 @@ def conjugate_gradient(matvec: Callable[[Flat], Flat], rhs: Flat, tol: float, ma
     direction = residual.clone()
     rz = float(residual @ residual)
     iterations = 0
-    for iterations in range(1, max_iter + 1):
+    for iterations in range(1, max_iter + 1):  # noqa: B007  (the count is reported after the loop)
         product = matvec(direction)
         curvature = float(direction @ product)
         if not curvature > 0:

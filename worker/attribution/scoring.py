@@ -74,7 +74,7 @@ class ModelScorer:
         vectors = {name: torch.cat([p[name] for p in parts]) for name in self.layer_names}
         if self.preconditioner is not None:
             rows = next(iter(vectors.values())).shape[0]
-            work = rows * sum(l.in_features * l.out_features * (l.in_features + l.out_features) for l in self.layers)
+            work = rows * sum(t.in_features * t.out_features * (t.in_features + t.out_features) for t in self.layers)
             with few_threads(work):
                 vectors = self.preconditioner.precondition(vectors)
         check_finite_vectors(vectors, "preconditioned query gradients")
@@ -139,7 +139,7 @@ def stream_training_batches(
             chunk = train.subset(rows)
             per_model = []
             with few_threads(sum(batch_work(s.layers, token_rows(chunk)) for s in scorers) * 2):
-                for scorer, recorder in zip(scorers, recorders):
+                for scorer, recorder in zip(scorers, recorders, strict=True):
                     _, batch = next(batches(chunk, len(chunk), scorer.device, scorer.dtype))
                     per_model.append(training_activities(scorer.model, recorder, batch, scorer.loss))
             visit(start, per_model)
@@ -162,8 +162,8 @@ def stream_training_activities(
         stream_training_batches(scorers, train, batch_size, counter, visit)
         return
     rows = min(index.block_rows(batch_size) for index in indexes)  # type: ignore[union-attr]
-    iterators = [index.blocks(rows, s.device, s.dtype) for index, s in zip(indexes, scorers)]  # type: ignore[union-attr]
-    for parts in zip(*iterators):
+    iterators = [index.blocks(rows, s.device, s.dtype) for index, s in zip(indexes, scorers, strict=True)]  # type: ignore[union-attr]
+    for parts in zip(*iterators, strict=True):
         start = parts[0][0]
         block = parts[0][1][scorers[0].layer_names[0]].batch_size
         with few_threads(sum(batch_work(s.layers, block) + queries * block * s.vector_size for s in scorers)):

@@ -86,11 +86,11 @@ def fit_segment(
     if variant == "averaged_parameters":
         models = [mean_parameter_model(models)]
     per_model_layers = [resolve_layers(m, layer_names) for m in models]
-    covariances = [fit_covariances(m, ls, data, loss, labels, batch_size, device, counter) for m, ls in zip(models, per_model_layers)]
+    covariances = [fit_covariances(m, ls, data, loss, labels, batch_size, device, counter) for m, ls in zip(models, per_model_layers, strict=True)]
     bases = {name: eigenbasis(mean_covariances([c[name] for c in covariances])) for name in layer_names}
     eigenvalue_fits = [
         fit_corrected_eigenvalues(m, ls, data, loss, labels.for_eigenvalues(), bases, batch_size, device, counter)
-        for m, ls in zip(models, per_model_layers)
+        for m, ls in zip(models, per_model_layers, strict=True)
     ]
     eigenvalues = {name: torch.stack([e[name] for e in eigenvalue_fits]).mean(0) for name in layer_names}
     dtype = model_dtype(models[0])

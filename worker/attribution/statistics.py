@@ -85,7 +85,10 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors of the symmetrised matrix, in float64."""
     m = matrix.to(torch.float64)
     with few_threads(eigh_work(m.shape[0])):
-        return torch.linalg.eigh(0.5 * (m + m.T))
+        values: torch.Tensor
+        vectors: torch.Tensor
+        values, vectors = torch.linalg.eigh(0.5 * (m + m.T))
+    return values, vectors
 
 
 def eigenbasis(covariances: Covariances) -> Eigenbasis:

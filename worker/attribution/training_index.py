@@ -30,7 +30,7 @@ INDEX_BLOCK_ELEMENTS = 16 * 1024**2  # rows x (d_in + d_out) elements handed to 
 MIN_INDEX_BLOCK_ROWS = 256
 
 
-def _hash_tensor(digest: "hashlib._Hash", tensor: torch.Tensor | None) -> None:
+def _hash_tensor(digest: hashlib.blake2b, tensor: torch.Tensor | None) -> None:
     if tensor is None:
         digest.update(b"none;")
         return
@@ -99,7 +99,7 @@ class TrainingIndex:
         }
 
     @classmethod
-    def from_layer_tensors(cls, metadata: str, tensors: dict[str, dict[str, torch.Tensor]]) -> "TrainingIndex | None":
+    def from_layer_tensors(cls, metadata: str, tensors: dict[str, dict[str, torch.Tensor]]) -> TrainingIndex | None:
         try:
             info = json.loads(metadata)
             # fresh (aligned, owned) copies: memory-mapped file tensors can take other kernel paths

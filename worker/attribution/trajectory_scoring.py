@@ -32,7 +32,7 @@ SelfScores = Callable[[list[Activities]], torch.Tensor]
 def summed_train_scores(scorers: list[ModelScorer], per_model: list[Activities], vectors: list[LayerVectors]) -> torch.Tensor:
     """(Q, B): sum over models of <vectors_m, grad l(z_b; theta_m)>."""
     total: torch.Tensor | None = None
-    for scorer, activities, v in zip(scorers, per_model, vectors):
+    for scorer, activities, v in zip(scorers, per_model, vectors, strict=True):
         if not v:
             continue
         part = scorer.train_scores(activities, v).to(torch.float64)
@@ -70,16 +70,24 @@ def pairwise_top_k(
     for first in range(0, len(queries), chunk):
         rows = torch.arange(first, min(first + chunk, len(queries)))
         vectors = vectors_for(queries.subset(rows), False)
-        accumulator = TopKAccumulator(len(rows), top_k, scorers[0].device)
-
-        def visit(start: int, per_model: list[Activities]) -> None:
-            values = summed_train_scores(scorers, per_model, vectors)
-            check_finite_scores(values)
-            accumulator.update(values.float(), start)
-
-        stream_training_batches(scorers, train, batch_size, counter, visit)
-        parts.append(accumulator.result())
+        parts.append(_chunk_top_k(scorers, train, vectors, len(rows), top_k, batch_size, counter))
     return concatenate_top_k(parts), num_chunks
+
+
+def _chunk_top_k(
+    scorers: list[ModelScorer], train: Examples, vectors: list[LayerVectors], num_queries: int, top_k: int,
+    batch_size: int, counter: StageCounter,
+) -> TopK:
+    """Top-k each way for one chunk of queries, over one pass of the training set."""
+    accumulator = TopKAccumulator(num_queries, top_k, scorers[0].device)
+
+    def visit(start: int, per_model: list[Activities]) -> None:
+        values = summed_train_scores(scorers, per_model, vectors)
+        check_finite_scores(values)
+        accumulator.update(values.float(), start)
+
+    stream_training_batches(scorers, train, batch_size, counter, visit)
+    return accumulator.result()
 
 
 def self_scores(

@@ -7,8 +7,9 @@ from ``worker.attribution`` (see ``__init__.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -22,6 +23,18 @@ Progress = Callable[[str, int, int], None]
 
 def no_progress(stage: str, completed: int, total: int) -> None:
     """A progress callback that ignores every report."""
+
+
+def tensor_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of one or more tensors (a new tensor, like ``sum``, which types its result ``Tensor | int``)."""
+    iterator = iter(terms)
+    try:
+        total = next(iterator) + 0
+    except StopIteration:
+        raise ValueError("tensor_sum needs at least one tensor") from None
+    for term in iterator:
+        total = total + term
+    return total
 
 
 class AttributionError(ValueError):
@@ -54,7 +67,7 @@ class Examples:
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
-    def subset(self, index: torch.Tensor) -> "Examples":
+    def subset(self, index: torch.Tensor) -> Examples:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[index]
 

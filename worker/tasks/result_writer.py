@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection, Table, insert
 from sqlalchemy.orm import Session
 
 from service.db.tables import AttributionResult
@@ -37,7 +37,7 @@ def write_results(session: Session, attribution_id: str, columns: ResultColumns)
         _executemany_rows(connection, rows)
     else:
         for batch in _batches(rows, EXECUTEMANY_BATCH):
-            connection.execute(insert(AttributionResult.__table__), [dict(zip(COLUMNS, row)) for row in batch])
+            connection.execute(insert(cast(Table, AttributionResult.__table__)), [dict(zip(COLUMNS, row, strict=True)) for row in batch])
 
 
 def _copy_rows(driver_connection: Any, rows: Iterable[tuple[Any, ...]]) -> None:
@@ -59,7 +59,7 @@ def _executemany_rows(connection: Connection, rows: Iterable[tuple[Any, ...]]) -
         for batch in _batches(rows, EXECUTEMANY_BATCH):
             connection.exec_driver_sql(statement, batch)
     finally:
-        connection.exec_driver_sql(f"PRAGMA cache_size = {int(cache_size)}")
+        connection.exec_driver_sql(f"PRAGMA cache_size = {int(cast(int, cache_size))}")
 
 
 def _batches(rows: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:

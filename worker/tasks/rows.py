@@ -53,19 +53,19 @@ class ResultColumns:
     def tuples(self) -> Iterator[tuple[Any, ...]]:
         """One plain tuple per row (Python ints, floats, str or None), fields in ``RESULT_FIELDS`` order."""
         columns = [getattr(self, name) for name in RESULT_FIELDS]
-        return zip(*(repeat(None, len(self)) if column is None else column.tolist() for column in columns))
+        return zip(*(repeat(None, len(self)) if column is None else column.tolist() for column in columns), strict=True)
 
     def dicts(self) -> list[dict[str, Any]]:
-        return [dict(zip(RESULT_FIELDS, row)) for row in self.tuples()]
+        return [dict(zip(RESULT_FIELDS, row, strict=True)) for row in self.tuples()]
 
     @staticmethod
-    def concat(parts: list["ResultColumns"]) -> "ResultColumns":
+    def concat(parts: list[ResultColumns]) -> ResultColumns:
         def joined(name: str) -> np.ndarray | None:
             columns = [getattr(part, name) for part in parts]
             if all(column is None for column in columns):
                 return None
             return np.concatenate([np.full(len(part), None, dtype=object) if column is None else column
-                                   for part, column in zip(parts, columns)])
+                                   for part, column in zip(parts, columns, strict=True)])
 
         return ResultColumns(**{name: joined(name) for name in RESULT_FIELDS})  # type: ignore[arg-type]
 

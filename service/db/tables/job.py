@@ -1,15 +1,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db.base import Base, utcnow
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
+JobKind = Literal["fit", "attribution", "edit"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 
 
 class Job(Base):
@@ -25,8 +27,8 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
-    kind: Mapped[str] = mapped_column(String(16))  # fit | attribution | edit
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    kind: Mapped[JobKind] = mapped_column(String(16))
+    status: Mapped[JobStatus] = mapped_column(String(16), default="queued")
     progress_stage: Mapped[str] = mapped_column(String(64), default="queued")
     progress_completed: Mapped[int] = mapped_column(default=0)
     progress_total: Mapped[int] = mapped_column(default=0)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from meta_toys import classification_tasks, implicit_options, mlp, regression_tasks, unrolled_options
+
 from worker.attribution.meta import InnerOptions, MetaOptions, attribute_meta, edit_meta
 from worker.attribution.meta.influence import HessianInverse, build_problem, instance_scores
 from worker.attribution.types import AttributionError, Cancelled, Examples
@@ -106,7 +106,7 @@ def test_bad_inputs_raise_attribution_error():
     with pytest.raises(AttributionError, match="'task' and 'split'"):
         _run(train=Examples(train.inputs, train.targets))
     only_train = train.subset(torch.nonzero(~((train.task == 1) & (train.split == 1))).reshape(-1))
-    with pytest.raises(AttributionError, match="task 1 .*empty validation"):
+    with pytest.raises(AttributionError, match=r"task 1 .*empty validation"):
         _run(train=only_train)
     with pytest.raises(AttributionError, match="unknown parameters"):
         _run(options=implicit_options(adapted_params=["5.weight"]))

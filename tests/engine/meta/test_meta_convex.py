@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from meta_toys import implicit_options, regression_tasks, unrolled_options
+
 from worker.attribution import EditOptions
 from worker.attribution.meta import attribute_meta, edit_meta
 from worker.attribution.meta.influence import HessianInverse, build_problem

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from meta_toys import problem_for, random_direction, term_at, with_weights
 from torch.func import grad
 
-from meta_toys import problem_for, random_direction, term_at, with_weights
 from worker.attribution.meta.inner import train_loss
 
 MODES = ["implicit_proximal", "unrolled"]

@@ -7,15 +7,15 @@ import dataclasses
 
 import pytest
 import torch
+from meta_toys import classification_tasks, mlp, problem_for, random_direction, regression_tasks
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-from meta_toys import classification_tasks, mlp, problem_for, random_direction, regression_tasks
 from worker.attribution.losses import output_hessian_factors, per_example_loss
 from worker.attribution.meta import InnerOptions, MetaOptions, attribute_meta
+from worker.attribution.meta.influence import build_problem
 from worker.attribution.meta.inner import proximal_loss
 from worker.attribution.meta.inner_ekfac import KroneckerInnerInverse
-from worker.attribution.meta.influence import build_problem
 from worker.attribution.types import Examples
 
 
@@ -35,7 +35,7 @@ def test_output_hessian_factors_sum_to_the_loss_hessian(loss: str) -> None:
     targets = torch.tensor([0, 3, 1, 1, 2]) if loss == "cross_entropy" else torch.randn(5, 4, generator=g, dtype=torch.float64)
     factors = output_hessian_factors(outputs, loss)  # (m, B, d)
     for b in range(5):
-        expected = hessian(lambda o: per_example_loss(o.unsqueeze(0), targets[b:b + 1], loss).sum())(outputs[b])
+        expected = hessian(lambda o, b=b: per_example_loss(o.unsqueeze(0), targets[b:b + 1], loss).sum())(outputs[b])
         assert torch.allclose(factors[:, b].T @ factors[:, b], expected, atol=1e-14)
 
 
@@ -115,7 +115,7 @@ def test_ekfac_is_exact_for_a_linear_model_with_mse() -> None:
     ekfac = build_problem(model, train, queries, "mse", ekfac_options())
     dense_options = dataclasses.replace(ekfac_options(), inner=dataclasses.replace(ekfac_options().inner, ihvp="dense"))
     for term in ekfac.terms:
-        a = hessian(lambda t: proximal_loss(ekfac.fm, term.task, 2.0, ekfac.lam, t))(term.theta)
+        a = hessian(lambda t, term=term: proximal_loss(ekfac.fm, term.task, 2.0, ekfac.lam, t))(term.theta)
         assert rel(kronecker_of(term).matrix(), torch.linalg.inv(a)) < 1e-12
     kwargs = dict(loss="mse", unit="task", mode="aggregate", top_k=3)
     with_ekfac = attribute_meta(model, train, queries, options=ekfac_options(damping=0.5), **kwargs)

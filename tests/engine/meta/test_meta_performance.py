@@ -4,9 +4,9 @@ afterwards), the dense inner Hessian reused by θ', and the unrolled θ_K adapte
 from __future__ import annotations
 
 import torch
+from meta_toys import classification_tasks, mlp, problem_for, unrolled_options
 from torch.func import hessian, jacfwd
 
-from meta_toys import classification_tasks, mlp, problem_for, unrolled_options
 from worker.attribution.meta import attribute_meta
 from worker.attribution.meta.inner import unrolled_adapt
 

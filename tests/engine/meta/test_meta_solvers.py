@@ -7,14 +7,14 @@ import dataclasses
 
 import pytest
 import torch
+from meta_toys import mlp, problem_for, random_direction, regression_tasks
 from torch.func import hessian
 
-from meta_toys import mlp, problem_for, random_direction, regression_tasks
 from worker.attribution.meta import InnerOptions
 from worker.attribution.meta.data import split_tasks
 from worker.attribution.meta.functional import FunctionalModel
-from worker.attribution.meta.inner import proximal_loss, solve_proximal
 from worker.attribution.meta.influence import HessianInverse
+from worker.attribution.meta.inner import proximal_loss, solve_proximal
 from worker.attribution.meta.solvers import NonPositiveCurvature, conjugate_gradient, extreme_eigenvalues
 from worker.attribution.types import AttributionError
 
@@ -88,7 +88,7 @@ def test_matrix_free_inner_newton_converges_from_an_indefinite_start():
     data = dataclasses.replace(data, targets=data.targets * 4)
     options = InnerOptions(reg=0.05, ihvp="cg", tol=1e-9, max_iter=40)
     for task in split_tasks(data, "mse", torch.float64, torch.device("cpu"), "train"):
-        def inner_objective(theta):
+        def inner_objective(theta, task=task):
             return proximal_loss(fm, task, options.reg, lam, theta)
         assert float(torch.linalg.eigvalsh(hessian(inner_objective)(fm.theta_of(lam)))[0]) < -1.0
         theta, residual, _ = solve_proximal(fm, task, lam, options)

@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from worker.attribution.hooks import Activities
+from worker.attribution.hooks import Activities, LayerActivity
 from worker.attribution.options import FitOptions
 from worker.attribution.training_index import INDEX_METADATA_KEY, INDEX_STATISTICS, TrainingIndex
-from worker.attribution.types import AttributionError
+from worker.attribution.types import AttributionError, tensor_sum
 
 LayerVectors = dict[str, torch.Tensor]
 
@@ -41,9 +41,7 @@ class Preconditioner(ABC):
         """grad_i^T P grad_i for each example of a batch: (B,). Default: precondition per-example gradients."""
         gradients = {name: activities[name].per_example_gradients() for name in self.layer_names}
         preconditioned = self.precondition(gradients)
-        return sum(
-            (preconditioned[name] * gradients[name]).flatten(1).sum(1) for name in self.layer_names
-        )  # type: ignore[return-value]
+        return tensor_sum((preconditioned[name] * gradients[name]).flatten(1).sum(1) for name in self.layer_names)
 
     def diagnostics(self) -> dict[str, Any]:
         return {}
@@ -59,12 +57,12 @@ class LayerwisePreconditioner(Preconditioner):
     def precondition_layer(self, name: str, vectors: torch.Tensor) -> torch.Tensor:
         """P_l V for V (Q, d_out, d_in)."""
 
-    def layer_self_scores(self, name: str, activity: Any) -> torch.Tensor:
+    def layer_self_scores(self, name: str, activity: LayerActivity) -> torch.Tensor:
         gradients = activity.per_example_gradients()
         return (self.precondition_layer(name, gradients) * gradients).flatten(1).sum(1)
 
     def self_scores(self, activities: Activities) -> torch.Tensor:
-        return sum(self.layer_self_scores(name, activities[name]) for name in self.layer_names)  # type: ignore[return-value]
+        return tensor_sum(self.layer_self_scores(name, activities[name]) for name in self.layer_names)
 
 
 def default_damping(values: torch.Tensor, fraction: float = DEFAULT_DAMPING_FRACTION) -> float:
@@ -81,7 +79,7 @@ class Curvature(ABC):
     """Fitted curvature statistics of the tracked layers of one model."""
 
     strategy: ClassVar[str]
-    _registry: ClassVar[dict[str, type["Curvature"]]] = {}
+    _registry: ClassVar[dict[str, type[Curvature]]] = {}
     # per-example training-loss rows of the training set it was fitted on (None: not kept / over budget)
     training_index: TrainingIndex | None = None
 
@@ -108,7 +106,7 @@ class Curvature(ABC):
     @abstractmethod
     def from_layer_tensors(
         cls, layer_names: list[str], options: FitOptions, tensors: dict[str, dict[str, torch.Tensor]]
-    ) -> "Curvature":
+    ) -> Curvature:
         """Inverse of ``layer_tensors``."""
 
     def to_tensors(self) -> dict[str, torch.Tensor]:

@@ -54,5 +54,5 @@ class DiagonalCurvature(Curvature):
     @classmethod
     def from_layer_tensors(
         cls, layer_names: list[str], options: FitOptions, tensors: dict[str, dict[str, torch.Tensor]]
-    ) -> "DiagonalCurvature":
+    ) -> DiagonalCurvature:
         return cls(layer_names, options, {name: tensors[name]["diagonal"] for name in layer_names})

@@ -116,7 +116,7 @@ class EkfacCurvature(Curvature):
     @classmethod
     def from_layer_tensors(
         cls, layer_names: list[str], options: FitOptions, tensors: dict[str, dict[str, torch.Tensor]]
-    ) -> "EkfacCurvature":
+    ) -> EkfacCurvature:
         covariances, bases, eigenvalues = {}, {}, {}
         for name in layer_names:
             covariances[name], bases[name] = basis_from_tensors(tensors[name])

@@ -18,7 +18,14 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from worker.attribution.curvature.base import DEFAULT_DAMPING_FRACTION, LayerVectors, Preconditioner
 from worker.attribution.gradients import batches, model_dtype
 from worker.attribution.hooks import TrackedLayer, evaluation_mode, split_weight_matrix, weight_matrix
-from worker.attribution.losses import LossName, check_targets, forward, output_tensor, scored_positions, training_objective
+from worker.attribution.losses import (
+    LossName,
+    check_targets,
+    forward,
+    output_tensor,
+    scored_positions,
+    training_objective,
+)
 from worker.attribution.text import position_ids
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
@@ -137,7 +144,8 @@ def dense_curvature(
 def _batch_curvature(flat_model: FlatModel, batch: Examples, kind: str) -> torch.Tensor:
     theta = flat_model.theta
     if kind == "hessian":
-        return torch.func.hessian(lambda f: flat_model.objective(f, batch))(theta)
+        hessian: torch.Tensor = torch.func.hessian(lambda f: flat_model.objective(f, batch))(theta)
+        return hessian
     outputs = flat_model.outputs(theta, batch.inputs, batch.attention_mask).detach()
     jacobian = jacrev(lambda f: flat_model.outputs(f, batch.inputs, batch.attention_mask))(theta)  # (B, [T,] C, D)
     if flat_model.loss == "mse":
@@ -217,17 +225,19 @@ def curvature_product(
 def _batch_product(flat_model: FlatModel, theta: torch.Tensor, batch: Examples, vectors: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "hessian":
         gradient = grad(lambda f: flat_model.objective(f, batch))
-        return vmap(lambda v: jvp(gradient, (theta,), (v,))[1])(vectors)
+        products: torch.Tensor = vmap(lambda v: jvp(gradient, (theta,), (v,))[1])(vectors)
+        return products
 
     def outputs_fn(f: torch.Tensor) -> torch.Tensor:
         return flat_model.outputs(f, batch.inputs, batch.attention_mask)
 
-    outputs, vjp_fn = vjp(outputs_fn, theta)
+    outputs, vjp_fn = vjp(outputs_fn, theta)[:2]
     j_v = vmap(lambda v: jvp(outputs_fn, (theta,), (v,))[1])(vectors)  # (Q, B, C)
     h_j_v = output_hessian_product(outputs.detach(), j_v, flat_model.loss, batch.targets)
     if batch.weights is not None:
         h_j_v = h_j_v * batch.weights.reshape(1, -1, *([1] * (h_j_v.dim() - 2)))
-    return vmap(lambda u: vjp_fn(u)[0])(h_j_v)
+    pulled: torch.Tensor = vmap(lambda u: vjp_fn(u)[0])(h_j_v)
+    return pulled
 
 
 def hutchinson_trace(product: Callable[[torch.Tensor], torch.Tensor], size: int, device: torch.device, dtype: torch.dtype, seed: int) -> float:

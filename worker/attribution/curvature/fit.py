@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -13,13 +14,13 @@ from worker.attribution.curvature.ekfac import EkfacCurvature
 from worker.attribution.curvature.identity import IdentityCurvature
 from worker.attribution.curvature.kfac import KfacCurvature
 from worker.attribution.gradients import FisherLabels, model_dtype, place_model
-from worker.attribution.hooks import TrackedLayer, resolve_layers
+from worker.attribution.hooks import Activities, TrackedLayer, resolve_layers
 from worker.attribution.losses import LossName, check_examples, check_loss_name
 from worker.attribution.options import FitOptions
 from worker.attribution.progress import StageCounter
-from worker.attribution.hooks import Activities
 from worker.attribution.statistics import (
     Covariances,
+    Eigenbasis,
     activation_covariance_sum,
     corrected_eigenvalues_from_activities,
     eigenbasis,
@@ -140,6 +141,8 @@ def _fit_with_cache(
     names = [layer.name for layer in layers]
     diagonal = options.strategy == "diagonal"
     dtype = model_dtype(model)
+    fitting_cache: IndexRecorder | None
+    training_cache: IndexRecorder | None
     if plan.shared:
         fitting_cache = IndexRecorder(names, max(plan.fitting_bytes, plan.index_bytes))
         training_cache = None
@@ -209,9 +212,15 @@ def _fit_with_cache(
     return fit
 
 
-def _to_cpu(values: dict) -> dict:  # type: ignore[type-arg]
+@overload
+def _to_cpu(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+@overload
+def _to_cpu(values: dict[str, Covariances]) -> dict[str, Covariances]: ...
+@overload
+def _to_cpu(values: dict[str, Eigenbasis]) -> dict[str, Eigenbasis]: ...
+def _to_cpu(values: dict[str, Any]) -> dict[str, Any]:
     """Moves every tensor (also inside the factor dataclasses) to the CPU, contiguous (as a reload gives)."""
-    moved = {}
+    moved: dict[str, Any] = {}
     for name, value in values.items():
         if isinstance(value, torch.Tensor):
             moved[name] = value.cpu().contiguous()

@@ -39,5 +39,5 @@ class IdentityCurvature(Curvature):
     @classmethod
     def from_layer_tensors(
         cls, layer_names: list[str], options: FitOptions, tensors: dict[str, dict[str, torch.Tensor]]
-    ) -> "IdentityCurvature":
+    ) -> IdentityCurvature:
         return cls(layer_names, options)

@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 
 from worker.attribution.curvature.base import Curvature
-from worker.attribution.curvature.ekfac import EigenbasisPreconditioner, basis_from_tensors, basis_tensors, eigenbasis_preconditioner
+from worker.attribution.curvature.ekfac import (
+    EigenbasisPreconditioner,
+    basis_from_tensors,
+    basis_tensors,
+    eigenbasis_preconditioner,
+)
 from worker.attribution.options import FitOptions
 from worker.attribution.statistics import Covariances, Eigenbasis
 
@@ -45,7 +50,7 @@ class KfacCurvature(Curvature):
     @classmethod
     def from_layer_tensors(
         cls, layer_names: list[str], options: FitOptions, tensors: dict[str, dict[str, torch.Tensor]]
-    ) -> "KfacCurvature":
+    ) -> KfacCurvature:
         covariances, bases = {}, {}
         for name in layer_names:
             covariances[name], bases[name] = basis_from_tensors(tensors[name])

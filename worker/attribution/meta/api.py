@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from worker.attribution.meta.influence import (HessianInverse, MetaProblem, build_problem, finish_diagnostics,
-                                               instance_scores, meta_work, newton_task_scores, query_gradients,
-                                               removal_gradient, removed_tasks, task_scores, train_gradients)
+from worker.attribution.editing import EditResult
+from worker.attribution.losses import LossName
+from worker.attribution.meta.data import TaskData
+from worker.attribution.meta.influence import (
+    HessianInverse,
+    MetaProblem,
+    build_problem,
+    finish_diagnostics,
+    instance_scores,
+    meta_work,
+    newton_task_scores,
+    query_gradients,
+    removal_gradient,
+    removed_tasks,
+    task_scores,
+    train_gradients,
+)
 from worker.attribution.meta.options import MetaOptions
 from worker.attribution.meta.retrain import chord_retrain, objective_gradient, reweighted_tasks
-from worker.attribution.editing import EditResult
 from worker.attribution.options import EditOptions
 from worker.attribution.threads import few_threads
 from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, TopK, no_progress
@@ -69,8 +82,9 @@ def _scores(problem: MetaProblem, inverse: HessianInverse, query_grads: torch.Te
                         for q in range(directions.shape[1])])
 
 
-def _attribute_meta(model: nn.Module, train: Examples, queries: Examples, *, loss: str, unit: str, mode: str,
-                    top_k: int, options: MetaOptions, progress: Progress, device) -> AttributionScores:
+def _attribute_meta(model: nn.Module, train: Examples, queries: Examples, *, loss: LossName,
+                    unit: Literal["task", "instance"], mode: Literal["pairwise", "aggregate"], top_k: int,
+                    options: MetaOptions, progress: Progress, device: torch.device | str | None) -> AttributionScores:
     problem = build_problem(model, train, queries, loss, options, device, progress)
     inverse = HessianInverse(problem, progress)
     query_grads = query_gradients(problem)  # (Q, p)
@@ -83,6 +97,7 @@ def _attribute_meta(model: nn.Module, train: Examples, queries: Examples, *, los
     if unit == "task":
         result.unit_task = torch.tensor(problem.task_ids, dtype=torch.long)
     else:
+        assert train.task is not None and train.split is not None  # build_problem refuses a dataset without them
         result.unit_task = train.task.detach().cpu().to(torch.long).reshape(-1)
         result.unit_split = train.split.detach().cpu().to(torch.long).reshape(-1)
     if mode == "aggregate":
@@ -117,6 +132,7 @@ def edit_meta(model: nn.Module, train: Examples, remove: torch.Tensor, *,
         b = removal_gradient(problem, unit, remove)
         inverse = HessianInverse(problem)
         removed = removed_tasks(problem, remove) if unit == "task" else []
+        info: dict[str, Any]
         if remove.numel() == 0:
             delta, info = torch.zeros_like(problem.lam), {}
         elif edit.estimator == "first_order":
@@ -130,14 +146,14 @@ def edit_meta(model: nn.Module, train: Examples, remove: torch.Tensor, *,
     return result
 
 
-def _modified_tasks(problem: MetaProblem, unit: str, remove: torch.Tensor) -> list:
+def _modified_tasks(problem: MetaProblem, unit: str, remove: torch.Tensor) -> list[TaskData]:
     if unit == "task":
         return reweighted_tasks(problem.train_tasks, task_scale={int(t): 0.0 for t in remove.tolist()})
     return reweighted_tasks(problem.train_tasks, row_scale={int(r): 0.0 for r in remove.tolist()})
 
 
 def _proximal_delta(problem: MetaProblem, inverse: HessianInverse, unit: str, remove: torch.Tensor, removed: list[int],
-                    b: torch.Tensor, edit: EditOptions) -> tuple[torch.Tensor, dict]:
+                    b: torch.Tensor, edit: EditOptions) -> tuple[torch.Tensor, dict[str, Any]]:
     anchor = train_gradients(problem).sum(0) + problem.options.outer_l2 * problem.lam
 
     def solve(g: torch.Tensor) -> torch.Tensor:
@@ -154,14 +170,14 @@ def _proximal_delta(problem: MetaProblem, inverse: HessianInverse, unit: str, re
                                       "gradient_norm_ratio": result.gradient_norm / max(float(b.norm()), 1e-300)}
 
 
-def _objective_value(problem: MetaProblem, tasks: list, lam: torch.Tensor) -> float:
+def _objective_value(problem: MetaProblem, tasks: list[TaskData], lam: torch.Tensor) -> float:
     """Σ over tasks of the post-adaptation validation loss at λ (weights as in ``tasks``), plus the outer L2."""
     _, terms = objective_gradient(problem.fm, tasks, lam, problem.options)
     return sum(t.value() for t in terms) + 0.5 * problem.options.outer_l2 * float(lam @ lam)
 
 
 def _edit_diagnostics(problem: MetaProblem, unit: str, remove: torch.Tensor, delta: torch.Tensor, edit: EditOptions,
-                      info: dict) -> dict:
+                      info: dict[str, Any]) -> dict[str, Any]:
     new = problem.lam + delta
     relative = float(delta.norm()) / max(float(problem.lam.norm()), 1e-300)
     warnings = list(problem.warnings)

@@ -42,7 +42,7 @@ def split_tasks(examples: Examples, loss: str, dtype: torch.dtype, device: torch
         raise AttributionError(f"the {name} dataset is empty")
     task = examples.task.to(device=device, dtype=torch.long).reshape(-1)
     split = examples.split.to(device=device, dtype=torch.long).reshape(-1)
-    bad_split = sorted(set(split.unique().tolist()) - {0, 1})
+    bad_split = sorted(set(torch.unique(split).tolist()) - {0, 1})
     if bad_split:
         raise AttributionError(f"the {name} dataset has split values {bad_split}; split must be 0 (task train) or 1 (task validation)")
     inputs = examples.inputs.to(device=device, dtype=dtype)
@@ -53,7 +53,7 @@ def split_tasks(examples: Examples, loss: str, dtype: torch.dtype, device: torch
     if weights is not None and not (torch.isfinite(weights).all() and (weights >= 0).all()):
         raise AttributionError(f"the {name} dataset has negative or non-finite weights")
     tasks = []
-    for task_id in task.unique(sorted=True).tolist():
+    for task_id in torch.unique(task, sorted=True).tolist():
         parts = []
         for s in (0, 1):
             rows = torch.nonzero((task == task_id) & (split == s)).reshape(-1)

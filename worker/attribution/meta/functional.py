@@ -8,12 +8,14 @@ from λ, so λ may also enter the task losses directly.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from worker.attribution.losses import LOSS_NAMES, loss_name
 from worker.attribution.types import AttributionError
 
 
@@ -35,9 +37,9 @@ class FunctionalModel:
 
     def __init__(self, model: nn.Module, loss: str, adapted_params: list[str] | None,
                  dtype: torch.dtype, device: torch.device) -> None:
-        if loss not in ("cross_entropy", "mse"):
+        if loss not in LOSS_NAMES:
             raise AttributionError(f"meta influence supports the losses 'cross_entropy' and 'mse', got {loss!r}")
-        self.loss = loss
+        self.loss = loss_name(loss)
         self.dtype = dtype
         self.device = device
         self.module = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
@@ -96,9 +98,14 @@ class FunctionalModel:
             state[s.name] = lam[s.start:s.start + s.numel].detach().view(s.shape).to(dtype=target.dtype, device=target.device).clone()
         return state
 
+    def forward(self, lam: torch.Tensor, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model's outputs on ``x`` with the adapted parameters from θ and the others from λ."""
+        outputs: torch.Tensor = functional_call(self.module, {**self.params(lam, theta), **self.buffers}, (x,))
+        return outputs
+
     # ----- losses -----
     def per_sample_losses(self, lam: torch.Tensor, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.module, {**self.params(lam, theta), **self.buffers}, (x,))
+        out = self.forward(lam, theta, x)
         if self.loss == "cross_entropy":  # = F.cross_entropy; gather has a vmap batching rule, nll_loss does not
             return -out.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
         return 0.5 * ((out.reshape(y.shape) - y) ** 2).reshape(y.shape[0], -1).sum(dim=1)
@@ -113,16 +120,16 @@ class RetainedGradient:
     """∇f at fixed inputs, kept with its graph, so that every Hessian-vector product (any block of ∇²f)
     is one backward pass: hvp(v_1, …, v_n) = ∇²f · (v_1, …, v_n), returned per input."""
 
-    def __init__(self, fn, *inputs: torch.Tensor) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> None:
         with torch.enable_grad():
             self.leaves = [x.detach().requires_grad_(True) for x in inputs]
             grads = torch.autograd.grad(fn(*self.leaves), self.leaves, create_graph=True, allow_unused=True)
-        self.grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, self.leaves)]
+        self.grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, self.leaves, strict=True)]
 
     def hvp(self, *vectors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        pairs = [(g, v) for g, v in zip(self.grads, vectors) if g.requires_grad]
+        pairs = [(g, v) for g, v in zip(self.grads, vectors, strict=True) if g.requires_grad]
         if not pairs:
             return tuple(torch.zeros_like(x) for x in self.leaves)
         out = torch.autograd.grad([g for g, _ in pairs], self.leaves, [v for _, v in pairs],
                                   retain_graph=True, allow_unused=True)
-        return tuple(torch.zeros_like(x) if o is None else o.detach() for o, x in zip(out, self.leaves))
+        return tuple(torch.zeros_like(x) if o is None else o.detach() for o, x in zip(out, self.leaves, strict=True))

@@ -13,11 +13,17 @@ from torch import nn
 from worker.attribution.meta.data import TaskData, split_tasks
 from worker.attribution.meta.functional import FunctionalModel
 from worker.attribution.meta.options import MetaOptions, validate_options
-from worker.attribution.meta.solvers import (DenseSPD, NonPositiveCurvature, SolveInfo, conjugate_gradient,
-                                             extreme_eigenvalues, neumann_series)
+from worker.attribution.meta.solvers import (
+    DenseSPD,
+    NonPositiveCurvature,
+    SolveInfo,
+    conjugate_gradient,
+    extreme_eigenvalues,
+    neumann_series,
+)
 from worker.attribution.meta.total import TaskTerm, TotalProblem, make_term
 from worker.attribution.threads import eigh_work, few_threads
-from worker.attribution.types import AttributionError, Examples, Progress, no_progress
+from worker.attribution.types import AttributionError, Examples, Progress, no_progress, tensor_sum
 
 FLOAT64_MAX_PARAMS = 200_000
 POWER_ITERATIONS = 30
@@ -39,6 +45,7 @@ class MetaProblem:
     query_terms: list[TaskTerm] = field(default_factory=list)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    train_task_gradients: list[torch.Tensor] = field(default_factory=list)  # g_k of each training task
 
     @property
     def task_ids(self) -> list[int]:
@@ -94,7 +101,7 @@ def _build_problem(model: nn.Module, train: Examples, queries: Examples | None, 
 
 def _stationarity_diagnostics(problem: MetaProblem) -> None:
     grads = [t.total_grad() for t in problem.terms]
-    full = sum(grads) + problem.options.outer_l2 * problem.lam
+    full = tensor_sum(grads) + problem.options.outer_l2 * problem.lam
     if not torch.isfinite(full).all():
         raise AttributionError("NaN in the total gradients of the training tasks")
     norms = sorted(float(g.norm()) for g in grads)
@@ -120,7 +127,7 @@ def _stationarity_diagnostics(problem: MetaProblem) -> None:
             f"λ* is not a stationary point of the outer objective: ‖∇F(λ*)‖ = {float(full.norm()):.3e} is "
             f"{ratio:.2f} × the median task gradient norm (> {STATIONARITY_WARNING}); influence estimates assume "
             "a trained meta-model (check outer_l2 and that the model was trained with these inner settings)")
-    problem.cached_grads = grads  # type: ignore[attr-defined]
+    problem.train_task_gradients = grads
 
 
 class HessianInverse:
@@ -260,7 +267,7 @@ def query_gradients(problem: MetaProblem) -> torch.Tensor:
 
 def train_gradients(problem: MetaProblem) -> torch.Tensor:
     """(K, p): total gradient g_k of each training task."""
-    return torch.stack(problem.cached_grads)  # type: ignore[attr-defined]
+    return torch.stack(problem.train_task_gradients)
 
 
 # ----- scores for one direction s = s_Q -----
@@ -269,7 +276,7 @@ def task_scores(problem: MetaProblem, s: torch.Tensor) -> torch.Tensor:
     return train_gradients(problem) @ s
 
 
-def newton_task_scores(problem: MetaProblem, inverse: "HessianInverse", query_grads: torch.Tensor,
+def newton_task_scores(problem: MetaProblem, inverse: HessianInverse, query_grads: torch.Tensor,
                        progress: Progress = no_progress) -> torch.Tensor:
     """ΔQ_{−k} = ∇Qᵀ (H − H_k + ρI)⁻¹ g_k for every training task: (K, m) for query gradients (m, p)."""
     grads = train_gradients(problem)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.func import grad, grad_and_value, hessian, jvp
@@ -12,9 +12,13 @@ from worker.attribution.meta.data import TaskData
 from worker.attribution.meta.functional import FunctionalModel, RetainedGradient
 from worker.attribution.meta.inner_ekfac import KroneckerInnerInverse, fit_inner_ekfac
 from worker.attribution.meta.options import InnerOptions
-from worker.attribution.meta.solvers import (DenseSPD, NonPositiveCurvature, check_finite, conjugate_gradient,
-                                             extreme_eigenvalues)
-
+from worker.attribution.meta.solvers import (
+    DenseSPD,
+    NonPositiveCurvature,
+    check_finite,
+    conjugate_gradient,
+    extreme_eigenvalues,
+)
 from worker.attribution.types import AttributionError
 
 INNER_POWER_ITERATIONS = 20  # matrix-free check that A = ∇²_θ L_I is positive definite
@@ -57,8 +61,12 @@ class InnerInverse:
         return conjugate_gradient(self.hvp, x, self.tol, self.max_iter, f"inner Hessian of task {self.task_id}")[0]
 
 
-def _newton_direction(hvp, g, dense_a, ihvp: str, tol: float, max_iter: int) -> torch.Tensor:
-    if ihvp == "dense":
+def _newton_direction(hvp: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor, dense_a: torch.Tensor | None,
+                      tol: float, max_iter: int) -> torch.Tensor:
+    """The Newton step A⁻¹g: by the dense A when given (ihvp 'dense'), else by conjugate gradients on ``hvp``."""
+    if dense_a is not None:
+        values: torch.Tensor
+        vectors: torch.Tensor
         values, vectors = torch.linalg.eigh(0.5 * (dense_a + dense_a.T))
         floor = max(1e-10 * float(values.abs().max()), 1e-12)
         values = values.abs().clamp_min(floor)  # saddle-free Newton away from a minimum
@@ -90,13 +98,16 @@ def solve_proximal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, optio
     g = check_finite(g, f"the inner gradient of task {task.task_id}")
     value = float(value_t)
     iterations = 0
-    for iterations in range(1, options.max_iter + 1):
+    for iterations in range(1, options.max_iter + 1):  # noqa: B007 (the count is read after the loop)
         g_norm = float(g.norm())
         if g_norm <= target:
             break
         dense_a = hessian(objective)(theta) if options.ihvp == "dense" else None
-        hvp = lambda v: jvp(gradient, (theta,), (v,))[1]  # noqa: E731
-        direction = _newton_direction(hvp, g, dense_a, options.ihvp, options.tol, options.max_iter)
+        def hvp(v: torch.Tensor, point: torch.Tensor = theta) -> torch.Tensor:
+            product: torch.Tensor = jvp(gradient, (point,), (v,))[1]
+            return product
+
+        direction = _newton_direction(hvp, g, dense_a, options.tol, options.max_iter)
         slope = float(g @ direction)
         step = 1.0
         for _ in range(40):

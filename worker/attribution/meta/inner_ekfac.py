@@ -18,14 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from worker.attribution.hooks import ActivityRecorder, LayerActivity, TrackedLayer, describe_layer, trackable_layers
 from worker.attribution.losses import output_hessian_factors
 from worker.attribution.meta.data import TaskData
 from worker.attribution.meta.functional import FunctionalModel
-from worker.attribution.statistics import (Covariances, activation_covariance_sum, apply_in_eigenbasis,
-                                           corrected_eigenvalue_sum, eigenbasis, gradient_covariance_sum)
+from worker.attribution.statistics import (
+    Covariances,
+    activation_covariance_sum,
+    apply_in_eigenbasis,
+    corrected_eigenvalue_sum,
+    eigenbasis,
+    gradient_covariance_sum,
+)
+from worker.attribution.types import tensor_sum
 
 
 @dataclass
@@ -108,7 +115,7 @@ def fit_inner_ekfac(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, thet
     if layers:
         with ActivityRecorder([layer for layer, _, _ in layers]) as recorder:
             recorder.clear()
-            outputs = functional_call(fm.module, {**fm.params(lam, leaf), **fm.buffers}, (task.x_tr,))
+            outputs = fm.forward(lam, leaf, task.x_tr)
             flat = outputs.reshape(outputs.shape[0], -1)
             factors = output_hessian_factors(flat, fm.loss) * sqrt_w[None, :, None]
             last = factors.shape[0] - 1
@@ -130,12 +137,12 @@ def _fit_block(layer: TrackedLayer, weight: slice, bias: slice | None, activitie
     first = activities[0]
     weighted_inputs = LayerActivity(first.activations * sqrt_w[:, None, None], first.gradients)
     covariances = Covariances(activation_covariance_sum(weighted_inputs),
-                              sum(gradient_covariance_sum(a) for a in activities))  # type: ignore[arg-type]
+                              tensor_sum(gradient_covariance_sum(a) for a in activities))
     basis = eigenbasis(covariances)
     dtype = first.gradients.dtype
     q_s, q_a = basis.gradient_eigenvectors.to(dtype), basis.activation_eigenvectors.to(dtype)
-    eigenvalues = sum(corrected_eigenvalue_sum(a, q_s, q_a) for a in activities)
-    return KroneckerBlock(weight, bias, layer.out_features, q_s, q_a, 1.0 / (eigenvalues + reg))  # type: ignore[operator]
+    eigenvalues = tensor_sum(corrected_eigenvalue_sum(a, q_s, q_a) for a in activities)
+    return KroneckerBlock(weight, bias, layer.out_features, q_s, q_a, 1.0 / (eigenvalues + reg))
 
 
 def _gauss_newton_diagonal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor,
@@ -145,12 +152,12 @@ def _gauss_newton_diagonal(fm: FunctionalModel, task: TaskData, lam: torch.Tenso
 
     def output(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         full = base.index_copy(0, rest, values)
-        return functional_call(fm.module, {**fm.params(lam, full), **fm.buffers}, (x.unsqueeze(0),)).reshape(-1)
+        return fm.forward(lam, full, x.unsqueeze(0)).reshape(-1)
 
     with torch.no_grad():
-        flat = functional_call(fm.module, {**fm.params(lam, base), **fm.buffers}, (task.x_tr,))
+        flat = fm.forward(lam, base, task.x_tr)
     factors = output_hessian_factors(flat.reshape(flat.shape[0], -1), fm.loss) * sqrt_w[None, :, None]
     pseudo = grad(lambda values, x, c: (output(values, x) * c).sum())
     per_example = vmap(vmap(pseudo, in_dims=(None, 0, 0)), in_dims=(None, None, 0))
-    gradients = per_example(base[rest], task.x_tr, factors)  # (m, B, |rest|)
+    gradients: torch.Tensor = per_example(base[rest], task.x_tr, factors)  # (m, B, |rest|)
     return gradients.pow(2).sum(dim=(0, 1))

@@ -14,8 +14,15 @@ from torch.func import grad, hessian, jacfwd, jvp, vmap
 
 from worker.attribution.meta.data import TaskData
 from worker.attribution.meta.functional import FunctionalModel, RetainedGradient
-from worker.attribution.meta.inner import (InnerInverse, inner_inverse, proximal_loss, solve_proximal,
-                                           train_loss, unrolled_adapt, val_loss)
+from worker.attribution.meta.inner import (
+    InnerInverse,
+    inner_inverse,
+    proximal_loss,
+    solve_proximal,
+    train_loss,
+    unrolled_adapt,
+    val_loss,
+)
 from worker.attribution.meta.options import InnerOptions
 from worker.attribution.types import AttributionError
 
@@ -29,6 +36,8 @@ class TaskTerm:
         self.lam = lam
         self.theta: torch.Tensor = fm.theta_of(lam)
         self.inner_residual = 0.0
+        self.inner_iterations = 0
+        self._outer_graph: RetainedGradient | None = None
 
     # ----- the outer loss at (λ*, θ*) -----
     def outer(self, lam: torch.Tensor, theta: torch.Tensor, w_val: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,7 +45,8 @@ class TaskTerm:
 
     def outer_partials(self, w_val: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(∂_λ L_O, ∂_θ L_O) at (λ*, θ*)."""
-        return grad(lambda lm, th: self.outer(lm, th, w_val), argnums=(0, 1))(self.lam, self.theta)
+        d_lam, d_theta = grad(lambda lm, th: self.outer(lm, th, w_val), argnums=(0, 1))(self.lam, self.theta)
+        return d_lam, d_theta
 
     def value(self) -> float:
         return float(self.outer(self.lam, self.theta))
@@ -64,9 +74,10 @@ class TaskTerm:
         return d_lam + self.jac_t(d_theta)
 
     def _outer_hvp(self, v_lam: torch.Tensor, v_theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if getattr(self, "_outer_graph", None) is None:
+        if self._outer_graph is None:
             self._outer_graph = RetainedGradient(self.outer, self.lam, self.theta)
-        return self._outer_graph.hvp(v_lam, v_theta)
+        y_lam, y_theta = self._outer_graph.hvp(v_lam, v_theta)
+        return y_lam, y_theta
 
     def hvp_drop(self, v: torch.Tensor) -> torch.Tensor:
         """Jᵀ ∇²L_O J v: the total Hessian without the third-order term H' (META.md §3.3)."""
@@ -80,7 +91,7 @@ class TaskTerm:
         def outer_flat(z: torch.Tensor) -> torch.Tensor:
             return self.outer(z[:p], z[p:])
 
-        h = hessian(outer_flat)(torch.cat([self.lam, self.theta]))
+        h: torch.Tensor = hessian(outer_flat)(torch.cat([self.lam, self.theta]))
         big_j = torch.cat([torch.eye(p, dtype=jac.dtype, device=jac.device), jac], dim=0)
         return big_j.T @ h @ big_j
 
@@ -93,9 +104,9 @@ class TaskTerm:
     # ----- instance scores (ΔQ on removal for a direction s = s_Q) -----
     def val_scores(self, s: torch.Tensor) -> torch.Tensor:
         """ΔQ_{−z} = w_z s·D_λℓ_z for every validation instance z."""
-        def losses(lm, th):
+        def losses(lm: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
             return self.fm.per_sample_losses(lm, th, self.task.x_val, self.task.y_val)
-        directional = jvp(losses, (self.lam, self.theta), (s, self.jac(s)))[1]
+        directional: torch.Tensor = jvp(losses, (self.lam, self.theta), (s, self.jac(s)))[1]
         return self.task.w_val * directional
 
     def train_scores(self, s: torch.Tensor) -> torch.Tensor:
@@ -124,7 +135,8 @@ class ImplicitTerm(TaskTerm):
         return proximal_loss(self.fm, self.task, self.options.reg, lam, theta, w_tr)
 
     def _grad_theta_inner(self, lam: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        return grad(self.inner_loss, argnums=1)(lam, theta)
+        gradient: torch.Tensor = grad(self.inner_loss, argnums=1)(lam, theta)
+        return gradient
 
     def jac(self, v: torch.Tensor) -> torch.Tensor:
         """θ'v = −A⁻¹ (∂_θ∂_λ L_I) v."""
@@ -136,20 +148,23 @@ class ImplicitTerm(TaskTerm):
         return -self._inner_graph.hvp(self._zero_lam, self.inverse.solve(x))[0]
 
     def dense_jac(self) -> torch.Tensor:
-        mixed = jacfwd(lambda lm: self._grad_theta_inner(lm, self.theta))(self.lam)  # (p_θ, p)
+        mixed: torch.Tensor = jacfwd(lambda lm: self._grad_theta_inner(lm, self.theta))(self.lam)  # (p_θ, p)
         if self.inverse.kronecker is not None:  # θ' with the same approximate A⁻¹ as every other product
             return -self.inverse.solve(mixed)
         a = self.inverse.matrix  # A at θ*, formed once by inner_inverse (dense ihvp)
         if a is None:
-            a = hessian(lambda th: self.inner_loss(self.lam, th))(self.theta)
-        return -torch.linalg.solve(a, mixed)
+            inner_hessian: torch.Tensor = hessian(lambda th: self.inner_loss(self.lam, th))(self.theta)
+            a = inner_hessian
+        solved: torch.Tensor = torch.linalg.solve(a, mixed)
+        return -solved
 
     def lagrangian(self, lam: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """Φ = L_O − u·∂_θ L_I with u detached."""
         return self.outer(lam, theta) - (self.u * self._grad_theta_inner(lam, theta)).sum()
 
     def _lagrangian_hvp(self, v_lam: torch.Tensor, v_theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._lagrangian_graph.hvp(v_lam, v_theta)
+        y_lam, y_theta = self._lagrangian_graph.hvp(v_lam, v_theta)
+        return y_lam, y_theta
 
     def hvp_exact(self, v: torch.Tensor) -> torch.Tensor:
         y_lam, y_theta = self._lagrangian_hvp(v, self.jac(v))
@@ -158,7 +173,7 @@ class ImplicitTerm(TaskTerm):
     def dense_exact(self) -> torch.Tensor:
         jac = self.dense_jac()
         p = self.fm.num_lambda
-        h = hessian(lambda z: self.lagrangian(z[:p], z[p:]))(torch.cat([self.lam, self.theta]))
+        h: torch.Tensor = hessian(lambda z: self.lagrangian(z[:p], z[p:]))(torch.cat([self.lam, self.theta]))
         big_j = torch.cat([torch.eye(p, dtype=jac.dtype, device=jac.device), jac], dim=0)
         return big_j.T @ h @ big_j
 
@@ -169,27 +184,31 @@ class ImplicitTerm(TaskTerm):
         a_adj = -self.inverse.solve(y_theta)
 
         def psi(w: torch.Tensor) -> torch.Tensor:
-            def coupling(lm, th):
+            def coupling(lm: torch.Tensor, th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 g_tr = grad(lambda t: train_loss(self.fm, self.task, lm, t, w))(th)
                 return (self.u * g_tr).sum(), g_tr
-            (_, g_tr), (d_coupling, _) = jvp(coupling, (self.lam, self.theta), (s, v))
+            outputs = jvp(coupling, (self.lam, self.theta), (s, v))  # (coupling's outputs, their derivatives)
+            g_tr: torch.Tensor = outputs[0][1]
+            d_coupling: torch.Tensor = outputs[1][0]
             return (a_adj * g_tr).sum() - d_coupling
 
-        return grad(psi)(self.task.w_tr)
+        derivative: torch.Tensor = grad(psi)(self.task.w_tr)
+        return derivative
 
     def train_scores(self, s: torch.Tensor) -> torch.Tensor:
         """ΔQ_{−z} = w_z G_z = −s·D_λP_z (the two-stage instance-IF, META.md §2)."""
         return self.task.w_tr * self._train_weight_derivative(s)
 
     def removal_gradient(self, m_tr: torch.Tensor, m_val: torch.Tensor) -> torch.Tensor:
-        b = self.total_grad(m_val) if bool((m_val != 0).any()) else torch.zeros_like(self.lam)
+        b: torch.Tensor = self.total_grad(m_val) if bool((m_val != 0).any()) else torch.zeros_like(self.lam)
         if bool((m_tr != 0).any()):
             g_tr = grad(lambda t: train_loss(self.fm, self.task, self.lam, t, m_tr))(self.theta)
             e = self.inverse.solve(g_tr)
             z_lam, z_theta = self._lagrangian_hvp(torch.zeros_like(self.lam), e)
 
-            def coupling(lm, th):
-                return (self.u * grad(lambda t: train_loss(self.fm, self.task, lm, t, m_tr))(th)).sum()
+            def coupling(lm: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+                g_tr: torch.Tensor = grad(lambda t: train_loss(self.fm, self.task, lm, t, m_tr))(th)
+                return (self.u * g_tr).sum()
 
             k_lam, k_theta = grad(coupling, argnums=(0, 1))(self.lam, self.theta)
             b = b - (z_lam + k_lam) - self.jac_t(z_theta + k_theta)
@@ -231,18 +250,22 @@ class UnrolledTerm(TaskTerm):
         return torch.autograd.grad(self._theta_graph, self._lam_leaf, x, retain_graph=True)[0].detach()
 
     def dense_jac(self) -> torch.Tensor:
-        return jacfwd(self.adapt)(self.lam)
+        jacobian: torch.Tensor = jacfwd(self.adapt)(self.lam)
+        return jacobian
 
     def hvp_exact(self, v: torch.Tensor) -> torch.Tensor:
         return torch.autograd.grad(self._objective_grad, self._lam_leaf, v, retain_graph=True)[0].detach()
 
     def dense_exact(self) -> torch.Tensor:
-        return hessian(self.objective)(self.lam)
+        h: torch.Tensor = hessian(self.objective)(self.lam)
+        return h
 
     def _weight_derivatives(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        def directional(w_tr, w_val):
-            return jvp(lambda lm: self.objective(lm, w_tr, w_val), (self.lam,), (s,))[1]
-        return grad(directional, argnums=(0, 1))(self.task.w_tr, self.task.w_val)
+        def directional(w_tr: torch.Tensor, w_val: torch.Tensor) -> torch.Tensor:
+            derivative: torch.Tensor = jvp(lambda lm: self.objective(lm, w_tr, w_val), (self.lam,), (s,))[1]
+            return derivative
+        d_tr, d_val = grad(directional, argnums=(0, 1))(self.task.w_tr, self.task.w_val)
+        return d_tr, d_val
 
     def train_scores(self, s: torch.Tensor) -> torch.Tensor:
         return self.task.w_tr * self._weight_derivatives(s)[0]
@@ -251,9 +274,11 @@ class UnrolledTerm(TaskTerm):
         return self.task.w_val * self._weight_derivatives(s)[1]
 
     def removal_gradient(self, m_tr: torch.Tensor, m_val: torch.Tensor) -> torch.Tensor:
-        def gradient(w_tr, w_val):
-            return grad(self.objective)(self.lam, w_tr, w_val)
-        return jvp(gradient, (self.task.w_tr, self.task.w_val), (m_tr, m_val))[1]
+        def gradient(w_tr: torch.Tensor, w_val: torch.Tensor) -> torch.Tensor:
+            g: torch.Tensor = grad(self.objective)(self.lam, w_tr, w_val)
+            return g
+        b: torch.Tensor = jvp(gradient, (self.task.w_tr, self.task.w_val), (m_tr, m_val))[1]
+        return b
 
 
 class DirectTerm(TaskTerm):
@@ -263,7 +288,7 @@ class DirectTerm(TaskTerm):
         super().__init__(adapted.fm, adapted.task, adapted.lam)
         self.theta = adapted.theta
         self.inner_residual = adapted.inner_residual
-        self.inner_iterations = getattr(adapted, "inner_iterations", 0)
+        self.inner_iterations = adapted.inner_iterations
 
     def jac(self, v: torch.Tensor) -> torch.Tensor:
         return self.fm.theta_of(v)
@@ -332,15 +357,17 @@ class TotalProblem:
         batched into one vmapped ``hessian`` (same arithmetic as ``task_dense``, up to rounding)."""
         out: list[torch.Tensor | None] = [None] * len(self.terms)
         if self.third_order == "exact":
-            groups: dict[tuple, list[int]] = {}
+            groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
+            unrolled: dict[int, UnrolledTerm] = {}
             for k, term in enumerate(self.terms):
                 if type(term) is UnrolledTerm:
+                    unrolled[k] = term
                     t = term.task
                     key = (tuple(t.x_tr.shape), tuple(t.y_tr.shape), tuple(t.x_val.shape), tuple(t.y_val.shape))
                     groups.setdefault(key, []).append(k)
             for ks in groups.values():
                 if len(ks) > 1:
-                    for k, h in zip(ks, _batched_unrolled_hessians([self.terms[k] for k in ks], self.lam)):
+                    for k, h in zip(ks, _batched_unrolled_hessians([unrolled[k] for k in ks], self.lam), strict=True):
                         out[k] = h
         return [self.task_dense(k) if h is None else h for k, h in enumerate(out)]
 
@@ -361,7 +388,8 @@ def _batched_unrolled_hessians(terms: list[UnrolledTerm], lam: torch.Tensor) -> 
     """∇²f_k(λ) for tasks of equal split sizes, stacked (T, p, p), by one vmap over the tasks."""
     fm, options = terms[0].fm, terms[0].options
 
-    def objective(lm, x_tr, y_tr, w_tr, x_val, y_val, w_val):
+    def objective(lm: torch.Tensor, x_tr: torch.Tensor, y_tr: torch.Tensor, w_tr: torch.Tensor, x_val: torch.Tensor,
+                  y_val: torch.Tensor, w_val: torch.Tensor) -> torch.Tensor:
         theta = fm.theta_of(lm)
         step_grad = grad(lambda th, l2: fm.split_loss(l2, th, x_tr, y_tr, w_tr))
         for _ in range(options.steps):
@@ -370,4 +398,5 @@ def _batched_unrolled_hessians(terms: list[UnrolledTerm], lam: torch.Tensor) -> 
 
     stacked = [torch.stack([getattr(t.task, name) for t in terms])
                for name in ("x_tr", "y_tr", "w_tr", "x_val", "y_val", "w_val")]
-    return vmap(hessian(objective), in_dims=(None, 0, 0, 0, 0, 0, 0))(lam, *stacked)
+    hessians: torch.Tensor = vmap(hessian(objective), in_dims=(None, 0, 0, 0, 0, 0, 0))(lam, *stacked)
+    return hessians

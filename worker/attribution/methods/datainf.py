@@ -16,7 +16,7 @@ from worker.attribution.gradients import batches, model_dtype, training_activiti
 from worker.attribution.hooks import ActivityRecorder, LayerActivity, TrackedLayer, evaluation_mode
 from worker.attribution.losses import LossName
 from worker.attribution.progress import StageCounter
-from worker.attribution.types import Examples, no_progress
+from worker.attribution.types import Examples, Progress, no_progress
 
 
 def datainf_dampings(
@@ -63,8 +63,8 @@ class DataInfPreconditioner(Preconditioner):
         dampings: dict[str, float],
         batch_size: int,
         device: torch.device,
-        progress=no_progress,  # type: ignore[no-untyped-def]
-    ):
+        progress: Progress = no_progress,
+    ) -> None:
         self.model = model
         self.layers = layers
         self.layer_names = [layer.name for layer in layers]

@@ -18,9 +18,16 @@ import torch
 from torch import nn
 
 from worker.attribution.curvature.base import LayerVectors
-from worker.attribution.gradients import FisherLabels, batches, model_dtype, place_model, training_activities
-from worker.attribution.hooks import Activities, ActivityRecorder, evaluation_mode, resolve_layers, split_weight_matrix, weight_matrix
 from worker.attribution.editing import removed_rows
+from worker.attribution.gradients import FisherLabels, batches, model_dtype, place_model, training_activities
+from worker.attribution.hooks import (
+    Activities,
+    ActivityRecorder,
+    evaluation_mode,
+    resolve_layers,
+    split_weight_matrix,
+    weight_matrix,
+)
 from worker.attribution.losses import LossName, MeasurementName, check_examples, check_loss_name, check_scoring_request
 from worker.attribution.options import check_damping
 from worker.attribution.progress import StageCounter
@@ -37,7 +44,7 @@ from worker.attribution.segment_curvature import (
 from worker.attribution.statistics import rotate
 from worker.attribution.trajectory import Segment, SegmentSpec, TrajectoryCheckpoint, build_segments
 from worker.attribution.trajectory_scoring import QueryVectors, aggregate_scores, pairwise_top_k, self_scores
-from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, no_progress
+from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, no_progress, tensor_sum
 
 
 @dataclass
@@ -220,7 +227,7 @@ def _self_batch(
 ) -> torch.Tensor:
     """sum_s <g_s, U_s g_s> for one batch, g_s the mean per-example gradient over segment s's models."""
     means: dict[int, dict[str, torch.Tensor]] = {}
-    for scorer, (segment, weight), activities in zip(scorers, groups, per_model):
+    for scorer, (segment, weight), activities in zip(scorers, groups, per_model, strict=True):
         mean = means.setdefault(segment, {})
         for name in scorer.layer_names:
             g = activities[name].per_example_gradients() * weight
@@ -280,7 +287,7 @@ def predicted_parameter_change(trajectory: SourceTrajectory, train: Examples, re
         summed = [_summed_gradients(model, trajectory.layer_names, removed, loss, batch_size, trajectory.device)
                   for model in fit.gradient_models]
         steps[fit.segment.index] = {
-            name: (sum(s[name] for s in summed) / (len(summed) * fit.num_examples)).unsqueeze(0)  # type: ignore[operator]
+            name: (tensor_sum(s[name] for s in summed) / (len(summed) * fit.num_examples)).unsqueeze(0)
             for name in trajectory.layer_names
         }
     change = unrolled_parameter_change(trajectory.fits, steps)

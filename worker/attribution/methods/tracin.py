@@ -20,10 +20,10 @@ from worker.attribution.losses import LossName, MeasurementName
 from worker.attribution.methods.source import check_request
 from worker.attribution.progress import StageCounter
 from worker.attribution.scoring import ModelScorer
+from worker.attribution.segment_curvature import check_same_architecture
 from worker.attribution.trajectory import TrajectoryCheckpoint, check_checkpoints, ordered
 from worker.attribution.trajectory_scoring import aggregate_scores, pairwise_top_k, self_scores
-from worker.attribution.segment_curvature import check_same_architecture
-from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, no_progress
+from worker.attribution.types import AttributionError, AttributionScores, Examples, Progress, no_progress, tensor_sum
 
 
 @dataclass
@@ -62,16 +62,16 @@ def attribute_tracin(
 
     def vectors_for(chunk: Examples, aggregate: bool) -> list[LayerVectors]:
         vectors = []
-        for scorer, rate in zip(scorers, rates):
+        for scorer, rate in zip(scorers, rates, strict=True):
             gradients = scorer.query_vectors(chunk, measurement, options.batch_size, counter, aggregate)
             vectors.append({name: v * rate for name, v in gradients.items()})
         return vectors
 
     if mode == "self":
         def score_batch(per_model: list[Activities]) -> torch.Tensor:
-            return sum(  # type: ignore[return-value]
-                rate * sum(a[name].squared_norms().to(torch.float64) for name in s.layer_names)  # type: ignore[misc]
-                for s, a, rate in zip(scorers, per_model, rates)
+            return tensor_sum(
+                rate * tensor_sum(a[name].squared_norms().to(torch.float64) for name in s.layer_names)
+                for s, a, rate in zip(scorers, per_model, rates, strict=True)
             )
 
         result = AttributionScores(mode="self", scores=self_scores(scorers, train, options.batch_size, progress, score_batch))
