@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
@@ -29,6 +30,7 @@ from service.settings import Settings
 from service.storage import BlobStore, LocalBlobStore
 from worker.artifacts.errors import ArtifactError
 from worker.attribution import AttributionError, Cancelled
+from worker.devices import job_device
 from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class JobContext:
     store: BlobStore
     attempt: int = 1
     heartbeat: Heartbeat | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # see worker/devices.py
     _last_write: float = field(default=0.0)
     _last_stage: str = field(default="")
 
@@ -92,7 +95,7 @@ def run_job(job_id: str, settings: Settings) -> None:
         return
     with Heartbeat(url, job_id, attempt, policy.heartbeat_seconds) as heartbeat:
         context = JobContext(job_id=job_id, database_url=url, store=store_for(settings), attempt=attempt,
-                             heartbeat=heartbeat)
+                             heartbeat=heartbeat, device=job_device(settings.device))
         _run_and_record(context, policy)
 
 

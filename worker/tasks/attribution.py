@@ -80,13 +80,14 @@ def compute_influence(
         settings = fit_options(attribution.options)
         curvatures = []
         for model, module in zip(request.models, request.modules):
-            curvature = engine.fit_curvature(module, request.train, request.loss, settings, progress=context.progress)
+            curvature = engine.fit_curvature(module, request.train, request.loss, settings, progress=context.progress,
+                                              device=context.device)
             curvatures.append(curvature)
             made[model.id] = {"model": curvature}
     scores = engine.attribute(
         request.modules, request.train, request.query, loss=request.loss, method=attribution.method,
         mode=attribution.mode, measurement=attribution.measurement, top_k=attribution.top_k, options=options,
-        fits=curvatures, progress=context.progress,
+        fits=curvatures, progress=context.progress, device=context.device,
     )
     return scores, made
 

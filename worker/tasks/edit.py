@@ -95,7 +95,7 @@ def compute_edit(loaded: LoadedEdit, context: JobContext) -> EditResult:
         method_options.strategy = curvature.strategy
     return engine.edit_parameters(loaded.module, loaded.train, removed, loss=loaded.loss, method=method,
                                   options=method_options, fit=curvature, edit=options, queries=loaded.queries,
-                                  progress=context.progress)
+                                  progress=context.progress, device=context.device)
 
 
 def _edit_meta(loaded: LoadedEdit, options: EditOptions) -> EditResult:
