@@ -14,6 +14,7 @@ initialised it, so the parent (which imports torch before it forks) must not tou
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -51,20 +52,26 @@ def choose_device(setting: str, process_index: int = 0) -> torch.device:
 
 
 def pool_process_index() -> int:
-    """Celery's index of the current pool process (0 outside a prefork pool)."""
-    from billiard.process import current_process
-
-    index = getattr(current_process(), "index", 0)
+    """Celery's index of the current pool process (0 outside a prefork pool). billiard (Celery's multiprocessing)
+    ships no type information, hence the lookup by name."""
+    process = importlib.import_module("billiard.process").current_process()
+    index = getattr(process, "index", 0)
     return index if isinstance(index, int) else 0
 
 
-def start_pool_process(setting: str) -> torch.device:
-    """Choose this pool process's device once, make it CUDA's current device, and log it."""
+def start_pool_process(setting: str) -> torch.device | None:
+    """Choose this pool process's device once, make it CUDA's current device, and log it (None: ``setting``
+    names a GPU this process lacks; each job then fails, from `job_device`, with the reason)."""
     global _device
-    _device = choose_device(setting, pool_process_index())
+    index = pool_process_index()
+    try:
+        _device = choose_device(setting, index)
+    except DeviceUnavailable as exc:
+        log.error("attrib pool process %d: %s; the jobs it takes fail with this reason", os.getpid(), exc)
+        return None
     if _device.type == "cuda":
         torch.cuda.set_device(_device)
-    log.warning("attrib pool process %d runs jobs on %s", os.getpid(), _device)
+    log.warning("attrib pool process %d (index %d) runs jobs on %s", os.getpid(), index, _device)
     return _device
 
 

@@ -46,9 +46,15 @@ class JobContext:
     store: BlobStore
     attempt: int = 1
     heartbeat: Heartbeat | None = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # see worker/devices.py
+    device_setting: str = "cpu"  # ATTRIB_DEVICE
     _last_write: float = field(default=0.0)
     _last_stage: str = field(default="")
+
+    @property
+    def device(self) -> torch.device:
+        """The device of this process's jobs (`worker.devices`); a job on a worker whose ``ATTRIB_DEVICE`` names a
+        GPU it lacks fails with that reason."""
+        return job_device(self.device_setting)
 
     def session(self):  # type: ignore[no-untyped-def]
         return session_scope(self.database_url)
@@ -95,7 +101,7 @@ def run_job(job_id: str, settings: Settings) -> None:
         return
     with Heartbeat(url, job_id, attempt, policy.heartbeat_seconds) as heartbeat:
         context = JobContext(job_id=job_id, database_url=url, store=store_for(settings), attempt=attempt,
-                             heartbeat=heartbeat, device=job_device(settings.device))
+                             heartbeat=heartbeat, device_setting=settings.device)
         _run_and_record(context, policy)
 
 

@@ -135,3 +135,16 @@ def test_the_worker_parent_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -
 
     signals.worker_init.send(sender=None)
     assert probe.calls == [] and devices._device is None and not torch.cuda.is_initialized()
+
+
+def test_a_job_on_a_worker_without_the_gpu_it_was_told_to_use_fails_with_the_reason(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    CudaProbe(monkeypatch, count=0)
+    monkeypatch.setattr(devices, "_device", None)
+    assert devices.start_pool_process("cuda") is None
+    monkeypatch.setattr(sqlite_api.settings, "device", "cuda")
+    from tests.service.test_attributions import setup_job, submit
+
+    job = sqlite_api.client.get(f"/v1/jobs/{submit(sqlite_api, setup_job(sqlite_api))['job_id']}").json()
+    assert job["status"] == "failed" and "ATTRIB_DEVICE=cuda but this worker has no CUDA device" in job["error"]["detail"]

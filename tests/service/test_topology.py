@@ -217,9 +217,11 @@ def test_the_compose_stack_runs_a_fit_and_an_attribution(tmp_path: Path) -> None
         gpu_log = stack.log("worker-gpu-1", "attrib worker ready: queues gpu, concurrency 1")
         cpu_log = stack.log("worker-cpu-2", "attrib worker ready: queues cpu, concurrency 2")
         # each pool process chose its device (no GPU here: the CPU); none of them is the worker's parent
-        pool_pids = {int(pid) for pid in re.findall(r"attrib pool process (\d+) runs jobs on cpu", gpu_log)}
+        pool_pids = {int(pid) for pid in re.findall(r"attrib pool process (\d+) \(index 0\) runs jobs on cpu", gpu_log)}
         assert pool_pids and gpu_worker.pid not in pool_pids
-        assert len(re.findall(r"attrib pool process \d+ runs jobs on cpu", cpu_log)) == 2
+        # pool processes are told apart by Celery's index: GPU i mod count goes to pool process i
+        indexes = re.findall(r"attrib pool process \d+ \(index (\d+)\) runs jobs on cpu", cpu_log)
+        assert sorted(indexes) == ["0", "1"]
         assert cpu_worker.poll() is None and gpu_worker.poll() is None
 
 
