@@ -52,6 +52,11 @@ def compose_services() -> dict[str, Any]:
     return services
 
 
+def interpolate(value: str) -> str:
+    """Compose's ``${NAME:-default}`` as compose resolves it with NAME unset (the test sets no such variable)."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
 def attrib_executable() -> list[str]:
     attrib = Path(sys.executable).with_name("attrib")
     return [str(attrib)] if attrib.exists() else [sys.executable, "-m", "service.cli"]
@@ -68,7 +73,7 @@ class Topology:
 
     def env(self, service: str, **overrides: str) -> dict[str, str]:
         """The service's environment from the compose file, with the containers' hostnames and volume replaced."""
-        env = {name: str(value) for name, value in self.services[service]["environment"].items()}
+        env = {name: interpolate(str(value)) for name, value in self.services[service]["environment"].items()}
         assert urlsplit(env["ATTRIB_DATABASE_URL"]).hostname == "postgres"
         assert urlsplit(env["ATTRIB_BROKER_URL"]).hostname == "redis"
         assert f"blobs:{env['ATTRIB_DATA_DIR']}" in self.services[service]["volumes"]  # shared blob storage
