@@ -15,7 +15,7 @@ from service.limits import BodySizeLimit
 from service.metrics import MetricsMiddleware, create_metrics
 from service.openapi import install_openapi, operation_id
 from service.problems import add_problem_handler, install_problem_handlers, problem_response, problem_responses
-from service.queue import CeleryQueue, JobQueue
+from service.queue import CeleryQueue, JobQueue, KillBeforePublish
 from service.quotas import RateLimiter
 from service.reaper import start_reaper
 from service.routers import attributions, datasets, fits, jobs, models, operations, pages
@@ -45,7 +45,9 @@ def create_app(
                   generate_unique_id_function=operation_id)
     app.state.settings = settings
     app.state.store = store or LocalBlobStore(settings.resolved_storage_dir)
-    app.state.queue = queue or CeleryQueue(settings.resolved_broker_url)
+    app.state.queue = queue or CeleryQueue(settings.resolved_broker_url, settings.queue_prefix)
+    if settings.fault_kill_before_publish:
+        app.state.queue = KillBeforePublish(app.state.queue)
     app.state.metrics = create_metrics()
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     install_problem_handlers(app)

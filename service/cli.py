@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from attrib.cli_verbs import HelpFormatter, add_client_verbs
+from service.queue import QUEUES, broker_queues
 from service.settings import ConfigurationError, Settings
 
 
@@ -43,12 +45,33 @@ def cmd_serve(args: argparse.Namespace) -> None:
         embedded.stop_worker(worker)
 
 
+def worker_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """Celery's worker command line for `attrib worker`: the prefork pool (the parent forks, never touches CUDA,
+    and replaces a pool process that dies), the chosen queues under ``ATTRIB_QUEUE_PREFIX``, and a node name
+    unique on the host so that several workers can run side by side."""
+    queues = parse_queues(args.queues)
+    if args.concurrency < 1:
+        raise SystemExit("attrib: --concurrency must be at least 1")
+    return ["worker", "--pool=prefork", f"--concurrency={args.concurrency}",
+            f"--queues={broker_queues(queues, settings.queue_prefix)}",
+            f"--hostname={'-'.join(queues)}-{os.getpid()}@%h", f"--loglevel={args.loglevel}"]
+
+
+def parse_queues(value: str) -> list[str]:
+    queues = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in queues if name not in QUEUES]
+    if not queues or unknown:
+        raise SystemExit(f"attrib: --queues takes a comma-separated list of {', '.join(QUEUES)}, not {value!r}")
+    return list(dict.fromkeys(queues))
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
-    load_settings()
+    settings = load_settings()
+    argv = worker_argv(args, settings)
     from worker.celery_app import app, run_reaper_in_pool_processes
 
     run_reaper_in_pool_processes(app)
-    app.worker_main(["worker", "--pool=prefork", "--concurrency=1", f"--loglevel={args.loglevel}"])
+    app.worker_main(argv)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -95,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run a Celery worker (production topology)",
                                  formatter_class=HelpFormatter)
+    worker.add_argument("--queues", default=",".join(QUEUES),
+                        help="queues to consume: gpu (fits, scoring, edits), cpu (merges, housekeeping), or both")
+    worker.add_argument("--concurrency", type=int, default=1,
+                        help="pool processes, each running one job at a time; with GPUs, one per GPU (pool "
+                             "process i uses GPU i mod count, see ATTRIB_DEVICE)")
     worker.add_argument("--loglevel", default="INFO", help="Celery log level")
     worker.set_defaults(func=cmd_worker)
 

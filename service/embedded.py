@@ -14,6 +14,7 @@ from pathlib import Path
 from service.auth import create_api_key
 from service.db.migrate import upgrade_to_head
 from service.db.session import session_scope
+from service.queue import QUEUES, broker_queues
 from service.settings import Settings
 
 LOCAL_TENANT = "local"
@@ -69,7 +70,7 @@ def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     env = {**os.environ, "ATTRIB_DATA_DIR": str(settings.data_dir.resolve())}
     command = [
         sys.executable, "-m", "service.embedded_worker", "--quiet", "-A", "worker.celery_app", "worker",
-        "--pool=prefork", "--concurrency=1",
+        "--pool=prefork", "--concurrency=1", f"--queues={broker_queues(QUEUES, settings.queue_prefix)}",
         "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
     return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)

@@ -63,10 +63,12 @@ def job_status(session: Session, job_id: str) -> JobStatus:
 
 
 def enqueue_or_fail(session: Session, queue: JobQueue, job: Job) -> None:
-    """Hand a committed job to the queue; if the broker refuses, the job is failed and the caller gets a 503."""
+    """Publish a committed job (never before its commit: the ``jobs`` table is the outbox, see `service.queue`).
+    If the broker refuses, the job is failed and the caller gets a 503; if the process dies first, the job stays
+    queued and the reaper publishes it."""
     try:
-        queue.enqueue(job.id)
-    except Exception as exc:  # any broker failure
+        queue.enqueue(job.id, job.kind)
+    except Exception as exc:
         job.status, job.finished_at = "failed", utcnow()
         job.error = problem_dict(503, f"the job could not be queued: {exc}", kind="broker-unavailable")
         session.commit()

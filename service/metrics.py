@@ -15,6 +15,8 @@ class Metrics:
     requests: Counter
     latency: Histogram
     jobs: Gauge
+    queue_messages: Gauge
+    broker_up: Gauge
 
 
 def create_metrics() -> Metrics:
@@ -25,6 +27,10 @@ def create_metrics() -> Metrics:
         latency=Histogram("attrib_http_request_seconds", "HTTP request latency", ["method", "route"],
                           registry=registry),
         jobs=Gauge("attrib_jobs", "Jobs by status", ["status"], registry=registry),
+        queue_messages=Gauge("attrib_queue_messages", "Messages waiting in the broker, by queue (gpu, cpu)",
+                             ["queue"], registry=registry),
+        broker_up=Gauge("attrib_broker_up", "1 when the broker answered the last scrape, else 0",
+                        registry=registry),
     )
 
 

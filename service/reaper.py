@@ -5,8 +5,9 @@ One pass (`reap`) looks at two kinds of job:
 - ``running`` jobs whose heartbeat is stale (their worker died): each is requeued and sent to the broker again,
   or ends ``cancelled`` if a cancel was requested, or ``failed`` if it has used up its attempts or ran into its
   time limit;
-- ``queued`` jobs that no worker claimed for ``requeue_seconds``: when the broker's queue is empty their message
-  was lost (a broker restarted without persistence), so they are sent again. A duplicate message is harmless: a
+- ``queued`` jobs that no worker claimed for ``requeue_seconds``: when the broker's queues are empty their message
+  was lost (a broker restarted without persistence, or the API died between committing the job and publishing
+  it: the ``jobs`` table is the outbox and this pass its relay, see `service.queue`), so they are sent again. A duplicate message is harmless: a
   claim drops a message for a job that is running or finished.
 
 Every change is a conditional update (`service.liveness`), so passes running at the same time in several
@@ -20,6 +21,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import ColumnElement, or_, select
@@ -55,17 +57,20 @@ class ReapReport:
 def reap(database_url: str, queue: JobQueue, policy: LivenessPolicy) -> ReapReport:
     """One pass over stale running jobs and unclaimed queued ones; safe to run in several processes at once."""
     report = ReapReport()
-    _settle_stale_running(database_url, policy, report)
-    _send(queue, report.requeued)
+    kinds = _settle_stale_running(database_url, policy, report)
+    _send(queue, report.requeued, kinds)
     _resend_unclaimed(database_url, queue, policy, report)
     return report
 
 
-def _settle_stale_running(database_url: str, policy: LivenessPolicy, report: ReapReport) -> None:
+def _settle_stale_running(database_url: str, policy: LivenessPolicy, report: ReapReport) -> dict[str, str]:
+    """Settle the stale running jobs; returns the kind of each (its queue) by id."""
     now = utcnow()
+    kinds: dict[str, str] = {}
     with session_scope(database_url) as session:
         stale = session.scalars(select(Job).where(Job.status == "running", stale_clause(policy, now)).limit(BATCH))
         for job in list(stale):
+            kinds[job.id] = job.kind
             outcome, values = _fate_of_stale(job, policy, now)
             expected = [Job.status == "running", Job.attempts == job.attempts, stale_clause(policy, now)]
             if transition(session, job.id, expected, **values):
@@ -73,6 +78,7 @@ def _settle_stale_running(database_url: str, policy: LivenessPolicy, report: Rea
     for outcome in ("requeued", "cancelled", "failed"):
         if ids := getattr(report, outcome):
             log.warning("reaper: %s %d job(s) whose worker stopped sending heartbeats: %s", outcome, len(ids), ids)
+    return kinds
 
 
 def _fate_of_stale(job: Job, policy: LivenessPolicy, now: datetime) -> tuple[str, dict[str, Any]]:
@@ -97,7 +103,9 @@ def _resend_unclaimed(database_url: str, queue: JobQueue, policy: LivenessPolicy
     now = utcnow()
     unclaimed = _unclaimed_since(now - timedelta(seconds=policy.requeue_seconds))
     with session_scope(database_url) as session:
-        candidates = list(session.scalars(select(Job.id).where(Job.status == "queued", unclaimed).limit(BATCH)))
+        kinds = {job_id: kind for job_id, kind in
+                 session.execute(select(Job.id, Job.kind).where(Job.status == "queued", unclaimed).limit(BATCH))}
+    candidates = list(kinds)
     if not candidates:
         return
     try:
@@ -114,18 +122,18 @@ def _resend_unclaimed(database_url: str, queue: JobQueue, policy: LivenessPolicy
     if report.resent:
         log.warning("reaper: resent %d queued job(s) no worker claimed within %g s: %s",
                     len(report.resent), policy.requeue_seconds, report.resent)
-    _send(queue, report.resent)
+    _send(queue, report.resent, kinds)
 
 
 def _unclaimed_since(cutoff: datetime) -> ColumnElement[bool]:
     return or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff)
 
 
-def _send(queue: JobQueue, job_ids: list[str]) -> None:
+def _send(queue: JobQueue, job_ids: list[str], kinds: Mapping[str, str]) -> None:
     """A failed send leaves the job queued: a later pass resends it once ``requeue_seconds`` have passed."""
     for job_id in job_ids:
         try:
-            queue.enqueue(job_id)
+            queue.enqueue(job_id, kinds[job_id])
         except Exception as exc:  # noqa: BLE001
             log.warning("reaper: could not send job %s to the broker (%s); it will be resent later", job_id, exc)
 

@@ -61,6 +61,17 @@ class Settings(BaseSettings):
         10.0, gt=0, le=600, description="Longest wait for admission before a 503 with Retry-After."
     )
 
+    # queues and devices (see service/queue.py, worker/devices.py)
+    queue_prefix: str = Field(
+        "", pattern=r"^[A-Za-z0-9_.:-]*$", max_length=64,
+        description="Prefix of the broker's queue names (gpu, cpu), so that deployments can share a broker.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Device of a worker's jobs: auto (CUDA when the pool process has it), cpu, cuda or cuda:N.")
+    fault_kill_before_publish: bool = Field(
+        False, description="Tests only: the API process SIGKILLs itself after committing a job, before publishing "
+        "it (see tests/service/test_topology.py).")
+
     # job liveness
     job_heartbeat_seconds: float = Field(5.0, gt=0, description="How often a running job writes its heartbeat.")
     job_stale_seconds: float = Field(

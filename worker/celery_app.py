@@ -23,11 +23,14 @@ sqlite_broker.register()
 log = logging.getLogger(__name__)
 
 
-def create_celery_app(broker_url: str, queue_name: str = "attrib", settings: Settings | None = None) -> Celery:
+def create_celery_app(broker_url: str, queue_prefix: str | None = None, settings: Settings | None = None) -> Celery:
+    """The app of a broker. Jobs are published to a named queue (`service.queue.QUEUE_OF_KIND`); the default queue
+    is the prefixed ``gpu`` queue."""
     settings = settings or get_settings()
+    prefix = settings.queue_prefix if queue_prefix is None else queue_prefix
     app = Celery("attrib", broker=broker_url)
     app.conf.update(
-        task_default_queue=queue_name,
+        task_default_queue=f"{prefix}gpu",
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
@@ -84,6 +87,23 @@ def fail_timed_out(job_id: str, settings: Settings) -> None:
         engine.dispose()
 
 
+@signals.worker_process_init.connect(weak=False)
+def _choose_the_device(**_: Any) -> None:
+    """Each pool process picks its device (`worker.devices`) when it starts: after the fork, so CUDA is only ever
+    initialised in the processes that run jobs, never in the worker's parent process."""
+    from worker.devices import start_pool_process
+
+    start_pool_process(get_settings().device)
+
+
+@signals.worker_ready.connect(weak=False)
+def _say_ready(sender: Any = None, **_: Any) -> None:
+    """One line an operator (and the topology test) can look for: which queues this worker consumes."""
+    queues = sorted(queue.name for queue in sender.app.amqp.queues.consume_from.values()) if sender else []
+    concurrency = getattr(getattr(sender, "controller", None), "concurrency", "?")
+    log.warning("attrib worker ready: queues %s, concurrency %s", ",".join(queues), concurrency)
+
+
 @signals.worker_init.connect(weak=False)
 def _import_the_runner(**_: Any) -> None:
     """Import the job runner and its tasks (and torch: seconds on a busy machine) in the worker's main process,
@@ -112,7 +132,7 @@ def run_reaper_in_pool_processes(app: Celery) -> None:
         from service.reaper import start_reaper
 
         settings = get_settings()
-        queue = CeleryQueue(app.conf.broker_url, app.conf.task_default_queue)
+        queue = CeleryQueue(app.conf.broker_url, settings.queue_prefix)
         state["reaper"] = start_reaper(settings, queue)
 
     def stop(**_: Any) -> None:

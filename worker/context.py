@@ -10,6 +10,7 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+import torch
 from sqlalchemy.orm import Session
 
 from service.db.session import session_scope
@@ -17,6 +18,7 @@ from service.db.tables import Job
 from service.liveness import CancelRequested, Superseded, finish, report_progress
 from service.storage import BlobStore
 from worker.attribution import Cancelled
+from worker.devices import job_device
 from worker.heartbeat import Heartbeat
 
 PROGRESS_WRITE_SECONDS = 0.5
@@ -31,8 +33,15 @@ class JobContext:
     store: BlobStore
     attempt: int = 1
     heartbeat: Heartbeat | None = None
+    device_setting: str = "cpu"  # ATTRIB_DEVICE
     _last_write: float = field(default=0.0)
     _last_stage: str = field(default="")
+
+    @property
+    def device(self) -> torch.device:
+        """The device of this process's jobs (`worker.devices`); a job on a worker whose ``ATTRIB_DEVICE`` names a
+        GPU it lacks fails with that reason."""
+        return job_device(self.device_setting)
 
     def session(self) -> AbstractContextManager[Session]:
         return session_scope(self.database_url)

@@ -46,7 +46,7 @@ def run_job(job_id: str, settings: Settings) -> None:
         return
     with Heartbeat(url, job_id, attempt, policy.heartbeat_seconds) as heartbeat:
         context = JobContext(job_id=job_id, database_url=url, store=store_for(settings), attempt=attempt,
-                             heartbeat=heartbeat)
+                             heartbeat=heartbeat, device_setting=settings.device)
         _run_and_record(context, policy)
 
 

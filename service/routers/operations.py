@@ -12,7 +12,9 @@ from sqlalchemy import func, select, text
 
 from service.db.session import get_engine, session_scope
 from service.db.tables import Job
+from service.metrics import Metrics
 from service.problems import PROBLEM_MEDIA_TYPE, ProblemError, problem_responses
+from service.queue import JobQueue
 
 router = APIRouter(tags=["operations"])
 
@@ -72,7 +74,8 @@ def _database_ready(url: str) -> bool:
     200: {"content": {"text/plain": {"example": "# TYPE attrib_jobs gauge\nattrib_jobs{status=\"queued\"} 0.0\n"}}},
 })
 def metrics(request: Request) -> PlainTextResponse:
-    """Prometheus text format: request counts and latencies, jobs by status (all tenants together). For operators:
+    """Prometheus text format: request counts and latencies, jobs by status (all tenants together), messages
+    waiting in each broker queue (`attrib_queue_messages{queue="gpu"}`) and whether the broker answered. For operators:
     it needs `Authorization: Bearer <ATTRIB_METRICS_TOKEN>`, and answers 404 when that setting is unset."""
     state = request.app.state
     _check_operator(request, state.settings.metrics_token)
@@ -80,4 +83,18 @@ def metrics(request: Request) -> PlainTextResponse:
         counts = {status: count for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status))}
     for status in ("queued", "running", "succeeded", "failed", "cancelled"):
         state.metrics.jobs.labels(status=status).set(counts.get(status, 0))
+    _record_queue_depths(state.queue, state.metrics)
     return PlainTextResponse(generate_latest(state.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _record_queue_depths(queue: JobQueue, metrics: Metrics) -> None:
+    """Queue depth per queue, read from the broker at each scrape; while it is down, no depth is reported."""
+    metrics.queue_messages.clear()
+    try:
+        depths = queue.backlogs()
+    except Exception:  # noqa: BLE001  (any broker failure: reported as attrib_broker_up 0)
+        metrics.broker_up.set(0)
+        return
+    metrics.broker_up.set(1)
+    for name, depth in depths.items():
+        metrics.queue_messages.labels(queue=name).set(depth)

@@ -21,7 +21,7 @@ from service.app import create_app
 from service.auth import create_api_key
 from service.db.migrate import upgrade_to_head
 from service.db.session import session_scope
-from service.queue import JobQueue
+from service.queue import QUEUES, JobQueue, queue_for
 from service.settings import Settings
 from tests.conftest import private_postgres_schema, require_server
 from worker.runner import run_job
@@ -41,7 +41,8 @@ class InlineQueue:
         self.enqueued: list[str] = []
         self.paused = False
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, kind: str) -> None:
+        queue_for(kind)  # every kind has a queue
         self.enqueued.append(job_id)
         if not self.paused:
             run_job(job_id, self.settings)
@@ -51,6 +52,9 @@ class InlineQueue:
 
     def backlog(self) -> int:
         return 0
+
+    def backlogs(self) -> dict[str, int]:
+        return {queue: 0 for queue in QUEUES}
 
 
 @pytest.fixture(scope="session")

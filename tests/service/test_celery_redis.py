@@ -33,7 +33,7 @@ def test_job_runs_through_redis_and_a_celery_worker(
     get_settings.cache_clear()
     settings = Settings()
     upgrade_to_head(settings.resolved_database_url)
-    queue = CeleryQueue(REDIS_URL, queue_name=f"attrib-test-{uuid.uuid4().hex[:8]}")
+    queue = CeleryQueue(REDIS_URL, queue_prefix=f"attrib-test-{uuid.uuid4().hex[:8]}.")
     app = create_app(settings, queue=queue)
     try:
         with start_worker(queue.app, pool="solo", perform_ping_check=False, shutdown_timeout=30), \

@@ -1,6 +1,7 @@
 """Fault tests of job liveness with the production topology: real PostgreSQL (a private schema), a redis-server
-the test starts on a free port (no persistence), real `attrib worker` subprocesses, and real SIGKILLs: of a
-whole worker, of the pool process running a job (as the OOM killer would), of Redis; and a soft time limit.
+the test starts on a free port (without persistence unless a test asks for it), real `attrib worker`
+subprocesses, and real SIGKILLs: of a whole worker, of the pool process running a job (as the OOM killer would),
+of Redis; and a soft time limit.
 
 Liveness settings are small for the subprocesses (heartbeat 0.5 s, stale after 3 s, reaper every 0.5 s, queued
 jobs resent after 2 s) so that each test takes seconds. The slow job is honest work: a conjugate-gradient
@@ -59,11 +60,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server of the test's own, without persistence: a restart loses every message."""
+    """A redis-server of the test's own. Without persistence a restart loses every message; with it (an
+    append-only file synced at every write) a SIGKILL and restart keeps them."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, persistent: bool = False) -> None:
         self.port = free_port()
         self.directory = directory
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,8 +79,9 @@ class RedisServer:
             if os.environ.get("CI") == "true":
                 pytest.fail("redis-server is not installed (CI=true: it is required)")
             pytest.skip("redis-server is not installed")
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.process = subprocess.Popen(
-            [executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+            [executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *persistence,
              "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
@@ -246,15 +250,20 @@ def test_a_job_whose_worker_is_killed_succeeds_on_another_worker(faults: FaultEn
         assert fits <= 1
 
 
-def test_queued_jobs_survive_a_redis_restart_without_persistence(faults: FaultEnv) -> None:
+@pytest.mark.parametrize("persistent", [False, True], ids=["without-persistence", "with-persistence"])
+def test_queued_jobs_survive_a_redis_restart(faults: FaultEnv, persistent: bool) -> None:
+    faults.redis_server.kill()
+    faults.redis_server.persistent = persistent
+    faults.redis_server.start()
     with faults.api(job_reaper_seconds=0) as api:  # only the worker's reaper: no API process is needed
         inputs = upload_slow_inputs(api)
         jobs = [submit(api, inputs, method="gradient_similarity", top_k=3) for _ in range(4)]
         queue = CeleryQueue(faults.redis_server.url)
-        assert queue.backlog() == 4
+        assert queue.backlogs() == {"gpu": 4, "cpu": 0}
         faults.redis_server.kill()
         faults.redis_server.start()
-        assert queue.backlog() == 0  # every message is gone; SQL still says queued
+        # without persistence every message is gone (the reaper resends them); with it, they are all there
+        assert queue.backlog() == (4 if persistent else 0)
         assert {faults.row(job["job_id"]).status for job in jobs} == {"queued"}
         faults.start_worker()
         for job in jobs:

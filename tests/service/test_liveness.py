@@ -41,7 +41,7 @@ class RecordingQueue:
         self.waiting = waiting
         self.lock = threading.Lock()
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, kind: str) -> None:
         with self.lock:
             self.sent.append(job_id)
 
@@ -50,6 +50,9 @@ class RecordingQueue:
 
     def backlog(self) -> int:
         return self.waiting
+
+    def backlogs(self) -> dict[str, int]:
+        return {"gpu": self.waiting, "cpu": 0}
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def test_rows_are_visible_only_with_the_jobs_success(api: Api, monkeypatch: pyte
 
     monkeypatch.setattr(attribution_task, "write_results", write_and_look)
     attribution = setup_attribution(api, top_k=6)
-    api.queue.enqueue(attribution["job_id"])
+    api.queue.enqueue(attribution["job_id"], "attribution")
     assert seen_before_commit == [(0, "running")]  # another connection sees neither the rows nor the success
     assert job_row(url, attribution["job_id"]).status == "succeeded"
     assert count_rows(url, attribution["id"]) == 2 * 5 * 6
@@ -178,7 +178,7 @@ def test_a_fenced_or_cancelled_attempt_writes_no_rows(
 
     monkeypatch.setattr(attribution_task, "save_results", interrupt_then_save)
     attribution = setup_attribution(api)
-    api.queue.enqueue(attribution["job_id"])
+    api.queue.enqueue(attribution["job_id"], "attribution")
     job = job_row(url, attribution["job_id"])
     assert count_rows(url, attribution["id"]) == 0
     if interruption == "cancelled":

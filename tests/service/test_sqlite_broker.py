@@ -12,7 +12,7 @@ from worker.sqlite_broker import Transport
 
 def test_the_embedded_broker_polls_at_the_configured_interval_and_carries_messages(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, broker_polling_seconds=0.05)
-    app = create_celery_app(settings.resolved_broker_url, "latency-test", settings)
+    app = create_celery_app(settings.resolved_broker_url, settings=settings)
     with app.connection_for_write() as connection:
         assert isinstance(connection.transport, Transport)
         assert connection.transport.polling_interval == 0.05

@@ -77,6 +77,7 @@ class RunInputs:
     progress: Progress
     fit: Curvature | None = None
     trajectory: Trajectory | None = None
+    device: torch.device | None = None  # the worker's device (None: the engine's default)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class EditInputs:
     progress: Progress
     fit: Curvature | None
     trajectory: Callable[[], Trajectory]
+    device: torch.device | None = None  # the worker's device (None: the engine's default)
 
 
 @dataclass(frozen=True)

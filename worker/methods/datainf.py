@@ -33,7 +33,7 @@ def run(inputs: RunInputs) -> RunOutput:
     scores = attribute(
         inputs.modules, inputs.train, inputs.query, loss=inputs.loss, method="datainf", mode=inputs.mode,
         measurement=inputs.measurement, top_k=inputs.top_k, options=datainf_options(inputs.options),
-        progress=inputs.progress,
+        progress=inputs.progress, device=inputs.device,
     )
     return RunOutput(scores=scores)
 
@@ -45,7 +45,7 @@ def edit(inputs: EditInputs) -> EditResult:
     assert isinstance(inputs.options, DataInfOptions)
     return edit_parameters(inputs.module, inputs.train, inputs.removed, loss=inputs.loss, method="datainf",
                            options=datainf_options(inputs.options), edit=inputs.edit, queries=inputs.queries,
-                           progress=inputs.progress)
+                           progress=inputs.progress, device=inputs.device)
 
 
 METHOD = Method(

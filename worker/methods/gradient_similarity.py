@@ -28,7 +28,7 @@ def run(inputs: RunInputs) -> RunOutput:
     scores = attribute(
         inputs.modules, inputs.train, inputs.query, loss=inputs.loss, method="gradient_similarity",
         mode=inputs.mode, measurement=inputs.measurement, top_k=inputs.top_k,
-        options=gradient_similarity_options(inputs.options), progress=inputs.progress,
+        options=gradient_similarity_options(inputs.options), progress=inputs.progress, device=inputs.device,
     )
     return RunOutput(scores=scores)
 

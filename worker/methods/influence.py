@@ -58,13 +58,13 @@ def run(inputs: RunInputs) -> RunOutput:
         curvatures = []
         for model_id, module in zip(inputs.model_ids, inputs.modules, strict=True):
             curvature = fit_curvature(module, inputs.train, inputs.loss, fit_options(settings),
-                                      progress=inputs.progress)
+                                      progress=inputs.progress, device=inputs.device)
             curvatures.append(curvature)
             made.append(MadeFit(model_id=model_id, curvature=curvature, settings=settings, damping=options.damping))
     scores = attribute(
         inputs.modules, inputs.train, inputs.query, loss=inputs.loss, method="influence", mode=inputs.mode,
         measurement=inputs.measurement, top_k=inputs.top_k, options=engine_options, fits=curvatures,
-        progress=inputs.progress,
+        progress=inputs.progress, device=inputs.device,
     )
     return RunOutput(scores=scores, made_fits=made)
 
@@ -80,7 +80,7 @@ def edit(inputs: EditInputs) -> EditResult:
         engine_options.strategy = cast(FitStrategy, inputs.fit.strategy)
     return edit_parameters(inputs.module, inputs.train, inputs.removed, loss=inputs.loss, method="influence",
                            options=engine_options, fit=inputs.fit, edit=inputs.edit, queries=inputs.queries,
-                           progress=inputs.progress)
+                           progress=inputs.progress, device=inputs.device)
 
 
 METHOD = Method(

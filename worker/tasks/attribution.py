@@ -79,7 +79,7 @@ def run_inputs(context: JobContext, request: LoadedRequest, method: Method) -> R
         options=options, model_ids=[model.id for model in request.models], modules=request.modules,
         train=request.train, query=request.query, loss=loss_name(request.loss), mode=mode_name(attribution.mode),
         measurement=measurement_name(attribution.measurement), top_k=attribution.top_k, progress=context.progress,
-        fit=fit, trajectory=trajectory,
+        fit=fit, trajectory=trajectory, device=context.device,
     )
 
 

@@ -97,6 +97,7 @@ def compute_edit(loaded: LoadedEdit, context: JobContext) -> EditResult:
         loss=loss_name(loaded.model_row.task["loss"]),
         edit=engine_edit_options(edit_options(loaded.edit.options), method.edit.default_estimator),
         queries=loaded.queries, progress=context.progress, fit=curvature, trajectory=trajectory,
+        device=context.device,
     )
     return method.edit.run(inputs)
 

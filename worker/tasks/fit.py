@@ -26,7 +26,7 @@ def run_fit(context: JobContext) -> None:
         c.id: load_checkpoint(context.store, model, c) for c in checkpoints if c is not None
     }
     curvatures = {
-        name: fit_curvature(module, train, loss, options, progress=context.progress)
+        name: fit_curvature(module, train, loss, options, progress=context.progress, device=context.device)
         for name, module in targets.items()
     }
     with context.session() as session:
