@@ -1,4 +1,4 @@
-"""Meta-learning influence benchmark (META.md §4): task-IF / instance-IF against proximal leave-one-out.
+"""Meta-learning influence benchmark (docs/methods.md, meta methods): task-IF / instance-IF against proximal leave-one-out.
 
 B1: iMAML (implicit proximal) on sinusoid regression, MLP 1-8-8-1 tanh (p = 97), 20 training tasks (2
     corrupted), 25 clean query tasks, r = 10, δ_o = 0.05.
@@ -395,7 +395,7 @@ def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch
         predictions[label] = (train_gradients(alt) @ alt_inverse.solve(query_gradients(alt).sum(0))).numpy()
         extra = f", Γ = {total.gamma:.3g}" if variant == "gamma" else ""
         say(f"- {label}: auto damping {alt_inverse.damping:.3g}, λ_min {alt_inverse.lambda_min:.3g}{extra}")
-    if options.inner.mode == "implicit_proximal":  # the inner A⁻¹ by EK-FAC instead of dense (META.md §3.1)
+    if options.inner.mode == "implicit_proximal":  # the inner A⁻¹ by EK-FAC instead of dense (docs/methods.md, meta methods)
         t1 = time.time()
         try:
             ekfac = attribute_meta(model, train_ex, query_ex, loss=obj.loss, unit="task", mode="aggregate", top_k=5,
@@ -535,7 +535,7 @@ def main() -> None:
         LAMBDA_CACHE.append(args.lambda_cache)
     torch.set_num_threads(2)
     start = time.time()
-    say("# Meta-learning influence benchmark (META.md §4)")
+    say("# Meta-learning influence benchmark (docs/methods.md, meta methods)")
     say(f"\nCommand: `python benchmarks/meta_influence.py{' --quick' if args.quick else ''}"
         f"{' --only ' + args.only if args.only else ''}{f' --seed {args.seed}' if args.seed else ''}`; torch {torch.__version__}, float64, 2 CPU threads. "
         "Ground truth: proximal leave-one-out retrain (ρ = the auto damping of exact task-IF).")

@@ -1,4 +1,4 @@
-"""DataInf against a direct implementation of ALGORITHMS.md §4 on explicit per-example gradients.
+"""DataInf against a direct implementation of DataInf's formula (docs/methods.md) on explicit per-example gradients.
 
 Tolerance: 2e-7 relative to the largest |score| (results are float32).
 """

@@ -1,4 +1,4 @@
-"""Scalar functions of curvature eigenvalues used by SOURCE (ALGORITHMS.md §3), applied elementwise.
+"""Scalar functions of curvature eigenvalues used by SOURCE (docs/methods.md, source), applied elementwise.
 
 For a segment with T steps at mean effective learning rate eta and eigenvalues Lambda >= 0:
 

@@ -1,4 +1,4 @@
-"""SOURCE's curvature per segment (ALGORITHMS.md §3, steps 1-2) and the segment walk.
+"""SOURCE's curvature per segment (docs/methods.md, source) and the segment walk.
 
 variant ``full``: K-FAC factors A, S fitted at every checkpoint of the segment and averaged; one eigenbasis of
 the averages; corrected eigenvalues fitted at every checkpoint in that basis and averaged. The training

@@ -4,7 +4,7 @@ Ordering and steps: checkpoints are ordered by (stage, step). Steps may be count
 restart in each stage: when a stage's first step is not after the previous stage's last step, the stage's
 steps are taken as counted from the end of the previous stage. ``run_step`` is the step in the whole run.
 
-Segments (ALGORITHMS.md §3): ``segments`` an int k = k equal parts of the run by step (a checkpoint on a
+Segments (docs/methods.md, source): ``segments`` an int k = k equal parts of the run by step (a checkpoint on a
 boundary belongs to the earlier part; parts are also cut where the stage changes, so a segment never mixes
 two stages' data; if an equal part would hold no checkpoint the checkpoints are split into k runs of
 near-equal count instead); ``"stages"`` = one segment per stage; None = one per stage if there are several

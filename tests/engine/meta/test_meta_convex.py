@@ -1,4 +1,4 @@
-"""Sign test on a convex toy (linear model, META.md §3.4 item 7): predicted Δλ_{−k} = FD derivative of the
+"""Sign test on a convex toy (linear model, docs/methods.md, meta methods): predicted Δλ_{−k} = FD derivative of the
 proximal retrain; the full removal is (H − H_k + ρI)⁻¹ g_k; edit_meta returns λ* + Δλ."""
 
 from __future__ import annotations

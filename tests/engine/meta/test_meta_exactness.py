@@ -1,4 +1,4 @@
-"""META.md §3.4 exactness checks of total gradients, total HVPs and instance scores (float64)."""
+"""docs/methods.md, meta methods exactness checks of total gradients, total HVPs and instance scores (float64)."""
 
 from __future__ import annotations
 

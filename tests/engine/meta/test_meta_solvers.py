@@ -1,4 +1,4 @@
-"""CG / Neumann / power iteration against dense solves on the total Hessian (META.md §3.4 item 6), and the
+"""CG / Neumann / power iteration against dense solves on the total Hessian (docs/methods.md, meta methods), and the
 matrix-free inner Newton solve."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Meta-learning data attribution: task-IF and instance-IF for bi-level (MAML / iMAML) models.
 
-Implements META.md (Ren et al., ICLR 2026) in plain PyTorch with torch.func.
+Implements influence for meta-learning (Ren et al., ICLR 2026; docs/methods.md) in plain PyTorch with torch.func.
 """
 
 from worker.attribution.meta.api import attribute_meta, edit_meta

@@ -113,7 +113,7 @@ def edit_meta(model: nn.Module, train: Examples, remove: torch.Tensor, *,
               edit: EditOptions | None = None, queries: Examples | None = None,
               device: torch.device | str | None = None) -> EditResult:
     """The meta-parameters retrained without the removed tasks (task ids) or instances (row indices), as a full
-    state_dict with diagnostics. ``edit.estimator``: ``first_order`` λ* + (H + ρI)⁻¹ Σ g (additive, META.md §2);
+    state_dict with diagnostics. ``edit.estimator``: ``first_order`` λ* + (H + ρI)⁻¹ Σ g (additive, docs/methods.md, meta methods);
     ``newton`` (tasks) λ* + (H − Σ_S H_k + ρI)⁻¹ Σ g, the solve of ``removal='newton'``; ``proximal``: chord
     iterations on the anchored proximal retrain objective, with that Newton matrix (instances: H + ρI) as the chord.
     ``edit.proximity`` replaces the damping ρ when given; ``edit`` None follows ``options.removal``."""

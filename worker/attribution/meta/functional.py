@@ -33,7 +33,7 @@ class ParamSlot:
 
 class FunctionalModel:
     """Pure-function view of ``model`` with per-sample losses ``cross_entropy`` or ``mse`` (½ Σ over outputs of
-    the squared error, as everywhere in the engine, so a proximal r means the same as in META.md)."""
+    the squared error, as everywhere in the engine, so a proximal r means the same as in docs/methods.md)."""
 
     def __init__(self, model: nn.Module, loss: str, adapted_params: list[str] | None,
                  dtype: torch.dtype, device: torch.device) -> None:

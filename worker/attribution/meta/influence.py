@@ -1,4 +1,4 @@
-"""Task-IF and instance-IF (META.md §2): s_Q = (H + ρI)⁻¹ ∇Q, scores, damping and edits (first order, or the
+"""Task-IF and instance-IF (docs/methods.md, meta methods): s_Q = (H + ρI)⁻¹ ∇Q, scores, damping and edits (first order, or the
 Newton step with H − Σ_S H_k for removed tasks)."""
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _stationarity_diagnostics(problem: MetaProblem) -> None:
 
 
 class HessianInverse:
-    """(H + ρI)⁻¹ for the chosen solver, with ρ from options.damping or the auto rule (META.md §3.2)."""
+    """(H + ρI)⁻¹ for the chosen solver, with ρ from options.damping or the auto rule (docs/methods.md, meta methods)."""
 
     def __init__(self, problem: MetaProblem, progress: Progress = no_progress) -> None:
         self.problem = problem

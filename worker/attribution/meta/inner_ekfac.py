@@ -1,4 +1,4 @@
-"""EK-FAC inverse of one task's inner Hessian A = ∇²_θ L_tr + rI (META.md §3.1, ``inner.ihvp = "ekfac"``).
+"""EK-FAC inverse of one task's inner Hessian A = ∇²_θ L_tr + rI (docs/methods.md, meta methods, ``inner.ihvp = "ekfac"``).
 
 Per adapted Linear / Conv2d layer, on the task's train split: Kronecker factors of the layer inputs and of
 the pseudo-gradients at the layer outputs, eigendecomposed, with the eigenvalues refitted to the projected

@@ -1,4 +1,4 @@
-"""Options of meta-learning influence (META.md §5)."""
+"""Options of meta-learning influence (docs/methods.md, meta methods)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class MetaOptions:
     outer_l2: float = 0.0  # δ_o
     solver: Literal["exact", "cg", "neumann"] = "cg"  # total-Hessian solve
     third_order: Literal["exact", "gamma", "drop"] = "exact"
-    damping: float | None = None  # ρ; None = "auto" (META.md §3.2)
+    damping: float | None = None  # ρ; None = "auto" (docs/methods.md, meta methods)
     direct: bool = False  # direct-IF baseline: θ' = I, H = Σ ∇²L_O
     # task removal: "first_order" Δλ = (H + ρI)⁻¹ g_k (the paper's task-IF); "newton" Δλ = (H − H_k + ρI)⁻¹ g_k,
     # the Newton step of the proximal leave-one-out retrain (one solve per task; exact or cg solver)

@@ -1,4 +1,4 @@
-"""Proximal retraining (ground truth for tests and benchmarks, META.md §4).
+"""Proximal retraining (ground truth for tests and benchmarks, docs/methods.md, meta methods).
 
 λ_new = argmin_λ Σ_i f_i(λ; modified weights) + (δ_o/2)‖λ‖² + (ρ/2)‖λ − λ*‖², by a chord iteration
 λ ← λ − M⁻¹ ∇G(λ) with a fixed matrix M (the damped total Hessian of the modified objective at λ*),

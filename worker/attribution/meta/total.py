@@ -80,7 +80,7 @@ class TaskTerm:
         return y_lam, y_theta
 
     def hvp_drop(self, v: torch.Tensor) -> torch.Tensor:
-        """Jᵀ ∇²L_O J v: the total Hessian without the third-order term H' (META.md §3.3)."""
+        """Jᵀ ∇²L_O J v: the total Hessian without the third-order term H' (docs/methods.md, meta methods)."""
         y_lam, y_theta = self._outer_hvp(v, self.jac(v))
         return y_lam + self.jac_t(y_theta)
 
@@ -196,7 +196,7 @@ class ImplicitTerm(TaskTerm):
         return derivative
 
     def train_scores(self, s: torch.Tensor) -> torch.Tensor:
-        """ΔQ_{−z} = w_z G_z = −s·D_λP_z (the two-stage instance-IF, META.md §2)."""
+        """ΔQ_{−z} = w_z G_z = −s·D_λP_z (the two-stage instance-IF, docs/methods.md, meta methods)."""
         return self.task.w_tr * self._train_weight_derivative(s)
 
     def removal_gradient(self, m_tr: torch.Tensor, m_val: torch.Tensor) -> torch.Tensor:

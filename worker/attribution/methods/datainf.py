@@ -1,4 +1,4 @@
-"""DataInf (seed 002, ALGORITHMS.md §4): a closed-form per-layer inverse, O(N d_l) per layer.
+"""DataInf (Kwon et al., docs/methods.md): a closed-form per-layer inverse, O(N d_l) per layer.
 
 P_l v = (1/lambda_l) [ v - (1/N) sum_j g_jl <g_jl, v> / (lambda_l + ||g_jl||^2) ],
 lambda_l = 0.1 x mean_i ||g_il||^2 / d_l by default. Applying P streams the training set once.

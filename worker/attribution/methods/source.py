@@ -1,7 +1,7 @@
-"""SOURCE (seed 001): attribution through the training trajectory by segmented stationary unrolling.
+"""SOURCE (Bae et al.): attribution through the training trajectory by segmented stationary unrolling.
 
 score(q, i) = sum over the attributed segments s of < U_s E_{s+1} ... E_M grad f(z_q; theta_final), g_s(z_i) >
-with g_s(z_i) the mean over segment s's checkpoints of grad l(z_i; theta_c) (ALGORITHMS.md §3). The 1/N_s
+with g_s(z_i) the mean over segment s's checkpoints of grad l(z_i; theta_c) (docs/methods.md, source). The 1/N_s
 of the predicted change is left out (the same 1/N-free scale as influence); positive = z_i helps z_q.
 ``self`` mode: sum over the attributed segments of < g_s(z_i), U_s g_s(z_i) > (the segment's own
 unrolled self-influence, without the later forgetting).
