@@ -203,7 +203,8 @@ def layer_activations(layer: TrackedLayer, x: torch.Tensor) -> torch.Tensor:
     else:
         if x.dim() != 4:
             raise AttributionError(f"layer {layer.name!r} expects (B, C, H, W) inputs, got {tuple(x.shape)}")
-        a = _conv_patches(layer.module, x)  # type: ignore[arg-type]
+        assert isinstance(layer.module, nn.Conv2d)  # the only other kind of tracked layer
+        a = _conv_patches(layer.module, x)
     return _append_ones(a) if layer.has_bias else a
 
 

@@ -65,10 +65,11 @@ class InfluenceOptions:
 
     def fit_options(self) -> FitOptions:
         """The fit-level part of these options (for the factor strategies)."""
-        if self.strategy not in FIT_STRATEGIES:
+        strategy = next((s for s in get_args(FitStrategy) if s == self.strategy), None)
+        if strategy is None:
             raise AttributionError(f"strategy {self.strategy!r} has no reusable fit")
         return FitOptions(
-            strategy=self.strategy,  # type: ignore[arg-type]
+            strategy=strategy,
             fisher=self.fisher,
             fisher_samples=self.fisher_samples,
             seed=self.seed,

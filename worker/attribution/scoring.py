@@ -22,7 +22,7 @@ from worker.attribution.losses import LossName, MeasurementName
 from worker.attribution.progress import StageCounter
 from worker.attribution.threads import batch_work, few_threads, token_rows
 from worker.attribution.training_index import TrainingIndex
-from worker.attribution.types import AttributionError, Examples, TopK
+from worker.attribution.types import AttributionError, Examples, TopK, tensor_sum
 
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 1024**2  # preconditioned query vectors held at once, over all models
 
@@ -82,11 +82,11 @@ class ModelScorer:
 
     def train_scores(self, activities: Activities, vectors: LayerVectors) -> torch.Tensor:
         """(Q, B) scores of one training batch against the query vectors."""
-        scores = sum(activities[name].contract(vectors[name]) for name in self.layer_names)
+        scores = tensor_sum(activities[name].contract(vectors[name]) for name in self.layer_names)
         if self.normalize:
-            norms = sum(activities[name].squared_norms() for name in self.layer_names).sqrt()  # type: ignore[union-attr]
+            norms = tensor_sum(activities[name].squared_norms() for name in self.layer_names).sqrt()
             scores = scores / norms.clamp_min(torch.finfo(norms.dtype).tiny)
-        return scores  # type: ignore[return-value]
+        return scores
 
     def self_scores(self, activities: Activities) -> torch.Tensor:
         if self.preconditioner is not None:
@@ -94,12 +94,12 @@ class ModelScorer:
         if self.normalize:
             raise AttributionError("self mode is not defined for normalized gradient_similarity (it is 1 for every "
                                    "example)")
-        return sum(activities[name].squared_norms() for name in self.layer_names)  # type: ignore[return-value]
+        return tensor_sum(activities[name].squared_norms() for name in self.layer_names)
 
 
 def _unit_norm(gradients: LayerVectors) -> LayerVectors:
-    squared = sum(g.flatten(1).pow(2).sum(1) for g in gradients.values())
-    norms = squared.sqrt().clamp_min(torch.finfo(squared.dtype).tiny)  # type: ignore[union-attr]
+    squared = tensor_sum(g.flatten(1).pow(2).sum(1) for g in gradients.values())
+    norms = squared.sqrt().clamp_min(torch.finfo(squared.dtype).tiny)
     return {name: g / norms.reshape(-1, 1, 1) for name, g in gradients.items()}
 
 
@@ -157,12 +157,12 @@ def stream_training_activities(
     """``stream_training_batches``, or, when every scorer carries a training-gradient index of ``train``,
     the same activities read from the indexes in large blocks (no model pass). ``queries``: how many query
     vectors ``visit`` contracts each block with (sizes the work for the thread policy only)."""
-    indexes = [scorer.index for scorer in scorers]
-    if not all(index is not None and index.num_examples == len(train) for index in indexes):
+    indexes = [scorer.index for scorer in scorers if scorer.index is not None and scorer.index.num_examples == len(train)]
+    if len(indexes) != len(scorers):
         stream_training_batches(scorers, train, batch_size, counter, visit)
         return
-    rows = min(index.block_rows(batch_size) for index in indexes)  # type: ignore[union-attr]
-    iterators = [index.blocks(rows, s.device, s.dtype) for index, s in zip(indexes, scorers, strict=True)]  # type: ignore[union-attr]
+    rows = min(index.block_rows(batch_size) for index in indexes)
+    iterators = [index.blocks(rows, s.device, s.dtype) for index, s in zip(indexes, scorers, strict=True)]
     for parts in zip(*iterators, strict=True):
         start = parts[0][0]
         block = parts[0][1][scorers[0].layer_names[0]].batch_size

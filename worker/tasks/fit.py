@@ -14,11 +14,10 @@ from worker.tasks.options import fit_settings, loss_name
 
 def run_fit(context: JobContext) -> None:
     with context.session() as session:
-        fit = session.scalar(select(Fit).where(Fit.job_id == context.job_id))
-        model = session.get(Model, fit.model_id)  # type: ignore[union-attr]
-        dataset = session.get(Dataset, fit.dataset_id)  # type: ignore[union-attr]
-        checkpoints = [session.get(Checkpoint, c) for c in (fit.checkpoint_ids or [])]  # type: ignore[union-attr]
-    assert fit is not None and model is not None and dataset is not None
+        fit = session.scalars(select(Fit).where(Fit.job_id == context.job_id)).one()
+        model = session.get_one(Model, fit.model_id)
+        dataset = session.get_one(Dataset, fit.dataset_id)
+        checkpoints = [session.get(Checkpoint, c) for c in (fit.checkpoint_ids or [])]
     train, _ = load_examples(context.store, dataset)
     options = fit_options(fit_settings(fit.options))
     loss = loss_name(model.task["loss"])
@@ -31,6 +30,6 @@ def run_fit(context: JobContext) -> None:
     }
     with context.session() as session:
         blob = put_curvatures(session, context.store, curvatures)
-        stored = session.get(Fit, fit.id)
-        stored.artifact_sha256 = blob.sha256  # type: ignore[union-attr]
+        stored = session.get_one(Fit, fit.id)
+        stored.artifact_sha256 = blob.sha256
         context.succeed(session)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -32,6 +32,14 @@ def _texts(values: Sequence[Any]) -> np.ndarray:
     texts = np.empty(len(values), dtype=object)
     texts[:] = [_text(value) for value in values]
     return texts
+
+
+class UnitColumns(TypedDict):
+    """The columns that say which training unit a row ranks."""
+
+    train_id: np.ndarray
+    task: np.ndarray | None
+    split: np.ndarray | None
 
 
 @dataclass
@@ -67,7 +75,16 @@ class ResultColumns:
             return np.concatenate([np.full(len(part), None, dtype=object) if column is None else column
                                    for part, column in zip(parts, columns, strict=True)])
 
-        return ResultColumns(**{name: joined(name) for name in RESULT_FIELDS})  # type: ignore[arg-type]
+        def required(name: str) -> np.ndarray:
+            column = joined(name)
+            assert column is not None  # every part has this column
+            return column
+
+        return ResultColumns(
+            direction=required("direction"), query_pos=required("query_pos"), query_id=joined("query_id"),
+            rank=required("rank"), train_id=required("train_id"), score=required("score"), task=joined("task"),
+            split=joined("split"),
+        )
 
 
 class UnitLabels:
@@ -83,7 +100,7 @@ class UnitLabels:
         else:
             self.train_text, self.task, self.split = _texts(train_ids), task, split
 
-    def columns(self, indices: np.ndarray) -> dict[str, np.ndarray | None]:
+    def columns(self, indices: np.ndarray) -> UnitColumns:
         """train_id, task and split of the units at ``indices`` (a flat integer array)."""
         train_id = self.train_text[indices]
         if self.task is None:
@@ -108,7 +125,7 @@ def pairwise_columns(topk: TopK, query_ids: Sequence[Any], units: UnitLabels) ->
             direction=np.full(num_queries * k, direction, dtype=object), query_pos=query_pos,
             query_id=query_text[query_pos], rank=np.tile(np.arange(1, k + 1, dtype=np.int64), num_queries),
             score=scores.detach().cpu().numpy().astype(np.float64).reshape(-1),
-            **units.columns(indices.detach().cpu().numpy().reshape(-1)),  # type: ignore[arg-type]
+            **units.columns(indices.detach().cpu().numpy().reshape(-1)),
         ))
     return ResultColumns.concat(parts)
 
@@ -127,7 +144,7 @@ def ranked_columns(scores: torch.Tensor, top_k: int, units: UnitLabels, *, all_p
         parts.append(ResultColumns(
             direction=np.full(count, direction, dtype=object), query_pos=np.zeros(count, dtype=np.int64),
             query_id=None, rank=np.arange(1, count + 1, dtype=np.int64), score=values[indices],
-            **units.columns(indices),  # type: ignore[arg-type]
+            **units.columns(indices),
         ))
     return ResultColumns.concat(parts)
 
