@@ -9,11 +9,12 @@ from service.db.tables.edit import Edit
 from service.db.tables.fit import Fit
 from service.db.tables.idempotency import IdempotentResponse
 from service.db.tables.job import FINISHED_STATUSES, JOB_STATUSES, Job
+from service.db.tables.job_shard import SHARD_STATUSES, JobShard
 from service.db.tables.model import Model
 from service.db.tables.result import AttributionResult
 from service.db.tables.tenant import Tenant
 
 __all__ = [
     "ApiKey", "Attribution", "AttributionResult", "Blob", "Checkpoint", "Dataset", "Edit", "Fit",
-    "IdempotentResponse", "Job", "JOB_STATUSES", "FINISHED_STATUSES", "Model", "Tenant",
+    "IdempotentResponse", "Job", "JobShard", "JOB_STATUSES", "SHARD_STATUSES", "FINISHED_STATUSES", "Model", "Tenant",
 ]
