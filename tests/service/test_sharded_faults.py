@@ -28,9 +28,9 @@ __all__ = ["faults"]
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
-TRAIN, QUERIES, TOP_K, SHARD = 6000, 40, 5, 600
+TRAIN, QUERIES, TOP_K, SHARD = 12000, 1000, 5, 2000
 SHARD_ENV = {"ATTRIB_SHARD_EXAMPLES": str(SHARD)}
-OPTIONS = {"strategy": "ekfac", "batch_size": 8}  # small batches: each shard takes a few seconds on one thread
+OPTIONS = {"strategy": "ekfac", "batch_size": 16}  # 1,000 queries: each shard takes seconds on one thread
 
 
 def upload_inputs(api: Api) -> dict[str, str]:
@@ -38,15 +38,15 @@ def upload_inputs(api: Api) -> dict[str, str]:
 
     rng = np.random.default_rng(0)
     architecture = {"type": "sequential", "layers": [
-        {"type": "linear", "in_features": 32, "out_features": 64}, {"type": "tanh"},
-        {"type": "linear", "in_features": 64, "out_features": 5}]}
+        {"type": "linear", "in_features": 64, "out_features": 128}, {"type": "tanh"},
+        {"type": "linear", "in_features": 128, "out_features": 10}]}
     torch.manual_seed(0)
-    module = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5))
+    module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
     model = api.upload_model(module, architecture).json()["id"]
-    train = api.upload_npz(inputs=rng.normal(size=(TRAIN, 32)).astype(np.float32),
-                           targets=rng.integers(0, 5, size=TRAIN)).json()["id"]
-    query = api.upload_npz(inputs=rng.normal(size=(QUERIES, 32)).astype(np.float32),
-                           targets=rng.integers(0, 5, size=QUERIES)).json()["id"]
+    train = api.upload_npz(inputs=rng.normal(size=(TRAIN, 64)).astype(np.float32),
+                           targets=rng.integers(0, 10, size=TRAIN)).json()["id"]
+    query = api.upload_npz(inputs=rng.normal(size=(QUERIES, 64)).astype(np.float32),
+                           targets=rng.integers(0, 10, size=QUERIES)).json()["id"]
     return {"model_id": model, "train_dataset_id": train, "query_dataset_id": query}
 
 
@@ -112,12 +112,13 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_rows_are_those_of_an_unin
 def test_a_killed_coordinator_is_resumed_by_another_worker_from_the_shards_done(faults: FaultEnv) -> None:
     with faults.api() as api:
         inputs = upload_inputs(api)
-        first = faults.start_worker(**SHARD_ENV)
+        faults.start_worker(**SHARD_ENV)
+        faults.start_worker(**SHARD_ENV)
         job = submit(api, inputs, top_k=TOP_K, options=OPTIONS)
         wait_for(lambda: sum(s.status == "done" for s in shards(faults, job["job_id"])) >= 2, 120)
         done_before = {s.shard: s.output_sha256 for s in shards(faults, job["job_id"]) if s.status == "done"}
-        faults.start_worker(**SHARD_ENV)
-        faults.kill_worker(first)
+        coordinator = owner(faults, faults.row(job["job_id"]).claimed_by)
+        faults.kill_worker(coordinator)
         assert wait_job(api, job["job_id"], 120)["status"] == "succeeded"
         assert faults.row(job["job_id"]).attempts >= 2
         after = {s.shard: s for s in shards(faults, job["job_id"])}
