@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -16,6 +17,7 @@ from service.db.session import session_scope
 from service.liveness import LivenessPolicy, Superseded, time_limit_problem, worker_name
 from service.problems import problem_dict
 from service.settings import Settings
+from service.storage import BlobStore
 from worker.artifacts.errors import ArtifactError
 from worker.attribution import AttributionError, Cancelled
 from worker.attribution.shards import ShardRange
@@ -41,8 +43,7 @@ def run_shard(job_id: str, shard: int, settings: Settings) -> None:
     store = store_for(settings)
     with shard_heartbeat(url, job_id, shard, attempt, policy.heartbeat_seconds) as heartbeat:
         try:
-            request = load_request(JobContext(job_id=job_id, database_url=url, store=store))
-            work = ShardWork.load(store, request, prepared)
+            work = _work_for(job_id, url, store, prepared)
             run_one_shard(work, url, store, shard_range, attempt, heartbeat)
         except (Superseded, Cancelled) as exc:
             log.warning("job %s shard %d: stopped (%s)", job_id, shard, type(exc).__name__)
@@ -55,6 +56,20 @@ def run_shard(job_id: str, shard: int, settings: Settings) -> None:
             log.error("job %s shard %d crashed:\n%s", job_id, shard, traceback.format_exc())
             detail = f"a shard of the job failed unexpectedly ({type(exc).__name__}: {exc})"
             _fail(url, job_id, shard, attempt, problem_dict(500, detail, kind="internal-error", title="Job failed"))
+
+
+# The last job's loaded model, training set and prepared blobs, in this process: a worker that takes several
+# shards of one job in a row loads them once (the whole training set, whatever the shard).
+_LOADED: dict[tuple[str, str, str], ShardWork] = {}
+
+
+def _work_for(job_id: str, url: str, store: BlobStore, prepared: dict[str, Any]) -> ShardWork:
+    key = (job_id, str(prepared["curvatures"]), str(prepared.get("queries")))
+    if key not in _LOADED:
+        _LOADED.clear()
+        request = load_request(JobContext(job_id=job_id, database_url=url, store=store))
+        _LOADED[key] = ShardWork.load(store, request, prepared)
+    return _LOADED[key]
 
 
 def _fail(url: str, job_id: str, shard: int, attempt: int | None, error: dict[str, object]) -> None:

@@ -28,9 +28,10 @@ from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save
+from sqlalchemy.orm import Session
 
 from service.liveness import CancelRequested, LivenessPolicy, Superseded, report_progress, worker_name
-from service.storage import BlobStore
+from service.storage import BlobStore, StoredBlob
 from worker.attribution import AttributionError, Cancelled, Curvature, fit_curvature
 from worker.attribution.attribute import _diagnostics, build_scorers
 from worker.attribution.curvature.base import LayerVectors
@@ -218,7 +219,7 @@ def _prepare(context: JobContext, request: LoadedRequest, ranges: list[ShardRang
         work.vectors = [{} for _ in work.scorers]
     queries = put_tensors(context.store, vectors_to_tensors(work.vectors)) if work.mode != "self" else None
     with context.session() as session:
-        blob = put_curvatures(session, context.store, {str(i): c for i, c in enumerate(curvatures)})
+        blob = _put_without_index(session, context.store, curvatures)
         work.prepared = {"curvatures": blob.sha256, "queries": queries}
         try:  # fenced: only the attempt that owns the job creates its shards
             report_progress(session, context.job_id, context.attempt, "score", 0, len(request.train))
@@ -226,6 +227,19 @@ def _prepare(context: JobContext, request: LoadedRequest, ranges: list[ShardRang
             raise Cancelled() from None
         create_shards(session, context.job_id, ranges, work.prepared)
     return work
+
+
+def _put_without_index(session: Session, store: BlobStore, curvatures: list[Curvature]) -> StoredBlob:
+    """The curvatures as one blob for the shards, without the training-gradient index a fit may keep (rows of
+    the whole training set: a shard recomputes its own range's gradients instead of loading every row)."""
+    indexes = [curvature.training_index for curvature in curvatures]
+    try:
+        for curvature in curvatures:
+            curvature.training_index = None
+        return put_curvatures(session, store, {str(i): c for i, c in enumerate(curvatures)})
+    finally:
+        for curvature, index in zip(curvatures, indexes, strict=True):
+            curvature.training_index = index
 
 
 def _wait_for_shards(context: JobContext, work: ShardWork, policy: LivenessPolicy) -> None:
