@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -24,6 +25,15 @@ PROGRESS_WRITE_SECONDS = 0.5
 
 # send_shards(job_id, shard positions): one broker message per shard, each saying "this shard may need running"
 ShardSender = Callable[[str, list[int]], None]
+
+
+class JobFailed(Exception):
+    """Ends the job ``failed`` with ``problem`` (an RFC 9457 problem found by the job's own work, e.g. by one of
+    its shards)."""
+
+    def __init__(self, problem: dict[str, Any]) -> None:
+        super().__init__(str(problem.get("detail", "the job failed")))
+        self.problem = problem
 
 
 @dataclass

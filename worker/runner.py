@@ -22,7 +22,7 @@ from service.settings import Settings
 from service.storage import BlobStore, LocalBlobStore
 from worker.artifacts.errors import ArtifactError
 from worker.attribution import AttributionError, Cancelled
-from worker.context import JobContext, ShardSender
+from worker.context import JobContext, JobFailed, ShardSender
 from worker.heartbeat import Heartbeat
 from worker.tasks import JOB_KINDS, JobTask
 
@@ -59,6 +59,8 @@ def _run_and_record(context: JobContext, policy: LivenessPolicy) -> None:
         log.warning("job %s: %s; its work is dropped", job_id, exc)
     except Cancelled:
         _finish(context, "cancelled", None)
+    except JobFailed as exc:
+        _finish(context, "failed", exc.problem)
     except SoftTimeLimitExceeded:
         _finish(context, "failed", time_limit_problem(policy.soft_time_limit_seconds))
     except (AttributionError, ArtifactError) as exc:

@@ -6,7 +6,8 @@
 - the worker coordinating the job killed: the reaper requeues the job, another worker resumes it from the
   shards already done;
 - a cancel while shards run: the job is `cancelled` within seconds, no result row is visible, and the workers
-  stop scoring.
+  stop scoring;
+- a shard past its soft time limit: the job fails with a `time-limit` problem, no row written.
 """
 
 from __future__ import annotations
@@ -143,3 +144,17 @@ def test_cancel_during_running_shards_ends_the_job_promptly_with_no_rows(faults:
         progress = {s.shard: s.progress_completed for s in shards(faults, job["job_id"])}
         time.sleep(2)  # both workers stopped scoring: no shard moves any more
         assert {s.shard: s.progress_completed for s in shards(faults, job["job_id"])} == progress
+
+
+def test_a_shard_past_its_soft_time_limit_fails_the_job_with_a_time_limit_problem(faults: FaultEnv) -> None:
+    limits = {**SHARD_ENV, "ATTRIB_SHARD_SOFT_TIME_LIMIT_SECONDS": "1", "ATTRIB_SHARD_TIME_LIMIT_SECONDS": "120"}
+    with faults.api() as api:
+        inputs = upload_inputs(api)
+        faults.start_worker(**limits)
+        faults.start_worker(**limits)
+        attribution = submit(api, inputs, top_k=TOP_K, options=OPTIONS)
+        job = wait_job(api, attribution["job_id"], 120)
+        assert job["status"] == "failed", job
+        assert job["error"]["type"].endswith("/time-limit") and "time limit of 1 s" in job["error"]["detail"]
+        assert any(s.status == "failed" for s in shards(faults, job["id"]))
+        assert stored_rows(faults.database_url, attribution["id"]) == []

@@ -31,8 +31,9 @@ from safetensors.torch import load_file, save
 from sqlalchemy.orm import Session
 
 from service.liveness import CancelRequested, LivenessPolicy, Superseded, report_progress, worker_name
+from service.problems import problem_dict
 from service.storage import BlobStore, StoredBlob
-from worker.attribution import AttributionError, Cancelled, Curvature, fit_curvature
+from worker.attribution import Cancelled, Curvature, fit_curvature
 from worker.attribution.attribute import _diagnostics, build_scorers
 from worker.attribution.curvature.base import LayerVectors
 from worker.attribution.gradients import place_model
@@ -52,7 +53,7 @@ from worker.attribution.shards import (
     vectors_to_tensors,
 )
 from worker.attribution.types import Progress, no_progress
-from worker.context import PROGRESS_WRITE_SECONDS, JobContext
+from worker.context import PROGRESS_WRITE_SECONDS, JobContext, JobFailed
 from worker.heartbeat import Heartbeat
 from worker.loading import load_curvatures, put_curvatures
 from worker.methods.base import MadeFit, Method
@@ -253,9 +254,9 @@ def _wait_for_shards(context: JobContext, work: ShardWork, policy: LivenessPolic
         with context.session() as session:
             rows = shards_of(session, context.job_id)
             failed = [row for row in rows if row.status == "failed"]
-            if failed:
-                error = failed[0].error or {}
-                raise AttributionError(str(error.get("detail", f"shard {failed[0].shard} failed")))
+            if failed:  # the job fails with the shard's problem (a time limit, bad input found while scoring)
+                raise JobFailed(failed[0].error or problem_dict(500, f"shard {failed[0].shard} failed",
+                                                                kind="internal-error", title="Job failed"))
             if all(row.status == "done" for row in rows):
                 return
         report()
