@@ -12,6 +12,7 @@ from service.admission import AdmissionControl
 from service.db.session import configure_engine
 from service.limits import BodySizeLimit
 from service.metrics import MetricsMiddleware, create_metrics
+from service.openapi import install_openapi, operation_id
 from service.problems import install_problem_handlers, problem_response, problem_responses
 from service.queue import CeleryQueue, JobQueue
 from service.quotas import RateLimiter
@@ -39,7 +40,8 @@ def create_app(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     configure_engine(settings.resolved_database_url, settings.db_pool_size)
     app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                  responses=problem_responses(429, 503), docs_url=None, redoc_url=None)
+                  responses=problem_responses(429, 503), docs_url=None, redoc_url=None,
+                  generate_unique_id_function=operation_id)
     app.state.settings = settings
     app.state.store = store or LocalBlobStore(settings.resolved_storage_dir)
     app.state.queue = queue or CeleryQueue(settings.resolved_broker_url)
@@ -50,6 +52,7 @@ def create_app(
     for module in (models, datasets, fits, attributions, jobs, operations, pages):
         app.include_router(module.router)
     install_docs(app)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, max_json_bytes=settings.max_json_bytes)
     app.add_middleware(AdmissionControl, max_in_flight=settings.max_in_flight, max_waiting=settings.max_waiting,
                        wait_seconds=settings.admission_wait_seconds)

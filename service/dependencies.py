@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from service.auth import Caller, hash_key, tenant_for_key
-from service.db.session import get_sessionmaker
+from service.auth import Caller, hash_key, known_caller, tenant_for_key
+from service.db.session import get_sessionmaker, session_scope
 from service.problems import ProblemError
 from service.settings import Settings
 from service.storage import BlobStore
@@ -20,16 +21,38 @@ async def get_app_settings(request: Request) -> Settings:  # async: no thread ho
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """One session per request, committed before the response is sent (``scope="function"`` below), so a
-    client that has its answer can rely on the write being visible to its next request."""
+    client that has its answer can rely on the write being visible to its next request.
+
+    Async, so that it costs no thread hop when it does no I/O: making a session touches no connection, and a
+    route that ended its own transaction (a read-only page calls ``session.close()``) leaves nothing to commit.
+    Only a session still in a transaction is committed (or rolled back) on a worker thread."""
     session = get_sessionmaker(request.app.state.settings.resolved_database_url)()
     try:
         yield session
+    except BaseException:
+        await run_in_threadpool(_roll_back_and_close, session)
+        raise
+    if session.in_transaction():
+        await run_in_threadpool(_commit_and_close, session)
+    else:
+        session.close()
+
+
+def _commit_and_close(session: Session) -> None:
+    try:
         session.commit()
     except BaseException:
         session.rollback()
         raise
+    finally:
+        session.close()
+
+
+def _roll_back_and_close(session: Session) -> None:
+    try:
+        session.rollback()
     finally:
         session.close()
 
@@ -41,20 +64,26 @@ async def get_store(request: Request) -> BlobStore:
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer atk_...`.")
 
 
-def get_tenant(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    session: Annotated[Session, Depends(get_session, scope="function")],
+async def get_tenant(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Caller:
+    """The caller's tenant: from the key cache on the event loop, or looked up on a worker thread."""
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ProblemError(401, "an API key is required: send `Authorization: Bearer <key>`",
                            kind="unauthenticated", headers=challenge)
-    tenant = tenant_for_key(session, credentials.credentials)
+    tenant = known_caller(credentials.credentials)
+    if tenant is None:
+        tenant = await run_in_threadpool(_look_up_tenant, request, credentials.credentials)
     if tenant is None:
         raise ProblemError(401, "the API key is not valid", kind="unauthenticated", headers=challenge)
     request.app.state.rate_limiter.check(hash_key(credentials.credentials))
     return tenant
+
+
+def _look_up_tenant(request: Request, secret: str) -> Caller | None:
+    with session_scope(request.app.state.settings.resolved_database_url) as session:
+        return tenant_for_key(session, secret)
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

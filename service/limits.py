@@ -48,6 +48,9 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
+        if b"transfer-encoding" not in headers and headers.get(b"content-length", b"0") == b"0":
+            await self.app(scope, receive, send)  # HTTP/1.1: a request with neither header has no body
+            return
         is_json = _is_json(headers.get(b"content-type", b""))
         limit = self.max_json_bytes if is_json else self.max_bytes
         declared = headers.get(b"content-length")

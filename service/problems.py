@@ -27,6 +27,11 @@ class FieldError(BaseModel):
 class Problem(BaseModel):
     """An RFC 9457 problem document."""
 
+    model_config = {"json_schema_extra": {"examples": [{
+        "type": PROBLEM_TYPE_BASE + "not-found", "title": "Not Found", "status": 404,
+        "detail": "model 'mdl_3f9c0e6a1b2c4d5e6f7a8b9c' does not exist",
+        "instance": "/v1/models/mdl_3f9c0e6a1b2c4d5e6f7a8b9c"}]}}
+
     type: str = Field(description="A URI naming the kind of problem.")
     title: str
     status: int

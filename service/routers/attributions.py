@@ -21,6 +21,7 @@ from service.editing import submit_edit
 from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
 from service.pagination import PageTokenQuery, RankCursor, clamp_page_size, decode_token, encode_token
+from service.openapi import json_body_example, location_header
 from service.ownership import owned
 from service.problems import ProblemError, problem_responses
 from service.results import (
@@ -39,14 +40,26 @@ def attribution_view(attribution: Attribution, status: str) -> AttributionOut:
                     results_url=f"/v1/attributions/{attribution.id}/results")
 
 
-@router.post("", status_code=202, response_model=AttributionOut, responses=problem_responses(409, 413, 415),
-             dependencies=[JsonBody])
+ATTRIBUTION_REQUEST_EXAMPLE = {
+    "model_id": "mdl_3f9c0e6a1b2c4d5e6f7a8b9c", "train_dataset_id": "ds_5e1d2c3b4a5f6e7d8c9b0a1f",
+    "query_dataset_id": "ds_8a9b0c1d2e3f4a5b6c7d8e9f", "method": "influence", "mode": "pairwise", "top_k": 10,
+    "options": {"strategy": "ekfac"},
+}
+
+
+@router.post("", status_code=202, response_model=AttributionOut, summary="Queue an attribution",
+             responses={**problem_responses(409, 413, 415),
+                        **location_header(202, "The attribution's job: `/v1/jobs/{job_id}`.")},
+             openapi_extra=json_body_example(ATTRIBUTION_REQUEST_EXAMPLE), dependencies=[JsonBody])
 def create_attribution(
     body: AttributionIn, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
-    """Queue an attribution. Scores are 1/N-free (as kronfluence reports them): positive = the training
-    example helps the query (removing it would raise the query's loss)."""
+    """Queue an attribution of the queries' behaviour to the training examples with one method (`method`, and
+    its `options`: unknown options are a 422). Answers 202 with the attribution and
+    `Location: /v1/jobs/{job_id}`; poll the job, then page the results. Scores are 1/N-free: positive = the
+    training example helps the query (removing it would raise the query's loss), negative = it hurts; in `self`
+    mode, higher = more unusual."""
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/attributions", body)
     if replayed is not None:
         return replayed
@@ -68,8 +81,9 @@ def create_attribution(
     return response
 
 
-@router.get("/{attribution_id}")
+@router.get("/{attribution_id}", summary="Get an attribution")
 def get_attribution(attribution_id: str, tenant: TenantDep, session: SessionDep) -> AttributionOut:
+    """One attribution with the status of its job, its options as resolved, its diagnostics and row count."""
     attribution = owned(session, Attribution, tenant.id, attribution_id)
     return attribution_view(attribution, job_status(session, attribution.job_id))
 
@@ -83,7 +97,8 @@ def finished_attribution(session: SessionDep, tenant_id: str, attribution_id: st
     return attribution
 
 
-@router.get("/{attribution_id}/results", response_model=ResultsPage, responses=problem_responses(409))
+@router.get("/{attribution_id}/results", response_model=ResultsPage, responses=problem_responses(409),
+            summary="Page through ranked results")
 def get_results(
     attribution_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     query_id: str | None = None,
@@ -91,7 +106,8 @@ def get_results(
     page_size: Annotated[int, Query(ge=1)] = 100,
     page_token: PageTokenQuery = None,
 ) -> Response:
-    """Ranked rows ordered by query, then rank (1 = strongest) within (query, direction)."""
+    """Ranked rows of one direction ordered by query, then rank (1 = strongest) within (query, direction),
+    cursor-paged (`next_page_token`); `query_id` keeps one query. A 409 until the job has succeeded."""
     types = known_finished(attribution_id, tenant.id)
     if types is None:
         attribution = finished_attribution(session, tenant.id, attribution_id)
@@ -103,6 +119,7 @@ def get_results(
     if not rows and query_id is not None and not has_query(session, attribution_id, query_id):
         raise ProblemError(404, f"attribution {attribution_id!r} has no query with query_id {query_id!r}",
                            kind="not-found")
+    session.close()  # read only: its connection goes back now, on this thread (see dependencies.get_session)
     page = ResultsPage(results=[row_out(row, types) for row in rows], next_page_token=encode_token(last) if last else None)
     return Response(page.model_dump_json(), media_type="application/json")  # validated once, serialized once
 
@@ -115,18 +132,31 @@ def exported_rows(database_url: str, attribution_id: str, types: ResultIdTypes) 
 
 
 EXPORT_MEDIA = {"csv": "text/csv", "ndjson": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
+EXPORT_CONTENT = {
+    "text/csv": {"schema": {"type": "string"}, "example": (
+        "query_id,direction,rank,train_id,score,task,split\r\n7,positive,1,412,3.25,,\r\n7,negative,1,90,-2.0,,\r\n")},
+    "application/x-ndjson": {"schema": {"type": "string"}, "example": (
+        '{"query_id": 7, "direction": "positive", "rank": 1, "train_id": 412, "score": 3.25, "task": null, '
+        '"split": null}\n')},
+    "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
+}
 
 
 @router.get(
     "/{attribution_id}/results/export",
     response_model=None,
-    responses={**problem_responses(409), 200: {"content": {m: {} for m in EXPORT_MEDIA.values()},
-                                               "description": "Every result row."}},
+    response_class=StreamingResponse,  # no default media type: the 200 has only the export formats' own
+    summary="Export every result row",
+    responses={**problem_responses(409), 200: {"content": EXPORT_CONTENT, "description": "Every result row, "
+               "as an attachment `{attribution_id}.{format}`."}},
 )
 def export_results(
     attribution_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     format: Literal["csv", "ndjson", "parquet"] = "csv",
 ) -> StreamingResponse | FileResponse:
+    """Every row (both directions, every query) in one download: `csv` (a header line, empty cells for nulls),
+    `ndjson` (one JSON object per line) or `parquet` (ids typed as in the datasets). A 409 until the job has
+    succeeded."""
     attribution = finished_attribution(session, tenant.id, attribution_id)
     types = id_types(session, attribution)
     rows = exported_rows(settings.resolved_database_url, attribution.id, types)
@@ -140,10 +170,10 @@ def export_results(
     return StreamingResponse(chunks, media_type=EXPORT_MEDIA[format], headers=headers)
 
 
-@router.post("/{attribution_id}/edit", status_code=202, response_model=EditAccepted,
+@router.post("/{attribution_id}/edit", status_code=202, response_model=EditAccepted, name="edit_attribution",
+             summary="Queue an edit: the model retrained without some training examples",
              responses={**problem_responses(409, 413, 415),
-                        202: {"headers": {"Location": {"description": "The edit's job: `/v1/jobs/{job_id}`.",
-                                                       "schema": {"type": "string"}}}}},
+                        **location_header(202, "The edit's job: `/v1/jobs/{job_id}`.")},
              dependencies=[JsonBody])
 def edit(
     attribution_id: str, body: EditIn, request: Request, tenant: TenantDep, session: SessionDep, store: StoreDep,

@@ -13,8 +13,9 @@ from service.db.base import new_id, utcnow
 from service.db.tables import Dataset
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.examples import MAX_EXAMPLES, dataset_examples
-from service.ownership import owned
 from service.idempotency import IdempotencyKey, remember, replay
+from service.openapi import location_header, multipart_example
+from service.ownership import owned
 from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
 from service.problems import problem_responses
 from service.schemas.datasets import DatasetExamples, DatasetList, DatasetMetadata, DatasetOut
@@ -24,8 +25,10 @@ from worker.artifacts.datasets import describe, detect_format, read_dataset
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(400, 401, 404, 422))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
-             responses=problem_responses(413, 415), dependencies=[MultipartBody])
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut, summary="Upload a dataset",
+             responses={**problem_responses(413, 415), **location_header(201, "The dataset: `/v1/datasets/{id}`.")},
+             openapi_extra=multipart_example(metadata='{"name": "digits-train"}', data="(.npz bytes)"),
+             dependencies=[MultipartBody])
 def upload_dataset(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description="JSON: `{\"name\": str}`.")],
@@ -33,6 +36,9 @@ def upload_dataset(
                                                  "`targets`, optional `ids`, `weight`, `task`, `split`.")],
     idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
+    """Arrays `inputs` and `targets`, optional `ids` (integers or strings, unique), `weight`, and `task`/`split`
+    for meta-datasets, as safetensors, `.npz` (a pickle inside is refused, never loaded) or Parquet. The format is
+    told from the file's first bytes. With an `Idempotency-Key`, a repeat returns the first answer."""
     meta = parse_metadata(metadata, DatasetMetadata)
     staged = stage_upload(store, data, limit=settings.max_upload_bytes, field="data")
     check_storage_or_discard(session, tenant.id, staged, settings.max_stored_bytes_per_tenant)
@@ -60,23 +66,25 @@ def upload_dataset(
                     from_row(DatasetOut, dataset), {"Location": f"/v1/datasets/{dataset.id}"})
 
 
-@router.get("")
+@router.get("", summary="List datasets")
 def list_datasets(
     tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     page_size: Annotated[int, Query(ge=1)] = 50, page_token: PageTokenQuery = None,
 ) -> DatasetList:
+    """The tenant's datasets, newest first, cursor-paged (`next_page_token`)."""
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Dataset).where(Dataset.tenant_id == tenant.id, Dataset.deleted_at.is_(None))
     rows, token = page_newest_first(session, query, Dataset, size, page_token)
     return DatasetList(datasets=[from_row(DatasetOut, row) for row in rows], next_page_token=token)
 
 
-@router.get("/{dataset_id}")
+@router.get("/{dataset_id}", summary="Get a dataset")
 def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> DatasetOut:
+    """One dataset: its format, number of examples and the dtype and shape of each field."""
     return from_row(DatasetOut, owned(session, Dataset, tenant.id, dataset_id))
 
 
-@router.get("/{dataset_id}/examples")
+@router.get("/{dataset_id}/examples", summary="Get examples of a dataset")
 def get_examples(
     dataset_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     ids: Annotated[list[str], Query(description=f"Example ids (the dataset's own ids); repeat the parameter, "
@@ -87,7 +95,8 @@ def get_examples(
     return dataset_examples(store, owned(session, Dataset, tenant.id, dataset_id), ids, settings.max_dataset_rows)
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a dataset")
 def delete_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> Response:
+    """The dataset is no longer listed nor usable in new fits and attributions."""
     owned(session, Dataset, tenant.id, dataset_id).deleted_at = utcnow()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -11,9 +11,10 @@ from service.conversions import from_row
 from service.db.base import new_id, utcnow
 from service.db.tables import Dataset, Fit, Model
 from service.dependencies import JsonBody, SessionDep, SettingsDep, TenantDep
-from service.ownership import owned
 from service.idempotency import IdempotencyKey, remember, replay
 from service.jobs import create_job, enqueue_or_fail, job_status
+from service.openapi import location_header
+from service.ownership import owned
 from service.problems import invalid, problem_responses
 from service.schemas.fits import FitIn, FitOut
 from service.schemas.options import FIT_STORED_FIELDS
@@ -21,12 +22,16 @@ from service.schemas.options import FIT_STORED_FIELDS
 router = APIRouter(prefix="/v1/fits", tags=["fits"], responses=problem_responses(400, 401, 404, 422))
 
 
-@router.post("", status_code=202, response_model=FitOut, responses=problem_responses(409, 413, 415),
+@router.post("", status_code=202, response_model=FitOut, summary="Queue a curvature fit",
+             responses={**problem_responses(409, 413, 415),
+                        **location_header(202, "The fit's job: `/v1/jobs/{job_id}`.")},
              dependencies=[JsonBody])
 def create_fit(
     body: FitIn, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
+    """Queue a fit of the model's curvature (EK-FAC, K-FAC, diagonal or identity) on a dataset; many attributions
+    reuse it via `fit_id`. Answers 202 with the fit and `Location: /v1/jobs/{job_id}`; poll the job."""
     replayed = replay(session, tenant.id, idempotency_key, "POST /v1/fits", body)
     if replayed is not None:
         return replayed
@@ -49,14 +54,15 @@ def create_fit(
     )
     session.add(fit)
     session.flush()
-    response = remember(session, tenant.id, idempotency_key, "POST /v1/fits", body, 202, from_row(FitOut, fit, status="queued"),
-                        {"Location": f"/v1/jobs/{job.id}"})
+    response = remember(session, tenant.id, idempotency_key, "POST /v1/fits", body, 202,
+                        from_row(FitOut, fit, status="queued"), {"Location": f"/v1/jobs/{job.id}"})
     session.commit()
     enqueue_or_fail(session, request.app.state.queue, job)
     return response
 
 
-@router.get("/{fit_id}")
+@router.get("/{fit_id}", summary="Get a fit")
 def get_fit(fit_id: str, tenant: TenantDep, session: SessionDep) -> FitOut:
+    """One fit, with the status of its job."""
     fit = owned(session, Fit, tenant.id, fit_id)
     return from_row(FitOut, fit, status=job_status(session, fit.job_id))

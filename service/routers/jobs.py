@@ -10,8 +10,8 @@ from sqlalchemy import select
 from service.db.tables import Job
 from service.dependencies import SessionDep, SettingsDep, TenantDep
 from service.jobs import cancel_job, job_out
-from service.ownership import owned
 from service.liveness import LivenessPolicy
+from service.ownership import owned
 from service.pagination import PageTokenQuery, clamp_page_size, page_newest_first
 from service.problems import problem_responses
 from service.schemas.jobs import JobList, JobOut
@@ -19,12 +19,13 @@ from service.schemas.jobs import JobList, JobOut
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(400, 401, 404, 422))
 
 
-@router.get("")
+@router.get("", summary="List jobs")
 def list_jobs(
     tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     page_size: Annotated[int, Query(ge=1)] = 50, page_token: PageTokenQuery = None,
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
 ) -> JobList:
+    """The tenant's jobs, newest first, cursor-paged (`next_page_token`); `status` keeps one state."""
     query = select(Job).where(Job.tenant_id == tenant.id)
     if status is not None:
         query = query.where(Job.status == status)
@@ -32,12 +33,14 @@ def list_jobs(
     return JobList(jobs=[job_out(session, job) for job in rows], next_page_token=token)
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", summary="Get a job")
 def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
+    """A job's status and progress; poll it after a 202 (its `Location`). A succeeded job has `result_url`, a
+    failed one a problem document in `error`."""
     return job_out(session, owned(session, Job, tenant.id, job_id))
 
 
-@router.post("/{job_id}/cancel", responses=problem_responses(409))
+@router.post("/{job_id}/cancel", responses=problem_responses(409), summary="Cancel a job", name="cancel_job")
 def cancel(job_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> JobOut:
     """A queued job, or a running one whose worker is gone (stale heartbeat), ends `cancelled` at once; a running
     job with a live worker stops at its next progress report."""

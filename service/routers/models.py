@@ -14,11 +14,12 @@ from service.conversions import from_row
 from service.db.base import new_id, utcnow
 from service.db.tables import Checkpoint, Edit, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
-from service.ownership import owned
 from service.idempotency import IdempotencyKey, remember, replay
 from service.pagination import (
     CheckpointCursor, PageTokenQuery, clamp_page_size, decode_token, encode_token, page_newest_first,
 )
+from service.openapi import location_header, multipart_example
+from service.ownership import owned
 from service.problems import problem_responses
 from service.schemas.models import (
     CheckpointList, CheckpointMetadata, CheckpointOut, ModelList, ModelMetadata, ModelOut,
@@ -27,6 +28,10 @@ from service.uploads import check_storage_or_discard, commit_blob, parse_metadat
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses(400, 401, 404, 422))
 
+MODEL_METADATA_EXAMPLE = ('{"name": "digits-mlp", "format": "spec", "architecture": {"type": "sequential", "layers": '
+                          '[{"type": "linear", "in_features": 64, "out_features": 128}, {"type": "relu"}, '
+                          '{"type": "linear", "in_features": 128, "out_features": 10}]}, '
+                          '"task": {"loss": "cross_entropy"}}')
 METADATA_DOC = "JSON: `{\"name\", \"format\": \"spec\", \"architecture\": {...}, \"task\": {\"loss\": ...}}`."
 
 
@@ -43,14 +48,20 @@ def edit_diagnostics(session: Session, model_ids: list[str]) -> dict[str, dict[s
     return {model_id: diagnostics for model_id, diagnostics in rows}
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut,
-             responses=problem_responses(413, 415), dependencies=[MultipartBody])
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut, summary="Upload a model",
+             responses={**problem_responses(413, 415), **location_header(201, "The model: `/v1/models/{id}`.")},
+             openapi_extra=multipart_example(metadata=MODEL_METADATA_EXAMPLE, weights="(safetensors bytes)"),
+             dependencies=[MultipartBody])
 def upload_model(
     tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description=METADATA_DOC)],
     weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict.")],
     idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
+    """A declarative `torch.nn.Sequential` (`metadata`) and the safetensors of its state_dict (`weights`). Both are
+    validated strictly (never unpickled): weights that are truncated, hold NaN or do not fit the architecture are
+    a 422 that names the problem, and nothing is stored. With an `Idempotency-Key`, a repeat returns the first
+    answer."""
     meta = parse_metadata(metadata, ModelMetadata)
     spec = artifacts.check_model_metadata(meta, settings.max_parameters)
     staged = stage_upload(store, weights, limit=settings.max_upload_bytes, field="weights")
@@ -78,11 +89,12 @@ def upload_model(
                     {"Location": f"/v1/models/{model.id}"})
 
 
-@router.get("")
+@router.get("", summary="List models")
 def list_models(
     tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     page_size: Annotated[int, Query(ge=1)] = 50, page_token: PageTokenQuery = None,
 ) -> ModelList:
+    """The tenant's models, newest first, cursor-paged (`next_page_token`)."""
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Model).where(Model.tenant_id == tenant.id, Model.deleted_at.is_(None))
     rows, token = page_newest_first(session, query, Model, size, page_token)
@@ -90,14 +102,16 @@ def list_models(
     return ModelList(models=[model_out(row, diagnostics.get(row.id)) for row in rows], next_page_token=token)
 
 
-@router.get("/{model_id}")
+@router.get("/{model_id}", summary="Get a model")
 def get_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelOut:
+    """One model; models made by an edit carry the edit's diagnostics."""
     model = owned(session, Model, tenant.id, model_id)
     return model_out(model, edit_diagnostics(session, [model.id]).get(model.id) if model.source_attribution_id else None)
 
 
-@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a model")
 def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Response:
+    """The model is no longer listed nor usable in new fits and attributions."""
     model = owned(session, Model, tenant.id, model_id)
     model.deleted_at = utcnow()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -106,21 +120,29 @@ def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Respo
 @router.get(
     "/{model_id}/weights",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
+    summary="Download a model's weights",
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "The safetensors file of the model's state_dict."}},
 )
 def download_weights(model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep) -> FileResponse:
+    """The weights as uploaded, or as an edit made them: a safetensors file (`{model_id}.safetensors`)."""
     model = owned(session, Model, tenant.id, model_id)
     with store.local_path(model.weights_sha256) as path:
         return FileResponse(path, media_type="application/octet-stream", filename=f"{model.id}.safetensors")
 
 
-@router.post("/{model_id}/checkpoints", status_code=status.HTTP_201_CREATED,
-             responses=problem_responses(409, 413, 415), dependencies=[MultipartBody])
+@router.post("/{model_id}/checkpoints", status_code=status.HTTP_201_CREATED, summary="Upload a checkpoint",
+             responses=problem_responses(409, 413, 415), dependencies=[MultipartBody],
+             openapi_extra=multipart_example(metadata='{"step": 500, "learning_rate": 0.05, "momentum": 0.9}',
+                                             weights="(safetensors bytes)"))
 def upload_checkpoint(
     model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description="JSON: `{\"step\", \"learning_rate\", \"stage\", \"momentum\", \"optimizer\"}`.")],
     weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict at this step.")],
 ) -> CheckpointOut:
+    """A training checkpoint of the model (for SOURCE and TracInCP): the state_dict at a step of its training,
+    with that step's learning rate, momentum, optimizer and stage. A second checkpoint at the same (stage, step)
+    is a 409."""
     model = owned(session, Model, tenant.id, model_id)
     meta = parse_metadata(metadata, CheckpointMetadata)
     artifacts.check_checkpoint_is_new(session, model.id, meta.step, meta.stage)
@@ -142,11 +164,12 @@ def upload_checkpoint(
     return from_row(CheckpointOut, checkpoint)
 
 
-@router.get("/{model_id}/checkpoints")
+@router.get("/{model_id}/checkpoints", summary="List a model's checkpoints")
 def list_checkpoints(
     model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     page_size: Annotated[int, Query(ge=1)] = 100, page_token: PageTokenQuery = None,
 ) -> CheckpointList:
+    """The model's checkpoints by (stage, step), cursor-paged (`next_page_token`)."""
     model = owned(session, Model, tenant.id, model_id)
     size = clamp_page_size(page_size, settings.max_page_size)
     query = select(Checkpoint).where(Checkpoint.model_id == model.id)

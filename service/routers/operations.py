@@ -12,18 +12,29 @@ from sqlalchemy import func, select, text
 
 from service.db.session import get_engine, session_scope
 from service.db.tables import Job
-from service.problems import ProblemError, problem_responses
+from service.problems import PROBLEM_MEDIA_TYPE, ProblemError, problem_responses
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", summary="Liveness",
+            responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
 async def healthz() -> dict[str, str]:
     """The process is up. Answered by the event loop, outside admission control: it answers under any load."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "A dependency is unreachable."}})
+READY_EXAMPLE = {"status": "ok", "checks": {"database": True, "broker": True, "storage": True}}
+
+
+@router.get("/readyz", summary="Readiness", responses={
+    200: {"description": "Every dependency is reachable.",
+          "content": {"application/json": {"example": READY_EXAMPLE}}},
+    503: {"description": "A dependency is unreachable (or, as for any route, the server is at capacity: a problem).",
+          "content": {"application/json": {"example": {"status": "unavailable", "checks": {
+              "database": True, "broker": False, "storage": True}}},
+              PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+})
 def readyz(request: Request) -> JSONResponse:
     """Database, broker and storage are reachable."""
     state = request.app.state
@@ -56,7 +67,10 @@ def _database_ready(url: str) -> bool:
         return False
 
 
-@router.get("/metrics", response_class=PlainTextResponse, responses=problem_responses(401, 404))
+@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics", responses={
+    **problem_responses(401, 404),
+    200: {"content": {"text/plain": {"example": "# TYPE attrib_jobs gauge\nattrib_jobs{status=\"queued\"} 0.0\n"}}},
+})
 def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text format: request counts and latencies, jobs by status (all tenants together). For operators:
     it needs `Authorization: Bearer <ATTRIB_METRICS_TOKEN>`, and answers 404 when that setting is unset."""

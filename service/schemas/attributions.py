@@ -1,39 +1,20 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 import operator
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    GetCoreSchemaHandler,
-    GetJsonSchemaHandler,
-    RootModel,
-    StrictInt,
-    StrictStr,
-    TypeAdapter,
-    ValidationInfo,
-    ValidationError,
-    create_model,
-    field_validator,
-    model_validator,
+    BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, RootModel, StrictInt, StrictStr,
+    TypeAdapter, ValidationError, ValidationInfo, create_model, field_validator, model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError, core_schema
 
-from service.schemas.common import StrictModel
+from service.schemas.common import EXAMPLE_TIME, StrictModel, Timestamp
 from worker.methods.base import Method
-from worker.methods.registry import (
-    DEFAULT_METHOD,
-    UnknownMethod,
-    all_methods,
-    get_method,
-    method_names,
-)
+from worker.methods.registry import DEFAULT_METHOD, UnknownMethod, all_methods, get_method, method_names
 
 ResourceId = Annotated[str, Field(min_length=1, max_length=64)]
 
@@ -143,6 +124,16 @@ class AttributionIn(RootModel[Annotated[AttributionRequest, _ByMethod()]]):
 
 
 class AttributionOut(BaseModel):
+    """An attribution; its ranked rows are at `results_url` once its job has succeeded."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "attr_9c8b7a6f5e4d3c2b1a0f9e8d", "job_id": "job_7d6c5b4a3f2e1d0c9b8a7f6e", "status": "queued",
+        "model_ids": ["mdl_3f9c0e6a1b2c4d5e6f7a8b9c"], "train_dataset_id": "ds_5e1d2c3b4a5f6e7d8c9b0a1f",
+        "query_dataset_id": "ds_8a9b0c1d2e3f4a5b6c7d8e9f", "method": "influence", "fit_id": None,
+        "measurement": "loss", "mode": "pairwise", "top_k": 10, "options": {"strategy": "ekfac"},
+        "diagnostics": None, "num_results": 0, "results_url": "/v1/attributions/attr_9c8b7a6f5e4d3c2b1a0f9e8d/results",
+        "created_at": EXAMPLE_TIME}]})
+
     id: str
     job_id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -158,7 +149,7 @@ class AttributionOut(BaseModel):
     diagnostics: dict[str, Any] | None = Field(None, description="Damping used, solver iterations, warnings...")
     num_results: int
     results_url: str
-    created_at: datetime
+    created_at: Timestamp
 
 
 @dataclass(frozen=True)
@@ -170,13 +161,17 @@ class ResultIdTypes:
 
 
 class ResultRow(BaseModel):
-    """One ranked row. Read from a stored row with `from_attributes` and a `ResultIdTypes` as the context."""
+    """One ranked training example for one query (docs/contract.md: results and the sign convention). Read from a
+    stored row with `from_attributes` and a `ResultIdTypes` as the context."""
 
-    query_id: int | str | None
-    direction: Literal["positive", "negative"]
-    rank: int
-    train_id: int | str
-    score: float
+    query_id: int | str | None = Field(description="The query's id as in its dataset; null in `aggregate` and "
+                                       "`self` modes.")
+    direction: Literal["positive", "negative"] = Field(description="`positive`: helps the query; `negative`: hurts.")
+    rank: int = Field(description="1 = strongest, within (query, direction).")
+    train_id: int | str = Field(description="The training example's id as in its dataset (meta task influence: "
+                                "the task).")
+    score: float = Field(description="Positive: removing the example would raise the query's loss (lower its "
+                         "margin). `self` mode: higher = more unusual.")
     task: int | None = Field(None, description="Meta instance rows: the instance's task.")
     split: int | None = Field(None, description="Meta instance rows: 0 = task train, 1 = task validation.")
 
@@ -191,6 +186,15 @@ class ResultRow(BaseModel):
 
 
 class ResultsPage(BaseModel):
+    """A page of ranked rows, by query, then rank; `next_page_token` is null on the last page."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"results": [
+        {"query_id": 7, "direction": "positive", "rank": 1, "train_id": 412, "score": 3.25, "task": None,
+         "split": None},
+        {"query_id": 7, "direction": "positive", "rank": 2, "train_id": 58, "score": 1.5, "task": None,
+         "split": None}],
+        "next_page_token": "WzAsIDJd"}]})
+
     results: list[ResultRow]
     next_page_token: str | None
 
@@ -231,6 +235,9 @@ class EditIn(StrictModel):
 
 class EditAccepted(BaseModel):
     """`POST /v1/attributions/{id}/edit`: the queued edit. The model exists once the job succeeds."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model_id": "mdl_6b5a4f3e2d1c0b9a8f7e6d5c", "job_id": "job_1a2b3c4d5e6f7a8b9c0d1e2f"}]})
 
     model_id: str
     job_id: str

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
 
 
 class StrictModel(BaseModel):
@@ -22,3 +34,26 @@ Tolerance = Annotated[StrictFloat | StrictInt, Field(gt=0, lt=1, allow_inf_nan=F
 ModuleName = Annotated[StrictStr, Field(min_length=1, max_length=200)]
 ModuleNames = Annotated[list[ModuleName], Field(min_length=1, max_length=4096)]
 Flag = StrictBool
+
+
+def _utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return moment.astimezone(timezone.utc)
+
+
+def rfc3339_utc(moment: datetime) -> str:
+    """`2026-01-31T09:30:00.250000Z`: RFC 3339, in UTC, with `Z` (never `+00:00`)."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+EXAMPLE_TIME = "2026-01-31T09:30:00.250000Z"
+
+# Every timestamp of every response: RFC 3339 in UTC with a `Z` suffix.
+Timestamp = Annotated[
+    datetime,
+    AfterValidator(_utc),
+    PlainSerializer(rfc3339_utc, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time", "examples": [EXAMPLE_TIME],
+                    "description": "RFC 3339, UTC, with a `Z` suffix."}),
+]

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from service.schemas.common import StrictModel
+from service.schemas.common import EXAMPLE_TIME, StrictModel, Timestamp
 
 
 class DatasetMetadata(StrictModel):
@@ -14,16 +13,33 @@ class DatasetMetadata(StrictModel):
     name: str = Field(min_length=1, max_length=200)
 
 
+DATASET_EXAMPLE: dict[str, Any] = {
+    "id": "ds_5e1d2c3b4a5f6e7d8c9b0a1f", "name": "digits-train", "format": "npz", "num_examples": 1437,
+    "fields": {"inputs": {"dtype": "float32", "shape": [1437, 64]}, "targets": {"dtype": "int64", "shape": [1437]},
+               "ids": {"dtype": "int64", "shape": [1437]}},
+    "created_at": EXAMPLE_TIME,
+}
+
+
 class DatasetOut(BaseModel):
+    """A stored dataset."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [DATASET_EXAMPLE]})
+
     id: str
     name: str
     format: str
     num_examples: int
     fields: dict[str, dict[str, Any]]
-    created_at: datetime
+    created_at: Timestamp
 
 
 class DatasetList(BaseModel):
+    """A page of datasets, newest first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"datasets": [DATASET_EXAMPLE], "next_page_token": None}]})
+
     datasets: list[DatasetOut]
     next_page_token: str | None
 
@@ -37,6 +53,12 @@ class DatasetExample(BaseModel):
 
 
 class DatasetExamples(BaseModel):
+    """Examples of a dataset picked by id."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "dataset_id": "ds_5e1d2c3b4a5f6e7d8c9b0a1f", "input_shape": [4],
+        "examples": [{"id": 12, "input": [0.5, -1.25, 0.0, 2.0], "target": 1, "task": None, "split": None}]}]})
+
     dataset_id: str
     input_shape: list[int] = Field(description="Shape of one example's input (2-D or 3-D: an image).")
     examples: list[DatasetExample] = Field(description="In the order the ids were asked for (repeats dropped).")

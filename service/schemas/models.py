@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from service.schemas.common import StrictModel
+from service.schemas.common import EXAMPLE_TIME, StrictModel, Timestamp
 
 
 class ModelTask(StrictModel):
@@ -25,7 +24,26 @@ class ModelMetadata(StrictModel):
     task: ModelTask
 
 
+MODEL_EXAMPLE: dict[str, Any] = {
+    "id": "mdl_3f9c0e6a1b2c4d5e6f7a8b9c", "name": "digits-mlp", "format": "spec", "num_parameters": 9610,
+    "tracked_layers": ["0", "2"],
+    "architecture": {"type": "sequential", "layers": [
+        {"type": "linear", "in_features": 64, "out_features": 128}, {"type": "relu"},
+        {"type": "linear", "in_features": 128, "out_features": 10}]},
+    "task": {"loss": "cross_entropy"}, "source_attribution_id": None, "edit_diagnostics": None,
+    "created_at": EXAMPLE_TIME,
+}
+CHECKPOINT_EXAMPLE: dict[str, Any] = {
+    "id": "ckpt_2b3c4d5e6f7a8b9c0d1e2f3a", "model_id": "mdl_3f9c0e6a1b2c4d5e6f7a8b9c", "step": 500,
+    "learning_rate": 0.05, "momentum": 0.9, "stage": 0, "optimizer": "sgd", "created_at": EXAMPLE_TIME,
+}
+
+
 class ModelOut(BaseModel):
+    """A stored model."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [MODEL_EXAMPLE]})
+
     id: str
     name: str
     format: str
@@ -37,10 +55,14 @@ class ModelOut(BaseModel):
     edit_diagnostics: dict[str, Any] | None = Field(
         None, description="Models made by `/edit`: the estimator, proximity λ, step norm relative to the weights, "
         "remaining-data training loss before and after, the change of the attribution's query losses, warnings.")
-    created_at: datetime
+    created_at: Timestamp
 
 
 class ModelList(BaseModel):
+    """A page of models, newest first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"models": [MODEL_EXAMPLE], "next_page_token": None}]})
+
     models: list[ModelOut]
     next_page_token: str | None
 
@@ -59,6 +81,10 @@ class CheckpointMetadata(StrictModel):
 
 
 class CheckpointOut(BaseModel):
+    """A stored training checkpoint of a model."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [CHECKPOINT_EXAMPLE]})
+
     id: str
     model_id: str
     step: int
@@ -66,9 +92,14 @@ class CheckpointOut(BaseModel):
     momentum: float
     stage: int
     optimizer: str = "sgd"
-    created_at: datetime
+    created_at: Timestamp
 
 
 class CheckpointList(BaseModel):
+    """A page of checkpoints by (stage, step)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"checkpoints": [CHECKPOINT_EXAMPLE], "next_page_token": None}]})
+
     checkpoints: list[CheckpointOut]
     next_page_token: str | None
