@@ -87,6 +87,15 @@ class Settings(BaseSettings):
         6 * 3600, gt=0, description="A job running longer fails with a 'time limit' problem (Celery soft limit).")
     job_time_limit_seconds: int = Field(
         6 * 3600 + 600, gt=0, description="A job's process is killed after this long (Celery hard limit).")
+    # sharded jobs (docs/jobs.md, "Sharded jobs")
+    shard_examples: int = Field(
+        50_000, ge=0, description="Training examples per shard of a sharded scoring job (influence with a factor "
+        "strategy); a training set no larger than this runs as one task. 0 turns sharding off.")
+    shard_soft_time_limit_seconds: int = Field(
+        3600, gt=0, description="A shard task running longer is stopped and its job fails with a 'time limit' "
+        "problem (Celery soft limit of the shard task).")
+    shard_time_limit_seconds: int = Field(
+        3900, gt=0, description="A shard task's process is killed after this long (Celery hard limit).")
     broker_polling_seconds: float = Field(
         0.1, gt=0, le=5, description="How often workers poll the embedded default's SQLite broker for jobs (Redis "
         "needs no polling).")
@@ -110,6 +119,11 @@ class Settings(BaseSettings):
         if not self.job_soft_time_limit_seconds < self.job_time_limit_seconds < self.broker_visibility_timeout_seconds:
             raise ConfigurationError(
                 "need ATTRIB_JOB_SOFT_TIME_LIMIT_SECONDS < ATTRIB_JOB_TIME_LIMIT_SECONDS < "
+                "ATTRIB_BROKER_VISIBILITY_TIMEOUT_SECONDS"
+            )
+        if not self.shard_soft_time_limit_seconds < self.shard_time_limit_seconds < self.broker_visibility_timeout_seconds:
+            raise ConfigurationError(
+                "need ATTRIB_SHARD_SOFT_TIME_LIMIT_SECONDS < ATTRIB_SHARD_TIME_LIMIT_SECONDS < "
                 "ATTRIB_BROKER_VISIBILITY_TIMEOUT_SECONDS"
             )
         return self

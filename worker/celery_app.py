@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery, Task, signals
+from celery import Celery, Task, group, signals
 from celery.exceptions import TimeLimitExceeded
 
 from service.settings import Settings, get_settings
 from worker import sqlite_broker
 
 RUN_JOB_TASK = "attrib.run_job"
+RUN_SHARD_TASK = "attrib.run_shard"
 
 sqlite_broker.register()
 
@@ -44,8 +45,16 @@ def create_celery_app(broker_url: str, queue_prefix: str | None = None, settings
         task_soft_time_limit=settings.job_soft_time_limit_seconds,
         task_time_limit=settings.job_time_limit_seconds,
     )
-    app.task(name=RUN_JOB_TASK, ignore_result=True, base=JobTask)(_run_job)
+    app.task(name=RUN_JOB_TASK, ignore_result=True, base=JobTask)(_job_runner(app))
+    app.task(name=RUN_SHARD_TASK, ignore_result=True, base=ShardTask,
+             soft_time_limit=settings.shard_soft_time_limit_seconds,
+             time_limit=settings.shard_time_limit_seconds)(_run_shard)
     return app
+
+
+def send_shards(app: Celery, job_id: str, shards: list[int]) -> None:
+    """One message per shard of a sharded job, sent as a Celery group to the app's queue."""
+    group(app.signature(RUN_SHARD_TASK, args=[job_id, shard]) for shard in shards).apply_async()
 
 
 def _transport_options(broker_url: str, settings: Settings) -> dict[str, Any]:
@@ -66,6 +75,32 @@ class JobTask(Task):
         """Called in the parent process when the hard time limit killed the child running the job."""
         if isinstance(exc, TimeLimitExceeded) and args:
             fail_timed_out(str(args[0]), get_settings())
+
+
+class ShardTask(Task):
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Called in the parent process when the hard time limit killed the child running a shard: the shard
+        fails, and with it its job (its coordinator sees the failed shard)."""
+        if isinstance(exc, TimeLimitExceeded) and len(args) == 2:
+            fail_shard_timed_out(str(args[0]), int(args[1]), get_settings())
+
+
+def fail_shard_timed_out(job_id: str, shard: int, settings: Settings) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+    from sqlalchemy.pool import NullPool
+
+    from service.liveness import time_limit_problem
+    from worker.shard_rows import fail_shard
+
+    engine = create_engine(settings.resolved_database_url, poolclass=NullPool)
+    try:
+        with Session(engine) as session, session.begin():
+            fail_shard(session, job_id, shard, None, time_limit_problem(settings.shard_time_limit_seconds))
+    except Exception:  # the coordinator reclaims the shard once its heartbeat is stale
+        log.exception("could not fail job %s shard %d after its hard time limit", job_id, shard)
+    finally:
+        engine.dispose()
 
 
 def fail_timed_out(job_id: str, settings: Settings) -> None:
@@ -114,12 +149,22 @@ def _import_the_runner(**_: Any) -> None:
 
     for kind in TASKS:
         task_for(kind)
+    import worker.shard_runner  # noqa: F401  (the shard task's code, loaded before the fork as well)
 
 
-def _run_job(job_id: str) -> None:
-    from worker.runner import run_job
+def _job_runner(app: Celery) -> Any:
+    def _run_job(job_id: str) -> None:
+        from worker.runner import run_job
 
-    run_job(job_id, get_settings())
+        run_job(job_id, get_settings(), send_shards=lambda job, shards: send_shards(app, job, shards))
+
+    return _run_job
+
+
+def _run_shard(job_id: str, shard: int) -> None:
+    from worker.shard_runner import run_shard
+
+    run_shard(job_id, shard, get_settings())
 
 
 def run_reaper_in_pool_processes(app: Celery) -> None:

@@ -7,21 +7,35 @@ job kinds (`worker/tasks/__init__.py`), so the two never import each other in a 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from sqlalchemy.orm import Session
 
 from service.db.session import session_scope
 from service.db.tables import Job
-from service.liveness import CancelRequested, Superseded, finish, report_progress
+from service.liveness import CancelRequested, LivenessPolicy, Superseded, finish, report_progress
 from service.storage import BlobStore
 from worker.attribution import Cancelled
 from worker.devices import job_device
 from worker.heartbeat import Heartbeat
 
 PROGRESS_WRITE_SECONDS = 0.5
+
+# send_shards(job_id, shard positions): one broker message per shard, each saying "this shard may need running"
+ShardSender = Callable[[str, list[int]], None]
+
+
+class JobFailed(Exception):
+    """Ends the job ``failed`` with ``problem`` (an RFC 9457 problem found by the job's own work, e.g. by one of
+    its shards)."""
+
+    def __init__(self, problem: dict[str, Any]) -> None:
+        super().__init__(str(problem.get("detail", "the job failed")))
+        self.problem = problem
 
 
 @dataclass
@@ -34,6 +48,10 @@ class JobContext:
     attempt: int = 1
     heartbeat: Heartbeat | None = None
     device_setting: str = "cpu"  # ATTRIB_DEVICE
+    # sharded jobs (worker/tasks/sharded.py): the liveness policy, the shard size (0: never shard), the sender
+    policy: LivenessPolicy | None = None
+    shard_examples: int = 0
+    send_shards: ShardSender | None = None
     _last_write: float = field(default=0.0)
     _last_stage: str = field(default="")
 

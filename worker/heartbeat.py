@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from types import TracebackType
+
+from sqlalchemy.orm import Session
 
 from service.db.session import session_scope
 from service.liveness import beat
@@ -19,8 +22,12 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, database_url: str, job_id: str, attempt: int, period: float) -> None:
+    def __init__(self, database_url: str, job_id: str, attempt: int, period: float,
+                 beat_once: Callable[[Session], bool] | None = None) -> None:
+        """``beat_once(session)`` writes one heartbeat and says whether the attempt still owns its work (default:
+        the job's own heartbeat; a shard passes its shard row's)."""
         self.database_url, self.job_id, self.attempt, self.period = database_url, job_id, attempt, period
+        self.beat_once = beat_once or (lambda session: beat(session, job_id, attempt))
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
@@ -37,7 +44,7 @@ class Heartbeat:
         while not self._stop.wait(self.period):
             try:
                 with session_scope(self.database_url) as session:
-                    owned = beat(session, self.job_id, self.attempt)
+                    owned = self.beat_once(session)
             except Exception as exc:  # noqa: BLE001  (a database hiccup: try again next period)
                 log.warning("heartbeat of job %s failed: %s", self.job_id, exc)
                 continue

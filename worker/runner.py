@@ -22,7 +22,7 @@ from service.settings import Settings
 from service.storage import BlobStore, LocalBlobStore
 from worker.artifacts.errors import ArtifactError
 from worker.attribution import AttributionError, Cancelled
-from worker.context import JobContext
+from worker.context import JobContext, JobFailed, ShardSender
 from worker.heartbeat import Heartbeat
 from worker.tasks import JOB_KINDS, JobTask
 
@@ -36,7 +36,7 @@ def store_for(settings: Settings) -> BlobStore:
     return LocalBlobStore(settings.resolved_storage_dir)
 
 
-def run_job(job_id: str, settings: Settings) -> None:
+def run_job(job_id: str, settings: Settings, send_shards: ShardSender | None = None) -> None:
     url = settings.resolved_database_url
     policy = LivenessPolicy.from_settings(settings)
     with session_scope(url) as session:
@@ -46,7 +46,8 @@ def run_job(job_id: str, settings: Settings) -> None:
         return
     with Heartbeat(url, job_id, attempt, policy.heartbeat_seconds) as heartbeat:
         context = JobContext(job_id=job_id, database_url=url, store=store_for(settings), attempt=attempt,
-                             heartbeat=heartbeat, device_setting=settings.device)
+                             heartbeat=heartbeat, device_setting=settings.device, policy=policy,
+                             shard_examples=settings.shard_examples, send_shards=send_shards)
         _run_and_record(context, policy)
 
 
@@ -58,6 +59,8 @@ def _run_and_record(context: JobContext, policy: LivenessPolicy) -> None:
         log.warning("job %s: %s; its work is dropped", job_id, exc)
     except Cancelled:
         _finish(context, "cancelled", None)
+    except JobFailed as exc:
+        _finish(context, "failed", exc.problem)
     except SoftTimeLimitExceeded:
         _finish(context, "failed", time_limit_problem(policy.soft_time_limit_seconds))
     except (AttributionError, ArtifactError) as exc:

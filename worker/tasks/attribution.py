@@ -56,6 +56,11 @@ def load_request(context: JobContext) -> LoadedRequest:
 def run_attribution(context: JobContext) -> None:
     request = load_request(context)
     method = method_of(request.attribution.method)
+    from worker.tasks.sharded import run_sharded, shard_plan  # it builds on this module's loading and saving
+
+    if (ranges := shard_plan(context, request, method)) is not None:
+        run_sharded(context, request, method, ranges)
+        return
     output = method.run(run_inputs(context, request, method))
     query_ids = request.query_arrays.ids.tolist() if request.query_arrays is not None else None
     rows = result_columns(output.scores, method.name, request.attribution.top_k, request.train_arrays.ids.tolist(),

@@ -9,6 +9,7 @@ from service.db.tables.edit import Edit
 from service.db.tables.fit import Fit
 from service.db.tables.idempotency import IdempotentResponse
 from service.db.tables.job import FINISHED_STATUSES, JOB_STATUSES, Job, JobKind, JobStatus
+from service.db.tables.job_shard import SHARD_STATUSES, JobShard
 from service.db.tables.model import Model
 from service.db.tables.result import AttributionResult
 from service.db.tables.tenant import Tenant
@@ -16,6 +17,7 @@ from service.db.tables.tenant import Tenant
 __all__ = [
     "FINISHED_STATUSES",
     "JOB_STATUSES",
+    "SHARD_STATUSES",
     "ApiKey",
     "Attribution",
     "AttributionResult",
@@ -27,6 +29,7 @@ __all__ = [
     "IdempotentResponse",
     "Job",
     "JobKind",
+    "JobShard",
     "JobStatus",
     "Model",
     "Tenant",

@@ -1,0 +1,197 @@
+"""Throughput of one sharded scoring job with 1 and 2 `attrib worker` processes, and its time when the training
+set grows 10x, on the production topology (a private PostgreSQL schema, a redis-server of its own, `attrib
+serve` for the API, workers pinned to one core each with one thread: `taskset -c i`, OMP_NUM_THREADS=1).
+
+    python -m benchmarks.sharded_scoring [--train 20000] [--shard 2000] [--queries 50] [--scale 10]
+
+The job: MLP 64-256-256-10, influence with EK-FAC fitted in the job, pairwise, top_k 10. Measured from the API,
+polling every 50 ms (the 1x jobs run ``--repeats`` times and the fastest is reported: the machine may be
+shared): the *score* time runs from the moment the job reports its "score" stage (the fit and the
+query vectors are done, the shards are created) until it succeeded (merge and rows committed); throughput is
+training examples per second of score time. Writes benchmarks/results/sharded_scoring.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from safetensors.torch import save as save_safetensors
+
+from benchmarks.common import mlp, teacher_data
+from tests.conftest import private_postgres_schema
+from tests.loadgen import api_server, free_port
+
+RESULTS = Path(__file__).parent / "results" / "sharded_scoring.md"
+SIZES = [64, 256, 256, 10]
+
+
+class Client:
+    def __init__(self, base_url: str, key: str) -> None:
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+
+    def model(self, sizes: list[int], seed: int) -> str:
+        torch.manual_seed(seed)
+        weights = save_safetensors({k: v.contiguous() for k, v in mlp(sizes).state_dict().items()})
+        layers: list[dict[str, Any]] = []
+        for index, (inputs, outputs) in enumerate(pairwise(sizes)):
+            layers.append({"type": "linear", "in_features": inputs, "out_features": outputs})
+            if index < len(sizes) - 2:
+                layers.append({"type": "relu"})
+        metadata = {"name": "bench", "format": "spec", "architecture": {"type": "sequential", "layers": layers},
+                    "task": {"loss": "cross_entropy"}}
+        response = self.http.post("/v1/models", data={"metadata": json.dumps(metadata)},
+                                  files={"weights": ("w.safetensors", weights)})
+        response.raise_for_status()
+        return str(response.json()["id"])
+
+    def dataset(self, inputs: np.ndarray, targets: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        np.savez(buffer, inputs=inputs.astype(np.float32), targets=targets)
+        response = self.http.post("/v1/datasets", data={"metadata": json.dumps({"name": "bench"})},
+                                  files={"data": ("d.npz", buffer.getvalue())})
+        response.raise_for_status()
+        return str(response.json()["id"])
+
+
+@contextmanager
+def topology(workdir: Path, shard: int) -> Iterator[tuple[str, str, dict[str, str]]]:
+    from service.auth import create_api_key
+    from service.db.migrate import upgrade_to_head
+    from service.db.session import session_scope
+
+    port = free_port()
+    redis = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port",
+                              str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with private_postgres_schema("attrib_bench") as url:
+            env = {"ATTRIB_DATA_DIR": str(workdir / "data"), "ATTRIB_DATABASE_URL": url,
+                   "ATTRIB_BROKER_URL": f"redis://127.0.0.1:{port}/0", "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
+                   "ATTRIB_RATE_LIMIT_BURST": "1000000", "ATTRIB_SHARD_EXAMPLES": str(shard)}
+            upgrade_to_head(url)
+            with session_scope(url) as session:
+                key = create_api_key(session, f"bench-{uuid.uuid4().hex[:6]}")
+            with api_server(env, workdir / "server.log") as base_url:
+                yield base_url, key, env
+    finally:
+        redis.kill()
+        redis.wait()
+
+
+@contextmanager
+def workers(count: int, env: dict[str, str], workdir: Path) -> Iterator[None]:
+    processes = []
+    cores = sorted(os.sched_getaffinity(0))
+    with ExitStack() as logs:
+        for index in range(count):
+            log = logs.enter_context(open(workdir / f"worker-{count}-{index}.log", "wb"))
+            command = ["taskset", "-c", str(cores[index % len(cores)]), sys.executable, "-m", "service.cli",
+                       "worker", "--loglevel=WARNING"]
+            processes.append(subprocess.Popen(command, env={**os.environ, **env, "OMP_NUM_THREADS": "1",
+                                                            "MKL_NUM_THREADS": "1"},
+                                              stdout=log, stderr=subprocess.STDOUT))
+        try:
+            time.sleep(8)  # the workers import torch before they take a message
+            yield
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(timeout=60)
+
+
+def shards_per_worker(database_url: str, job_id: str) -> str:
+    """How many of the job's shards each worker process scored (the last claim of each shard)."""
+    from collections import Counter
+
+    from sqlalchemy import select
+
+    from service.db.session import session_scope
+    from service.db.tables import JobShard
+
+    with session_scope(database_url) as session:
+        claims = session.scalars(select(JobShard.claimed_by).where(JobShard.job_id == job_id)).all()
+    return " + ".join(str(count) for _, count in Counter(claims).most_common())
+
+
+def timed_job(client: Client, body: dict[str, Any]) -> tuple[float, float, dict[str, Any]]:
+    """(score seconds, total seconds, finished job)."""
+    started = time.perf_counter()
+    response = client.http.post("/v1/attributions", json=body)
+    response.raise_for_status()
+    job_id = response.json()["job_id"]
+    scoring_from = None
+    while (job := client.http.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
+        if scoring_from is None and job["progress"]["stage"] == "score":
+            scoring_from = time.perf_counter()
+        time.sleep(0.05)
+    finished = time.perf_counter()
+    assert job["status"] == "succeeded", job
+    return finished - (scoring_from or started), finished - started, job
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train", type=int, default=20000)
+    parser.add_argument("--shard", type=int, default=2000)
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of the 1x jobs (the fastest is reported)")
+    args = parser.parse_args()
+    lines = ["# Sharded scoring: 1 vs 2 workers, and 10x the training set", "",
+             f"`python -m benchmarks.sharded_scoring --train {args.train} --shard {args.shard} --queries "
+             f"{args.queries} --scale {args.scale} --repeats {args.repeats}` on {platform.node()} ({os.cpu_count()} CPUs, shared), "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             "| training examples | shards | workers | shards per worker | score time | examples / s | job time |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    measured: dict[tuple[int, int], float] = {}
+    with tempfile.TemporaryDirectory() as folder, topology(Path(folder), args.shard) as (base_url, key, env):
+        client = Client(base_url, key)
+        model = client.model(SIZES, 0)
+        runs = [(args.train, 1), (args.train, 2), (args.train * args.scale, 2)]
+        datasets: dict[int, str] = {}
+        train, query = teacher_data(args.train * args.scale, args.queries)
+        query_id = client.dataset(query.inputs.numpy(), query.targets.numpy())
+        for size, count in runs:
+            if size not in datasets:
+                datasets[size] = client.dataset(train.inputs[:size].numpy(), train.targets[:size].numpy())
+            body = {"model_id": model, "train_dataset_id": datasets[size], "query_dataset_id": query_id,
+                    "method": "influence", "mode": "pairwise", "top_k": 10, "options": {"strategy": "ekfac"}}
+            with workers(count, env, Path(folder)):
+                timings = [timed_job(client, body) for _ in range(args.repeats if size == args.train else 1)]
+            score, total, job = min(timings, key=lambda timing: timing[0])  # the least disturbed run
+            measured[(size, count)] = score
+            shards = -(-size // args.shard)
+            split = shards_per_worker(env["ATTRIB_DATABASE_URL"], job["id"])
+            lines.append(f"| {size:,} | {shards} | {count} | {split} | {score:.1f} s | {size / score:,.0f} | "
+                         f"{total:.1f} s |")
+            print(lines[-1], flush=True)
+    speedup = measured[(args.train, 1)] / measured[(args.train, 2)]
+    growth = measured[(args.train * args.scale, 2)] / measured[(args.train, 2)]
+    lines += ["", f"- 2 workers vs 1: **{speedup:.2f}x** the throughput (target >= 1.8x).",
+              f"- {args.scale}x the training set with 2 workers: **{growth:.1f}x** the score time (target <= "
+              f"{args.scale + 1}x).", ""]
+    RESULTS.write_text("\n".join(lines))
+    print("\n".join(lines[-3:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Sharded scoring of an attribution (method `influence` with a factor strategy): prepare once, score shards on
+any number of workers, merge exactly, write rows and the final status in one transaction.
+
+The job's own task is the *coordinator*. It claims the job as usual (its heartbeat keeps the job alive), then:
+
+1. prepares, unless an earlier attempt did: fits the curvature (or loads the stored fit), computes the
+   preconditioned query vectors, stores both as blobs and creates one ``job_shards`` row per training range;
+2. sends one broker message per unfinished shard (a Celery group); any worker takes a message and claims its
+   shard's row (`worker/shard_rows.py`), and the coordinator itself claims and scores shards while it waits, so
+   a job never waits for a free worker that is busy coordinating;
+3. polls the rows: reports the shards' progress summed as the job's, stops at a cancel (shards stop at their
+   next progress report), reclaims a shard whose heartbeat went stale (its worker died; the partial work is
+   discarded), and fails the job when a shard failed;
+4. merges the shards' outputs (`worker.attribution.shards.merge_shards`: exact, a pure function) and writes the
+   result rows with the job's success in one transaction fenced by the job's attempt — a second merge, by a
+   superseded attempt, finds the job no longer its own and writes nothing.
+
+A coordinator that dies leaves the job stale: the reaper requeues it and the next attempt resumes from the rows
+(done shards are kept: their outputs are blobs scored against the same prepared blobs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from safetensors.torch import load_file, save
+from sqlalchemy.orm import Session
+
+from service.liveness import CancelRequested, LivenessPolicy, Superseded, report_progress, worker_name
+from service.problems import problem_dict
+from service.storage import BlobStore, StoredBlob
+from worker.attribution import Cancelled, Curvature, fit_curvature
+from worker.attribution.attribute import _diagnostics, build_scorers
+from worker.attribution.curvature.base import LayerVectors
+from worker.attribution.gradients import place_model
+from worker.attribution.options import FIT_STRATEGIES, FitStrategy
+from worker.attribution.options import InfluenceOptions as EngineInfluenceOptions
+from worker.attribution.scoring import ModelScorer
+from worker.attribution.shards import (
+    ShardMode,
+    ShardOutput,
+    ShardRange,
+    merge_shards,
+    prepare_query_vectors,
+    score_shard,
+    shard_diagnostics,
+    shard_ranges,
+    vectors_from_tensors,
+    vectors_to_tensors,
+)
+from worker.attribution.types import Progress, no_progress
+from worker.context import PROGRESS_WRITE_SECONDS, JobContext, JobFailed
+from worker.heartbeat import Heartbeat
+from worker.loading import load_curvatures, put_curvatures
+from worker.methods.base import MadeFit, Method
+from worker.methods.engine_options import influence_options
+from worker.methods.influence import InfluenceOptions
+from worker.shard_rows import beat_shard, claim_shard, create_shards, finish_shard, report_shard_progress, shards_of
+from worker.tasks.attribution import LoadedRequest, save_results
+from worker.tasks.options import loss_name, measurement_name, method_of, method_options, mode_name
+from worker.tasks.rows import result_columns
+
+log = logging.getLogger(__name__)
+
+SHARDED_METHODS = ("influence",)
+POLL_SECONDS = 0.2
+
+
+def shard_plan(context: JobContext, request: LoadedRequest, method: Method) -> list[ShardRange] | None:
+    """The job's shards, or None when it runs as one task: sharding is off, the training set fits one shard, or
+    the method and strategy have no sharded path (only `influence` with a factor strategy or a stored fit)."""
+    if context.shard_examples <= 0 or len(request.train) <= context.shard_examples:
+        return None
+    if method.name not in SHARDED_METHODS:
+        return None
+    options = method_options(method, request.attribution.options)
+    if request.fit is None and not (isinstance(options, InfluenceOptions) and options.strategy in FIT_STRATEGIES):
+        return None
+    return shard_ranges(len(request.train), context.shard_examples)
+
+
+# ---------------------------------------------------------------- what every shard scores against
+
+
+@dataclass
+class ShardWork:
+    """The job's scorers (from the prepared curvatures) and preconditioned query vectors."""
+
+    request: LoadedRequest
+    mode: ShardMode
+    batch_size: int
+    scorers: list[ModelScorer]
+    vectors: list[LayerVectors]
+    curvatures: list[Curvature]
+    options: EngineInfluenceOptions
+    prepared: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, request: LoadedRequest, curvatures: list[Curvature], progress: Progress) -> ShardWork:
+        method = method_of(request.attribution.method)
+        typed = method_options(method, request.attribution.options)
+        assert isinstance(typed, InfluenceOptions)
+        options = influence_options(typed)
+        options.strategy = cast(FitStrategy, curvatures[0].strategy)
+        placed = [place_model(module, None) for module in request.modules]
+        scorers = build_scorers(placed, request.train, loss_name(request.loss), "influence", options, curvatures,
+                                no_progress)
+        mode = mode_name(request.attribution.mode)
+        return cls(request, mode, options.batch_size, scorers, [], curvatures, options)
+
+    @classmethod
+    def load(cls, store: BlobStore, request: LoadedRequest, prepared: dict[str, Any]) -> ShardWork:
+        stored = load_curvatures(store, prepared["curvatures"])
+        work = cls.build(request, [stored[str(i)] for i in range(len(stored))], no_progress)
+        if prepared.get("queries") is not None:
+            work.vectors = vectors_from_tensors(load_tensors(store, prepared["queries"]), len(work.scorers))
+        else:
+            work.vectors = [{} for _ in work.scorers]
+        work.prepared = prepared
+        return work
+
+    def score(self, shard: ShardRange, progress: Progress) -> ShardOutput:
+        return score_shard(self.scorers, self.request.train, shard, self.mode, self.vectors,
+                           self.request.attribution.top_k, self.batch_size, progress)
+
+
+def put_tensors(store: BlobStore, tensors: dict[str, torch.Tensor]) -> str:
+    """A safetensors blob of intermediate tensors (no Blob row: it is not an artifact of any tenant)."""
+    return store.stage_bytes_from(iter([save(tensors)]), limit=1 << 62).commit().sha256
+
+
+def load_tensors(store: BlobStore, sha256: str) -> dict[str, torch.Tensor]:
+    with store.local_path(sha256) as path:
+        return load_file(str(path))
+
+
+# ---------------------------------------------------------------- one shard, run by any worker
+
+
+def run_one_shard(
+    work: ShardWork, database_url: str, store: BlobStore, shard: ShardRange, attempt: int,
+    heartbeat: Heartbeat, also: Progress = no_progress,
+) -> None:
+    """Score one claimed shard and mark it done with its output blob. Raises ``Superseded`` when the shard was
+    taken over, ``Cancelled`` when its job was cancelled or ended. ``also``: called after each progress write."""
+    job_id = heartbeat.job_id
+    last = 0.0
+
+    def progress(stage: str, completed: int, total: int) -> None:
+        nonlocal last
+        if heartbeat.lost.is_set():
+            raise Superseded(f"job {job_id} shard {shard.index} attempt {attempt} lost its shard")
+        now = time.monotonic()
+        if now - last < PROGRESS_WRITE_SECONDS and not (total > 0 and completed >= total):
+            return
+        last = now
+        from service.db.session import session_scope
+
+        with session_scope(database_url) as session:
+            try:
+                report_shard_progress(session, job_id, shard.index, attempt, completed, total)
+            except CancelRequested:
+                raise Cancelled() from None
+        also(stage, completed, total)
+
+    output = work.score(shard, progress)
+    sha256 = put_tensors(store, output.to_tensors())
+    from service.db.session import session_scope
+
+    with session_scope(database_url) as session:
+        finish_shard(session, job_id, shard.index, attempt, sha256)
+
+
+def shard_heartbeat(database_url: str, job_id: str, shard: int, attempt: int, period: float) -> Heartbeat:
+    return Heartbeat(database_url, job_id, attempt, period,
+                     beat_once=lambda session: beat_shard(session, job_id, shard, attempt))
+
+
+# ---------------------------------------------------------------- the coordinator
+
+
+def run_sharded(context: JobContext, request: LoadedRequest, method: Method, ranges: list[ShardRange]) -> None:
+    policy = context.policy
+    assert policy is not None, "a sharded job needs the liveness policy"
+    with context.session() as session:
+        existing = [(row.shard, row.prepared) for row in shards_of(session, context.job_id)]
+    if existing:
+        work = ShardWork.load(context.store, request, existing[0][1])
+        log.info("job %s: resuming %d shards", context.job_id, len(existing))
+    else:
+        work = _prepare(context, request, ranges)
+    with context.session() as session:
+        pending = [row.shard for row in shards_of(session, context.job_id) if row.status != "done"]
+    if pending and context.send_shards is not None:
+        context.send_shards(context.job_id, pending)
+    _wait_for_shards(context, work, policy)
+    _merge_and_save(context, request, method, work)
+
+
+def _prepare(context: JobContext, request: LoadedRequest, ranges: list[ShardRange]) -> ShardWork:
+    if request.fit is not None and request.fit.artifact_sha256 is not None:
+        curvatures = [load_curvatures(context.store, request.fit.artifact_sha256)["model"]]
+    else:
+        typed = method_options(method_of(request.attribution.method), request.attribution.options)
+        assert isinstance(typed, InfluenceOptions)
+        from worker.methods.engine_options import fit_options
+
+        curvatures = [fit_curvature(module, request.train, loss_name(request.loss), fit_options(typed.fit_settings()),
+                                    progress=context.progress) for module in request.modules]
+    work = ShardWork.build(request, curvatures, context.progress)
+    if request.query is not None:
+        work.vectors = prepare_query_vectors(work.scorers, request.query, work.mode,
+                                             measurement_name(request.attribution.measurement), work.batch_size,
+                                             context.progress)
+    else:
+        work.vectors = [{} for _ in work.scorers]
+    queries = put_tensors(context.store, vectors_to_tensors(work.vectors)) if work.mode != "self" else None
+    with context.session() as session:
+        blob = _put_without_index(session, context.store, curvatures)
+        work.prepared = {"curvatures": blob.sha256, "queries": queries}
+        try:  # fenced: only the attempt that owns the job creates its shards
+            report_progress(session, context.job_id, context.attempt, "score", 0, len(request.train))
+        except CancelRequested:
+            raise Cancelled() from None
+        create_shards(session, context.job_id, ranges, work.prepared)
+    return work
+
+
+def _put_without_index(session: Session, store: BlobStore, curvatures: list[Curvature]) -> StoredBlob:
+    """The curvatures as one blob for the shards, without the training-gradient index a fit may keep (rows of
+    the whole training set: a shard recomputes its own range's gradients instead of loading every row)."""
+    indexes = [curvature.training_index for curvature in curvatures]
+    try:
+        for curvature in curvatures:
+            curvature.training_index = None
+        return put_curvatures(session, store, {str(i): c for i, c in enumerate(curvatures)})
+    finally:
+        for curvature, index in zip(curvatures, indexes, strict=True):
+            curvature.training_index = index
+
+
+def _wait_for_shards(context: JobContext, work: ShardWork, policy: LivenessPolicy) -> None:
+    """Until every shard is done: report summed progress, score claimable shards here, fail on a failed shard."""
+    total = len(work.request.train)
+
+    def report(*_: Any) -> None:
+        context.progress("score", _completed(context), total)
+
+    while True:
+        with context.session() as session:
+            rows = shards_of(session, context.job_id)
+            failed = [row for row in rows if row.status == "failed"]
+            if failed:  # the job fails with the shard's problem (a time limit, bad input found while scoring)
+                raise JobFailed(failed[0].error or problem_dict(500, f"shard {failed[0].shard} failed",
+                                                                kind="internal-error", title="Job failed"))
+            if all(row.status == "done" for row in rows):
+                return
+        report()
+        with context.session() as session:
+            claimed = claim_shard(session, context.job_id, None, policy, worker_name())
+            shard = None if claimed is None else (ShardRange(claimed[0].shard, claimed[0].start, claimed[0].stop),
+                                                  claimed[1])
+        if shard is None:
+            time.sleep(POLL_SECONDS)
+            continue
+        (shard_range, attempt) = shard
+        with shard_heartbeat(context.database_url, context.job_id, shard_range.index, attempt,
+                             policy.heartbeat_seconds) as heartbeat:
+            try:
+                run_one_shard(work, context.database_url, context.store, shard_range, attempt, heartbeat, report)
+            except Superseded as exc:  # another worker reclaimed it (this one looked dead): it finishes it
+                log.warning("job %s: %s", context.job_id, exc)
+
+
+def _completed(context: JobContext) -> int:
+    with context.session() as session:
+        completed = 0
+        for row in shards_of(session, context.job_id):
+            size = row.stop - row.start
+            if row.status == "done":
+                completed += size
+            elif row.progress_total > 0:
+                completed += size * row.progress_completed // row.progress_total
+        return completed
+
+
+def _merge_and_save(context: JobContext, request: LoadedRequest, method: Method, work: ShardWork) -> None:
+    with context.session() as session:
+        rows = shards_of(session, context.job_id)
+        outputs = [ShardOutput.from_tensors(work.mode, load_tensors(context.store, row.output_sha256))
+                   for row in rows if row.output_sha256 is not None]
+        ranges = [ShardRange(row.shard, row.start, row.stop) for row in rows]
+    attribution = request.attribution
+    scores = merge_shards(outputs, work.mode, attribution.top_k, len(request.train))
+    scores.diagnostics = _diagnostics(work.scorers, request.train, request.query, "influence", work.mode,
+                                      measurement_name(attribution.measurement), work.options)
+    scores.diagnostics.update(shard_diagnostics(ranges))
+    query_ids = request.query_arrays.ids.tolist() if request.query_arrays is not None else None
+    columns = result_columns(scores, method.name, attribution.top_k, request.train_arrays.ids.tolist(), query_ids)
+    made: list[MadeFit] = []
+    if request.fit is None:
+        typed = method_options(method, attribution.options)
+        assert isinstance(typed, InfluenceOptions)
+        made = [MadeFit(model_id=model.id, curvature=curvature, settings=typed.fit_settings(), damping=typed.damping)
+                for model, curvature in zip(request.models, work.curvatures, strict=True)]
+    save_results(context, request, scores, columns, made)
