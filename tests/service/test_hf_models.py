@@ -478,7 +478,7 @@ def test_gpt2_text_attribution_end_to_end(sqlite_api: Api, tmp_path: Path) -> No
         "method": "gradient_similarity", "mode": "pairwise", "top_k": 4})
     assert response.status_code == 202, response.text
     job = api.client.get(f"/v1/jobs/{response.json()['job_id']}").json()
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", job["error"]
     rows = api.client.get(f"/v1/attributions/{response.json()['id']}/results",
                           params={"direction": "positive", "page_size": 100}).json()["results"]
     scores = {(r["query_id"], r["train_id"]): r["score"] for r in rows}
@@ -500,7 +500,7 @@ def test_gpt2_text_attribution_end_to_end(sqlite_api: Api, tmp_path: Path) -> No
         "method": "influence", "mode": "pairwise", "top_k": 2})
     assert influence.status_code == 202, influence.text
     job = api.client.get(f"/v1/jobs/{influence.json()['job_id']}").json()
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", job["error"]
 
 
 def test_bert_sequence_classification_end_to_end(sqlite_api: Api, tmp_path: Path) -> None:
@@ -516,7 +516,7 @@ def test_bert_sequence_classification_end_to_end(sqlite_api: Api, tmp_path: Path
         "top_k": 3})
     assert response.status_code == 202, response.text
     job = api.client.get(f"/v1/jobs/{response.json()['job_id']}").json()
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", job["error"]
     out_of_range = post_dataset(api, save_safetensors({"input_ids": torch.tensor([[2, 3]]), "targets": torch.tensor([5])}),
                                 "bad.safetensors").json()
     refused = api.client.post("/v1/attributions", json={

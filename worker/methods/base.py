@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from worker.attribution import AttributionScores, Curvature, EditOptions, EditResult, Examples, Progress
+    from worker.attribution.losses import LossName
     from worker.attribution.trajectory import TrajectoryCheckpoint
 
 ModeName = Literal["pairwise", "aggregate", "self"]
@@ -25,7 +26,6 @@ MeasurementName = Literal["loss", "margin"]
 # What a ranked row's train_id (or a query row's query_id) names: a dataset example (its id) or a task (its task id).
 Unit = Literal["example", "task"]
 EstimatorName = Literal["newton", "proximal", "first_order"]
-LossName = Literal["cross_entropy", "mse"]
 
 ALL_MODES: tuple[ModeName, ...] = ("pairwise", "aggregate", "self")
 ALL_MEASUREMENTS: tuple[MeasurementName, ...] = ("loss", "margin")

@@ -15,6 +15,7 @@ from worker.methods.base import EditInputs, RunInputs, RunOutput
 
 if TYPE_CHECKING:
     from worker.attribution import EditResult
+    from worker.attribution.losses import LossName
 
 MetaUnit = Literal["task", "instance"]
 
@@ -54,6 +55,15 @@ class MetaOptionsBase(StrictModel):
     tol: Tolerance = Field(1e-8, description="Relative residual of the total-Hessian solve.")
 
 
+def meta_loss(loss: LossName) -> Literal["cross_entropy", "mse"]:
+    """Meta-learning models are classifiers or regressors (a job on a causal LM fails with this reason)."""
+    if loss == "causal_lm":
+        from worker.attribution import AttributionError
+
+        raise AttributionError("meta methods take models with task loss cross_entropy or mse, not causal_lm")
+    return loss
+
+
 def run_meta(inputs: RunInputs, unit: MetaUnit) -> RunOutput:
     from worker.attribution.meta import attribute_meta
     from worker.methods.engine_options import meta_options
@@ -61,7 +71,7 @@ def run_meta(inputs: RunInputs, unit: MetaUnit) -> RunOutput:
     assert isinstance(inputs.options, MetaOptionsBase) and inputs.query is not None
     assert inputs.mode != "self"  # the declaration has no self mode
     scores = attribute_meta(
-        inputs.modules[0], inputs.train, inputs.query, loss=inputs.loss, unit=unit, mode=inputs.mode,
+        inputs.modules[0], inputs.train, inputs.query, loss=meta_loss(inputs.loss), unit=unit, mode=inputs.mode,
         top_k=inputs.top_k, options=meta_options(inputs.options), progress=inputs.progress,
     )
     return RunOutput(scores=scores)
@@ -72,5 +82,5 @@ def edit_meta(inputs: EditInputs, unit: MetaUnit) -> EditResult:
     from worker.methods.engine_options import meta_options
 
     assert isinstance(inputs.options, MetaOptionsBase)
-    return engine_edit_meta(inputs.module, inputs.train, inputs.removed, loss=inputs.loss, unit=unit,
+    return engine_edit_meta(inputs.module, inputs.train, inputs.removed, loss=meta_loss(inputs.loss), unit=unit,
                             options=meta_options(inputs.options), edit=inputs.edit, queries=inputs.queries)

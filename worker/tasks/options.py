@@ -14,11 +14,12 @@ from service.schemas.attributions import EditOptionsIn
 from service.schemas.common import StrictModel
 from service.schemas.options import FitSettings
 from worker.attribution import AttributionError
-from worker.methods.base import LossName, MeasurementName, Method, ModeName
+from worker.attribution.losses import LossName
+from worker.attribution.losses import loss_name as engine_loss_name
+from worker.methods.base import MeasurementName, Method, ModeName
 from worker.methods.registry import UnknownMethod, get_method
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-LOSSES: dict[str, LossName] = {"cross_entropy": "cross_entropy", "mse": "mse"}
 
 
 def read_stored(model: type[ModelT], stored: dict[str, Any], what: str) -> ModelT:
@@ -51,10 +52,8 @@ def edit_options(stored: dict[str, Any]) -> EditOptionsIn:
 
 
 def loss_name(value: object) -> LossName:
-    loss = LOSSES.get(str(value))
-    if loss is None:
-        raise AttributionError(f"the model's task loss {value!r} is not supported")
-    return loss
+    """The stored task loss as the engine's loss name (an AttributionError, failing the job, if unknown)."""
+    return engine_loss_name(str(value))
 
 
 MODES: dict[str, ModeName] = {"pairwise": "pairwise", "aggregate": "aggregate", "self": "self"}
