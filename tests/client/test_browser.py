@@ -84,7 +84,7 @@ def test_docs_render_offline_with_every_operation(served: Served, browser: Any) 
     assert resources_outside(browser, served.url) == []
 
     browser.get(f"{served.url}/redoc")
-    wait_for(browser, lambda d: "Create Attribution" in d.find_element(By.TAG_NAME, "body").text)
+    wait_for(browser, lambda d: "Queue an attribution" in d.find_element(By.TAG_NAME, "body").text)
     assert resources_outside(browser, served.url) == []
     if os.environ.get("ATTRIB_SCREENSHOT_DIR"):
         browser.save_screenshot(str(Path(os.environ["ATTRIB_SCREENSHOT_DIR"]) / "redoc.png"))
