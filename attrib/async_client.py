@@ -28,13 +28,23 @@ class AsyncClient:
     ...         print(row)
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, retry: RetryPolicy | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.base_url = resolve_base_url(base_url)
         self.retry = retry or RetryPolicy()
-        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport,
-                                      headers={"Authorization": f"Bearer {resolve_api_key(api_key)}"})
+        self.http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=timeout,
+            transport=transport,
+            headers={"Authorization": f"Bearer {resolve_api_key(api_key)}"},
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -62,21 +72,53 @@ class AsyncClient:
     # --- models ------------------------------------------------------------------------------------------
 
     async def upload_model(
-        self, weights: Any = None, *, name: str, architecture: Any = None, loss: str | None = None,
-        format: str = "spec", task: dict[str, Any] | None = None, config: Any = None, weights_index: Any = None,
-        tokenizer: Any = None, tokenizer_config: Any = None, archive: Any = None, base_model: Any = None,
+        self,
+        weights: Any = None,
+        *,
+        name: str,
+        architecture: Any = None,
+        loss: str | None = None,
+        format: str = "spec",
+        task: dict[str, Any] | None = None,
+        config: Any = None,
+        weights_index: Any = None,
+        tokenizer: Any = None,
+        tokenizer_config: Any = None,
+        archive: Any = None,
+        base_model: Any = None,
         adapter_config: Any = None,
     ) -> Model:
         """See :meth:`attrib.Client.upload_model`."""
-        return Model.from_json(await self.call(calls.upload_model(
-            weights, name=name, format=format, architecture=architecture, loss=loss, task=task, config=config,
-            weights_index=weights_index, tokenizer=tokenizer, tokenizer_config=tokenizer_config, archive=archive,
-            base_model=base_model, adapter_config=adapter_config)))
+        return Model.from_json(
+            await self.call(
+                calls.upload_model(
+                    weights,
+                    name=name,
+                    format=format,
+                    architecture=architecture,
+                    loss=loss,
+                    task=task,
+                    config=config,
+                    weights_index=weights_index,
+                    tokenizer=tokenizer,
+                    tokenizer_config=tokenizer_config,
+                    archive=archive,
+                    base_model=base_model,
+                    adapter_config=adapter_config,
+                )
+            )
+        )
 
-    async def upload_checkpoint(self, model: Any, weights: Any, *, step: int, learning_rate: float, stage: int = 0,
-                                momentum: float = 0.0) -> Checkpoint:
-        return Checkpoint.from_json(await self.call(calls.upload_checkpoint(
-            model, weights, step=step, learning_rate=learning_rate, stage=stage, momentum=momentum)))
+    async def upload_checkpoint(
+        self, model: Any, weights: Any, *, step: int, learning_rate: float, stage: int = 0, momentum: float = 0.0
+    ) -> Checkpoint:
+        return Checkpoint.from_json(
+            await self.call(
+                calls.upload_checkpoint(
+                    model, weights, step=step, learning_rate=learning_rate, stage=stage, momentum=momentum
+                )
+            )
+        )
 
     async def get_model(self, model_id: str) -> Model:
         return Model.from_json(await self.call(Call("GET", f"/v1/models/{calls.ident(model_id)}")))
@@ -93,13 +135,35 @@ class AsyncClient:
 
     # --- datasets ----------------------------------------------------------------------------------------
 
-    async def upload_dataset(self, data: Any = None, *, name: str, inputs: Any = None, targets: Any = None,
-                             ids: Any = None, weight: Any = None, task: Any = None, split: Any = None,
-                             metadata: dict[str, Any] | None = None) -> Dataset:
+    async def upload_dataset(
+        self,
+        data: Any = None,
+        *,
+        name: str,
+        inputs: Any = None,
+        targets: Any = None,
+        ids: Any = None,
+        weight: Any = None,
+        task: Any = None,
+        split: Any = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Dataset:
         """See :meth:`attrib.Client.upload_dataset`."""
-        return Dataset.from_json(await self.call(calls.upload_dataset(
-            data, name=name, extra_metadata=metadata, inputs=inputs, targets=targets, ids=ids, weight=weight,
-            task=task, split=split)))
+        return Dataset.from_json(
+            await self.call(
+                calls.upload_dataset(
+                    data,
+                    name=name,
+                    extra_metadata=metadata,
+                    inputs=inputs,
+                    targets=targets,
+                    ids=ids,
+                    weight=weight,
+                    task=task,
+                    split=split,
+                )
+            )
+        )
 
     async def get_dataset(self, dataset_id: str) -> Dataset:
         return Dataset.from_json(await self.call(Call("GET", f"/v1/datasets/{calls.ident(dataset_id)}")))
@@ -131,20 +195,41 @@ class AsyncClient:
 
     # --- fits and attributions ---------------------------------------------------------------------------
 
-    async def fit(self, model: Any, dataset: Any, *, strategy: str = "ekfac", damping: float | None = None,
-                  **options: Any) -> Fit:
+    async def fit(
+        self, model: Any, dataset: Any, *, strategy: str = "ekfac", damping: float | None = None, **options: Any
+    ) -> Fit:
         body = await self.call(calls.fit(model, dataset, strategy=strategy, damping=damping, options=options))
         return Fit.from_json(body, AsyncJob(self, body["job_id"]))
 
     async def attribute(
-        self, model: Any, train: Any, queries: Any = None, *, method: str | None = None, mode: str = "pairwise",
-        measurement: str = "loss", top_k: int = 10, fit: Any = None,
-        options: MethodOptions | dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+        self,
+        model: Any,
+        train: Any,
+        queries: Any = None,
+        *,
+        method: str | None = None,
+        mode: str = "pairwise",
+        measurement: str = "loss",
+        top_k: int = 10,
+        fit: Any = None,
+        options: MethodOptions | dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Attribution:
         """See :meth:`attrib.Client.attribute`; ``await attribution.job.wait()`` follows the job."""
-        body = await self.call(calls.attribute(model, train, queries, method=method, mode=mode,
-                                               measurement=measurement, top_k=top_k, fit=fit, options=options,
-                                               extra=extra))
+        body = await self.call(
+            calls.attribute(
+                model,
+                train,
+                queries,
+                method=method,
+                mode=mode,
+                measurement=measurement,
+                top_k=top_k,
+                fit=fit,
+                options=options,
+                extra=extra,
+            )
+        )
         return Attribution.from_json(body, AsyncJob(self, body["job_id"]))
 
     async def get_attribution(self, attribution_id: str) -> Attribution:
@@ -153,12 +238,16 @@ class AsyncClient:
 
     # --- results -----------------------------------------------------------------------------------------
 
-    async def results(self, attribution: Any, *, query_id: Any = None, direction: str = "positive",
-                      page_size: int = 1000) -> AsyncIterator[ResultRow]:
+    async def results(
+        self, attribution: Any, *, query_id: Any = None, direction: str = "positive", page_size: int = 1000
+    ) -> AsyncIterator[ResultRow]:
         token = None
         while True:
-            body = await self.call(calls.results_page(attribution, query_id=query_id, direction=direction,
-                                                      page_size=page_size, page_token=token))
+            body = await self.call(
+                calls.results_page(
+                    attribution, query_id=query_id, direction=direction, page_size=page_size, page_token=token
+                )
+            )
             for row in body["results"]:
                 yield ResultRow.from_json(row)
             token = body.get("next_page_token")

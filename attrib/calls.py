@@ -23,9 +23,20 @@ def multipart(path: str, metadata: dict[str, Any], files: list[FilePart]) -> Cal
 
 
 def upload_model(
-    weights: Any, *, name: str, format: str, architecture: Any, loss: str | None, task: dict[str, Any] | None,
-    config: Any, weights_index: Any, tokenizer: Any, tokenizer_config: Any, archive: Any,
-    base_model: Any, adapter_config: Any,
+    weights: Any,
+    *,
+    name: str,
+    format: str,
+    architecture: Any,
+    loss: str | None,
+    task: dict[str, Any] | None,
+    config: Any,
+    weights_index: Any,
+    tokenizer: Any,
+    tokenizer_config: Any,
+    archive: Any,
+    base_model: Any,
+    adapter_config: Any,
 ) -> Call:
     metadata: dict[str, Any] = {"name": name, "format": format}
     if architecture is not None:
@@ -41,10 +52,13 @@ def upload_model(
         files.append(file_part("archive", archive, "model.tar.gz"))
     shards = weights if isinstance(weights, (list, tuple)) else ([weights] if weights is not None else [])
     files += [weights_part(shard) for shard in shards]
-    named = {"config": (config, "config.json"), "weights_index": (weights_index, "model.safetensors.index.json"),
-             "tokenizer": (tokenizer, "tokenizer.json"),
-             "tokenizer_config": (tokenizer_config, "tokenizer_config.json"),
-             "adapter_config": (adapter_config, "adapter_config.json")}
+    named = {
+        "config": (config, "config.json"),
+        "weights_index": (weights_index, "model.safetensors.index.json"),
+        "tokenizer": (tokenizer, "tokenizer.json"),
+        "tokenizer_config": (tokenizer_config, "tokenizer_config.json"),
+        "adapter_config": (adapter_config, "adapter_config.json"),
+    }
     for field, (value, filename) in named.items():
         if value is not None:
             data = json.dumps(value).encode() if isinstance(value, dict) else value
@@ -52,8 +66,9 @@ def upload_model(
     return multipart("/v1/models", metadata, files)
 
 
-def upload_checkpoint(model: Any, weights: Any, *, step: int, learning_rate: float, stage: int,
-                      momentum: float) -> Call:
+def upload_checkpoint(
+    model: Any, weights: Any, *, step: int, learning_rate: float, stage: int, momentum: float
+) -> Call:
     metadata = {"step": step, "learning_rate": learning_rate, "stage": stage, "momentum": momentum}
     return multipart(f"/v1/models/{ident(model)}/checkpoints", metadata, [weights_part(weights)])
 
@@ -63,12 +78,27 @@ def upload_dataset(data: Any, *, name: str, extra_metadata: dict[str, Any] | Non
 
 
 def attribute(
-    model: Any, train: Any, queries: Any, *, method: str | None, mode: str, measurement: str, top_k: int,
-    fit: Any, options: MethodOptions | dict[str, Any] | None, extra: dict[str, Any] | None,
+    model: Any,
+    train: Any,
+    queries: Any,
+    *,
+    method: str | None,
+    mode: str,
+    measurement: str,
+    top_k: int,
+    fit: Any,
+    options: MethodOptions | dict[str, Any] | None,
+    extra: dict[str, Any] | None,
 ) -> Call:
     method_name, options_json = method_and_options(method, options)
-    body: dict[str, Any] = {"train_dataset_id": ident(train), "method": method_name, "mode": mode,
-                            "measurement": measurement, "top_k": top_k, "options": options_json}
+    body: dict[str, Any] = {
+        "train_dataset_id": ident(train),
+        "method": method_name,
+        "mode": mode,
+        "measurement": measurement,
+        "top_k": top_k,
+        "options": options_json,
+    }
     if isinstance(model, (list, tuple)):
         body["model_ids"] = [ident(m) for m in model]
     else:
@@ -86,8 +116,12 @@ def fit(model: Any, dataset: Any, *, strategy: str, damping: float | None, optio
 
 
 def results_page(attribution: Any, *, query_id: Any, direction: str, page_size: int, page_token: str | None) -> Call:
-    params = {"query_id": None if query_id is None else str(query_id), "direction": direction,
-              "page_size": page_size, "page_token": page_token}
+    params = {
+        "query_id": None if query_id is None else str(query_id),
+        "direction": direction,
+        "page_size": page_size,
+        "page_token": page_token,
+    }
     return Call("GET", f"/v1/attributions/{ident(attribution)}/results", params=params)
 
 

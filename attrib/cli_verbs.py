@@ -95,15 +95,35 @@ def json_argument(value: str) -> Any:
 
 MODEL_FIELDS = ("id", "name", "format", "num_parameters", "tracked_layers", "created_at")
 DATASET_FIELDS = ("id", "name", "num_examples", "fields", "created_at")
-JOB_FIELDS = ("id", "kind", "status", "progress", "error", "result_url", "attribution_id", "fit_id", "created_at",
-              "finished_at")
-ATTRIBUTION_FIELDS = ("id", "job_id", "status", "method", "mode", "top_k", "train_dataset_id", "query_dataset_id",
-                      "results_url")
+JOB_FIELDS = (
+    "id",
+    "kind",
+    "status",
+    "progress",
+    "error",
+    "result_url",
+    "attribution_id",
+    "fit_id",
+    "created_at",
+    "finished_at",
+)
+ATTRIBUTION_FIELDS = (
+    "id",
+    "job_id",
+    "status",
+    "method",
+    "mode",
+    "top_k",
+    "train_dataset_id",
+    "query_dataset_id",
+    "results_url",
+)
 
 
 def models_upload(client: Client, args: argparse.Namespace) -> int:
-    model = client.upload_model(args.weights, name=args.name, architecture=args.architecture, loss=args.loss,
-                                format=args.format)
+    model = client.upload_model(
+        args.weights, name=args.name, architecture=args.architecture, loss=args.loss, format=args.format
+    )
     show(model.raw, args, MODEL_FIELDS)
     return 0
 
@@ -116,9 +136,17 @@ def datasets_upload(client: Client, args: argparse.Namespace) -> int:
 
 def attribute(client: Client, args: argparse.Namespace) -> int:
     models = args.model if len(args.model) > 1 else args.model[0]
-    attribution = client.attribute(models, args.train, args.queries, method=args.method, mode=args.mode,
-                                   measurement=args.measurement, top_k=args.top_k, fit=args.fit,
-                                   options=args.options)
+    attribution = client.attribute(
+        models,
+        args.train,
+        args.queries,
+        method=args.method,
+        mode=args.mode,
+        measurement=args.measurement,
+        top_k=args.top_k,
+        fit=args.fit,
+        options=args.options,
+    )
     status = 0
     if not args.no_wait:
         if not args.json:
@@ -203,10 +231,10 @@ def edit(client: Client, args: argparse.Namespace) -> int:
 
 
 def verb(commands: Any, name: str, help: str, handler: Handler) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = commands.add_parser(name, help=help, description=help, epilog=EXIT_CODES,
-                                                          formatter_class=HelpFormatter)
-    parser.add_argument("--url", default=None,
-                        help=f"API base URL (default: $ATTRIB_URL, else {DEFAULT_URL})")
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help, description=help, epilog=EXIT_CODES, formatter_class=HelpFormatter
+    )
+    parser.add_argument("--url", default=None, help=f"API base URL (default: $ATTRIB_URL, else {DEFAULT_URL})")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of human text")
     parser.set_defaults(func=lambda args: run(handler, args))
     return parser
@@ -215,58 +243,98 @@ def verb(commands: Any, name: str, help: str, handler: Handler) -> argparse.Argu
 def add_client_verbs(commands: Any) -> None:
     """Add the client verbs to the `attrib` sub-command parser."""
     models = commands.add_parser("models", help="upload models").add_subparsers(dest="models_command", required=True)
-    upload = verb(models, "upload", "upload a model: a safetensors file and its declarative architecture",
-                  models_upload)
+    upload = verb(
+        models, "upload", "upload a model: a safetensors file and its declarative architecture", models_upload
+    )
     upload.add_argument("weights", type=Path, help="safetensors file of the model's state_dict")
     upload.add_argument("--name", required=True, help="a name for the model")
-    upload.add_argument("--architecture", type=json_argument, required=True,
-                        help="JSON (inline or a file): {\"type\": \"sequential\", \"layers\": [...]} or the layer list")
-    upload.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse", "causal_lm"],
-                        help="what the model is trained for")
+    upload.add_argument(
+        "--architecture",
+        type=json_argument,
+        required=True,
+        help='JSON (inline or a file): {"type": "sequential", "layers": [...]} or the layer list',
+    )
+    upload.add_argument(
+        "--loss",
+        default="cross_entropy",
+        choices=["cross_entropy", "mse", "causal_lm"],
+        help="what the model is trained for",
+    )
     upload.add_argument("--format", default="spec", choices=["spec"], help="model format")
 
-    datasets = commands.add_parser("datasets", help="upload datasets").add_subparsers(dest="datasets_command",
-                                                                                      required=True)
-    upload = verb(datasets, "upload", "upload a dataset: safetensors, .npz or Parquet with inputs, targets, ids",
-                  datasets_upload)
+    datasets = commands.add_parser("datasets", help="upload datasets").add_subparsers(
+        dest="datasets_command", required=True
+    )
+    upload = verb(
+        datasets, "upload", "upload a dataset: safetensors, .npz or Parquet with inputs, targets, ids", datasets_upload
+    )
     upload.add_argument("file", type=Path, help="the dataset file")
     upload.add_argument("--name", required=True, help="a name for the dataset")
 
     run_ = verb(commands, "attribute", "submit an attribution and follow its job with a progress bar", attribute)
-    run_.add_argument("--model", required=True, action="append",
-                      help="model id (repeat for an ensemble of models of one architecture)")
+    run_.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="model id (repeat for an ensemble of models of one architecture)",
+    )
     run_.add_argument("--train", required=True, help="training dataset id")
     run_.add_argument("--queries", default=None, help="query dataset id (not used with --mode self)")
-    run_.add_argument("--method", default="influence",
-                      choices=["influence", "source", "datainf", "tracin", "gradient_similarity",
-                               "meta_task_influence", "meta_instance_influence"], help="attribution method")
+    run_.add_argument(
+        "--method",
+        default="influence",
+        choices=[
+            "influence",
+            "source",
+            "datainf",
+            "tracin",
+            "gradient_similarity",
+            "meta_task_influence",
+            "meta_instance_influence",
+        ],
+        help="attribution method",
+    )
     run_.add_argument("--mode", default="pairwise", choices=["pairwise", "aggregate", "self"], help="what to rank")
     run_.add_argument("--measurement", default="loss", choices=["loss", "margin"], help="what is attributed")
     run_.add_argument("--top-k", type=int, default=10, help="rows per query and direction")
     run_.add_argument("--fit", default=None, help="id of a stored curvature fit to reuse")
-    run_.add_argument("--options", type=json_argument, default=None,
-                      help="method options as JSON (inline or a file), e.g. '{\"strategy\": \"ekfac\"}'")
+    run_.add_argument(
+        "--options",
+        type=json_argument,
+        default=None,
+        help='method options as JSON (inline or a file), e.g. \'{"strategy": "ekfac"}\'',
+    )
     run_.add_argument("--no-wait", action="store_true", help="return once the job is queued")
 
     jobs = commands.add_parser("jobs", help="show or cancel jobs").add_subparsers(dest="jobs_command", required=True)
-    for name, help_text, handler in (("show", "show a job's status and progress", jobs_show),
-                                     ("cancel", "cancel a queued or running job", jobs_cancel)):
+    for name, help_text, handler in (
+        ("show", "show a job's status and progress", jobs_show),
+        ("cancel", "cancel a queued or running job", jobs_cancel),
+    ):
         parser = verb(jobs, name, help_text, handler)
         parser.add_argument("job", help="job id")
 
     rows = verb(commands, "results", "print an attribution's ranked rows", results)
     rows.add_argument("attribution", help="attribution id")
     rows.add_argument("--query", default=None, help="only this query id (default: every query)")
-    rows.add_argument("--direction", default="both", choices=["both", "positive", "negative"],
-                      help="helpful (positive), harmful (negative) or both")
+    rows.add_argument(
+        "--direction",
+        default="both",
+        choices=["both", "positive", "negative"],
+        help="helpful (positive), harmful (negative) or both",
+    )
     rows.add_argument("--limit", type=int, default=None, help="at most this many rows per query and direction")
     rows.add_argument("--format", default="table", choices=["table", "csv", "json"], help="output format")
 
     out = verb(commands, "export", "save every result row to a file", export)
     out.add_argument("attribution", help="attribution id")
     out.add_argument("--output", "-o", default=None, help="file to write (default: ATTRIBUTION.FORMAT)")
-    out.add_argument("--format", default=None, choices=["csv", "parquet", "ndjson"],
-                     help="file format (default: from the output's suffix, else parquet)")
+    out.add_argument(
+        "--format",
+        default=None,
+        choices=["csv", "parquet", "ndjson"],
+        help="file format (default: from the output's suffix, else parquet)",
+    )
 
     change = verb(commands, "edit", "make a model that estimates retraining without some training examples", edit)
     change.add_argument("attribution", help="attribution id")

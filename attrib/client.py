@@ -51,13 +51,23 @@ class Client:
     ...     frame = client.results_dataframe(attribution)
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, retry: RetryPolicy | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.base_url = resolve_base_url(base_url)
         self.retry = retry or RetryPolicy()
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
-                                 headers={"Authorization": f"Bearer {resolve_api_key(api_key)}"})
+        self.http = httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout,
+            transport=transport,
+            headers={"Authorization": f"Bearer {resolve_api_key(api_key)}"},
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -86,9 +96,20 @@ class Client:
     # --- models ------------------------------------------------------------------------------------------
 
     def upload_model(
-        self, weights: Any = None, *, name: str, architecture: Any = None, loss: str | None = None,
-        format: str = "spec", task: dict[str, Any] | None = None, config: Any = None, weights_index: Any = None,
-        tokenizer: Any = None, tokenizer_config: Any = None, archive: Any = None, base_model: Any = None,
+        self,
+        weights: Any = None,
+        *,
+        name: str,
+        architecture: Any = None,
+        loss: str | None = None,
+        format: str = "spec",
+        task: dict[str, Any] | None = None,
+        config: Any = None,
+        weights_index: Any = None,
+        tokenizer: Any = None,
+        tokenizer_config: Any = None,
+        archive: Any = None,
+        base_model: Any = None,
         adapter_config: Any = None,
     ) -> Model:
         """Upload a model.
@@ -107,19 +128,40 @@ class Client:
         >>> model.tracked_layers
         ['0']
         """
-        return Model.from_json(self.call(calls.upload_model(
-            weights, name=name, format=format, architecture=architecture, loss=loss, task=task, config=config,
-            weights_index=weights_index, tokenizer=tokenizer, tokenizer_config=tokenizer_config, archive=archive,
-            base_model=base_model, adapter_config=adapter_config)))
+        return Model.from_json(
+            self.call(
+                calls.upload_model(
+                    weights,
+                    name=name,
+                    format=format,
+                    architecture=architecture,
+                    loss=loss,
+                    task=task,
+                    config=config,
+                    weights_index=weights_index,
+                    tokenizer=tokenizer,
+                    tokenizer_config=tokenizer_config,
+                    archive=archive,
+                    base_model=base_model,
+                    adapter_config=adapter_config,
+                )
+            )
+        )
 
-    def upload_checkpoint(self, model: Any, weights: Any, *, step: int, learning_rate: float, stage: int = 0,
-                          momentum: float = 0.0) -> Checkpoint:
+    def upload_checkpoint(
+        self, model: Any, weights: Any, *, step: int, learning_rate: float, stage: int = 0, momentum: float = 0.0
+    ) -> Checkpoint:
         """Upload one checkpoint of the model's training trajectory (for SOURCE and TracInCP).
 
         >>> client.upload_checkpoint(model, "epoch-3.safetensors", step=300, learning_rate=0.1)
         """
-        return Checkpoint.from_json(self.call(calls.upload_checkpoint(
-            model, weights, step=step, learning_rate=learning_rate, stage=stage, momentum=momentum)))
+        return Checkpoint.from_json(
+            self.call(
+                calls.upload_checkpoint(
+                    model, weights, step=step, learning_rate=learning_rate, stage=stage, momentum=momentum
+                )
+            )
+        )
 
     def get_model(self, model_id: str) -> Model:
         return Model.from_json(self.call(Call("GET", f"/v1/models/{calls.ident(model_id)}")))
@@ -139,9 +181,19 @@ class Client:
 
     # --- datasets ----------------------------------------------------------------------------------------
 
-    def upload_dataset(self, data: Any = None, *, name: str, inputs: Any = None, targets: Any = None,
-                       ids: Any = None, weight: Any = None, task: Any = None, split: Any = None,
-                       metadata: dict[str, Any] | None = None) -> Dataset:
+    def upload_dataset(
+        self,
+        data: Any = None,
+        *,
+        name: str,
+        inputs: Any = None,
+        targets: Any = None,
+        ids: Any = None,
+        weight: Any = None,
+        task: Any = None,
+        split: Any = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Dataset:
         """Upload a dataset.
 
         Either ``data``: a file (safetensors, ``.npz`` or Parquet), a pandas DataFrame or pyarrow Table (sent
@@ -151,9 +203,21 @@ class Client:
         >>> train = client.upload_dataset(name="train", inputs=x_train, targets=y_train, ids=train_ids)
         >>> table = client.upload_dataset(frame, name="tabular")   # a pandas DataFrame
         """
-        return Dataset.from_json(self.call(calls.upload_dataset(
-            data, name=name, extra_metadata=metadata, inputs=inputs, targets=targets, ids=ids, weight=weight,
-            task=task, split=split)))
+        return Dataset.from_json(
+            self.call(
+                calls.upload_dataset(
+                    data,
+                    name=name,
+                    extra_metadata=metadata,
+                    inputs=inputs,
+                    targets=targets,
+                    ids=ids,
+                    weight=weight,
+                    task=task,
+                    split=split,
+                )
+            )
+        )
 
     def get_dataset(self, dataset_id: str) -> Dataset:
         return Dataset.from_json(self.call(Call("GET", f"/v1/datasets/{calls.ident(dataset_id)}")))
@@ -185,16 +249,26 @@ class Client:
 
     # --- fits and attributions ---------------------------------------------------------------------------
 
-    def fit(self, model: Any, dataset: Any, *, strategy: str = "ekfac", damping: float | None = None,
-            **options: Any) -> Fit:
+    def fit(
+        self, model: Any, dataset: Any, *, strategy: str = "ekfac", damping: float | None = None, **options: Any
+    ) -> Fit:
         """Queue a reusable curvature fit; ``fit.job.wait()`` follows it. Pass it to ``attribute(fit=...)``."""
         body = self.call(calls.fit(model, dataset, strategy=strategy, damping=damping, options=options))
         return Fit.from_json(body, Job(self, body["job_id"]))
 
     def attribute(
-        self, model: Any, train: Any, queries: Any = None, *, method: str | None = None, mode: str = "pairwise",
-        measurement: str = "loss", top_k: int = 10, fit: Any = None,
-        options: MethodOptions | dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+        self,
+        model: Any,
+        train: Any,
+        queries: Any = None,
+        *,
+        method: str | None = None,
+        mode: str = "pairwise",
+        measurement: str = "loss",
+        top_k: int = 10,
+        fit: Any = None,
+        options: MethodOptions | dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Attribution:
         """Queue an attribution: which training examples of ``train`` help or hurt each query.
 
@@ -208,8 +282,20 @@ class Client:
         ...                                options=Influence(strategy="ekfac"))
         >>> attribution.job.wait()
         """
-        body = self.call(calls.attribute(model, train, queries, method=method, mode=mode, measurement=measurement,
-                                         top_k=top_k, fit=fit, options=options, extra=extra))
+        body = self.call(
+            calls.attribute(
+                model,
+                train,
+                queries,
+                method=method,
+                mode=mode,
+                measurement=measurement,
+                top_k=top_k,
+                fit=fit,
+                options=options,
+                extra=extra,
+            )
+        )
         return Attribution.from_json(body, Job(self, body["job_id"]))
 
     def get_attribution(self, attribution_id: str) -> Attribution:
@@ -218,8 +304,9 @@ class Client:
 
     # --- results -----------------------------------------------------------------------------------------
 
-    def results(self, attribution: Any, *, query_id: Any = None, direction: str = "positive",
-                page_size: int = 1000) -> Iterator[ResultRow]:
+    def results(
+        self, attribution: Any, *, query_id: Any = None, direction: str = "positive", page_size: int = 1000
+    ) -> Iterator[ResultRow]:
         """Ranked rows of one direction, across pages, ordered by query then rank.
 
         >>> for row in client.results(attribution, query_id=7, direction="negative"):
@@ -227,8 +314,11 @@ class Client:
         """
         token = None
         while True:
-            body = self.call(calls.results_page(attribution, query_id=query_id, direction=direction,
-                                                page_size=page_size, page_token=token))
+            body = self.call(
+                calls.results_page(
+                    attribution, query_id=query_id, direction=direction, page_size=page_size, page_token=token
+                )
+            )
             yield from (ResultRow.from_json(row) for row in body["results"])
             token = body.get("next_page_token")
             if not token:

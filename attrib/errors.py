@@ -50,8 +50,11 @@ class ApiError(AttribError):
         self.title = str(problem.get("title", ""))
         self.detail = str(problem.get("detail", ""))
         self.type = str(problem.get("type", "about:blank"))
-        self.errors = [FieldError(str(e.get("field", "")), str(e.get("message", "")))
-                       for e in problem.get("errors") or [] if isinstance(e, dict)]
+        self.errors = [
+            FieldError(str(e.get("field", "")), str(e.get("message", "")))
+            for e in problem.get("errors") or []
+            if isinstance(e, dict)
+        ]
         super().__init__(f"{status} {self.title}: {self.detail}" if self.title else f"{status}: {self.detail}")
 
 
@@ -92,8 +95,14 @@ class ServerError(ApiError):
 
 
 ERRORS_BY_STATUS: dict[int, type[ApiError]] = {
-    400: BadRequest, 401: Unauthorized, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
-    415: UnsupportedMediaType, 422: InvalidInput, 503: ServiceUnavailable,
+    400: BadRequest,
+    401: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: InvalidInput,
+    503: ServiceUnavailable,
 }
 
 

@@ -122,8 +122,9 @@ class AsyncJob:
     async def cancel(self) -> JobState:
         return await self.client.cancel_job(self.id)
 
-    async def wait(self, *, progress: bool = True, timeout: float | None = None,
-                   raise_on_failure: bool = True) -> JobState:
+    async def wait(
+        self, *, progress: bool = True, timeout: float | None = None, raise_on_failure: bool = True
+    ) -> JobState:
         bar = ProgressBar(self.id, progress)
         started = time.monotonic()
         try:

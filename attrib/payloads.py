@@ -71,8 +71,9 @@ def weights_part(weights: Any, field: str = "weights") -> FilePart:
         weights = weights.state_dict()
     if isinstance(weights, Mapping):
         return FilePart(field, "weights.safetensors", safetensors_bytes(weights))
-    raise TypeError(f"{field}: give a safetensors file path, bytes, a torch module or a state_dict, "
-                    f"not {type(weights).__name__}")
+    raise TypeError(
+        f"{field}: give a safetensors file path, bytes, a torch module or a state_dict, not {type(weights).__name__}"
+    )
 
 
 def npz_bytes(arrays: Mapping[str, Any]) -> bytes:
@@ -126,5 +127,7 @@ def dataset_part(data: Any = None, **arrays: Any) -> FilePart:
         return FilePart("data", "data.parquet", parquet_bytes(data))
     if isinstance(data, Mapping):
         return FilePart("data", "data.npz", npz_bytes(data))
-    raise TypeError(f"data: give a file path, bytes, a pandas DataFrame, a pyarrow Table or a mapping of "
-                    f"arrays, not {type(data).__name__}")
+    raise TypeError(
+        f"data: give a file path, bytes, a pandas DataFrame, a pyarrow Table or a mapping of "
+        f"arrays, not {type(data).__name__}"
+    )

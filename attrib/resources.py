@@ -19,8 +19,9 @@ class Model:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Model:
-        return cls(data["id"], data["name"], data["format"], data["num_parameters"],
-                   list(data.get("tracked_layers", [])), data)
+        return cls(
+            data["id"], data["name"], data["format"], data["num_parameters"], list(data.get("tracked_layers", [])), data
+        )
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,15 @@ class JobState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobState:
         progress = data.get("progress") or {}
-        return cls(data["id"], data["kind"], data["status"],
-                   Progress(str(progress.get("stage", "")), int(progress.get("completed", 0)),
-                            int(progress.get("total", 0))),
-                   data.get("error"), data.get("result_url"), data)
+        return cls(
+            data["id"],
+            data["kind"],
+            data["status"],
+            Progress(str(progress.get("stage", "")), int(progress.get("completed", 0)), int(progress.get("total", 0))),
+            data.get("error"),
+            data.get("result_url"),
+            data,
+        )
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,15 @@ class ResultRow:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ResultRow:
-        return cls(data.get("query_id"), data["direction"], data["rank"], data["train_id"], data["score"],
-                   data.get("task"), data.get("split"))
+        return cls(
+            data.get("query_id"),
+            data["direction"],
+            data["rank"],
+            data["train_id"],
+            data["score"],
+            data.get("task"),
+            data.get("split"),
+        )
 
 
 @dataclass(frozen=True)
@@ -116,8 +129,18 @@ class Attribution:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], job: Any = None) -> Attribution:
-        return cls(data["id"], data["job_id"], data["status"], data["method"], data["mode"], data["top_k"],
-                   data["train_dataset_id"], data.get("query_dataset_id"), data, job)
+        return cls(
+            data["id"],
+            data["job_id"],
+            data["status"],
+            data["method"],
+            data["mode"],
+            data["top_k"],
+            data["train_dataset_id"],
+            data.get("query_dataset_id"),
+            data,
+            job,
+        )
 
 
 @dataclass(frozen=True)

@@ -53,11 +53,14 @@ class Call:
 
     def build(self, client: httpx.Client | httpx.AsyncClient, stack: ExitStack) -> httpx.Request:
         headers = {"Idempotency-Key": self.idempotency_key} if self.idempotency_key else None
-        files = [(part.field, (part.filename, stack.enter_context(part.open()), "application/octet-stream"))
-                 for part in self.files] or None
+        files = [
+            (part.field, (part.filename, stack.enter_context(part.open()), "application/octet-stream"))
+            for part in self.files
+        ] or None
         params = {k: v for k, v in (self.params or {}).items() if v is not None}
-        return client.build_request(self.method, self.path, params=params, json=self.json, data=self.form,
-                                    files=files, headers=headers)
+        return client.build_request(
+            self.method, self.path, params=params, json=self.json, data=self.form, files=files, headers=headers
+        )
 
 
 def check(response: httpx.Response) -> httpx.Response:

@@ -51,9 +51,7 @@ def digits_split(num_queries: int = 100, seed: int = 0) -> tuple[Examples, Examp
     data = load_digits()
     x = data.data.astype(np.float32)
     y = data.target.astype(np.int64)
-    x_train, x_query, y_train, y_query = train_test_split(
-        x, y, test_size=num_queries, random_state=seed, stratify=y
-    )
+    x_train, x_query, y_train, y_query = train_test_split(x, y, test_size=num_queries, random_state=seed, stratify=y)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6  # constant pixels stay 0
     x_train, x_query = (x_train - mean) / std, (x_query - mean) / std
     return (
@@ -299,10 +297,16 @@ class KronfluenceRunner:
 
         args = FactorArguments(strategy=strategy, use_empirical_fisher=empirical)
         self.analyzer.fit_all_factors(
-            "factors", self.dataset(train), per_device_batch_size=batch_size, factor_args=args, overwrite_output_dir=True
+            "factors",
+            self.dataset(train),
+            per_device_batch_size=batch_size,
+            factor_args=args,
+            overwrite_output_dir=True,
         )
 
-    def pairwise(self, train: Examples, queries: Examples, damping: float | None, batch_size: int = 256) -> torch.Tensor:
+    def pairwise(
+        self, train: Examples, queries: Examples, damping: float | None, batch_size: int = 256
+    ) -> torch.Tensor:
         from kronfluence.arguments import ScoreArguments
 
         self.analyzer.compute_pairwise_scores(
@@ -369,9 +373,11 @@ def environment() -> str:
 
 
 def command_line() -> str:
-    return "benchmarks/.venv-kron/bin/python -m " + Path(sys.argv[0]).with_suffix("").name.join(
-        ["benchmarks.", ""]
-    ) + ("" if len(sys.argv) == 1 else " " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    return (
+        "benchmarks/.venv-kron/bin/python -m "
+        + Path(sys.argv[0]).with_suffix("").name.join(["benchmarks.", ""])
+        + ("" if len(sys.argv) == 1 else " " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    )
 
 
 def write_result(name: str, title: str, body: str) -> Path:

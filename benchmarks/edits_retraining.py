@@ -50,9 +50,16 @@ def build(arch: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if arch == "mlp":
         return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(16 * 16, 10))
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 10),
+    )
 
 
 def train(arch: str, data: Examples, rows: torch.Tensor, seed: int, setting: Setting) -> nn.Module:
@@ -62,7 +69,9 @@ def train(arch: str, data: Examples, rows: torch.Tensor, seed: int, setting: Set
     optimizer = torch.optim.Adam(model.parameters(), lr=setting.lr)
     for _ in range(setting.epochs):
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y) + 0.5 * setting.weight_decay * sum(p.pow(2).sum() for p in model.parameters())
+        loss = F.cross_entropy(model(x), y) + 0.5 * setting.weight_decay * sum(
+            p.pow(2).sum() for p in model.parameters()
+        )
         loss.backward()
         optimizer.step()
     return model.eval()
@@ -101,12 +110,24 @@ class Outcome:
     warnings: dict[str, int] = field(default_factory=dict)
 
 
-def removal_sets(arch: str, model: nn.Module, train_data: Examples, queries: Examples, fit, seed: int) -> list[RemovalSet]:
+def removal_sets(
+    arch: str, model: nn.Module, train_data: Examples, queries: Examples, fit, seed: int
+) -> list[RemovalSet]:
     options = InfluenceOptions(strategy="ekfac")
-    pairwise = attribute(model, train_data, queries, loss="cross_entropy", method="influence", mode="pairwise",
-                         top_k=max(KS), options=options, fits=[fit])
-    own = attribute(model, train_data, None, loss="cross_entropy", method="influence", mode="self", options=options,
-                    fits=[fit])
+    pairwise = attribute(
+        model,
+        train_data,
+        queries,
+        loss="cross_entropy",
+        method="influence",
+        mode="pairwise",
+        top_k=max(KS),
+        options=options,
+        fits=[fit],
+    )
+    own = attribute(
+        model, train_data, None, loss="cross_entropy", method="influence", mode="self", options=options, fits=[fit]
+    )
     assert pairwise.topk is not None and own.scores is not None
     generator = torch.Generator().manual_seed(seed)
     sets = []
@@ -122,15 +143,19 @@ def removal_sets(arch: str, model: nn.Module, train_data: Examples, queries: Exa
 def estimators(fractions: list[float], mean_eigenvalue: float, cg_max_iter: int) -> dict[str, EditOptions]:
     chosen = {"first_order": EditOptions(estimator="first_order")}
     for fraction in fractions:
-        chosen[f"newton λ={fraction:g}·mean"] = EditOptions(estimator="newton", proximity=fraction * mean_eigenvalue,
-                                                            cg_max_iter=cg_max_iter)
+        chosen[f"newton λ={fraction:g}·mean"] = EditOptions(
+            estimator="newton", proximity=fraction * mean_eigenvalue, cg_max_iter=cg_max_iter
+        )
     proximity = max(fractions) * mean_eigenvalue
-    chosen[f"proximal λ={max(fractions):g}·mean, 3 steps"] = EditOptions(estimator="proximal", proximity=proximity,
-                                                                        max_steps=3, cg_max_iter=cg_max_iter)
+    chosen[f"proximal λ={max(fractions):g}·mean, 3 steps"] = EditOptions(
+        estimator="proximal", proximity=proximity, max_steps=3, cg_max_iter=cg_max_iter
+    )
     return chosen
 
 
-def run_setting(arch: str, setting: Setting, fractions: list[float], cg_max_iter: int) -> tuple[list[str], dict[str, float]]:
+def run_setting(
+    arch: str, setting: Setting, fractions: list[float], cg_max_iter: int
+) -> tuple[list[str], dict[str, float]]:
     train_data, test = digits_split(num_queries=397)
     queries = Examples(test.inputs[: setting.queries], test.targets[: setting.queries])
     everything = torch.arange(len(train_data))
@@ -155,30 +180,52 @@ def run_setting(arch: str, setting: Setting, fractions: list[float], cg_max_iter
         outcome = Outcome(change.numpy(), float(np.mean([accuracy(m, test) for m in retrained])))
         for name, options in chosen.items():
             began = time.perf_counter()
-            result = edit_parameters(base, train_data, removal.rows, loss="cross_entropy", method="influence",
-                                     options=InfluenceOptions(strategy="ekfac"), fit=fit, edit=options)
+            result = edit_parameters(
+                base,
+                train_data,
+                removal.rows,
+                loss="cross_entropy",
+                method="influence",
+                options=InfluenceOptions(strategy="ekfac"),
+                fit=fit,
+                edit=options,
+            )
             outcome.edit_seconds[name] = time.perf_counter() - began
             edited = load(arch, result.state)
             outcome.edited_change[name] = (losses(edited, queries) - base_loss).numpy()
             outcome.edited_accuracy[name] = accuracy(edited, test)
             outcome.warnings[name] = len(result.diagnostics["warnings"])
         outcomes.append(outcome)
-        print(f"  {arch} set {index + 1}/{len(sets)} {removal.group} done ({time.perf_counter() - started:.0f} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {arch} set {index + 1}/{len(sets)} {removal.group} done ({time.perf_counter() - started:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     lines = table(arch, setting, sets, outcomes, chosen, retrain_seconds, [accuracy(m, test) for m in full])
     return lines, {"retrain_seconds": retrain_seconds}
 
 
-def table(arch: str, setting: Setting, sets: list[RemovalSet], outcomes: list[Outcome], chosen: dict[str, EditOptions],
-          retrain_seconds: float, full_accuracy: list[float]) -> list[str]:
+def table(
+    arch: str,
+    setting: Setting,
+    sets: list[RemovalSet],
+    outcomes: list[Outcome],
+    chosen: dict[str, EditOptions],
+    retrain_seconds: float,
+    full_accuracy: list[float],
+) -> list[str]:
     groups = list(dict.fromkeys(s.group for s in sets))
-    lines = [f"### {arch.upper()} ({setting.queries} queries, {setting.seeds} retraining seeds, {setting.epochs} "
-             f"full-batch Adam epochs, L2 {setting.weight_decay})", "",
-             f"Full retrain: test accuracy {np.mean(full_accuracy):.4f} (seeds {', '.join(f'{a:.3f}' for a in full_accuracy)}); "
-             f"one retrain takes {retrain_seconds:.2f} s.", "",
-             "| removal set | estimator | Pearson | sign agree | acc. edited − retrained (mean / worst) | "
-             "retrained Δloss range | edited Δloss range | edit time (× cheaper than a retrain) | sets with warnings |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"### {arch.upper()} ({setting.queries} queries, {setting.seeds} retraining seeds, {setting.epochs} "
+        f"full-batch Adam epochs, L2 {setting.weight_decay})",
+        "",
+        f"Full retrain: test accuracy {np.mean(full_accuracy):.4f} (seeds {', '.join(f'{a:.3f}' for a in full_accuracy)}); "
+        f"one retrain takes {retrain_seconds:.2f} s.",
+        "",
+        "| removal set | estimator | Pearson | sign agree | acc. edited − retrained (mean / worst) | "
+        "retrained Δloss range | edited Δloss range | edit time (× cheaper than a retrain) | sets with warnings |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for group in groups:
         members = [(s, o) for s, o in zip(sets, outcomes, strict=True) if s.group == group]
         for name in chosen:
@@ -191,7 +238,11 @@ def table(arch: str, setting: Setting, sets: list[RemovalSet], outcomes: list[Ou
                     truth.extend(outcome.retrained_change)
                     predicted.extend(outcome.edited_change[name])
             truth_a, predicted_a = np.array(truth), np.array(predicted)
-            pearson = float(np.corrcoef(truth_a, predicted_a)[0, 1]) if truth_a.std() > 0 and predicted_a.std() > 0 else float("nan")
+            pearson = (
+                float(np.corrcoef(truth_a, predicted_a)[0, 1])
+                if truth_a.std() > 0 and predicted_a.std() > 0
+                else float("nan")
+            )
             sign = float(np.mean(np.sign(truth_a) == np.sign(predicted_a)))
             gaps = np.array([o.edited_accuracy[name] - o.retrained_accuracy for _, o in members])
             seconds = float(np.mean([o.edit_seconds[name] for _, o in members]))
@@ -200,7 +251,8 @@ def table(arch: str, setting: Setting, sets: list[RemovalSet], outcomes: list[Ou
                 f"| {group} | {name} | {pearson:.2f} | {100 * sign:.0f}% | {100 * gaps.mean():+.2f} / "
                 f"{100 * gaps[np.abs(gaps).argmax()]:+.2f} pt | [{truth_a.min():.3f}, {truth_a.max():.3f}] | "
                 f"[{predicted_a.min():.3f}, {predicted_a.max():.3f}] | {seconds:.3f} s ({retrain_seconds / seconds:.0f}×) | "
-                f"{warned}/{len(members)} |")
+                f"{warned}/{len(members)} |"
+            )
     lines.append("")
     return lines
 
@@ -221,13 +273,18 @@ def main() -> None:
         "cnn": Setting("cnn", queries=2 if args.quick else 3, seeds=2, epochs=150),
     }
     archs = [args.only] if args.only else ["mlp", "cnn"]
-    lines = ["# Edits against retraining (digits)", "",
-             f"Command: `python -m benchmarks.edits_retraining {' '.join(sys.argv[1:])}`; "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, {args.threads} threads, CPU.",
-             "", "Pearson and sign agreement: query-loss changes of the edited model (seed-0 model, edited) against "
-             "the mean over seeds of (retrained without the set − full retrain, same seed). Own-query sets: each query's "
-             "own loss over the queries; self-influence and random sets: every query's loss. Accuracy: test accuracy of "
-             "the edited model minus the mean test accuracy of the retrained models (397 test images).", ""]
+    lines = [
+        "# Edits against retraining (digits)",
+        "",
+        f"Command: `python -m benchmarks.edits_retraining {' '.join(sys.argv[1:])}`; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, {args.threads} threads, CPU.",
+        "",
+        "Pearson and sign agreement: query-loss changes of the edited model (seed-0 model, edited) against "
+        "the mean over seeds of (retrained without the set − full retrain, same seed). Own-query sets: each query's "
+        "own loss over the queries; self-influence and random sets: every query's loss. Accuracy: test accuracy of "
+        "the edited model minus the mean test accuracy of the retrained models (397 test images).",
+        "",
+    ]
     for arch in archs:
         table_lines, _ = run_setting(arch, settings[arch], fractions, args.cg_max_iter)
         lines += table_lines

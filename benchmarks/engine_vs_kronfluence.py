@@ -40,19 +40,31 @@ BATCH = 256
 def ours_run(model, train, queries, damping, top_k):
     timings = {}
     with Timer() as t:
-        fit = fit_curvature(model, train, "cross_entropy", FitOptions(strategy="ekfac", fisher="empirical", batch_size=BATCH))
+        fit = fit_curvature(
+            model, train, "cross_entropy", FitOptions(strategy="ekfac", fisher="empirical", batch_size=BATCH)
+        )
     timings["fit"] = t.seconds
     timings["fit_cpu"] = t.cpu_seconds
     options = InfluenceOptions(strategy="ekfac", fisher="empirical", damping=damping, batch_size=BATCH)
     with Timer() as t:
         pairwise = attribute(
-            [model], train, queries, loss="cross_entropy", method="influence", mode="pairwise",
-            measurement="loss", top_k=top_k, options=options, fits=[fit],
+            [model],
+            train,
+            queries,
+            loss="cross_entropy",
+            method="influence",
+            mode="pairwise",
+            measurement="loss",
+            top_k=top_k,
+            options=options,
+            fits=[fit],
         )
     timings["pairwise"] = t.seconds
     timings["pairwise_cpu"] = t.cpu_seconds
     with Timer() as t:
-        self_ = attribute([model], train, None, loss="cross_entropy", method="influence", mode="self", options=options, fits=[fit])
+        self_ = attribute(
+            [model], train, None, loss="cross_entropy", method="influence", mode="self", options=options, fits=[fit]
+        )
     timings["self"] = t.seconds
     timings["self_cpu"] = t.cpu_seconds
     return fit, pairwise, self_, timings
@@ -88,17 +100,33 @@ def bench(name, model, train, queries, repeats):
         sp = rowwise_spearman(ours_matrix.numpy(), kron_matrix.numpy())
         self_sp = rowwise_spearman(ours_s.numpy()[None], kron_s.numpy()[None])[0]
         rel = (ours_matrix - kron_matrix).norm() / kron_matrix.norm()
-        rows.append(
-            f"| {name} | {label} | {np.nanmean(sp):.6f} | {np.nanmin(sp):.6f} | {rel:.2e} | {self_sp:.6f} |"
-        )
+        rows.append(f"| {name} | {label} | {np.nanmean(sp):.6f} | {np.nanmin(sp):.6f} | {rel:.2e} | {self_sp:.6f} |")
 
-    agree("each tool's default (0.1 x mean Lambda per layer)", full_scores(ours_pw, n), kron_pw, ours_self.scores, kron_self)
+    agree(
+        "each tool's default (0.1 x mean Lambda per layer)",
+        full_scores(ours_pw, n),
+        kron_pw,
+        ours_self.scores,
+        kron_self,
+    )
     # --- agreement, one explicit absolute damping for both: the median of our default per-layer dampings
     explicit = float(statistics.median(default_dampings.values()))
     options = InfluenceOptions(strategy="ekfac", fisher="empirical", damping=explicit, batch_size=BATCH)
-    pw = attribute([model], train, queries, loss="cross_entropy", method="influence", mode="pairwise",
-                   measurement="loss", top_k=n, options=options, fits=[fit])
-    sf = attribute([model], train, None, loss="cross_entropy", method="influence", mode="self", options=options, fits=[fit])
+    pw = attribute(
+        [model],
+        train,
+        queries,
+        loss="cross_entropy",
+        method="influence",
+        mode="pairwise",
+        measurement="loss",
+        top_k=n,
+        options=options,
+        fits=[fit],
+    )
+    sf = attribute(
+        [model], train, None, loss="cross_entropy", method="influence", mode="self", options=options, fits=[fit]
+    )
     kpw = runner.pairwise(train, queries, explicit, batch_size=BATCH)
     ksf = runner.self_scores(train, explicit, batch_size=BATCH)
     agree(f"explicit {explicit:.3g} for both", full_scores(pw, n), kpw, sf.scores, ksf)
@@ -108,9 +136,18 @@ def bench(name, model, train, queries, repeats):
     for _ in range(repeats):
         ours_t.append(ours_run(model, train, queries, None, n)[3])
         with Timer() as t:
-            attribute([model], train, queries, loss="cross_entropy", method="influence", mode="pairwise",
-                      measurement="loss", top_k=10, options=InfluenceOptions(strategy="ekfac", fisher="empirical",
-                      batch_size=BATCH), fits=[fit])
+            attribute(
+                [model],
+                train,
+                queries,
+                loss="cross_entropy",
+                method="influence",
+                mode="pairwise",
+                measurement="loss",
+                top_k=10,
+                options=InfluenceOptions(strategy="ekfac", fisher="empirical", batch_size=BATCH),
+                fits=[fit],
+            )
         ours_t10.append(t.seconds)
         kron_t.append(kron_run(runner, train, queries, None)[2])
 
@@ -141,6 +178,7 @@ def bench(name, model, train, queries, repeats):
             f"| {name} | {how} | (ours pairwise with top_k=10, for reference) | {o10:.2f} | {kr['pairwise']:.2f} | "
             f"{o10 / kr['pairwise']:.3f} | | |"
         )
+
     def fmt(ts):
         return [{k: round(v, 2) for k, v in t.items()} if isinstance(t, dict) else round(t, 2) for t in ts]
 
@@ -214,7 +252,9 @@ def main() -> None:
             *[f"    {r}" for r in raw],
         ]
     )
-    write_result("engine_vs_kronfluence" + ("_quick" if args.quick else ""), "Engine vs kronfluence 1.0.1 (EK-FAC)", body)
+    write_result(
+        "engine_vs_kronfluence" + ("_quick" if args.quick else ""), "Engine vs kronfluence 1.0.1 (EK-FAC)", body
+    )
 
 
 if __name__ == "__main__":

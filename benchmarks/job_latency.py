@@ -69,18 +69,26 @@ class Client:
     def model(self, sizes: list[int], seed: int) -> str:
         torch.manual_seed(seed)
         weights = save_safetensors({k: v.contiguous() for k, v in mlp(sizes).state_dict().items()})
-        metadata = {"name": "bench", "format": "spec", "architecture": architecture(sizes),
-                    "task": {"loss": "cross_entropy"}}
-        response = self.http.post("/v1/models", data={"metadata": json.dumps(metadata)},
-                                  files={"weights": ("w.safetensors", weights)})
+        metadata = {
+            "name": "bench",
+            "format": "spec",
+            "architecture": architecture(sizes),
+            "task": {"loss": "cross_entropy"},
+        }
+        response = self.http.post(
+            "/v1/models", data={"metadata": json.dumps(metadata)}, files={"weights": ("w.safetensors", weights)}
+        )
         response.raise_for_status()
         return str(response.json()["id"])
 
     def dataset(self, inputs: np.ndarray, targets: np.ndarray) -> str:
         buffer = io.BytesIO()
         np.savez(buffer, inputs=inputs.astype(np.float32), targets=targets)
-        response = self.http.post("/v1/datasets", data={"metadata": json.dumps({"name": "bench"})},
-                                  files={"data": ("d.npz", buffer.getvalue())})
+        response = self.http.post(
+            "/v1/datasets",
+            data={"metadata": json.dumps({"name": "bench"})},
+            files={"data": ("d.npz", buffer.getvalue())},
+        )
         response.raise_for_status()
         return str(response.json()["id"])
 
@@ -112,16 +120,25 @@ def full_ranking_vs_top_100(client: Client) -> tuple[list[str], str]:
     model = client.model(SIZES, 0)
     train_id = client.dataset(train.inputs.numpy(), train.targets.numpy())
     query_id = client.dataset(query.inputs.numpy(), query.targets.numpy())
-    body = {"model_id": model, "train_dataset_id": train_id, "query_dataset_id": query_id, "method": "influence",
-            "mode": "pairwise", "options": {"strategy": "ekfac"}}
+    body = {
+        "model_id": model,
+        "train_dataset_id": train_id,
+        "query_dataset_id": query_id,
+        "method": "influence",
+        "mode": "pairwise",
+        "options": {"strategy": "ekfac"},
+    }
     times = []
     full_attribution = ""
     for top_k in (100, FULL_TOP_K):
         attribution, job, seconds = client.run({**body, "top_k": top_k})
         times.append(seconds)
         full_attribution = attribution["id"]
-        print(f"top_k {top_k}: submitted to succeeded {seconds:.2f} s (job's own started-finished "
-              f"{seconds_between(job, 'started_at', 'finished_at'):.2f} s, without the commit of its rows)", flush=True)
+        print(
+            f"top_k {top_k}: submitted to succeeded {seconds:.2f} s (job's own started-finished "
+            f"{seconds_between(job, 'started_at', 'finished_at'):.2f} s, without the commit of its rows)",
+            flush=True,
+        )
     return [f"{times[0]:.2f} s", f"{times[1]:.2f} s", f"{times[1] / times[0]:.1f}×"], full_attribution
 
 
@@ -130,8 +147,14 @@ def submit_to_running(client: Client, jobs: int) -> str:
     model = client.model(TINY, 1)
     train = client.dataset(rng.normal(size=(30, 4)), rng.integers(0, 3, size=30))
     query = client.dataset(rng.normal(size=(4, 4)), rng.integers(0, 3, size=4))
-    body = {"model_id": model, "train_dataset_id": train, "query_dataset_id": query,
-            "method": "gradient_similarity", "mode": "pairwise", "top_k": 5}
+    body = {
+        "model_id": model,
+        "train_dataset_id": train,
+        "query_dataset_id": query,
+        "method": "gradient_similarity",
+        "mode": "pairwise",
+        "top_k": 5,
+    }
     client.run(body)  # warm-up: the worker's first job imports the rest of its code
     delays = []
     for _ in range(jobs):
@@ -164,8 +187,11 @@ def page_latency(client: Client, attribution_id: str, pages: int) -> list[str]:
 
 @contextmanager
 def embedded(workdir: Path) -> Iterator[tuple[str, str]]:
-    env = {"ATTRIB_DATA_DIR": str(workdir / "data"), "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
-           "ATTRIB_RATE_LIMIT_BURST": "1000000"}
+    env = {
+        "ATTRIB_DATA_DIR": str(workdir / "data"),
+        "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
+        "ATTRIB_RATE_LIMIT_BURST": "1000000",
+    }
     with api_server(env, workdir / "server.log") as base_url:
         yield base_url, (workdir / "data" / "api-key").read_text().strip()
 
@@ -177,21 +203,43 @@ def postgres_and_redis(workdir: Path) -> Iterator[tuple[str, str]]:
     from service.db.session import session_scope
 
     port = free_port()
-    redis = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port",
-                              str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    redis = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     schema, url = postgres_schema()
-    env = {"ATTRIB_DATA_DIR": str(workdir / "data"), "ATTRIB_DATABASE_URL": url,
-           "ATTRIB_BROKER_URL": f"redis://127.0.0.1:{port}/0", "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
-           "ATTRIB_RATE_LIMIT_BURST": "1000000"}
+    env = {
+        "ATTRIB_DATA_DIR": str(workdir / "data"),
+        "ATTRIB_DATABASE_URL": url,
+        "ATTRIB_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+        "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
+        "ATTRIB_RATE_LIMIT_BURST": "1000000",
+    }
     worker = None
     try:
         upgrade_to_head(url)
         with session_scope(url) as session:
             key = create_api_key(session, f"bench-{uuid.uuid4().hex[:6]}")
         with open(workdir / "worker.log", "wb") as log:
-            worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--loglevel=WARNING"],
-                                      env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "worker", "--loglevel=WARNING"],
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         with api_server(env, workdir / "server.log") as base_url:
             yield base_url, key
     finally:
@@ -203,8 +251,10 @@ def postgres_and_redis(workdir: Path) -> Iterator[tuple[str, str]]:
         drop_schema(schema)
 
 
-TOPOLOGIES = {"embedded": ("SQLite", "SQLite broker (embedded default)", embedded),
-              "postgres": ("PostgreSQL", "Redis", postgres_and_redis)}
+TOPOLOGIES = {
+    "embedded": ("SQLite", "SQLite broker (embedded default)", embedded),
+    "postgres": ("PostgreSQL", "Redis", postgres_and_redis),
+}
 
 
 def main() -> None:
@@ -213,11 +263,15 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=30)
     parser.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), choices=list(TOPOLOGIES))
     args = parser.parse_args()
-    jobs_table = ["| database | top_k 100 job, submitted to succeeded | full ranking (top_k 5,000: 1,000,000 rows) | ratio |",
-                  "| --- | --- | --- | --- |"]
+    jobs_table = [
+        "| database | top_k 100 job, submitted to succeeded | full ranking (top_k 5,000: 1,000,000 rows) | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
     queue_table = ["| broker | submit-to-running p50 / p99 |", "| --- | --- |"]
-    pages_table = ["| database | query_id | first page | token at rank 2,500 of query 50 | token at the last page |",
-                   "| --- | --- | --- | --- | --- |"]
+    pages_table = [
+        "| database | query_id | first page | token at rank 2,500 of query 50 | token at the last page |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name in args.topologies:
         database, broker, topology = TOPOLOGIES[name]
         with tempfile.TemporaryDirectory() as directory, ExitStack() as stack:
@@ -228,12 +282,13 @@ def main() -> None:
             jobs_table.append(f"| {database} | {' | '.join(job_cells)} |")
             cells = page_latency(client, attribution_id, args.pages)
             pages_table.append(f"| {database} | none | {' | '.join(cells[:3])} |")
-            pages_table.append(f"| {database} | \"50\" | {' | '.join(cells[3:])} |")
+            pages_table.append(f'| {database} | "50" | {" | ".join(cells[3:])} |')
     body = "\n\n".join(["\n".join(table) for table in (jobs_table, queue_table, pages_table)])
     print(body)
     RESULTS.write_text(
         f"# Job time, queue latency and results-page latency\n\n`python -m benchmarks.job_latency "
-        f"{' '.join(sys.argv[1:])}`".rstrip() + f" on {platform.machine()} ({platform.python_version()}, "
+        f"{' '.join(sys.argv[1:])}`".rstrip()
+        + f" on {platform.machine()} ({platform.python_version()}, "
         f"{os.cpu_count()} CPUs shared with other work, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
         f"), {time.strftime('%Y-%m-%d')}, one `attrib serve` and one worker process.\n\n{body}\n"
     )

@@ -43,7 +43,9 @@ from worker.attribution import DataInfOptions, GradientSimilarityOptions, Influe
 MODEL_SEEDS = [100, 101, 102, 103, 104]
 
 
-def ground_truth(train, queries, recipe: Recipe, subsets: int, seeds: int, chunk: int = 50) -> tuple[np.ndarray, np.ndarray, float]:
+def ground_truth(
+    train, queries, recipe: Recipe, subsets: int, seeds: int, chunk: int = 50
+) -> tuple[np.ndarray, np.ndarray, float]:
     """masks (S, N) bool and margins (S, Q) (mean over seeds); cached on disk."""
     n = len(train)
     key = hashlib.sha1(json.dumps([asdict(recipe), subsets, seeds, n, "v1"]).encode()).hexdigest()[:10]
@@ -78,8 +80,15 @@ def lds(scores: torch.Tensor, masks: np.ndarray, margins: np.ndarray) -> float:
 
 def ours(models, train, queries, method, options):
     result = attribute(
-        models, train, queries, loss="cross_entropy", method=method, mode="pairwise", measurement="margin",
-        top_k=len(train), options=options,
+        models,
+        train,
+        queries,
+        loss="cross_entropy",
+        method=method,
+        mode="pairwise",
+        measurement="margin",
+        top_k=len(train),
+        options=options,
     )
     return full_scores(result, len(train)), result.diagnostics
 
@@ -94,8 +103,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--dampings", type=float, nargs="*", default=[1e-4, 1e-3],
-                        help="explicit absolute dampings tried for EK-FAC (besides the default)")
+    parser.add_argument(
+        "--dampings",
+        type=float,
+        nargs="*",
+        default=[1e-4, 1e-3],
+        help="explicit absolute dampings tried for EK-FAC (besides the default)",
+    )
     parser.add_argument("--no-kron", action="store_true")
     parser.add_argument("--output", default="lds_digits", help="results/<output>.md")
     args = parser.parse_args()
@@ -128,21 +142,47 @@ def main() -> None:
             print(rows[-1], flush=True)
             return d1
 
-        d = run("ours influence ekfac", "default: true Fisher (1 sampled label), damping 0.1 x mean(Lambda)", "influence",
-                InfluenceOptions(strategy="ekfac"))
+        d = run(
+            "ours influence ekfac",
+            "default: true Fisher (1 sampled label), damping 0.1 x mean(Lambda)",
+            "influence",
+            InfluenceOptions(strategy="ekfac"),
+        )
         print("default dampings", d["models"][0].get("damping"))
-        run("ours influence ekfac", "true Fisher, fisher_samples=8", "influence", InfluenceOptions(strategy="ekfac", fisher_samples=8))
-        run("ours influence ekfac", "empirical Fisher, default damping", "influence",
-            InfluenceOptions(strategy="ekfac", fisher="empirical"))
+        run(
+            "ours influence ekfac",
+            "true Fisher, fisher_samples=8",
+            "influence",
+            InfluenceOptions(strategy="ekfac", fisher_samples=8),
+        )
+        run(
+            "ours influence ekfac",
+            "empirical Fisher, default damping",
+            "influence",
+            InfluenceOptions(strategy="ekfac", fisher="empirical"),
+        )
         for damping in args.dampings:
-            run("ours influence ekfac", f"empirical Fisher, damping {damping:g}", "influence",
-                InfluenceOptions(strategy="ekfac", fisher="empirical", damping=damping))
+            run(
+                "ours influence ekfac",
+                f"empirical Fisher, damping {damping:g}",
+                "influence",
+                InfluenceOptions(strategy="ekfac", fisher="empirical", damping=damping),
+            )
         run("ours influence kfac", "default", "influence", InfluenceOptions(strategy="kfac"))
         run("ours influence diagonal", "default", "influence", InfluenceOptions(strategy="diagonal"))
-        run("ours influence identity", "default (gradient dot product)", "influence", InfluenceOptions(strategy="identity"))
+        run(
+            "ours influence identity",
+            "default (gradient dot product)",
+            "influence",
+            InfluenceOptions(strategy="identity"),
+        )
         run("ours datainf", "default damping", "datainf", DataInfOptions())
         d = run("ours gradient_similarity", "default", "gradient_similarity", GradientSimilarityOptions())
-        rows[-1] = (rows[-1][0], f"default (engine reports similarity={d['models'][0].get('similarity')!r})", *rows[-1][2:])
+        rows[-1] = (
+            rows[-1][0],
+            f"default (engine reports similarity={d['models'][0].get('similarity')!r})",
+            *rows[-1][2:],
+        )
 
         if not args.no_kron:
             # true Fisher: labels sampled with torch's global RNG; the ensemble uses torch seed 0 for every model,
@@ -161,10 +201,24 @@ def main() -> None:
                 runner.fit(train, strategy="ekfac", empirical=False)
                 singles.append(lds(runner.pairwise(train, queries, None), masks, margins))
             ens = lds(torch.stack(per_model).mean(0), masks, margins)
-            rows.append(("kronfluence 1.0.1", "ekfac, true Fisher, damping_factor=None (0.1 x mean eigenvalue), torch seed 0",
-                         singles[0], ens, t.seconds))
-            rows.append(("kronfluence 1.0.1", "same, single model, mean of torch seeds 0,1,2 "
-                         f"({', '.join(f'{v:.3f}' for v in singles)})", float(np.mean(singles)), float("nan"), 0.0))
+            rows.append(
+                (
+                    "kronfluence 1.0.1",
+                    "ekfac, true Fisher, damping_factor=None (0.1 x mean eigenvalue), torch seed 0",
+                    singles[0],
+                    ens,
+                    t.seconds,
+                )
+            )
+            rows.append(
+                (
+                    "kronfluence 1.0.1",
+                    f"same, single model, mean of torch seeds 0,1,2 ({', '.join(f'{v:.3f}' for v in singles)})",
+                    float(np.mean(singles)),
+                    float("nan"),
+                    0.0,
+                )
+            )
             print(rows[-2:], singles, flush=True)
             # kronfluence draws independent labels in its covariance and Lambda passes; our engine re-seeds its label
             # generator at each pass (the same labels in both). Rerun kronfluence with the same labels in both passes.
@@ -177,26 +231,50 @@ def main() -> None:
                     fargs = FactorArguments(strategy="ekfac", use_empirical_fisher=False)
                     data = runner.dataset(train)
                     torch.manual_seed(seed)
-                    runner.analyzer.fit_covariance_matrices("factors", data, per_device_batch_size=256, factor_args=fargs,
-                                                            overwrite_output_dir=True)
+                    runner.analyzer.fit_covariance_matrices(
+                        "factors", data, per_device_batch_size=256, factor_args=fargs, overwrite_output_dir=True
+                    )
                     runner.analyzer.perform_eigendecomposition("factors", factor_args=fargs, overwrite_output_dir=True)
                     torch.manual_seed(seed)
-                    runner.analyzer.fit_lambda_matrices("factors", data, per_device_batch_size=256, factor_args=fargs,
-                                                        overwrite_output_dir=True)
+                    runner.analyzer.fit_lambda_matrices(
+                        "factors", data, per_device_batch_size=256, factor_args=fargs, overwrite_output_dir=True
+                    )
                     same.append(lds(runner.pairwise(train, queries, None), masks, margins))
-            rows.append(("kronfluence 1.0.1", "ekfac, true Fisher, SAME sampled labels in both passes, "
-                         f"mean of torch seeds 0,1,2 ({', '.join(f'{v:.3f}' for v in same)})", float(np.mean(same)),
-                         float("nan"), t.seconds))
+            rows.append(
+                (
+                    "kronfluence 1.0.1",
+                    "ekfac, true Fisher, SAME sampled labels in both passes, "
+                    f"mean of torch seeds 0,1,2 ({', '.join(f'{v:.3f}' for v in same)})",
+                    float(np.mean(same)),
+                    float("nan"),
+                    t.seconds,
+                )
+            )
             print(rows[-1], flush=True)
-            ours_seeds = [lds(ours(models[:1], train, queries, "influence", InfluenceOptions(strategy="ekfac", seed=seed))[0],
-                              masks, margins) for seed in (0, 1, 2)]
-            rows.append(("ours influence ekfac", "default, mean of label seeds 0,1,2 "
-                         f"({', '.join(f'{v:.3f}' for v in ours_seeds)})", float(np.mean(ours_seeds)), float("nan"), 0.0))
+            ours_seeds = [
+                lds(
+                    ours(models[:1], train, queries, "influence", InfluenceOptions(strategy="ekfac", seed=seed))[0],
+                    masks,
+                    margins,
+                )
+                for seed in (0, 1, 2)
+            ]
+            rows.append(
+                (
+                    "ours influence ekfac",
+                    f"default, mean of label seeds 0,1,2 ({', '.join(f'{v:.3f}' for v in ours_seeds)})",
+                    float(np.mean(ours_seeds)),
+                    float("nan"),
+                    0.0,
+                )
+            )
             with Timer() as t:
                 runner = KronfluenceRunner(models[0], measurement="margin")
                 runner.fit(train, strategy="ekfac", empirical=True)
                 single = lds(runner.pairwise(train, queries, None), masks, margins)
-            rows.append(("kronfluence 1.0.1", "ekfac, empirical Fisher, damping_factor=None", single, float("nan"), t.seconds))
+            rows.append(
+                ("kronfluence 1.0.1", "ekfac, empirical Fisher, damping_factor=None", single, float("nan"), t.seconds)
+            )
             print(rows[-1], flush=True)
 
     kron_single = [r[2] for r in rows if r[0].startswith("kronfluence") and "mean of torch seeds" in r[1]]
@@ -211,8 +289,12 @@ def main() -> None:
     verdict = [
         f"- Target 1: our single-model EK-FAC ≥ kronfluence's single-model EK-FAC on the same ground truth: ours (default) "
         f"{ours_default[2]:.3f}"
-        + (f" vs kronfluence (its heuristic damping, true Fisher, mean of 3 sampling seeds) {kron_single[0]:.3f} → "
-           f"{'met' if ours_default[2] >= kron_single[0] - 1e-9 else 'NOT met'}" if kron_single else " (kronfluence not run)"),
+        + (
+            f" vs kronfluence (its heuristic damping, true Fisher, mean of 3 sampling seeds) {kron_single[0]:.3f} → "
+            f"{'met' if ours_default[2] >= kron_single[0] - 1e-9 else 'NOT met'}"
+            if kron_single
+            else " (kronfluence not run)"
+        ),
         f"- Target 2: 5-model ensemble ≥ 0.65: ours EK-FAC default {ours_default[3]:.3f} → "
         f"{'met' if ours_default[3] >= 0.65 else 'NOT met'}; best of ours: {best_ens[0]} ({best_ens[1]}) {best_ens[3]:.3f}",
         f"- Best single model of ours: {best_single[0]} ({best_single[1]}) {best_single[2]:.3f}",

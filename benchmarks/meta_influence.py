@@ -72,8 +72,13 @@ class Batch:
             weights += [self.w_tr[i] * n_tr, self.w_val[i] * n_val]
             tasks.append(torch.full((n_tr + n_val,), i))
             splits.append(torch.cat([torch.zeros(n_tr, dtype=torch.long), torch.ones(n_val, dtype=torch.long)]))
-        return Examples(torch.cat(xs).float(), torch.cat(ys), weights=torch.cat(weights).float(),
-                        task=torch.cat(tasks), split=torch.cat(splits))
+        return Examples(
+            torch.cat(xs).float(),
+            torch.cat(ys),
+            weights=torch.cat(weights).float(),
+            task=torch.cat(tasks),
+            split=torch.cat(splits),
+        )
 
     def row(self, task: int, split: int, index: int) -> int:
         n_tr, n_val = self.w_tr.shape[1], self.w_val.shape[1]
@@ -97,8 +102,7 @@ def sinusoid_tasks(num: int, corrupted: int, rng: np.random.Generator) -> Batch:
     return Batch(t(xs_tr), t(ys_tr), w.clone(), t(xs_val), t(ys_val), w.clone())
 
 
-def digits_tasks(features: np.ndarray, labels: np.ndarray, num: int, corrupted: int,
-                 rng: np.random.Generator) -> Batch:
+def digits_tasks(features: np.ndarray, labels: np.ndarray, num: int, corrupted: int, rng: np.random.Generator) -> Batch:
     xs_tr, ys_tr, xs_val, ys_val = [], [], [], []
     for i in range(num):
         classes = rng.choice(10, size=5, replace=False)
@@ -115,8 +119,14 @@ def digits_tasks(features: np.ndarray, labels: np.ndarray, num: int, corrupted: 
             xs.append(x)
             ys.append(y)
     w = torch.full((num, 25), 1 / 25)
-    return Batch(torch.tensor(np.stack(xs_tr)), torch.tensor(np.stack(ys_tr)), w.clone(),
-                 torch.tensor(np.stack(xs_val)), torch.tensor(np.stack(ys_val)), w.clone())
+    return Batch(
+        torch.tensor(np.stack(xs_tr)),
+        torch.tensor(np.stack(ys_tr)),
+        w.clone(),
+        torch.tensor(np.stack(xs_val)),
+        torch.tensor(np.stack(ys_val)),
+        w.clone(),
+    )
 
 
 # ---------------------------------------------------------------- independent batched F (ground truth)
@@ -124,9 +134,9 @@ def mlp_forward(flat: torch.Tensor, x: torch.Tensor, sizes: tuple[int, ...]) -> 
     offset, h = 0, x
     for i in range(len(sizes) - 1):
         n_in, n_out = sizes[i], sizes[i + 1]
-        weight = flat[offset:offset + n_in * n_out].view(n_out, n_in)
+        weight = flat[offset : offset + n_in * n_out].view(n_out, n_in)
         offset += n_in * n_out
-        bias = flat[offset:offset + n_out]
+        bias = flat[offset : offset + n_out]
         offset += n_out
         h = F.linear(h, weight, bias)
         if i < len(sizes) - 2:
@@ -137,8 +147,9 @@ def mlp_forward(flat: torch.Tensor, x: torch.Tensor, sizes: tuple[int, ...]) -> 
 class BatchedObjective:
     """F(λ; ω, w) = Σ_i ω_i f_i(λ) + (δ_o/2)‖λ‖², all tasks at once with vmap."""
 
-    def __init__(self, sizes, loss: str, mode: str, reg: float = 0.0, steps: int = 0, lr: float = 0.0,
-                 outer_l2: float = 0.0) -> None:
+    def __init__(
+        self, sizes, loss: str, mode: str, reg: float = 0.0, steps: int = 0, lr: float = 0.0, outer_l2: float = 0.0
+    ) -> None:
         self.sizes, self.loss, self.mode = sizes, loss, mode
         self.reg, self.steps, self.lr, self.outer_l2 = reg, steps, lr, outer_l2
         self.theta_cache: dict[int, torch.Tensor] = {}
@@ -202,9 +213,9 @@ class BatchedObjective:
         offset, h = 0, x
         for i in range(len(self.sizes) - 1):
             n_in, n_out = self.sizes[i], self.sizes[i + 1]
-            weight = theta[:, offset:offset + n_in * n_out].reshape(-1, n_out, n_in)
+            weight = theta[:, offset : offset + n_in * n_out].reshape(-1, n_out, n_in)
             offset += n_in * n_out
-            bias = theta[:, offset:offset + n_out]
+            bias = theta[:, offset : offset + n_out]
             offset += n_out
             h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
             if i < len(self.sizes) - 2:
@@ -221,13 +232,15 @@ class BatchedObjective:
             if not theta.requires_grad:
                 theta = theta.clone().requires_grad_(True)
             for _ in range(self.steps):
-                g = torch.autograd.grad(self.batched_losses(theta, b.x_tr, b.y_tr, b.w_tr).sum(), theta,
-                                        create_graph=True)[0]
+                g = torch.autograd.grad(
+                    self.batched_losses(theta, b.x_tr, b.y_tr, b.w_tr).sum(), theta, create_graph=True
+                )[0]
                 theta = theta - self.lr * g
             return self.batched_losses(theta, b.x_val, b.y_val, b.w_val)
 
-    def gradient(self, lam: torch.Tensor, b: Batch, omega: torch.Tensor, key: int = 0,
-                 max_newton: int = 50) -> torch.Tensor:
+    def gradient(
+        self, lam: torch.Tensor, b: Batch, omega: torch.Tensor, key: int = 0, max_newton: int = 50
+    ) -> torch.Tensor:
         """∇F; implicit mode uses g_i = r A_i⁻¹ ∂_θ L_O (λ enters only through the proximal term)."""
         if self.mode == "unrolled":
             with torch.enable_grad():
@@ -244,8 +257,9 @@ class BatchedObjective:
         return float((omega * self.task_values(lam, b, key)).sum().detach()) + 0.5 * self.outer_l2 * float(lam @ lam)
 
 
-def train_meta(obj: BatchedObjective, b: Batch, lam0: torch.Tensor, adam_steps: int, lbfgs_steps: int, model_of,
-               options) -> torch.Tensor:
+def train_meta(
+    obj: BatchedObjective, b: Batch, lam0: torch.Tensor, adam_steps: int, lbfgs_steps: int, model_of, options
+) -> torch.Tensor:
     """Adam → L-BFGS → trust-region Newton (scipy's trust-exact) with the library's exact total Hessian.
 
     The outer objective has near-flat directions (λ_min(H) ~ 1e-3 against λ_max ~ 600 on B1), where a line-search
@@ -257,7 +271,7 @@ def train_meta(obj: BatchedObjective, b: Batch, lam0: torch.Tensor, adam_steps: 
         g = obj.gradient(lam, b, omega)
         m = 0.9 * m + 0.1 * g
         v = 0.999 * v + 0.001 * g * g
-        lam = lam - 0.01 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+        lam = lam - 0.01 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
 
     def fun(x):
         lam_x = torch.tensor(x)
@@ -266,10 +280,12 @@ def train_meta(obj: BatchedObjective, b: Batch, lam0: torch.Tensor, adam_steps: 
     def hess(x):
         return exact_total_hessian(model_of(torch.tensor(x)), b.examples(), obj.loss, options).numpy()
 
-    res = scipy.optimize.minimize(fun, lam.numpy(), jac=True, method="L-BFGS-B",
-                                  options={"maxiter": lbfgs_steps, "gtol": 1e-9, "ftol": 1e-15})
-    res = scipy.optimize.minimize(fun, res.x, jac=True, hess=hess, method="trust-exact",
-                                  options={"gtol": 1e-9, "maxiter": 200})
+    res = scipy.optimize.minimize(
+        fun, lam.numpy(), jac=True, method="L-BFGS-B", options={"maxiter": lbfgs_steps, "gtol": 1e-9, "ftol": 1e-15}
+    )
+    res = scipy.optimize.minimize(
+        fun, res.x, jac=True, hess=hess, method="trust-exact", options={"gtol": 1e-9, "maxiter": 200}
+    )
     return torch.tensor(res.x)
 
 
@@ -292,11 +308,21 @@ def mlp_model(sizes, flat: torch.Tensor) -> nn.Sequential:
 
 
 # ---------------------------------------------------------------- ground truth
-def chord_retrain(obj: BatchedObjective, b: Batch, lam_star: torch.Tensor, rho: float, matrix: torch.Tensor,
-                  omega: torch.Tensor, key: int, hessian_at=None, tol: float = 1e-7,
-                  max_iter: int = 80) -> torch.Tensor:
+def chord_retrain(
+    obj: BatchedObjective,
+    b: Batch,
+    lam_star: torch.Tensor,
+    rho: float,
+    matrix: torch.Tensor,
+    omega: torch.Tensor,
+    key: int,
+    hessian_at=None,
+    tol: float = 1e-7,
+    max_iter: int = 80,
+) -> torch.Tensor:
     """argmin F_mod(λ) + (ρ/2)‖λ − λ*‖² from λ*: chord steps with M = H_mod(λ*) + ρI, backtracking on the
     objective, and M refreshed from the library's exact Hessian every 8 steps if still not converged."""
+
     def merit(lam_x: torch.Tensor) -> float:
         return obj.value(lam_x, b, omega, key) + 0.5 * rho * float((lam_x - lam_star) @ (lam_x - lam_star))
 
@@ -317,8 +343,11 @@ def chord_retrain(obj: BatchedObjective, b: Batch, lam_star: torch.Tensor, rho: 
         while True:
             cand = lam - step * direction
             cand_value = merit(cand)
-            if cand_value <= value - 1e-4 * step * float(g @ direction) or cand_value <= value + 1e-11 * abs(value) \
-                    or step < 1e-8:
+            if (
+                cand_value <= value - 1e-4 * step * float(g @ direction)
+                or cand_value <= value + 1e-11 * abs(value)
+                or step < 1e-8
+            ):
                 break
             step *= 0.5
         lam, value = cand, cand_value
@@ -345,9 +374,22 @@ def recall_at(order: np.ndarray, corrupted: set[int], fraction: float) -> float:
 
 
 # ---------------------------------------------------------------- one benchmark
-def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch, sizes, options: MetaOptions,
-                  lam0: torch.Tensor, adam_steps: int, lbfgs_steps: int, corrupted: set[int], instances: tuple[int, int],
-                  detection: bool, seed: int, cache_key: str = "") -> None:
+def run_benchmark(
+    name: str,
+    obj: BatchedObjective,
+    train: Batch,
+    queries: Batch,
+    sizes,
+    options: MetaOptions,
+    lam0: torch.Tensor,
+    adam_steps: int,
+    lbfgs_steps: int,
+    corrupted: set[int],
+    instances: tuple[int, int],
+    detection: bool,
+    seed: int,
+    cache_key: str = "",
+) -> None:
     say(f"\n## {name}\n")
     model_of = lambda lam: mlp_model(sizes, lam)  # noqa: E731
     t0 = time.time()
@@ -360,22 +402,27 @@ def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch
         if cached is not None:
             np.save(cached, lam.numpy())
     omega = torch.ones(train.w_tr.shape[0])
-    say(f"- trained λ* in {time.time() - t0:.1f} s: ‖∇F(λ*)‖ = {float(obj.gradient(lam, train, omega).norm()):.1e}, "
+    say(
+        f"- trained λ* in {time.time() - t0:.1f} s: ‖∇F(λ*)‖ = {float(obj.gradient(lam, train, omega).norm()):.1e}, "
         f"F = {obj.value(lam, train, omega):.4f}, Q(λ*) (mean query loss) = "
-        f"{query_loss(obj, queries, lam) / queries.w_tr.shape[0]:.4f}")
+        f"{query_loss(obj, queries, lam) / queries.w_tr.shape[0]:.4f}"
+    )
     model = model_of(lam)
     train_ex, query_ex = train.examples(), queries.examples()
 
     # ---- predictions (library)
     t0 = time.time()
-    exact = attribute_meta(model, train_ex, query_ex, loss=obj.loss, unit="task", mode="aggregate", top_k=5,
-                           options=options)
+    exact = attribute_meta(
+        model, train_ex, query_ex, loss=obj.loss, unit="task", mode="aggregate", top_k=5, options=options
+    )
     time_task_if = time.time() - t0
     d = exact.diagnostics
     rho = d["damping"]
-    say(f"- exact task-IF: {time_task_if:.2f} s; λ_min(H) = {d['lambda_min']:.3g}, λ_max(H) = {d['lambda_max']:.3g}, "
+    say(
+        f"- exact task-IF: {time_task_if:.2f} s; λ_min(H) = {d['lambda_min']:.3g}, λ_max(H) = {d['lambda_max']:.3g}, "
         f"auto damping ρ = {rho:.3g}, ‖∇F‖/median‖g_k‖ = {d['stationarity_ratio']:.1e}, "
-        f"inner residual max {d['inner_residual_max']:.1e}, warnings: {d['warnings'] or 'none'}")
+        f"inner residual max {d['inner_residual_max']:.1e}, warnings: {d['warnings'] or 'none'}"
+    )
     fixed = replace(options, damping=rho)
     predictions = {"task-IF exact": exact.scores.double().numpy()}
     problem = build_problem(model, train_ex, query_ex, obj.loss, fixed)
@@ -384,7 +431,11 @@ def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch
     q_grad = query_gradients(problem).sum(0)
     lib_batched = float((grads.sum(0) + obj.outer_l2 * lam - obj.gradient(lam, train, omega)).norm())
     say(f"- check: library Σ g_k + δλ vs independent batched ∇F at λ*: {lib_batched:.1e}")
-    for label, variant in (("task-IF Γ (Thm 5.1)", "gamma"), ("task-IF drop third order", "drop"), ("direct-IF", "direct")):
+    for label, variant in (
+        ("task-IF Γ (Thm 5.1)", "gamma"),
+        ("task-IF drop third order", "drop"),
+        ("direct-IF", "direct"),
+    ):
         opts = replace(options, third_order="exact" if variant == "direct" else variant, direct=variant == "direct")
         terms = [DirectTerm(t) for t in problem.terms] if variant == "direct" else problem.terms
         q_terms = [DirectTerm(t) for t in problem.query_terms] if variant == "direct" else problem.query_terms
@@ -395,14 +446,26 @@ def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch
         predictions[label] = (train_gradients(alt) @ alt_inverse.solve(query_gradients(alt).sum(0))).numpy()
         extra = f", Γ = {total.gamma:.3g}" if variant == "gamma" else ""
         say(f"- {label}: auto damping {alt_inverse.damping:.3g}, λ_min {alt_inverse.lambda_min:.3g}{extra}")
-    if options.inner.mode == "implicit_proximal":  # the inner A⁻¹ by EK-FAC instead of dense (docs/methods.md, meta methods)
+    if (
+        options.inner.mode == "implicit_proximal"
+    ):  # the inner A⁻¹ by EK-FAC instead of dense (docs/methods.md, meta methods)
         t1 = time.time()
         try:
-            ekfac = attribute_meta(model, train_ex, query_ex, loss=obj.loss, unit="task", mode="aggregate", top_k=5,
-                                   options=replace(options, inner=replace(options.inner, ihvp="ekfac")))
+            ekfac = attribute_meta(
+                model,
+                train_ex,
+                query_ex,
+                loss=obj.loss,
+                unit="task",
+                mode="aggregate",
+                top_k=5,
+                options=replace(options, inner=replace(options.inner, ihvp="ekfac")),
+            )
             predictions["task-IF exact, inner EK-FAC"] = ekfac.scores.double().numpy()
-            say(f"- task-IF with the inner EK-FAC iHVP: {time.time() - t1:.2f} s, its own auto damping "
-                f"{ekfac.diagnostics['damping']:.3g} (λ_min {ekfac.diagnostics['lambda_min']:.3g})")
+            say(
+                f"- task-IF with the inner EK-FAC iHVP: {time.time() - t1:.2f} s, its own auto damping "
+                f"{ekfac.diagnostics['damping']:.3g} (λ_min {ekfac.diagnostics['lambda_min']:.3g})"
+            )
         except AttributionError as exc:  # reported, not fatal: the other rows stand
             say(f"- task-IF with the inner EK-FAC iHVP failed: {exc}")
     predictions["grad-dot (TracIn, 1 ckpt)"] = (grads @ q_grad).numpy()
@@ -411,8 +474,16 @@ def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch
     per_task = inverse.per_task
     h_full = inverse.hessian
     t1 = time.time()
-    newton = attribute_meta(model, train_ex, query_ex, loss=obj.loss, unit="task", mode="aggregate", top_k=5,
-                            options=replace(fixed, removal="newton"))
+    newton = attribute_meta(
+        model,
+        train_ex,
+        query_ex,
+        loss=obj.loss,
+        unit="task",
+        mode="aggregate",
+        top_k=5,
+        options=replace(fixed, removal="newton"),
+    )
     predictions["task-IF exact, removal='newton'"] = newton.scores.double().numpy()
     say(f"- task-IF with removal='newton' ((H − H_k + ρI)⁻¹ g_k): {time.time() - t1:.2f} s")
     say(f"- predictions done ({time.time() - t0:.1f} s since the exact task-IF started)")
@@ -437,8 +508,10 @@ def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch
         cosines.append(float(dl @ delta_pred[k] / (dl.norm() * delta_pred[k].norm())))
     time_loo = time.time() - t0
     obj.theta_cache.clear()
-    say(f"- proximal leave-one-task-out retrains: {time_loo:.1f} s for {num_tasks} tasks "
-        f"(task-IF exact: {time_task_if:.2f} s, {time_loo / time_task_if:.0f}× faster)\n")
+    say(
+        f"- proximal leave-one-task-out retrains: {time_loo:.1f} s for {num_tasks} tasks "
+        f"(task-IF exact: {time_task_if:.2f} s, {time_loo / time_task_if:.0f}× faster)\n"
+    )
     say("| method | Pearson | Spearman | slope |")
     say("|---|---|---|---|")
     for label, pred in predictions.items():
@@ -450,24 +523,76 @@ def run_benchmark(name: str, obj: BatchedObjective, train: Batch, queries: Batch
     say(f"exact task-IF on clean tasks only: Pearson {p:.2f} / Spearman {s:.2f}")
 
     try:
-        instance_section(obj, train, queries, model, train_ex, query_ex, fixed, lam, omega, rho, h_full, hessian_at,
-                         q_star, num_tasks, instances, seed)
+        instance_section(
+            obj,
+            train,
+            queries,
+            model,
+            train_ex,
+            query_ex,
+            fixed,
+            lam,
+            omega,
+            rho,
+            h_full,
+            hessian_at,
+            q_star,
+            num_tasks,
+            instances,
+            seed,
+        )
     except Exception as exc:  # noqa: BLE001 (report and go on: the task-level figures above stand)
         say(f"\n(instance section failed: {type(exc).__name__}: {exc})")
     if detection:
         try:
-            detection_section(obj, train, queries, model, train_ex, fixed, lam, omega, rho, h_full, per_task,
-                              hessian_at, q_star, num_tasks, corrupted, predictions, actual, problem, seed)
+            detection_section(
+                obj,
+                train,
+                queries,
+                model,
+                train_ex,
+                fixed,
+                lam,
+                omega,
+                rho,
+                h_full,
+                per_task,
+                hessian_at,
+                q_star,
+                num_tasks,
+                corrupted,
+                predictions,
+                actual,
+                problem,
+                seed,
+            )
         except Exception as exc:  # noqa: BLE001 (report and go on)
             say(f"\n(detection/editing section failed: {type(exc).__name__}: {exc})")
 
 
-def instance_section(obj, train, queries, model, train_ex, query_ex, fixed, lam, omega, rho, h_full, hessian_at,
-                     q_star, num_tasks, instances, seed) -> None:
+def instance_section(
+    obj,
+    train,
+    queries,
+    model,
+    train_ex,
+    query_ex,
+    fixed,
+    lam,
+    omega,
+    rho,
+    h_full,
+    hessian_at,
+    q_star,
+    num_tasks,
+    instances,
+    seed,
+) -> None:
     rng = np.random.default_rng(seed + 1)
     t0 = time.time()
-    inst = attribute_meta(model, train_ex, query_ex, loss=obj.loss, unit="instance", mode="aggregate", top_k=5,
-                          options=fixed)
+    inst = attribute_meta(
+        model, train_ex, query_ex, loss=obj.loss, unit="instance", mode="aggregate", top_k=5, options=fixed
+    )
     time_inst = time.time() - t0
     say(f"\n- instance-IF for all {len(train_ex)} rows: {time_inst:.2f} s")
     say("\n| instances | n | Pearson | Spearman | slope |")
@@ -484,14 +609,37 @@ def instance_section(obj, train, queries, model, train_ex, query_ex, fixed, lam,
             act.append(query_loss(obj, queries, lam_z) - q_star)
             pred.append(float(inst.scores[train.row(task, split, index)]))
         p, s = corr(pred, act)
-        say(f"| {'validation' if split else 'training'} instances | {count} | {p:.2f} | {s:.2f} | {slope(pred, act):.2f} |")
+        say(
+            f"| {'validation' if split else 'training'} instances | {count} | {p:.2f} | {s:.2f} | {slope(pred, act):.2f} |"
+        )
     obj.theta_cache.clear()
 
 
-def detection_section(obj, train, queries, model, train_ex, fixed, lam, omega, rho, h_full, per_task, hessian_at,
-                      q_star, num_tasks, corrupted, predictions, actual, problem, seed) -> None:
+def detection_section(
+    obj,
+    train,
+    queries,
+    model,
+    train_ex,
+    fixed,
+    lam,
+    omega,
+    rho,
+    h_full,
+    per_task,
+    hessian_at,
+    q_star,
+    num_tasks,
+    corrupted,
+    predictions,
+    actual,
+    problem,
+    seed,
+) -> None:
     # ---- corrupted-task detection: most negative ΔQ first
-    say(f"\nCorrupted-task recall (ranked by predicted ΔQ, most harmful first; {len(corrupted)} corrupted of {num_tasks})\n")
+    say(
+        f"\nCorrupted-task recall (ranked by predicted ΔQ, most harmful first; {len(corrupted)} corrupted of {num_tasks})\n"
+    )
     fractions = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5)
     say("| ranking | " + " | ".join(f"{int(f * 100)}%" for f in fractions) + " |")
     say("|---|" + "---|" * len(fractions))
@@ -502,29 +650,37 @@ def detection_section(obj, train, queries, model, train_ex, fixed, lam, omega, r
     for label, order in rankings.items():
         say(f"| {label} | " + " | ".join(f"{recall_at(order, corrupted, f):.2f}" for f in fractions) + " |")
     perms = [np.random.default_rng(seed + 10 + i).permutation(num_tasks) for i in range(200)]
-    say("| random (mean of 200) | " + " | ".join(
-        f"{np.mean([recall_at(o, corrupted, f) for o in perms]):.2f}" for f in fractions) + " |")
+    say(
+        "| random (mean of 200) | "
+        + " | ".join(f"{np.mean([recall_at(o, corrupted, f) for o in perms]):.2f}" for f in fractions)
+        + " |"
+    )
 
     # ---- first-order editing
-    top = np.argsort(predictions["task-IF exact"])[:len(corrupted)]
+    top = np.argsort(predictions["task-IF exact"])[: len(corrupted)]
     edited = edit_meta(model, train_ex, torch.tensor(top), loss=obj.loss, unit="task", options=fixed).state
     lam_edit = torch.cat([edited[n].reshape(-1) for n, _ in model.named_parameters()]).double()
     num_q = queries.w_tr.shape[0]
     om = omega.clone()
     om[torch.tensor(top)] = 0.0
     lam_re = chord_retrain(obj, train, lam, rho, h_full - sum(per_task[k] for k in top), om, 0, hessian_at)
-    edited_newton = edit_meta(model, train_ex, torch.tensor(top), loss=obj.loss, unit="task",
-                              options=replace(fixed, removal="newton")).state
+    edited_newton = edit_meta(
+        model, train_ex, torch.tensor(top), loss=obj.loss, unit="task", options=replace(fixed, removal="newton")
+    ).state
     lam_newton = torch.cat([edited_newton[n].reshape(-1) for n, _ in model.named_parameters()]).double()
-    say(f"\nEditing (mean query loss): Q(λ*) = {q_star / num_q:.4f}; remove the {len(top)} most harmful tasks by "
+    say(
+        f"\nEditing (mean query loss): Q(λ*) = {q_star / num_q:.4f}; remove the {len(top)} most harmful tasks by "
         f"task-IF ({len(set(top.tolist()) & corrupted)} corrupted): first-order edit {query_loss(obj, queries, lam_edit) / num_q:.4f}, "
         f"removal='newton' edit {query_loss(obj, queries, lam_newton) / num_q:.4f}, "
-        f"proximal retrain {query_loss(obj, queries, lam_re) / num_q:.4f}")
+        f"proximal retrain {query_loss(obj, queries, lam_re) / num_q:.4f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="reduced sizes (B1 10 tasks, B2 16 tasks) for a loaded machine")
+    parser.add_argument(
+        "--quick", action="store_true", help="reduced sizes (B1 10 tasks, B2 16 tasks) for a loaded machine"
+    )
     parser.add_argument("--only", choices=["B1", "B2"], help="run one benchmark")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--seed", type=int, default=0, help="offset of the task-sampling and initialisation seeds")
@@ -536,9 +692,11 @@ def main() -> None:
     torch.set_num_threads(2)
     start = time.time()
     say("# Meta-learning influence benchmark (docs/methods.md, meta methods)")
-    say(f"\nCommand: `python benchmarks/meta_influence.py{' --quick' if args.quick else ''}"
+    say(
+        f"\nCommand: `python benchmarks/meta_influence.py{' --quick' if args.quick else ''}"
         f"{' --only ' + args.only if args.only else ''}{f' --seed {args.seed}' if args.seed else ''}`; torch {torch.__version__}, float64, 2 CPU threads. "
-        "Ground truth: proximal leave-one-out retrain (ρ = the auto damping of exact task-IF).")
+        "Ground truth: proximal leave-one-out retrain (ρ = the auto damping of exact task-IF)."
+    )
     if args.only != "B1":
         run_b2(args)
     if args.only != "B2":
@@ -553,6 +711,7 @@ def run_b2(args) -> None:
     from sklearn.datasets import load_digits
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
+
     digits = load_digits()
     features = PCA(10, random_state=0).fit_transform(StandardScaler().fit_transform(digits.data))
     features = (features / features.std()).astype(np.float32).astype(np.float64)  # float32-exact inputs
@@ -565,10 +724,22 @@ def run_b2(args) -> None:
     options = MetaOptions(inner=InnerOptions(mode="unrolled", steps=3, lr=0.5), outer_l2=0.1, solver="exact")
     torch.manual_seed(1 + args.seed)
     lam0 = torch.nn.utils.parameters_to_vector(mlp_model(sizes, torch.zeros(133)).apply(reset).parameters()).detach()
-    run_benchmark("B2: 3-step MAML on digits (p = 133, K = 3, α = 0.5)", obj, train, queries, sizes, options, lam0,
-                  100 if args.quick else 300, 150 if args.quick else 600, set(range(n_corrupt)),
-                  (20, 10) if not args.quick else (6, 6), True, 1 + args.seed,
-                  f"B2_{'quick' if args.quick else 'full'}_{args.seed}")
+    run_benchmark(
+        "B2: 3-step MAML on digits (p = 133, K = 3, α = 0.5)",
+        obj,
+        train,
+        queries,
+        sizes,
+        options,
+        lam0,
+        100 if args.quick else 300,
+        150 if args.quick else 600,
+        set(range(n_corrupt)),
+        (20, 10) if not args.quick else (6, 6),
+        True,
+        1 + args.seed,
+        f"B2_{'quick' if args.quick else 'full'}_{args.seed}",
+    )
     flush_results(args)
 
 
@@ -580,14 +751,27 @@ def run_b1(args) -> None:
     queries = sinusoid_tasks(n_query, 0, rng)
     sizes = (1, 8, 8, 1)
     obj = BatchedObjective(sizes, "mse", "implicit_proximal", reg=10.0, outer_l2=0.05)
-    options = MetaOptions(inner=InnerOptions(mode="implicit_proximal", reg=10.0, ihvp="dense", tol=1e-9),
-                          outer_l2=0.05, solver="exact")
+    options = MetaOptions(
+        inner=InnerOptions(mode="implicit_proximal", reg=10.0, ihvp="dense", tol=1e-9), outer_l2=0.05, solver="exact"
+    )
     torch.manual_seed(args.seed)
     lam0 = torch.nn.utils.parameters_to_vector(mlp_model(sizes, torch.zeros(97)).apply(reset).parameters()).detach()
-    run_benchmark("B1: iMAML sinusoid (p = 97, r = 10)", obj, train, queries, sizes, options, lam0,
-                  150 if args.quick else 400, 50 if args.quick else 100, {0, 1},
-                  (10, 10) if not args.quick else (6, 6), False, args.seed,
-                  f"B1_{'quick' if args.quick else 'full'}_{args.seed}")
+    run_benchmark(
+        "B1: iMAML sinusoid (p = 97, r = 10)",
+        obj,
+        train,
+        queries,
+        sizes,
+        options,
+        lam0,
+        150 if args.quick else 400,
+        50 if args.quick else 100,
+        {0, 1},
+        (10, 10) if not args.quick else (6, 6),
+        False,
+        args.seed,
+        f"B1_{'quick' if args.quick else 'full'}_{args.seed}",
+    )
     flush_results(args)
 
 

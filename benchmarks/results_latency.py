@@ -34,8 +34,13 @@ def measure(
         else:
             url = f"sqlite:///{workdir / 'bench.sqlite'}"
         paths, headers, env = results_pages(workdir / "data", url)
-        env = {**env, "ATTRIB_BROKER_URL": REDIS_URL, "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
-               "ATTRIB_RATE_LIMIT_BURST": "1000000", **settings}
+        env = {
+            **env,
+            "ATTRIB_BROKER_URL": REDIS_URL,
+            "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
+            "ATTRIB_RATE_LIMIT_BURST": "1000000",
+            **settings,
+        }
         reports = []
         with api_server(env, workdir / "server.log", "--workers", str(processes)) as base_url:
             run_load(base_url, paths, headers, 8, 3)  # warm-up
@@ -47,13 +52,17 @@ def measure(
 
 
 def table(reports: list[tuple[str, LoadReport]]) -> str:
-    lines = ["| database | in flight | requests/s | requests | non-2xx | socket errors | p50 | p99 | slowest /healthz |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| database | in flight | requests/s | requests | non-2xx | socket errors | p50 | p99 | slowest /healthz |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for backend, r in reports:
         non_2xx = sum(n for status, n in r.statuses.items() if status != 200)
-        lines.append(f"| {backend} | {r.in_flight} | {r.requests / r.seconds:.0f} | {r.requests} | {non_2xx} | "
-                     f"{sum(r.transport_errors.values())} | {1000 * r.quantiles[50]:.0f} ms | "
-                     f"{1000 * r.quantiles[99]:.0f} ms | {1000 * max(r.healthz_latencies):.0f} ms |")
+        lines.append(
+            f"| {backend} | {r.in_flight} | {r.requests / r.seconds:.0f} | {r.requests} | {non_2xx} | "
+            f"{sum(r.transport_errors.values())} | {1000 * r.quantiles[50]:.0f} ms | "
+            f"{1000 * r.quantiles[99]:.0f} ms | {1000 * max(r.healthz_latencies):.0f} ms |"
+        )
     return "\n".join(lines)
 
 
@@ -68,8 +77,14 @@ def main() -> None:
     reports = []
     for backend in args.backends:
         with tempfile.TemporaryDirectory() as workdir:
-            reports += measure(backend, args.in_flight, args.seconds, Path(workdir), args.workers,
-                               dict(item.split("=", 1) for item in args.set))
+            reports += measure(
+                backend,
+                args.in_flight,
+                args.seconds,
+                Path(workdir),
+                args.workers,
+                dict(item.split("=", 1) for item in args.set),
+            )
     body = table(reports)
     print(body)
     RESULTS.write_text(

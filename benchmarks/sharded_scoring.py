@@ -55,18 +55,26 @@ class Client:
             layers.append({"type": "linear", "in_features": inputs, "out_features": outputs})
             if index < len(sizes) - 2:
                 layers.append({"type": "relu"})
-        metadata = {"name": "bench", "format": "spec", "architecture": {"type": "sequential", "layers": layers},
-                    "task": {"loss": "cross_entropy"}}
-        response = self.http.post("/v1/models", data={"metadata": json.dumps(metadata)},
-                                  files={"weights": ("w.safetensors", weights)})
+        metadata = {
+            "name": "bench",
+            "format": "spec",
+            "architecture": {"type": "sequential", "layers": layers},
+            "task": {"loss": "cross_entropy"},
+        }
+        response = self.http.post(
+            "/v1/models", data={"metadata": json.dumps(metadata)}, files={"weights": ("w.safetensors", weights)}
+        )
         response.raise_for_status()
         return str(response.json()["id"])
 
     def dataset(self, inputs: np.ndarray, targets: np.ndarray) -> str:
         buffer = io.BytesIO()
         np.savez(buffer, inputs=inputs.astype(np.float32), targets=targets)
-        response = self.http.post("/v1/datasets", data={"metadata": json.dumps({"name": "bench"})},
-                                  files={"data": ("d.npz", buffer.getvalue())})
+        response = self.http.post(
+            "/v1/datasets",
+            data={"metadata": json.dumps({"name": "bench"})},
+            files={"data": ("d.npz", buffer.getvalue())},
+        )
         response.raise_for_status()
         return str(response.json()["id"])
 
@@ -78,14 +86,33 @@ def topology(workdir: Path, shard: int) -> Iterator[tuple[str, str, dict[str, st
     from service.db.session import session_scope
 
     port = free_port()
-    redis = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port",
-                              str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    redis = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with private_postgres_schema("attrib_bench") as url:
-            env = {"ATTRIB_DATA_DIR": str(workdir / "data"), "ATTRIB_DATABASE_URL": url,
-                   "ATTRIB_BROKER_URL": f"redis://127.0.0.1:{port}/0", "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
-                   "ATTRIB_RATE_LIMIT_BURST": "1000000", "ATTRIB_SHARD_EXAMPLES": str(shard)}
+            env = {
+                "ATTRIB_DATA_DIR": str(workdir / "data"),
+                "ATTRIB_DATABASE_URL": url,
+                "ATTRIB_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+                "ATTRIB_RATE_LIMIT_PER_SECOND": "1000000",
+                "ATTRIB_RATE_LIMIT_BURST": "1000000",
+                "ATTRIB_SHARD_EXAMPLES": str(shard),
+            }
             upgrade_to_head(url)
             with session_scope(url) as session:
                 key = create_api_key(session, f"bench-{uuid.uuid4().hex[:6]}")
@@ -103,11 +130,24 @@ def workers(count: int, env: dict[str, str], workdir: Path) -> Iterator[None]:
     with ExitStack() as logs:
         for index in range(count):
             log = logs.enter_context(open(workdir / f"worker-{count}-{index}.log", "wb"))
-            command = ["taskset", "-c", str(cores[index % len(cores)]), sys.executable, "-m", "service.cli",
-                       "worker", "--loglevel=WARNING"]
-            processes.append(subprocess.Popen(command, env={**os.environ, **env, "OMP_NUM_THREADS": "1",
-                                                            "MKL_NUM_THREADS": "1"},
-                                              stdout=log, stderr=subprocess.STDOUT))
+            command = [
+                "taskset",
+                "-c",
+                str(cores[index % len(cores)]),
+                sys.executable,
+                "-m",
+                "service.cli",
+                "worker",
+                "--loglevel=WARNING",
+            ]
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    env={**os.environ, **env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         try:
             time.sleep(8)  # the workers import torch before they take a message
             yield
@@ -156,12 +196,16 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2, help="runs of the 1x jobs (the fastest is reported)")
     args = parser.parse_args()
-    lines = ["# Sharded scoring: 1 vs 2 workers, and 10x the training set", "",
-             f"`python -m benchmarks.sharded_scoring --train {args.train} --shard {args.shard} --queries "
-             f"{args.queries} --scale {args.scale} --repeats {args.repeats}` on {platform.node()} ({os.cpu_count()} CPUs, shared), "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-             "| training examples | shards | workers | shards per worker | score time | examples / s | job time |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Sharded scoring: 1 vs 2 workers, and 10x the training set",
+        "",
+        f"`python -m benchmarks.sharded_scoring --train {args.train} --shard {args.shard} --queries "
+        f"{args.queries} --scale {args.scale} --repeats {args.repeats}` on {platform.node()} ({os.cpu_count()} CPUs, shared), "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| training examples | shards | workers | shards per worker | score time | examples / s | job time |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     measured: dict[tuple[int, int], float] = {}
     with tempfile.TemporaryDirectory() as folder, topology(Path(folder), args.shard) as (base_url, key, env):
         client = Client(base_url, key)
@@ -173,22 +217,34 @@ def main() -> None:
         for size, count in runs:
             if size not in datasets:
                 datasets[size] = client.dataset(train.inputs[:size].numpy(), train.targets[:size].numpy())
-            body = {"model_id": model, "train_dataset_id": datasets[size], "query_dataset_id": query_id,
-                    "method": "influence", "mode": "pairwise", "top_k": 10, "options": {"strategy": "ekfac"}}
+            body = {
+                "model_id": model,
+                "train_dataset_id": datasets[size],
+                "query_dataset_id": query_id,
+                "method": "influence",
+                "mode": "pairwise",
+                "top_k": 10,
+                "options": {"strategy": "ekfac"},
+            }
             with workers(count, env, Path(folder)):
                 timings = [timed_job(client, body) for _ in range(args.repeats if size == args.train else 1)]
             score, total, job = min(timings, key=lambda timing: timing[0])  # the least disturbed run
             measured[(size, count)] = score
             shards = -(-size // args.shard)
             split = shards_per_worker(env["ATTRIB_DATABASE_URL"], job["id"])
-            lines.append(f"| {size:,} | {shards} | {count} | {split} | {score:.1f} s | {size / score:,.0f} | "
-                         f"{total:.1f} s |")
+            lines.append(
+                f"| {size:,} | {shards} | {count} | {split} | {score:.1f} s | {size / score:,.0f} | {total:.1f} s |"
+            )
             print(lines[-1], flush=True)
     speedup = measured[(args.train, 1)] / measured[(args.train, 2)]
     growth = measured[(args.train * args.scale, 2)] / measured[(args.train, 2)]
-    lines += ["", f"- 2 workers vs 1: **{speedup:.2f}x** the throughput (target >= 1.8x).",
-              f"- {args.scale}x the training set with 2 workers: **{growth:.1f}x** the score time (target <= "
-              f"{args.scale + 1}x).", ""]
+    lines += [
+        "",
+        f"- 2 workers vs 1: **{speedup:.2f}x** the throughput (target >= 1.8x).",
+        f"- {args.scale}x the training set with 2 workers: **{growth:.1f}x** the score time (target <= "
+        f"{args.scale + 1}x).",
+        "",
+    ]
     RESULTS.write_text("\n".join(lines))
     print("\n".join(lines[-3:]))
 

@@ -70,8 +70,9 @@ def make_model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
 
 
-def train(setting: Setting, subset: torch.Tensor | None, seed: int, keep_checkpoints: bool
-          ) -> tuple[nn.Module, list[TrajectoryCheckpoint]]:
+def train(
+    setting: Setting, subset: torch.Tensor | None, seed: int, keep_checkpoints: bool
+) -> tuple[nn.Module, list[TrajectoryCheckpoint]]:
     """Minibatch SGD through the stages; ``subset`` (rows of the attributed stage's data) replaces that stage's
     data. A checkpoint at the end of every epoch."""
     model = make_model(0)
@@ -84,7 +85,7 @@ def train(setting: Setting, subset: torch.Tensor | None, seed: int, keep_checkpo
         for _ in range(stage.epochs):
             order = torch.randperm(len(data), generator=generator)
             for first in range(0, len(data), setting.batch_size):
-                rows = order[first:first + setting.batch_size]
+                rows = order[first : first + setting.batch_size]
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(model(data.inputs[rows]), data.targets[rows]).backward()
                 optimizer.step()
@@ -125,8 +126,9 @@ def full_matrix(result: AttributionScores, n: int) -> torch.Tensor:
     return matrix
 
 
-def method_scores(setting: Setting, final: nn.Module,
-                  checkpoints: list[TrajectoryCheckpoint]) -> dict[str, tuple[torch.Tensor, float]]:
+def method_scores(
+    setting: Setting, final: nn.Module, checkpoints: list[TrajectoryCheckpoint]
+) -> dict[str, tuple[torch.Tensor, float]]:
     stage_data = {i: s.data for i, s in enumerate(setting.stages)}
     train = stage_data[setting.attributed_stage]
     n, queries = len(train), setting.queries
@@ -135,24 +137,57 @@ def method_scores(setting: Setting, final: nn.Module,
     timings: dict[str, float] = {}
     runs = {
         DEFAULT_SOURCE: lambda: attribute_source(
-            final, checkpoints, stage_data, train, queries, options=SourceOptions(),
-            attributed_stages=[setting.attributed_stage], **common),
+            final,
+            checkpoints,
+            stage_data,
+            train,
+            queries,
+            options=SourceOptions(),
+            attributed_stages=[setting.attributed_stage],
+            **common,
+        ),
         "SOURCE (averaged_parameters)": lambda: attribute_source(
-            final, checkpoints, stage_data, train, queries, options=SourceOptions(variant="averaged_parameters"),
-            attributed_stages=[setting.attributed_stage], **common),
+            final,
+            checkpoints,
+            stage_data,
+            train,
+            queries,
+            options=SourceOptions(variant="averaged_parameters"),
+            attributed_stages=[setting.attributed_stage],
+            **common,
+        ),
         "SOURCE (full, one segment per checkpoint)": lambda: attribute_source(
-            final, checkpoints, stage_data, train, queries, options=SourceOptions(segments=len(checkpoints)),
-            attributed_stages=[setting.attributed_stage], **common),
+            final,
+            checkpoints,
+            stage_data,
+            train,
+            queries,
+            options=SourceOptions(segments=len(checkpoints)),
+            attributed_stages=[setting.attributed_stage],
+            **common,
+        ),
         "EK-FAC influence (final model)": lambda: attribute(
-            final, train, queries, method="influence", options=InfluenceOptions(), **common),
+            final, train, queries, method="influence", options=InfluenceOptions(), **common
+        ),
         "TracInCP": lambda: attribute_tracin(
-            [c for c in checkpoints if c.stage == setting.attributed_stage], train, queries, **common),
+            [c for c in checkpoints if c.stage == setting.attributed_stage], train, queries, **common
+        ),
         "gradient similarity (cosine)": lambda: attribute(
-            final, train, queries, method="gradient_similarity", options=GradientSimilarityOptions(normalize=True),
-            **common),
+            final,
+            train,
+            queries,
+            method="gradient_similarity",
+            options=GradientSimilarityOptions(normalize=True),
+            **common,
+        ),
         "gradient dot product (final model)": lambda: attribute(
-            final, train, queries, method="gradient_similarity", options=GradientSimilarityOptions(normalize=False),
-            **common),
+            final,
+            train,
+            queries,
+            method="gradient_similarity",
+            options=GradientSimilarityOptions(normalize=False),
+            **common,
+        ),
     }
     for name, run in runs.items():
         start = time.perf_counter()
@@ -169,17 +204,29 @@ def settings(seed: int) -> list[Setting]:
     noisy = y[train_rows].clone()
     corrupt = torch.randperm(1000, generator=generator)[:200]
     noisy[corrupt] = (noisy[corrupt] + torch.randint(1, 10, (200,), generator=generator)) % 10
-    a = Setting("a. not converged, 20% labels corrupted",
-                "1000 training digits (200 labels corrupted), 5 epochs of SGD (lr 0.3, batch 32), a checkpoint per epoch",
-                [Stage(Examples(inputs=x[train_rows], targets=noisy), epochs=5)], 0,
-                Examples(inputs=x[test_rows], targets=y[test_rows]), lr=0.3, batch_size=32)
+    a = Setting(
+        "a. not converged, 20% labels corrupted",
+        "1000 training digits (200 labels corrupted), 5 epochs of SGD (lr 0.3, batch 32), a checkpoint per epoch",
+        [Stage(Examples(inputs=x[train_rows], targets=noisy), epochs=5)],
+        0,
+        Examples(inputs=x[test_rows], targets=y[test_rows]),
+        lr=0.3,
+        batch_size=32,
+    )
     stage1_rows, stage2_rows, query_rows = order[:700], order[700:1100], order[1100:1200]
-    b = Setting("b. two stages, stage 2 on shifted digits",
-                "stage 1: 700 digits, 4 epochs; stage 2: 400 other digits rolled 2 pixels right, 4 epochs "
-                "(SGD lr 0.05, batch 32, a checkpoint per epoch); queries: shifted test digits; attributed: stage 1",
-                [Stage(Examples(inputs=x[stage1_rows], targets=y[stage1_rows]), epochs=4),
-                 Stage(Examples(inputs=shifted(x[stage2_rows]), targets=y[stage2_rows]), epochs=4)], 0,
-                Examples(inputs=shifted(x[query_rows]), targets=y[query_rows]), lr=0.05, batch_size=32)
+    b = Setting(
+        "b. two stages, stage 2 on shifted digits",
+        "stage 1: 700 digits, 4 epochs; stage 2: 400 other digits rolled 2 pixels right, 4 epochs "
+        "(SGD lr 0.05, batch 32, a checkpoint per epoch); queries: shifted test digits; attributed: stage 1",
+        [
+            Stage(Examples(inputs=x[stage1_rows], targets=y[stage1_rows]), epochs=4),
+            Stage(Examples(inputs=shifted(x[stage2_rows]), targets=y[stage2_rows]), epochs=4),
+        ],
+        0,
+        Examples(inputs=shifted(x[query_rows]), targets=y[query_rows]),
+        lr=0.05,
+        batch_size=32,
+    )
     return [a, b]
 
 
@@ -213,16 +260,26 @@ def main() -> None:
         truth_seconds = time.perf_counter() - truth_start
         results = method_scores(setting, final, checkpoints)
         figures = {name: lds(scores, masks, outcomes) for name, (scores, _) in results.items()}
-        lines += [f"## {setting.name}", "", setting.description + f". Query accuracy of the final model: {accuracy:.2f}. "
-                  f"{len(checkpoints)} checkpoints; ground truth took {truth_seconds:.0f} s.", "",
-                  "| method | LDS | seconds |", "|---|---|---|"]
+        lines += [
+            f"## {setting.name}",
+            "",
+            setting.description + f". Query accuracy of the final model: {accuracy:.2f}. "
+            f"{len(checkpoints)} checkpoints; ground truth took {truth_seconds:.0f} s.",
+            "",
+            "| method | LDS | seconds |",
+            "|---|---|---|",
+        ]
         lines += [f"| {name} | {figures[name]:.3f} | {results[name][1]:.1f} |" for name in results]
         best_source = figures[DEFAULT_SOURCE]  # the target is judged on the default configuration only
         best_other = max(v for k, v in figures.items() if not k.startswith("SOURCE"))
-        lines += ["", f"SOURCE (default) {best_source:.3f} vs best other {best_other:.3f}: margin "
-                  f"{best_source - best_other:+.3f} "
-                  f"(target +0.05: {'met' if best_source >= best_other + 0.05 else 'missed'}).", ""]
-        print("\n".join(lines[-(len(results) + 6):]), flush=True)
+        lines += [
+            "",
+            f"SOURCE (default) {best_source:.3f} vs best other {best_other:.3f}: margin "
+            f"{best_source - best_other:+.3f} "
+            f"(target +0.05: {'met' if best_source >= best_other + 0.05 else 'missed'}).",
+            "",
+        ]
+        print("\n".join(lines[-(len(results) + 6) :]), flush=True)
     lines.append(f"Total runtime: {time.perf_counter() - started:.0f} s.")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")

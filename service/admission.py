@@ -79,8 +79,12 @@ class AdmissionControl:
             await self.gate.acquire()
         except Overloaded:
             response = problem_response(
-                503, "the service is at capacity; retry after the time in Retry-After", kind="overloaded",
-                title="Service Unavailable", instance=scope.get("path"), headers={"Retry-After": self.retry_after},
+                503,
+                "the service is at capacity; retry after the time in Retry-After",
+                kind="overloaded",
+                title="Service Unavailable",
+                instance=scope.get("path"),
+                headers={"Retry-After": self.retry_after},
             )
             await response(scope, receive, send)
             return

@@ -40,9 +40,16 @@ def create_app(
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     configure_engine(settings.resolved_database_url, settings.db_pool_size)
-    app = FastAPI(title="attrib", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                  responses=problem_responses(429, 503), docs_url=None, redoc_url=None,
-                  generate_unique_id_function=operation_id)
+    app = FastAPI(
+        title="attrib",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses=problem_responses(429, 503),
+        docs_url=None,
+        redoc_url=None,
+        generate_unique_id_function=operation_id,
+    )
     app.state.settings = settings
     app.state.store = store or LocalBlobStore(settings.resolved_storage_dir)
     app.state.queue = queue or CeleryQueue(settings.resolved_broker_url, settings.queue_prefix)
@@ -57,8 +64,12 @@ def create_app(
     install_docs(app)
     install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, max_json_bytes=settings.max_json_bytes)
-    app.add_middleware(AdmissionControl, max_in_flight=settings.max_in_flight, max_waiting=settings.max_waiting,
-                       wait_seconds=settings.admission_wait_seconds)
+    app.add_middleware(
+        AdmissionControl,
+        max_in_flight=settings.max_in_flight,
+        max_waiting=settings.max_waiting,
+        wait_seconds=settings.admission_wait_seconds,
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 
@@ -81,6 +92,6 @@ async def _on_artifact_error(request: Request, exc: ArtifactError) -> JSONRespon
     from service.problems import FieldError
 
     errors = [FieldError(field=exc.field, message=exc.detail)] if exc.field else None
-    return problem_response(422, exc.detail, kind="invalid-artifact", title="Invalid upload",
-                            instance=request.url.path, errors=errors)
-
+    return problem_response(
+        422, exc.detail, kind="invalid-artifact", title="Invalid upload", instance=request.url.path, errors=errors
+    )

@@ -20,5 +20,6 @@ def check_checkpoint_is_new(session: Session, model_id: str, step: int, stage: i
         select(Checkpoint.id).where(Checkpoint.model_id == model_id, Checkpoint.step == step, Checkpoint.stage == stage)
     )
     if existing is not None:
-        raise ProblemError(409, f"the model already has checkpoint {existing!r} at step {step} of stage {stage}",
-                           kind="conflict")
+        raise ProblemError(
+            409, f"the model already has checkpoint {existing!r} at step {step} of stage {stage}", kind="conflict"
+        )

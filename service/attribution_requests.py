@@ -52,7 +52,7 @@ def check_attribution(
     if request.top_k > max_top_k:
         raise invalid(f"top_k may be at most {max_top_k}", "body.top_k")
     if request.measurement == "margin" and loss != "cross_entropy":
-        raise invalid("measurement \"margin\" needs a classifier (task loss cross_entropy)", "body.measurement")
+        raise invalid('measurement "margin" needs a classifier (task loss cross_entropy)', "body.measurement")
     for dataset, field in ((train, "body.train_dataset_id"), (query, "body.query_dataset_id")):
         if dataset is not None:
             check_inputs_fit(models[0], dataset, field, settings.max_activation_bytes, _batch_size(options))
@@ -68,8 +68,11 @@ def _check_ensemble(models: list[Model]) -> None:
     first = models[0]
     for other in models[1:]:
         if other.architecture != first.architecture or other.task != first.task:
-            raise invalid(f"model {other.id!r} has another architecture or task than {first.id!r}; an ensemble "
-                          "needs models of one architecture", "body.model_ids")
+            raise invalid(
+                f"model {other.id!r} has another architecture or task than {first.id!r}; an ensemble "
+                "needs models of one architecture",
+                "body.model_ids",
+            )
     if len({m.id for m in models}) != len(models):
         raise invalid("model_ids repeats a model", "body.model_ids")
 
@@ -77,7 +80,7 @@ def _check_ensemble(models: list[Model]) -> None:
 def _query_dataset(session: Session, tenant_id: str, request: AttributionRequest) -> Dataset | None:
     if request.mode == "self":
         if request.query_dataset_id is not None:
-            raise invalid("mode \"self\" takes no query dataset", "body.query_dataset_id")
+            raise invalid('mode "self" takes no query dataset', "body.query_dataset_id")
         return None
     if request.query_dataset_id is None:
         raise invalid(f"mode {request.mode!r} needs query_dataset_id", "body.query_dataset_id")
@@ -108,8 +111,9 @@ def check_inputs_fit(
         try:
             module.eval()(probe)
         except Exception as exc:
-            raise invalid(f"the inputs of dataset {dataset.id!r} (shape {shape}) do not fit model {model.id!r}: "
-                          f"{exc}", field) from exc
+            raise invalid(
+                f"the inputs of dataset {dataset.id!r} (shape {shape}) do not fit model {model.id!r}: {exc}", field
+            ) from exc
         finally:
             for handle in handles:
                 handle.remove()
@@ -118,7 +122,9 @@ def check_inputs_fit(
         raise invalid(
             f"model {model.id!r} on inputs of shape {shape[1:]} needs about {estimate / 1024**3:.1f} GiB of "
             f"activations for a batch of {batch_size} (at most {max_activation_bytes / 1024**3:.1f} GiB): use a "
-            "smaller options.batch_size or a smaller model", field)
+            "smaller options.batch_size or a smaller model",
+            field,
+        )
 
 
 def _numel(output: object) -> int:
@@ -136,15 +142,22 @@ def _check_meta_datasets(train: Dataset, query: Dataset | None) -> None:
 
 
 def _check_trajectory(
-    session: Session, tenant_id: str, request: AttributionRequest, method: Method, models: list[Model],
+    session: Session,
+    tenant_id: str,
+    request: AttributionRequest,
+    method: Method,
+    models: list[Model],
     settings: Settings,
 ) -> None:
     if len(models) != 1:
         raise invalid(f"method {method.name!r} takes one model (model_id), not an ensemble", "body.model_ids")
     checkpoints = list(session.scalars(select(Checkpoint).where(Checkpoint.model_id == models[0].id)))
     if not checkpoints:
-        raise invalid(f"method {method.name!r} needs the model's training checkpoints: upload them with "
-                      f"POST /v1/models/{models[0].id}/checkpoints", "body.model_id")
+        raise invalid(
+            f"method {method.name!r} needs the model's training checkpoints: upload them with "
+            f"POST /v1/models/{models[0].id}/checkpoints",
+            "body.model_id",
+        )
     facts = [CheckpointFacts(stage=c.stage, step=c.step, optimizer=c.optimizer or "sgd") for c in checkpoints]
     options = request.options
     if not isinstance(options, TrajectoryOptions):
@@ -156,19 +169,28 @@ def _check_trajectory(
     except MethodInputError as exc:
         raise invalid(exc.message, exc.field) from exc
     for dataset_id in (options.stage_datasets or {}).values():
-        check_inputs_fit(models[0], owned(session, Dataset, tenant_id, dataset_id), "body.options.stage_datasets",
-                         settings.max_activation_bytes, _batch_size(options))
+        check_inputs_fit(
+            models[0],
+            owned(session, Dataset, tenant_id, dataset_id),
+            "body.options.stage_datasets",
+            settings.max_activation_bytes,
+            _batch_size(options),
+        )
 
 
 def _check_fit(
-    session: Session, tenant_id: str, request: AttributionRequest, method: Method, models: list[Model],
+    session: Session,
+    tenant_id: str,
+    request: AttributionRequest,
+    method: Method,
+    models: list[Model],
     train: Dataset,
 ) -> Fit | None:
     if request.fit_id is None:
         return None
     fit = owned(session, Fit, tenant_id, request.fit_id)
     if not method.accepts_fit:
-        users = " or ".join(f"\"{m.name}\"" for m in all_methods() if m.accepts_fit)
+        users = " or ".join(f'"{m.name}"' for m in all_methods() if m.accepts_fit)
         raise invalid(f"fit_id is used by method {users}, not {method.name!r}", "body.fit_id")
     if len(models) != 1 or fit.model_id != models[0].id:
         raise invalid(f"fit {fit.id!r} was made for model {fit.model_id!r}", "body.fit_id")
@@ -176,14 +198,18 @@ def _check_fit(
         raise invalid(f"fit {fit.id!r} was made on dataset {fit.dataset_id!r}, not the training dataset", "body.fit_id")
     job = session.get(Job, fit.job_id)
     if job is None or job.status != "succeeded":
-        raise ProblemError(409, f"fit {fit.id!r} is not ready (its job is {job.status if job else 'missing'})",
-                           kind="fit-not-ready")
+        raise ProblemError(
+            409, f"fit {fit.id!r} is not ready (its job is {job.status if job else 'missing'})", kind="fit-not-ready"
+        )
     requested = request.options.model_dump()
     given = request.options.model_fields_set
     for name in FIT_LEVEL_FIELDS:
         if name in given and requested.get(name) != fit.options.get(name):
-            raise invalid(f"option {name}={requested.get(name)!r} differs from fit {fit.id!r} "
-                          f"({fit.options.get(name)!r}); leave it out or make a new fit", f"body.options.{name}")
+            raise invalid(
+                f"option {name}={requested.get(name)!r} differs from fit {fit.id!r} "
+                f"({fit.options.get(name)!r}); leave it out or make a new fit",
+                f"body.options.{name}",
+            )
     return fit
 
 
@@ -192,7 +218,8 @@ def owned_checkpoints(session: Session, model: Model, checkpoint_ids: list[str])
     for checkpoint_id in checkpoint_ids:
         checkpoint = session.get(Checkpoint, checkpoint_id)
         if checkpoint is None or checkpoint.model_id != model.id:
-            raise invalid(f"checkpoint {checkpoint_id!r} is not a checkpoint of model {model.id!r}",
-                          "body.checkpoint_ids")
+            raise invalid(
+                f"checkpoint {checkpoint_id!r} is not a checkpoint of model {model.id!r}", "body.checkpoint_ids"
+            )
         found.append(checkpoint)
     return found

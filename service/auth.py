@@ -70,7 +70,8 @@ def tenant_for_key(session: Session, secret: str) -> Caller | None:
     digest = hash_key(secret)
     now = time.monotonic()
     row = session.execute(
-        select(Tenant.id, Tenant.name).join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        select(Tenant.id, Tenant.name)
+        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
     ).first()
     if row is None:

@@ -28,19 +28,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not settings.embedded:
         # the app is built in each process (from the same ATTRIB_* environment) when there are several
         target = create_app(settings) if args.workers == 1 else "service.app:create_app"
-        uvicorn.run(target, factory=args.workers > 1, workers=args.workers, host=args.host, port=args.port,
-                    timeout_keep_alive=settings.keep_alive_seconds)
+        uvicorn.run(
+            target,
+            factory=args.workers > 1,
+            workers=args.workers,
+            host=args.host,
+            port=args.port,
+            timeout_keep_alive=settings.keep_alive_seconds,
+        )
         return
     if args.workers != 1:
-        raise SystemExit("attrib: --workers needs the production topology (ATTRIB_DATABASE_URL and "
-                         "ATTRIB_BROKER_URL); the embedded default serves from one process")
+        raise SystemExit(
+            "attrib: --workers needs the production topology (ATTRIB_DATABASE_URL and "
+            "ATTRIB_BROKER_URL); the embedded default serves from one process"
+        )
     embedded.prepare(settings)
     app = create_app(settings)  # its reaper requeues the jobs a previous run left running
     worker = embedded.start_worker(settings)
     print(embedded.serve_banner(settings, args.host, args.port), file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                    timeout_keep_alive=settings.keep_alive_seconds)
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=settings.keep_alive_seconds
+        )
     finally:
         embedded.stop_worker(worker)
 
@@ -52,9 +61,14 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
     queues = parse_queues(args.queues)
     if args.concurrency < 1:
         raise SystemExit("attrib: --concurrency must be at least 1")
-    return ["worker", "--pool=prefork", f"--concurrency={args.concurrency}",
-            f"--queues={broker_queues(queues, settings.queue_prefix)}",
-            f"--hostname={'-'.join(queues)}-{os.getpid()}@%h", f"--loglevel={args.loglevel}"]
+    return [
+        "worker",
+        "--pool=prefork",
+        f"--concurrency={args.concurrency}",
+        f"--queues={broker_queues(queues, settings.queue_prefix)}",
+        f"--hostname={'-'.join(queues)}-{os.getpid()}@%h",
+        f"--loglevel={args.loglevel}",
+    ]
 
 
 def parse_queues(value: str) -> list[str]:
@@ -107,22 +121,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attrib", description="Training-data attribution service.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the API (and, by default, a local worker)",
-                                formatter_class=HelpFormatter)
+    serve = commands.add_parser(
+        "serve", help="run the API (and, by default, a local worker)", formatter_class=HelpFormatter
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="API processes (production topology only); each runs ATTRIB_API_THREADS threads and "
-                            "admits ATTRIB_MAX_IN_FLIGHT requests")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes (production topology only); each runs ATTRIB_API_THREADS threads and "
+        "admits ATTRIB_MAX_IN_FLIGHT requests",
+    )
     serve.set_defaults(func=cmd_serve)
 
-    worker = commands.add_parser("worker", help="run a Celery worker (production topology)",
-                                 formatter_class=HelpFormatter)
-    worker.add_argument("--queues", default=",".join(QUEUES),
-                        help="queues to consume: gpu (fits, scoring, edits), cpu (merges, housekeeping), or both")
-    worker.add_argument("--concurrency", type=int, default=1,
-                        help="pool processes, each running one job at a time; with GPUs, one per GPU (pool "
-                             "process i uses GPU i mod count, see ATTRIB_DEVICE)")
+    worker = commands.add_parser(
+        "worker", help="run a Celery worker (production topology)", formatter_class=HelpFormatter
+    )
+    worker.add_argument(
+        "--queues",
+        default=",".join(QUEUES),
+        help="queues to consume: gpu (fits, scoring, edits), cpu (merges, housekeeping), or both",
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="pool processes, each running one job at a time; with GPUs, one per GPU (pool "
+        "process i uses GPU i mod count, see ATTRIB_DEVICE)",
+    )
     worker.add_argument("--loglevel", default="INFO", help="Celery log level")
     worker.set_defaults(func=cmd_worker)
 
@@ -134,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", required=True, help="tenant name (created if new)")
     create.set_defaults(func=cmd_keys_create)
 
-    demo = commands.add_parser("demo", help="train a small model on digits and attribute its predictions",
-                               formatter_class=HelpFormatter)
+    demo = commands.add_parser(
+        "demo", help="train a small model on digits and attribute its predictions", formatter_class=HelpFormatter
+    )
     demo.add_argument("--port", type=int, default=8765, help="port of the demo's own embedded server")
     demo.add_argument("--keep", action="store_true", help="leave the embedded server running afterwards")
     demo.add_argument("--method", default="influence", help="attribution method (default: influence, EK-FAC)")

@@ -19,22 +19,31 @@ from worker.artifacts.tokenizer import load_tokenizer, special_token_id
 PAD_TOKENS = ("pad_token", "eos_token", "unk_token")
 
 
-def tokenize_options(session: Session, store: BlobStore, tenant_id: str, meta: DatasetMetadata) -> TokenizeOptions | None:
+def tokenize_options(
+    session: Session, store: BlobStore, tenant_id: str, meta: DatasetMetadata
+) -> TokenizeOptions | None:
     """How to tokenize text columns: the tokenizer uploaded with model ``tokenize_with``; None without it."""
     if meta.tokenize_with is None:
         return None
     model = owned(session, Model, tenant_id, meta.tokenize_with)
     files = model.architecture.get("files") or {}
     if model.format != "hf" or "tokenizer" not in files:
-        raise ArtifactError(f"model {model.id!r} has no tokenizer: upload it (format \"hf\") with a `tokenizer` part "
-                            "(tokenizer.json)", field="metadata.tokenize_with")
+        raise ArtifactError(
+            f'model {model.id!r} has no tokenizer: upload it (format "hf") with a `tokenizer` part (tokenizer.json)',
+            field="metadata.tokenize_with",
+        )
     with store.local_path(files["tokenizer"]) as path:
         tokenizer = load_tokenizer(path)
     tokenizer_config = model.architecture.get("tokenizer_config")
     pad_id = special_token_id(tokenizer, tokenizer_config if isinstance(tokenizer_config, dict) else None, PAD_TOKENS)
-    return TokenizeOptions(tokenizer=tokenizer, max_length=meta.max_length, padding=meta.padding,
-                           truncation=meta.truncation, pad_id=pad_id or 0,
-                           add_special_tokens=meta.add_special_tokens)
+    return TokenizeOptions(
+        tokenizer=tokenizer,
+        max_length=meta.max_length,
+        padding=meta.padding,
+        truncation=meta.truncation,
+        pad_id=pad_id or 0,
+        add_special_tokens=meta.add_special_tokens,
+    )
 
 
 def stage_text_dataset(store: BlobStore, dataset: TextArrays) -> StagedBlob:

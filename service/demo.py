@@ -21,11 +21,14 @@ from torch import nn
 from service.embedded import read_api_key
 from service.settings import Settings
 
-ARCHITECTURE = {"type": "sequential", "layers": [
-    {"type": "linear", "in_features": 64, "out_features": 64},
-    {"type": "relu"},
-    {"type": "linear", "in_features": 64, "out_features": 10},
-]}
+ARCHITECTURE = {
+    "type": "sequential",
+    "layers": [
+        {"type": "linear", "in_features": 64, "out_features": 64},
+        {"type": "relu"},
+        {"type": "linear", "in_features": 64, "out_features": 10},
+    ],
+}
 NUM_QUERIES = 3
 TOP_K = 5
 
@@ -50,9 +53,15 @@ def train_digits_mlp(seed: int = 0) -> tuple[nn.Sequential, dict[str, np.ndarray
         predicted = model(torch.from_numpy(inputs[test])).argmax(dim=1).numpy()
     positions = pick_queries(targets[test], predicted)
     queries = test[positions]
-    data = {"train_x": inputs[train], "train_y": targets[train], "train_ids": train.astype(np.int64),
-            "test_x": inputs[queries], "test_y": targets[queries], "test_ids": queries.astype(np.int64),
-            "test_predicted": predicted[positions]}
+    data = {
+        "train_x": inputs[train],
+        "train_y": targets[train],
+        "train_ids": train.astype(np.int64),
+        "test_x": inputs[queries],
+        "test_y": targets[queries],
+        "test_ids": queries.astype(np.int64),
+        "test_predicted": predicted[positions],
+    }
     return model, data
 
 
@@ -85,8 +94,10 @@ def wait_until_up(client: httpx.Client, server: subprocess.Popen[bytes], timeout
 
 def check(response: httpx.Response) -> dict[str, Any]:
     if response.status_code >= 400:
-        raise SystemExit(f"attrib demo: {response.request.method} {response.request.url.path} answered "
-                         f"{response.status_code}: {response.text}")
+        raise SystemExit(
+            f"attrib demo: {response.request.method} {response.request.url.path} answered "
+            f"{response.status_code}: {response.text}"
+        )
     return response.json()
 
 
@@ -94,8 +105,10 @@ def progress_line(job: dict[str, Any]) -> str:
     progress = job["progress"]
     total = max(progress["total"], 1)
     filled = int(30 * min(progress["completed"], total) / total)
-    return (f"  {job['status']:<9} {progress['stage']:<10} [{'#' * filled}{'.' * (30 - filled)}] "
-            f"{progress['completed']}/{progress['total']}")
+    return (
+        f"  {job['status']:<9} {progress['stage']:<10} [{'#' * filled}{'.' * (30 - filled)}] "
+        f"{progress['completed']}/{progress['total']}"
+    )
 
 
 def wait_for_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
@@ -118,7 +131,9 @@ def run_demo(port: int = 8765, keep: bool = False, method: str = "influence") ->
     settings = Settings()
     base_url = f"http://127.0.0.1:{port}"
     print("attrib demo: starting the embedded server (SQLite, local files, one local worker)...", file=sys.stderr)
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=os.environ.copy())
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=os.environ.copy()
+    )
     try:
         with httpx.Client(base_url=base_url, timeout=60.0) as client:
             wait_until_up(client, server)
@@ -140,11 +155,15 @@ def closing_words(settings: Settings, base_url: str, attribution_id: str, keep: 
     page = f"/ui/attributions/{attribution_id}"
     key = f"the page asks for the API key once: it is in {settings.api_key_file.resolve()}"
     if keep:
-        return (f"\nResults page: {base_url}{page} ({key})\nAPI docs: {base_url}/docs\n"
-                f"attrib demo: the server keeps running on {base_url} (Ctrl-C to stop)")
-    return (f"\nattrib demo: the server stops now. To look at these results in a browser, run `attrib demo --keep` "
-            f"(the server stays up) and open the results page it prints, or run `attrib serve` and open "
-            f"http://127.0.0.1:8000{page} ({key}).\nAPI docs: /docs on the running server.")
+        return (
+            f"\nResults page: {base_url}{page} ({key})\nAPI docs: {base_url}/docs\n"
+            f"attrib demo: the server keeps running on {base_url} (Ctrl-C to stop)"
+        )
+    return (
+        f"\nattrib demo: the server stops now. To look at these results in a browser, run `attrib demo --keep` "
+        f"(the server stays up) and open the results page it prints, or run `attrib serve` and open "
+        f"http://127.0.0.1:8000{page} ({key}).\nAPI docs: /docs on the running server."
+    )
 
 
 def demo_session(client: httpx.Client, method: str) -> str:
@@ -153,19 +172,48 @@ def demo_session(client: httpx.Client, method: str) -> str:
     model, data = train_digits_mlp()
     weights = save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()})
     metadata = {"name": "digits-mlp", "format": "spec", "architecture": ARCHITECTURE, "task": {"loss": "cross_entropy"}}
-    uploaded = check(client.post("/v1/models", data={"metadata": json.dumps(metadata)},
-                                 files={"weights": ("model.safetensors", weights)}))
-    train = check(client.post("/v1/datasets", data={"metadata": json.dumps({"name": "digits-train"})}, files={
-        "data": ("train.npz", npz_bytes(inputs=data["train_x"], targets=data["train_y"], ids=data["train_ids"]))}))
-    queries = check(client.post("/v1/datasets", data={"metadata": json.dumps({"name": "digits-queries"})}, files={
-        "data": ("queries.npz", npz_bytes(inputs=data["test_x"], targets=data["test_y"], ids=data["test_ids"]))}))
-    print(f"  model {uploaded['id']} ({uploaded['num_parameters']} parameters, tracked layers "
-          f"{uploaded['tracked_layers']}); {train['num_examples']} training examples", file=sys.stderr)
-    request = {"model_id": uploaded["id"], "train_dataset_id": train["id"], "query_dataset_id": queries["id"],
-               "method": method, "mode": "pairwise", "measurement": "margin", "top_k": TOP_K}
+    uploaded = check(
+        client.post(
+            "/v1/models", data={"metadata": json.dumps(metadata)}, files={"weights": ("model.safetensors", weights)}
+        )
+    )
+    train = check(
+        client.post(
+            "/v1/datasets",
+            data={"metadata": json.dumps({"name": "digits-train"})},
+            files={
+                "data": ("train.npz", npz_bytes(inputs=data["train_x"], targets=data["train_y"], ids=data["train_ids"]))
+            },
+        )
+    )
+    queries = check(
+        client.post(
+            "/v1/datasets",
+            data={"metadata": json.dumps({"name": "digits-queries"})},
+            files={
+                "data": ("queries.npz", npz_bytes(inputs=data["test_x"], targets=data["test_y"], ids=data["test_ids"]))
+            },
+        )
+    )
+    print(
+        f"  model {uploaded['id']} ({uploaded['num_parameters']} parameters, tracked layers "
+        f"{uploaded['tracked_layers']}); {train['num_examples']} training examples",
+        file=sys.stderr,
+    )
+    request = {
+        "model_id": uploaded["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": queries["id"],
+        "method": method,
+        "mode": "pairwise",
+        "measurement": "margin",
+        "top_k": TOP_K,
+    }
     attribution = check(client.post("/v1/attributions", json=request))
-    print(f"attrib demo: attribution {attribution['id']} ({method}) queued as job {attribution['job_id']}",
-          file=sys.stderr)
+    print(
+        f"attrib demo: attribution {attribution['id']} ({method}) queued as job {attribution['job_id']}",
+        file=sys.stderr,
+    )
     job = wait_for_job(client, attribution["job_id"])
     if job["status"] != "succeeded":
         raise SystemExit(f"attrib demo: the job {job['status']}: {job['error']}")
@@ -175,15 +223,24 @@ def demo_session(client: httpx.Client, method: str) -> str:
 
 def print_results(client: httpx.Client, attribution_id: str, data: dict[str, np.ndarray]) -> None:
     label_of = dict(zip(data["train_ids"].tolist(), data["train_y"].tolist(), strict=True))
-    print("\nScores: influence on the query's margin (positive = the training example helps the model get the "
-          "query right).")
-    for query_id, label, predicted in zip(data["test_ids"].tolist(), data["test_y"].tolist(),
-                                          data["test_predicted"].tolist(), strict=True):
+    print(
+        "\nScores: influence on the query's margin (positive = the training example helps the model get the "
+        "query right)."
+    )
+    for query_id, label, predicted in zip(
+        data["test_ids"].tolist(), data["test_y"].tolist(), data["test_predicted"].tolist(), strict=True
+    ):
         verdict = "correct" if label == predicted else "WRONG"
         print(f"\nTest digit {query_id}: a handwritten {label}, the model says {predicted} ({verdict})")
         for direction, title in (("positive", "most helpful"), ("negative", "most harmful")):
-            page = check(client.get(f"/v1/attributions/{attribution_id}/results",
-                                    params={"query_id": query_id, "direction": direction, "page_size": TOP_K}))
-            shown = ", ".join(f"#{row['train_id']} (label {label_of[row['train_id']]}, score {row['score']:+.3g})"
-                              for row in page["results"])
+            page = check(
+                client.get(
+                    f"/v1/attributions/{attribution_id}/results",
+                    params={"query_id": query_id, "direction": direction, "page_size": TOP_K},
+                )
+            )
+            shown = ", ".join(
+                f"#{row['train_id']} (label {label_of[row['train_id']]}, score {row['score']:+.3g})"
+                for row in page["results"]
+            )
             print(f"  {title:>13}: {shown}")

@@ -75,8 +75,9 @@ async def get_tenant(
     """The caller's tenant: from the key cache on the event loop, or looked up on a worker thread."""
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise ProblemError(401, "an API key is required: send `Authorization: Bearer <key>`",
-                           kind="unauthenticated", headers=challenge)
+        raise ProblemError(
+            401, "an API key is required: send `Authorization: Bearer <key>`", kind="unauthenticated", headers=challenge
+        )
     tenant = known_caller(credentials.credentials)
     if tenant is None:
         tenant = await run_in_threadpool(_look_up_tenant, request, credentials.credentials)
@@ -105,16 +106,20 @@ def require_json(request: Request) -> None:
     """415 for a JSON route called with another body type."""
     kind = _content_type(request)
     if kind != "application/json" and not kind.endswith("+json"):
-        raise ProblemError(415, f"send the body as application/json, not {kind or 'no content type'}",
-                           kind="unsupported-media-type")
+        raise ProblemError(
+            415, f"send the body as application/json, not {kind or 'no content type'}", kind="unsupported-media-type"
+        )
 
 
 def require_multipart(request: Request) -> None:
     """415 for an upload route called with another body type."""
     kind = _content_type(request)
     if kind != "multipart/form-data":
-        raise ProblemError(415, f"upload as multipart/form-data (a `metadata` JSON part and a file part), "
-                                f"not {kind or 'no content type'}", kind="unsupported-media-type")
+        raise ProblemError(
+            415,
+            f"upload as multipart/form-data (a `metadata` JSON part and a file part), not {kind or 'no content type'}",
+            kind="unsupported-media-type",
+        )
 
 
 JsonBody = Depends(require_json)

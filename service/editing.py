@@ -25,8 +25,14 @@ def submit_edit(
     _check_ids(session, store, attribution, body)
     job = create_job(session, attribution.tenant_id, "edit", max_active_jobs)
     edit = Edit(
-        id=new_id("edit"), tenant_id=attribution.tenant_id, job_id=job.id, attribution_id=attribution.id,
-        model_id=new_id("mdl"), name=body.name, remove=list(body.remove), options=body.options.model_dump(),
+        id=new_id("edit"),
+        tenant_id=attribution.tenant_id,
+        job_id=job.id,
+        attribution_id=attribution.id,
+        model_id=new_id("mdl"),
+        name=body.name,
+        remove=list(body.remove),
+        options=body.options.model_dump(),
         created_at=utcnow(),
     )
     session.add(edit)
@@ -41,14 +47,21 @@ def editable_methods() -> list[str]:
 def _check_method(attribution: Attribution, body: EditIn) -> None:
     method = get_method(attribution.method)
     if method.edit is None:
-        raise invalid(method.not_editable or f"method {method.name!r} gives no parameter-change estimate; editable "
-                      f"methods: {', '.join(editable_methods())}", "body")
+        raise invalid(
+            method.not_editable
+            or f"method {method.name!r} gives no parameter-change estimate; editable "
+            f"methods: {', '.join(editable_methods())}",
+            "body",
+        )
     if len(attribution.model_ids) != 1:
         raise invalid("editing needs an attribution of one model, not an ensemble", "body")
     estimator = body.options.estimator
     if estimator is not None and estimator not in method.edit.estimators:
-        raise invalid(method.edit.estimator_note or f"method {method.name!r} supports the estimators "
-                      f"{', '.join(method.edit.estimators)}, not {estimator!r}", "body.options.estimator")
+        raise invalid(
+            method.edit.estimator_note
+            or f"method {method.name!r} supports the estimators {', '.join(method.edit.estimators)}, not {estimator!r}",
+            "body.options.estimator",
+        )
 
 
 def _check_ids(session: Session, store: BlobStore, attribution: Attribution, body: EditIn) -> None:

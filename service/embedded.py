@@ -56,7 +56,7 @@ def serve_banner(settings: Settings, host: str, port: int) -> str:
         f"attrib: serving on {url} (API docs {url}/docs, jobs and results {url}/ui/jobs); "
         f"data in {settings.data_dir.resolve()}\n"
         f"attrib: the API key is in {key_file}; in another terminal:\n"
-        f"    export ATTRIB_URL={url} ATTRIB_API_KEY=\"$(cat {shlex.quote(str(key_file))})\""
+        f'    export ATTRIB_URL={url} ATTRIB_API_KEY="$(cat {shlex.quote(str(key_file))})"'
     )
 
 
@@ -69,9 +69,20 @@ def _die_with_parent() -> None:
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     env = {**os.environ, "ATTRIB_DATA_DIR": str(settings.data_dir.resolve())}
     command = [
-        sys.executable, "-m", "service.embedded_worker", "--quiet", "-A", "worker.celery_app", "worker",
-        "--pool=prefork", "--concurrency=1", f"--queues={broker_queues(QUEUES, settings.queue_prefix)}",
-        "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        sys.executable,
+        "-m",
+        "service.embedded_worker",
+        "--quiet",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool=prefork",
+        "--concurrency=1",
+        f"--queues={broker_queues(QUEUES, settings.queue_prefix)}",
+        "--loglevel=WARNING",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
     ]
     return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 

@@ -39,11 +39,16 @@ def select_examples(arrays: DatasetArrays, dataset: Dataset, wanted: list[str]) 
     positions = positions_of(arrays.ids, wanted, dataset.id)
     per_example = int(np.prod(arrays.inputs.shape[1:], dtype=np.int64))
     if per_example * len(positions) > MAX_VALUES:
-        raise invalid(f"{len(positions)} examples of {per_example} values each are over the limit of {MAX_VALUES} "
-                      f"values per request; ask for fewer ids", "query.ids")
+        raise invalid(
+            f"{len(positions)} examples of {per_example} values each are over the limit of {MAX_VALUES} "
+            f"values per request; ask for fewer ids",
+            "query.ids",
+        )
     examples = [
         DatasetExample(
-            id=arrays.ids[p].item(), input=arrays.inputs[p].tolist(), target=arrays.targets[p].tolist(),
+            id=arrays.ids[p].item(),
+            input=arrays.inputs[p].tolist(),
+            target=arrays.targets[p].tolist(),
             task=None if arrays.task is None else int(arrays.task[p]),
             split=None if arrays.split is None else int(arrays.split[p]),
         )

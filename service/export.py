@@ -45,11 +45,17 @@ def ndjson_chunks(rows: Iterable[ResultRow]) -> Iterator[str]:
 def parquet_file(rows: Iterable[ResultRow], ids_are_strings: tuple[bool, bool]) -> str:
     """Write a Parquet file in batches; returns its path (the caller deletes it after sending)."""
     id_type: dict[bool, pa.DataType] = {True: pa.string(), False: pa.int64()}
-    schema = pa.schema([
-        ("query_id", id_type[ids_are_strings[0]]), ("direction", pa.string()), ("rank", pa.int64()),
-        ("train_id", id_type[ids_are_strings[1]]), ("score", pa.float64()), ("task", pa.int64()),
-        ("split", pa.int64()),
-    ])
+    schema = pa.schema(
+        [
+            ("query_id", id_type[ids_are_strings[0]]),
+            ("direction", pa.string()),
+            ("rank", pa.int64()),
+            ("train_id", id_type[ids_are_strings[1]]),
+            ("score", pa.float64()),
+            ("task", pa.int64()),
+            ("split", pa.int64()),
+        ]
+    )
     handle, path = tempfile.mkstemp(suffix=".parquet")
     os.close(handle)
     with pq.ParquetWriter(path, schema) as writer:

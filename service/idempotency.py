@@ -54,24 +54,42 @@ def _reserve(url: str, tenant_id: str, key: str, route: str) -> str:
         taken_over = affected_rows(
             session,
             update(IdempotentResponse)
-            .where(IdempotentResponse.tenant_id == tenant_id, IdempotentResponse.key == key,
-                   IdempotentResponse.route == route, IdempotentResponse.status_code == RESERVED,
-                   IdempotentResponse.created_at < stale_before)
+            .where(
+                IdempotentResponse.tenant_id == tenant_id,
+                IdempotentResponse.key == key,
+                IdempotentResponse.route == route,
+                IdempotentResponse.status_code == RESERVED,
+                IdempotentResponse.created_at < stale_before,
+            )
             .values(created_at=utcnow()),
         )
         if taken_over:
             return "owned"
     try:
         with session_scope(url) as session:
-            session.add(IdempotentResponse(tenant_id=tenant_id, key=key, route=route, request_hash="",
-                                           status_code=RESERVED, body={}, headers={}, created_at=utcnow()))
+            session.add(
+                IdempotentResponse(
+                    tenant_id=tenant_id,
+                    key=key,
+                    route=route,
+                    request_hash="",
+                    status_code=RESERVED,
+                    body={},
+                    headers={},
+                    created_at=utcnow(),
+                )
+            )
         return "owned"
     except IntegrityError:
         pass
     with session_scope(url) as session:
-        status = session.scalar(select(IdempotentResponse.status_code).where(
-            IdempotentResponse.tenant_id == tenant_id, IdempotentResponse.key == key, IdempotentResponse.route == route
-        ))
+        status = session.scalar(
+            select(IdempotentResponse.status_code).where(
+                IdempotentResponse.tenant_id == tenant_id,
+                IdempotentResponse.key == key,
+                IdempotentResponse.route == route,
+            )
+        )
     if status is None:
         return "busy"  # released between our insert and this read: try again
     return "busy" if status == RESERVED else "done"
@@ -79,18 +97,27 @@ def _reserve(url: str, tenant_id: str, key: str, route: str) -> str:
 
 def _release(url: str, tenant_id: str, key: str, route: str) -> None:
     with session_scope(url) as session:
-        session.execute(delete(IdempotentResponse).where(
-            IdempotentResponse.tenant_id == tenant_id, IdempotentResponse.key == key,
-            IdempotentResponse.route == route, IdempotentResponse.status_code == RESERVED,
-        ))
+        session.execute(
+            delete(IdempotentResponse).where(
+                IdempotentResponse.tenant_id == tenant_id,
+                IdempotentResponse.key == key,
+                IdempotentResponse.route == route,
+                IdempotentResponse.status_code == RESERVED,
+            )
+        )
 
 
 async def idempotency_guard(
-    request: Request, tenant: TenantDep,
-    idempotency_key: Annotated[str | None, Header(
-        min_length=1, max_length=200,
-        description="Makes a retried POST safe: a repeat with the same key and body gets the first response.",
-    )] = None,
+    request: Request,
+    tenant: TenantDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            description="Makes a retried POST safe: a repeat with the same key and body gets the first response.",
+        ),
+    ] = None,
 ) -> AsyncIterator[str | None]:
     """Reserve the key for this request, or wait for the request that holds it; yields the key (or None)."""
     if idempotency_key is None:
@@ -101,8 +128,12 @@ async def idempotency_guard(
     deadline = time.monotonic() + WAIT_SECONDS
     while (state := await run_in_threadpool(_reserve, url, tenant.id, idempotency_key, route)) == "busy":
         if time.monotonic() > deadline:
-            raise ProblemError(409, "a request with this Idempotency-Key is still in progress; retry later",
-                               kind="idempotency-key-in-use", headers={"Retry-After": "1"})
+            raise ProblemError(
+                409,
+                "a request with this Idempotency-Key is still in progress; retry later",
+                kind="idempotency-key-in-use",
+                headers={"Retry-After": "1"},
+            )
         await asyncio.sleep(POLL_SECONDS)
     if state == "done":
         yield idempotency_key  # the route replays the stored response
@@ -118,9 +149,11 @@ IdempotencyKey = Annotated[str | None, Depends(idempotency_guard, scope="functio
 
 
 def _stored(session: Session, tenant_id: str, key: str, route: str) -> IdempotentResponse | None:
-    return session.scalar(select(IdempotentResponse).where(
-        IdempotentResponse.tenant_id == tenant_id, IdempotentResponse.key == key, IdempotentResponse.route == route
-    ))
+    return session.scalar(
+        select(IdempotentResponse).where(
+            IdempotentResponse.tenant_id == tenant_id, IdempotentResponse.key == key, IdempotentResponse.route == route
+        )
+    )
 
 
 def replay(session: Session, tenant_id: str, key: str | None, route: str, body: Any) -> JSONResponse | None:
@@ -131,14 +164,21 @@ def replay(session: Session, tenant_id: str, key: str | None, route: str, body: 
     if stored is None or stored.status_code == RESERVED:
         return None
     if stored.request_hash != request_hash(body):
-        raise ProblemError(422, "this Idempotency-Key was already used with a different request body",
-                           kind="idempotency-key-reused")
+        raise ProblemError(
+            422, "this Idempotency-Key was already used with a different request body", kind="idempotency-key-reused"
+        )
     return JSONResponse(stored.body, status_code=stored.status_code, headers=stored.headers)
 
 
 def remember(
-    session: Session, tenant_id: str, key: str | None, route: str, body: Any,
-    status_code: int, response: Any, headers: dict[str, str],
+    session: Session,
+    tenant_id: str,
+    key: str | None,
+    route: str,
+    body: Any,
+    status_code: int,
+    response: Any,
+    headers: dict[str, str],
 ) -> JSONResponse:
     """The response, stored under the key (completing this request's reservation) in the request's transaction."""
     content = jsonable_encoder(response)

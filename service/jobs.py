@@ -23,8 +23,15 @@ def create_job(session: Session, tenant_id: str, kind: str, max_active_jobs: int
     """A queued job row; 429 when the tenant already has ``max_active_jobs`` queued or running."""
     check_active_jobs(session, tenant_id, max_active_jobs)
     now = utcnow()
-    job = Job(id=new_id("job"), tenant_id=tenant_id, kind=kind, status="queued", progress_stage="queued",
-              created_at=now, enqueued_at=now)
+    job = Job(
+        id=new_id("job"),
+        tenant_id=tenant_id,
+        kind=kind,
+        status="queued",
+        progress_stage="queued",
+        created_at=now,
+        enqueued_at=now,
+    )
     session.add(job)
     session.flush()
     return job
@@ -45,8 +52,15 @@ def job_out(session: Session, job: Job) -> JobOut:
         if attribution_id and job.status == "succeeded":
             result_url = f"/v1/attributions/{attribution_id}/results"
     progress = JobProgress(stage=job.progress_stage, completed=job.progress_completed, total=job.progress_total)
-    return from_row(JobOut, job, progress=progress, result_url=result_url, fit_id=fit_id,
-                    attribution_id=attribution_id, model_id=model_id)
+    return from_row(
+        JobOut,
+        job,
+        progress=progress,
+        result_url=result_url,
+        fit_id=fit_id,
+        attribution_id=attribution_id,
+        model_id=model_id,
+    )
 
 
 def cancel_job(session: Session, job: Job, policy: LivenessPolicy) -> None:
@@ -72,5 +86,6 @@ def enqueue_or_fail(session: Session, queue: JobQueue, job: Job) -> None:
         job.status, job.finished_at = "failed", utcnow()
         job.error = problem_dict(503, f"the job could not be queued: {exc}", kind="broker-unavailable")
         session.commit()
-        raise ProblemError(503, "the job queue is unavailable; the job was not queued, try again later",
-                           kind="broker-unavailable") from exc
+        raise ProblemError(
+            503, "the job queue is unavailable; the job was not queued, try again later", kind="broker-unavailable"
+        ) from exc

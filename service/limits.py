@@ -27,8 +27,11 @@ def check_json_depth(raw: bytes | str, field: str) -> None:
     depth = json_depth(raw.encode() if isinstance(raw, str) else raw)
     if depth > MAX_JSON_DEPTH:
         raise ProblemError(
-            422, f"{field} nests arrays and objects {depth} deep; at most {MAX_JSON_DEPTH} levels are accepted",
-            kind="invalid-input", title="Invalid input", errors=[FieldError(field=field, message="nested too deeply")],
+            422,
+            f"{field} nests arrays and objects {depth} deep; at most {MAX_JSON_DEPTH} levels are accepted",
+            kind="invalid-input",
+            title="Invalid input",
+            errors=[FieldError(field=field, message="nested too deeply")],
         )
 
 
@@ -82,8 +85,9 @@ class BodySizeLimit:
         try:
             check_json_depth(body, "body")
         except ProblemError as exc:
-            response = problem_response(exc.status, exc.detail, kind=exc.kind, title=exc.title,
-                                        instance=scope.get("path"), errors=exc.errors)
+            response = problem_response(
+                exc.status, exc.detail, kind=exc.kind, title=exc.title, instance=scope.get("path"), errors=exc.errors
+            )
             await response(scope, receive, send)
             return
         replayed = False
@@ -139,7 +143,10 @@ def _is_json(content_type: bytes) -> bool:
 async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int, declared: int | None) -> None:
     size = f" ({declared} bytes)" if declared is not None else ""
     response = problem_response(
-        413, f"the request body{size} is larger than the limit of {limit} bytes for this content type",
-        kind="payload-too-large", title="Content Too Large", instance=scope.get("path"),
+        413,
+        f"the request body{size} is larger than the limit of {limit} bytes for this content type",
+        kind="payload-too-large",
+        title="Content Too Large",
+        instance=scope.get("path"),
     )
     await response(scope, receive, send)

@@ -43,8 +43,10 @@ class LivenessPolicy:
     @classmethod
     def from_settings(cls, settings: Settings) -> LivenessPolicy:
         return cls(
-            heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
-            max_attempts=settings.job_max_attempts, requeue_seconds=settings.job_requeue_seconds,
+            heartbeat_seconds=settings.job_heartbeat_seconds,
+            stale_seconds=settings.job_stale_seconds,
+            max_attempts=settings.job_max_attempts,
+            requeue_seconds=settings.job_requeue_seconds,
             soft_time_limit_seconds=settings.job_soft_time_limit_seconds,
             time_limit_seconds=settings.job_time_limit_seconds,
         )
@@ -75,16 +77,22 @@ def worker_name() -> str:
 
 def worker_lost_problem(attempts: int, policy: LivenessPolicy) -> dict[str, Any]:
     return problem_dict(
-        500, f"the job's worker died {attempts} times while running it (no heartbeat for {policy.stale_seconds:g} s "
+        500,
+        f"the job's worker died {attempts} times while running it (no heartbeat for {policy.stale_seconds:g} s "
         "each time: killed, out of memory, or its machine was lost); it is not started again",
-        kind=WORKER_LOST, title="Job failed")
+        kind=WORKER_LOST,
+        title="Job failed",
+    )
 
 
 def time_limit_problem(seconds: float) -> dict[str, Any]:
     return problem_dict(
-        422, f"the job exceeded its time limit of {seconds:g} s and was stopped (ATTRIB_JOB_SOFT_TIME_LIMIT_SECONDS "
+        422,
+        f"the job exceeded its time limit of {seconds:g} s and was stopped (ATTRIB_JOB_SOFT_TIME_LIMIT_SECONDS "
         "and ATTRIB_JOB_TIME_LIMIT_SECONDS); try a cheaper method or option, or a smaller dataset",
-        kind=TIME_LIMIT, title="Job failed")
+        kind=TIME_LIMIT,
+        title="Job failed",
+    )
 
 
 def transition(session: Session, job_id: str, expected: list[ColumnElement[bool]], **values: Any) -> bool:
@@ -126,9 +134,19 @@ def claim(session: Session, job_id: str, policy: LivenessPolicy, worker: str) ->
     if job.attempts >= policy.max_attempts:
         transition(session, job_id, expected, **ended("failed", now, worker_lost_problem(job.attempts, policy)))
         return None
-    won = transition(session, job_id, expected, status="running", attempts=job.attempts + 1, started_at=now,
-                      heartbeat_at=now, claimed_by=worker, progress_stage="starting", progress_completed=0,
-                      progress_total=0)
+    won = transition(
+        session,
+        job_id,
+        expected,
+        status="running",
+        attempts=job.attempts + 1,
+        started_at=now,
+        heartbeat_at=now,
+        claimed_by=worker,
+        progress_stage="starting",
+        progress_completed=0,
+        progress_total=0,
+    )
     return job.attempts + 1 if won else None
 
 
@@ -144,14 +162,26 @@ def beat(session: Session, job_id: str, attempt: int) -> bool:
 def report_progress(session: Session, job_id: str, attempt: int, stage: str, completed: int, total: int) -> None:
     """Write progress (and a heartbeat); raises ``CancelRequested`` or ``Superseded`` when the work must stop."""
     written = transition(
-        session, job_id, [*_owned(job_id, attempt), Job.cancel_requested.is_(False)],
-        progress_stage=stage, progress_completed=completed, progress_total=total, heartbeat_at=utcnow())
+        session,
+        job_id,
+        [*_owned(job_id, attempt), Job.cancel_requested.is_(False)],
+        progress_stage=stage,
+        progress_completed=completed,
+        progress_total=total,
+        heartbeat_at=utcnow(),
+    )
     if not written:
         raise _why_not_owned(session, job_id, attempt)
 
 
-def finish(session: Session, job_id: str, attempt: int, status: str, error: dict[str, Any] | None = None,
-           progress_total: int = 0) -> None:
+def finish(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    status: str,
+    error: dict[str, Any] | None = None,
+    progress_total: int = 0,
+) -> None:
     """End the attempt's job with ``status`` in the caller's transaction, or raise (and let it roll back) if the
     attempt no longer owns the job — or, for ``succeeded``, if a cancel was requested meanwhile."""
     expected = _owned(job_id, attempt)

@@ -24,13 +24,14 @@ def create_metrics() -> Metrics:
     return Metrics(
         registry=registry,
         requests=Counter("attrib_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry),
-        latency=Histogram("attrib_http_request_seconds", "HTTP request latency", ["method", "route"],
-                          registry=registry),
+        latency=Histogram(
+            "attrib_http_request_seconds", "HTTP request latency", ["method", "route"], registry=registry
+        ),
         jobs=Gauge("attrib_jobs", "Jobs by status", ["status"], registry=registry),
-        queue_messages=Gauge("attrib_queue_messages", "Messages waiting in the broker, by queue (gpu, cpu)",
-                             ["queue"], registry=registry),
-        broker_up=Gauge("attrib_broker_up", "1 when the broker answered the last scrape, else 0",
-                        registry=registry),
+        queue_messages=Gauge(
+            "attrib_queue_messages", "Messages waiting in the broker, by queue (gpu, cpu)", ["queue"], registry=registry
+        ),
+        broker_up=Gauge("attrib_broker_up", "1 when the broker answered the last scrape, else 0", registry=registry),
     )
 
 

@@ -44,18 +44,24 @@ def part_limit(part: str, settings: Settings) -> int:
     return TOKENIZER_PART_BYTES if part == "tokenizer" else SMALL_PART_BYTES
 
 
-def stage_parts(store: BlobStore, parts: dict[str, list[UploadFile]], settings: Settings) -> dict[str, list[StagedBlob]]:
+def stage_parts(
+    store: BlobStore, parts: dict[str, list[UploadFile]], settings: Settings
+) -> dict[str, list[StagedBlob]]:
     """Every file part staged (pickles refused by name first); on any refusal nothing stays staged."""
     for part, uploads in parts.items():
         for upload in uploads:
             if part in LARGE_PARTS and (upload.filename or "").lower().endswith(PICKLE_SUFFIXES):
-                raise ArtifactError(f"the `{part}` file {upload.filename!r} is a pickle, which is never loaded: "
-                                    "upload safetensors (save_pretrained's default)", field=part)
+                raise ArtifactError(
+                    f"the `{part}` file {upload.filename!r} is a pickle, which is never loaded: "
+                    "upload safetensors (save_pretrained's default)",
+                    field=part,
+                )
     staged: dict[str, list[StagedBlob]] = {}
     try:
         for part, uploads in parts.items():
-            staged[part] = [stage_upload(store, upload, limit=part_limit(part, settings), field=part)
-                            for upload in uploads]
+            staged[part] = [
+                stage_upload(store, upload, limit=part_limit(part, settings), field=part) for upload in uploads
+            ]
     except BaseException:
         discard_all(staged)
         raise
@@ -88,14 +94,23 @@ def fingerprint_files(staged: dict[str, list[StagedBlob]]) -> dict[str, Any]:
 
 
 def prepare_and_store(
-    session: Session, store: BlobStore, fmt: ModelFormat, architecture: dict[str, Any], task: dict[str, Any],
-    staged: dict[str, list[StagedBlob]], settings: Settings,
+    session: Session,
+    store: BlobStore,
+    fmt: ModelFormat,
+    architecture: dict[str, Any],
+    task: dict[str, Any],
+    staged: dict[str, list[StagedBlob]],
+    settings: Settings,
 ) -> StoredUpload:
     """Validate with the format, then commit the weights and kept files as blobs; the rest is discarded."""
     by_path = {blob.path: blob for blobs in staged.values() for blob in blobs}
-    upload = ModelUpload(architecture=architecture, task=task,
-                         files={part: [blob.path for blob in blobs] for part, blobs in staged.items()},
-                         max_parameters=settings.max_parameters, max_unpacked_bytes=settings.max_upload_bytes)
+    upload = ModelUpload(
+        architecture=architecture,
+        task=task,
+        files={part: [blob.path for blob in blobs] for part, blobs in staged.items()},
+        max_parameters=settings.max_parameters,
+        max_unpacked_bytes=settings.max_upload_bytes,
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="model-upload-") as work:
             prepared = fmt.prepare(upload, Path(work))
@@ -107,8 +122,12 @@ def prepare_and_store(
     stored_architecture = dict(prepared.architecture)
     if files:
         stored_architecture["files"] = files
-    return StoredUpload(architecture=stored_architecture, weights_sha256=weights,
-                        num_parameters=prepared.num_parameters, tracked_layers=prepared.tracked_layers)
+    return StoredUpload(
+        architecture=stored_architecture,
+        weights_sha256=weights,
+        num_parameters=prepared.num_parameters,
+        tracked_layers=prepared.tracked_layers,
+    )
 
 
 def _commit_file(session: Session, store: BlobStore, path: Path, by_path: dict[Path, StagedBlob]) -> str:

@@ -43,24 +43,39 @@ PROBLEM_EXAMPLES = {
     400: ("invalid-page-token", "Invalid page token", "page_token is not a token this API issued"),
     401: ("unauthenticated", "Unauthorized", "an API key is required: send `Authorization: Bearer <key>`"),
     404: ("not-found", "Not Found", "model 'mdl_3f9c0e6a1b2c4d5e6f7a8b9c' does not exist"),
-    409: ("idempotency-key-in-use", "Conflict",
-          "a request with this Idempotency-Key is still in progress; retry later"),
-    413: ("payload-too-large", "Content Too Large",
-          "the request body (3221225472 bytes) is larger than the limit of 2147483648 bytes for this content type"),
+    409: (
+        "idempotency-key-in-use",
+        "Conflict",
+        "a request with this Idempotency-Key is still in progress; retry later",
+    ),
+    413: (
+        "payload-too-large",
+        "Content Too Large",
+        "the request body (3221225472 bytes) is larger than the limit of 2147483648 bytes for this content type",
+    ),
     415: ("unsupported-media-type", "Unsupported Media Type", "send the body as application/json, not text/plain"),
     422: ("invalid-input", "Invalid input", "the request is invalid: body.top_k: Input should be a valid integer"),
-    429: ("rate-limited", "Too Many Requests",
-          "too many requests for this API key (at most 20/s, bursts of 40); retry after the time in Retry-After"),
+    429: (
+        "rate-limited",
+        "Too Many Requests",
+        "too many requests for this API key (at most 20/s, bursts of 40); retry after the time in Retry-After",
+    ),
     503: ("overloaded", "Service Unavailable", "the service is at capacity; retry after the time in Retry-After"),
 }
 CONFLICT_EXAMPLES = {  # 409s other than a busy Idempotency-Key
     "/v1/attributions/{attribution_id}/results": ("results-not-ready", "Conflict", NOT_READY),
     "/v1/attributions/{attribution_id}/results/export": ("results-not-ready", "Conflict", NOT_READY),
     "/v1/attributions/{attribution_id}/edit": ("results-not-ready", "Conflict", NOT_READY),
-    "/v1/jobs/{job_id}/cancel": ("conflict", "Conflict", "job 'job_7d6c5b4a3f2e1d0c9b8a7f6e' has already finished "
-                                 "(succeeded)"),
-    "/v1/models/{model_id}/checkpoints": ("conflict", "Conflict", "the model already has checkpoint "
-                                          "'ckpt_2b3c4d5e6f7a8b9c0d1e2f3a' at step 500 of stage 0"),
+    "/v1/jobs/{job_id}/cancel": (
+        "conflict",
+        "Conflict",
+        "job 'job_7d6c5b4a3f2e1d0c9b8a7f6e' has already finished (succeeded)",
+    ),
+    "/v1/models/{model_id}/checkpoints": (
+        "conflict",
+        "Conflict",
+        "the model already has checkpoint 'ckpt_2b3c4d5e6f7a8b9c0d1e2f3a' at step 500 of stage 0",
+    ),
 }
 
 
@@ -122,8 +137,9 @@ def problem_example(status: int, path: str) -> dict[str, Any]:
     if status == 409:
         kind, title, detail = CONFLICT_EXAMPLES.get(path, (kind, title, detail))
     errors = [FieldError(field="body.top_k", message="Input should be a valid integer")] if status == 422 else None
-    return Problem(type=PROBLEM_TYPE_BASE + kind, title=title, status=status, detail=detail, instance=path,
-                   errors=errors).model_dump(exclude_none=True)
+    return Problem(
+        type=PROBLEM_TYPE_BASE + kind, title=title, status=status, detail=detail, instance=path, errors=errors
+    ).model_dump(exclude_none=True)
 
 
 def _body_and_response_examples(operation: dict[str, Any], schemas: dict[str, Any], path: str) -> None:
@@ -151,8 +167,9 @@ def _parameter_examples(operation: dict[str, Any]) -> None:
 
 def location_header(status: int, description: str) -> dict[int | str, dict[str, Any]]:
     """`responses=` entry declaring the `Location` header that a 201 or 202 answer always carries."""
-    return {status: {"headers": {"Location": {"description": description, "required": True,
-                                              "schema": {"type": "string"}}}}}
+    return {
+        status: {"headers": {"Location": {"description": description, "required": True, "schema": {"type": "string"}}}}
+    }
 
 
 def multipart_example(**parts: str) -> dict[str, Any]:

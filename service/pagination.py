@@ -72,11 +72,13 @@ def decode_token(token: str, cursor: type[CursorT]) -> CursorT:
             raise ValueError("not a list")
         decoded: CursorT = _ADAPTERS[cursor].validate_python(tuple(values))
     except (ValueError, UnicodeDecodeError, binascii.Error, ValidationError, RecursionError) as exc:
-        raise ProblemError(400, "page_token is not a token this API issued", kind="invalid-page-token",
-                           title="Invalid page token") from exc
+        raise ProblemError(
+            400, "page_token is not a token this API issued", kind="invalid-page-token", title="Invalid page token"
+        ) from exc
     if isinstance(decoded, NewestFirstCursor) and decoded.created_at.tzinfo is None:
-        raise ProblemError(400, "page_token is not a token this API issued", kind="invalid-page-token",
-                           title="Invalid page token")
+        raise ProblemError(
+            400, "page_token is not a token this API issued", kind="invalid-page-token", title="Invalid page token"
+        )
     return decoded
 
 

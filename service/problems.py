@@ -28,10 +28,19 @@ class FieldError(BaseModel):
 class Problem(BaseModel):
     """An RFC 9457 problem document."""
 
-    model_config = {"json_schema_extra": {"examples": [{
-        "type": PROBLEM_TYPE_BASE + "not-found", "title": "Not Found", "status": 404,
-        "detail": "model 'mdl_3f9c0e6a1b2c4d5e6f7a8b9c' does not exist",
-        "instance": "/v1/models/mdl_3f9c0e6a1b2c4d5e6f7a8b9c"}]}}
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "type": PROBLEM_TYPE_BASE + "not-found",
+                    "title": "Not Found",
+                    "status": 404,
+                    "detail": "model 'mdl_3f9c0e6a1b2c4d5e6f7a8b9c' does not exist",
+                    "instance": "/v1/models/mdl_3f9c0e6a1b2c4d5e6f7a8b9c",
+                }
+            ]
+        }
+    }
 
     type: str = Field(description="A URI naming the kind of problem.")
     title: str
@@ -107,8 +116,13 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 async def _on_problem(request: Request, exc: ProblemError) -> JSONResponse:
     return problem_response(
-        exc.status, exc.detail, kind=exc.kind, title=exc.title, instance=request.url.path,
-        errors=exc.errors, headers=exc.headers,
+        exc.status,
+        exc.detail,
+        kind=exc.kind,
+        title=exc.title,
+        instance=request.url.path,
+        errors=exc.errors,
+        headers=exc.headers,
     )
 
 
@@ -116,8 +130,12 @@ async def _on_validation(request: Request, exc: RequestValidationError) -> JSONR
     errors = [FieldError(field=_location(tuple(e.get("loc", ()))), message=str(e.get("msg"))) for e in exc.errors()]
     summary = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
     return problem_response(
-        422, f"the request is invalid: {summary}", kind="invalid-input", title="Invalid input",
-        instance=request.url.path, errors=errors,
+        422,
+        f"the request is invalid: {summary}",
+        kind="invalid-input",
+        title="Invalid input",
+        instance=request.url.path,
+        errors=errors,
     )
 
 
@@ -130,8 +148,12 @@ async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONRespons
         headers["Allow"] = ", ".join(_allowed_methods(request))
         detail = f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
     return problem_response(
-        exc.status_code, detail, kind=_slug(HTTPStatus(exc.status_code).phrase),
-        title=HTTPStatus(exc.status_code).phrase, instance=request.url.path, headers=headers or None,
+        exc.status_code,
+        detail,
+        kind=_slug(HTTPStatus(exc.status_code).phrase),
+        title=HTTPStatus(exc.status_code).phrase,
+        instance=request.url.path,
+        headers=headers or None,
     )
 
 
@@ -148,8 +170,11 @@ def _allowed_methods(request: Request) -> list[str]:
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
-        500, "an unexpected error occurred; it has been logged", kind="internal-error",
-        title="Internal Server Error", instance=request.url.path,
+        500,
+        "an unexpected error occurred; it has been logged",
+        kind="internal-error",
+        title="Internal Server Error",
+        instance=request.url.path,
     )
 
 
@@ -157,7 +182,9 @@ HandledError = TypeVar("HandledError", bound=Exception)
 
 
 def add_problem_handler(
-    app: FastAPI, kind: type[HandledError], handler: Callable[[Request, HandledError], Awaitable[JSONResponse]],
+    app: FastAPI,
+    kind: type[HandledError],
+    handler: Callable[[Request, HandledError], Awaitable[JSONResponse]],
 ) -> None:
     """``app.add_exception_handler`` for a handler of one exception class (Starlette types every handler as
     taking any ``Exception``; it calls this one only for ``kind`` and its subclasses)."""

@@ -102,8 +102,9 @@ class KillBeforePublish:
         self.queue = queue
 
     def enqueue(self, job_id: str, kind: str) -> None:
-        log.critical("ATTRIB_FAULT_KILL_BEFORE_PUBLISH: killing process %d before publishing job %s",
-                     os.getpid(), job_id)
+        log.critical(
+            "ATTRIB_FAULT_KILL_BEFORE_PUBLISH: killing process %d before publishing job %s", os.getpid(), job_id
+        )
         os.kill(os.getpid(), signal.SIGKILL)
 
     def ready(self) -> bool:

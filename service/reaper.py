@@ -103,8 +103,12 @@ def _resend_unclaimed(database_url: str, queue: JobQueue, policy: LivenessPolicy
     now = utcnow()
     unclaimed = _unclaimed_since(now - timedelta(seconds=policy.requeue_seconds))
     with session_scope(database_url) as session:
-        kinds = {job_id: kind for job_id, kind in
-                 session.execute(select(Job.id, Job.kind).where(Job.status == "queued", unclaimed).limit(BATCH))}
+        kinds = {
+            job_id: kind
+            for job_id, kind in session.execute(
+                select(Job.id, Job.kind).where(Job.status == "queued", unclaimed).limit(BATCH)
+            )
+        }
     candidates = list(kinds)
     if not candidates:
         return
@@ -120,8 +124,12 @@ def _resend_unclaimed(database_url: str, queue: JobQueue, policy: LivenessPolicy
             if transition(session, job_id, [Job.status == "queued", unclaimed], enqueued_at=now):
                 report.resent.append(job_id)
     if report.resent:
-        log.warning("reaper: resent %d queued job(s) no worker claimed within %g s: %s",
-                    len(report.resent), policy.requeue_seconds, report.resent)
+        log.warning(
+            "reaper: resent %d queued job(s) no worker claimed within %g s: %s",
+            len(report.resent),
+            policy.requeue_seconds,
+            report.resent,
+        )
     _send(queue, report.resent, kinds)
 
 

@@ -72,8 +72,14 @@ def known_finished(attribution_id: str, tenant_id: str) -> ResultIdTypes | None:
 
 
 RESULT_COLUMNS = (
-    AttributionResult.query_pos, AttributionResult.query_id, AttributionResult.direction, AttributionResult.rank,
-    AttributionResult.train_id, AttributionResult.score, AttributionResult.task, AttributionResult.split,
+    AttributionResult.query_pos,
+    AttributionResult.query_id,
+    AttributionResult.direction,
+    AttributionResult.rank,
+    AttributionResult.train_id,
+    AttributionResult.score,
+    AttributionResult.task,
+    AttributionResult.split,
 )
 
 
@@ -103,8 +109,12 @@ def page_query(
 
 
 def page_of_results(
-    session: Session, attribution_id: str, direction: str, query_id: str | None,
-    after: RankCursor | None, size: int,
+    session: Session,
+    attribution_id: str,
+    direction: str,
+    query_id: str | None,
+    after: RankCursor | None,
+    size: int,
 ) -> tuple[Sequence[StoredResult], RankCursor | None]:
     """One page of RESULT_COLUMNS rows (plain rows, not ORM objects: a page is read, never changed)."""
     rows = list(session.execute(page_query(attribution_id, direction, query_id, after, size + 1)))
@@ -116,7 +126,8 @@ def page_of_results(
 def has_query(session: Session, attribution_id: str, query_id: str) -> bool:
     """Whether any row of the attribution belongs to this query (its id as a string)."""
     query = select(AttributionResult.rank).where(  # both directions: a seek into ix_results_query for each
-        AttributionResult.attribution_id == attribution_id, AttributionResult.direction.in_(("positive", "negative")),
+        AttributionResult.attribution_id == attribution_id,
+        AttributionResult.direction.in_(("positive", "negative")),
         AttributionResult.query_id == query_id,
     )
     return session.scalar(query.limit(1)) is not None

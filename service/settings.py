@@ -55,7 +55,10 @@ class Settings(BaseSettings):
     )
     max_waiting: int = Field(1024, ge=0, description="Requests that may wait for admission; beyond: 503.")
     keep_alive_seconds: int = Field(
-        30, ge=1, le=3600, description="How long an idle HTTP connection stays open (above a load balancer's idle time)."
+        30,
+        ge=1,
+        le=3600,
+        description="How long an idle HTTP connection stays open (above a load balancer's idle time).",
     )
     admission_wait_seconds: float = Field(
         10.0, gt=0, le=600, description="Longest wait for admission before a 503 with Retry-After."
@@ -63,45 +66,73 @@ class Settings(BaseSettings):
 
     # queues and devices (see service/queue.py, worker/devices.py)
     queue_prefix: str = Field(
-        "", pattern=r"^[A-Za-z0-9_.:-]*$", max_length=64,
-        description="Prefix of the broker's queue names (gpu, cpu), so that deployments can share a broker.")
+        "",
+        pattern=r"^[A-Za-z0-9_.:-]*$",
+        max_length=64,
+        description="Prefix of the broker's queue names (gpu, cpu), so that deployments can share a broker.",
+    )
     device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
-        description="Device of a worker's jobs: auto (CUDA when the pool process has it), cpu, cuda or cuda:N.")
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Device of a worker's jobs: auto (CUDA when the pool process has it), cpu, cuda or cuda:N.",
+    )
     fault_kill_before_publish: bool = Field(
-        False, description="Tests only: the API process SIGKILLs itself after committing a job, before publishing "
-        "it (see tests/service/test_topology.py).")
+        False,
+        description="Tests only: the API process SIGKILLs itself after committing a job, before publishing "
+        "it (see tests/service/test_topology.py).",
+    )
 
     # job liveness
     job_heartbeat_seconds: float = Field(5.0, gt=0, description="How often a running job writes its heartbeat.")
     job_stale_seconds: float = Field(
-        30.0, gt=0, description="A running job whose heartbeat is older than this has lost its worker.")
+        30.0, gt=0, description="A running job whose heartbeat is older than this has lost its worker."
+    )
     job_max_attempts: int = Field(
-        3, ge=1, description="Claims of one job by a worker; a job whose worker died this many times fails.")
+        3, ge=1, description="Claims of one job by a worker; a job whose worker died this many times fails."
+    )
     job_requeue_seconds: float = Field(
-        60.0, gt=0, description="A queued job no worker claimed for this long is sent to the broker again "
-        "(when the broker's queue is empty: its message may have been lost).")
+        60.0,
+        gt=0,
+        description="A queued job no worker claimed for this long is sent to the broker again "
+        "(when the broker's queue is empty: its message may have been lost).",
+    )
     job_reaper_seconds: float = Field(
-        5.0, ge=0, description="Period of the reaper in the API and in each worker; 0 turns it off.")
+        5.0, ge=0, description="Period of the reaper in the API and in each worker; 0 turns it off."
+    )
     job_soft_time_limit_seconds: int = Field(
-        6 * 3600, gt=0, description="A job running longer fails with a 'time limit' problem (Celery soft limit).")
+        6 * 3600, gt=0, description="A job running longer fails with a 'time limit' problem (Celery soft limit)."
+    )
     job_time_limit_seconds: int = Field(
-        6 * 3600 + 600, gt=0, description="A job's process is killed after this long (Celery hard limit).")
+        6 * 3600 + 600, gt=0, description="A job's process is killed after this long (Celery hard limit)."
+    )
     # sharded jobs (docs/jobs.md, "Sharded jobs")
     shard_examples: int = Field(
-        50_000, ge=0, description="Training examples per shard of a sharded scoring job (influence with a factor "
-        "strategy); a training set no larger than this runs as one task. 0 turns sharding off.")
+        50_000,
+        ge=0,
+        description="Training examples per shard of a sharded scoring job (influence with a factor "
+        "strategy); a training set no larger than this runs as one task. 0 turns sharding off.",
+    )
     shard_soft_time_limit_seconds: int = Field(
-        3600, gt=0, description="A shard task running longer is stopped and its job fails with a 'time limit' "
-        "problem (Celery soft limit of the shard task).")
+        3600,
+        gt=0,
+        description="A shard task running longer is stopped and its job fails with a 'time limit' "
+        "problem (Celery soft limit of the shard task).",
+    )
     shard_time_limit_seconds: int = Field(
-        3900, gt=0, description="A shard task's process is killed after this long (Celery hard limit).")
+        3900, gt=0, description="A shard task's process is killed after this long (Celery hard limit)."
+    )
     broker_polling_seconds: float = Field(
-        0.1, gt=0, le=5, description="How often workers poll the embedded default's SQLite broker for jobs (Redis "
-        "needs no polling).")
+        0.1,
+        gt=0,
+        le=5,
+        description="How often workers poll the embedded default's SQLite broker for jobs (Redis needs no polling).",
+    )
     broker_visibility_timeout_seconds: int = Field(
-        7 * 3600, gt=0, description="Redis redelivers an unacknowledged message after this long; above the "
-        "hard time limit so that a running job's message is never handed to a second worker.")
+        7 * 3600,
+        gt=0,
+        description="Redis redelivers an unacknowledged message after this long; above the "
+        "hard time limit so that a running job's message is never handed to a second worker.",
+    )
 
     @model_validator(mode="after")
     def _database_and_broker_go_together(self) -> Settings:
@@ -121,7 +152,11 @@ class Settings(BaseSettings):
                 "need ATTRIB_JOB_SOFT_TIME_LIMIT_SECONDS < ATTRIB_JOB_TIME_LIMIT_SECONDS < "
                 "ATTRIB_BROKER_VISIBILITY_TIMEOUT_SECONDS"
             )
-        if not self.shard_soft_time_limit_seconds < self.shard_time_limit_seconds < self.broker_visibility_timeout_seconds:
+        if (
+            not self.shard_soft_time_limit_seconds
+            < self.shard_time_limit_seconds
+            < self.broker_visibility_timeout_seconds
+        ):
             raise ConfigurationError(
                 "need ATTRIB_SHARD_SOFT_TIME_LIMIT_SECONDS < ATTRIB_SHARD_TIME_LIMIT_SECONDS < "
                 "ATTRIB_BROKER_VISIBILITY_TIMEOUT_SECONDS"

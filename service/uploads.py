@@ -24,8 +24,13 @@ def parse_metadata(raw: str, schema: type[MetadataT]) -> MetadataT:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ProblemError(422, f"the metadata part is not valid JSON: {exc}", kind="invalid-input",
-                           title="Invalid input", errors=[FieldError(field="metadata", message=str(exc))]) from exc
+        raise ProblemError(
+            422,
+            f"the metadata part is not valid JSON: {exc}",
+            kind="invalid-input",
+            title="Invalid input",
+            errors=[FieldError(field="metadata", message=str(exc))],
+        ) from exc
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
@@ -34,16 +39,18 @@ def parse_metadata(raw: str, schema: type[MetadataT]) -> MetadataT:
             for e in exc.errors()
         ]
         summary = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
-        raise ProblemError(422, f"the metadata is invalid: {summary}", kind="invalid-input",
-                           title="Invalid input", errors=errors) from exc
+        raise ProblemError(
+            422, f"the metadata is invalid: {summary}", kind="invalid-input", title="Invalid input", errors=errors
+        ) from exc
 
 
 def stage_upload(store: BlobStore, upload: UploadFile, *, limit: int, field: str) -> StagedBlob:
     try:
         return store.stage(upload.file, limit=limit)
     except BlobTooLarge as exc:
-        raise ProblemError(413, f"the `{field}` file is larger than the limit of {limit} bytes",
-                           kind="payload-too-large") from exc
+        raise ProblemError(
+            413, f"the `{field}` file is larger than the limit of {limit} bytes", kind="payload-too-large"
+        ) from exc
 
 
 def check_storage_or_discard(session: Session, tenant_id: str, staged: StagedBlob, quota: int) -> None:

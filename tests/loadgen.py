@@ -35,9 +35,12 @@ def api_server(env_overrides: dict[str, str], log_path: Path, *serve_args: str) 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTRIB_")}
     env.update(env_overrides)
     with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), *serve_args],
-                                  env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *serve_args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         base_url = f"http://127.0.0.1:{port}"
         try:
             wait_until_healthy(base_url, server, log_path)
@@ -94,11 +97,13 @@ class LoadReport:
 
     def summary(self) -> str:
         healthz = max(self.healthz_latencies, default=float("nan"))
-        return (f"{self.in_flight} in flight, {self.seconds:.0f} s: {self.requests} requests "
-                f"({self.requests / self.seconds:.0f}/s), statuses {dict(self.statuses)}, "
-                f"transport errors {dict(self.transport_errors)}, p50 {1000 * self.percentile(50):.0f} ms, "
-                f"p99 {1000 * self.percentile(99):.0f} ms; /healthz max {1000 * healthz:.0f} ms, "
-                f"{self.healthz_failures} failed")
+        return (
+            f"{self.in_flight} in flight, {self.seconds:.0f} s: {self.requests} requests "
+            f"({self.requests / self.seconds:.0f}/s), statuses {dict(self.statuses)}, "
+            f"transport errors {dict(self.transport_errors)}, p50 {1000 * self.percentile(50):.0f} ms, "
+            f"p99 {1000 * self.percentile(99):.0f} ms; /healthz max {1000 * healthz:.0f} ms, "
+            f"{self.healthz_failures} failed"
+        )
 
 
 async def _reader(client: httpx.AsyncClient, paths: list[str], stop_at: float, report: LoadReport, seed: int) -> None:
@@ -134,7 +139,11 @@ def _probe(base_url: str, stop_at: float, report: LoadReport, interval: float) -
 
 
 async def run_load_async(
-    base_url: str, paths: list[str], headers: dict[str, str], in_flight: int, seconds: float,
+    base_url: str,
+    paths: list[str],
+    headers: dict[str, str],
+    in_flight: int,
+    seconds: float,
     probe_interval: float = 0.1,
 ) -> LoadReport:
     report = LoadReport(in_flight=in_flight, seconds=seconds)
@@ -176,9 +185,20 @@ def run_wrk(base_url: str, paths: list[str], headers: dict[str, str], in_flight:
     report = LoadReport(in_flight=in_flight, seconds=seconds)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT)
-    command = ["wrk", f"-t{min(2, in_flight)}", f"-c{in_flight}", f"-d{int(seconds)}s", "--timeout", "30s",
-               "-s", script.name, *(arg for name, value in headers.items() for arg in ("-H", f"{name}: {value}")),
-               base_url, "--", *paths]
+    command = [
+        "wrk",
+        f"-t{min(2, in_flight)}",
+        f"-c{in_flight}",
+        f"-d{int(seconds)}s",
+        "--timeout",
+        "30s",
+        "-s",
+        script.name,
+        *(arg for name, value in headers.items() for arg in ("-H", f"{name}: {value}")),
+        base_url,
+        "--",
+        *paths,
+    ]
     prober = threading.Thread(target=_probe, args=(base_url, time.monotonic() + seconds, report, 0.1))
     prober.start()
     output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout

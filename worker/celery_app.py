@@ -46,9 +46,13 @@ def create_celery_app(broker_url: str, queue_prefix: str | None = None, settings
         task_time_limit=settings.job_time_limit_seconds,
     )
     app.task(name=RUN_JOB_TASK, ignore_result=True, base=JobTask)(_job_runner(app))
-    app.task(name=RUN_SHARD_TASK, ignore_result=True, base=ShardTask,
-             soft_time_limit=settings.shard_soft_time_limit_seconds,
-             time_limit=settings.shard_time_limit_seconds)(_run_shard)
+    app.task(
+        name=RUN_SHARD_TASK,
+        ignore_result=True,
+        base=ShardTask,
+        soft_time_limit=settings.shard_soft_time_limit_seconds,
+        time_limit=settings.shard_time_limit_seconds,
+    )(_run_shard)
     return app
 
 

@@ -86,7 +86,12 @@ class JobContext:
         cancelled meanwhile or this attempt no longer owns it."""
         job = session.get(Job, self.job_id)
         try:
-            finish(session, self.job_id, self.attempt, "succeeded",
-                   progress_total=job.progress_total if job is not None else 0)
+            finish(
+                session,
+                self.job_id,
+                self.attempt,
+                "succeeded",
+                progress_total=job.progress_total if job is not None else 0,
+            )
         except CancelRequested:
             raise Cancelled() from None

@@ -22,8 +22,14 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, database_url: str, job_id: str, attempt: int, period: float,
-                 beat_once: Callable[[Session], bool] | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        job_id: str,
+        attempt: int,
+        period: float,
+        beat_once: Callable[[Session], bool] | None = None,
+    ) -> None:
         """``beat_once(session)`` writes one heartbeat and says whether the attempt still owns its work (default:
         the job's own heartbeat; a shard passes its shard row's)."""
         self.database_url, self.job_id, self.attempt, self.period = database_url, job_id, attempt, period

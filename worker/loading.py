@@ -38,7 +38,8 @@ def stored_model(stack: ExitStack, store: BlobStore, model: Model, weights_sha25
     ``stack`` is."""
     files = model.architecture.get("files") or {}
     return StoredModel(
-        architecture=model.architecture, task=model.task,
+        architecture=model.architecture,
+        task=model.task,
         weights=stack.enter_context(store.local_path(weights_sha256)),
         files={name: stack.enter_context(store.local_path(sha256)) for name, sha256 in files.items()},
     )
@@ -125,6 +126,6 @@ def load_curvatures(store: BlobStore, sha256: str) -> dict[str, Curvature]:
     curvatures = {}
     for name, metadata in entries.items():
         prefix = f"{name}{KEY_SEPARATOR}"
-        own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
         curvatures[name] = load_curvature(own, metadata)
     return curvatures

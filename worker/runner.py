@@ -45,9 +45,17 @@ def run_job(job_id: str, settings: Settings, send_shards: ShardSender | None = N
         log.info("job %s: message dropped (finished, running elsewhere, cancelled or out of attempts)", job_id)
         return
     with Heartbeat(url, job_id, attempt, policy.heartbeat_seconds) as heartbeat:
-        context = JobContext(job_id=job_id, database_url=url, store=store_for(settings), attempt=attempt,
-                             heartbeat=heartbeat, device_setting=settings.device, policy=policy,
-                             shard_examples=settings.shard_examples, send_shards=send_shards)
+        context = JobContext(
+            job_id=job_id,
+            database_url=url,
+            store=store_for(settings),
+            attempt=attempt,
+            heartbeat=heartbeat,
+            device_setting=settings.device,
+            policy=policy,
+            shard_examples=settings.shard_examples,
+            send_shards=send_shards,
+        )
         _run_and_record(context, policy)
 
 

@@ -25,8 +25,19 @@ from worker.attribution.shards import ShardRange
 
 def create_shards(session: Session, job_id: str, ranges: Sequence[ShardRange], prepared: dict[str, Any]) -> None:
     for shard in ranges:
-        session.add(JobShard(job_id=job_id, shard=shard.index, start=shard.start, stop=shard.stop, status="queued",
-                             attempts=0, progress_completed=0, progress_total=0, prepared=prepared))
+        session.add(
+            JobShard(
+                job_id=job_id,
+                shard=shard.index,
+                start=shard.start,
+                stop=shard.stop,
+                status="queued",
+                attempts=0,
+                progress_completed=0,
+                progress_total=0,
+                prepared=prepared,
+            )
+        )
     session.flush()
 
 
@@ -44,8 +55,13 @@ def job_accepts_work(session: Session, job_id: str) -> bool:
     return job is not None and job.status == "running" and not job.cancel_requested
 
 
-def claim_shard(session: Session, job_id: str, shard: int | None, policy: LivenessPolicy, worker: str,
-                ) -> tuple[JobShard, int] | None:
+def claim_shard(
+    session: Session,
+    job_id: str,
+    shard: int | None,
+    policy: LivenessPolicy,
+    worker: str,
+) -> tuple[JobShard, int] | None:
     """Claim shard ``shard`` (or the first claimable one when None) of a running job: the shard row and this
     claim's attempt number, or None when there is nothing to do (done, running under a live worker, the job
     finished or cancelled, or another claim won the race)."""
@@ -56,11 +72,23 @@ def claim_shard(session: Session, job_id: str, shard: int | None, policy: Livene
     if shard is not None:
         query = query.where(JobShard.shard == shard)
     for row in session.scalars(query.limit(8)).all():
-        statement = update(JobShard).where(
-            JobShard.job_id == job_id, JobShard.shard == row.shard, JobShard.attempts == row.attempts,
-            _claimable(policy, now),
-        ).values(status="running", attempts=row.attempts + 1, claimed_by=worker, heartbeat_at=now,
-                 progress_completed=0, error=None)
+        statement = (
+            update(JobShard)
+            .where(
+                JobShard.job_id == job_id,
+                JobShard.shard == row.shard,
+                JobShard.attempts == row.attempts,
+                _claimable(policy, now),
+            )
+            .values(
+                status="running",
+                attempts=row.attempts + 1,
+                claimed_by=worker,
+                heartbeat_at=now,
+                progress_completed=0,
+                error=None,
+            )
+        )
         if _changed(session, statement):
             session.refresh(row)
             return row, row.attempts
@@ -73,8 +101,12 @@ def _changed(session: Session, statement: Any) -> bool:
 
 
 def _owned(job_id: str, shard: int, attempt: int) -> list[ColumnElement[bool]]:
-    return [JobShard.job_id == job_id, JobShard.shard == shard, JobShard.status == "running",
-            JobShard.attempts == attempt]
+    return [
+        JobShard.job_id == job_id,
+        JobShard.shard == shard,
+        JobShard.status == "running",
+        JobShard.attempts == attempt,
+    ]
 
 
 def beat_shard(session: Session, job_id: str, shard: int, attempt: int) -> bool:
@@ -85,8 +117,12 @@ def beat_shard(session: Session, job_id: str, shard: int, attempt: int) -> bool:
 def report_shard_progress(session: Session, job_id: str, shard: int, attempt: int, completed: int, total: int) -> None:
     """Write the shard's progress (and heartbeat); raises ``Superseded`` when this attempt lost the shard and
     ``CancelRequested`` when the job was cancelled or ended meanwhile."""
-    written = _changed(session, update(JobShard).where(*_owned(job_id, shard, attempt)).values(
-        progress_completed=completed, progress_total=total, heartbeat_at=utcnow()))
+    written = _changed(
+        session,
+        update(JobShard)
+        .where(*_owned(job_id, shard, attempt))
+        .values(progress_completed=completed, progress_total=total, heartbeat_at=utcnow()),
+    )
     if not written:
         raise Superseded(f"job {job_id} shard {shard} attempt {attempt} no longer owns the shard")
     if not job_accepts_work(session, job_id):
@@ -95,14 +131,21 @@ def report_shard_progress(session: Session, job_id: str, shard: int, attempt: in
 
 def finish_shard(session: Session, job_id: str, shard: int, attempt: int, output_sha256: str) -> None:
     """Mark the shard done with its output blob; raises ``Superseded`` if this attempt no longer owns it."""
-    if not _changed(session, update(JobShard).where(*_owned(job_id, shard, attempt)).values(
-            status="done", output_sha256=output_sha256, heartbeat_at=utcnow())):
+    if not _changed(
+        session,
+        update(JobShard)
+        .where(*_owned(job_id, shard, attempt))
+        .values(status="done", output_sha256=output_sha256, heartbeat_at=utcnow()),
+    ):
         raise Superseded(f"job {job_id} shard {shard} attempt {attempt} no longer owns the shard")
 
 
 def fail_shard(session: Session, job_id: str, shard: int, attempt: int | None, error: dict[str, Any]) -> bool:
     """Mark the shard failed (its job then fails with ``error``); ``attempt`` None: whatever its attempt (the
     shard's process was killed by the hard time limit)."""
-    expected = _owned(job_id, shard, attempt) if attempt is not None else [
-        JobShard.job_id == job_id, JobShard.shard == shard, JobShard.status == "running"]
+    expected = (
+        _owned(job_id, shard, attempt)
+        if attempt is not None
+        else [JobShard.job_id == job_id, JobShard.shard == shard, JobShard.status == "running"]
+    )
     return _changed(session, update(JobShard).where(*expected).values(status="failed", error=error))

@@ -18,10 +18,20 @@ from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from sqlalchemy import create_engine
 
 # Transport options that are not arguments of create_engine (kombu's own list, and the polling interval).
-NOT_ENGINE_OPTIONS = frozenset({
-    "queue_tablename", "message_tablename", "callback", "errback", "max_retries", "interval_start",
-    "interval_step", "interval_max", "retry_errors", "polling_interval",
-})
+NOT_ENGINE_OPTIONS = frozenset(
+    {
+        "queue_tablename",
+        "message_tablename",
+        "callback",
+        "errback",
+        "max_retries",
+        "interval_start",
+        "interval_step",
+        "interval_max",
+        "retry_errors",
+        "polling_interval",
+    }
+)
 
 
 class Channel(kombu_sqlalchemy.Channel):

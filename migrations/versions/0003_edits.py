@@ -29,8 +29,9 @@ def upgrade() -> None:
         sa.Column("options", sa.JSON(), nullable=False),
         sa.Column("diagnostics", sa.JSON(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["attribution_id"], ["attributions.id"],
-                                name=op.f("fk_edits_attribution_id_attributions")),
+        sa.ForeignKeyConstraint(
+            ["attribution_id"], ["attributions.id"], name=op.f("fk_edits_attribution_id_attributions")
+        ),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_edits_job_id_jobs")),
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"], name=op.f("fk_edits_tenant_id_tenants")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_edits")),

@@ -16,24 +16,25 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = '0004'
-down_revision = '0003'
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
-FOREIGN_KEY = 'fk_attribution_results_attribution_id_attributions'
+FOREIGN_KEY = "fk_attribution_results_attribution_id_attributions"
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('attribution_results', schema=None) as batch_op:
-        batch_op.drop_constraint(FOREIGN_KEY, type_='foreignkey')
-        batch_op.drop_index('ix_results_query')
-        batch_op.create_index('ix_results_query', ['attribution_id', 'direction', 'query_id', 'query_pos', 'rank'],
-                              unique=False)
+    with op.batch_alter_table("attribution_results", schema=None) as batch_op:
+        batch_op.drop_constraint(FOREIGN_KEY, type_="foreignkey")
+        batch_op.drop_index("ix_results_query")
+        batch_op.create_index(
+            "ix_results_query", ["attribution_id", "direction", "query_id", "query_pos", "rank"], unique=False
+        )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('attribution_results', schema=None) as batch_op:
-        batch_op.drop_index('ix_results_query')
-        batch_op.create_index('ix_results_query', ['attribution_id', 'direction', 'query_id', 'rank'], unique=False)
-        batch_op.create_foreign_key(FOREIGN_KEY, 'attributions', ['attribution_id'], ['id'], ondelete='CASCADE')
+    with op.batch_alter_table("attribution_results", schema=None) as batch_op:
+        batch_op.drop_index("ix_results_query")
+        batch_op.create_index("ix_results_query", ["attribution_id", "direction", "query_id", "rank"], unique=False)
+        batch_op.create_foreign_key(FOREIGN_KEY, "attributions", ["attribution_id"], ["id"], ondelete="CASCADE")

@@ -48,23 +48,40 @@ router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=p
 
 def attribution_view(attribution: Attribution, status: str) -> AttributionOut:
     """The stored attribution (`from_attributes`) with its job's status and where its results are."""
-    return from_row(AttributionOut, attribution, status=status,
-                    results_url=f"/v1/attributions/{attribution.id}/results")
+    return from_row(
+        AttributionOut, attribution, status=status, results_url=f"/v1/attributions/{attribution.id}/results"
+    )
 
 
 ATTRIBUTION_REQUEST_EXAMPLE = {
-    "model_id": "mdl_3f9c0e6a1b2c4d5e6f7a8b9c", "train_dataset_id": "ds_5e1d2c3b4a5f6e7d8c9b0a1f",
-    "query_dataset_id": "ds_8a9b0c1d2e3f4a5b6c7d8e9f", "method": "influence", "mode": "pairwise", "top_k": 10,
+    "model_id": "mdl_3f9c0e6a1b2c4d5e6f7a8b9c",
+    "train_dataset_id": "ds_5e1d2c3b4a5f6e7d8c9b0a1f",
+    "query_dataset_id": "ds_8a9b0c1d2e3f4a5b6c7d8e9f",
+    "method": "influence",
+    "mode": "pairwise",
+    "top_k": 10,
     "options": {"strategy": "ekfac"},
 }
 
 
-@router.post("", status_code=202, response_model=AttributionOut, summary="Queue an attribution",
-             responses={**problem_responses(409, 413, 415),
-                        **location_header(202, "The attribution's job: `/v1/jobs/{job_id}`.")},
-             openapi_extra=json_body_example(ATTRIBUTION_REQUEST_EXAMPLE), dependencies=[JsonBody])
+@router.post(
+    "",
+    status_code=202,
+    response_model=AttributionOut,
+    summary="Queue an attribution",
+    responses={
+        **problem_responses(409, 413, 415),
+        **location_header(202, "The attribution's job: `/v1/jobs/{job_id}`."),
+    },
+    openapi_extra=json_body_example(ATTRIBUTION_REQUEST_EXAMPLE),
+    dependencies=[JsonBody],
+)
 def create_attribution(
-    body: AttributionIn, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    body: AttributionIn,
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
     """Queue an attribution of the queries' behaviour to the training examples with one method (`method`, and
@@ -79,15 +96,32 @@ def create_attribution(
     checked = check_attribution(session, tenant.id, asked, settings)
     job = create_job(session, tenant.id, "attribution", settings.max_active_jobs_per_tenant)
     attribution = Attribution(
-        id=new_id("attr"), tenant_id=tenant.id, job_id=job.id, method=checked.method.name, mode=asked.mode,
-        measurement=asked.measurement, model_ids=[m.id for m in checked.models], train_dataset_id=checked.train.id,
-        query_dataset_id=checked.query.id if checked.query else None, fit_id=asked.fit_id, top_k=asked.top_k,
-        options=checked.options.model_dump(), created_at=utcnow(),
+        id=new_id("attr"),
+        tenant_id=tenant.id,
+        job_id=job.id,
+        method=checked.method.name,
+        mode=asked.mode,
+        measurement=asked.measurement,
+        model_ids=[m.id for m in checked.models],
+        train_dataset_id=checked.train.id,
+        query_dataset_id=checked.query.id if checked.query else None,
+        fit_id=asked.fit_id,
+        top_k=asked.top_k,
+        options=checked.options.model_dump(),
+        created_at=utcnow(),
     )
     session.add(attribution)
     session.flush()
-    response = remember(session, tenant.id, idempotency_key, "POST /v1/attributions", body, 202,
-                        attribution_view(attribution, "queued"), {"Location": f"/v1/jobs/{job.id}"})
+    response = remember(
+        session,
+        tenant.id,
+        idempotency_key,
+        "POST /v1/attributions",
+        body,
+        202,
+        attribution_view(attribution, "queued"),
+        {"Location": f"/v1/jobs/{job.id}"},
+    )
     session.commit()
     enqueue_or_fail(session, request.app.state.queue, job)
     return response
@@ -104,15 +138,23 @@ def finished_attribution(session: SessionDep, tenant_id: str, attribution_id: st
     attribution = owned(session, Attribution, tenant_id, attribution_id)
     state = job_status(session, attribution.job_id)
     if state != "succeeded":
-        raise ProblemError(409, f"attribution {attribution_id!r} has no results: its job is {state}",
-                           kind="results-not-ready")
+        raise ProblemError(
+            409, f"attribution {attribution_id!r} has no results: its job is {state}", kind="results-not-ready"
+        )
     return attribution
 
 
-@router.get("/{attribution_id}/results", response_model=ResultsPage, responses=problem_responses(409),
-            summary="Page through ranked results")
+@router.get(
+    "/{attribution_id}/results",
+    response_model=ResultsPage,
+    responses=problem_responses(409),
+    summary="Page through ranked results",
+)
 def get_results(
-    attribution_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    attribution_id: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
     query_id: str | None = None,
     direction: Literal["positive", "negative"] = "positive",
     page_size: Annotated[int, Query(ge=1)] = 100,
@@ -129,10 +171,13 @@ def get_results(
     size = clamp_page_size(page_size, settings.max_page_size)
     rows, last = page_of_results(session, attribution_id, direction, query_id, after, size)
     if not rows and query_id is not None and not has_query(session, attribution_id, query_id):
-        raise ProblemError(404, f"attribution {attribution_id!r} has no query with query_id {query_id!r}",
-                           kind="not-found")
+        raise ProblemError(
+            404, f"attribution {attribution_id!r} has no query with query_id {query_id!r}", kind="not-found"
+        )
     session.close()  # read only: its connection goes back now, on this thread (see dependencies.get_session)
-    page = ResultsPage(results=[row_out(row, types) for row in rows], next_page_token=encode_token(last) if last else None)
+    page = ResultsPage(
+        results=[row_out(row, types) for row in rows], next_page_token=encode_token(last) if last else None
+    )
     return Response(page.model_dump_json(), media_type="application/json")  # validated once, serialized once
 
 
@@ -145,11 +190,19 @@ def exported_rows(database_url: str, attribution_id: str, types: ResultIdTypes) 
 
 EXPORT_MEDIA = {"csv": "text/csv", "ndjson": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
 EXPORT_CONTENT = {
-    "text/csv": {"schema": {"type": "string"}, "example": (
-        "query_id,direction,rank,train_id,score,task,split\r\n7,positive,1,412,3.25,,\r\n7,negative,1,90,-2.0,,\r\n")},
-    "application/x-ndjson": {"schema": {"type": "string"}, "example": (
-        '{"query_id": 7, "direction": "positive", "rank": 1, "train_id": 412, "score": 3.25, "task": null, '
-        '"split": null}\n')},
+    "text/csv": {
+        "schema": {"type": "string"},
+        "example": (
+            "query_id,direction,rank,train_id,score,task,split\r\n7,positive,1,412,3.25,,\r\n7,negative,1,90,-2.0,,\r\n"
+        ),
+    },
+    "application/x-ndjson": {
+        "schema": {"type": "string"},
+        "example": (
+            '{"query_id": 7, "direction": "positive", "rank": 1, "train_id": 412, "score": 3.25, "task": null, '
+            '"split": null}\n'
+        ),
+    },
     "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
 }
 
@@ -159,11 +212,19 @@ EXPORT_CONTENT = {
     response_model=None,
     response_class=StreamingResponse,  # no default media type: the 200 has only the export formats' own
     summary="Export every result row",
-    responses={**problem_responses(409), 200: {"content": EXPORT_CONTENT, "description": "Every result row, "
-               "as an attachment `{attribution_id}.{format}`."}},
+    responses={
+        **problem_responses(409),
+        200: {
+            "content": EXPORT_CONTENT,
+            "description": "Every result row, as an attachment `{attribution_id}.{format}`.",
+        },
+    },
 )
 def export_results(
-    attribution_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    attribution_id: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
     format: Literal["csv", "ndjson", "parquet"] = "csv",
 ) -> StreamingResponse | FileResponse:
     """Every row (both directions, every query) in one download: `csv` (a header line, empty cells for nulls),
@@ -176,20 +237,31 @@ def export_results(
     headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
     if format == "parquet":
         path = export.parquet_file(rows, (types.query_ids_are_strings, types.train_ids_are_strings))
-        return FileResponse(path, media_type=EXPORT_MEDIA[format], headers=headers,
-                            background=BackgroundTask(os.unlink, path))
+        return FileResponse(
+            path, media_type=EXPORT_MEDIA[format], headers=headers, background=BackgroundTask(os.unlink, path)
+        )
     chunks = export.csv_chunks(rows) if format == "csv" else export.ndjson_chunks(rows)
     return StreamingResponse(chunks, media_type=EXPORT_MEDIA[format], headers=headers)
 
 
-@router.post("/{attribution_id}/edit", status_code=202, response_model=EditAccepted, name="edit_attribution",
-             summary="Queue an edit: the model retrained without some training examples",
-             responses={**problem_responses(409, 413, 415),
-                        **location_header(202, "The edit's job: `/v1/jobs/{job_id}`.")},
-             dependencies=[JsonBody])
+@router.post(
+    "/{attribution_id}/edit",
+    status_code=202,
+    response_model=EditAccepted,
+    name="edit_attribution",
+    summary="Queue an edit: the model retrained without some training examples",
+    responses={**problem_responses(409, 413, 415), **location_header(202, "The edit's job: `/v1/jobs/{job_id}`.")},
+    dependencies=[JsonBody],
+)
 def edit(
-    attribution_id: str, body: EditIn, request: Request, tenant: TenantDep, session: SessionDep, store: StoreDep,
-    settings: SettingsDep, idempotency_key: IdempotencyKey,
+    attribution_id: str,
+    body: EditIn,
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
     """Queue an edit: a new model whose weights estimate the model retrained without the given training
     examples (or tasks). Answers 202 with the model id it will have and its job (`Location`); the model exists
@@ -201,8 +273,16 @@ def edit(
         return replayed
     attribution = finished_attribution(session, tenant.id, attribution_id)
     edit_row, job = submit_edit(session, store, attribution, body, settings.max_active_jobs_per_tenant)
-    response = remember(session, tenant.id, idempotency_key, route, body, 202,
-                        EditAccepted(model_id=edit_row.model_id, job_id=job.id), {"Location": f"/v1/jobs/{job.id}"})
+    response = remember(
+        session,
+        tenant.id,
+        idempotency_key,
+        route,
+        body,
+        202,
+        EditAccepted(model_id=edit_row.model_id, job_id=job.id),
+        {"Location": f"/v1/jobs/{job.id}"},
+    )
     session.commit()
     enqueue_or_fail(session, request.app.state.queue, job)
     return response

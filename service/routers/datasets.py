@@ -27,20 +27,40 @@ from worker.artifacts.text_datasets import STORED_FORMAT, describe_text, field_n
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(400, 401, 404, 422))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut, summary="Upload a dataset",
-             responses={**problem_responses(413, 415), **location_header(201, "The dataset: `/v1/datasets/{id}`.")},
-             openapi_extra=multipart_example(metadata='{"name": "digits-train"}', data="(.npz bytes)"),
-             dependencies=[MultipartBody])
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetOut,
+    summary="Upload a dataset",
+    responses={**problem_responses(413, 415), **location_header(201, "The dataset: `/v1/datasets/{id}`.")},
+    openapi_extra=multipart_example(metadata='{"name": "digits-train"}', data="(.npz bytes)"),
+    dependencies=[MultipartBody],
+)
 def upload_dataset(
-    tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
-    metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description="JSON: `{\"name\": str}`; text datasets also "
-                                                                        "`tokenize_with`, `max_length`, `truncation`, "
-                                                                        "`padding`, `add_special_tokens`.")],
-    data: Annotated[UploadFile, File(description="safetensors, .npz (no pickle) or Parquet with `inputs`, "
-                                                 "`targets`, optional `ids`, `weight`, `task`, `split`; or a text "
-                                                 "dataset: `input_ids`, optional `attention_mask`, `labels`, "
-                                                 "`targets`, `ids` (safetensors or Parquet), or Parquet `text` / "
-                                                 "`prompt` + `completion` columns with `metadata.tokenize_with`.")],
+    tenant: TenantDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    metadata: Annotated[
+        str,
+        Form(
+            min_length=2,
+            max_length=1_000_000,
+            description='JSON: `{"name": str}`; text datasets also '
+            "`tokenize_with`, `max_length`, `truncation`, "
+            "`padding`, `add_special_tokens`.",
+        ),
+    ],
+    data: Annotated[
+        UploadFile,
+        File(
+            description="safetensors, .npz (no pickle) or Parquet with `inputs`, "
+            "`targets`, optional `ids`, `weight`, `task`, `split`; or a text "
+            "dataset: `input_ids`, optional `attention_mask`, `labels`, "
+            "`targets`, `ids` (safetensors or Parquet), or Parquet `text` / "
+            "`prompt` + `completion` columns with `metadata.tokenize_with`."
+        ),
+    ],
     idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
     """Arrays `inputs` and `targets`, optional `ids` (integers or strings, unique), `weight`, and `task`/`split`
@@ -57,39 +77,63 @@ def upload_dataset(
     try:
         fmt: str = detect_format(data.filename or "", read_head(staged))
         if is_text_dataset(field_names(staged.path, fmt)):
-            text = read_text_dataset(staged.path, fmt, max_rows=settings.max_dataset_rows,
-                                     max_bytes=settings.max_dataset_bytes,
-                                     tokenize=tokenize_options(session, store, tenant.id, meta))
+            text = read_text_dataset(
+                staged.path,
+                fmt,
+                max_rows=settings.max_dataset_rows,
+                max_bytes=settings.max_dataset_bytes,
+                tokenize=tokenize_options(session, store, tenant.id, meta),
+            )
             summary, ids_are_strings, fmt = describe_text(text), text.ids_are_strings, STORED_FORMAT
             stored = stage_text_dataset(store, text)
             staged.discard()
             staged = stored
         else:
             if meta.tokenize_with is not None:
-                raise invalid("metadata.tokenize_with applies to text datasets (`text` or `prompt` + `completion` "
-                              "columns)", "metadata.tokenize_with")
-            arrays = read_dataset(staged.path, fmt, max_rows=settings.max_dataset_rows,
-                                  max_bytes=settings.max_dataset_bytes)
+                raise invalid(
+                    "metadata.tokenize_with applies to text datasets (`text` or `prompt` + `completion` columns)",
+                    "metadata.tokenize_with",
+                )
+            arrays = read_dataset(
+                staged.path, fmt, max_rows=settings.max_dataset_rows, max_bytes=settings.max_dataset_bytes
+            )
             summary, ids_are_strings = describe(arrays), arrays.ids_are_strings
     except BaseException:
         staged.discard()
         raise
     blob = commit_blob(session, staged)
     dataset = Dataset(
-        id=new_id("ds"), tenant_id=tenant.id, name=meta.name, format=fmt, blob_sha256=blob.sha256,
-        num_examples=summary["num_examples"], fields=summary["fields"], ids_are_strings=ids_are_strings,
+        id=new_id("ds"),
+        tenant_id=tenant.id,
+        name=meta.name,
+        format=fmt,
+        blob_sha256=blob.sha256,
+        num_examples=summary["num_examples"],
+        fields=summary["fields"],
+        ids_are_strings=ids_are_strings,
         created_at=utcnow(),
     )
     session.add(dataset)
     session.flush()
-    return remember(session, tenant.id, idempotency_key, "POST /v1/datasets", fingerprint, 201,
-                    from_row(DatasetOut, dataset), {"Location": f"/v1/datasets/{dataset.id}"})
+    return remember(
+        session,
+        tenant.id,
+        idempotency_key,
+        "POST /v1/datasets",
+        fingerprint,
+        201,
+        from_row(DatasetOut, dataset),
+        {"Location": f"/v1/datasets/{dataset.id}"},
+    )
 
 
 @router.get("", summary="List datasets")
 def list_datasets(
-    tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-    page_size: Annotated[int, Query(ge=1)] = 50, page_token: PageTokenQuery = None,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    page_size: Annotated[int, Query(ge=1)] = 50,
+    page_token: PageTokenQuery = None,
 ) -> DatasetList:
     """The tenant's datasets, newest first, cursor-paged (`next_page_token`)."""
     size = clamp_page_size(page_size, settings.max_page_size)
@@ -106,9 +150,15 @@ def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> Data
 
 @router.get("/{dataset_id}/examples", summary="Get examples of a dataset")
 def get_examples(
-    dataset_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
-    ids: Annotated[list[str], Query(description=f"Example ids (the dataset's own ids); repeat the parameter, "
-                                                f"at most {MAX_EXAMPLES}.")],
+    dataset_id: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    ids: Annotated[
+        list[str],
+        Query(description=f"Example ids (the dataset's own ids); repeat the parameter, at most {MAX_EXAMPLES}."),
+    ],
 ) -> DatasetExamples:
     """Some examples of the dataset by id (inputs and targets), e.g. to show the training examples that an
     attribution ranked. An unknown id is a 404 naming it."""

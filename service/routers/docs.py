@@ -14,8 +14,10 @@ from fastapi.staticfiles import StaticFiles
 ASSETS_URL = "/docs-assets"
 # Everything from this server: a page that renders here renders offline (Redoc's footer logo, which it would
 # fetch from its CDN, is not fetched).
-SAME_ORIGIN_ONLY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-                    "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
+SAME_ORIGIN_ONLY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'"
+)
 
 
 def same_origin_only(page: HTMLResponse) -> HTMLResponse:
@@ -39,18 +41,26 @@ router = APIRouter(include_in_schema=False)
 @router.get("/docs")
 def swagger_ui(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return same_origin_only(get_swagger_ui_html(
-        openapi_url=f"{root}{request.app.openapi_url}", title=f"{request.app.title} - API docs",
-        swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js", swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
-        swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
-    ))
+    return same_origin_only(
+        get_swagger_ui_html(
+            openapi_url=f"{root}{request.app.openapi_url}",
+            title=f"{request.app.title} - API docs",
+            swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
+        )
+    )
 
 
 @router.get("/redoc")
 def redoc(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return same_origin_only(get_redoc_html(
-        openapi_url=f"{root}{request.app.openapi_url}", title=f"{request.app.title} - API reference",
-        redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js", redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
-        with_google_fonts=False,
-    ))
+    return same_origin_only(
+        get_redoc_html(
+            openapi_url=f"{root}{request.app.openapi_url}",
+            title=f"{request.app.title} - API reference",
+            redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )
+    )

@@ -21,12 +21,20 @@ from service.schemas.options import FIT_STORED_FIELDS
 router = APIRouter(prefix="/v1/fits", tags=["fits"], responses=problem_responses(400, 401, 404, 422))
 
 
-@router.post("", status_code=202, response_model=FitOut, summary="Queue a curvature fit",
-             responses={**problem_responses(409, 413, 415),
-                        **location_header(202, "The fit's job: `/v1/jobs/{job_id}`.")},
-             dependencies=[JsonBody])
+@router.post(
+    "",
+    status_code=202,
+    response_model=FitOut,
+    summary="Queue a curvature fit",
+    responses={**problem_responses(409, 413, 415), **location_header(202, "The fit's job: `/v1/jobs/{job_id}`.")},
+    dependencies=[JsonBody],
+)
 def create_fit(
-    body: FitIn, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    body: FitIn,
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyKey,
 ) -> JSONResponse:
     """Queue a fit of the model's curvature (EK-FAC, K-FAC, diagonal or identity) on a dataset; many attributions
@@ -40,21 +48,37 @@ def create_fit(
     if body.layers is not None:
         unknown = [name for name in body.layers if name not in model.tracked_layers]
         if unknown:
-            raise invalid(f"layers {unknown} are not trackable layers of the model ({model.tracked_layers})",
-                          "body.layers")
+            raise invalid(
+                f"layers {unknown} are not trackable layers of the model ({model.tracked_layers})", "body.layers"
+            )
     if body.checkpoint_ids:
         owned_checkpoints(session, model, body.checkpoint_ids)
     job = create_job(session, tenant.id, "fit", settings.max_active_jobs_per_tenant)
     options = body.model_dump(include=set(FIT_STORED_FIELDS))
     fit = Fit(
-        id=new_id("fit"), tenant_id=tenant.id, job_id=job.id, model_id=model.id, dataset_id=dataset.id,
-        strategy=body.strategy, options=options, damping=body.damping, checkpoint_ids=body.checkpoint_ids,
+        id=new_id("fit"),
+        tenant_id=tenant.id,
+        job_id=job.id,
+        model_id=model.id,
+        dataset_id=dataset.id,
+        strategy=body.strategy,
+        options=options,
+        damping=body.damping,
+        checkpoint_ids=body.checkpoint_ids,
         created_at=utcnow(),
     )
     session.add(fit)
     session.flush()
-    response = remember(session, tenant.id, idempotency_key, "POST /v1/fits", body, 202,
-                        from_row(FitOut, fit, status="queued"), {"Location": f"/v1/jobs/{job.id}"})
+    response = remember(
+        session,
+        tenant.id,
+        idempotency_key,
+        "POST /v1/fits",
+        body,
+        202,
+        from_row(FitOut, fit, status="queued"),
+        {"Location": f"/v1/jobs/{job.id}"},
+    )
     session.commit()
     enqueue_or_fail(session, request.app.state.queue, job)
     return response

@@ -21,8 +21,11 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses
 
 @router.get("", summary="List jobs")
 def list_jobs(
-    tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-    page_size: Annotated[int, Query(ge=1)] = 50, page_token: PageTokenQuery = None,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    page_size: Annotated[int, Query(ge=1)] = 50,
+    page_token: PageTokenQuery = None,
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
 ) -> JobList:
     """The tenant's jobs, newest first, cursor-paged (`next_page_token`); `status` keeps one state."""

@@ -47,16 +47,24 @@ from worker.artifacts.formats import FORMATS, NOT_SUPPORTED_YET, model_format
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses(400, 401, 404, 422))
 
-MODEL_METADATA_EXAMPLE = ('{"name": "digits-mlp", "format": "spec", "architecture": {"type": "sequential", "layers": '
-                          '[{"type": "linear", "in_features": 64, "out_features": 128}, {"type": "relu"}, '
-                          '{"type": "linear", "in_features": 128, "out_features": 10}]}, '
-                          '"task": {"loss": "cross_entropy"}}')
-METADATA_DOC = ("JSON: `{\"name\", \"format\": \"spec\" | \"hf\", \"architecture\": {...} (spec only), "
-                "\"task\": {\"loss\": ..., \"head\": ... (hf classifiers)}}`. See `GET /v1/models/formats`.")
-WEIGHTS_DOC = ("safetensors of the model's state_dict; `hf`: repeat the part for shards (with `weights_index`). "
-               "Pickles (.bin, .pt) are refused.")
-ARCHIVE_DOC = ("`hf`: instead of the file parts, a .tar, .tar.gz or .zip of a save_pretrained folder (no links, "
-               "absolute paths or `..`).")
+MODEL_METADATA_EXAMPLE = (
+    '{"name": "digits-mlp", "format": "spec", "architecture": {"type": "sequential", "layers": '
+    '[{"type": "linear", "in_features": 64, "out_features": 128}, {"type": "relu"}, '
+    '{"type": "linear", "in_features": 128, "out_features": 10}]}, '
+    '"task": {"loss": "cross_entropy"}}'
+)
+METADATA_DOC = (
+    'JSON: `{"name", "format": "spec" | "hf", "architecture": {...} (spec only), '
+    '"task": {"loss": ..., "head": ... (hf classifiers)}}`. See `GET /v1/models/formats`.'
+)
+WEIGHTS_DOC = (
+    "safetensors of the model's state_dict; `hf`: repeat the part for shards (with `weights_index`). "
+    "Pickles (.bin, .pt) are refused."
+)
+ARCHIVE_DOC = (
+    "`hf`: instead of the file parts, a .tar, .tar.gz or .zip of a save_pretrained folder (no links, "
+    "absolute paths or `..`)."
+)
 
 
 def model_out(model: Model, edit_diagnostics: dict[str, Any] | None = None) -> ModelOut:
@@ -72,12 +80,20 @@ def edit_diagnostics(session: Session, model_ids: list[str]) -> dict[str, dict[s
     return {model_id: diagnostics for model_id, diagnostics in rows}
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut, summary="Upload a model",
-             responses={**problem_responses(413, 415), **location_header(201, "The model: `/v1/models/{id}`.")},
-             openapi_extra=multipart_example(metadata=MODEL_METADATA_EXAMPLE, weights="(safetensors bytes)"),
-             dependencies=[MultipartBody])
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ModelOut,
+    summary="Upload a model",
+    responses={**problem_responses(413, 415), **location_header(201, "The model: `/v1/models/{id}`.")},
+    openapi_extra=multipart_example(metadata=MODEL_METADATA_EXAMPLE, weights="(safetensors bytes)"),
+    dependencies=[MultipartBody],
+)
 def upload_model(
-    tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
+    tenant: TenantDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
     metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description=METADATA_DOC)],
     idempotency_key: IdempotencyKey,
     weights: Annotated[list[UploadFile] | None, File(description=WEIGHTS_DOC)] = None,
@@ -94,9 +110,14 @@ def upload_model(
     With an `Idempotency-Key`, a repeat returns the first answer."""
     meta = parse_metadata(metadata, ModelMetadata)
     fmt = model_format(meta.format)
-    given = {"weights": weights or [], "config": [config] if config else [], "weights_index": [weights_index] if
-             weights_index else [], "tokenizer": [tokenizer] if tokenizer else [], "tokenizer_config":
-             [tokenizer_config] if tokenizer_config else [], "archive": [archive] if archive else []}
+    given = {
+        "weights": weights or [],
+        "config": [config] if config else [],
+        "weights_index": [weights_index] if weights_index else [],
+        "tokenizer": [tokenizer] if tokenizer else [],
+        "tokenizer_config": [tokenizer_config] if tokenizer_config else [],
+        "archive": [archive] if archive else [],
+    }
     parts = {name: files for name, files in given.items() if files}
     staged = stage_parts(store, parts, settings)
     check_quota_or_discard(session, tenant.id, staged, settings.max_stored_bytes_per_tenant)
@@ -108,28 +129,47 @@ def upload_model(
     task = meta.task.model_dump(exclude_none=True)
     stored = prepare_and_store(session, store, fmt, meta.architecture, task, staged, settings)
     model = Model(
-        id=new_id("mdl"), tenant_id=tenant.id, name=meta.name, format=meta.format,
-        architecture=stored.architecture, task=task, weights_sha256=stored.weights_sha256,
-        num_parameters=stored.num_parameters, tracked_layers=stored.tracked_layers, created_at=utcnow(),
+        id=new_id("mdl"),
+        tenant_id=tenant.id,
+        name=meta.name,
+        format=meta.format,
+        architecture=stored.architecture,
+        task=task,
+        weights_sha256=stored.weights_sha256,
+        num_parameters=stored.num_parameters,
+        tracked_layers=stored.tracked_layers,
+        created_at=utcnow(),
     )
     session.add(model)
     session.flush()
-    return remember(session, tenant.id, idempotency_key, "POST /v1/models", fingerprint, 201, model_out(model),
-                    {"Location": f"/v1/models/{model.id}"})
+    return remember(
+        session,
+        tenant.id,
+        idempotency_key,
+        "POST /v1/models",
+        fingerprint,
+        201,
+        model_out(model),
+        {"Location": f"/v1/models/{model.id}"},
+    )
 
 
 @router.get("/formats", summary="List the model formats")
 def list_formats() -> ModelFormats:
     """The model formats `POST /v1/models` accepts: their parts, losses, and for `hf` the allow-listed
     `model_type`s and heads."""
-    return ModelFormats(formats=[model_format(name).describe() for name in FORMATS],
-                        not_supported_yet=list(NOT_SUPPORTED_YET))
+    return ModelFormats(
+        formats=[model_format(name).describe() for name in FORMATS], not_supported_yet=list(NOT_SUPPORTED_YET)
+    )
 
 
 @router.get("", summary="List models")
 def list_models(
-    tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-    page_size: Annotated[int, Query(ge=1)] = 50, page_token: PageTokenQuery = None,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    page_size: Annotated[int, Query(ge=1)] = 50,
+    page_token: PageTokenQuery = None,
 ) -> ModelList:
     """The tenant's models, newest first, cursor-paged (`next_page_token`)."""
     size = clamp_page_size(page_size, settings.max_page_size)
@@ -143,7 +183,9 @@ def list_models(
 def get_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelOut:
     """One model; models made by an edit carry the edit's diagnostics."""
     model = owned(session, Model, tenant.id, model_id)
-    return model_out(model, edit_diagnostics(session, [model.id]).get(model.id) if model.source_attribution_id else None)
+    return model_out(
+        model, edit_diagnostics(session, [model.id]).get(model.id) if model.source_attribution_id else None
+    )
 
 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a model")
@@ -158,8 +200,12 @@ def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Respo
     "/{model_id}/weights",
     response_class=FileResponse,
     summary="Download a model's weights",
-    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-                     "description": "The safetensors file of the model's state_dict."}},
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The safetensors file of the model's state_dict.",
+        }
+    },
 )
 def download_weights(model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep) -> FileResponse:
     """The weights as uploaded, or as an edit made them: a safetensors file (`{model_id}.safetensors`)."""
@@ -168,13 +214,30 @@ def download_weights(model_id: str, tenant: TenantDep, session: SessionDep, stor
         return FileResponse(path, media_type="application/octet-stream", filename=f"{model.id}.safetensors")
 
 
-@router.post("/{model_id}/checkpoints", status_code=status.HTTP_201_CREATED, summary="Upload a checkpoint",
-             responses=problem_responses(409, 413, 415), dependencies=[MultipartBody],
-             openapi_extra=multipart_example(metadata='{"step": 500, "learning_rate": 0.05, "momentum": 0.9}',
-                                             weights="(safetensors bytes)"))
+@router.post(
+    "/{model_id}/checkpoints",
+    status_code=status.HTTP_201_CREATED,
+    summary="Upload a checkpoint",
+    responses=problem_responses(409, 413, 415),
+    dependencies=[MultipartBody],
+    openapi_extra=multipart_example(
+        metadata='{"step": 500, "learning_rate": 0.05, "momentum": 0.9}', weights="(safetensors bytes)"
+    ),
+)
 def upload_checkpoint(
-    model_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
-    metadata: Annotated[str, Form(min_length=2, max_length=1_000_000, description="JSON: `{\"step\", \"learning_rate\", \"stage\", \"momentum\", \"optimizer\"}`.")],
+    model_id: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    metadata: Annotated[
+        str,
+        Form(
+            min_length=2,
+            max_length=1_000_000,
+            description='JSON: `{"step", "learning_rate", "stage", "momentum", "optimizer"}`.',
+        ),
+    ],
     weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict at this step.")],
 ) -> CheckpointOut:
     """A training checkpoint of the model (for SOURCE and TracInCP): the state_dict at a step of its training,
@@ -192,8 +255,14 @@ def upload_checkpoint(
         raise
     blob = commit_blob(session, staged)
     checkpoint = Checkpoint(
-        id=new_id("ckpt"), model_id=model.id, step=meta.step, learning_rate=meta.learning_rate,
-        momentum=meta.momentum, stage=meta.stage, optimizer=meta.optimizer, weights_sha256=blob.sha256,
+        id=new_id("ckpt"),
+        model_id=model.id,
+        step=meta.step,
+        learning_rate=meta.learning_rate,
+        momentum=meta.momentum,
+        stage=meta.stage,
+        optimizer=meta.optimizer,
+        weights_sha256=blob.sha256,
         created_at=utcnow(),
     )
     session.add(checkpoint)
@@ -203,8 +272,12 @@ def upload_checkpoint(
 
 @router.get("/{model_id}/checkpoints", summary="List a model's checkpoints")
 def list_checkpoints(
-    model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-    page_size: Annotated[int, Query(ge=1)] = 100, page_token: PageTokenQuery = None,
+    model_id: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    page_size: Annotated[int, Query(ge=1)] = 100,
+    page_token: PageTokenQuery = None,
 ) -> CheckpointList:
     """The model's checkpoints by (stage, step), cursor-paged (`next_page_token`)."""
     model = owned(session, Model, tenant.id, model_id)

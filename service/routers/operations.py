@@ -19,8 +19,9 @@ from service.queue import JobQueue
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="Liveness",
-            responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
+@router.get(
+    "/healthz", summary="Liveness", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}}
+)
 async def healthz() -> dict[str, str]:
     """The process is up. Answered by the event loop, outside admission control: it answers under any load."""
     return {"status": "ok"}
@@ -29,14 +30,25 @@ async def healthz() -> dict[str, str]:
 READY_EXAMPLE = {"status": "ok", "checks": {"database": True, "broker": True, "storage": True}}
 
 
-@router.get("/readyz", summary="Readiness", responses={
-    200: {"description": "Every dependency is reachable.",
-          "content": {"application/json": {"example": READY_EXAMPLE}}},
-    503: {"description": "A dependency is unreachable (or, as for any route, the server is at capacity: a problem).",
-          "content": {"application/json": {"example": {"status": "unavailable", "checks": {
-              "database": True, "broker": False, "storage": True}}},
-              PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}},
-})
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    responses={
+        200: {
+            "description": "Every dependency is reachable.",
+            "content": {"application/json": {"example": READY_EXAMPLE}},
+        },
+        503: {
+            "description": "A dependency is unreachable (or, as for any route, the server is at capacity: a problem).",
+            "content": {
+                "application/json": {
+                    "example": {"status": "unavailable", "checks": {"database": True, "broker": False, "storage": True}}
+                },
+                PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}},
+            },
+        },
+    },
+)
 def readyz(request: Request) -> JSONResponse:
     """Database, broker and storage are reachable."""
     state = request.app.state
@@ -46,18 +58,25 @@ def readyz(request: Request) -> JSONResponse:
         "storage": state.store.ready(),
     }
     ready = all(checks.values())
-    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
+    )
 
 
 def _check_operator(request: Request, token: SecretStr | None) -> None:
     if token is None:
-        raise ProblemError(404, "metrics are off: the operator sets ATTRIB_METRICS_TOKEN to serve them",
-                           kind="not-found")
+        raise ProblemError(
+            404, "metrics are off: the operator sets ATTRIB_METRICS_TOKEN to serve them", kind="not-found"
+        )
     presented = request.headers.get("authorization", "")
     expected = f"Bearer {token.get_secret_value()}"
     if not hmac.compare_digest(presented.encode(), expected.encode()):
-        raise ProblemError(401, "GET /metrics needs the operator's metrics token", kind="unauthenticated",
-                           headers={"WWW-Authenticate": "Bearer"})
+        raise ProblemError(
+            401,
+            "GET /metrics needs the operator's metrics token",
+            kind="unauthenticated",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def _database_ready(url: str) -> bool:
@@ -69,10 +88,15 @@ def _database_ready(url: str) -> bool:
         return False
 
 
-@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics", responses={
-    **problem_responses(401, 404),
-    200: {"content": {"text/plain": {"example": "# TYPE attrib_jobs gauge\nattrib_jobs{status=\"queued\"} 0.0\n"}}},
-})
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    summary="Prometheus metrics",
+    responses={
+        **problem_responses(401, 404),
+        200: {"content": {"text/plain": {"example": '# TYPE attrib_jobs gauge\nattrib_jobs{status="queued"} 0.0\n'}}},
+    },
+)
 def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text format: request counts and latencies, jobs by status (all tenants together), messages
     waiting in each broker queue (`attrib_queue_messages{queue="gpu"}`) and whether the broker answered. For operators:
@@ -80,7 +104,9 @@ def metrics(request: Request) -> PlainTextResponse:
     state = request.app.state
     _check_operator(request, state.settings.metrics_token)
     with session_scope(state.settings.resolved_database_url) as session:
-        counts = {status: count for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status))}
+        counts = {
+            status: count for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status))
+        }
     for status in ("queued", "running", "succeeded", "failed", "cancelled"):
         state.metrics.jobs.labels(status=status).set(counts.get(status, 0))
     _record_queue_depths(state.queue, state.metrics)

@@ -16,8 +16,12 @@ from service.problems import not_found
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
-ASSETS = {"style.css": "text/css", "common.js": "text/javascript", "results.js": "text/javascript",
-          "jobs.js": "text/javascript"}
+ASSETS = {
+    "style.css": "text/css",
+    "common.js": "text/javascript",
+    "results.js": "text/javascript",
+    "jobs.js": "text/javascript",
+}
 
 
 def ui_file(name: str) -> Path:
@@ -25,8 +29,11 @@ def ui_file(name: str) -> Path:
 
 
 # Scripts and styles only from this server, no inline script: text from datasets can never run as code.
-PAGE_HEADERS = {"Cache-Control": "no-store", "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
-                "Referrer-Policy": "no-referrer"}
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def page(name: str) -> FileResponse:

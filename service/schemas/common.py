@@ -54,6 +54,12 @@ Timestamp = Annotated[
     datetime,
     AfterValidator(_utc),
     PlainSerializer(rfc3339_utc, return_type=str, when_used="json"),
-    WithJsonSchema({"type": "string", "format": "date-time", "examples": [EXAMPLE_TIME],
-                    "description": "RFC 3339, UTC, with a `Z` suffix."}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "date-time",
+            "examples": [EXAMPLE_TIME],
+            "description": "RFC 3339, UTC, with a `Z` suffix.",
+        }
+    ),
 ]

@@ -12,20 +12,29 @@ class DatasetMetadata(StrictModel):
 
     name: str = Field(min_length=1, max_length=200)
     tokenize_with: str | None = Field(
-        None, description="Text datasets (Parquet with `text`, or `prompt` + `completion` columns): the id of a "
+        None,
+        description="Text datasets (Parquet with `text`, or `prompt` + `completion` columns): the id of a "
         "`hf` model uploaded with a tokenizer; its tokenizer.json turns the text into `input_ids` (the `tokenizers` "
-        "library: no code runs).")
+        "library: no code runs).",
+    )
     max_length: int = Field(512, ge=1, le=32_768, description="Tokenized text: at most this many tokens per row.")
     truncation: bool = Field(True, description="Tokenized text: cut rows longer than max_length (else 422).")
     padding: Literal["longest", "max_length"] = Field(
-        "longest", description="Tokenized text: pad rows to the longest row or to max_length.")
+        "longest", description="Tokenized text: pad rows to the longest row or to max_length."
+    )
     add_special_tokens: bool = Field(True, description="Tokenized text: let the tokenizer add its special tokens.")
 
 
 DATASET_EXAMPLE: dict[str, Any] = {
-    "id": "ds_5e1d2c3b4a5f6e7d8c9b0a1f", "name": "digits-train", "format": "npz", "num_examples": 1437,
-    "fields": {"inputs": {"dtype": "float32", "shape": [1437, 64]}, "targets": {"dtype": "int64", "shape": [1437]},
-               "ids": {"dtype": "int64", "shape": [1437]}},
+    "id": "ds_5e1d2c3b4a5f6e7d8c9b0a1f",
+    "name": "digits-train",
+    "format": "npz",
+    "num_examples": 1437,
+    "fields": {
+        "inputs": {"dtype": "float32", "shape": [1437, 64]},
+        "targets": {"dtype": "int64", "shape": [1437]},
+        "ids": {"dtype": "int64", "shape": [1437]},
+    },
     "created_at": EXAMPLE_TIME,
 }
 
@@ -46,8 +55,9 @@ class DatasetOut(BaseModel):
 class DatasetList(BaseModel):
     """A page of datasets, newest first."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"datasets": [DATASET_EXAMPLE], "next_page_token": None}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"datasets": [DATASET_EXAMPLE], "next_page_token": None}]}
+    )
 
     datasets: list[DatasetOut]
     next_page_token: str | None
@@ -64,9 +74,17 @@ class DatasetExample(BaseModel):
 class DatasetExamples(BaseModel):
     """Examples of a dataset picked by id."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "dataset_id": "ds_5e1d2c3b4a5f6e7d8c9b0a1f", "input_shape": [4],
-        "examples": [{"id": 12, "input": [0.5, -1.25, 0.0, 2.0], "target": 1, "task": None, "split": None}]}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "dataset_id": "ds_5e1d2c3b4a5f6e7d8c9b0a1f",
+                    "input_shape": [4],
+                    "examples": [{"id": 12, "input": [0.5, -1.25, 0.0, 2.0], "target": 1, "task": None, "split": None}],
+                }
+            ]
+        }
+    )
 
     dataset_id: str
     input_shape: list[int] = Field(description="Shape of one example's input (2-D or 3-D: an image).")

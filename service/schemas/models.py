@@ -13,8 +13,9 @@ class ModelTask(StrictModel):
         "format `hf`."
     )
     head: Literal["sequence_classification", "image_classification"] | None = Field(
-        None, description="Format `hf` with loss `cross_entropy` or `mse`: the transformers head the model has "
-        "(AutoModelForSequenceClassification / AutoModelForImageClassification). Not for `spec`."
+        None,
+        description="Format `hf` with loss `cross_entropy` or `mse`: the transformers head the model has "
+        "(AutoModelForSequenceClassification / AutoModelForImageClassification). Not for `spec`.",
     )
 
 
@@ -23,27 +24,46 @@ class ModelMetadata(StrictModel):
 
     name: str = Field(min_length=1, max_length=200)
     format: Literal["spec", "hf", "onnx"] = Field(
-        "spec", description="`spec` (a declarative torch.nn.Sequential) or `hf` (a Hugging Face transformers "
-        "config.json + safetensors, see `GET /v1/models/formats`). `onnx` is not supported yet (422)."
+        "spec",
+        description="`spec` (a declarative torch.nn.Sequential) or `hf` (a Hugging Face transformers "
+        "config.json + safetensors, see `GET /v1/models/formats`). `onnx` is not supported yet (422).",
     )
     architecture: dict[str, Any] = Field(
-        default_factory=dict, description="For `spec`: `{\"type\": \"sequential\", \"layers\": [...]}`. For `hf`: "
-        "left out (the `config` part is the architecture).")
+        default_factory=dict,
+        description='For `spec`: `{"type": "sequential", "layers": [...]}`. For `hf`: '
+        "left out (the `config` part is the architecture).",
+    )
     task: ModelTask
 
 
 MODEL_EXAMPLE: dict[str, Any] = {
-    "id": "mdl_3f9c0e6a1b2c4d5e6f7a8b9c", "name": "digits-mlp", "format": "spec", "num_parameters": 9610,
+    "id": "mdl_3f9c0e6a1b2c4d5e6f7a8b9c",
+    "name": "digits-mlp",
+    "format": "spec",
+    "num_parameters": 9610,
     "tracked_layers": ["0", "2"],
-    "architecture": {"type": "sequential", "layers": [
-        {"type": "linear", "in_features": 64, "out_features": 128}, {"type": "relu"},
-        {"type": "linear", "in_features": 128, "out_features": 10}]},
-    "task": {"loss": "cross_entropy"}, "source_attribution_id": None, "edit_diagnostics": None,
+    "architecture": {
+        "type": "sequential",
+        "layers": [
+            {"type": "linear", "in_features": 64, "out_features": 128},
+            {"type": "relu"},
+            {"type": "linear", "in_features": 128, "out_features": 10},
+        ],
+    },
+    "task": {"loss": "cross_entropy"},
+    "source_attribution_id": None,
+    "edit_diagnostics": None,
     "created_at": EXAMPLE_TIME,
 }
 CHECKPOINT_EXAMPLE: dict[str, Any] = {
-    "id": "ckpt_2b3c4d5e6f7a8b9c0d1e2f3a", "model_id": "mdl_3f9c0e6a1b2c4d5e6f7a8b9c", "step": 500,
-    "learning_rate": 0.05, "momentum": 0.9, "stage": 0, "optimizer": "sgd", "created_at": EXAMPLE_TIME,
+    "id": "ckpt_2b3c4d5e6f7a8b9c0d1e2f3a",
+    "model_id": "mdl_3f9c0e6a1b2c4d5e6f7a8b9c",
+    "step": 500,
+    "learning_rate": 0.05,
+    "momentum": 0.9,
+    "stage": 0,
+    "optimizer": "sgd",
+    "created_at": EXAMPLE_TIME,
 }
 
 
@@ -61,23 +81,46 @@ class ModelOut(BaseModel):
     task: dict[str, Any]
     source_attribution_id: str | None = Field(None, description="Set on models made by `/edit`.")
     edit_diagnostics: dict[str, Any] | None = Field(
-        None, description="Models made by `/edit`: the estimator, proximity λ, step norm relative to the weights, "
-        "remaining-data training loss before and after, the change of the attribution's query losses, warnings.")
+        None,
+        description="Models made by `/edit`: the estimator, proximity λ, step norm relative to the weights, "
+        "remaining-data training loss before and after, the change of the attribution's query losses, warnings.",
+    )
     created_at: Timestamp
 
 
 class ModelFormats(BaseModel):
     """The model formats `POST /v1/models` accepts."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "formats": [{"name": "spec", "parts": ["weights"], "losses": ["cross_entropy", "mse"]},
-                    {"name": "hf", "parts": ["config", "weights", "weights_index", "tokenizer", "tokenizer_config",
-                                             "archive"],
-                     "model_types": ["gpt2", "llama", "qwen2", "mistral", "bert", "roberta", "distilbert", "vit"]}],
-        "not_supported_yet": ["onnx"]}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "formats": [
+                        {"name": "spec", "parts": ["weights"], "losses": ["cross_entropy", "mse"]},
+                        {
+                            "name": "hf",
+                            "parts": ["config", "weights", "weights_index", "tokenizer", "tokenizer_config", "archive"],
+                            "model_types": [
+                                "gpt2",
+                                "llama",
+                                "qwen2",
+                                "mistral",
+                                "bert",
+                                "roberta",
+                                "distilbert",
+                                "vit",
+                            ],
+                        },
+                    ],
+                    "not_supported_yet": ["onnx"],
+                }
+            ]
+        }
+    )
 
-    formats: list[dict[str, Any]] = Field(description="Each accepted format: name, parts, losses; for `hf` the "
-                                          "allow-listed model_types by head.")
+    formats: list[dict[str, Any]] = Field(
+        description="Each accepted format: name, parts, losses; for `hf` the allow-listed model_types by head."
+    )
     not_supported_yet: list[str]
 
 
@@ -98,7 +141,8 @@ class CheckpointMetadata(StrictModel):
     stage: int = Field(0, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     optimizer: Literal["sgd", "adam"] = Field(
-        "sgd", description="The optimizer of this step: `sgd` (with momentum) or `adam` (Adam-type). SOURCE does "
+        "sgd",
+        description="The optimizer of this step: `sgd` (with momentum) or `adam` (Adam-type). SOURCE does "
         "not support Adam-type trajectories yet (422); TracInCP does.",
     )
 
@@ -121,8 +165,9 @@ class CheckpointOut(BaseModel):
 class CheckpointList(BaseModel):
     """A page of checkpoints by (stage, step)."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"checkpoints": [CHECKPOINT_EXAMPLE], "next_page_token": None}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"checkpoints": [CHECKPOINT_EXAMPLE], "next_page_token": None}]}
+    )
 
     checkpoints: list[CheckpointOut]
     next_page_token: str | None

@@ -40,7 +40,8 @@ class FitLevelOptions(StrictModel):
     """Options that decide what a curvature fit contains."""
 
     fisher: FisherKind = Field(
-        "true", description="`true`: labels sampled from the model; `empirical`: the given labels.")
+        "true", description="`true`: labels sampled from the model; `empirical`: the given labels."
+    )
     fisher_samples: StrictInt = Field(1, ge=1, le=64, description="Sampled labels per example (true Fisher).")
     seed: Seed = Field(0, description="Seed of the label sampling.")
     layers: ModuleNames | None = Field(None, description="Module names to track; default every Linear and Conv2d.")
@@ -60,11 +61,15 @@ class TrajectoryOptions(StrictModel):
     which dataset, and which stages are attributed (the rule is `worker.methods.stages.stage_plan`)."""
 
     stages: Stages | None = Field(
-        None, description="Stages whose checkpoints (tracin) or segments (source) score the training examples; "
-        "default: the stages trained on train_dataset_id.")
+        None,
+        description="Stages whose checkpoints (tracin) or segments (source) score the training examples; "
+        "default: the stages trained on train_dataset_id.",
+    )
     stage_datasets: StageDatasets | None = Field(
-        None, description="Training dataset id of each stage (`{\"0\": id, \"1\": id}`); default: "
-        "`train_dataset_id` for every stage.")
+        None,
+        description='Training dataset id of each stage (`{"0": id, "1": id}`); default: '
+        "`train_dataset_id` for every stage.",
+    )
 
     def dataset_of_stage(self, stages: list[int], train_dataset_id: str) -> dict[int, str]:
         given = self.stage_datasets or {}

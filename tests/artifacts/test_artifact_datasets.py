@@ -60,26 +60,32 @@ def failure(path: Path, max_rows: int = 1000) -> ArtifactError:
 
 def test_safetensors_dataset(tmp_path: Path) -> None:
     path = tmp_path / "d.safetensors"
-    save_file({
-        "inputs": torch.randn(N, 1, 2, 2, dtype=torch.bfloat16),
-        "targets": torch.randn(N, 2, dtype=torch.float64),
-        "ids": torch.arange(100, 100 + N, dtype=torch.int32),
-        "weight": torch.ones(N),
-        "task": torch.tensor([0, 0, 0, 1, 1, 1]),
-        "split": torch.tensor([0, 0, 1, 0, 1, 1], dtype=torch.uint8),
-    }, str(path))
+    save_file(
+        {
+            "inputs": torch.randn(N, 1, 2, 2, dtype=torch.bfloat16),
+            "targets": torch.randn(N, 2, dtype=torch.float64),
+            "ids": torch.arange(100, 100 + N, dtype=torch.int32),
+            "weight": torch.ones(N),
+            "task": torch.tensor([0, 0, 0, 1, 1, 1]),
+            "split": torch.tensor([0, 0, 1, 0, 1, 1], dtype=torch.uint8),
+        },
+        str(path),
+    )
     ds = load(path)
     assert ds.inputs.dtype == np.float32 and ds.inputs.shape == (N, 1, 2, 2)
     assert ds.targets.dtype == np.float32 and ds.ids.dtype == np.int64 and not ds.ids_are_strings
     assert ds.split.dtype == np.int64 and ds.task.tolist() == [0, 0, 0, 1, 1, 1]
-    assert describe(ds) == {"num_examples": N, "fields": {
-        "inputs": {"dtype": "float32", "shape": [N, 1, 2, 2]},
-        "targets": {"dtype": "float32", "shape": [N, 2]},
-        "ids": {"dtype": "int64", "shape": [N]},
-        "weight": {"dtype": "float32", "shape": [N]},
-        "task": {"dtype": "int64", "shape": [N]},
-        "split": {"dtype": "int64", "shape": [N]},
-    }}
+    assert describe(ds) == {
+        "num_examples": N,
+        "fields": {
+            "inputs": {"dtype": "float32", "shape": [N, 1, 2, 2]},
+            "targets": {"dtype": "float32", "shape": [N, 2]},
+            "ids": {"dtype": "int64", "shape": [N]},
+            "weight": {"dtype": "float32", "shape": [N]},
+            "task": {"dtype": "int64", "shape": [N]},
+            "split": {"dtype": "int64", "shape": [N]},
+        },
+    }
 
 
 def test_npz_with_string_ids(tmp_path: Path) -> None:
@@ -102,10 +108,16 @@ def test_compressed_npz(tmp_path: Path) -> None:
 
 
 def test_parquet_tabular(tmp_path: Path) -> None:
-    table = pa.table({
-        "a": [1.0, 2.0, 3.0], "b": pa.array([4, 5, 6], pa.int32()), "note": ["x", "y", "z"],
-        "targets": [0, 1, 0], "ids": ["p", "q", "r"], "weight": [1.0, 0.5, 0.0],
-    })
+    table = pa.table(
+        {
+            "a": [1.0, 2.0, 3.0],
+            "b": pa.array([4, 5, 6], pa.int32()),
+            "note": ["x", "y", "z"],
+            "targets": [0, 1, 0],
+            "ids": ["p", "q", "r"],
+            "weight": [1.0, 0.5, 0.0],
+        }
+    )
     pq.write_table(table, tmp_path / "d.parquet")
     ds = load(tmp_path / "d.parquet")
     assert ds.inputs.tolist() == [[1, 4], [2, 5], [3, 6]]
@@ -169,24 +181,27 @@ def test_pickle_inside_npz(tmp_path: Path) -> None:
     assert "pickled data is not accepted" in error.detail and error.field == "data.ids"
 
 
-@pytest.mark.parametrize(("change", "field", "words"), [
-    ({"ids": np.array([1, 2, 3, 2, 5, 6])}, "data.ids", "id 2 appears 2 times"),
-    ({"ids": np.array(["a", "b", "a", "c", "d", "e"])}, "data.ids", "id 'a' appears"),
-    ({"ids": np.arange(N) * 0.5}, "data.ids", "integers or strings"),
-    ({"targets": np.arange(N - 1)}, "data.targets", "has 5 rows but inputs has 6"),
-    ({"weight": np.ones(N + 1)}, "data.weight", "same length"),
-    ({"split": np.array([0, 1, 2, 0, 1, 0])}, "data.split", "row 2 is 2"),
-    ({"split": np.zeros(N)}, "data.split", "integers"),
-    ({"task": np.zeros(N)}, "data.task", "integers"),
-    ({"inputs": np.where(np.eye(N, 4) == 1, np.nan, 0.0)}, "data.inputs", "NaN or Inf"),
-    ({"inputs": np.full((N, 4), 1e300)}, "data.inputs", "too large for float32"),
-    ({"targets": np.full(N, np.inf)}, "data.targets", "NaN or Inf"),
-    ({"weight": -np.ones(N)}, "data.weight", ">= 0"),
-    ({"weight": np.full(N, np.nan)}, "data.weight", "NaN"),
-    ({"inputs": np.array(["a"] * N)}, "data.inputs", "not numeric"),
-    ({"inputs": np.float32(1.0)}, "data.inputs", "scalar"),
-    ({"extra": np.ones(N)}, "data.extra", "unexpected field"),
-])
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"ids": np.array([1, 2, 3, 2, 5, 6])}, "data.ids", "id 2 appears 2 times"),
+        ({"ids": np.array(["a", "b", "a", "c", "d", "e"])}, "data.ids", "id 'a' appears"),
+        ({"ids": np.arange(N) * 0.5}, "data.ids", "integers or strings"),
+        ({"targets": np.arange(N - 1)}, "data.targets", "has 5 rows but inputs has 6"),
+        ({"weight": np.ones(N + 1)}, "data.weight", "same length"),
+        ({"split": np.array([0, 1, 2, 0, 1, 0])}, "data.split", "row 2 is 2"),
+        ({"split": np.zeros(N)}, "data.split", "integers"),
+        ({"task": np.zeros(N)}, "data.task", "integers"),
+        ({"inputs": np.where(np.eye(N, 4) == 1, np.nan, 0.0)}, "data.inputs", "NaN or Inf"),
+        ({"inputs": np.full((N, 4), 1e300)}, "data.inputs", "too large for float32"),
+        ({"targets": np.full(N, np.inf)}, "data.targets", "NaN or Inf"),
+        ({"weight": -np.ones(N)}, "data.weight", ">= 0"),
+        ({"weight": np.full(N, np.nan)}, "data.weight", "NaN"),
+        ({"inputs": np.array(["a"] * N)}, "data.inputs", "not numeric"),
+        ({"inputs": np.float32(1.0)}, "data.inputs", "scalar"),
+        ({"extra": np.ones(N)}, "data.extra", "unexpected field"),
+    ],
+)
 def test_bad_fields(tmp_path: Path, change: dict, field: str, words: str) -> None:
     error = failure(npz(tmp_path, **(base() | change)))
     assert error.field == field and words in error.detail, error
@@ -216,10 +231,19 @@ def test_safetensors_dataset_errors(tmp_path: Path) -> None:
 
 
 def classifier() -> torch.nn.Sequential:
-    return build_module(parse_architecture({"type": "sequential", "layers": [
-        {"type": "linear", "in_features": 4, "out_features": 8}, {"type": "relu"},
-        {"type": "batchnorm1d", "num_features": 8},
-        {"type": "linear", "in_features": 8, "out_features": 3}]}))
+    return build_module(
+        parse_architecture(
+            {
+                "type": "sequential",
+                "layers": [
+                    {"type": "linear", "in_features": 4, "out_features": 8},
+                    {"type": "relu"},
+                    {"type": "batchnorm1d", "num_features": 8},
+                    {"type": "linear", "in_features": 8, "out_features": 3},
+                ],
+            }
+        )
+    )
 
 
 def dataset(**change: np.ndarray) -> DatasetArrays:

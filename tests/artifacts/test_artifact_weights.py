@@ -15,17 +15,23 @@ from worker.artifacts.errors import ArtifactError
 from worker.artifacts.spec import build_module, parse_architecture
 from worker.artifacts.weights import load_weights, read_state_dict, save_weights
 
-ARCH = {"type": "sequential", "layers": [
-    {"type": "conv2d", "in_channels": 1, "out_channels": 4, "kernel_size": 3, "padding": 1},
-    {"type": "batchnorm2d", "num_features": 4},
-    {"type": "relu"},
-    {"type": "residual", "body": [
-        {"type": "conv2d", "in_channels": 4, "out_channels": 4, "kernel_size": 3, "padding": 1},
+ARCH = {
+    "type": "sequential",
+    "layers": [
+        {"type": "conv2d", "in_channels": 1, "out_channels": 4, "kernel_size": 3, "padding": 1},
+        {"type": "batchnorm2d", "num_features": 4},
         {"type": "relu"},
-    ]},
-    {"type": "flatten"},
-    {"type": "linear", "in_features": 64, "out_features": 3},
-]}
+        {
+            "type": "residual",
+            "body": [
+                {"type": "conv2d", "in_channels": 4, "out_channels": 4, "kernel_size": 3, "padding": 1},
+                {"type": "relu"},
+            ],
+        },
+        {"type": "flatten"},
+        {"type": "linear", "in_features": 64, "out_features": 3},
+    ],
+}
 
 
 class Residual(nn.Module):
@@ -41,9 +47,12 @@ def reference_model() -> nn.Sequential:
     """The equivalent model written by hand in plain torch, trained a bit so buffers are non-trivial."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
         Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())),
-        nn.Flatten(), nn.Linear(64, 3),
+        nn.Flatten(),
+        nn.Linear(64, 3),
     )
     model(torch.randn(8, 1, 4, 4))  # updates running stats and num_batches_tracked
     return model.eval()
@@ -91,7 +100,9 @@ def test_missing_num_batches_tracked_is_tolerated(tmp_path: Path) -> None:
     load_weights(built(), write(tmp_path / "w.safetensors", state))
 
 
-def load_error(tmp_path: Path, tensors: dict[str, torch.Tensor] | None = None, raw: bytes | None = None) -> ArtifactError:
+def load_error(
+    tmp_path: Path, tensors: dict[str, torch.Tensor] | None = None, raw: bytes | None = None
+) -> ArtifactError:
     path = tmp_path / "w.safetensors"
     if raw is not None:
         path.write_bytes(raw)
@@ -183,19 +194,25 @@ def test_header_offsets_not_matching_shape(tmp_path: Path) -> None:
 
 
 def test_overlapping_offsets(tmp_path: Path) -> None:
-    raw = crafted({
-        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
-    }, b"\x00" * 12)
+    raw = crafted(
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+        b"\x00" * 12,
+    )
     assert "overlapping" in load_error(tmp_path, raw=raw).detail
 
 
-@pytest.mark.parametrize("entry", [
-    {"dtype": "X99", "shape": [1], "data_offsets": [0, 4]},
-    {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]},
-    {"dtype": "F32", "shape": [1], "data_offsets": [0]},
-    "nonsense",
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "X99", "shape": [1], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [1], "data_offsets": [0]},
+        "nonsense",
+    ],
+)
 def test_malformed_entries(tmp_path: Path, entry: object) -> None:
     assert "not a valid safetensors file" in load_error(tmp_path, raw=crafted({"x": entry}, b"\x00" * 4)).detail
 

@@ -21,9 +21,17 @@ from tests.client.conftest import Served
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
 TOP_K = 5
 WAIT_SECONDS = 30
 
@@ -60,8 +68,9 @@ def wait_for(driver: Any, condition: Any) -> Any:
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(driver, WAIT_SECONDS, ignored_exceptions=(NoSuchElementException,
-                                                                   StaleElementReferenceException))
+    wait = WebDriverWait(
+        driver, WAIT_SECONDS, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+    )
     return wait.until(condition)
 
 
@@ -69,7 +78,8 @@ def resources_outside(driver: Any, base_url: str) -> list[str]:
     """Resources the page loaded from anywhere but our server (the pages' CSP refuses them: Redoc's footer
     logo, say, is refused and never fetched, so a refused request is not counted)."""
     names = driver.execute_script(
-        "return performance.getEntriesByType('resource').filter(e => e.responseStatus > 0).map(e => e.name)")
+        "return performance.getEntriesByType('resource').filter(e => e.responseStatus > 0).map(e => e.name)"
+    )
     return [name for name in names if not name.startswith(base_url)]
 
 
@@ -78,8 +88,9 @@ def test_docs_render_offline_with_every_operation(served: Served, browser: Any) 
 
     browser.get(f"{served.url}/docs")
     wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")) > 10)
-    paths = {e.get_attribute("data-path") or e.text for e in browser.find_elements(By.CSS_SELECTOR,
-                                                                                      ".opblock-summary-path")}
+    paths = {
+        e.get_attribute("data-path") or e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
+    }
     assert {"/v1/attributions", "/v1/datasets/{dataset_id}/examples", "/v1/jobs/{job_id}"} <= paths
     assert resources_outside(browser, served.url) == []
 
@@ -98,10 +109,15 @@ def digits_attribution(served: Served) -> dict[str, Any]:
     architecture = [{"type": "flatten"}, *ARCHITECTURE["layers"]]
     with Client(served.url, served.key) as client:
         uploaded = client.upload_model(model, name="digits", architecture=architecture, loss="cross_entropy")
-        train = client.upload_dataset(name="digits-train", inputs=data["train_x"].reshape(-1, 8, 8),
-                                      targets=data["train_y"], ids=data["train_ids"])
-        queries = client.upload_dataset(name="digits-queries", inputs=data["test_x"].reshape(-1, 8, 8),
-                                        targets=data["test_y"], ids=data["test_ids"])
+        train = client.upload_dataset(
+            name="digits-train",
+            inputs=data["train_x"].reshape(-1, 8, 8),
+            targets=data["train_y"],
+            ids=data["train_ids"],
+        )
+        queries = client.upload_dataset(
+            name="digits-queries", inputs=data["test_x"].reshape(-1, 8, 8), targets=data["test_y"], ids=data["test_ids"]
+        )
         attribution = client.attribute(uploaded, train, queries, top_k=TOP_K, measurement="margin")
         attribution.job.wait(progress=False, timeout=180)
         outliers = client.attribute(uploaded, train, mode="self", top_k=TOP_K)
@@ -112,8 +128,13 @@ def digits_attribution(served: Served) -> dict[str, Any]:
         for direction, by_query in expected.items():
             for row in client.results(attribution, direction=direction):
                 by_query.setdefault(str(row.query_id), []).append(str(row.train_id))
-    return {"id": attribution.id, "expected": expected, "query_ids": [str(q) for q in data["test_ids"].tolist()],
-            "self_id": outliers.id, "most_unusual": most_unusual}
+    return {
+        "id": attribution.id,
+        "expected": expected,
+        "query_ids": [str(q) for q in data["test_ids"].tolist()],
+        "self_id": outliers.id,
+        "most_unusual": most_unusual,
+    }
 
 
 def open_with_key(browser: Any, served: Served, path: str) -> None:
@@ -132,8 +153,9 @@ def canvas_is_a_picture(png: bytes) -> bool:
     return bool(inner.std() > 30 and inner.min() < 100 and inner.max() > 200 and len(np.unique(inner)) > 4)
 
 
-def test_results_page_shows_digits_beside_each_query(served: Served, browser: Any,
-                                                     digits_attribution: dict[str, Any], tmp_path: Path) -> None:
+def test_results_page_shows_digits_beside_each_query(
+    served: Served, browser: Any, digits_attribution: dict[str, Any], tmp_path: Path
+) -> None:
     from selenium.webdriver.common.by import By
 
     attribution_id = digits_attribution["id"]
@@ -147,8 +169,13 @@ def test_results_page_shows_digits_beside_each_query(served: Served, browser: An
     if os.environ.get("ATTRIB_SCREENSHOT_DIR"):
         browser.save_screenshot(str(Path(os.environ["ATTRIB_SCREENSHOT_DIR"]) / "jobs-page.png"))
     link.click()  # the jobs page links to the results page; the key stays in this tab's sessionStorage
-    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.query .example canvas"))
-             == len(digits_attribution["query_ids"]) * 2 * TOP_K)
+    wait_for(
+        browser,
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, "article.query .example canvas"))
+            == len(digits_attribution["query_ids"]) * 2 * TOP_K
+        ),
+    )
     assert served.key not in browser.current_url
 
     articles = browser.find_elements(By.CSS_SELECTOR, "article.query")
@@ -156,8 +183,10 @@ def test_results_page_shows_digits_beside_each_query(served: Served, browser: An
     for article in articles:
         query_id = article.get_attribute("data-query-id")
         for direction in ("positive", "negative"):
-            shown = [e.get_attribute("data-train-id") for e in
-                     article.find_elements(By.CSS_SELECTOR, f".side.{direction} .example")]
+            shown = [
+                e.get_attribute("data-train-id")
+                for e in article.find_elements(By.CSS_SELECTOR, f".side.{direction} .example")
+            ]
             assert shown == digits_attribution["expected"][direction][query_id]
             texts = [e.text for e in article.find_elements(By.CSS_SELECTOR, f".side.{direction} .train-id")]
             assert texts == [f"#{train_id}" for train_id in shown]
@@ -172,8 +201,9 @@ def test_results_page_shows_digits_beside_each_query(served: Served, browser: An
     assert blank == []
 
 
-def test_results_page_filters_by_query_and_direction(served: Served, browser: Any,
-                                                     digits_attribution: dict[str, Any]) -> None:
+def test_results_page_filters_by_query_and_direction(
+    served: Served, browser: Any, digits_attribution: dict[str, Any]
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -183,9 +213,12 @@ def test_results_page_filters_by_query_and_direction(served: Served, browser: An
     browser.find_element(By.ID, "filter-query").send_keys(query_id)
     Select(browser.find_element(By.ID, "filter-direction")).select_by_value("negative")
     browser.find_element(By.CSS_SELECTOR, "#filters button").click()
-    wait_for(browser, lambda d: [a.get_attribute("data-query-id") for a in d.find_elements(By.CSS_SELECTOR,
-                                                                                             "article.query")]
-             == [query_id])
+    wait_for(
+        browser,
+        lambda d: (
+            [a.get_attribute("data-query-id") for a in d.find_elements(By.CSS_SELECTOR, "article.query")] == [query_id]
+        ),
+    )
     assert browser.find_elements(By.CSS_SELECTOR, ".side.positive") == []
     tiles = browser.find_elements(By.CSS_SELECTOR, ".side.negative .example")
     shown = [tile.get_attribute("data-train-id") for tile in tiles]

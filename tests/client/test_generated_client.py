@@ -50,9 +50,23 @@ def generated(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Itera
     config = base / "config.yaml"
     config.write_text(GENERATOR_CONFIG)
     result = subprocess.run(
-        [sys.executable, "-m", "openapi_python_client", "generate", "--path", str(spec), "--config", str(config),
-         "--output-path", str(base / PACKAGE), "--meta", "none"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "openapi_python_client",
+            "generate",
+            "--path",
+            str(spec),
+            "--config",
+            str(config),
+            "--output-path",
+            str(base / PACKAGE),
+            "--meta",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     # The generator reports the parts of a spec it could not turn into code as warnings: there must be none.
@@ -104,8 +118,13 @@ def plain_rows(served: Served, attribution_id: str, direction: str) -> list[dict
     headers = {"Authorization": f"Bearer {served.key}"}
     while True:
         params = {"direction": direction, "page_size": 1000, **({"page_token": token} if token else {})}
-        page = httpx.get(f"{served.url}/v1/attributions/{attribution_id}/results", params=params, headers=headers,
-                         timeout=30).raise_for_status().json()
+        page = (
+            httpx.get(
+                f"{served.url}/v1/attributions/{attribution_id}/results", params=params, headers=headers, timeout=30
+            )
+            .raise_for_status()
+            .json()
+        )
         rows += page["results"]
         token = page["next_page_token"]
         if token is None:
@@ -132,11 +151,17 @@ def test_generated_client_runs_the_whole_flow(served: Served, generated: ModuleT
     weights = save_safetensors({k: v.contiguous() for k, v in net.state_dict().items()})
     metadata = {"name": "tiny", "format": "spec", "architecture": MLP_ARCHITECTURE, "task": {"loss": "cross_entropy"}}
     upload_model = api(generated, "models", "upload_model")
-    sent = upload_model.sync_detailed(client=client, body=models.BodyUploadModel(
-        metadata=json.dumps(metadata),
-        weights=[generated.types.File(payload=io.BytesIO(weights), file_name="tiny.safetensors",
-                                      mime_type="application/octet-stream")],  # repeatable: hf shards
-    ))
+    sent = upload_model.sync_detailed(
+        client=client,
+        body=models.BodyUploadModel(
+            metadata=json.dumps(metadata),
+            weights=[
+                generated.types.File(
+                    payload=io.BytesIO(weights), file_name="tiny.safetensors", mime_type="application/octet-stream"
+                )
+            ],  # repeatable: hf shards
+        ),
+    )
     assert sent.status_code == 201, sent.content
     model = sent.parsed
     assert isinstance(model, models.ModelOut)
@@ -150,8 +175,12 @@ def test_generated_client_runs_the_whole_flow(served: Served, generated: ModuleT
     query_arrays = tiny_dataset(len(QUERY_IDS), seed=2, ids=QUERY_IDS)
     datasets = {}
     for name, arrays in (("train", train_arrays), ("queries", query_arrays)):
-        sent = upload_dataset.sync_detailed(client=client, body=models.BodyUploadDataset(
-            metadata=json.dumps({"name": name}), data=npz_file(generated, name, **arrays)))
+        sent = upload_dataset.sync_detailed(
+            client=client,
+            body=models.BodyUploadDataset(
+                metadata=json.dumps({"name": name}), data=npz_file(generated, name, **arrays)
+            ),
+        )
         assert sent.status_code == 201, sent.content
         assert_utc_z(sent.content, "created_at")
         datasets[name] = sent.parsed
@@ -159,9 +188,15 @@ def test_generated_client_runs_the_whole_flow(served: Served, generated: ModuleT
 
     # Submit an influence attribution: 202, the job in `Location`.
     create_attribution = api(generated, "attributions", "create_attribution")
-    request = {"model_id": model.id, "train_dataset_id": datasets["train"].id,
-               "query_dataset_id": datasets["queries"].id, "method": "influence", "mode": "pairwise",
-               "top_k": TOP_K, "options": {"strategy": "ekfac"}}
+    request = {
+        "model_id": model.id,
+        "train_dataset_id": datasets["train"].id,
+        "query_dataset_id": datasets["queries"].id,
+        "method": "influence",
+        "mode": "pairwise",
+        "top_k": TOP_K,
+        "options": {"strategy": "ekfac"},
+    }
     sent = create_attribution.sync_detailed(client=client, body=request_body(create_attribution.sync_detailed, request))
     assert sent.status_code == 202, sent.content
     attribution = sent.parsed
@@ -192,9 +227,13 @@ def test_generated_client_runs_the_whole_flow(served: Served, generated: ModuleT
         token: str | None = None
         pages = 0
         while True:
-            page = get_results.sync(attribution_id=attribution.id, client=client,
-                                    direction=models.GetResultsDirection(direction), page_size=4,
-                                    page_token=token if token is not None else generated.types.UNSET)
+            page = get_results.sync(
+                attribution_id=attribution.id,
+                client=client,
+                direction=models.GetResultsDirection(direction),
+                page_size=4,
+                page_token=token if token is not None else generated.types.UNSET,
+            )
             assert isinstance(page, models.ResultsPage)
             rows += [row.to_dict() for row in page.results]
             pages += 1
@@ -223,14 +262,16 @@ def test_generated_client_runs_the_whole_flow(served: Served, generated: ModuleT
         expected = by_key[key(row)]
         assert int(row["train_id"]) == expected["train_id"] and float(row["score"]) == expected["score"]
 
-    as_ndjson = export_results.sync(attribution_id=attribution.id, client=client,
-                                    format_=models.ExportResultsFormat.NDJSON)
+    as_ndjson = export_results.sync(
+        attribution_id=attribution.id, client=client, format_=models.ExportResultsFormat.NDJSON
+    )
     assert isinstance(as_ndjson, str)
     from_ndjson = [json.loads(line) for line in as_ndjson.splitlines()]
     assert sorted(from_ndjson, key=key) == sorted(reference, key=key)
 
-    as_parquet = export_results.sync_detailed(attribution_id=attribution.id, client=client,
-                                              format_=models.ExportResultsFormat.PARQUET)
+    as_parquet = export_results.sync_detailed(
+        attribution_id=attribution.id, client=client, format_=models.ExportResultsFormat.PARQUET
+    )
     assert as_parquet.status_code == 200
     assert as_parquet.headers["content-type"] == "application/vnd.apache.parquet"
     table = pq.read_table(io.BytesIO(as_parquet.content)).to_pylist()

@@ -35,13 +35,20 @@ def pipeline(served: Served) -> dict[str, Any]:
     frame["targets"], frame["ids"] = queries["targets"], QUERY_IDS
     with Client(served.url, served.key) as client:
         model = client.upload_model(net, name="tiny", architecture=MLP_ARCHITECTURE["layers"], loss="cross_entropy")
-        train_set = client.upload_dataset(name="train", inputs=torch.from_numpy(train["inputs"]),
-                                          targets=train["targets"], ids=TRAIN_IDS)
+        train_set = client.upload_dataset(
+            name="train", inputs=torch.from_numpy(train["inputs"]), targets=train["targets"], ids=TRAIN_IDS
+        )
         query_set = client.upload_dataset(frame, name="queries")  # sent as Parquet (tabular columns)
         attribution = client.attribute(model, train_set, query_set, top_k=TOP_K, options=Influence(strategy="ekfac"))
         state = attribution.job.wait(progress=False, timeout=180)
-    return {"net": net, "model": model, "train": train_set, "queries": query_set, "attribution": attribution,
-            "state": state}
+    return {
+        "net": net,
+        "model": model,
+        "train": train_set,
+        "queries": query_set,
+        "attribution": attribution,
+        "state": state,
+    }
 
 
 def test_uploads_describe_what_was_sent(pipeline: dict[str, Any]) -> None:
@@ -109,8 +116,14 @@ def test_problems_are_typed_exceptions(served: Served, pipeline: dict[str, Any])
             client.attribute(pipeline["model"], pipeline["train"], pipeline["queries"], options={"nonsense": 1})
         assert invalid.value.status == 422 and any("nonsense" in e.field + e.message for e in invalid.value.errors)
         with pytest.raises(InvalidInput, match="not supported yet"):
-            client.upload_model(pipeline["net"], name="onnx", format="onnx", architecture={}, loss="cross_entropy",
-                                config={"model_type": "bert"})
+            client.upload_model(
+                pipeline["net"],
+                name="onnx",
+                format="onnx",
+                architecture={},
+                loss="cross_entropy",
+                config={"model_type": "bert"},
+            )
     with Client(served.url, "atk_not-a-key") as stranger, pytest.raises(Unauthorized):
         stranger.get_model(pipeline["model"].id)
 
@@ -138,8 +151,9 @@ def test_checkpoint_and_arrow_table_uploads(served: Served, pipeline: dict[str, 
     import pyarrow as pa
 
     with Client(served.url, served.key) as client:
-        checkpoint = client.upload_checkpoint(pipeline["model"], pipeline["net"].state_dict(), step=10,
-                                              learning_rate=0.1)
+        checkpoint = client.upload_checkpoint(
+            pipeline["model"], pipeline["net"].state_dict(), step=10, learning_rate=0.1
+        )
         assert (checkpoint.model_id, checkpoint.step, checkpoint.stage) == (pipeline["model"].id, 10, 0)
         arrays = tiny_dataset(6, seed=3)
         table = pa.table({**{f"x{i}": arrays["inputs"][:, i] for i in range(4)}, "targets": arrays["targets"]})

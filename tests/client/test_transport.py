@@ -48,8 +48,11 @@ def client_for(script: Script) -> Client:
 
 
 def test_a_retried_post_reuses_its_idempotency_key() -> None:
-    script = Script(httpx.Response(503, json={"status": 503, "detail": "queue down"}),
-                    httpx.ConnectError("refused"), httpx.Response(201, json=MODEL))
+    script = Script(
+        httpx.Response(503, json={"status": 503, "detail": "queue down"}),
+        httpx.ConnectError("refused"),
+        httpx.Response(201, json=MODEL),
+    )
     with client_for(script) as client:
         model = client.upload_model({"0.weight": np.ones(3, np.float32)}, name="m", architecture=[], loss="mse")
     assert model.id == "mdl_1"
@@ -79,8 +82,14 @@ def test_two_logical_posts_get_two_keys() -> None:
 
 
 def test_retries_give_up_with_typed_errors() -> None:
-    unavailable = Script(*[httpx.Response(503, json={"title": "Service Unavailable", "status": 503,
-                                                     "detail": "the job queue is unavailable"})] * 3)
+    unavailable = Script(
+        *[
+            httpx.Response(
+                503, json={"title": "Service Unavailable", "status": 503, "detail": "the job queue is unavailable"}
+            )
+        ]
+        * 3
+    )
     with client_for(unavailable) as client, pytest.raises(ServiceUnavailable, match="job queue"):
         client.get_job("job_1")
     assert len(unavailable.requests) == 3
@@ -90,8 +99,13 @@ def test_retries_give_up_with_typed_errors() -> None:
 
 
 def test_a_422_is_not_retried_and_carries_field_errors() -> None:
-    problem = {"type": "https://attrib.dev/problems/invalid-input", "title": "Invalid input", "status": 422,
-               "detail": "the request is invalid", "errors": [{"field": "body.top_k", "message": "too small"}]}
+    problem = {
+        "type": "https://attrib.dev/problems/invalid-input",
+        "title": "Invalid input",
+        "status": 422,
+        "detail": "the request is invalid",
+        "errors": [{"field": "body.top_k", "message": "too small"}],
+    }
     script = Script(httpx.Response(422, json=problem, headers={"content-type": "application/problem+json"}))
     with client_for(script) as client, pytest.raises(InvalidInput) as raised:
         client.attribute("mdl_1", "ds_1", "ds_2", top_k=0, options=DataInf(damping=0.1))
@@ -110,13 +124,27 @@ def test_typed_options_name_their_method() -> None:
 
 
 def test_async_client_retries_with_one_key() -> None:
-    script = Script(httpx.Response(503, json={"status": 503}), httpx.Response(202, json={
-        "id": "attr_1", "job_id": "job_1", "status": "queued", "method": "influence", "mode": "self", "top_k": 3,
-        "train_dataset_id": "ds_1", "query_dataset_id": None}))
+    script = Script(
+        httpx.Response(503, json={"status": 503}),
+        httpx.Response(
+            202,
+            json={
+                "id": "attr_1",
+                "job_id": "job_1",
+                "status": "queued",
+                "method": "influence",
+                "mode": "self",
+                "top_k": 3,
+                "train_dataset_id": "ds_1",
+                "query_dataset_id": None,
+            },
+        ),
+    )
 
     async def submit() -> str:
-        async with AsyncClient("http://api.test", "atk_test", retry=NO_WAIT,
-                               transport=httpx.MockTransport(script)) as client:
+        async with AsyncClient(
+            "http://api.test", "atk_test", retry=NO_WAIT, transport=httpx.MockTransport(script)
+        ) as client:
             attribution = await client.attribute("mdl_1", "ds_1", mode="self", top_k=3)
             return attribution.job.id
 
@@ -152,31 +180,42 @@ def test_dataset_parts_never_pickle() -> None:
 
 
 def job_json(status: str, completed: int) -> dict[str, object]:
-    return {"id": "job_e", "kind": "edit", "status": status, "progress": {"stage": "edit", "completed": completed,
-                                                                          "total": 2},
-            "error": None, "result_url": None}
+    return {
+        "id": "job_e",
+        "kind": "edit",
+        "status": status,
+        "progress": {"stage": "edit", "completed": completed, "total": 2},
+        "error": None,
+        "result_url": None,
+    }
 
 
 def test_edit_waits_for_its_job_then_returns_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("attrib.jobs.POLL_SECONDS", 0.0)
-    script = Script(httpx.Response(202, json={"model_id": "mdl_2", "job_id": "job_e"},
-                                   headers={"Location": "/v1/jobs/job_e"}),
-                    httpx.Response(200, json=job_json("running", 1)),
-                    httpx.Response(200, json=job_json("succeeded", 2)),
-                    httpx.Response(200, json=MODEL | {"id": "mdl_2"}))
+    script = Script(
+        httpx.Response(202, json={"model_id": "mdl_2", "job_id": "job_e"}, headers={"Location": "/v1/jobs/job_e"}),
+        httpx.Response(200, json=job_json("running", 1)),
+        httpx.Response(200, json=job_json("succeeded", 2)),
+        httpx.Response(200, json=MODEL | {"id": "mdl_2"}),
+    )
     with client_for(script) as client:
         model = client.edit("attr_1", [np.int64(3), "x"], name="edited", progress=False)
     assert model.id == "mdl_2"
-    assert [r.url.path for r in script.requests] == ["/v1/attributions/attr_1/edit", "/v1/jobs/job_e",
-                                                      "/v1/jobs/job_e", "/v1/models/mdl_2"]
+    assert [r.url.path for r in script.requests] == [
+        "/v1/attributions/attr_1/edit",
+        "/v1/jobs/job_e",
+        "/v1/jobs/job_e",
+        "/v1/models/mdl_2",
+    ]
     assert json.loads(script.requests[0].content) == {"remove": [3, "x"], "name": "edited"}
 
 
 def test_a_failed_edit_job_raises_job_failed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("attrib.jobs.POLL_SECONDS", 0.0)
     failed = job_json("failed", 0) | {"error": {"status": 422, "detail": "id 3 is not a training id"}}
-    script = Script(httpx.Response(202, json={"model_id": "mdl_2", "job_id": "job_e"}),
-                    httpx.Response(200, json=failed))
+    script = Script(
+        httpx.Response(202, json={"model_id": "mdl_2", "job_id": "job_e"}), httpx.Response(200, json=failed)
+    )
     with client_for(script) as client, pytest.raises(JobFailed, match="not a training id") as raised:
         client.edit("attr_1", [3], name="edited", progress=False)
     assert raised.value.job.status == "failed"

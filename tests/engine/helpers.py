@@ -61,7 +61,11 @@ def margin_measurement(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def explicit_gradients(
-    model: nn.Module, data: Examples, loss: str, layers: list[str] | None = None, measurement: str = "loss",
+    model: nn.Module,
+    data: Examples,
+    loss: str,
+    layers: list[str] | None = None,
+    measurement: str = "loss",
     weights: bool = True,
 ) -> torch.Tensor:
     """(N, D) per-example gradients in the engine's flat layout (layer order, weight matrix rows, bias last)."""

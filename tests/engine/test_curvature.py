@@ -122,7 +122,9 @@ def test_ekfac_with_positions_matches_explicit_corrected_eigenvalues() -> None:
         (SmallConvNet().double(), make_data(12, (2, 5, 5), 3, 5)),
         (SequenceNet().double(), make_data(12, (6, 4), 3, 6)),
     ):
-        fit = fit_curvature(model, data, "cross_entropy", FitOptions(strategy="ekfac", fisher="empirical", batch_size=5))
+        fit = fit_curvature(
+            model, data, "cross_entropy", FitOptions(strategy="ekfac", fisher="empirical", batch_size=5)
+        )
         tracked = resolve_layers(model, None)
         grads = explicit_gradients(model, data, "cross_entropy")
         offset = 0

@@ -28,7 +28,9 @@ def direct_datainf(model, train, queries, damping=None) -> tuple[torch.Tensor, l
         norms = g.pow(2).sum(1)
         for q in range(v.shape[0]):
             for i in range(n):
-                correction = sum(float(g[j] @ v[q]) * float(g[j] @ g[i]) / (lam + float(norms[j])) for j in range(n)) / n
+                correction = (
+                    sum(float(g[j] @ v[q]) * float(g[j] @ g[i]) / (lam + float(norms[j])) for j in range(n)) / n
+                )
                 scores[q, i] += (float(v[q] @ g[i]) - correction) / lam
     return scores, lambdas
 
@@ -36,9 +38,19 @@ def direct_datainf(model, train, queries, damping=None) -> tuple[torch.Tensor, l
 def test_datainf_matches_direct_formula() -> None:
     model, train, queries = make_mlp(d_in=4, hidden=3), make_data(12, (4,), 3, 0), make_data(3, (4,), 3, 1)
     expected, lambdas = direct_datainf(model, train, queries)
-    result = attribute([model], train, queries, loss="cross_entropy", method="datainf", mode="pairwise", top_k=12,
-                       options=DataInfOptions(batch_size=5))
-    got = torch.zeros(3, 12, dtype=torch.float64).scatter_(1, result.topk.positive_indices, result.topk.positive_scores.double())
+    result = attribute(
+        [model],
+        train,
+        queries,
+        loss="cross_entropy",
+        method="datainf",
+        mode="pairwise",
+        top_k=12,
+        options=DataInfOptions(batch_size=5),
+    )
+    got = torch.zeros(3, 12, dtype=torch.float64).scatter_(
+        1, result.topk.positive_indices, result.topk.positive_scores.double()
+    )
     assert float((got - expected).abs().max()) <= 2e-7 * float(expected.abs().max())
     used = result.diagnostics["models"][0]["damping"]
     assert all(abs(used[name] - lam) <= 1e-9 * lam for name, lam in zip(used, lambdas, strict=True))
@@ -47,6 +59,13 @@ def test_datainf_matches_direct_formula() -> None:
 def test_datainf_user_damping() -> None:
     model, train, queries = make_mlp(d_in=4, hidden=3), make_data(10, (4,), 3, 2), make_data(2, (4,), 3, 3)
     expected, _ = direct_datainf(model, train, queries, damping=0.3)
-    result = attribute([model], train, queries, loss="cross_entropy", method="datainf", mode="aggregate",
-                       options=DataInfOptions(damping=0.3, batch_size=4))
+    result = attribute(
+        [model],
+        train,
+        queries,
+        loss="cross_entropy",
+        method="datainf",
+        mode="aggregate",
+        options=DataInfOptions(damping=0.3, batch_size=4),
+    )
     assert float((result.scores.double() - expected.sum(0)).abs().max()) <= 2e-7 * float(expected.sum(0).abs().max())

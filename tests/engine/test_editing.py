@@ -24,8 +24,15 @@ DELTA = 0.01
 
 def train(model: nn.Linear, data: Examples, keep: torch.Tensor, loss: str, n: int) -> None:
     params = list(model.parameters())
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
-                                  history_size=50, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=500,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -48,10 +55,14 @@ def test_edit_matches_retraining(loss: str, rel: float) -> None:
     n, d, classes = 300, 4, 3
     inputs = torch.randn(n, d, generator=generator, dtype=torch.float64)
     if loss == "cross_entropy":
-        targets = (inputs @ torch.randn(d, classes, generator=generator, dtype=torch.float64)
-                   + 0.8 * torch.randn(n, classes, generator=generator, dtype=torch.float64)).argmax(1)
+        targets = (
+            inputs @ torch.randn(d, classes, generator=generator, dtype=torch.float64)
+            + 0.8 * torch.randn(n, classes, generator=generator, dtype=torch.float64)
+        ).argmax(1)
     else:
-        targets = inputs @ torch.randn(d, 2, generator=generator, dtype=torch.float64) + 0.3 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        targets = inputs @ torch.randn(d, 2, generator=generator, dtype=torch.float64) + 0.3 * torch.randn(
+            n, 2, generator=generator, dtype=torch.float64
+        )
     data = Examples(inputs, targets)
     torch.manual_seed(0)
     model = nn.Linear(d, classes if loss == "cross_entropy" else 2).double()
@@ -60,7 +71,9 @@ def test_edit_matches_retraining(loss: str, rel: float) -> None:
     remove = torch.tensor([3, 17, 99])
     options = InfluenceOptions(strategy="exact", curvature="hessian", damping=DELTA, batch_size=50)
     first_order = EditOptions(estimator="first_order")
-    edited = edit_parameters(model, data, remove, loss=loss, method="influence", options=options, edit=first_order).state
+    edited = edit_parameters(
+        model, data, remove, loss=loss, method="influence", options=options, edit=first_order
+    ).state
     assert set(edited) == set(model.state_dict())
     keep = torch.tensor([i for i in range(n) if i not in set(remove.tolist())])
     retrained = nn.Linear(d, model.out_features).double()
@@ -78,8 +91,14 @@ def test_edit_matches_retraining(loss: str, rel: float) -> None:
     proximal_change = torch.cat([proximal["weight"].flatten(), proximal["bias"]]) - before
     assert float((proximal_change - actual).norm() / actual.norm()) <= 1e-5
     # one Newton step of that objective (the default estimator): 1.8% (logistic) here, exact for mse
-    newton = edit_parameters(model, data, remove, loss=loss, options=options,
-                             edit=EditOptions(proximity=DELTA, cg_tol=1e-12, cg_max_iter=500)).state
+    newton = edit_parameters(
+        model,
+        data,
+        remove,
+        loss=loss,
+        options=options,
+        edit=EditOptions(proximity=DELTA, cg_tol=1e-12, cg_max_iter=500),
+    ).state
     newton_change = torch.cat([newton["weight"].flatten(), newton["bias"]]) - before
     assert float((newton_change - actual).norm() / actual.norm()) <= 0.03
     # the closed-form first-order step (H + delta I)^-1 (1/N) sum_removed grad l, by torch.autograd.functional

@@ -28,8 +28,10 @@ REMOVE = torch.tensor([2, 7, 11, 30, 31, 64])
 def setup() -> tuple[nn.Module, Examples, Examples]:
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(N, 4, generator=generator, dtype=torch.float64)
-    targets = (inputs @ torch.randn(4, 3, generator=generator, dtype=torch.float64)
-               + 0.7 * torch.randn(N, 3, generator=generator, dtype=torch.float64)).argmax(1)
+    targets = (
+        inputs @ torch.randn(4, 3, generator=generator, dtype=torch.float64)
+        + 0.7 * torch.randn(N, 3, generator=generator, dtype=torch.float64)
+    ).argmax(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
@@ -64,8 +66,15 @@ def proximal_retrain(model: nn.Module, data: Examples, remove: torch.Tensor, pro
     start = [t.clone().requires_grad_(True) for t in theta0]
     anchor = torch.autograd.grad(total_loss(start, torch.arange(N)), start)
     params = [t.clone().requires_grad_(True) for t in theta0]
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-20,
-                                  history_size=100, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=2000,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-20,
+        history_size=100,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -83,8 +92,14 @@ def proximal_retrain(model: nn.Module, data: Examples, remove: torch.Tensor, pro
 def edit(model: nn.Module, data: Examples, remove: torch.Tensor, **edit_options: object) -> dict[str, torch.Tensor]:
     options = InfluenceOptions(strategy="exact", damping=PROXIMITY)
     edit_options.setdefault("estimator", "proximal")
-    return edit_parameters(model, data, remove, loss="cross_entropy", options=options,
-                           edit=EditOptions(proximity=PROXIMITY, cg_tol=1e-10, cg_max_iter=200, **edit_options)).state
+    return edit_parameters(
+        model,
+        data,
+        remove,
+        loss="cross_entropy",
+        options=options,
+        edit=EditOptions(proximity=PROXIMITY, cg_tol=1e-10, cg_max_iter=200, **edit_options),
+    ).state
 
 
 def test_proximal_edit_approaches_the_proximal_retrain_as_tolerance_tightens(setup, reference) -> None:
@@ -102,8 +117,14 @@ def test_proximal_edit_approaches_the_proximal_retrain_as_tolerance_tightens(set
 @pytest.mark.parametrize("estimator", ["proximal", "newton", "first_order"])
 def test_removing_nothing_changes_nothing(setup, estimator: EditEstimator) -> None:
     model, data, queries = setup
-    result = edit_parameters(model, data, torch.zeros(0, dtype=torch.long), loss="cross_entropy",
-                             edit=EditOptions(estimator=estimator), queries=queries)
+    result = edit_parameters(
+        model,
+        data,
+        torch.zeros(0, dtype=torch.long),
+        loss="cross_entropy",
+        edit=EditOptions(estimator=estimator),
+        queries=queries,
+    )
     for key, value in model.state_dict().items():
         assert torch.equal(result.state[key], value)
     assert result.diagnostics["num_removed"] == 0 and result.diagnostics["step_norm"] == 0.0
@@ -130,25 +151,47 @@ def test_a_set_and_its_complement_are_consistent_with_the_full_data_objective(se
     full = kept_gradient(model.state_dict(), torch.zeros(0, dtype=torch.long))
     theta_s = theta0 + flat_change(model, s_state)
     theta_c = theta0 + flat_change(model, c_state)
-    total = kept_gradient(s_state, REMOVE) + kept_gradient(c_state, complement) + PROXIMITY * (theta_s + theta_c - 2 * theta0)
+    total = (
+        kept_gradient(s_state, REMOVE)
+        + kept_gradient(c_state, complement)
+        + PROXIMITY * (theta_s + theta_c - 2 * theta0)
+    )
     assert float((total - 2 * full).norm()) <= 1e-7 * max(float(full.norm()), 1e-3)
     first = {"estimator": "first_order"}
-    additive = flat_change(model, edit(model, data, REMOVE, **first)) + flat_change(model, edit(model, data, complement, **first))
+    additive = flat_change(model, edit(model, data, REMOVE, **first)) + flat_change(
+        model, edit(model, data, complement, **first)
+    )
     everything = flat_change(model, edit(model, data, torch.arange(N), **first))
     assert float((additive - everything).norm()) <= 1e-9 * float(everything.norm())
 
 
-@pytest.mark.parametrize("method,options", [
-    ("influence", InfluenceOptions(strategy="ekfac")), ("influence", InfluenceOptions(strategy="lissa")),
-    ("datainf", DataInfOptions()),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("influence", InfluenceOptions(strategy="ekfac")),
+        ("influence", InfluenceOptions(strategy="lissa")),
+        ("datainf", DataInfOptions()),
+    ],
+)
 def test_every_method_reaches_the_same_proximal_minimiser(
-    setup, reference, method: Literal["influence", "datainf"], options: InfluenceOptions | DataInfOptions,
+    setup,
+    reference,
+    method: Literal["influence", "datainf"],
+    options: InfluenceOptions | DataInfOptions,
 ) -> None:
     model, data, queries = setup
-    result = edit_parameters(model, data, REMOVE, loss="cross_entropy", method=method, options=options,
-                             edit=EditOptions(estimator="proximal", proximity=PROXIMITY, tol=1e-6, max_steps=100, cg_tol=1e-8,
-                                              cg_max_iter=100), queries=queries)
+    result = edit_parameters(
+        model,
+        data,
+        REMOVE,
+        loss="cross_entropy",
+        method=method,
+        options=options,
+        edit=EditOptions(
+            estimator="proximal", proximity=PROXIMITY, tol=1e-6, max_steps=100, cg_tol=1e-8, cg_max_iter=100
+        ),
+        queries=queries,
+    )
     assert float((flat_change(model, result.state) - reference).norm()) <= 1e-4 * float(reference.norm())
     diagnostics = result.diagnostics
     assert diagnostics["solver"]["converged"]
@@ -158,8 +201,13 @@ def test_every_method_reaches_the_same_proximal_minimiser(
 
 def test_a_step_beyond_the_trust_radius_is_reported(setup) -> None:
     model, data, _ = setup
-    result = edit_parameters(model, data, torch.arange(40), loss="cross_entropy",
-                             edit=EditOptions(estimator="newton", proximity=1e-6, trust_radius=1e-3))
+    result = edit_parameters(
+        model,
+        data,
+        torch.arange(40),
+        loss="cross_entropy",
+        edit=EditOptions(estimator="newton", proximity=1e-6, trust_radius=1e-3),
+    )
     assert any("trust radius" in w for w in result.diagnostics["warnings"])
     assert result.diagnostics["solver"]["clipped_to_trust_radius"]
     assert result.diagnostics["relative_step_norm"] <= 1e-3 * (1 + 1e-9)

@@ -34,13 +34,17 @@ def _param_dict(model, tracked, flat):
 def explicit_curvature(model, data: Examples, loss: str, kind: str) -> torch.Tensor:
     tracked = resolve_layers(model, None)
     theta = torch.cat(
-        [torch.cat([layer.module.weight.detach(), layer.module.bias.detach()[:, None]], 1).flatten() for layer in tracked]
+        [
+            torch.cat([layer.module.weight.detach(), layer.module.bias.detach()[:, None]], 1).flatten()
+            for layer in tracked
+        ]
     )
 
     def outputs(flat, x):
         return functional_call(model, _param_dict(model, tracked, flat), (x,))
 
     if kind == "hessian":
+
         def mean_loss(flat):
             out = outputs(flat, data.inputs)
             if loss == "cross_entropy":
@@ -65,12 +69,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("loss,kind", [("cross_entropy", "gauss_newton"), ("cross_entropy", "hessian"), ("mse", "gauss_newton")])
+@pytest.mark.parametrize(
+    "loss,kind", [("cross_entropy", "gauss_newton"), ("cross_entropy", "hessian"), ("mse", "gauss_newton")]
+)
 def test_dense_solver_matches_explicit_inverse(loss: str, kind: str) -> None:
     model = make_mlp(d_in=3, hidden=4, classes=3)
     data = make_data(20, (3,), 3, 0)
     if loss == "mse":
-        data = Examples(data.inputs, torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+        data = Examples(
+            data.inputs, torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        )
     tracked = resolve_layers(model, None)
     curvature = explicit_curvature(model, data, loss, kind)
     damping = None if kind == "gauss_newton" else 1.0
@@ -81,10 +89,15 @@ def test_dense_solver_matches_explicit_inverse(loss: str, kind: str) -> None:
     assert rel_err(dense_operator(p, tracked), expected) <= 1e-9
 
 
-@pytest.mark.parametrize("solver,kind,tol,rel", [
-    ("cg", "gauss_newton", 1e-12, 1e-7), ("cg", "hessian", 1e-12, 1e-7),
-    ("lissa", "gauss_newton", 1e-10, 1e-6), ("lissa", "hessian", 1e-10, 1e-6),
-])
+@pytest.mark.parametrize(
+    "solver,kind,tol,rel",
+    [
+        ("cg", "gauss_newton", 1e-12, 1e-7),
+        ("cg", "hessian", 1e-12, 1e-7),
+        ("lissa", "gauss_newton", 1e-10, 1e-6),
+        ("lissa", "hessian", 1e-10, 1e-6),
+    ],
+)
 def test_iterative_solvers_match_explicit_solve(solver: str, kind: str, tol: float, rel: float) -> None:
     model = make_mlp(d_in=3, hidden=4, classes=3)
     data = make_data(20, (3,), 3, 0)
@@ -92,7 +105,9 @@ def test_iterative_solvers_match_explicit_solve(solver: str, kind: str, tol: flo
     curvature = explicit_curvature(model, data, "cross_entropy", kind)
     damping = 0.5 if solver == "cg" else 2.0  # positive definite damped Hessian; fast LiSSA contraction
     assert float(torch.linalg.eigvalsh(curvature).min()) + damping > 0
-    p = exact_preconditioner(model, tracked, data, "cross_entropy", solver, kind, damping, 2000, tol, 20, torch.device("cpu"))
+    p = exact_preconditioner(
+        model, tracked, data, "cross_entropy", solver, kind, damping, 2000, tol, 20, torch.device("cpu")
+    )
     rhs = torch.randn(3, curvature.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     got = flatten_vectors(p.precondition(unflatten_vectors(rhs, tracked)), tracked)
     expected = torch.linalg.solve(curvature + damping * torch.eye(curvature.shape[0], dtype=torch.float64), rhs.T).T
@@ -107,5 +122,7 @@ def test_iterative_default_damping_estimates_trace() -> None:
     tracked = resolve_layers(model, None)
     curvature = explicit_curvature(model, data, "cross_entropy", "gauss_newton")
     exact = 0.1 * float(torch.trace(curvature)) / curvature.shape[0]
-    p = exact_preconditioner(model, tracked, data, "cross_entropy", "cg", "gauss_newton", None, 50, 1e-8, 7, torch.device("cpu"))
+    p = exact_preconditioner(
+        model, tracked, data, "cross_entropy", "cg", "gauss_newton", None, 50, 1e-8, 7, torch.device("cpu")
+    )
     assert 0.5 * exact <= p.damping <= 1.5 * exact

@@ -21,13 +21,24 @@ TOL = dict(rtol=1e-9, atol=1e-11)  # float64 models: equal up to rounding
 
 
 def _fit(model, train, strategy, fisher="true", **kwargs):
-    return fit_curvature(model, train, "cross_entropy", FitOptions(strategy=strategy, fisher=fisher, seed=3, batch_size=7, **kwargs))
+    return fit_curvature(
+        model, train, "cross_entropy", FitOptions(strategy=strategy, fisher=fisher, seed=3, batch_size=7, **kwargs)
+    )
 
 
 def _scores(model, train, queries, strategy, mode, fit, fisher="true", damping=None):
     options = InfluenceOptions(strategy=strategy, fisher=fisher, damping=damping, batch_size=6)
-    result = attribute([model], train, None if mode == "self" else queries, loss="cross_entropy", method="influence",
-                       mode=mode, top_k=len(train), options=options, fits=[fit])
+    result = attribute(
+        [model],
+        train,
+        None if mode == "self" else queries,
+        loss="cross_entropy",
+        method="influence",
+        mode=mode,
+        top_k=len(train),
+        options=options,
+        fits=[fit],
+    )
     if mode == "pairwise":
         order = result.topk.positive_indices.argsort(dim=1)
         return result.topk.positive_scores.gather(1, order), result
@@ -69,8 +80,12 @@ def test_several_label_draws_and_weights() -> None:
     train = Examples(train.inputs, train.targets, weights=torch.linspace(0.5, 2.0, 17, dtype=torch.float64))
     queries = make_data(3, (5,), 3, 4)
     fast = fit_curvature(model, train, "cross_entropy", FitOptions(strategy="ekfac", fisher_samples=3, batch_size=5))
-    slow = fit_curvature(model, train, "cross_entropy",
-                         FitOptions(strategy="ekfac", fisher_samples=3, batch_size=5, memory_budget_bytes=0))
+    slow = fit_curvature(
+        model,
+        train,
+        "cross_entropy",
+        FitOptions(strategy="ekfac", fisher_samples=3, batch_size=5, memory_budget_bytes=0),
+    )
     _assert_fits_equal(fast, slow)
     for mode in MODES:
         with_index, result = _scores(model, train, queries, "ekfac", mode, fast)
@@ -88,8 +103,9 @@ def test_fit_without_index_but_with_cached_second_pass() -> None:
     _assert_fits_equal(fast, slow)
 
 
-@pytest.mark.parametrize("model_factory, shape", [(lambda: SmallConvNet().double(), (2, 5, 5)),
-                                                  (lambda: SequenceNet().double(), (6, 4))])
+@pytest.mark.parametrize(
+    "model_factory, shape", [(lambda: SmallConvNet().double(), (2, 5, 5)), (lambda: SequenceNet().double(), (6, 4))]
+)
 def test_layers_with_positions_fall_back(model_factory, shape) -> None:
     model = model_factory()
     train, queries = make_data(12, shape, 3, 5), make_data(3, shape, 3, 6)
@@ -112,8 +128,7 @@ def test_other_training_set_model_or_loss_does_not_use_the_index() -> None:
     for data in (other_rows, make_data(19, (5,), 3, 0)):
         with_fit, result = _scores(model, data, queries, "ekfac", "self", fit)
         assert not _used_index(result)
-        plain, _ = _scores(model, data, queries, "ekfac", "self",
-                           _fit(model, train, "ekfac", memory_budget_bytes=0))
+        plain, _ = _scores(model, data, queries, "ekfac", "self", _fit(model, train, "ekfac", memory_budget_bytes=0))
         torch.testing.assert_close(with_fit, plain, **TOL)
     changed = make_mlp()
     with torch.no_grad():
@@ -124,8 +139,16 @@ def test_other_training_set_model_or_loss_does_not_use_the_index() -> None:
     mse_train = Examples(train.inputs, targets)
     mse_fit = fit_curvature(model, mse_train, "mse", FitOptions(strategy="diagonal"))
     assert mse_fit.training_index is not None
-    result = attribute([model], mse_train, None, loss="mse", method="influence", mode="self",
-                       options=InfluenceOptions(strategy="diagonal"), fits=[mse_fit])
+    result = attribute(
+        [model],
+        mse_train,
+        None,
+        loss="mse",
+        method="influence",
+        mode="self",
+        options=InfluenceOptions(strategy="diagonal"),
+        fits=[mse_fit],
+    )
     assert _used_index(result)
     assert not mse_fit.training_index.matches(model, mse_train, "cross_entropy", mse_fit.layer_names)
     assert mse_fit.training_index.matches(model, mse_train, "mse", mse_fit.layer_names)
@@ -177,13 +200,23 @@ def test_inline_fit_uses_its_own_index_and_matches() -> None:
     model = make_mlp()
     train, queries = make_data(21, (5,), 3, 0), make_data(3, (5,), 3, 1)
     for mode in MODES:
-        result = attribute([model], train, None if mode == "self" else queries, loss="cross_entropy",
-                           method="influence", mode=mode, top_k=21,
-                           options=InfluenceOptions(strategy="ekfac", seed=3, batch_size=7))
+        result = attribute(
+            [model],
+            train,
+            None if mode == "self" else queries,
+            loss="cross_entropy",
+            method="influence",
+            mode=mode,
+            top_k=21,
+            options=InfluenceOptions(strategy="ekfac", seed=3, batch_size=7),
+        )
         assert _used_index(result)
         expected, _ = _scores(model, train, queries, "ekfac", mode, _fit(model, train, "ekfac", memory_budget_bytes=0))
-        got = result.scores if mode != "pairwise" else result.topk.positive_scores.gather(
-            1, result.topk.positive_indices.argsort(dim=1))
+        got = (
+            result.scores
+            if mode != "pairwise"
+            else result.topk.positive_scores.gather(1, result.topk.positive_indices.argsort(dim=1))
+        )
         torch.testing.assert_close(got, expected, **TOL)
 
 
@@ -191,8 +224,13 @@ def test_progress_reaches_the_totals_with_the_cache() -> None:
     model = make_mlp()
     train = make_data(20, (5,), 3, 0)
     reports: list[tuple[str, int, int]] = []
-    fit_curvature(model, train, "cross_entropy", FitOptions(strategy="ekfac", fisher_samples=2, batch_size=6),
-                  progress=lambda stage, done, total: reports.append((stage, done, total)))
+    fit_curvature(
+        model,
+        train,
+        "cross_entropy",
+        FitOptions(strategy="ekfac", fisher_samples=2, batch_size=6),
+        progress=lambda stage, done, total: reports.append((stage, done, total)),
+    )
     assert reports[-1] == ("fit", 40, 40)
     assert [done for _, done, _ in reports] == sorted(done for _, done, _ in reports)
 
@@ -203,14 +241,17 @@ def test_ensemble_with_one_index_falls_back() -> None:
     fits = [_fit(first, train, "ekfac"), _fit(second, train, "ekfac", memory_budget_bytes=0)]
     slow = [_fit(first, train, "ekfac", memory_budget_bytes=0), fits[1]]
     options = InfluenceOptions(strategy="ekfac", batch_size=5)
-    a = attribute([first, second], train, None, loss="cross_entropy", method="influence", mode="self",
-                  options=options, fits=fits)
-    b = attribute([first, second], train, None, loss="cross_entropy", method="influence", mode="self",
-                  options=options, fits=slow)
+    a = attribute(
+        [first, second], train, None, loss="cross_entropy", method="influence", mode="self", options=options, fits=fits
+    )
+    b = attribute(
+        [first, second], train, None, loss="cross_entropy", method="influence", mode="self", options=options, fits=slow
+    )
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=1e-7)
     both = [fits[0], _fit(second, train, "ekfac")]
-    c = attribute([first, second], train, None, loss="cross_entropy", method="influence", mode="self",
-                  options=options, fits=both)
+    c = attribute(
+        [first, second], train, None, loss="cross_entropy", method="influence", mode="self", options=options, fits=both
+    )
     assert all(m["training_gradients"] == "index" for m in c.diagnostics["models"])
     torch.testing.assert_close(c.scores, b.scores, rtol=1e-6, atol=1e-7)
 

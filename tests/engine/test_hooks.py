@@ -45,7 +45,9 @@ def test_hook_gradients_match_explicit(name: str, model: nn.Module, data: Exampl
 
 
 def test_trackable_layers_order_and_kinds() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+    )
     assert trackable_layers(model) == ["0", "3", "5"]
     assert trackable_layers(nn.Sequential(nn.ReLU())) == []
 
@@ -75,12 +77,16 @@ def test_example_weights_scale_gradients() -> None:
     assert torch.allclose(got, expected, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("conv", [
-    lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False),
-    lambda: nn.Conv2d(2, 3, (3, 2), padding="same", dilation=2),
-    lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
-    lambda: nn.Conv2d(2, 3, 2, padding="valid"),
-], ids=["stride_no_bias", "same_dilated", "reflect", "valid"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False),
+        lambda: nn.Conv2d(2, 3, (3, 2), padding="same", dilation=2),
+        lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+        lambda: nn.Conv2d(2, 3, 2, padding="valid"),
+    ],
+    ids=["stride_no_bias", "same_dilated", "reflect", "valid"],
+)
 def test_conv_variants_match_explicit(conv) -> None:
     torch.manual_seed(0)
     layer = conv()
@@ -124,8 +130,10 @@ def test_blocked_contraction_equals_dense(monkeypatch: pytest.MonkeyPatch) -> No
 
     generator = torch.Generator().manual_seed(0)
     for d_out, d_in in ((3, 5), (6, 2)):
-        activity = LayerActivity(torch.randn(7, 1, d_in, generator=generator, dtype=torch.float64),
-                                 torch.randn(7, 1, d_out, generator=generator, dtype=torch.float64))
+        activity = LayerActivity(
+            torch.randn(7, 1, d_in, generator=generator, dtype=torch.float64),
+            torch.randn(7, 1, d_out, generator=generator, dtype=torch.float64),
+        )
         vectors = torch.randn(11, d_out, d_in, generator=generator, dtype=torch.float64)
         dense = vectors.flatten(1) @ activity.per_example_gradients().flatten(1).T
         monkeypatch.setattr(hooks, "CONTRACTION_BLOCK_ELEMENTS", 30)

@@ -31,22 +31,34 @@ STRATEGIES: tuple[FitStrategy, ...] = get_args(FitStrategy)
 MODES: tuple[ShardMode, ...] = get_args(ShardMode)
 
 
-def run_both(strategy: FitStrategy, mode: ShardMode, shard_examples: int) -> tuple[AttributionScores, list[ShardOutput]]:
+def run_both(
+    strategy: FitStrategy, mode: ShardMode, shard_examples: int
+) -> tuple[AttributionScores, list[ShardOutput]]:
     """The unsharded result and the shards' outputs (each written to tensors and read back, as from a blob)."""
     model = make_mlp()
     train, queries = make_data(N_TRAIN, (5,), 3, seed=1), make_data(N_QUERY, (5,), 3, seed=2)
     fit = fit_curvature(model, train, "cross_entropy", FitOptions(strategy=strategy, batch_size=16))
     options = InfluenceOptions(strategy=strategy, batch_size=BATCH)
-    scorers = build_scorers([place_model(model, None)], train, "cross_entropy", "influence", options, [fit],
-                            no_progress)
+    scorers = build_scorers(
+        [place_model(model, None)], train, "cross_entropy", "influence", options, [fit], no_progress
+    )
     vectors = prepare_query_vectors(scorers, queries, mode, "loss", BATCH, no_progress)
     vectors = vectors_from_tensors(vectors_to_tensors(vectors), 1)
     outputs = []
     for shard in shard_ranges(N_TRAIN, shard_examples):
         output = score_shard(scorers, train, shard, mode, vectors, TOP_K, BATCH, no_progress)
         outputs.append(ShardOutput.from_tensors(mode, output.to_tensors()))
-    reference = attribute([model], train, None if mode == "self" else queries, loss="cross_entropy",
-                          method="influence", mode=mode, top_k=TOP_K, options=options, fits=[fit])
+    reference = attribute(
+        [model],
+        train,
+        None if mode == "self" else queries,
+        loss="cross_entropy",
+        method="influence",
+        mode=mode,
+        top_k=TOP_K,
+        options=options,
+        fits=[fit],
+    )
     return reference, outputs
 
 

@@ -44,7 +44,11 @@ def test_matrix_functions_near_zero_and_for_large_arguments() -> None:
     lam = x / horizon
     assert torch.allclose(unrolled(lam, horizon), horizon * expected, rtol=1e-14, atol=0)
     assert float(unrolled(torch.zeros(1, dtype=torch.float64), horizon)) == horizon  # U -> eta T as Lambda -> 0
-    assert torch.allclose(unrolled(torch.tensor([1e6], dtype=torch.float64), horizon), torch.tensor([1e-6], dtype=torch.float64), rtol=1e-15)
+    assert torch.allclose(
+        unrolled(torch.tensor([1e6], dtype=torch.float64), horizon),
+        torch.tensor([1e-6], dtype=torch.float64),
+        rtol=1e-15,
+    )
     e = forgetting(torch.tensor([0.0, 1e-3, 1e6], dtype=torch.float64), horizon)
     assert e.tolist() == [1.0, math.exp(-0.25), 0.0]
     # Lambda U = 1 - E, computed without cancellation for small Lambda
@@ -107,10 +111,17 @@ def test_bad_trajectories_are_attribution_errors() -> None:
     other = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     data = make_data(10, (5,), 3, 0)
     with pytest.raises(AttributionError, match="parameter shapes"):
-        fit_source(model, [TrajectoryCheckpoint(other, 1, 0.1)], {0: data}, loss="cross_entropy", options=SourceOptions())
+        fit_source(
+            model, [TrajectoryCheckpoint(other, 1, 0.1)], {0: data}, loss="cross_entropy", options=SourceOptions()
+        )
     with pytest.raises(AttributionError, match="no training dataset for stage"):
-        fit_source(model, [TrajectoryCheckpoint(model, 1, 0.1, stage=1)], {0: data}, loss="cross_entropy",
-                   options=SourceOptions())
+        fit_source(
+            model,
+            [TrajectoryCheckpoint(model, 1, 0.1, stage=1)],
+            {0: data},
+            loss="cross_entropy",
+            options=SourceOptions(),
+        )
 
 
 # ---------------------------------------------------------------- linear regression: unrolled differentiation
@@ -154,11 +165,16 @@ def test_predicted_parameter_change_matches_unrolled_differentiation_and_improve
     truth = torch.stack([_unrolled_removal(a, y, hessian, eta, thetas, z) for z in removed])
     errors = {}
     for segments in (1, 2, 4):
-        trajectory = fit_source(checkpoints[-1].model, checkpoints, {0: data}, loss="mse",
-                                options=SourceOptions(segments=segments, fisher_samples=64))
-        predicted = torch.stack([
-            predicted_parameter_change(trajectory, data, torch.tensor([z]), "mse", 256)[""].flatten() for z in removed
-        ])
+        trajectory = fit_source(
+            checkpoints[-1].model,
+            checkpoints,
+            {0: data},
+            loss="mse",
+            options=SourceOptions(segments=segments, fisher_samples=64),
+        )
+        predicted = torch.stack(
+            [predicted_parameter_change(trajectory, data, torch.tensor([z]), "mse", 256)[""].flatten() for z in removed]
+        )
         errors[segments] = float((predicted - truth).norm() / truth.norm())
     assert errors[1] < 0.45 and errors[2] < 0.10 and errors[4] < 0.05, errors
     assert errors[1] > errors[2] > errors[4], errors
@@ -183,12 +199,27 @@ def test_one_segment_with_long_horizon_agrees_with_ekfac_influence() -> None:
     lr = 0.5
     steps = 4000
     checkpoint = TrajectoryCheckpoint(model, steps, lr)
-    source = attribute_source(model, [checkpoint], {0: train}, train, queries, loss="cross_entropy", mode="aggregate",
-                              options=SourceOptions(segments=1, fisher_samples=4))
+    source = attribute_source(
+        model,
+        [checkpoint],
+        {0: train},
+        train,
+        queries,
+        loss="cross_entropy",
+        mode="aggregate",
+        options=SourceOptions(segments=1, fisher_samples=4),
+    )
     median = source.diagnostics["segments"][0]["horizon_eigenvalue_median"]
     assert median > 10  # eta T Lambda >> 1 for most directions
-    influence = attribute(model, train, queries, loss="cross_entropy", method="influence", mode="aggregate",
-                          options=InfluenceOptions(damping=1.0 / (lr * steps), fisher_samples=4))
+    influence = attribute(
+        model,
+        train,
+        queries,
+        loss="cross_entropy",
+        method="influence",
+        mode="aggregate",
+        options=InfluenceOptions(damping=1.0 / (lr * steps), fisher_samples=4),
+    )
     s, e = source.scores.double(), influence.scores.double()
     assert spearmanr(s.numpy(), e.numpy()).statistic >= 0.95
     big = e.abs() >= e.abs().median()
@@ -225,7 +256,9 @@ def test_scores_equal_the_dense_segment_walk(variant: str) -> None:
     final, checkpoints, stage_data = _two_stage_trajectory()
     queries = make_data(3, (5,), 3, 5)
     options = SourceOptions(segments=3, variant=variant, batch_size=7)
-    trajectory = fit_source(final, checkpoints, stage_data, loss="cross_entropy", options=options, attributed_stages=[0])
+    trajectory = fit_source(
+        final, checkpoints, stage_data, loss="cross_entropy", options=options, attributed_stages=[0]
+    )
     tracked = resolve_layers(final, None)
     fits = trajectory.fits
     assert [f.segment.stage for f in fits] == [0, 0, 1, 1]  # the middle third is cut where the stage changes
@@ -234,17 +267,42 @@ def test_scores_equal_the_dense_segment_walk(variant: str) -> None:
     walk = explicit_gradients(final, queries, "cross_entropy", measurement="margin")
     for fit in reversed(fits):
         if fit.segment.stage == 0:
-            mean = sum(explicit_gradients(m, train, "cross_entropy") for m in fit.gradient_models) / len(fit.gradient_models)
+            mean = sum(explicit_gradients(m, train, "cross_entropy") for m in fit.gradient_models) / len(
+                fit.gradient_models
+            )
             expected += walk @ _dense(fit, tracked, "U") @ mean.T
         walk = walk @ _dense(fit, tracked, "E")
-    result = attribute_source(final, checkpoints, stage_data, train, queries, loss="cross_entropy", mode="pairwise",
-                              measurement="margin", top_k=len(train), options=options, attributed_stages=[0])
+    result = attribute_source(
+        final,
+        checkpoints,
+        stage_data,
+        train,
+        queries,
+        loss="cross_entropy",
+        mode="pairwise",
+        measurement="margin",
+        top_k=len(train),
+        options=options,
+        attributed_stages=[0],
+    )
     got = torch.full_like(expected, float("nan"))
     got.scatter_(1, result.topk.positive_indices, result.topk.positive_scores.double())
     assert float((got - expected).abs().max()) <= 2e-7 * float(expected.abs().max())
-    aggregate = attribute_source(final, checkpoints, stage_data, train, queries, loss="cross_entropy", mode="aggregate",
-                                 measurement="margin", options=options, attributed_stages=[0])
-    assert torch.allclose(aggregate.scores.double(), expected.sum(0), rtol=0, atol=2e-7 * float(expected.abs().max()) * 3)
+    aggregate = attribute_source(
+        final,
+        checkpoints,
+        stage_data,
+        train,
+        queries,
+        loss="cross_entropy",
+        mode="aggregate",
+        measurement="margin",
+        options=options,
+        attributed_stages=[0],
+    )
+    assert torch.allclose(
+        aggregate.scores.double(), expected.sum(0), rtol=0, atol=2e-7 * float(expected.abs().max()) * 3
+    )
     diagnostics = result.diagnostics
     assert diagnostics["variant"] == variant and diagnostics["attributed_segments"] == [0, 1]
     assert {"steps", "mean_learning_rate", "num_examples", "checkpoints"} <= set(diagnostics["segments"][0])
@@ -254,9 +312,20 @@ def test_self_mode_is_the_segment_unrolled_self_influence() -> None:
     final, checkpoints, stage_data = _two_stage_trajectory()
     options = SourceOptions(segments="stages")
     train = stage_data[1]
-    result = attribute_source(final, checkpoints, stage_data, train, None, loss="cross_entropy", mode="self",
-                              options=options, attributed_stages=[1])
-    trajectory = fit_source(final, checkpoints, stage_data, loss="cross_entropy", options=options, attributed_stages=[1])
+    result = attribute_source(
+        final,
+        checkpoints,
+        stage_data,
+        train,
+        None,
+        loss="cross_entropy",
+        mode="self",
+        options=options,
+        attributed_stages=[1],
+    )
+    trajectory = fit_source(
+        final, checkpoints, stage_data, loss="cross_entropy", options=options, attributed_stages=[1]
+    )
     fit = trajectory.fits[1]
     tracked = resolve_layers(final, None)
     mean = sum(explicit_gradients(m, train, "cross_entropy") for m in fit.gradient_models) / len(fit.gradient_models)
@@ -269,9 +338,19 @@ def test_edit_moves_the_final_weights_by_the_predicted_change() -> None:
     final, checkpoints, stage_data = _two_stage_trajectory()
     options = SourceOptions(segments=2)
     remove = torch.tensor([3, 5])
-    state = edit_source(final, checkpoints, stage_data, stage_data[0], remove, loss="cross_entropy", options=options,
-                        attributed_stages=[0])
-    trajectory = fit_source(final, checkpoints, stage_data, loss="cross_entropy", options=options, attributed_stages=[0])
+    state = edit_source(
+        final,
+        checkpoints,
+        stage_data,
+        stage_data[0],
+        remove,
+        loss="cross_entropy",
+        options=options,
+        attributed_stages=[0],
+    )
+    trajectory = fit_source(
+        final, checkpoints, stage_data, loss="cross_entropy", options=options, attributed_stages=[0]
+    )
     change = predicted_parameter_change(trajectory, stage_data[0], remove, "cross_entropy", 256)
     assert set(state) == set(final.state_dict())
     assert torch.allclose(state["2.weight"] - final.state_dict()["2.weight"], change["2"][:, :-1], atol=1e-12)
@@ -284,8 +363,17 @@ def test_progress_stages_and_cancellation() -> None:
 
     final, checkpoints, stage_data = _two_stage_trajectory()
     seen: list[tuple[str, int, int]] = []
-    attribute_source(final, checkpoints, stage_data, stage_data[0], make_data(2, (5,), 3, 5), loss="cross_entropy",
-                     mode="aggregate", attributed_stages=[0], progress=lambda *report: seen.append(report))
+    attribute_source(
+        final,
+        checkpoints,
+        stage_data,
+        stage_data[0],
+        make_data(2, (5,), 3, 5),
+        loss="cross_entropy",
+        mode="aggregate",
+        attributed_stages=[0],
+        progress=lambda *report: seen.append(report),
+    )
     stages = [s for s, _, _ in seen]
     assert stages.index("fit") < stages.index("queries") < stages.index("score")
     assert ("fit", 2 * 3 * 24 + 2 * 3 * 20, 2 * 3 * 24 + 2 * 3 * 20) in seen  # two passes per checkpoint
@@ -296,5 +384,6 @@ def test_progress_stages_and_cancellation() -> None:
             raise Cancelled()
 
     with pytest.raises(Cancelled):
-        attribute_source(final, checkpoints, stage_data, stage_data[0], None, loss="cross_entropy", mode="self",
-                         progress=cancel)
+        attribute_source(
+            final, checkpoints, stage_data, stage_data[0], None, loss="cross_entropy", mode="self", progress=cancel
+        )

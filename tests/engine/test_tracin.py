@@ -29,8 +29,12 @@ def _checkpoints() -> list[TrajectoryCheckpoint]:
 
 
 def _expected(checkpoints, train, queries, measurement: str) -> torch.Tensor:
-    return sum(c.learning_rate * explicit_gradients(c.model, queries, "cross_entropy", measurement=measurement)
-               @ explicit_gradients(c.model, train, "cross_entropy").T for c in checkpoints)
+    return sum(
+        c.learning_rate
+        * explicit_gradients(c.model, queries, "cross_entropy", measurement=measurement)
+        @ explicit_gradients(c.model, train, "cross_entropy").T
+        for c in checkpoints
+    )
 
 
 @pytest.mark.parametrize("measurement", ["loss", "margin"])
@@ -39,15 +43,26 @@ def test_tracin_pairwise_and_aggregate_equal_the_explicit_sum(measurement: str) 
     train, queries = make_data(17, (5,), 3, 3), make_data(4, (5,), 3, 4)
     expected = _expected(checkpoints, train, queries, measurement)
     scale = float(expected.abs().max())
-    result = attribute_tracin(checkpoints[::-1], train, queries, loss="cross_entropy", mode="pairwise",
-                              measurement=measurement, top_k=len(train), options=TracInOptions(batch_size=5))
+    result = attribute_tracin(
+        checkpoints[::-1],
+        train,
+        queries,
+        loss="cross_entropy",
+        mode="pairwise",
+        measurement=measurement,
+        top_k=len(train),
+        options=TracInOptions(batch_size=5),
+    )
     got = torch.full_like(expected, float("nan"))
     got.scatter_(1, result.topk.positive_indices, result.topk.positive_scores.double())
     assert float((got - expected).abs().max()) <= 2e-7 * scale
-    top2 = attribute_tracin(checkpoints, train, queries, loss="cross_entropy", mode="pairwise", measurement=measurement,
-                            top_k=2)
+    top2 = attribute_tracin(
+        checkpoints, train, queries, loss="cross_entropy", mode="pairwise", measurement=measurement, top_k=2
+    )
     assert torch.equal(top2.topk.negative_indices, expected.argsort(1)[:, :2])
-    aggregate = attribute_tracin(checkpoints, train, queries, loss="cross_entropy", mode="aggregate", measurement=measurement)
+    aggregate = attribute_tracin(
+        checkpoints, train, queries, loss="cross_entropy", mode="aggregate", measurement=measurement
+    )
     assert float((aggregate.scores.double() - expected.sum(0)).abs().max()) <= 1e-6 * scale
     assert [c["step"] for c in result.diagnostics["checkpoints"]] == [1, 2, 3]
 
@@ -55,7 +70,9 @@ def test_tracin_pairwise_and_aggregate_equal_the_explicit_sum(measurement: str) 
 def test_tracin_self_is_the_weighted_squared_gradient_norm() -> None:
     checkpoints = _checkpoints()
     train = make_data(9, (5,), 3, 3)
-    expected = sum(c.learning_rate * explicit_gradients(c.model, train, "cross_entropy").pow(2).sum(1) for c in checkpoints)
+    expected = sum(
+        c.learning_rate * explicit_gradients(c.model, train, "cross_entropy").pow(2).sum(1) for c in checkpoints
+    )
     result = attribute_tracin(checkpoints, train, None, loss="cross_entropy", mode="self")
     assert torch.allclose(result.scores.double(), expected, rtol=1e-6)
 

@@ -54,8 +54,18 @@ PAD = 0
 def gpt2(tie: bool = True, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, tie_word_embeddings=tie, attn_implementation="eager", bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        n_positions=32,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return transformers.GPT2LMHeadModel(config).double().eval()
 
@@ -63,8 +73,16 @@ def gpt2(tie: bool = True, seed: int = 0) -> nn.Module:
 def llama(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=8, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32, attn_implementation="sdpa", bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        attn_implementation="sdpa",
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return transformers.LlamaForCausalLM(config).double().eval()
 
@@ -73,8 +91,19 @@ def gpt2_classifier(seed: int = 0) -> nn.Module:
     """GPT-2 sequence classification: the head runs on every token, the logits of the last real one are used."""
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, attn_implementation="eager", bos_token_id=1, eos_token_id=2, pad_token_id=PAD, num_labels=3,
+        vocab_size=VOCAB,
+        n_positions=32,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=PAD,
+        num_labels=3,
     )
     return transformers.GPT2ForSequenceClassification(config).double().eval()
 
@@ -82,8 +111,15 @@ def gpt2_classifier(seed: int = 0) -> nn.Module:
 def bert(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
-        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=VOCAB,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=12,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
         attn_implementation="eager",
     )
     return transformers.BertForSequenceClassification(config).double().eval()
@@ -92,8 +128,14 @@ def bert(seed: int = 0) -> nn.Module:
 def lora_gpt2(seed: int = 0) -> nn.Module:
     base = gpt2(seed=seed)
     torch.manual_seed(seed + 1)
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                             init_lora_weights=False, lora_dropout=0.0)
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["c_attn", "c_fc"],
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+        lora_dropout=0.0,
+    )
     return peft.get_peft_model(base, config).double().eval()
 
 
@@ -128,15 +170,24 @@ def unpadded_loss(model: nn.Module, tokens: list[int], label: int | None, prompt
 
 
 def explicit_gradients(
-    model: nn.Module, layers: list[TrackedLayer], tokens: Sequence[list[int]], labels: Sequence[int] | None = None,
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    tokens: Sequence[list[int]],
+    labels: Sequence[int] | None = None,
     prompts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """(N, D) per-example gradients of each unpadded example's loss."""
-    params = {f"{layer.name}.{kind}": getattr(layer.module, kind) for layer in layers for kind in ("weight", "bias")
-              if getattr(layer.module, kind, None) is not None}
+    params = {
+        f"{layer.name}.{kind}": getattr(layer.module, kind)
+        for layer in layers
+        for kind in ("weight", "bias")
+        if getattr(layer.module, kind, None) is not None
+    }
     rows = []
     for i, sequence in enumerate(tokens):
-        loss = unpadded_loss(model, sequence, None if labels is None else labels[i], 0 if prompts is None else prompts[i])
+        loss = unpadded_loss(
+            model, sequence, None if labels is None else labels[i], 0 if prompts is None else prompts[i]
+        )
         values = torch.autograd.grad(loss, list(params.values()))
         grads = dict(zip(params, values, strict=True))
         rows.append(torch.cat([layer_gradient(layer, grads) for layer in layers]))
@@ -165,8 +216,9 @@ def test_padded_batches_and_lm_loss_definition() -> None:
         examples = batch.examples()
         assert examples.attention_mask is not None and examples.attention_mask.sum(1).tolist() == [4, 2]
         assert ((examples.targets != -100).sum(1)).tolist() == [2, 1]  # the completion only
-        logits = model(examples.inputs, attention_mask=examples.attention_mask,
-                       position_ids=position_ids(examples.attention_mask)).logits
+        logits = model(
+            examples.inputs, attention_mask=examples.attention_mask, position_ids=position_ids(examples.attention_mask)
+        ).logits
         losses = per_example_loss(logits, examples.targets, "causal_lm")
         expected = torch.stack([unpadded_loss(model, t, None, p) for t, p in zip(tokens, [2, 1], strict=True)])
         assert torch.allclose(losses, expected, rtol=1e-10, atol=0)
@@ -187,12 +239,22 @@ def test_conv1d_is_the_linear_on_the_transposed_weight() -> None:
     assert conv_layer.kind == "conv1d" and (conv_layer.in_features, conv_layer.out_features) == (6, 4)
     assert torch.equal(weight_matrix(conv_layer), weight_matrix(linear_layer))
     generator = torch.Generator().manual_seed(1)
-    train = Examples(torch.randn(20, 3, 5, generator=generator, dtype=torch.float64).mean(1),
-                     torch.randint(0, 3, (20,), generator=generator))
+    train = Examples(
+        torch.randn(20, 3, 5, generator=generator, dtype=torch.float64).mean(1),
+        torch.randint(0, 3, (20,), generator=generator),
+    )
     queries = Examples(torch.randn(4, 5, generator=generator, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
     results = [
-        attribute([m], train, queries, loss="cross_entropy", method="influence", mode="pairwise", top_k=20,
-                  options=InfluenceOptions(strategy="ekfac", batch_size=7))
+        attribute(
+            [m],
+            train,
+            queries,
+            loss="cross_entropy",
+            method="influence",
+            mode="pairwise",
+            top_k=20,
+            options=InfluenceOptions(strategy="ekfac", batch_size=7),
+        )
         for m in (conv_model, linear_model)
     ]
     assert close(full_matrix(results[0], 4, 20), full_matrix(results[1], 4, 20), rel=1e-10)
@@ -206,15 +268,30 @@ def test_gpt2_gradient_dot_products_equal_unpadded_autograd(side: PaddingSide) -
     model = gpt2(tie=False)
     train, queries = token_lists(6, 1), token_lists(3, 2)
     prompts = [1, 2, 2]
-    layers = ["transformer.wte", "transformer.wpe", "transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj",
-              "lm_head"]
+    layers = [
+        "transformer.wte",
+        "transformer.wpe",
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.mlp.c_proj",
+        "lm_head",
+    ]
     tracked = resolve_layers(model, layers)
     assert [t.kind for t in tracked] == ["embedding", "embedding", "conv1d", "conv1d", "linear"]
-    expected = explicit_gradients(model, tracked, queries, prompts=prompts) @ explicit_gradients(model, tracked, train).T
+    expected = (
+        explicit_gradients(model, tracked, queries, prompts=prompts) @ explicit_gradients(model, tracked, train).T
+    )
     train_batch = TextBatch.padded(train, PAD, side=side, length=8).examples()
     query_batch = TextBatch.padded(queries, PAD, side=side, prompt_lengths=prompts).examples()
-    result = attribute([model], train_batch, query_batch, loss="causal_lm", method="gradient_similarity",
-                       mode="pairwise", top_k=6, options=GradientSimilarityOptions(layers=layers, batch_size=4))
+    result = attribute(
+        [model],
+        train_batch,
+        query_batch,
+        loss="causal_lm",
+        method="gradient_similarity",
+        mode="pairwise",
+        top_k=6,
+        options=GradientSimilarityOptions(layers=layers, batch_size=4),
+    )
     assert close(full_matrix(result, 3, 6), expected)
 
 
@@ -227,7 +304,9 @@ def test_default_layers_leave_out_the_lm_head_and_track_only_lora() -> None:
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert len(names) == 4  # lora_A and lora_B of c_attn and c_fc
     # a classifier adapter also trains a full copy of the head (peft's modules_to_save): tracked with the adapters
-    classifier = peft.get_peft_model(bert(), peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    classifier = peft.get_peft_model(
+        bert(), peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"])
+    )
     trained = {n.rsplit(".", 1)[0] for n, p in classifier.named_parameters() if p.requires_grad}
     assert set(default_layers(classifier)) == trained and any("modules_to_save" in n for n in trained)
 
@@ -240,9 +319,16 @@ def test_adapter_only_attribution_equals_full_gradients_restricted_to_the_adapte
     # the full gradient of every trainable parameter, restricted to the adapters' in the engine layout
     tracked = resolve_layers(model, None)
     expected = explicit_gradients(model, tracked, queries) @ explicit_gradients(model, tracked, train).T
-    result = attribute([model], TextBatch.padded(train, PAD).examples(), TextBatch.padded(queries, PAD, "left").examples(),
-                       loss="causal_lm", method="gradient_similarity", mode="pairwise", top_k=5,
-                       options=GradientSimilarityOptions(batch_size=2))
+    result = attribute(
+        [model],
+        TextBatch.padded(train, PAD).examples(),
+        TextBatch.padded(queries, PAD, "left").examples(),
+        loss="causal_lm",
+        method="gradient_similarity",
+        mode="pairwise",
+        top_k=5,
+        options=GradientSimilarityOptions(batch_size=2),
+    )
     assert close(full_matrix(result, 2, 5), expected)
 
 
@@ -265,10 +351,20 @@ def test_datainf_on_lora_matches_its_formula() -> None:
         norms = g.pow(2).sum(1)
         for q in range(2):
             for i in range(n):
-                correction = sum(float(g[j] @ v[q]) * float(g[j] @ g[i]) / (lam + float(norms[j])) for j in range(n)) / n
+                correction = (
+                    sum(float(g[j] @ v[q]) * float(g[j] @ g[i]) / (lam + float(norms[j])) for j in range(n)) / n
+                )
                 expected[q, i] += (float(v[q] @ g[i]) - correction) / lam
-    result = attribute([model], TextBatch.padded(train, PAD, length=7).examples(), TextBatch.padded(queries, PAD).examples(),
-                       loss="causal_lm", method="datainf", mode="pairwise", top_k=n, options=DataInfOptions(batch_size=4))
+    result = attribute(
+        [model],
+        TextBatch.padded(train, PAD, length=7).examples(),
+        TextBatch.padded(queries, PAD).examples(),
+        loss="causal_lm",
+        method="datainf",
+        mode="pairwise",
+        top_k=n,
+        options=DataInfOptions(batch_size=4),
+    )
     assert close(full_matrix(result, 2, n), expected)
 
 
@@ -324,7 +420,9 @@ def dense_hessian(model: nn.Module, tracked: list[TrackedLayer], tokens: Sequenc
     return torch.func.hessian(mean_loss)(theta)
 
 
-@pytest.mark.parametrize(("strategy", "curvature"), [("exact", "gauss_newton"), ("cg", "gauss_newton"), ("exact", "hessian")])
+@pytest.mark.parametrize(
+    ("strategy", "curvature"), [("exact", "gauss_newton"), ("cg", "gauss_newton"), ("exact", "hessian")]
+)
 def test_exact_influence_equals_dense_solve(strategy: InfluenceStrategy, curvature: CurvatureKind) -> None:
     model = gpt2(tie=False, seed=3)  # a tied LM head's autograd gradient would include the embedding's use
     layers = ["transformer.h.0.mlp.c_fc" if curvature == "gauss_newton" else "transformer.h.0.attn.c_proj", "lm_head"]
@@ -332,14 +430,31 @@ def test_exact_influence_equals_dense_solve(strategy: InfluenceStrategy, curvatu
     train, queries = token_lists(5, 8), token_lists(2, 9)
     dense = (dense_gauss_newton if curvature == "gauss_newton" else dense_hessian)(model, tracked, train).detach()
     eigenvalues = torch.linalg.eigvalsh(dense.detach())
-    damping = 0.1 * float(eigenvalues.abs().max()) + 2 * max(0.0, -float(eigenvalues.min()))  # the Hessian is indefinite
-    solved = torch.linalg.solve(dense + damping * torch.eye(dense.shape[0], dtype=torch.float64),
-                                explicit_gradients(model, tracked, train).T)
+    damping = 0.1 * float(eigenvalues.abs().max()) + 2 * max(
+        0.0, -float(eigenvalues.min())
+    )  # the Hessian is indefinite
+    solved = torch.linalg.solve(
+        dense + damping * torch.eye(dense.shape[0], dtype=torch.float64), explicit_gradients(model, tracked, train).T
+    )
     expected = explicit_gradients(model, tracked, queries) @ solved
-    result = attribute([model], TextBatch.padded(train, PAD, "left").examples(), TextBatch.padded(queries, PAD).examples(),
-                       loss="causal_lm", method="influence", mode="pairwise", top_k=5,
-                       options=InfluenceOptions(strategy=strategy, curvature=curvature, damping=damping, layers=layers,
-                                                batch_size=3, tol=1e-12, max_iter=500))
+    result = attribute(
+        [model],
+        TextBatch.padded(train, PAD, "left").examples(),
+        TextBatch.padded(queries, PAD).examples(),
+        loss="causal_lm",
+        method="influence",
+        mode="pairwise",
+        top_k=5,
+        options=InfluenceOptions(
+            strategy=strategy,
+            curvature=curvature,
+            damping=damping,
+            layers=layers,
+            batch_size=3,
+            tol=1e-12,
+            max_iter=500,
+        ),
+    )
     assert close(full_matrix(result, 2, 5), expected)
 
 
@@ -355,21 +470,37 @@ def test_kfac_and_ekfac_are_exact_for_one_example_on_the_classifier_head(strateg
     g_query = explicit_gradients(model, tracked, queries, labels=[0, 2, 1])
     damping = 0.3
     curvature = g_train.T @ g_train
-    expected = g_query @ torch.linalg.solve(curvature + damping * torch.eye(curvature.shape[0], dtype=torch.float64), g_train.T)
-    result = attribute([model], TextBatch.padded(train, PAD, length=8, classes=[1]).examples(),
-                       TextBatch.padded(queries, PAD, length=9, classes=[0, 2, 1]).examples(),
-                       loss="cross_entropy", method="influence", mode="pairwise", top_k=1,
-                       options=InfluenceOptions(strategy=strategy, fisher="empirical", damping=damping, layers=layers))
+    expected = g_query @ torch.linalg.solve(
+        curvature + damping * torch.eye(curvature.shape[0], dtype=torch.float64), g_train.T
+    )
+    result = attribute(
+        [model],
+        TextBatch.padded(train, PAD, length=8, classes=[1]).examples(),
+        TextBatch.padded(queries, PAD, length=9, classes=[0, 2, 1]).examples(),
+        loss="cross_entropy",
+        method="influence",
+        mode="pairwise",
+        top_k=1,
+        options=InfluenceOptions(strategy=strategy, fisher="empirical", damping=damping, layers=layers),
+    )
     assert close(full_matrix(result, 3, 1), expected)
 
 
 # ---------------------------------------------------------------- padding invariance
 
 
-def _scores(model: nn.Module, batch: Callable[[PaddingSide, int], Examples], queries: Examples, loss: LossName,
-            side: PaddingSide, length: int, options: InfluenceOptions) -> torch.Tensor:
-    result = attribute([model], batch(side, length), queries, loss=loss, method="influence",
-                       mode="pairwise", top_k=6, options=options)
+def _scores(
+    model: nn.Module,
+    batch: Callable[[PaddingSide, int], Examples],
+    queries: Examples,
+    loss: LossName,
+    side: PaddingSide,
+    length: int,
+    options: InfluenceOptions,
+) -> torch.Tensor:
+    result = attribute(
+        [model], batch(side, length), queries, loss=loss, method="influence", mode="pairwise", top_k=6, options=options
+    )
     return full_matrix(result, len(queries), 6)
 
 
@@ -380,13 +511,20 @@ def test_scores_do_not_depend_on_padding(family: str) -> None:
     classifier = family in ("bert", "gpt2_classifier")
     loss: LossName = "cross_entropy" if classifier else "causal_lm"
     classes, query_classes = ([0, 1, 2, 1, 0, 2], [2, 0]) if classifier else (None, None)
-    models: dict[str, Callable[..., nn.Module]] = {"gpt2": gpt2, "llama": llama, "bert": bert, "gpt2_classifier": gpt2_classifier}
+    models: dict[str, Callable[..., nn.Module]] = {
+        "gpt2": gpt2,
+        "llama": llama,
+        "bert": bert,
+        "gpt2_classifier": gpt2_classifier,
+    }
     model = models[family](seed=4)
 
     def batch(side: PaddingSide, length: int) -> Examples:
         return TextBatch.padded(train, PAD, side=side, length=length, classes=classes).examples()
 
-    query_batch = TextBatch.padded(queries, PAD, classes=query_classes, prompt_lengths=None if classes else [1, 2]).examples()
+    query_batch = TextBatch.padded(
+        queries, PAD, classes=query_classes, prompt_lengths=None if classes else [1, 2]
+    ).examples()
     options = InfluenceOptions(strategy="ekfac", batch_size=4, fisher_samples=2)
     reference = _scores(model, batch, query_batch, loss, "right", 6, options)
     assert float(reference.abs().max()) > 0
@@ -404,9 +542,12 @@ def test_per_token_query_scores_sum_to_the_query_score() -> None:
     tokens = per_token_queries(queries)
     assert tokens.query.tolist() == [q for q in range(2) for _ in range(int((queries.targets[q] != -100).sum()))]
     options = InfluenceOptions(strategy="ekfac", batch_size=3)
-    whole = attribute([model], train, queries, loss="causal_lm", method="influence", mode="pairwise", top_k=5, options=options)
-    split = attribute([model], train, tokens.examples, loss="causal_lm", method="influence", mode="pairwise", top_k=5,
-                      options=options)
+    whole = attribute(
+        [model], train, queries, loss="causal_lm", method="influence", mode="pairwise", top_k=5, options=options
+    )
+    split = attribute(
+        [model], train, tokens.examples, loss="causal_lm", method="influence", mode="pairwise", top_k=5, options=options
+    )
     per_token = full_matrix(split, len(tokens.query), 5)
     summed = torch.zeros(2, 5, dtype=torch.float64).index_add_(0, tokens.query, per_token)
     assert close(summed, full_matrix(whole, 2, 5), rel=1e-6)

@@ -26,11 +26,14 @@ from service.settings import Settings
 from tests.conftest import private_postgres_schema, require_server
 from worker.runner import run_job
 
-MLP_ARCHITECTURE = {"type": "sequential", "layers": [
-    {"type": "linear", "in_features": 4, "out_features": 8},
-    {"type": "tanh"},
-    {"type": "linear", "in_features": 8, "out_features": 3},
-]}
+MLP_ARCHITECTURE = {
+    "type": "sequential",
+    "layers": [
+        {"type": "linear", "in_features": 4, "out_features": 8},
+        {"type": "tanh"},
+        {"type": "linear", "in_features": 8, "out_features": 3},
+    ],
+}
 
 
 class InlineQueue:
@@ -93,18 +96,29 @@ class Api(Generic[QueueT]):
         with session_scope(self.settings.resolved_database_url) as session:
             return {"Authorization": f"Bearer {create_api_key(session, tenant)}"}
 
-    def upload_model(self, module: nn.Module, architecture: dict[str, Any] = MLP_ARCHITECTURE,
-                     loss: str = "cross_entropy", name: str = "m", **kwargs: Any) -> Any:
+    def upload_model(
+        self,
+        module: nn.Module,
+        architecture: dict[str, Any] = MLP_ARCHITECTURE,
+        loss: str = "cross_entropy",
+        name: str = "m",
+        **kwargs: Any,
+    ) -> Any:
         weights = save_safetensors({k: v.contiguous() for k, v in module.state_dict().items()})
         metadata = {"name": name, "format": "spec", "architecture": architecture, "task": {"loss": loss}}
-        return self.client.post("/v1/models", data={"metadata": json.dumps(metadata)},
-                                files={"weights": ("w.safetensors", weights)}, **kwargs)
+        return self.client.post(
+            "/v1/models",
+            data={"metadata": json.dumps(metadata)},
+            files={"weights": ("w.safetensors", weights)},
+            **kwargs,
+        )
 
     def upload_npz(self, name: str = "d", filename: str = "d.npz", **arrays: np.ndarray) -> Any:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        return self.client.post("/v1/datasets", data={"metadata": json.dumps({"name": name})},
-                                files={"data": (filename, buffer.getvalue())})
+        return self.client.post(
+            "/v1/datasets", data={"metadata": json.dumps({"name": name})}, files={"data": (filename, buffer.getvalue())}
+        )
 
 
 def build_api(tmp_path: Path, database_url: str | None, **limits: Any) -> Iterator[Api]:

@@ -25,14 +25,26 @@ def setup_job(api: Api, n_train: int = 30, n_query: int = 4, string_ids: bool = 
     model_id = api.upload_model(module).json()["id"]
     train_id = api.upload_npz(**train).json()["id"]
     query_id = api.upload_npz(**query).json()["id"]
-    return {"module": module, "train": train, "query": query, "model_id": model_id,
-            "train_dataset_id": train_id, "query_dataset_id": query_id}
+    return {
+        "module": module,
+        "train": train,
+        "query": query,
+        "model_id": model_id,
+        "train_dataset_id": train_id,
+        "query_dataset_id": query_id,
+    }
 
 
 def submit(api: Api, setup: dict, **overrides) -> dict:
-    body = {"model_id": setup["model_id"], "train_dataset_id": setup["train_dataset_id"],
-            "query_dataset_id": setup["query_dataset_id"], "method": "gradient_similarity", "mode": "pairwise",
-            "top_k": 5, **overrides}
+    body = {
+        "model_id": setup["model_id"],
+        "train_dataset_id": setup["train_dataset_id"],
+        "query_dataset_id": setup["query_dataset_id"],
+        "method": "gradient_similarity",
+        "mode": "pairwise",
+        "top_k": 5,
+        **overrides,
+    }
     body = {k: v for k, v in body.items() if v is not None}
     response = api.client.post("/v1/attributions", json=body)
     assert response.status_code == 202, response.text
@@ -87,8 +99,9 @@ def test_gradient_similarity_scores_equal_gradient_dot_products(api: Api) -> Non
 def test_query_filter_and_string_ids(api: Api) -> None:
     setup = setup_job(api, string_ids=True)
     attribution = submit(api, setup)
-    page = api.client.get(f"/v1/attributions/{attribution['id']}/results",
-                          params={"query_id": 502, "direction": "negative"}).json()
+    page = api.client.get(
+        f"/v1/attributions/{attribution['id']}/results", params={"query_id": 502, "direction": "negative"}
+    ).json()
     assert {r["query_id"] for r in page["results"]} == {502}
     assert all(isinstance(r["train_id"], str) and r["train_id"].startswith("ex-") for r in page["results"])
     assert page["results"][0]["score"] <= page["results"][-1]["score"]
@@ -112,12 +125,17 @@ def test_aggregate_and_self_modes(api: Api) -> None:
 def test_export_formats_hold_every_row(api: Api) -> None:
     setup = setup_job(api)
     attribution = submit(api, setup, top_k=3)
-    expected = {(r["query_id"], r["direction"], r["rank"], r["train_id"])
-                for d in ("positive", "negative") for r in all_rows(api, attribution["id"], d)}
+    expected = {
+        (r["query_id"], r["direction"], r["rank"], r["train_id"])
+        for d in ("positive", "negative")
+        for r in all_rows(api, attribution["id"], d)
+    }
     url = f"/v1/attributions/{attribution['id']}/results/export"
     text = api.client.get(url, params={"format": "csv"}).text
-    from_csv = {(int(r["query_id"]), r["direction"], int(r["rank"]), int(r["train_id"]))
-                for r in csv.DictReader(io.StringIO(text))}
+    from_csv = {
+        (int(r["query_id"]), r["direction"], int(r["rank"]), int(r["train_id"]))
+        for r in csv.DictReader(io.StringIO(text))
+    }
     assert from_csv == expected
     lines = api.client.get(url, params={"format": "ndjson"}).text.strip().splitlines()
     from_ndjson = {(r["query_id"], r["direction"], r["rank"], r["train_id"]) for r in map(json.loads, lines)}
@@ -140,8 +158,13 @@ def test_export_formats_hold_every_row(api: Api) -> None:
 )
 def test_bad_attribution_requests_are_4xx(api: Api, overrides: dict, field: str | None) -> None:
     setup = setup_job(api)
-    body = {"model_id": setup["model_id"], "train_dataset_id": setup["train_dataset_id"],
-            "query_dataset_id": setup["query_dataset_id"], "method": "gradient_similarity", **overrides}
+    body = {
+        "model_id": setup["model_id"],
+        "train_dataset_id": setup["train_dataset_id"],
+        "query_dataset_id": setup["query_dataset_id"],
+        "method": "gradient_similarity",
+        **overrides,
+    }
     response = api.client.post("/v1/attributions", json=body)
     assert 400 <= response.status_code < 500, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
@@ -153,8 +176,10 @@ def test_bad_attribution_requests_are_4xx(api: Api, overrides: dict, field: str 
 def test_inputs_that_do_not_fit_the_model_are_422(api: Api) -> None:
     setup = setup_job(api)
     wide = api.upload_npz(inputs=np.zeros((5, 7), np.float32), targets=np.zeros(5, np.int64)).json()["id"]
-    response = api.client.post("/v1/attributions", json={
-        "model_id": setup["model_id"], "train_dataset_id": wide, "query_dataset_id": setup["query_dataset_id"]})
+    response = api.client.post(
+        "/v1/attributions",
+        json={"model_id": setup["model_id"], "train_dataset_id": wide, "query_dataset_id": setup["query_dataset_id"]},
+    )
     assert response.status_code == 422
     assert "do not fit" in response.json()["detail"]
 
@@ -186,8 +211,12 @@ def test_cancel_a_queued_job(api: Api) -> None:
 
 def test_idempotency_key_replays_the_first_response(api: Api) -> None:
     setup = setup_job(api)
-    body = {"model_id": setup["model_id"], "train_dataset_id": setup["train_dataset_id"],
-            "query_dataset_id": setup["query_dataset_id"], "method": "gradient_similarity"}
+    body = {
+        "model_id": setup["model_id"],
+        "train_dataset_id": setup["train_dataset_id"],
+        "query_dataset_id": setup["query_dataset_id"],
+        "method": "gradient_similarity",
+    }
     first = api.client.post("/v1/attributions", json=body, headers={"Idempotency-Key": "abc"})
     second = api.client.post("/v1/attributions", json=body, headers={"Idempotency-Key": "abc"})
     assert first.status_code == second.status_code == 202
@@ -199,16 +228,30 @@ def test_idempotency_key_replays_the_first_response(api: Api) -> None:
 
 def test_fit_then_influence_with_fit_id_then_edit(api: Api) -> None:
     setup = setup_job(api)
-    response = api.client.post("/v1/fits", json={"model_id": setup["model_id"], "dataset_id": setup["train_dataset_id"],
-                                                 "strategy": "ekfac", "fisher": "empirical"})
+    response = api.client.post(
+        "/v1/fits",
+        json={
+            "model_id": setup["model_id"],
+            "dataset_id": setup["train_dataset_id"],
+            "strategy": "ekfac",
+            "fisher": "empirical",
+        },
+    )
     assert response.status_code == 202, response.text
     fit = response.json()
     assert api.client.get(f"/v1/jobs/{fit['job_id']}").json()["status"] == "succeeded"
     assert api.client.get(f"/v1/fits/{fit['id']}").json()["status"] == "succeeded"
-    mismatch = api.client.post("/v1/attributions", json={
-        "model_id": setup["model_id"], "train_dataset_id": setup["train_dataset_id"],
-        "query_dataset_id": setup["query_dataset_id"], "method": "influence", "fit_id": fit["id"],
-        "options": {"fisher": "true"}})
+    mismatch = api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": setup["model_id"],
+            "train_dataset_id": setup["train_dataset_id"],
+            "query_dataset_id": setup["query_dataset_id"],
+            "method": "influence",
+            "fit_id": fit["id"],
+            "options": {"fisher": "true"},
+        },
+    )
     assert mismatch.status_code == 422 and "fisher" in mismatch.json()["detail"]
     with_fit = submit(api, setup, method="influence", fit_id=fit["id"])
     fresh = submit(api, setup, method="influence", options={"fisher": "empirical"})
@@ -266,8 +309,11 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
     run_job(cancelled["job_id"], api.settings)
     assert api.client.get(f"/v1/models/{cancelled['model_id']}").status_code == 404
 
-    for bad, field in (({"remove": [], "name": "x"}, "remove"), ({"remove": [1], "name": "x", "options": {"proximity": -1}}, "proximity"),
-                       ({"remove": [1], "name": "x", "options": {"estimator": "retrain"}}, "estimator"),
-                       ({"remove": [1], "name": "x", "options": {"steps": 3}}, "steps")):
+    for bad, field in (
+        ({"remove": [], "name": "x"}, "remove"),
+        ({"remove": [1], "name": "x", "options": {"proximity": -1}}, "proximity"),
+        ({"remove": [1], "name": "x", "options": {"estimator": "retrain"}}, "estimator"),
+        ({"remove": [1], "name": "x", "options": {"steps": 3}}, "steps"),
+    ):
         response = api.client.post(route, json=bad)
         assert response.status_code == 422 and field in response.text, (bad, response.text)

@@ -36,16 +36,25 @@ def test_job_runs_through_redis_and_a_celery_worker(
     queue = CeleryQueue(REDIS_URL, queue_prefix=f"attrib-test-{uuid.uuid4().hex[:8]}.")
     app = create_app(settings, queue=queue)
     try:
-        with start_worker(queue.app, pool="solo", perform_ping_check=False, shutdown_timeout=30), \
-                TestClient(app) as client:
+        with (
+            start_worker(queue.app, pool="solo", perform_ping_check=False, shutdown_timeout=30),
+            TestClient(app) as client,
+        ):
             with session_scope(settings.resolved_database_url) as session:
                 client.headers["Authorization"] = f"Bearer {create_api_key(session, 'redis-tenant')}"
             api = Api(client, settings, queue)
             assert client.get("/readyz").json()["checks"] == {"database": True, "broker": True, "storage": True}
             setup = setup_job(api)
-            response = client.post("/v1/attributions", json={
-                "model_id": setup["model_id"], "train_dataset_id": setup["train_dataset_id"],
-                "query_dataset_id": setup["query_dataset_id"], "method": "gradient_similarity", "top_k": 3})
+            response = client.post(
+                "/v1/attributions",
+                json={
+                    "model_id": setup["model_id"],
+                    "train_dataset_id": setup["train_dataset_id"],
+                    "query_dataset_id": setup["query_dataset_id"],
+                    "method": "gradient_similarity",
+                    "top_k": 3,
+                },
+            )
             assert response.status_code == 202
             job_id = response.json()["job_id"]
             deadline = time.monotonic() + 120

@@ -16,8 +16,9 @@ from tests.service.test_embedded_serve import free_port
 
 
 def attrib(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def clean_env(data_dir: Path) -> dict[str, str]:

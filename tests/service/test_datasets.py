@@ -27,14 +27,16 @@ def test_npz_upload_describes_fields(api: Api) -> None:
 
 def test_safetensors_and_parquet_uploads(api: Api) -> None:
     data = save_safetensors({"inputs": torch.randn(5, 4), "targets": torch.tensor([0, 1, 2, 0, 1])})
-    response = api.client.post("/v1/datasets", data={"metadata": json.dumps({"name": "s"})},
-                               files={"data": ("d.safetensors", data)})
+    response = api.client.post(
+        "/v1/datasets", data={"metadata": json.dumps({"name": "s"})}, files={"data": ("d.safetensors", data)}
+    )
     assert response.status_code == 201, response.text
     table = pa.table({"a": [0.1, 0.2, 0.3], "b": [1.0, 2.0, 3.0], "targets": [0, 1, 0], "ids": ["x", "y", "z"]})
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    response = api.client.post("/v1/datasets", data={"metadata": json.dumps({"name": "p"})},
-                               files={"data": ("d.parquet", buffer.getvalue())})
+    response = api.client.post(
+        "/v1/datasets", data={"metadata": json.dumps({"name": "p"})}, files={"data": ("d.parquet", buffer.getvalue())}
+    )
     assert response.status_code == 201, response.text
     assert response.json()["fields"]["inputs"]["shape"] == [3, 2]
 
@@ -47,11 +49,15 @@ def test_bad_datasets_are_422(sqlite_api: Api, case: str) -> None:
     if case == "pickle":
         buffer = io.BytesIO()
         np.savez(buffer, inputs=np.array([{"evil": 1}] * 6, dtype=object), targets=arrays["targets"])
-        response = api.client.post("/v1/datasets", data={"metadata": json.dumps({"name": "x"})},
-                                   files={"data": ("d.npz", buffer.getvalue())})
+        response = api.client.post(
+            "/v1/datasets", data={"metadata": json.dumps({"name": "x"})}, files={"data": ("d.npz", buffer.getvalue())}
+        )
     elif case == "not_data":
-        response = api.client.post("/v1/datasets", data={"metadata": json.dumps({"name": "x"})},
-                                   files={"data": ("d.bin", b"hello world, not a dataset")})
+        response = api.client.post(
+            "/v1/datasets",
+            data={"metadata": json.dumps({"name": "x"})},
+            files={"data": ("d.bin", b"hello world, not a dataset")},
+        )
     else:
         if case == "repeated_ids":
             arrays["ids"] = np.array([1, 2, 3, 3, 4, 5])
@@ -71,8 +77,11 @@ def test_upload_with_idempotency_key_is_stored_once(api: Api) -> None:
     arrays = tiny_dataset(5)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    send = dict(data={"metadata": json.dumps({"name": "once"})}, files={"data": ("d.npz", buffer.getvalue())},
-                headers={"Idempotency-Key": "upload-1"})
+    send = dict(
+        data={"metadata": json.dumps({"name": "once"})},
+        files={"data": ("d.npz", buffer.getvalue())},
+        headers={"Idempotency-Key": "upload-1"},
+    )
     first = api.client.post("/v1/datasets", **send)
     second = api.client.post("/v1/datasets", **send)
     assert first.status_code == second.status_code == 201

@@ -37,8 +37,12 @@ def test_serve_runs_a_job_to_ranked_results(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTRIB_")}
     env["ATTRIB_DATA_DIR"] = str(tmp_path / "data")
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             deadline = time.monotonic() + 60
@@ -54,18 +58,36 @@ def test_serve_runs_a_job_to_ranked_results(tmp_path: Path) -> None:
             key = (tmp_path / "data" / "api-key").read_text().strip()
             client.headers["Authorization"] = f"Bearer {key}"
             assert "/v1/attributions" in client.get("/openapi.json").json()["paths"]
-            metadata = {"name": "m", "format": "spec", "architecture": MLP_ARCHITECTURE,
-                        "task": {"loss": "cross_entropy"}}
+            metadata = {
+                "name": "m",
+                "format": "spec",
+                "architecture": MLP_ARCHITECTURE,
+                "task": {"loss": "cross_entropy"},
+            }
             weights = save_safetensors({k: v.contiguous() for k, v in tiny_classifier().state_dict().items()})
-            model = client.post("/v1/models", data={"metadata": json.dumps(metadata)},
-                                files={"weights": ("w.safetensors", weights)}).json()
-            train = client.post("/v1/datasets", data={"metadata": json.dumps({"name": "t"})},
-                                files={"data": ("t.npz", npz(**tiny_dataset(40, seed=1)))}).json()
-            query = client.post("/v1/datasets", data={"metadata": json.dumps({"name": "q"})},
-                                files={"data": ("q.npz", npz(**tiny_dataset(3, seed=2)))}).json()
-            attribution = client.post("/v1/attributions", json={
-                "model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": query["id"],
-                "method": "influence", "top_k": 4}).json()
+            model = client.post(
+                "/v1/models", data={"metadata": json.dumps(metadata)}, files={"weights": ("w.safetensors", weights)}
+            ).json()
+            train = client.post(
+                "/v1/datasets",
+                data={"metadata": json.dumps({"name": "t"})},
+                files={"data": ("t.npz", npz(**tiny_dataset(40, seed=1)))},
+            ).json()
+            query = client.post(
+                "/v1/datasets",
+                data={"metadata": json.dumps({"name": "q"})},
+                files={"data": ("q.npz", npz(**tiny_dataset(3, seed=2)))},
+            ).json()
+            attribution = client.post(
+                "/v1/attributions",
+                json={
+                    "model_id": model["id"],
+                    "train_dataset_id": train["id"],
+                    "query_dataset_id": query["id"],
+                    "method": "influence",
+                    "top_k": 4,
+                },
+            ).json()
             assert "job_id" in attribution, attribution
             deadline = time.monotonic() + 120
             while (job := client.get(f"/v1/jobs/{attribution['job_id']}").json())["status"] in ("queued", "running"):

@@ -11,8 +11,9 @@ from tests.service.test_attributions import setup_job, submit
 
 def test_examples_by_integer_ids_in_the_order_asked(sqlite_api: Api) -> None:
     inputs = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3)
-    dataset = sqlite_api.upload_npz(inputs=inputs, targets=np.array([0, 1, 2, 1, 0]),
-                                    ids=np.array([10, 11, 12, 13, 14])).json()
+    dataset = sqlite_api.upload_npz(
+        inputs=inputs, targets=np.array([0, 1, 2, 1, 0]), ids=np.array([10, 11, 12, 13, 14])
+    ).json()
     page = sqlite_api.client.get(f"/v1/datasets/{dataset['id']}/examples", params={"ids": ["13", "10", "13"]})
     assert page.status_code == 200, page.text
     body = page.json()
@@ -23,8 +24,9 @@ def test_examples_by_integer_ids_in_the_order_asked(sqlite_api: Api) -> None:
 
 
 def test_examples_by_string_ids_and_unknown_ids(sqlite_api: Api) -> None:
-    dataset = sqlite_api.upload_npz(inputs=np.ones((3, 4), np.float32), targets=np.array([0, 1, 2]),
-                                    ids=np.array(["a", "b", "c"])).json()
+    dataset = sqlite_api.upload_npz(
+        inputs=np.ones((3, 4), np.float32), targets=np.array([0, 1, 2]), ids=np.array(["a", "b", "c"])
+    ).json()
     url = f"/v1/datasets/{dataset['id']}/examples"
     assert [e["id"] for e in sqlite_api.client.get(url, params={"ids": ["c"]}).json()["examples"]] == ["c"]
     missing = sqlite_api.client.get(url, params={"ids": ["a", "zz"]})
@@ -42,8 +44,9 @@ def test_examples_bad_id_lists_are_422(sqlite_api: Api, ids: list[str]) -> None:
 
 def test_examples_of_another_tenant_are_404(sqlite_api: Api) -> None:
     dataset = sqlite_api.upload_npz(inputs=np.ones((3, 4), np.float32), targets=np.array([0, 1, 2])).json()
-    response = sqlite_api.client.get(f"/v1/datasets/{dataset['id']}/examples", params={"ids": ["0"]},
-                                     headers=sqlite_api.new_key("someone-else"))
+    response = sqlite_api.client.get(
+        f"/v1/datasets/{dataset['id']}/examples", params={"ids": ["0"]}, headers=sqlite_api.new_key("someone-else")
+    )
     assert response.status_code == 404
 
 

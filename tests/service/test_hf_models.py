@@ -55,21 +55,37 @@ def tiny_gpt2() -> PreTrainedModel:
 
 def tiny_llama() -> PreTrainedModel:
     torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
 def tiny_bert() -> PreTrainedModel:
     torch.manual_seed(2)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     config.num_labels = 3
     return AutoModelForSequenceClassification.from_config(config)
 
 
-MODELS = {"gpt2": (tiny_gpt2, {"loss": "causal_lm"}), "llama": (tiny_llama, {"loss": "causal_lm"}),
-          "bert": (tiny_bert, {"loss": "cross_entropy", "head": "sequence_classification"})}
+MODELS = {
+    "gpt2": (tiny_gpt2, {"loss": "causal_lm"}),
+    "llama": (tiny_llama, {"loss": "causal_lm"}),
+    "bert": (tiny_bert, {"loss": "cross_entropy", "head": "sequence_classification"}),
+}
 
 
 def tokenizer_json() -> str:
@@ -93,8 +109,11 @@ def post_parts(api: Api, folder: Path, task: dict[str, Any], **extra: Any) -> An
     files: list[tuple[str, tuple[str, bytes]]] = [("config", ("config.json", (folder / "config.json").read_bytes()))]
     for path in sorted(folder.glob("*.safetensors")):
         files.append(("weights", (path.name, path.read_bytes())))
-    for name, part in (("model.safetensors.index.json", "weights_index"), ("tokenizer.json", "tokenizer"),
-                       ("tokenizer_config.json", "tokenizer_config")):
+    for name, part in (
+        ("model.safetensors.index.json", "weights_index"),
+        ("tokenizer.json", "tokenizer"),
+        ("tokenizer_config.json", "tokenizer_config"),
+    ):
         if (folder / name).exists():
             files.append((part, (name, (folder / name).read_bytes())))
     return api.client.post("/v1/models", data={"metadata": metadata(task)}, files=files, **extra)
@@ -146,14 +165,16 @@ def small_api(tmp_path: Path) -> Iterator[Api]:
 # --------------------------------------------------------------------------------------------- good uploads
 
 
-@pytest.mark.parametrize(("name", "how"), [("gpt2", "parts"), ("llama", "tar.gz"), ("bert", "zip"),
-                                           ("gpt2", "tar"), ("bert", "parts")])
+@pytest.mark.parametrize(
+    ("name", "how"), [("gpt2", "parts"), ("llama", "tar.gz"), ("bert", "zip"), ("gpt2", "tar"), ("bert", "parts")]
+)
 def test_uploads_load_back_as_the_same_model(sqlite_api: Api, tmp_path: Path, name: str, how: str) -> None:
     make, task = MODELS[name]
     model = make().eval()
     folder = saved(model, tmp_path / "model")
-    response = post_parts(sqlite_api, folder, task) if how == "parts" else post_archive(
-        sqlite_api, *pack(folder, how), task)
+    response = (
+        post_parts(sqlite_api, folder, task) if how == "parts" else post_archive(sqlite_api, *pack(folder, how), task)
+    )
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["format"] == "hf"
@@ -172,8 +193,15 @@ def test_uploads_load_back_as_the_same_model(sqlite_api: Api, tmp_path: Path, na
 
 def test_an_image_classifier(sqlite_api: Api, tmp_path: Path) -> None:
     torch.manual_seed(3)
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=32)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
     config.num_labels = 3
     model = AutoModelForImageClassification.from_config(config).eval()
     model.save_pretrained(tmp_path / "vit")
@@ -182,8 +210,11 @@ def test_an_image_classifier(sqlite_api: Api, tmp_path: Path) -> None:
     assert response.json()["tracked_layers"] == linear_names(model)
     pixels = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        assert torch.allclose(loaded(sqlite_api, response.json()["id"])(pixel_values=pixels).logits,
-                              model(pixel_values=pixels).logits, atol=1e-6)
+        assert torch.allclose(
+            loaded(sqlite_api, response.json()["id"])(pixel_values=pixels).logits,
+            model(pixel_values=pixels).logits,
+            atol=1e-6,
+        )
 
 
 def test_sharded_weights_with_their_index(sqlite_api: Api, tmp_path: Path) -> None:
@@ -214,12 +245,18 @@ def test_hf_checkpoints_are_checked_against_the_config(sqlite_api: Api, tmp_path
     model_id = post_parts(sqlite_api, saved(model, tmp_path / "m"), {"loss": "causal_lm"}).json()["id"]
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     meta = json.dumps({"step": 1, "learning_rate": 0.1})
-    good = sqlite_api.client.post(f"/v1/models/{model_id}/checkpoints", data={"metadata": meta},
-                                  files={"weights": ("w.safetensors", save_safetensors(state))})
+    good = sqlite_api.client.post(
+        f"/v1/models/{model_id}/checkpoints",
+        data={"metadata": meta},
+        files={"weights": ("w.safetensors", save_safetensors(state))},
+    )
     assert good.status_code == 201, good.text
     state["transformer.wte.weight"] = torch.zeros(3, 16)
-    bad = sqlite_api.client.post(f"/v1/models/{model_id}/checkpoints", data={"metadata": json.dumps({
-        "step": 2, "learning_rate": 0.1})}, files={"weights": ("w.safetensors", save_safetensors(state))})
+    bad = sqlite_api.client.post(
+        f"/v1/models/{model_id}/checkpoints",
+        data={"metadata": json.dumps({"step": 2, "learning_rate": 0.1})},
+        files={"weights": ("w.safetensors", save_safetensors(state))},
+    )
     assert bad.status_code == 422 and "transformer.wte.weight" in bad.json()["detail"]
 
 
@@ -267,17 +304,53 @@ def link_info(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
     return info
 
 
-HOSTILE = ["auto_map", "unknown_model_type", "remote_code_type", "bin_weights", "pickle_in_archive", "symlink",
-           "hardlink", "absolute_path", "dotdot", "missing_tensor", "unexpected_tensor", "misshaped_tensor",
-           "nan_tensor", "too_many_parameters", "archive_bomb", "too_many_members", "deep_config", "bad_tokenizer",
-           "tokenizer_auto_map", "architecture_given", "no_head", "vit_as_causal_lm", "zip_symlink",
-           "too_many_layers", "indivisible_heads"]
-NAMED = {"missing_tensor": "transformer.h.1.mlp.c_fc.weight", "unexpected_tensor": "transformer.h.9.extra.weight",
-         "misshaped_tensor": "transformer.h.0.attn.c_proj.weight", "nan_tensor": "transformer.ln_f.weight",
-         "auto_map": "auto_map", "unknown_model_type": "model_type", "remote_code_type": "remote_code",
-         "bin_weights": "pickle", "pickle_in_archive": "pickle", "too_many_parameters": "parameters",
-         "zip_symlink": "link", "symlink": "link", "hardlink": "link", "dotdot": "..", "absolute_path": "absolute",
-         "archive_bomb": "decompresses", "too_many_members": "members", "too_many_layers": "layers"}
+HOSTILE = [
+    "auto_map",
+    "unknown_model_type",
+    "remote_code_type",
+    "bin_weights",
+    "pickle_in_archive",
+    "symlink",
+    "hardlink",
+    "absolute_path",
+    "dotdot",
+    "missing_tensor",
+    "unexpected_tensor",
+    "misshaped_tensor",
+    "nan_tensor",
+    "too_many_parameters",
+    "archive_bomb",
+    "too_many_members",
+    "deep_config",
+    "bad_tokenizer",
+    "tokenizer_auto_map",
+    "architecture_given",
+    "no_head",
+    "vit_as_causal_lm",
+    "zip_symlink",
+    "too_many_layers",
+    "indivisible_heads",
+]
+NAMED = {
+    "missing_tensor": "transformer.h.1.mlp.c_fc.weight",
+    "unexpected_tensor": "transformer.h.9.extra.weight",
+    "misshaped_tensor": "transformer.h.0.attn.c_proj.weight",
+    "nan_tensor": "transformer.ln_f.weight",
+    "auto_map": "auto_map",
+    "unknown_model_type": "model_type",
+    "remote_code_type": "remote_code",
+    "bin_weights": "pickle",
+    "pickle_in_archive": "pickle",
+    "too_many_parameters": "parameters",
+    "zip_symlink": "link",
+    "symlink": "link",
+    "hardlink": "link",
+    "dotdot": "..",
+    "absolute_path": "absolute",
+    "archive_bomb": "decompresses",
+    "too_many_members": "members",
+    "too_many_layers": "layers",
+}
 
 
 @pytest.mark.parametrize("case", HOSTILE)
@@ -309,15 +382,23 @@ def _hostile(api: Api, folder: Path, task: dict[str, Any], case: str) -> Any:
     elif case in ("missing_tensor", "unexpected_tensor", "misshaped_tensor", "nan_tensor"):
         edit_weights(folder, case.removesuffix("_tensor").replace("misshaped", "shape"))
     elif case == "deep_config":
-        (folder / "config.json").write_text(json.dumps({**json.loads(config), "nested": json.loads("[" * 40 + "]" * 40)}))
+        (folder / "config.json").write_text(
+            json.dumps({**json.loads(config), "nested": json.loads("[" * 40 + "]" * 40)})
+        )
     elif case == "bad_tokenizer":
         (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "NoSuchModel"}}))
     elif case == "tokenizer_auto_map":
         (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.Tok", None]}}))
     elif case == "architecture_given":
-        return api.client.post("/v1/models", data={"metadata": json.dumps(
-            {"name": "x", "format": "hf", "architecture": {"type": "sequential"}, "task": task})},
-            files={"config": ("config.json", config), "weights": ("model.safetensors", weights)})
+        return api.client.post(
+            "/v1/models",
+            data={
+                "metadata": json.dumps(
+                    {"name": "x", "format": "hf", "architecture": {"type": "sequential"}, "task": task}
+                )
+            },
+            files={"config": ("config.json", config), "weights": ("model.safetensors", weights)},
+        )
     elif case == "no_head":
         task = {"loss": "cross_entropy"}
     elif case == "vit_as_causal_lm":
@@ -336,14 +417,19 @@ def _hostile(api: Api, folder: Path, task: dict[str, Any], case: str) -> Any:
             archive.writestr(link, "/etc/passwd")
         return post_archive(api, "model.zip", buffer.getvalue(), task)
     elif case == "bin_weights":
-        return api.client.post("/v1/models", data={"metadata": metadata(task)}, files={
-            "config": ("config.json", config), "weights": ("pytorch_model.bin", b"\x80\x02}q\x00.")})
+        return api.client.post(
+            "/v1/models",
+            data={"metadata": metadata(task)},
+            files={"config": ("config.json", config), "weights": ("pytorch_model.bin", b"\x80\x02}q\x00.")},
+        )
     elif case == "pickle_in_archive":
         (folder / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
         return post_archive(api, *pack(folder, "tar.gz"), task)
     elif case in ("symlink", "hardlink", "absolute_path", "dotdot"):
         members: list[tuple[tarfile.TarInfo, bytes | None]] = [
-            (file_info("config.json", len(config)), config), (file_info("model.safetensors", len(weights)), weights)]
+            (file_info("config.json", len(config)), config),
+            (file_info("model.safetensors", len(weights)), weights),
+        ]
         if case == "symlink":
             members.append((link_info("tokenizer.json", "/etc/passwd", tarfile.SYMTYPE), None))
         elif case == "hardlink":
@@ -367,8 +453,9 @@ def _hostile(api: Api, folder: Path, task: dict[str, Any], case: str) -> Any:
 
 
 def post_dataset(api: Api, content: bytes, filename: str, **meta: Any) -> Any:
-    return api.client.post("/v1/datasets", data={"metadata": json.dumps({"name": "text", **meta})},
-                           files={"data": (filename, content)})
+    return api.client.post(
+        "/v1/datasets", data={"metadata": json.dumps({"name": "text", **meta})}, files={"data": (filename, content)}
+    )
 
 
 def parquet_bytes(columns: dict[str, list[Any]]) -> bytes:
@@ -398,7 +485,8 @@ def test_token_id_datasets_in_safetensors(sqlite_api: Api) -> None:
 
 
 def test_text_and_prompt_completion_parquet_tokenized_with_the_models_tokenizer(
-    sqlite_api: Api, tmp_path: Path,
+    sqlite_api: Api,
+    tmp_path: Path,
 ) -> None:
     model_id = post_parts(sqlite_api, saved(tiny_gpt2(), tmp_path / "m"), {"loss": "causal_lm"}).json()["id"]
     text = parquet_bytes({"text": ["the cat sat on the mat", "a dog ran"], "ids": ["x", "y"]})
@@ -411,12 +499,13 @@ def test_text_and_prompt_completion_parquet_tokenized_with_the_models_tokenizer(
     assert stored.attention_mask[1].tolist() == [1, 1, 1, 0, 0, 0] and stored.ids.tolist() == ["x", "y"]
 
     pairs = parquet_bytes({"prompt": ["the cat", "a dog"], "completion": ["sat on the mat", "ran"]})
-    response = post_dataset(sqlite_api, pairs, "p.parquet", tokenize_with=model_id, max_length=5,
-                            padding="max_length")
+    response = post_dataset(sqlite_api, pairs, "p.parquet", tokenize_with=model_id, max_length=5, padding="max_length")
     assert response.status_code == 201, response.text
     stored = stored_text(sqlite_api, response.json()["id"])
-    assert stored.labels.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, VOCAB["sat"], VOCAB["on"], VOCAB["the"]],
-                                      [IGNORE_INDEX, IGNORE_INDEX, VOCAB["ran"], IGNORE_INDEX, IGNORE_INDEX]]
+    assert stored.labels.tolist() == [
+        [IGNORE_INDEX, IGNORE_INDEX, VOCAB["sat"], VOCAB["on"], VOCAB["the"]],
+        [IGNORE_INDEX, IGNORE_INDEX, VOCAB["ran"], IGNORE_INDEX, IGNORE_INDEX],
+    ]
     strict = post_dataset(sqlite_api, pairs, "p.parquet", tokenize_with=model_id, max_length=5, truncation=False)
     assert strict.status_code == 422 and "max_length" in strict.json()["detail"]
 
@@ -435,13 +524,25 @@ def test_submission_checks_text_datasets_against_the_model(sqlite_api: Api, tmp_
     spec = api.upload_model(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
 
     def submit(model_id: str, train_id: str) -> Any:
-        return api.client.post("/v1/attributions", json={
-            "model_id": model_id, "train_dataset_id": train_id, "query_dataset_id": in_vocab["id"],
-            "method": "gradient_similarity", "mode": "pairwise", "top_k": 2})
+        return api.client.post(
+            "/v1/attributions",
+            json={
+                "model_id": model_id,
+                "train_dataset_id": train_id,
+                "query_dataset_id": in_vocab["id"],
+                "method": "gradient_similarity",
+                "mode": "pairwise",
+                "top_k": 2,
+            },
+        )
 
-    cases = [(gpt2, too_big["id"], "vocabulary size 16"), (gpt2, too_long["id"], "at most 32"),
-             (gpt2, numbers.json()["id"], "text dataset"), (bert, in_vocab["id"], "targets"),
-             (spec.json()["id"], in_vocab["id"], "format \"hf\"")]
+    cases = [
+        (gpt2, too_big["id"], "vocabulary size 16"),
+        (gpt2, too_long["id"], "at most 32"),
+        (gpt2, numbers.json()["id"], "text dataset"),
+        (bert, in_vocab["id"], "targets"),
+        (spec.json()["id"], in_vocab["id"], 'format "hf"'),
+    ]
     for model_id, train_id, words in cases:
         response = submit(model_id, train_id)
         assert response.status_code == 422, response.text
@@ -468,36 +569,70 @@ def test_gpt2_text_attribution_end_to_end(sqlite_api: Api, tmp_path: Path) -> No
     api = sqlite_api
     model = tiny_gpt2().eval()
     uploaded = post_parts(api, saved(model, tmp_path / "m"), {"loss": "causal_lm"}).json()
-    train = post_dataset(api, parquet_bytes({"text": ["the cat sat on the mat", "a dog ran in the park",
-                                                      "the cat slept", "a dog sat"], "ids": ["t0", "t1", "t2", "t3"]}),
-                         "train.parquet", tokenize_with=uploaded["id"]).json()
-    query = post_dataset(api, parquet_bytes({"prompt": ["the cat", "a dog"], "completion": ["sat", "ran"]}),
-                         "query.parquet", tokenize_with=uploaded["id"]).json()
-    response = api.client.post("/v1/attributions", json={
-        "model_id": uploaded["id"], "train_dataset_id": train["id"], "query_dataset_id": query["id"],
-        "method": "gradient_similarity", "mode": "pairwise", "top_k": 4})
+    train = post_dataset(
+        api,
+        parquet_bytes(
+            {
+                "text": ["the cat sat on the mat", "a dog ran in the park", "the cat slept", "a dog sat"],
+                "ids": ["t0", "t1", "t2", "t3"],
+            }
+        ),
+        "train.parquet",
+        tokenize_with=uploaded["id"],
+    ).json()
+    query = post_dataset(
+        api,
+        parquet_bytes({"prompt": ["the cat", "a dog"], "completion": ["sat", "ran"]}),
+        "query.parquet",
+        tokenize_with=uploaded["id"],
+    ).json()
+    response = api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": uploaded["id"],
+            "train_dataset_id": train["id"],
+            "query_dataset_id": query["id"],
+            "method": "gradient_similarity",
+            "mode": "pairwise",
+            "top_k": 4,
+        },
+    )
     assert response.status_code == 202, response.text
     job = api.client.get(f"/v1/jobs/{response.json()['job_id']}").json()
     assert job["status"] == "succeeded", job["error"]
-    rows = api.client.get(f"/v1/attributions/{response.json()['id']}/results",
-                          params={"direction": "positive", "page_size": 100}).json()["results"]
+    rows = api.client.get(
+        f"/v1/attributions/{response.json()['id']}/results", params={"direction": "positive", "page_size": 100}
+    ).json()["results"]
     scores = {(r["query_id"], r["train_id"]): r["score"] for r in rows}
     assert {train_id for _, train_id in scores} <= {"t0", "t1", "t2", "t3"} and {q for q, _ in scores} == {0, 1}
 
     def tensors(dataset_id: str) -> tuple[Any, Any, Any]:
         stored = stored_text(api, dataset_id)
-        return (torch.from_numpy(stored.input_ids), torch.from_numpy(stored.attention_mask),
-                torch.from_numpy(stored.labels))
+        return (
+            torch.from_numpy(stored.input_ids),
+            torch.from_numpy(stored.attention_mask),
+            torch.from_numpy(stored.labels),
+        )
 
     layers = uploaded["tracked_layers"]
-    exact = summed_nll_gradients(model, *tensors(query["id"]), layers) @ summed_nll_gradients(
-        model, *tensors(train["id"]), layers).T
+    exact = (
+        summed_nll_gradients(model, *tensors(query["id"]), layers)
+        @ summed_nll_gradients(model, *tensors(train["id"]), layers).T
+    )
     for (query_id, train_id), score in scores.items():
         assert score == pytest.approx(float(exact[query_id, int(train_id[1])]), rel=1e-3, abs=1e-5)
 
-    influence = api.client.post("/v1/attributions", json={
-        "model_id": uploaded["id"], "train_dataset_id": train["id"], "query_dataset_id": query["id"],
-        "method": "influence", "mode": "pairwise", "top_k": 2})
+    influence = api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": uploaded["id"],
+            "train_dataset_id": train["id"],
+            "query_dataset_id": query["id"],
+            "method": "influence",
+            "mode": "pairwise",
+            "top_k": 2,
+        },
+    )
     assert influence.status_code == 202, influence.text
     job = api.client.get(f"/v1/jobs/{influence.json()['job_id']}").json()
     assert job["status"] == "succeeded", job["error"]
@@ -506,19 +641,38 @@ def test_gpt2_text_attribution_end_to_end(sqlite_api: Api, tmp_path: Path) -> No
 def test_bert_sequence_classification_end_to_end(sqlite_api: Api, tmp_path: Path) -> None:
     api = sqlite_api
     uploaded = post_parts(api, saved(tiny_bert(), tmp_path / "b"), MODELS["bert"][1]).json()
-    data = save_safetensors({"input_ids": torch.tensor([[2, 3, 4, 0], [5, 6, 7, 8], [9, 10, 0, 0]]),
-                             "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]),
-                             "targets": torch.tensor([0, 2, 1])})
+    data = save_safetensors(
+        {
+            "input_ids": torch.tensor([[2, 3, 4, 0], [5, 6, 7, 8], [9, 10, 0, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]),
+            "targets": torch.tensor([0, 2, 1]),
+        }
+    )
     dataset = post_dataset(api, data, "cls.safetensors").json()
     assert dataset["fields"]["targets"]["shape"] == [3]
-    response = api.client.post("/v1/attributions", json={
-        "model_id": uploaded["id"], "train_dataset_id": dataset["id"], "mode": "self", "method": "influence",
-        "top_k": 3})
+    response = api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": uploaded["id"],
+            "train_dataset_id": dataset["id"],
+            "mode": "self",
+            "method": "influence",
+            "top_k": 3,
+        },
+    )
     assert response.status_code == 202, response.text
     job = api.client.get(f"/v1/jobs/{response.json()['job_id']}").json()
     assert job["status"] == "succeeded", job["error"]
-    out_of_range = post_dataset(api, save_safetensors({"input_ids": torch.tensor([[2, 3]]), "targets": torch.tensor([5])}),
-                                "bad.safetensors").json()
-    refused = api.client.post("/v1/attributions", json={
-        "model_id": uploaded["id"], "train_dataset_id": out_of_range["id"], "mode": "self", "method": "influence"})
+    out_of_range = post_dataset(
+        api, save_safetensors({"input_ids": torch.tensor([[2, 3]]), "targets": torch.tensor([5])}), "bad.safetensors"
+    ).json()
+    refused = api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": uploaded["id"],
+            "train_dataset_id": out_of_range["id"],
+            "mode": "self",
+            "method": "influence",
+        },
+    )
     assert refused.status_code == 422 and "targets" in refused.json()["detail"], refused.text

@@ -18,9 +18,21 @@ def token(values: object) -> str:
 
 
 FORGED_RESULT_TOKENS = [
-    token(["a", "b"]), token([None, 1]), "W1xlNDAwLDFd", token([{}, 1]), token([1.5, 2]), token([True, 1]),
-    token([-1, 1]), token([2**70, 1]), token([1, 2, 3]), token({"a": 1}), token("x"), "!!!not-base64!!!", "e30",
-    base64.urlsafe_b64encode(b"\xff\xfe").decode(), token([[[[[[]]]]], 1]),
+    token(["a", "b"]),
+    token([None, 1]),
+    "W1xlNDAwLDFd",
+    token([{}, 1]),
+    token([1.5, 2]),
+    token([True, 1]),
+    token([-1, 1]),
+    token([2**70, 1]),
+    token([1, 2, 3]),
+    token({"a": 1}),
+    token("x"),
+    "!!!not-base64!!!",
+    "e30",
+    base64.urlsafe_b64encode(b"\xff\xfe").decode(),
+    token([[[[[[]]]]], 1]),
 ]
 
 
@@ -34,8 +46,14 @@ def test_forged_result_page_tokens_are_400(sqlite_api: Api, forged: str) -> None
     assert response.json()["type"].endswith("/invalid-page-token")
 
 
-FORGED_LIST_TOKENS = [token(["a", "b"]), token([None, 1]), token(["2026-01-01T00:00:00", "x"]), token([1, 2]),
-                      token(["2026-01-01T00:00:00+00:00", "x" * 100]), token([{}, []])]
+FORGED_LIST_TOKENS = [
+    token(["a", "b"]),
+    token([None, 1]),
+    token(["2026-01-01T00:00:00", "x"]),
+    token([1, 2]),
+    token(["2026-01-01T00:00:00+00:00", "x" * 100]),
+    token([{}, []]),
+]
 
 
 @pytest.mark.parametrize("forged", FORGED_LIST_TOKENS)
@@ -45,7 +63,9 @@ def test_forged_list_page_tokens_are_400(sqlite_api: Api, path: str, forged: str
     assert response.status_code == 400, response.text
 
 
-@pytest.mark.parametrize("forged", [token(["a", 1, "x"]), token([0, "1", "x"]), token([0, 1, 2]), token([1e400, 1, "x"])])
+@pytest.mark.parametrize(
+    "forged", [token(["a", 1, "x"]), token([0, "1", "x"]), token([0, 1, 2]), token([1e400, 1, "x"])]
+)
 def test_forged_checkpoint_page_tokens_are_400(sqlite_api: Api, forged: str) -> None:
     model_id = setup_job(sqlite_api)["model_id"]
     response = sqlite_api.client.get(f"/v1/models/{model_id}/checkpoints", params={"page_token": forged})
@@ -71,8 +91,13 @@ def test_timestamps_are_utc_with_z_on_every_backend(api: Api) -> None:
     attribution = submit(api, setup)
     job = api.client.get(f"/v1/jobs/{attribution['job_id']}").json()
     model = api.client.get(f"/v1/models/{setup['model_id']}").json()
-    for stamp in (job["created_at"], job["started_at"], job["finished_at"], model["created_at"],
-                  api.client.get(f"/v1/attributions/{attribution['id']}").json()["created_at"]):
+    for stamp in (
+        job["created_at"],
+        job["started_at"],
+        job["finished_at"],
+        model["created_at"],
+        api.client.get(f"/v1/attributions/{attribution['id']}").json()["created_at"],
+    ):
         assert stamp.endswith("Z"), stamp
 
 
@@ -81,8 +106,9 @@ def deep_list(depth: int) -> str:
 
 
 def test_deeply_nested_json_body_is_422(sqlite_api: Api) -> None:
-    body = ('{"model_id": "m", "train_dataset_id": "d", "query_dataset_id": "q", "options": {"x": '
-            + deep_list(2000) + "}}")
+    body = (
+        '{"model_id": "m", "train_dataset_id": "d", "query_dataset_id": "q", "options": {"x": ' + deep_list(2000) + "}}"
+    )
     response = sqlite_api.client.post("/v1/attributions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
     assert "deep" in response.json()["detail"]
@@ -90,23 +116,30 @@ def test_deeply_nested_json_body_is_422(sqlite_api: Api) -> None:
 
 def test_deeply_nested_metadata_part_is_422(sqlite_api: Api) -> None:
     metadata = '{"name": "x", "extra": ' + deep_list(2000) + "}"
-    response = sqlite_api.client.post("/v1/datasets", data={"metadata": metadata},
-                                      files={"data": ("d.npz", b"PK\x03\x04")})
+    response = sqlite_api.client.post(
+        "/v1/datasets", data={"metadata": metadata}, files={"data": ("d.npz", b"PK\x03\x04")}
+    )
     assert response.status_code == 422, response.text
 
 
 def test_a_residual_architecture_900_levels_deep_is_422(sqlite_api: Api) -> None:
     layer = '{"type": "residual", "body": [' * 900 + '{"type": "relu"}' + "]}" * 900
-    metadata = ('{"name": "deep", "format": "spec", "architecture": {"type": "sequential", "layers": [' + layer
-                + ']}, "task": {"loss": "cross_entropy"}}')
-    response = sqlite_api.client.post("/v1/models", data={"metadata": metadata},
-                                      files={"weights": ("w.safetensors", b"\x00" * 16)})
+    metadata = (
+        '{"name": "deep", "format": "spec", "architecture": {"type": "sequential", "layers": ['
+        + layer
+        + ']}, "task": {"loss": "cross_entropy"}}'
+    )
+    response = sqlite_api.client.post(
+        "/v1/models", data={"metadata": metadata}, files={"weights": ("w.safetensors", b"\x00" * 16)}
+    )
     assert response.status_code == 422, response.text
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting(sqlite_api: Api) -> None:
-    response = sqlite_api.client.post("/v1/attributions", json={
-        "model_id": "[{" * 30 + '\\"[', "train_dataset_id": "[" * 60, "query_dataset_id": "{" * 60})
+    response = sqlite_api.client.post(
+        "/v1/attributions",
+        json={"model_id": "[{" * 30 + '\\"[', "train_dataset_id": "[" * 60, "query_dataset_id": "{" * 60},
+    )
     assert response.status_code == 404, response.text  # the model does not exist: the depth check let it through
 
 
@@ -127,8 +160,9 @@ def test_a_tiny_npz_claiming_a_huge_array_is_refused_from_its_header(sqlite_api:
                 member.write(chunk)
         archive.writestr("targets.npy", b"")
     tracemalloc.start()
-    response = sqlite_api.client.post("/v1/datasets", data={"metadata": json.dumps({"name": "bomb"})},
-                                      files={"data": ("bomb.npz", buffer.getvalue())})
+    response = sqlite_api.client.post(
+        "/v1/datasets", data={"metadata": json.dumps({"name": "bomb"})}, files={"data": ("bomb.npz", buffer.getvalue())}
+    )
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert response.status_code == 422, response.text
@@ -140,27 +174,46 @@ def test_chunked_upload_over_the_limit_is_413(tmp_path) -> None:
     from tests.service.conftest import build_api
 
     for limited in build_api(tmp_path, None, max_upload_bytes=4096):
+
         def chunks():
-            yield b"--b\r\nContent-Disposition: form-data; name=\"metadata\"\r\n\r\n{\"name\": \"x\"}\r\n"
-            yield b"--b\r\nContent-Disposition: form-data; name=\"data\"; filename=\"d.npz\"\r\n\r\n"
+            yield b'--b\r\nContent-Disposition: form-data; name="metadata"\r\n\r\n{"name": "x"}\r\n'
+            yield b'--b\r\nContent-Disposition: form-data; name="data"; filename="d.npz"\r\n\r\n'
             for _ in range(10):
                 yield b"\x00" * 1024
             yield b"\r\n--b--\r\n"
 
-        response = limited.client.post("/v1/datasets", content=chunks(),
-                                       headers={"content-type": "multipart/form-data; boundary=b"})
+        response = limited.client.post(
+            "/v1/datasets", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+        )
         assert response.status_code == 413, response.text
         assert response.headers["content-type"] == "application/problem+json"
 
 
-@pytest.mark.parametrize("options", [
-    {"seed": 1e30}, {"seed": False}, {"seed": 2**40}, {"seed": "1"}, {"layers": []}, {"layers": [""]},
-    {"damping": 1e300}, {"damping": True}, {"max_iter": 1e9}, {"tol": 2}, {"fisher_samples": 1.5},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"seed": 1e30},
+        {"seed": False},
+        {"seed": 2**40},
+        {"seed": "1"},
+        {"layers": []},
+        {"layers": [""]},
+        {"damping": 1e300},
+        {"damping": True},
+        {"max_iter": 1e9},
+        {"tol": 2},
+        {"fisher_samples": 1.5},
+    ],
+)
 def test_out_of_range_options_are_422_before_queuing(sqlite_api: Api, options: dict) -> None:
     setup = setup_job(sqlite_api)
-    body = {"model_id": setup["model_id"], "train_dataset_id": setup["train_dataset_id"],
-            "query_dataset_id": setup["query_dataset_id"], "method": "influence", "options": options}
+    body = {
+        "model_id": setup["model_id"],
+        "train_dataset_id": setup["train_dataset_id"],
+        "query_dataset_id": setup["query_dataset_id"],
+        "method": "influence",
+        "options": options,
+    }
     response = sqlite_api.client.post("/v1/attributions", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["errors"][0]["field"].startswith("body.options.")
@@ -172,8 +225,9 @@ def test_both_model_id_and_model_ids_is_refused_and_the_schema_says_so(sqlite_ap
     for variant in schemas["AttributionIn"]["discriminator"]["mapping"].values():  # each method's request
         schema = schemas[variant.rsplit("/", 1)[1]]
         assert {"required": ["model_id"]} in schema["oneOf"] and {"required": ["model_ids"]} in schema["oneOf"]
-    response = sqlite_api.client.post("/v1/attributions", json={
-        "model_id": "a", "model_ids": ["a"], "train_dataset_id": "d", "query_dataset_id": "q"})
+    response = sqlite_api.client.post(
+        "/v1/attributions", json={"model_id": "a", "model_ids": ["a"], "train_dataset_id": "d", "query_dataset_id": "q"}
+    )
     assert response.status_code == 422
 
 
@@ -186,16 +240,28 @@ def test_an_empty_metadata_part_is_refused_by_the_schema(sqlite_api: Api) -> Non
 
 
 def conv_model(padding: int, channels: int = 4) -> dict:
-    return {"name": "conv", "format": "spec", "task": {"loss": "cross_entropy"}, "architecture": {
-        "type": "sequential", "layers": [
-            {"type": "conv2d", "in_channels": 1, "out_channels": channels, "kernel_size": 3, "padding": padding},
-            {"type": "adaptive_avgpool2d", "output_size": 1}, {"type": "flatten"},
-            {"type": "linear", "in_features": channels, "out_features": 3}]}}
+    return {
+        "name": "conv",
+        "format": "spec",
+        "task": {"loss": "cross_entropy"},
+        "architecture": {
+            "type": "sequential",
+            "layers": [
+                {"type": "conv2d", "in_channels": 1, "out_channels": channels, "kernel_size": 3, "padding": padding},
+                {"type": "adaptive_avgpool2d", "output_size": 1},
+                {"type": "flatten"},
+                {"type": "linear", "in_features": channels, "out_features": 3},
+            ],
+        },
+    }
 
 
 def test_a_conv_with_absurd_padding_is_refused_at_upload(sqlite_api: Api) -> None:
-    response = sqlite_api.client.post("/v1/models", data={"metadata": json.dumps(conv_model(100_000))},
-                                      files={"weights": ("w.safetensors", b"\x00" * 16)})
+    response = sqlite_api.client.post(
+        "/v1/models",
+        data={"metadata": json.dumps(conv_model(100_000))},
+        files={"weights": ("w.safetensors", b"\x00" * 16)},
+    )
     assert response.status_code == 422, response.text
     assert "padding" in response.text
 
@@ -208,15 +274,22 @@ def test_work_whose_activations_cannot_fit_is_refused_at_submit(sqlite_api: Api)
     torch.manual_seed(0)
     module = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1024), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 3))
     weights = save_safetensors({k: v.contiguous() for k, v in module.state_dict().items()})
-    model = sqlite_api.client.post("/v1/models", data={"metadata": json.dumps(conv_model(1024, 64))},
-                                   files={"weights": ("w.safetensors", weights)})
+    model = sqlite_api.client.post(
+        "/v1/models", data={"metadata": json.dumps(conv_model(1024, 64))}, files={"weights": ("w.safetensors", weights)}
+    )
     assert model.status_code == 201, model.text
     rng = np.random.default_rng(0)
     images = {"inputs": rng.normal(size=(8, 1, 8, 8)).astype(np.float32), "targets": rng.integers(0, 3, 8)}
     dataset = sqlite_api.upload_npz(**images).json()
-    response = sqlite_api.client.post("/v1/attributions", json={
-        "model_id": model.json()["id"], "train_dataset_id": dataset["id"], "query_dataset_id": dataset["id"],
-        "method": "gradient_similarity"})
+    response = sqlite_api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": model.json()["id"],
+            "train_dataset_id": dataset["id"],
+            "query_dataset_id": dataset["id"],
+            "method": "gradient_similarity",
+        },
+    )
     assert response.status_code == 422, response.text
     assert "GiB of activations" in response.json()["detail"]
 
@@ -240,8 +313,12 @@ def test_active_job_quota_gets_429(tmp_path: Path) -> None:
     for api in build_api(tmp_path, None, max_active_jobs_per_tenant=2):
         setup = setup_job(api)
         api.queue.paused = True  # jobs stay queued
-        body = {"model_id": setup["model_id"], "train_dataset_id": setup["train_dataset_id"],
-                "query_dataset_id": setup["query_dataset_id"], "method": "gradient_similarity"}
+        body = {
+            "model_id": setup["model_id"],
+            "train_dataset_id": setup["train_dataset_id"],
+            "query_dataset_id": setup["query_dataset_id"],
+            "method": "gradient_similarity",
+        }
         statuses = [api.client.post("/v1/attributions", json=body).status_code for _ in range(3)]
         assert statuses == [202, 202, 429]
 

@@ -23,8 +23,9 @@ from tests.service.conftest import Api, tiny_dataset
 PARALLEL = 10
 
 
-def post_together(base_url: str, headers: dict[str, str],
-                  send: Callable[[httpx.Client], httpx.Response]) -> list[httpx.Response]:
+def post_together(
+    base_url: str, headers: dict[str, str], send: Callable[[httpx.Client], httpx.Response]
+) -> list[httpx.Response]:
     barrier = threading.Barrier(PARALLEL)
     replies: list[httpx.Response | None] = [None] * PARALLEL
 
@@ -58,14 +59,22 @@ def test_parallel_retries_create_one_resource_and_answer_alike(tmp_path: Path, b
     payload = buffer.getvalue()
 
     def upload(client: httpx.Client) -> httpx.Response:
-        return client.post("/v1/datasets", data={"metadata": json.dumps({"name": "once"})},
-                           files={"data": ("d.npz", payload)}, headers={"Idempotency-Key": "upload-1"})
+        return client.post(
+            "/v1/datasets",
+            data={"metadata": json.dumps({"name": "once"})},
+            files={"data": ("d.npz", payload)},
+            headers={"Idempotency-Key": "upload-1"},
+        )
 
     with api_server(env, tmp_path / "server.log") as base_url:
         replies = post_together(base_url, headers, upload)
         listed = httpx.get(f"{base_url}/v1/datasets", headers=headers).json()["datasets"]
-        different = httpx.post(f"{base_url}/v1/datasets", headers={**headers, "Idempotency-Key": "upload-1"},
-                               data={"metadata": json.dumps({"name": "other"})}, files={"data": ("d.npz", payload)})
+        different = httpx.post(
+            f"{base_url}/v1/datasets",
+            headers={**headers, "Idempotency-Key": "upload-1"},
+            data={"metadata": json.dumps({"name": "other"})},
+            files={"data": ("d.npz", payload)},
+        )
     assert [r.status_code for r in replies] == [201] * PARALLEL, [r.text for r in replies]
     assert len({r.text for r in replies}) == 1
     assert len({r.headers["location"] for r in replies}) == 1
@@ -74,13 +83,23 @@ def test_parallel_retries_create_one_resource_and_answer_alike(tmp_path: Path, b
 
 
 def test_a_failed_request_releases_its_key(sqlite_api: Api) -> None:
-    bad = sqlite_api.client.post("/v1/datasets", data={"metadata": json.dumps({"name": "x"})},
-                                 files={"data": ("d.npz", b"not an npz")}, headers={"Idempotency-Key": "k1"})
+    bad = sqlite_api.client.post(
+        "/v1/datasets",
+        data={"metadata": json.dumps({"name": "x"})},
+        files={"data": ("d.npz", b"not an npz")},
+        headers={"Idempotency-Key": "k1"},
+    )
     assert bad.status_code == 422
     buffer = io.BytesIO()
     np.savez(buffer, **tiny_dataset(5))
-    good, again = (sqlite_api.client.post("/v1/datasets", data={"metadata": json.dumps({"name": "x"})},
-                                          files={"data": ("d.npz", buffer.getvalue())},
-                                          headers={"Idempotency-Key": "k1"}) for _ in range(2))
+    good, again = (
+        sqlite_api.client.post(
+            "/v1/datasets",
+            data={"metadata": json.dumps({"name": "x"})},
+            files={"data": ("d.npz", buffer.getvalue())},
+            headers={"Idempotency-Key": "k1"},
+        )
+        for _ in range(2)
+    )
     assert good.status_code == 201, good.text
     assert again.json() == good.json()

@@ -81,8 +81,21 @@ class RedisServer:
             pytest.skip("redis-server is not installed")
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.process = subprocess.Popen(
-            [executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *persistence,
-             "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                executable,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                *persistence,
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
         while True:
@@ -109,9 +122,13 @@ class FaultEnv:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def settings(self, **overrides: Any) -> Settings:
-        values = {f"job_{k[len('ATTRIB_JOB_'):].lower()}": float(v) for k, v in LIVENESS_ENV.items()}
-        return Settings(data_dir=self.tmp_path, database_url=self.database_url, broker_url=self.redis_server.url,
-                        **{**values, **overrides})
+        values = {f"job_{k[len('ATTRIB_JOB_') :].lower()}": float(v) for k, v in LIVENESS_ENV.items()}
+        return Settings(
+            data_dir=self.tmp_path,
+            database_url=self.database_url,
+            broker_url=self.redis_server.url,
+            **{**values, **overrides},
+        )
 
     @contextmanager
     def api(self, **overrides: Any) -> Iterator[Api[JobQueue]]:
@@ -124,14 +141,25 @@ class FaultEnv:
             yield Api(client, settings, queue)
 
     def start_worker(self, **extra_env: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, **LIVENESS_ENV, "ATTRIB_DATA_DIR": str(self.tmp_path),
-               "ATTRIB_DATABASE_URL": self.database_url, "ATTRIB_BROKER_URL": self.redis_server.url,
-               "OMP_NUM_THREADS": "1", **extra_env}
+        env = {
+            **os.environ,
+            **LIVENESS_ENV,
+            "ATTRIB_DATA_DIR": str(self.tmp_path),
+            "ATTRIB_DATABASE_URL": self.database_url,
+            "ATTRIB_BROKER_URL": self.redis_server.url,
+            "OMP_NUM_THREADS": "1",
+            **extra_env,
+        }
         attrib = Path(sys.executable).with_name("attrib")
         command = [str(attrib)] if attrib.exists() else [sys.executable, "-m", "service.cli"]
         log = (self.tmp_path / f"worker-{len(self.workers)}.log").open("wb")
-        worker = subprocess.Popen([*command, "worker", "--loglevel=WARNING"], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [*command, "worker", "--loglevel=WARNING"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.workers.append(worker)
         return worker
 
@@ -172,18 +200,25 @@ def faults(tmp_path: Path) -> Iterator[FaultEnv]:
 
 def upload_slow_inputs(api: Api[JobQueue]) -> dict[str, str]:
     rng = np.random.default_rng(0)
-    architecture = {"type": "sequential", "layers": [
-        {"type": "linear", "in_features": 16, "out_features": 32}, {"type": "tanh"},
-        {"type": "linear", "in_features": 32, "out_features": 3}]}
+    architecture = {
+        "type": "sequential",
+        "layers": [
+            {"type": "linear", "in_features": 16, "out_features": 32},
+            {"type": "tanh"},
+            {"type": "linear", "in_features": 32, "out_features": 3},
+        ],
+    }
     import torch
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
     model = api.upload_model(module, architecture).json()["id"]
-    train = api.upload_npz(inputs=rng.normal(size=(SLOW_TRAIN, 16)).astype(np.float32),
-                           targets=rng.integers(0, 3, size=SLOW_TRAIN)).json()["id"]
-    query = api.upload_npz(inputs=rng.normal(size=(SLOW_QUERY, 16)).astype(np.float32),
-                           targets=rng.integers(0, 3, size=SLOW_QUERY)).json()["id"]
+    train = api.upload_npz(
+        inputs=rng.normal(size=(SLOW_TRAIN, 16)).astype(np.float32), targets=rng.integers(0, 3, size=SLOW_TRAIN)
+    ).json()["id"]
+    query = api.upload_npz(
+        inputs=rng.normal(size=(SLOW_QUERY, 16)).astype(np.float32), targets=rng.integers(0, 3, size=SLOW_QUERY)
+    ).json()["id"]
     return {"model_id": model, "train_dataset_id": train, "query_dataset_id": query}
 
 
@@ -215,10 +250,17 @@ def running_with_progress(job: dict[str, Any]) -> bool:
 def stored_rows(database_url: str, attribution_id: str) -> list[tuple[Any, ...]]:
     with session_scope(database_url) as session:
         rows = session.execute(
-            select(AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank,
-                   AttributionResult.query_id, AttributionResult.train_id, AttributionResult.score)
+            select(
+                AttributionResult.direction,
+                AttributionResult.query_pos,
+                AttributionResult.rank,
+                AttributionResult.query_id,
+                AttributionResult.train_id,
+                AttributionResult.score,
+            )
             .where(AttributionResult.attribution_id == attribution_id)
-            .order_by(AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank))
+            .order_by(AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank)
+        )
         return [tuple(row) for row in rows]
 
 

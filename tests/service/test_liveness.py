@@ -29,8 +29,14 @@ from tests.conftest import private_postgres_schema
 from tests.service.conftest import build_api, make_settings
 from worker.heartbeat import Heartbeat
 
-POLICY = LivenessPolicy(heartbeat_seconds=1, stale_seconds=10, max_attempts=3, requeue_seconds=60,
-                        soft_time_limit_seconds=3600, time_limit_seconds=4000)
+POLICY = LivenessPolicy(
+    heartbeat_seconds=1,
+    stale_seconds=10,
+    max_attempts=3,
+    requeue_seconds=60,
+    soft_time_limit_seconds=3600,
+    time_limit_seconds=4000,
+)
 
 
 class RecordingQueue:
@@ -149,7 +155,10 @@ def test_reaper_requeues_stale_jobs_and_fails_them_after_the_last_attempt(url: s
     queue = RecordingQueue()
     report = reap(url, queue, POLICY)
     assert (report.requeued, report.cancelled, sorted(report.failed)) == (
-        [stale], [cancelling], sorted([exhausted, too_long]))
+        [stale],
+        [cancelling],
+        sorted([exhausted, too_long]),
+    )
     assert queue.sent == [stale]
     assert row(url, fresh).status == "running"
     assert (row(url, stale).status, row(url, stale).attempts) == ("queued", 1)
@@ -277,15 +286,24 @@ def test_migration_0002_lets_the_reaper_look_after_jobs_left_by_the_previous_ver
     command.upgrade(alembic_config(url), "0001")
     created, started = ago(600), ago(300)
     with get_engine(url).begin() as connection:
-        connection.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('tnt_old', 'old', :at)"),
-                           {"at": created})
+        connection.execute(
+            text("INSERT INTO tenants (id, name, created_at) VALUES ('tnt_old', 'old', :at)"), {"at": created}
+        )
         for job_id, status in (("job_queued", "queued"), ("job_running", "running"), ("job_done", "succeeded")):
-            connection.execute(text(
-                "INSERT INTO jobs (id, tenant_id, kind, status, progress_stage, progress_completed, progress_total, "
-                "cancel_requested, attempts, created_at, started_at) VALUES (:id, 'tnt_old', 'fit', :status, "
-                "'x', 0, 0, false, :attempts, :created, :started)"),
-                {"id": job_id, "status": status, "attempts": int(status != "queued"), "created": created,
-                 "started": started if status != "queued" else None})
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, tenant_id, kind, status, progress_stage, progress_completed, progress_total, "
+                    "cancel_requested, attempts, created_at, started_at) VALUES (:id, 'tnt_old', 'fit', :status, "
+                    "'x', 0, 0, false, :attempts, :created, :started)"
+                ),
+                {
+                    "id": job_id,
+                    "status": status,
+                    "attempts": int(status != "queued"),
+                    "created": created,
+                    "started": started if status != "queued" else None,
+                },
+            )
     upgrade_to_head(url)
     assert row(url, "job_queued").enqueued_at is not None and row(url, "job_running").heartbeat_at is not None
     assert row(url, "job_done").heartbeat_at is None

@@ -22,11 +22,17 @@ def results_pages(base: Path, database_url: str | None) -> tuple[list[str], dict
     for api in build_api(base, database_url):
         setup = setup_job(api, n_train=300, n_query=20)
         attribution = submit(api, setup, top_k=100)
-        paths = [f"/v1/attributions/{attribution['id']}/results?query_id={query}&direction={direction}&page_size=100"
-                 for query in range(500, 520) for direction in ("positive", "negative")]
+        paths = [
+            f"/v1/attributions/{attribution['id']}/results?query_id={query}&direction={direction}&page_size=100"
+            for query in range(500, 520)
+            for direction in ("positive", "negative")
+        ]
         headers = {"Authorization": api.client.headers["Authorization"]}
-        env = {"ATTRIB_DATA_DIR": str(base), "ATTRIB_DATABASE_URL": api.settings.resolved_database_url,
-               "ATTRIB_BROKER_URL": REDIS_URL}
+        env = {
+            "ATTRIB_DATA_DIR": str(base),
+            "ATTRIB_DATABASE_URL": api.settings.resolved_database_url,
+            "ATTRIB_BROKER_URL": REDIS_URL,
+        }
         return paths, headers, env
     raise AssertionError("unreachable")
 

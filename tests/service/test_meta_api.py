@@ -10,11 +10,14 @@ from torch import nn
 from tests.service.conftest import Api
 from tests.service.test_attributions import all_rows
 
-SINE_ARCHITECTURE = {"type": "sequential", "layers": [
-    {"type": "linear", "in_features": 1, "out_features": 8},
-    {"type": "tanh"},
-    {"type": "linear", "in_features": 8, "out_features": 1},
-]}
+SINE_ARCHITECTURE = {
+    "type": "sequential",
+    "layers": [
+        {"type": "linear", "in_features": 1, "out_features": 8},
+        {"type": "tanh"},
+        {"type": "linear", "in_features": 8, "out_features": 1},
+    ],
+}
 INNER = {"mode": "implicit_proximal", "reg": 10.0, "ihvp": "dense", "tol": 1e-8, "max_iter": 200}
 
 
@@ -29,8 +32,12 @@ def sine_tasks(num_tasks: int, seed: int, per_split: int = 6, first_task: int = 
             targets.append(amplitude * np.sin(x + phase))
             task += [first_task + t] * per_split
             split += [s] * per_split
-    return {"inputs": np.concatenate(inputs).astype(np.float32), "targets": np.concatenate(targets).astype(np.float32),
-            "task": np.array(task, dtype=np.int64), "split": np.array(split, dtype=np.int64)}
+    return {
+        "inputs": np.concatenate(inputs).astype(np.float32),
+        "targets": np.concatenate(targets).astype(np.float32),
+        "task": np.array(task, dtype=np.int64),
+        "split": np.array(split, dtype=np.int64),
+    }
 
 
 def sine_model() -> nn.Sequential:
@@ -45,16 +52,29 @@ def meta_setup(sqlite_api: Api) -> dict:
     train = sine_tasks(5, seed=1)
     train_id = api.upload_npz(**train).json()["id"]
     query_id = api.upload_npz(**sine_tasks(2, seed=2, first_task=100)).json()["id"]
-    return {"api": api, "model_id": model_id, "train_dataset_id": train_id, "query_dataset_id": query_id,
-            "train": train}
+    return {
+        "api": api,
+        "model_id": model_id,
+        "train_dataset_id": train_id,
+        "query_dataset_id": query_id,
+        "train": train,
+    }
 
 
 def submit_meta(setup: dict, method: str, mode: str, **options) -> dict:
     api = setup["api"]
-    response = api.client.post("/v1/attributions", json={
-        "model_id": setup["model_id"], "train_dataset_id": setup["train_dataset_id"],
-        "query_dataset_id": setup["query_dataset_id"], "method": method, "mode": mode, "top_k": 5,
-        "options": {"inner": INNER, "solver": "exact", "outer_l2": 0.05, **options}})
+    response = api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": setup["model_id"],
+            "train_dataset_id": setup["train_dataset_id"],
+            "query_dataset_id": setup["query_dataset_id"],
+            "method": method,
+            "mode": mode,
+            "top_k": 5,
+            "options": {"inner": INNER, "solver": "exact", "outer_l2": 0.05, **options},
+        },
+    )
     assert response.status_code == 202, response.text
     job = api.client.get(f"/v1/jobs/{response.json()['job_id']}").json()
     assert job["status"] == "succeeded", job.get("error")
@@ -77,8 +97,9 @@ def test_task_influence_ranks_every_task(meta_setup: dict) -> None:
 
 def test_task_influence_with_the_ekfac_inner_inverse_and_matrix_free_solver(meta_setup: dict) -> None:
     api = meta_setup["api"]
-    attribution = submit_meta(meta_setup, "meta_task_influence", "aggregate", inner={**INNER, "ihvp": "ekfac"},
-                              solver="cg", damping=10.0)
+    attribution = submit_meta(
+        meta_setup, "meta_task_influence", "aggregate", inner={**INNER, "ihvp": "ekfac"}, solver="cg", damping=10.0
+    )
     rows = all_rows(api, attribution["id"])
     assert sorted(r["train_id"] for r in rows) == [0, 1, 2, 3, 4]
     assert all(np.isfinite(r["score"]) for r in rows)
@@ -105,8 +126,10 @@ def test_edit_removes_tasks(meta_setup: dict) -> None:
     diagnostics = api.client.get(f"/v1/models/{response.json()['model_id']}").json()["edit_diagnostics"]
     assert diagnostics["estimator"] == "newton" and diagnostics["num_removed"] == 2
     assert len(diagnostics["query_loss_changes"]) == 2
-    assert api.client.post(f"/v1/attributions/{attribution['id']}/edit",
-                           json={"remove": [42], "name": "e"}).status_code == 422
+    assert (
+        api.client.post(f"/v1/attributions/{attribution['id']}/edit", json={"remove": [42], "name": "e"}).status_code
+        == 422
+    )
 
 
 def test_newton_removal_ranks_tasks_and_edits(meta_setup: dict) -> None:
@@ -123,8 +146,12 @@ def test_newton_removal_ranks_tasks_and_edits(meta_setup: dict) -> None:
 
 def test_newton_removal_is_refused_where_it_does_not_apply(meta_setup: dict) -> None:
     api = meta_setup["api"]
-    base = {"model_id": meta_setup["model_id"], "train_dataset_id": meta_setup["train_dataset_id"],
-            "query_dataset_id": meta_setup["query_dataset_id"], "mode": "aggregate"}
+    base = {
+        "model_id": meta_setup["model_id"],
+        "train_dataset_id": meta_setup["train_dataset_id"],
+        "query_dataset_id": meta_setup["query_dataset_id"],
+        "mode": "aggregate",
+    }
     for method, options, field in (
         ("meta_instance_influence", {"removal": "newton"}, "removal"),
         ("meta_task_influence", {"removal": "newton", "solver": "neumann"}, "solver"),
@@ -138,15 +165,29 @@ def test_newton_removal_is_refused_where_it_does_not_apply(meta_setup: dict) -> 
 def test_meta_methods_need_meta_datasets(meta_setup: dict) -> None:
     api = meta_setup["api"]
     plain = api.upload_npz(inputs=np.zeros((4, 1), np.float32), targets=np.zeros((4, 1), np.float32)).json()["id"]
-    response = api.client.post("/v1/attributions", json={
-        "model_id": meta_setup["model_id"], "train_dataset_id": plain,
-        "query_dataset_id": meta_setup["query_dataset_id"], "method": "meta_task_influence", "mode": "aggregate"})
+    response = api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": meta_setup["model_id"],
+            "train_dataset_id": plain,
+            "query_dataset_id": meta_setup["query_dataset_id"],
+            "method": "meta_task_influence",
+            "mode": "aggregate",
+        },
+    )
     assert response.status_code == 422
     assert "task" in response.json()["detail"]
-    unknown_option = api.client.post("/v1/attributions", json={
-        "model_id": meta_setup["model_id"], "train_dataset_id": meta_setup["train_dataset_id"],
-        "query_dataset_id": meta_setup["query_dataset_id"], "method": "meta_task_influence", "mode": "aggregate",
-        "options": {"inner": {"mode": "implicit_proximal", "regg": 1}}})
+    unknown_option = api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": meta_setup["model_id"],
+            "train_dataset_id": meta_setup["train_dataset_id"],
+            "query_dataset_id": meta_setup["query_dataset_id"],
+            "method": "meta_task_influence",
+            "mode": "aggregate",
+            "options": {"inner": {"mode": "implicit_proximal", "regg": 1}},
+        },
+    )
     assert unknown_option.status_code == 422
 
 
@@ -156,10 +197,17 @@ def test_a_task_with_an_empty_split_fails_the_job_clearly(meta_setup: dict) -> N
     keep = ~((broken["task"] == 1) & (broken["split"] == 1))
     broken = {k: v[keep] for k, v in broken.items()}
     broken_id = api.upload_npz(**broken).json()["id"]
-    response = api.client.post("/v1/attributions", json={
-        "model_id": meta_setup["model_id"], "train_dataset_id": broken_id,
-        "query_dataset_id": meta_setup["query_dataset_id"], "method": "meta_task_influence", "mode": "aggregate",
-        "options": {"inner": INNER, "solver": "exact"}})
+    response = api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": meta_setup["model_id"],
+            "train_dataset_id": broken_id,
+            "query_dataset_id": meta_setup["query_dataset_id"],
+            "method": "meta_task_influence",
+            "mode": "aggregate",
+            "options": {"inner": INNER, "solver": "exact"},
+        },
+    )
     job = api.client.get(f"/v1/jobs/{response.json()['job_id']}").json()
     assert job["status"] == "failed"
     assert "1" in job["error"]["detail"] and "split" in job["error"]["detail"]

@@ -74,9 +74,16 @@ def test_a_registered_method_runs_end_to_end(random_method: Method, api: Api) ->
 
 def test_a_registered_method_has_strict_documented_options(random_method: Method, sqlite_api: Api) -> None:
     setup = setup_job(sqlite_api, n_train=6, n_query=2)
-    response = sqlite_api.client.post("/v1/attributions", json={
-        "model_id": setup["model_id"], "train_dataset_id": setup["train_dataset_id"],
-        "query_dataset_id": setup["query_dataset_id"], "method": "random", "options": {"sede": 1}})
+    response = sqlite_api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": setup["model_id"],
+            "train_dataset_id": setup["train_dataset_id"],
+            "query_dataset_id": setup["query_dataset_id"],
+            "method": "random",
+            "options": {"sede": 1},
+        },
+    )
     assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json"
     assert [error["field"] for error in response.json()["errors"]] == ["body.options.sede"]
     schemas = sqlite_api.client.get("/openapi.json").json()["components"]["schemas"]
@@ -102,9 +109,12 @@ def test_openapi_documents_each_method_as_a_variant(sqlite_api: Api) -> None:
     union = schemas["AttributionIn"]
     assert union["discriminator"]["propertyName"] == "method"
     names = {
-        "influence": "InfluenceOptions", "datainf": "DataInfOptions",
+        "influence": "InfluenceOptions",
+        "datainf": "DataInfOptions",
         "gradient_similarity": "GradientSimilarityOptions",
-        "tracin": "TracInOptions", "source": "SourceOptions", "meta_task_influence": "MetaTaskInfluenceOptions",
+        "tracin": "TracInOptions",
+        "source": "SourceOptions",
+        "meta_task_influence": "MetaTaskInfluenceOptions",
         "meta_instance_influence": "MetaInstanceInfluenceOptions",
     }
     assert set(union["discriminator"]["mapping"]) == set(names)
@@ -129,10 +139,13 @@ def test_every_option_reaches_the_engine() -> None:
     engine = engine_options.influence_options(InfluenceOptions(strategy="cg", damping=0.5, max_iter=7, seed=3))
     assert (engine.strategy, engine.damping, engine.max_iter, engine.seed) == ("cg", 0.5, 7, 3)
     mappings: dict[str, Callable[[Any], Any]] = {
-        "influence": engine_options.influence_options, "datainf": engine_options.datainf_options,
+        "influence": engine_options.influence_options,
+        "datainf": engine_options.datainf_options,
         "gradient_similarity": engine_options.gradient_similarity_options,
-        "tracin": engine_options.tracin_options, "source": engine_options.source_options,
-        "meta_task_influence": engine_options.meta_options, "meta_instance_influence": engine_options.meta_options,
+        "tracin": engine_options.tracin_options,
+        "source": engine_options.source_options,
+        "meta_task_influence": engine_options.meta_options,
+        "meta_instance_influence": engine_options.meta_options,
     }
     for method in all_methods():
         engine_fields = {field.name for field in dataclasses.fields(mappings[method.name](method.options()))}

@@ -75,8 +75,9 @@ def test_delete_then_404(api: Api) -> None:
 
 
 def _post_raw(api: Api, metadata: dict[str, Any], weights: bytes) -> httpx.Response:
-    return api.client.post("/v1/models", data={"metadata": json.dumps(metadata)},
-                           files={"weights": ("w.safetensors", weights)})
+    return api.client.post(
+        "/v1/models", data={"metadata": json.dumps(metadata)}, files={"weights": ("w.safetensors", weights)}
+    )
 
 
 GOOD_METADATA = {"name": "m", "format": "spec", "architecture": MLP_ARCHITECTURE, "task": {"loss": "cross_entropy"}}
@@ -88,8 +89,18 @@ def good_weights() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "case",
-    ["truncated", "garbage", "nan", "missing_key", "extra_key", "wrong_shape", "unknown_layer", "hf", "causal_lm",
-     "bad_json"],
+    [
+        "truncated",
+        "garbage",
+        "nan",
+        "missing_key",
+        "extra_key",
+        "wrong_shape",
+        "unknown_layer",
+        "hf",
+        "causal_lm",
+        "bad_json",
+    ],
 )
 def test_bad_model_uploads_are_422_and_leave_nothing(sqlite_api: Api, case: str) -> None:
     api = sqlite_api
@@ -116,8 +127,9 @@ def test_bad_model_uploads_are_422_and_leave_nothing(sqlite_api: Api, case: str)
     elif case == "causal_lm":
         metadata["task"] = {"loss": "causal_lm"}
     if case == "bad_json":
-        response = api.client.post("/v1/models", data={"metadata": "{not json"},
-                                   files={"weights": ("w", save_safetensors(weights))})
+        response = api.client.post(
+            "/v1/models", data={"metadata": "{not json"}, files={"weights": ("w", save_safetensors(weights))}
+        )
     else:
         response = _post_raw(api, metadata, raw if raw is not None else save_safetensors(weights))
     assert response.status_code == 422, response.text
@@ -154,21 +166,31 @@ def test_checkpoints_upload_validate_and_list(api: Api) -> None:
     model_id = api.upload_model(tiny_classifier()).json()["id"]
     for step in (10, 20):
         meta = {"step": step, "learning_rate": 0.1, "momentum": 0.9}
-        response = api.client.post(f"/v1/models/{model_id}/checkpoints", data={"metadata": json.dumps(meta)},
-                                   files={"weights": ("w", save_safetensors(good_weights()))})
+        response = api.client.post(
+            f"/v1/models/{model_id}/checkpoints",
+            data={"metadata": json.dumps(meta)},
+            files={"weights": ("w", save_safetensors(good_weights()))},
+        )
         assert response.status_code == 201, response.text
-    duplicate = api.client.post(f"/v1/models/{model_id}/checkpoints",
-                                data={"metadata": json.dumps({"step": 10, "learning_rate": 0.1})},
-                                files={"weights": ("w", save_safetensors(good_weights()))})
+    duplicate = api.client.post(
+        f"/v1/models/{model_id}/checkpoints",
+        data={"metadata": json.dumps({"step": 10, "learning_rate": 0.1})},
+        files={"weights": ("w", save_safetensors(good_weights()))},
+    )
     assert duplicate.status_code == 409
     bad = good_weights()
     bad["0.weight"] = torch.zeros(3, 3)
-    response = api.client.post(f"/v1/models/{model_id}/checkpoints",
-                               data={"metadata": json.dumps({"step": 30, "learning_rate": 0.1})},
-                               files={"weights": ("w", save_safetensors(bad))})
+    response = api.client.post(
+        f"/v1/models/{model_id}/checkpoints",
+        data={"metadata": json.dumps({"step": 30, "learning_rate": 0.1})},
+        files={"weights": ("w", save_safetensors(bad))},
+    )
     assert response.status_code == 422
-    missing_lr = api.client.post(f"/v1/models/{model_id}/checkpoints", data={"metadata": json.dumps({"step": 40})},
-                                 files={"weights": ("w", save_safetensors(good_weights()))})
+    missing_lr = api.client.post(
+        f"/v1/models/{model_id}/checkpoints",
+        data={"metadata": json.dumps({"step": 40})},
+        files={"weights": ("w", save_safetensors(good_weights()))},
+    )
     assert missing_lr.status_code == 422
     assert "learning_rate" in json.dumps(missing_lr.json()["errors"])
     listed = api.client.get(f"/v1/models/{model_id}/checkpoints").json()["checkpoints"]

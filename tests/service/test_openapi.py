@@ -54,8 +54,11 @@ def test_every_operation_has_a_summary_a_description_and_examples(spec: dict[str
 
 
 def test_upload_file_parts_are_binary(spec: dict[str, Any]) -> None:
-    expected = {"POST /v1/models": ["weights", "config", "weights_index", "tokenizer", "tokenizer_config", "archive"],
-                "POST /v1/models/{model_id}/checkpoints": ["weights"], "POST /v1/datasets": ["data"]}
+    expected = {
+        "POST /v1/models": ["weights", "config", "weights_index", "tokenizer", "tokenizer_config", "archive"],
+        "POST /v1/models/{model_id}/checkpoints": ["weights"],
+        "POST /v1/datasets": ["data"],
+    }
     found = {}
     for label, op in operations(spec):
         media = op.get("requestBody", {}).get("content", {}).get("multipart/form-data")
@@ -87,7 +90,10 @@ def test_accepted_and_created_answers_declare_location(spec: dict[str, Any]) -> 
                 header = op["responses"][status]["headers"]["Location"]
                 assert header["required"] and header["schema"] == {"type": "string"}, label
     assert {label for label, op in operations(spec) if "202" in op["responses"]} == {
-        "POST /v1/fits", "POST /v1/attributions", "POST /v1/attributions/{attribution_id}/edit"}
+        "POST /v1/fits",
+        "POST /v1/attributions",
+        "POST /v1/attributions/{attribution_id}/edit",
+    }
 
 
 def test_timestamps_are_declared_as_date_times(spec: dict[str, Any]) -> None:
@@ -100,21 +106,63 @@ def test_timestamps_are_declared_as_date_times(spec: dict[str, Any]) -> None:
 
 def resources(moment: datetime) -> list[BaseModel]:
     """One of each response that carries timestamps, all made at `moment`."""
-    job = JobOut(id="job_1", kind="edit", status="succeeded", progress=JobProgress(stage="done", completed=1, total=1),
-                 error=None, result_url="/v1/models/mdl_2", model_id="mdl_2", created_at=moment, started_at=moment,
-                 finished_at=moment)
+    job = JobOut(
+        id="job_1",
+        kind="edit",
+        status="succeeded",
+        progress=JobProgress(stage="done", completed=1, total=1),
+        error=None,
+        result_url="/v1/models/mdl_2",
+        model_id="mdl_2",
+        created_at=moment,
+        started_at=moment,
+        finished_at=moment,
+    )
     return [
-        ModelOut(id="mdl_2", name="edited", format="spec", num_parameters=1, tracked_layers=["0"], architecture={},
-                 task={"loss": "mse"}, source_attribution_id="attr_1", created_at=moment),
-        CheckpointOut(id="ckpt_1", model_id="mdl_1", step=1, learning_rate=0.1, momentum=0.0, stage=0,
-                      created_at=moment),
+        ModelOut(
+            id="mdl_2",
+            name="edited",
+            format="spec",
+            num_parameters=1,
+            tracked_layers=["0"],
+            architecture={},
+            task={"loss": "mse"},
+            source_attribution_id="attr_1",
+            created_at=moment,
+        ),
+        CheckpointOut(
+            id="ckpt_1", model_id="mdl_1", step=1, learning_rate=0.1, momentum=0.0, stage=0, created_at=moment
+        ),
         DatasetOut(id="ds_1", name="d", format="npz", num_examples=1, fields={}, created_at=moment),
-        FitOut(id="fit_1", job_id="job_1", status="queued", model_id="mdl_1", dataset_id="ds_1", strategy="ekfac",
-               damping=None, checkpoint_ids=None, options={}, created_at=moment),
-        AttributionOut(id="attr_1", job_id="job_1", status="queued", model_ids=["mdl_1"], train_dataset_id="ds_1",
-                       query_dataset_id=None, method="influence", fit_id=None, measurement="loss", mode="self",
-                       top_k=1, options={}, num_results=0, results_url="/v1/attributions/attr_1/results",
-                       created_at=moment),
+        FitOut(
+            id="fit_1",
+            job_id="job_1",
+            status="queued",
+            model_id="mdl_1",
+            dataset_id="ds_1",
+            strategy="ekfac",
+            damping=None,
+            checkpoint_ids=None,
+            options={},
+            created_at=moment,
+        ),
+        AttributionOut(
+            id="attr_1",
+            job_id="job_1",
+            status="queued",
+            model_ids=["mdl_1"],
+            train_dataset_id="ds_1",
+            query_dataset_id=None,
+            method="influence",
+            fit_id=None,
+            measurement="loss",
+            mode="self",
+            top_k=1,
+            options={},
+            num_results=0,
+            results_url="/v1/attributions/attr_1/results",
+            created_at=moment,
+        ),
         job,
     ]
 

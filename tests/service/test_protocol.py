@@ -41,12 +41,27 @@ def test_bad_page_token_is_400(sqlite_api: Api) -> None:
 def test_openapi_documents_every_route_with_problems(sqlite_api: Api) -> None:
     spec = sqlite_api.client.get("/openapi.json").json()
     paths = spec["paths"]
-    for path in ("/v1/models", "/v1/models/{model_id}", "/v1/models/{model_id}/checkpoints",
-                 "/v1/models/{model_id}/weights", "/v1/datasets", "/v1/datasets/{dataset_id}", "/v1/jobs",
-                 "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/fits", "/v1/fits/{fit_id}",
-                 "/v1/attributions", "/v1/attributions/{attribution_id}",
-                 "/v1/attributions/{attribution_id}/results", "/v1/attributions/{attribution_id}/results/export",
-                 "/v1/attributions/{attribution_id}/edit", "/healthz", "/readyz", "/metrics"):
+    for path in (
+        "/v1/models",
+        "/v1/models/{model_id}",
+        "/v1/models/{model_id}/checkpoints",
+        "/v1/models/{model_id}/weights",
+        "/v1/datasets",
+        "/v1/datasets/{dataset_id}",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/fits",
+        "/v1/fits/{fit_id}",
+        "/v1/attributions",
+        "/v1/attributions/{attribution_id}",
+        "/v1/attributions/{attribution_id}/results",
+        "/v1/attributions/{attribution_id}/results/export",
+        "/v1/attributions/{attribution_id}/edit",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
         assert path in paths, path
     assert "Problem" in spec["components"]["schemas"]
     create = paths["/v1/attributions"]["post"]["responses"]

@@ -25,7 +25,10 @@ from worker.devices import DeviceUnavailable, choose_device
 def test_every_job_kind_has_a_queue_and_models_run_on_the_gpu_queue() -> None:
     assert set(QUEUES) == {"gpu", "cpu"}
     assert {kind: queue_for(kind) for kind in ("fit", "attribution", "edit")} == {
-        "fit": "gpu", "attribution": "gpu", "edit": "gpu"}
+        "fit": "gpu",
+        "attribution": "gpu",
+        "edit": "gpu",
+    }
     assert set(QUEUE_OF_KIND.values()) <= set(QUEUES)
     with pytest.raises(ValueError, match="no queue for job kind 'nope'"):
         queue_for("nope")
@@ -84,8 +87,14 @@ class CudaProbe:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int, forbidden: bool = False) -> None:
         self.calls: list[str] = []
-        for name, value in (("is_available", count > 0), ("device_count", count), ("set_device", None),
-                            ("init", None), ("_lazy_init", None), ("current_device", 0)):
+        for name, value in (
+            ("is_available", count > 0),
+            ("device_count", count),
+            ("set_device", None),
+            ("init", None),
+            ("_lazy_init", None),
+            ("current_device", 0),
+        ):
             monkeypatch.setattr(torch.cuda, name, self._recording(name, value, forbidden))
 
     def _recording(self, name: str, value: Any, forbidden: bool) -> Any:
@@ -94,6 +103,7 @@ class CudaProbe:
             if forbidden:
                 raise AssertionError(f"torch.cuda.{name}() called in the worker's parent process")
             return value
+
         return call
 
 
@@ -108,7 +118,10 @@ def test_the_device_setting_picks_cpu_or_a_gpu_per_pool_process(monkeypatch: pyt
 
     CudaProbe(monkeypatch, count=2)
     assert [choose_device("auto", index) for index in range(3)] == [
-        torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cuda", 0)]
+        torch.device("cuda", 0),
+        torch.device("cuda", 1),
+        torch.device("cuda", 0),
+    ]
     assert choose_device("cuda", 1) == torch.device("cuda", 1)
     assert choose_device("cuda:1", 0) == torch.device("cuda", 1)
     with pytest.raises(DeviceUnavailable):
@@ -147,4 +160,6 @@ def test_a_job_on_a_worker_without_the_gpu_it_was_told_to_use_fails_with_the_rea
     from tests.service.test_attributions import setup_job, submit
 
     job = sqlite_api.client.get(f"/v1/jobs/{submit(sqlite_api, setup_job(sqlite_api))['job_id']}").json()
-    assert job["status"] == "failed" and "ATTRIB_DEVICE=cuda but this worker has no CUDA device" in job["error"]["detail"]
+    assert (
+        job["status"] == "failed" and "ATTRIB_DEVICE=cuda but this worker has no CUDA device" in job["error"]["detail"]
+    )

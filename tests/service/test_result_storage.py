@@ -22,13 +22,23 @@ from worker.tasks import attribution as attribution_task
 from worker.tasks.result_writer import write_results
 from worker.tasks.rows import ResultColumns, result_columns
 
-STORED = (AttributionResult.direction, AttributionResult.query_pos, AttributionResult.query_id, AttributionResult.rank,
-          AttributionResult.train_id, AttributionResult.score, AttributionResult.task, AttributionResult.split)
+STORED = (
+    AttributionResult.direction,
+    AttributionResult.query_pos,
+    AttributionResult.query_id,
+    AttributionResult.rank,
+    AttributionResult.train_id,
+    AttributionResult.score,
+    AttributionResult.task,
+    AttributionResult.split,
+)
 
 
-def reference_rows(scores: AttributionScores, method: str, top_k: int, train_ids: list[Any],
-                   query_ids: list[Any] | None) -> list[dict[str, Any]]:
+def reference_rows(
+    scores: AttributionScores, method: str, top_k: int, train_ids: list[Any], query_ids: list[Any] | None
+) -> list[dict[str, Any]]:
     """The rows by their definition, one at a time (as the service built them before the column-wise path)."""
+
     def unit(index: int) -> dict[str, Any]:
         if method == "meta_task_influence":
             assert scores.unit_task is not None
@@ -43,20 +53,40 @@ def reference_rows(scores: AttributionScores, method: str, top_k: int, train_ids
         assert scores.topk is not None
         labels = scores.query_task.tolist() if scores.query_task is not None else query_ids
         assert labels is not None
-        for direction, indices, values in (("positive", scores.topk.positive_indices, scores.topk.positive_scores),
-                                           ("negative", scores.topk.negative_indices, scores.topk.negative_scores)):
+        for direction, indices, values in (
+            ("positive", scores.topk.positive_indices, scores.topk.positive_scores),
+            ("negative", scores.topk.negative_indices, scores.topk.negative_scores),
+        ):
             for pos in range(indices.shape[0]):
-                for rank, (index, score) in enumerate(zip(indices[pos].tolist(), values[pos].tolist(), strict=True), start=1):
-                    rows.append({"direction": direction, "query_pos": pos, "query_id": str(labels[pos]),
-                                 "rank": rank, "score": float(score), **unit(index)})
+                for rank, (index, score) in enumerate(
+                    zip(indices[pos].tolist(), values[pos].tolist(), strict=True), start=1
+                ):
+                    rows.append(
+                        {
+                            "direction": direction,
+                            "query_pos": pos,
+                            "query_id": str(labels[pos]),
+                            "rank": rank,
+                            "score": float(score),
+                            **unit(index),
+                        }
+                    )
         return rows
     assert scores.scores is not None
     order = torch.argsort(scores.scores, descending=True, stable=True).tolist()
     picks = (("positive", order if scores.mode == "self" else order[:top_k]), ("negative", order[::-1][:top_k]))
     for direction, picked in picks:
         for rank, index in enumerate(picked, start=1):
-            rows.append({"direction": direction, "query_pos": 0, "query_id": None, "rank": rank,
-                         "score": float(scores.scores[index]), **unit(index)})
+            rows.append(
+                {
+                    "direction": direction,
+                    "query_pos": 0,
+                    "query_id": None,
+                    "rank": rank,
+                    "score": float(scores.scores[index]),
+                    **unit(index),
+                }
+            )
     return rows
 
 
@@ -71,13 +101,35 @@ def pairwise_scores(num_queries: int, num_train: int, k: int, seed: int = 0, **m
 CASES = {
     "pairwise, string ids": (pairwise_scores(3, 7, 4), "influence", 4, [f"ex-{i}" for i in range(7)], ["a", "b", "c"]),
     "pairwise, int ids": (pairwise_scores(2, 5, 5), "influence", 5, list(range(100, 105)), [7, 9]),
-    "aggregate": (AttributionScores(mode="aggregate", scores=torch.tensor([0.5, -2.0, 0.5, 3.0, 1e-40])),
-                  "influence", 2, [10, 11, 12, 13, 14], None),
+    "aggregate": (
+        AttributionScores(mode="aggregate", scores=torch.tensor([0.5, -2.0, 0.5, 3.0, 1e-40])),
+        "influence",
+        2,
+        [10, 11, 12, 13, 14],
+        None,
+    ),
     "self": (AttributionScores(mode="self", scores=torch.tensor([1.0, -1.0, 2.0])), "tracin", 1, ["x", "y", "z"], None),
-    "meta instances": (pairwise_scores(2, 4, 3, unit_task=torch.tensor([0, 0, 1, 1]), unit_split=torch.tensor([0, 1, 0, 1]),
-                                       query_task=torch.tensor([5, 5])), "meta_instance_influence", 3, [0, 1, 2, 3], None),
-    "meta tasks": (AttributionScores(mode="aggregate", scores=torch.tensor([0.1, 0.3, -0.2]),
-                                     unit_task=torch.tensor([4, 8, 6])), "meta_task_influence", 3, [0, 1, 2], None),
+    "meta instances": (
+        pairwise_scores(
+            2,
+            4,
+            3,
+            unit_task=torch.tensor([0, 0, 1, 1]),
+            unit_split=torch.tensor([0, 1, 0, 1]),
+            query_task=torch.tensor([5, 5]),
+        ),
+        "meta_instance_influence",
+        3,
+        [0, 1, 2, 3],
+        None,
+    ),
+    "meta tasks": (
+        AttributionScores(mode="aggregate", scores=torch.tensor([0.1, 0.3, -0.2]), unit_task=torch.tensor([4, 8, 6])),
+        "meta_task_influence",
+        3,
+        [0, 1, 2],
+        None,
+    ),
 }
 
 
@@ -98,17 +150,28 @@ def setup_attribution(api: Api, n_train: int = 40, n_query: int = 5, top_k: int 
     train = api.upload_npz(**tiny_dataset(n_train, seed=1)).json()["id"]
     query = api.upload_npz(**tiny_dataset(n_query, seed=2)).json()["id"]
     api.queue.paused = True
-    response = api.client.post("/v1/attributions", json={
-        "model_id": model, "train_dataset_id": train, "query_dataset_id": query, "method": "gradient_similarity",
-        "mode": "pairwise", "top_k": top_k})
+    response = api.client.post(
+        "/v1/attributions",
+        json={
+            "model_id": model,
+            "train_dataset_id": train,
+            "query_dataset_id": query,
+            "method": "gradient_similarity",
+            "mode": "pairwise",
+            "top_k": top_k,
+        },
+    )
     assert response.status_code == 202, response.text
     api.queue.paused = False
     return response.json()
 
 
 def stored(session: Session, attribution_id: str) -> list[tuple[Any, ...]]:
-    query = select(*STORED).where(AttributionResult.attribution_id == attribution_id).order_by(
-        AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank)
+    query = (
+        select(*STORED)
+        .where(AttributionResult.attribution_id == attribution_id)
+        .order_by(AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank)
+    )
     return [tuple(row) for row in session.execute(query)]
 
 
@@ -135,8 +198,9 @@ def test_bulk_writes_store_what_orm_inserts_stored(api: Api) -> None:
             write_results(session, attribution["id"], columns)
             bulk = stored(session, attribution["id"])
             session.rollback()
-            session.execute(insert(AttributionResult), [{**row, "attribution_id": attribution["id"]}
-                                                         for row in columns.dicts()])
+            session.execute(
+                insert(AttributionResult), [{**row, "attribution_id": attribution["id"]} for row in columns.dicts()]
+            )
             orm = stored(session, attribution["id"])
             session.rollback()
         assert bulk == orm and len(bulk) == len(columns), case
@@ -149,7 +213,9 @@ def test_rows_are_visible_only_with_the_jobs_success(api: Api, monkeypatch: pyte
 
     def write_and_look(session: Session, attribution_id: str, columns: ResultColumns) -> None:
         real_write(session, attribution_id, columns)
-        job_id = session.execute(text("SELECT job_id FROM attributions WHERE id = :id"), {"id": attribution_id}).scalar()
+        job_id = session.execute(
+            text("SELECT job_id FROM attributions WHERE id = :id"), {"id": attribution_id}
+        ).scalar()
         seen_before_commit.append((count_rows(url, attribution_id), job_row(url, str(job_id)).status))
 
     monkeypatch.setattr(attribution_task, "write_results", write_and_look)
@@ -196,8 +262,9 @@ def filled(api: Api) -> Iterator[tuple[str, str]]:
     url = api.settings.resolved_database_url
     attribution = setup_attribution(api)
     neighbour = setup_attribution(api)
-    columns = result_columns(pairwise_scores(20, 1000, 1000), "influence", 1000, list(range(1000)),
-                             [f"q{i % 10}" for i in range(20)])  # query ids shared by two query rows each
+    columns = result_columns(
+        pairwise_scores(20, 1000, 1000), "influence", 1000, list(range(1000)), [f"q{i % 10}" for i in range(20)]
+    )  # query ids shared by two query rows each
     with session_scope(url) as session:
         write_results(session, attribution["id"], columns)
         write_results(session, neighbour["id"], columns)
@@ -209,8 +276,9 @@ def filled(api: Api) -> Iterator[tuple[str, str]]:
 def page_plan(session: Session, statement: Any) -> str:
     compiled = statement.compile(dialect=session.get_bind().dialect, compile_kwargs={"literal_binds": True})
     explain = "EXPLAIN QUERY PLAN " if session.get_bind().dialect.name == "sqlite" else "EXPLAIN "
-    return "\n".join(str(row[-1] if explain.endswith("PLAN ") else row[0])
-                     for row in session.execute(text(explain + str(compiled))))
+    return "\n".join(
+        str(row[-1] if explain.endswith("PLAN ") else row[0]) for row in session.execute(text(explain + str(compiled)))
+    )
 
 
 @pytest.mark.parametrize("query_id", [None, "q3"])

@@ -60,8 +60,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         setup = setup_job(api)
         attribution = submit(api, setup)
         queue.paused = True  # jobs the cases submit stay queued
-        ids = {"model_id": setup["model_id"], "dataset_id": setup["train_dataset_id"],
-               "attribution_id": attribution["id"], "job_id": attribution["job_id"]}
+        ids = {
+            "model_id": setup["model_id"],
+            "dataset_id": setup["train_dataset_id"],
+            "attribution_id": attribution["id"],
+            "job_id": attribution["job_id"],
+        }
         yield World(client, headers, ids)
 
 
@@ -78,8 +82,13 @@ def run_operation(operation: Any, mode: GenerationMode, world: World, failures: 
     count = 0
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES_PER_OPERATION,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     def run(case: Any) -> None:
         nonlocal count
         count += 1

@@ -38,16 +38,23 @@ def upload_inputs(api: Api) -> dict[str, str]:
     import torch
 
     rng = np.random.default_rng(0)
-    architecture = {"type": "sequential", "layers": [
-        {"type": "linear", "in_features": 64, "out_features": 128}, {"type": "tanh"},
-        {"type": "linear", "in_features": 128, "out_features": 10}]}
+    architecture = {
+        "type": "sequential",
+        "layers": [
+            {"type": "linear", "in_features": 64, "out_features": 128},
+            {"type": "tanh"},
+            {"type": "linear", "in_features": 128, "out_features": 10},
+        ],
+    }
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
     model = api.upload_model(module, architecture).json()["id"]
-    train = api.upload_npz(inputs=rng.normal(size=(TRAIN, 64)).astype(np.float32),
-                           targets=rng.integers(0, 10, size=TRAIN)).json()["id"]
-    query = api.upload_npz(inputs=rng.normal(size=(QUERIES, 64)).astype(np.float32),
-                           targets=rng.integers(0, 10, size=QUERIES)).json()["id"]
+    train = api.upload_npz(
+        inputs=rng.normal(size=(TRAIN, 64)).astype(np.float32), targets=rng.integers(0, 10, size=TRAIN)
+    ).json()["id"]
+    query = api.upload_npz(
+        inputs=rng.normal(size=(QUERIES, 64)).astype(np.float32), targets=rng.integers(0, 10, size=QUERIES)
+    ).json()["id"]
     return {"model_id": model, "train_dataset_id": train, "query_dataset_id": query}
 
 
@@ -93,12 +100,22 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_rows_are_those_of_an_unin
         faults.start_worker(**SHARD_ENV)
         faults.start_worker(**SHARD_ENV)
         job = submit(api, inputs, top_k=TOP_K, options=OPTIONS)
-        coordinator = wait_for(lambda: faults.row(job["job_id"]).claimed_by if
-                               faults.row(job["job_id"]).progress_stage == "score" else None, 120)
+        coordinator = wait_for(
+            lambda: (
+                faults.row(job["job_id"]).claimed_by if faults.row(job["job_id"]).progress_stage == "score" else None
+            ),
+            120,
+        )
 
         def remote_shard_in_progress() -> JobShard | None:
-            return next((s for s in shards(faults, job["job_id"]) if s.status == "running"
-                         and s.claimed_by != coordinator and s.progress_completed > 0), None)
+            return next(
+                (
+                    s
+                    for s in shards(faults, job["job_id"])
+                    if s.status == "running" and s.claimed_by != coordinator and s.progress_completed > 0
+                ),
+                None,
+            )
 
         victim = wait_for(remote_shard_in_progress, 120)
         faults.kill_worker(owner(faults, victim.claimed_by))
@@ -123,8 +140,9 @@ def test_a_killed_coordinator_is_resumed_by_another_worker_from_the_shards_done(
         assert wait_job(api, job["job_id"], 120)["status"] == "succeeded"
         assert faults.row(job["job_id"]).attempts >= 2
         after = {s.shard: s for s in shards(faults, job["job_id"])}
-        assert all(after[shard].output_sha256 == sha and after[shard].attempts == 1
-                   for shard, sha in done_before.items())  # kept, not scored again
+        assert all(
+            after[shard].output_sha256 == sha and after[shard].attempts == 1 for shard, sha in done_before.items()
+        )  # kept, not scored again
         assert_same_rows(stored_rows(faults.database_url, job["id"]), reference_rows(faults, api, inputs))
 
 
@@ -134,8 +152,10 @@ def test_cancel_during_running_shards_ends_the_job_promptly_with_no_rows(faults:
         faults.start_worker(**SHARD_ENV)
         faults.start_worker(**SHARD_ENV)
         job = submit(api, inputs, top_k=TOP_K, options=OPTIONS)
-        wait_for(lambda: sum(s.status == "running" and s.progress_completed > 0
-                             for s in shards(faults, job["job_id"])) >= 2, 120)
+        wait_for(
+            lambda: sum(s.status == "running" and s.progress_completed > 0 for s in shards(faults, job["job_id"])) >= 2,
+            120,
+        )
         asked = time.monotonic()
         assert api.client.post(f"/v1/jobs/{job['job_id']}/cancel").status_code == 200
         assert wait_job(api, job["job_id"], 10)["status"] == "cancelled"

@@ -31,8 +31,14 @@ def upload(api: Api, arrays: dict[str, np.ndarray]) -> str:
 def run_attribution(api: Api, mode: str = "pairwise", strategy: str = "ekfac") -> dict[str, Any]:
     model = api.upload_model(tiny_classifier()).json()["id"]
     train = upload(api, tiny_dataset(N_TRAIN, seed=1))
-    body: dict[str, Any] = {"model_id": model, "train_dataset_id": train, "method": "influence", "mode": mode,
-                            "top_k": 4, "options": {"strategy": strategy, "batch_size": 8}}
+    body: dict[str, Any] = {
+        "model_id": model,
+        "train_dataset_id": train,
+        "method": "influence",
+        "mode": mode,
+        "top_k": 4,
+        "options": {"strategy": strategy, "batch_size": 8},
+    }
     if mode != "self":
         body["query_dataset_id"] = upload(api, tiny_dataset(5, seed=2))
     response = api.client.post("/v1/attributions", json=body)
@@ -46,16 +52,25 @@ def run_attribution(api: Api, mode: str = "pairwise", strategy: str = "ekfac") -
 def result_rows(api: Api, attribution_id: str) -> list[tuple[Any, ...]]:
     with session_scope(api.settings.resolved_database_url) as session:
         rows = session.execute(
-            select(AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank,
-                   AttributionResult.query_id, AttributionResult.train_id, AttributionResult.score)
+            select(
+                AttributionResult.direction,
+                AttributionResult.query_pos,
+                AttributionResult.rank,
+                AttributionResult.query_id,
+                AttributionResult.train_id,
+                AttributionResult.score,
+            )
             .where(AttributionResult.attribution_id == attribution_id)
-            .order_by(AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank))
+            .order_by(AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank)
+        )
         return [tuple(row) for row in rows]
 
 
 def assert_same_rows(sharded: list[tuple[Any, ...]], reference: list[tuple[Any, ...]]) -> None:
     assert [row[:5] for row in sharded] == [row[:5] for row in reference]
-    assert sharded and all(abs(a[5] - b[5]) <= 1e-5 * max(1.0, abs(b[5])) for a, b in zip(sharded, reference, strict=True))
+    assert sharded and all(
+        abs(a[5] - b[5]) <= 1e-5 * max(1.0, abs(b[5])) for a, b in zip(sharded, reference, strict=True)
+    )
 
 
 def shard_count(api: Api, job_id: str) -> int:
@@ -63,8 +78,10 @@ def shard_count(api: Api, job_id: str) -> int:
         return int(session.scalar(select(func.count()).select_from(JobShard).where(JobShard.job_id == job_id)) or 0)
 
 
-@pytest.mark.parametrize(("mode", "strategy"), [("pairwise", "ekfac"), ("pairwise", "kfac"),
-                                                ("aggregate", "diagonal"), ("self", "identity"), ("self", "ekfac")])
+@pytest.mark.parametrize(
+    ("mode", "strategy"),
+    [("pairwise", "ekfac"), ("pairwise", "kfac"), ("aggregate", "diagonal"), ("self", "identity"), ("self", "ekfac")],
+)
 def test_sharded_rows_equal_unsharded_rows(tmp_path: Path, backend: str | None, mode: str, strategy: str) -> None:
     expected: list[tuple[Any, ...]] | None = None
     for shard_examples in (0, 45, 16, 7):  # 0: unsharded; 45: one task (the set fits a shard); 16, 7: uneven last
@@ -94,8 +111,14 @@ def test_a_second_merge_writes_nothing(tmp_path: Path, backend: str | None) -> N
             attempt = job.attempts
             prepared = session.scalars(select(JobShard.prepared).where(JobShard.job_id == job.id)).first()
         assert prepared is not None
-        context = JobContext(job_id=attribution["job_id"], database_url=url, store=store_for(api.settings),
-                             attempt=attempt, policy=LivenessPolicy.from_settings(api.settings), shard_examples=10)
+        context = JobContext(
+            job_id=attribution["job_id"],
+            database_url=url,
+            store=store_for(api.settings),
+            attempt=attempt,
+            policy=LivenessPolicy.from_settings(api.settings),
+            shard_examples=10,
+        )
         request = load_request(context)
         work = ShardWork.load(context.store, request, prepared)
         with pytest.raises(Superseded):
@@ -117,17 +140,27 @@ def test_a_job_resumes_from_the_shards_an_earlier_attempt_finished(tmp_path: Pat
             job.status, job.finished_at = "running", None
             for shard in session.scalars(select(JobShard).where(JobShard.job_id == job.id, JobShard.shard >= 2)):
                 shard.status, shard.output_sha256, shard.attempts = "queued", None, 0
-            done = {s.shard: s.output_sha256 for s in session.scalars(select(JobShard).where(JobShard.job_id == job.id))}
+            done = {
+                s.shard: s.output_sha256 for s in session.scalars(select(JobShard).where(JobShard.job_id == job.id))
+            }
             session.execute(delete(AttributionResult).where(AttributionResult.attribution_id == reference["id"]))
             attempt = job.attempts
-        context = JobContext(job_id=reference["job_id"], database_url=url, store=store_for(api.settings),
-                             attempt=attempt, policy=LivenessPolicy.from_settings(api.settings), shard_examples=10)
+        context = JobContext(
+            job_id=reference["job_id"],
+            database_url=url,
+            store=store_for(api.settings),
+            attempt=attempt,
+            policy=LivenessPolicy.from_settings(api.settings),
+            shard_examples=10,
+        )
         from worker.tasks.attribution import run_attribution as run_task
 
         run_task(context)
         with session_scope(url) as session:
-            after = {s.shard: (s.output_sha256, s.attempts) for s in
-                     session.scalars(select(JobShard).where(JobShard.job_id == reference["job_id"]))}
+            after = {
+                s.shard: (s.output_sha256, s.attempts)
+                for s in session.scalars(select(JobShard).where(JobShard.job_id == reference["job_id"]))
+            }
             job = session.get(Job, reference["job_id"])
             assert job is not None and job.status == "succeeded"
         assert after[0][0] == done[0] and after[1][0] == done[1]  # kept, not scored again

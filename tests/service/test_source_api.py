@@ -51,19 +51,40 @@ def trajectory(sqlite_api: Api) -> dict:
     for c in checkpoints:
         meta = {"step": c.step, "learning_rate": c.learning_rate, "stage": c.stage}
         weights = save_safetensors({k: v.contiguous() for k, v in c.model.state_dict().items()})
-        response = api.client.post(f"/v1/models/{model_id}/checkpoints", data={"metadata": json.dumps(meta)},
-                                   files={"weights": ("w.safetensors", weights)})
+        response = api.client.post(
+            f"/v1/models/{model_id}/checkpoints",
+            data={"metadata": json.dumps(meta)},
+            files={"weights": ("w.safetensors", weights)},
+        )
         assert response.status_code == 201, response.text
-    ids = {name: api.upload_npz(**arrays).json()["id"] for name, arrays in
-           (("stage0", stage0), ("stage1", stage1), ("query", query))}
-    return {"api": api, "final": final, "checkpoints": checkpoints, "model_id": model_id, "ids": ids,
-            "stage0": stage0, "stage1": stage1, "query": query}
+    ids = {
+        name: api.upload_npz(**arrays).json()["id"]
+        for name, arrays in (("stage0", stage0), ("stage1", stage1), ("query", query))
+    }
+    return {
+        "api": api,
+        "final": final,
+        "checkpoints": checkpoints,
+        "model_id": model_id,
+        "ids": ids,
+        "stage0": stage0,
+        "stage1": stage1,
+        "query": query,
+    }
 
 
 def _body(t: dict, method: str, **overrides) -> dict:
-    return {"model_id": t["model_id"], "train_dataset_id": t["ids"]["stage0"], "query_dataset_id": t["ids"]["query"],
-            "method": method, "mode": "pairwise", "top_k": 3, "measurement": "margin",
-            "options": {"stage_datasets": {"0": t["ids"]["stage0"], "1": t["ids"]["stage1"]}}, **overrides}
+    return {
+        "model_id": t["model_id"],
+        "train_dataset_id": t["ids"]["stage0"],
+        "query_dataset_id": t["ids"]["query"],
+        "method": method,
+        "mode": "pairwise",
+        "top_k": 3,
+        "measurement": "margin",
+        "options": {"stage_datasets": {"0": t["ids"]["stage0"], "1": t["ids"]["stage1"]}},
+        **overrides,
+    }
 
 
 def _post(api: Api, body: dict) -> dict:
@@ -76,8 +97,9 @@ def _post(api: Api, body: dict) -> dict:
 
 
 def _rows(api: Api, attribution_id: str, direction: str = "positive") -> list[dict]:
-    page = api.client.get(f"/v1/attributions/{attribution_id}/results",
-                          params={"direction": direction, "page_size": 500}).json()
+    page = api.client.get(
+        f"/v1/attributions/{attribution_id}/results", params={"direction": direction, "page_size": 500}
+    ).json()
     assert page["next_page_token"] is None
     return page["results"]
 
@@ -90,21 +112,39 @@ def test_source_pairwise_rows_equal_the_engine_and_edit_uses_its_estimate(trajec
     assert diagnostics["attributed_segments"] == [0] and diagnostics["variant"] == "full"
     assert [s["num_examples"] for s in diagnostics["segments"]] == [24, 20]
     stage_data = {0: _examples(t["stage0"]), 1: _examples(t["stage1"])}
-    expected = attribute_source(t["final"], t["checkpoints"], stage_data, stage_data[0], _examples(t["query"]),
-                                loss="cross_entropy", mode="pairwise", measurement="margin", top_k=3,
-                                attributed_stages=[0])
+    expected = attribute_source(
+        t["final"],
+        t["checkpoints"],
+        stage_data,
+        stage_data[0],
+        _examples(t["query"]),
+        loss="cross_entropy",
+        mode="pairwise",
+        measurement="margin",
+        top_k=3,
+        attributed_stages=[0],
+    )
     rows = _rows(api, attribution["id"])
     assert [r["query_id"] for r in rows[:3]] == [500] * 3 and [r["rank"] for r in rows[:3]] == [1, 2, 3]
     assert [r["train_id"] for r in rows] == expected.topk.positive_indices.flatten().tolist()
     assert [r["score"] for r in rows] == pytest.approx(expected.topk.positive_scores.flatten().tolist(), rel=1e-5)
 
-    edited = api.client.post(f"/v1/attributions/{attribution['id']}/edit",
-                             json={"remove": [1, 4], "name": "minus2", "options": {"estimator": "first_order"}})
+    edited = api.client.post(
+        f"/v1/attributions/{attribution['id']}/edit",
+        json={"remove": [1, 4], "name": "minus2", "options": {"estimator": "first_order"}},
+    )
     assert edited.status_code == 202, edited.text
     assert api.client.get(f"/v1/jobs/{edited.json()['job_id']}").json()["status"] == "succeeded"
     weights = load_safetensors(api.client.get(f"/v1/models/{edited.json()['model_id']}/weights").content)
-    estimate = edit_source(t["final"], t["checkpoints"], stage_data, stage_data[0], torch.tensor([1, 4]),
-                           loss="cross_entropy", attributed_stages=[0])
+    estimate = edit_source(
+        t["final"],
+        t["checkpoints"],
+        stage_data,
+        stage_data[0],
+        torch.tensor([1, 4]),
+        loss="cross_entropy",
+        attributed_stages=[0],
+    )
     for key, value in estimate.items():
         assert torch.allclose(weights[key], value.float(), atol=1e-6), key
     assert any(not torch.equal(weights[k], v) for k, v in t["final"].state_dict().items())
@@ -116,9 +156,19 @@ def test_source_pairwise_rows_equal_the_engine_and_edit_uses_its_estimate(trajec
 
 def test_source_variants_modes_and_tracin(trajectory: dict) -> None:
     t, api = trajectory, trajectory["api"]
-    averaged = _post(api, _body(t, "source", mode="aggregate", options={
-        "stage_datasets": {"0": t["ids"]["stage0"], "1": t["ids"]["stage1"]}, "variant": "averaged_parameters",
-        "segments": 3}))
+    averaged = _post(
+        api,
+        _body(
+            t,
+            "source",
+            mode="aggregate",
+            options={
+                "stage_datasets": {"0": t["ids"]["stage0"], "1": t["ids"]["stage1"]},
+                "variant": "averaged_parameters",
+                "segments": 3,
+            },
+        ),
+    )
     assert averaged["diagnostics"]["variant"] == "averaged_parameters"
     assert len(averaged["diagnostics"]["segments"]) == 4  # 3 equal parts, the middle one cut at the stage change
     assert len(_rows(api, averaged["id"])) == 3 and len(_rows(api, averaged["id"], "negative")) == 3
@@ -127,8 +177,14 @@ def test_source_variants_modes_and_tracin(trajectory: dict) -> None:
 
     tracin = _post(api, _body(t, "tracin", mode="aggregate", top_k=30))
     stage0 = [c for c in t["checkpoints"] if c.stage == 0]
-    expected = attribute_tracin(stage0, _examples(t["stage0"]), _examples(t["query"]), loss="cross_entropy",
-                                mode="aggregate", measurement="margin").scores
+    expected = attribute_tracin(
+        stage0,
+        _examples(t["stage0"]),
+        _examples(t["query"]),
+        loss="cross_entropy",
+        mode="aggregate",
+        measurement="margin",
+    ).scores
     rows = _rows(api, tracin["id"])
     assert len(rows) == 24
     assert [r["score"] for r in rows] == pytest.approx(sorted(expected.tolist(), reverse=True), rel=1e-5)
@@ -155,8 +211,11 @@ def test_bad_trajectory_requests_are_4xx_before_queueing(trajectory: dict, metho
     rejected(_body(t, method, options={"stages": [7]}), 422, "stage 7 has no checkpoint")
     both = {"0": ids["stage0"], "1": ids["stage1"]}
     rejected(_body(t, method, options={"stage_datasets": both, "stages": [1]}), 422, "another dataset")
-    rejected(_body(t, method, options={"stage_datasets": {"0": ids["stage1"], "1": ids["stage1"]}}), 422,
-             "no stage to attribute")
+    rejected(
+        _body(t, method, options={"stage_datasets": {"0": ids["stage1"], "1": ids["stage1"]}}),
+        422,
+        "no stage to attribute",
+    )
     rejected(_body(t, method, options={"damping_typo": 1}), 422, "damping_typo")
     if method == "source":
         rejected(_body(t, method, options={"segments": 99}), 422, "no checkpoint")
@@ -167,12 +226,17 @@ def test_bad_trajectory_requests_are_4xx_before_queueing(trajectory: dict, metho
 def test_checkpoints_that_do_not_fit_or_lack_a_learning_rate_are_rejected(trajectory: dict) -> None:
     t, api = trajectory, trajectory["api"]
     bad = {k: torch.zeros(3, 3) if k == "0.weight" else v for k, v in t["final"].state_dict().items()}
-    response = api.client.post(f"/v1/models/{t['model_id']}/checkpoints",
-                               data={"metadata": json.dumps({"step": 99, "learning_rate": 0.1})},
-                               files={"weights": ("w", save_safetensors(bad))})
+    response = api.client.post(
+        f"/v1/models/{t['model_id']}/checkpoints",
+        data={"metadata": json.dumps({"step": 99, "learning_rate": 0.1})},
+        files={"weights": ("w", save_safetensors(bad))},
+    )
     assert response.status_code == 422
-    response = api.client.post(f"/v1/models/{t['model_id']}/checkpoints", data={"metadata": json.dumps({"step": 98})},
-                               files={"weights": ("w", save_safetensors(t["final"].state_dict()))})
+    response = api.client.post(
+        f"/v1/models/{t['model_id']}/checkpoints",
+        data={"metadata": json.dumps({"step": 98})},
+        files={"weights": ("w", save_safetensors(t["final"].state_dict()))},
+    )
     assert response.status_code == 422 and "learning_rate" in json.dumps(response.json()["errors"])
 
 
@@ -181,8 +245,11 @@ def test_adam_trajectories_are_refused_by_source_and_accepted_by_tracin(sqlite_a
     final = tiny_classifier()
     model_id = api.upload_model(final).json()["id"]
     meta = {"step": 5, "learning_rate": 0.001, "optimizer": "adam"}
-    response = api.client.post(f"/v1/models/{model_id}/checkpoints", data={"metadata": json.dumps(meta)},
-                               files={"weights": ("w", save_safetensors(final.state_dict()))})
+    response = api.client.post(
+        f"/v1/models/{model_id}/checkpoints",
+        data={"metadata": json.dumps(meta)},
+        files={"weights": ("w", save_safetensors(final.state_dict()))},
+    )
     assert response.status_code == 201 and response.json()["optimizer"] == "adam"
     train_id = api.upload_npz(**tiny_dataset(10, seed=1)).json()["id"]
     body = {"model_id": model_id, "train_dataset_id": train_id, "mode": "self", "method": "source"}

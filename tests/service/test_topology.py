@@ -41,9 +41,14 @@ from tests.service.test_job_faults import LIVENESS_ENV, RedisServer
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[2]
-ARCHITECTURE = {"type": "sequential", "layers": [
-    {"type": "linear", "in_features": 4, "out_features": 8}, {"type": "tanh"},
-    {"type": "linear", "in_features": 8, "out_features": 3}]}
+ARCHITECTURE = {
+    "type": "sequential",
+    "layers": [
+        {"type": "linear", "in_features": 4, "out_features": 8},
+        {"type": "tanh"},
+        {"type": "linear", "in_features": 8, "out_features": 3},
+    ],
+}
 
 
 def compose_services() -> dict[str, Any]:
@@ -77,8 +82,11 @@ class Topology:
         assert urlsplit(env["ATTRIB_DATABASE_URL"]).hostname == "postgres"
         assert urlsplit(env["ATTRIB_BROKER_URL"]).hostname == "redis"
         assert f"blobs:{env['ATTRIB_DATA_DIR']}" in self.services[service]["volumes"]  # shared blob storage
-        env.update(ATTRIB_DATABASE_URL=self.database_url, ATTRIB_BROKER_URL=self.redis_server.url,
-                   ATTRIB_DATA_DIR=str(self.tmp_path / "data"))
+        env.update(
+            ATTRIB_DATABASE_URL=self.database_url,
+            ATTRIB_BROKER_URL=self.redis_server.url,
+            ATTRIB_DATA_DIR=str(self.tmp_path / "data"),
+        )
         inherited = {name: value for name, value in os.environ.items() if not name.startswith("ATTRIB_")}
         return {**inherited, "OMP_NUM_THREADS": "1", **env, **self.extra_env, **overrides}
 
@@ -96,23 +104,33 @@ class Topology:
         return command
 
     def run_once(self, service: str, *extra_args: str) -> str:
-        done = subprocess.run([*self.command(service), *extra_args], env=self.env(service), capture_output=True,
-                              timeout=120)
+        done = subprocess.run(
+            [*self.command(service), *extra_args], env=self.env(service), capture_output=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr.decode()[-3000:]
         return done.stdout.decode()
 
     def create_key(self, tenant: str) -> str:
         """`attrib keys create` as an operator runs it in the api container (compose file's comment)."""
-        done = subprocess.run([*attrib_executable(), "keys", "create", "--tenant", tenant], env=self.env("api"),
-                              capture_output=True, timeout=120)
+        done = subprocess.run(
+            [*attrib_executable(), "keys", "create", "--tenant", tenant],
+            env=self.env("api"),
+            capture_output=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr.decode()[-3000:]
         return done.stdout.decode().strip()
 
     def start(self, service: str, **overrides: str) -> subprocess.Popen[bytes]:
         log = (self.tmp_path / f"{service}-{len(self.processes)}.log").open("wb")
         port = free_port() if "ports" in self.services[service] else None
-        process = subprocess.Popen(self.command(service, port), env=self.env(service, **overrides), stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            self.command(service, port),
+            env=self.env(service, **overrides),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.processes[f"{service}-{len(self.processes)}"] = process
         if port is not None:
             self.api_url = f"http://127.0.0.1:{port}"
@@ -162,15 +180,19 @@ def upload_inputs(client: httpx.Client) -> dict[str, str]:
 
     weights = save_safetensors({k: v.contiguous() for k, v in tiny_classifier().state_dict().items()})
     metadata = {"name": "m", "format": "spec", "architecture": ARCHITECTURE, "task": {"loss": "cross_entropy"}}
-    model = client.post("/v1/models", data={"metadata": json.dumps(metadata)},
-                        files={"weights": ("w.safetensors", weights)})
+    model = client.post(
+        "/v1/models", data={"metadata": json.dumps(metadata)}, files={"weights": ("w.safetensors", weights)}
+    )
     assert model.status_code == 201, model.text
     ids = {"model_id": model.json()["id"]}
     for name, arrays in (("train", tiny_dataset(30, seed=1)), ("query", tiny_dataset(4, seed=2))):
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        dataset = client.post("/v1/datasets", data={"metadata": json.dumps({"name": name})},
-                              files={"data": (f"{name}.npz", buffer.getvalue())})
+        dataset = client.post(
+            "/v1/datasets",
+            data={"metadata": json.dumps({"name": name})},
+            files={"data": (f"{name}.npz", buffer.getvalue())},
+        )
         assert dataset.status_code == 201, dataset.text
         ids[f"{name}_dataset_id"] = dataset.json()["id"]
     return ids
@@ -198,8 +220,10 @@ def test_the_compose_stack_runs_a_fit_and_an_attribution(tmp_path: Path) -> None
         stack.start("api")
         client = stack.client(key)
         inputs = upload_inputs(client)
-        fit = client.post("/v1/fits", json={"model_id": inputs["model_id"], "dataset_id": inputs["train_dataset_id"],
-                                             "strategy": "ekfac"})
+        fit = client.post(
+            "/v1/fits",
+            json={"model_id": inputs["model_id"], "dataset_id": inputs["train_dataset_id"], "strategy": "ekfac"},
+        )
         assert fit.status_code == 202, fit.text
 
         # before any worker runs: the fit waits in the gpu queue, as /metrics (with the compose file's token) says
@@ -210,10 +234,17 @@ def test_the_compose_stack_runs_a_fit_and_an_attribution(tmp_path: Path) -> None
 
         gpu_worker, cpu_worker = stack.start("worker-gpu"), stack.start("worker-cpu")
         assert wait_job(client, fit.json()["job_id"], 60)["status"] == "succeeded"
-        attribution = client.post("/v1/attributions", json={
-            "model_id": inputs["model_id"], "train_dataset_id": inputs["train_dataset_id"],
-            "query_dataset_id": inputs["query_dataset_id"], "method": "influence", "fit_id": fit.json()["id"],
-            "top_k": 3})
+        attribution = client.post(
+            "/v1/attributions",
+            json={
+                "model_id": inputs["model_id"],
+                "train_dataset_id": inputs["train_dataset_id"],
+                "query_dataset_id": inputs["query_dataset_id"],
+                "method": "influence",
+                "fit_id": fit.json()["id"],
+                "top_k": 3,
+            },
+        )
         assert attribution.status_code == 202, attribution.text
         assert wait_job(client, attribution.json()["job_id"], 60)["status"] == "succeeded"
         page = client.get(f"/v1/attributions/{attribution.json()['id']}/results", params={"page_size": 100})

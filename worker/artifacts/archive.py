@@ -98,9 +98,7 @@ class _Budget:
         while chunk := source.read(CHUNK):
             self.left -= len(chunk)
             if self.left < 0:
-                raise ArtifactError(
-                    f"the archive decompresses to more than {self.max_bytes:,} bytes", field=FIELD
-                )
+                raise ArtifactError(f"the archive decompresses to more than {self.max_bytes:,} bytes", field=FIELD)
             sink.write(chunk)
 
 

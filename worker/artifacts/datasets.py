@@ -117,8 +117,9 @@ def _read_npz(path: Path, max_rows: int, max_bytes: int, field: str) -> dict[str
             _check_names(names, field)
             total = sum(m.file_size for m in members)
             if total > max_bytes:
-                raise ArtifactError(f"the .npz file holds {total:,} bytes uncompressed (at most {max_bytes:,})",
-                                    field=field)
+                raise ArtifactError(
+                    f"the .npz file holds {total:,} bytes uncompressed (at most {max_bytes:,})", field=field
+                )
             for member in members:
                 _check_npy_header(archive, member, max_rows, max_bytes, field)
     except ArtifactError:
@@ -154,8 +155,9 @@ def _check_npy_header(
         else:
             raise ArtifactError(f"{name}: unsupported .npy format version {version}", field=f"{field}.{name}")
     if dtype.hasobject:
-        raise ArtifactError(f"{name}: pickled data is not accepted (object arrays cannot be loaded safely)",
-                            field=f"{field}.{name}")
+        raise ArtifactError(
+            f"{name}: pickled data is not accepted (object arrays cannot be loaded safely)", field=f"{field}.{name}"
+        )
     if shape and shape[0] > max_rows:
         raise _too_many_rows(shape[0], max_rows, field)
     size = math.prod(shape) * dtype.itemsize
@@ -186,7 +188,9 @@ def _read_parquet(path: Path, max_rows: int, max_bytes: int, field: str) -> dict
             raise _too_many_rows(meta.num_rows, max_rows, field)
         size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
         if size > max_bytes:
-            raise ArtifactError(f"the Parquet file holds {size:,} bytes uncompressed (at most {max_bytes:,})", field=field)
+            raise ArtifactError(
+                f"the Parquet file holds {size:,} bytes uncompressed (at most {max_bytes:,})", field=field
+            )
         table = parquet.read()
     except ArtifactError:
         raise
@@ -239,9 +243,7 @@ def _tabular_inputs(table: pa.Table, field: str) -> np.ndarray:
         if pa.types.is_integer(data_type) or pa.types.is_floating(data_type):
             columns.append(_column(table.column(name), name, field).astype(np.float64))
     if not columns:
-        raise ArtifactError(
-            "inputs: no 'inputs' column and no numeric feature columns", field=f"{field}.inputs"
-        )
+        raise ArtifactError("inputs: no 'inputs' column and no numeric feature columns", field=f"{field}.inputs")
     return np.stack(columns, axis=1)
 
 
@@ -271,8 +273,7 @@ def _column(column: pa.ChunkedArray, name: str, field: str) -> np.ndarray:
     return array.to_numpy(zero_copy_only=False).reshape(shape)
 
 
-def _string_column(array: pa.StringArray | pa.LargeStringArray, name: str, field: str,
-                   shape: list[int]) -> np.ndarray:
+def _string_column(array: pa.StringArray | pa.LargeStringArray, name: str, field: str, shape: list[int]) -> np.ndarray:
     if len(shape) != 1:
         raise ArtifactError(f"{name}: lists of strings are not accepted", field=f"{field}.{name}")
     if len(array) and pc.max(pc.utf8_length(array)).as_py() > MAX_ID_LENGTH:

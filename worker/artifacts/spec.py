@@ -176,12 +176,43 @@ class Residual(_Layer):
 
 
 Layer = Annotated[
-    Linear | Conv2d | BatchNorm1d | BatchNorm2d | LayerNorm | Embedding | Dropout | Flatten | MaxPool2d | AvgPool2d | AdaptiveAvgPool2d | ReLU | GELU | SiLU | Tanh | Sigmoid | Residual,
+    Linear
+    | Conv2d
+    | BatchNorm1d
+    | BatchNorm2d
+    | LayerNorm
+    | Embedding
+    | Dropout
+    | Flatten
+    | MaxPool2d
+    | AvgPool2d
+    | AdaptiveAvgPool2d
+    | ReLU
+    | GELU
+    | SiLU
+    | Tanh
+    | Sigmoid
+    | Residual,
     Field(discriminator="type"),
 ]
 LAYER_TYPES = (
-    "linear", "conv2d", "batchnorm1d", "batchnorm2d", "layernorm", "embedding", "dropout", "flatten",
-    "maxpool2d", "avgpool2d", "adaptive_avgpool2d", "relu", "gelu", "silu", "tanh", "sigmoid", "residual",
+    "linear",
+    "conv2d",
+    "batchnorm1d",
+    "batchnorm2d",
+    "layernorm",
+    "embedding",
+    "dropout",
+    "flatten",
+    "maxpool2d",
+    "avgpool2d",
+    "adaptive_avgpool2d",
+    "relu",
+    "gelu",
+    "silu",
+    "tanh",
+    "sigmoid",
+    "residual",
 )
 Residual.model_rebuild()
 
@@ -340,25 +371,38 @@ def _build_layer(layer: Any) -> nn.Module:  # one branch per allow-listed layer
     if isinstance(layer, Conv2d):
         padding = layer.padding if isinstance(layer.padding, str) else _pair(layer.padding)
         return nn.Conv2d(
-            layer.in_channels, layer.out_channels, _pair(layer.kernel_size), stride=_pair(layer.stride),
-            padding=padding, dilation=_pair(layer.dilation), groups=layer.groups, bias=layer.bias,
+            layer.in_channels,
+            layer.out_channels,
+            _pair(layer.kernel_size),
+            stride=_pair(layer.stride),
+            padding=padding,
+            dilation=_pair(layer.dilation),
+            groups=layer.groups,
+            bias=layer.bias,
             padding_mode=layer.padding_mode,
         )
     if isinstance(layer, (BatchNorm1d, BatchNorm2d)):
         cls = nn.BatchNorm1d if isinstance(layer, BatchNorm1d) else nn.BatchNorm2d
         return cls(
-            layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
+            layer.num_features,
+            eps=layer.eps,
+            momentum=layer.momentum,
+            affine=layer.affine,
             track_running_stats=layer.track_running_stats,
         )
     if isinstance(layer, LayerNorm):
         shape = layer.normalized_shape
         return nn.LayerNorm(
-            shape if isinstance(shape, int) else tuple(shape), eps=layer.eps,
-            elementwise_affine=layer.elementwise_affine, bias=layer.bias,
+            shape if isinstance(shape, int) else tuple(shape),
+            eps=layer.eps,
+            elementwise_affine=layer.elementwise_affine,
+            bias=layer.bias,
         )
     if isinstance(layer, Embedding):
         return IndexEmbedding(
-            layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
+            layer.num_embeddings,
+            layer.embedding_dim,
+            padding_idx=layer.padding_idx,
             scale_grad_by_freq=layer.scale_grad_by_freq,
         )
     if isinstance(layer, Dropout):
@@ -368,14 +412,21 @@ def _build_layer(layer: Any) -> nn.Module:  # one branch per allow-listed layer
     if isinstance(layer, MaxPool2d):
         stride = None if layer.stride is None else _pair(layer.stride)
         return nn.MaxPool2d(
-            _pair(layer.kernel_size), stride=stride, padding=_pair(layer.padding),
-            dilation=_pair(layer.dilation), ceil_mode=layer.ceil_mode,
+            _pair(layer.kernel_size),
+            stride=stride,
+            padding=_pair(layer.padding),
+            dilation=_pair(layer.dilation),
+            ceil_mode=layer.ceil_mode,
         )
     if isinstance(layer, AvgPool2d):
         stride = None if layer.stride is None else _pair(layer.stride)
         return nn.AvgPool2d(
-            _pair(layer.kernel_size), stride=stride, padding=_pair(layer.padding), ceil_mode=layer.ceil_mode,
-            count_include_pad=layer.count_include_pad, divisor_override=layer.divisor_override,
+            _pair(layer.kernel_size),
+            stride=stride,
+            padding=_pair(layer.padding),
+            ceil_mode=layer.ceil_mode,
+            count_include_pad=layer.count_include_pad,
+            divisor_override=layer.divisor_override,
         )
     if isinstance(layer, AdaptiveAvgPool2d):
         size = layer.output_size

@@ -91,8 +91,10 @@ def read_text_dataset(
     """Read and validate an uploaded text dataset (safetensors or Parquet)."""
     if fmt == "safetensors":
         if tokenize is not None:
-            raise ArtifactError("metadata.tokenize_with applies to Parquet text columns; this file holds token ids",
-                                field="metadata.tokenize_with")
+            raise ArtifactError(
+                "metadata.tokenize_with applies to Parquet text columns; this file holds token ids",
+                field="metadata.tokenize_with",
+            )
         return validate_text_arrays(_read_safetensors(path, max_rows, field), max_rows=max_rows, field=field)
     if fmt != "parquet":
         raise ArtifactError("text datasets are safetensors or Parquet files", field=field)
@@ -100,13 +102,17 @@ def read_text_dataset(
     names = set(table.column_names)
     unknown = names - set(TOKEN_FIELDS) - set(TEXT_COLUMNS)
     if unknown:
-        raise ArtifactError(f"unexpected column {sorted(unknown)[0]!r}; a text dataset has "
-                            f"{', '.join(TOKEN_FIELDS + TEXT_COLUMNS)}", field=f"{field}.{sorted(unknown)[0]}")
+        raise ArtifactError(
+            f"unexpected column {sorted(unknown)[0]!r}; a text dataset has {', '.join(TOKEN_FIELDS + TEXT_COLUMNS)}",
+            field=f"{field}.{sorted(unknown)[0]}",
+        )
     if names & set(TEXT_COLUMNS):
         return _tokenized(table, tokenize, max_rows, field)
     if tokenize is not None:
-        raise ArtifactError("metadata.tokenize_with applies to `text` or `prompt` + `completion` columns",
-                            field="metadata.tokenize_with")
+        raise ArtifactError(
+            "metadata.tokenize_with applies to `text` or `prompt` + `completion` columns",
+            field="metadata.tokenize_with",
+        )
     arrays: dict[str, np.ndarray] = {}
     for name in table.column_names:
         if name == "ids":
@@ -125,11 +131,13 @@ def _read_safetensors(path: Path, max_rows: int, field: str) -> dict[str, np.nda
     infos = read_header(path, field=field)
     for name, info in infos.items():
         if name not in TOKEN_FIELDS:
-            raise ArtifactError(f"unexpected field {name!r}; a text dataset has {', '.join(TOKEN_FIELDS)}",
-                                field=f"{field}.{name}")
+            raise ArtifactError(
+                f"unexpected field {name!r}; a text dataset has {', '.join(TOKEN_FIELDS)}", field=f"{field}.{name}"
+            )
         if info.shape and info.shape[0] > max_rows:
-            raise ArtifactError(f"the dataset has {info.shape[0]:,} rows; at most {max_rows:,} are accepted",
-                                field=field)
+            raise ArtifactError(
+                f"the dataset has {info.shape[0]:,} rows; at most {max_rows:,} are accepted", field=field
+            )
     arrays = {}
     for name, tensor in iter_tensors(path, list(infos), field=field):
         if tensor.dtype in (torch.bfloat16, torch.float16):
@@ -143,12 +151,14 @@ def _read_table(path: Path, max_rows: int, max_bytes: int, field: str) -> pa.Tab
         parquet = pq.ParquetFile(path)
         meta = parquet.metadata
         if meta.num_rows > max_rows:
-            raise ArtifactError(f"the dataset has {meta.num_rows:,} rows; at most {max_rows:,} are accepted",
-                                field=field)
+            raise ArtifactError(
+                f"the dataset has {meta.num_rows:,} rows; at most {max_rows:,} are accepted", field=field
+            )
         size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
         if size > max_bytes:
-            raise ArtifactError(f"the Parquet file holds {size:,} bytes uncompressed (at most {max_bytes:,})",
-                                field=field)
+            raise ArtifactError(
+                f"the Parquet file holds {size:,} bytes uncompressed (at most {max_bytes:,})", field=field
+            )
         return parquet.read()
     except ArtifactError:
         raise
@@ -197,10 +207,12 @@ def _list_rows(array: pa.Array, name: str, field: str) -> list[list[Any]]:
 def _token_column(column: pa.ChunkedArray, name: str, field: str) -> np.ndarray:
     """A list column as (N, T) int64; rows of varying length are padded (0 for ids and mask, -100 for labels)."""
     array = column.combine_chunks()
-    if not (pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type)
-            or pa.types.is_large_list(array.type)):
-        raise ArtifactError(f"{name}: a list column (one list of token values per row) is needed",
-                            field=f"{field}.{name}")
+    if not (
+        pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type) or pa.types.is_large_list(array.type)
+    ):
+        raise ArtifactError(
+            f"{name}: a list column (one list of token values per row) is needed", field=f"{field}.{name}"
+        )
     rows = _list_rows(array, name, field)
     width = max((len(row) for row in rows), default=0)
     filler = IGNORE_INDEX if name == "labels" else 0
@@ -218,11 +230,14 @@ def _row_lengths(column: pa.ChunkedArray) -> np.ndarray:
 def _tokenized(table: pa.Table, tokenize: TokenizeOptions | None, max_rows: int, field: str) -> TextArrays:
     names = set(table.column_names)
     if tokenize is None:
-        raise ArtifactError("text columns need metadata.tokenize_with: the id of a model uploaded with a tokenizer",
-                            field="metadata.tokenize_with")
+        raise ArtifactError(
+            "text columns need metadata.tokenize_with: the id of a model uploaded with a tokenizer",
+            field="metadata.tokenize_with",
+        )
     if names & {"input_ids", "attention_mask", "labels"}:
-        raise ArtifactError("a dataset has either token columns (input_ids...) or text columns, not both",
-                            field=f"{field}.input_ids")
+        raise ArtifactError(
+            "a dataset has either token columns (input_ids...) or text columns, not both", field=f"{field}.input_ids"
+        )
     has_text = "text" in names
     has_pair = {"prompt", "completion"} <= names
     if has_text == has_pair or (not has_pair and names & {"prompt", "completion"}):
@@ -247,9 +262,12 @@ def _tokenized(table: pa.Table, tokenize: TokenizeOptions | None, max_rows: int,
         prompt_lengths = [len(p) for p in prompts]
     too_long = [i for i, row in enumerate(rows) if len(row) > tokenize.max_length]
     if too_long and not tokenize.truncation:
-        raise ArtifactError(f"row {too_long[0]} has {len(rows[too_long[0]])} tokens, over max_length "
-                            f"{tokenize.max_length} ({len(too_long)} row(s) in all); set metadata.truncation true "
-                            "or raise max_length", field="metadata.max_length")
+        raise ArtifactError(
+            f"row {too_long[0]} has {len(rows[too_long[0]])} tokens, over max_length "
+            f"{tokenize.max_length} ({len(too_long)} row(s) in all); set metadata.truncation true "
+            "or raise max_length",
+            field="metadata.max_length",
+        )
     rows = [row[: tokenize.max_length] for row in rows]
     width = tokenize.max_length if tokenize.padding == "max_length" else max(max((len(r) for r in rows), default=1), 1)
     input_ids = np.full((len(rows), width), tokenize.pad_id, dtype=np.int64)
@@ -258,7 +276,7 @@ def _tokenized(table: pa.Table, tokenize: TokenizeOptions | None, max_rows: int,
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = row
         mask[i, : len(row)] = 1
-        labels[i, prompt_lengths[i] : len(row)] = row[prompt_lengths[i]:]
+        labels[i, prompt_lengths[i] : len(row)] = row[prompt_lengths[i] :]
     arrays: dict[str, np.ndarray] = {"input_ids": input_ids, "attention_mask": mask}
     if "targets" in names:
         arrays["targets"] = _targets_column(table.column("targets"), field)
@@ -281,19 +299,24 @@ def validate_text_arrays(arrays: dict[str, np.ndarray], *, max_rows: int, field:
     if "input_ids" not in arrays:
         raise ArtifactError("a text dataset needs `input_ids`", field=f"{field}.input_ids")
     if "labels" in arrays and "targets" in arrays:
-        raise ArtifactError("`labels` (language modelling) and `targets` (classification) do not go together",
-                            field=f"{field}.targets")
+        raise ArtifactError(
+            "`labels` (language modelling) and `targets` (classification) do not go together", field=f"{field}.targets"
+        )
     input_ids = _tokens(arrays["input_ids"], "input_ids", field, low=0)
     n, width = input_ids.shape
     if n < 1 or width < 1:
-        raise ArtifactError(f"input_ids has shape {[n, width]}; at least one row and one token are needed",
-                            field=f"{field}.input_ids")
+        raise ArtifactError(
+            f"input_ids has shape {[n, width]}; at least one row and one token are needed", field=f"{field}.input_ids"
+        )
     if n > max_rows:
         raise ArtifactError(f"the dataset has {n:,} rows; at most {max_rows:,} are accepted", field=field)
     if width > MAX_LENGTH:
         raise ArtifactError(f"rows of {width} tokens (at most {MAX_LENGTH})", field=f"{field}.input_ids")
-    mask = (_tokens(arrays["attention_mask"], "attention_mask", field, low=0) if "attention_mask" in arrays
-            else np.ones_like(input_ids))
+    mask = (
+        _tokens(arrays["attention_mask"], "attention_mask", field, low=0)
+        if "attention_mask" in arrays
+        else np.ones_like(input_ids)
+    )
     _same_shape(mask, input_ids, "attention_mask", field)
     if (mask > 1).any():
         raise ArtifactError("attention_mask values must be 0 or 1", field=f"{field}.attention_mask")
@@ -303,18 +326,27 @@ def validate_text_arrays(arrays: dict[str, np.ndarray], *, max_rows: int, field:
     targets = _targets(arrays["targets"], n, field) if "targets" in arrays else None
     labels = None
     if targets is None:
-        labels = (_tokens(arrays["labels"], "labels", field, low=IGNORE_INDEX) if "labels" in arrays
-                  else np.where(mask == 1, input_ids, IGNORE_INDEX))
+        labels = (
+            _tokens(arrays["labels"], "labels", field, low=IGNORE_INDEX)
+            if "labels" in arrays
+            else np.where(mask == 1, input_ids, IGNORE_INDEX)
+        )
         _same_shape(labels, input_ids, "labels", field)
         bad = (labels < 0) & (labels != IGNORE_INDEX)
         if bad.any():
-            raise ArtifactError(f"labels are token ids or {IGNORE_INDEX} (not scored); row {int(np.argwhere(bad)[0][0])} "
-                                "has another negative value", field=f"{field}.labels")
+            raise ArtifactError(
+                f"labels are token ids or {IGNORE_INDEX} (not scored); row {int(np.argwhere(bad)[0][0])} "
+                "has another negative value",
+                field=f"{field}.labels",
+            )
         scored = (labels[:, 1:] != IGNORE_INDEX).sum(axis=1)  # the first token is never predicted
         if (scored == 0).any():
             row = int(np.flatnonzero(scored == 0)[0])
-            raise ArtifactError(f"row {row} has no scored token (labels are {IGNORE_INDEX} everywhere after the "
-                                "first token, e.g. a completion truncated away)", field=f"{field}.labels")
+            raise ArtifactError(
+                f"row {row} has no scored token (labels are {IGNORE_INDEX} everywhere after the "
+                "first token, e.g. a completion truncated away)",
+                field=f"{field}.labels",
+            )
     ids = check_ids(arrays["ids"], field) if "ids" in arrays else np.arange(n, dtype=np.int64)
     if ids.shape[0] != n:
         raise ArtifactError(f"ids has {ids.shape[0]} rows but input_ids has {n}", field=f"{field}.ids")
@@ -330,21 +362,25 @@ def _tokens(array: np.ndarray, name: str, field: str, *, low: int) -> np.ndarray
     elif array.dtype.kind not in "iub":
         raise ArtifactError(f"{name}: dtype {array.dtype}; integers are needed", field=f"{field}.{name}")
     if array.size and (array.min() < low or array.max() > MAX_TOKEN_ID):
-        raise ArtifactError(f"{name}: values must be in [{low}, {MAX_TOKEN_ID}]; found {array.min()} to "
-                            f"{array.max()}", field=f"{field}.{name}")
+        raise ArtifactError(
+            f"{name}: values must be in [{low}, {MAX_TOKEN_ID}]; found {array.min()} to {array.max()}",
+            field=f"{field}.{name}",
+        )
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
 def _same_shape(array: np.ndarray, input_ids: np.ndarray, name: str, field: str) -> None:
     if array.shape != input_ids.shape:
-        raise ArtifactError(f"{name} has shape {list(array.shape)} but input_ids has {list(input_ids.shape)}",
-                            field=f"{field}.{name}")
+        raise ArtifactError(
+            f"{name} has shape {list(array.shape)} but input_ids has {list(input_ids.shape)}", field=f"{field}.{name}"
+        )
 
 
 def _targets(array: np.ndarray, n: int, field: str) -> np.ndarray:
     if array.shape[:1] != (n,) or array.ndim > 2:
-        raise ArtifactError(f"targets: shape {list(array.shape)}; expected ({n},) or ({n}, d)",
-                            field=f"{field}.targets")
+        raise ArtifactError(
+            f"targets: shape {list(array.shape)}; expected ({n},) or ({n}, d)", field=f"{field}.targets"
+        )
     if array.dtype.kind in "iu":
         if array.size and array.min() < 0:
             raise ArtifactError("targets: class indices must be >= 0", field=f"{field}.targets")
@@ -369,8 +405,11 @@ def describe_text(ds: TextArrays) -> dict[str, Any]:
         "ids": {"dtype": "string" if ds.ids_are_strings else "int64", "shape": [ds.num_examples]},
     }
     if ds.labels is not None:
-        fields["labels"] = {"dtype": "int64", "shape": list(ds.labels.shape),
-                            "scored": int((ds.labels[:, 1:] != IGNORE_INDEX).sum())}
+        fields["labels"] = {
+            "dtype": "int64",
+            "shape": list(ds.labels.shape),
+            "scored": int((ds.labels[:, 1:] != IGNORE_INDEX).sum()),
+        }
     if ds.targets is not None:
         fields["targets"] = {"dtype": str(ds.targets.dtype), "shape": list(ds.targets.shape)}
         if ds.targets.dtype == np.int64:
@@ -385,16 +424,20 @@ def write_stored(ds: TextArrays, path: Path) -> None:
     def tokens(array: np.ndarray) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), type=pa.int64()), width)
 
-    columns: dict[str, pa.Array] = {"input_ids": tokens(ds.input_ids), "attention_mask": tokens(ds.attention_mask),
-                                    "ids": pa.array(ds.ids.tolist())}
+    columns: dict[str, pa.Array] = {
+        "input_ids": tokens(ds.input_ids),
+        "attention_mask": tokens(ds.attention_mask),
+        "ids": pa.array(ds.ids.tolist()),
+    }
     if ds.labels is not None:
         columns["labels"] = tokens(ds.labels)
     if ds.targets is not None:
         if ds.targets.ndim == 1:
             columns["targets"] = pa.array(ds.targets)
         else:
-            columns["targets"] = pa.FixedSizeListArray.from_arrays(pa.array(ds.targets.reshape(-1)),
-                                                                   int(ds.targets.shape[1]))
+            columns["targets"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(ds.targets.reshape(-1)), int(ds.targets.shape[1])
+            )
     pq.write_table(pa.table(columns), path)
 
 
@@ -411,28 +454,42 @@ def read_stored(path: Path) -> TextArrays:
         return rows
 
     ids_column = table.column("ids").combine_chunks()
-    ids = (np.asarray(ids_column.to_pylist(), dtype=str) if pa.types.is_string(ids_column.type)
-           else ids_column.to_numpy(zero_copy_only=False).astype(np.int64))
+    ids = (
+        np.asarray(ids_column.to_pylist(), dtype=str)
+        if pa.types.is_string(ids_column.type)
+        else ids_column.to_numpy(zero_copy_only=False).astype(np.int64)
+    )
     names = set(table.column_names)
     targets = None
     if "targets" in names:
         column = table.column("targets").combine_chunks()
-        targets = matrix("targets").astype(np.float32) if pa.types.is_fixed_size_list(column.type) else \
-            column.to_numpy(zero_copy_only=False).copy()
-    return TextArrays(input_ids=matrix("input_ids"), attention_mask=matrix("attention_mask"), ids=ids,
-                      labels=matrix("labels") if "labels" in names else None, targets=targets)
+        targets = (
+            matrix("targets").astype(np.float32)
+            if pa.types.is_fixed_size_list(column.type)
+            else column.to_numpy(zero_copy_only=False).copy()
+        )
+    return TextArrays(
+        input_ids=matrix("input_ids"),
+        attention_mask=matrix("attention_mask"),
+        ids=ids,
+        labels=matrix("labels") if "labels" in names else None,
+        targets=targets,
+    )
 
 
-def check_fits_model(fields: dict[str, dict[str, Any]], vocab_size: int | None, max_positions: int | None,
-                     field: str) -> None:
+def check_fits_model(
+    fields: dict[str, dict[str, Any]], vocab_size: int | None, max_positions: int | None, field: str
+) -> None:
     """A stored text dataset's token ids and length against a model's vocabulary and positions."""
     info = fields.get("input_ids")
     if info is None:
         raise ArtifactError("the dataset has no input_ids: a Hugging Face model needs a text dataset", field=field)
     largest, length = int(info.get("max", 0)), int(info["shape"][1])
     if vocab_size is not None and largest >= vocab_size:
-        raise ArtifactError(f"the dataset has token id {largest}, not below the model's vocabulary size {vocab_size}",
-                            field=field)
+        raise ArtifactError(
+            f"the dataset has token id {largest}, not below the model's vocabulary size {vocab_size}", field=field
+        )
     if max_positions is not None and length > max_positions:
-        raise ArtifactError(f"the dataset's rows have {length} tokens; the model takes at most {max_positions}",
-                            field=field)
+        raise ArtifactError(
+            f"the dataset's rows have {length} tokens; the model takes at most {max_positions}", field=field
+        )

@@ -24,19 +24,23 @@ def load_tokenizer(path: Path, field: str = "tokenizer") -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # noqa: BLE001 - the library raises plain Exceptions for a bad file
-        raise ArtifactError(f"tokenizer.json could not be loaded by the tokenizers library: {exc}",
-                            field=field) from None
+        raise ArtifactError(
+            f"tokenizer.json could not be loaded by the tokenizers library: {exc}", field=field
+        ) from None
 
 
 def check_tokenizer_config(path: Path, field: str = "tokenizer_config") -> dict[str, Any]:
     config = read_json_object(path, field=field, max_bytes=MAX_TOKENIZER_CONFIG_BYTES, max_depth=MAX_DEPTH)
     if "auto_map" in config:
-        raise ArtifactError("tokenizer_config.json has `auto_map`: custom tokenizer code is never run",
-                            field=f"{field}.auto_map")
+        raise ArtifactError(
+            "tokenizer_config.json has `auto_map`: custom tokenizer code is never run", field=f"{field}.auto_map"
+        )
     return config
 
 
-def special_token_id(tokenizer: Tokenizer, tokenizer_config: dict[str, Any] | None, names: tuple[str, ...]) -> int | None:
+def special_token_id(
+    tokenizer: Tokenizer, tokenizer_config: dict[str, Any] | None, names: tuple[str, ...]
+) -> int | None:
     """The id of the first of ``names`` (``pad_token``, ``eos_token``...) that tokenizer_config sets."""
     for name in names:
         value = (tokenizer_config or {}).get(name)

@@ -77,8 +77,7 @@ def _check_tensor(info: TensorInfo, expected: torch.Tensor, field: str) -> None:
     if info.dtype not in allowed:
         kind = "floating" if expected.is_floating_point() else "integer"
         raise ArtifactError(
-            f"tensor {info.name!r} has dtype {info.dtype}; a {kind} dtype is needed "
-            f"({', '.join(sorted(allowed))})",
+            f"tensor {info.name!r} has dtype {info.dtype}; a {kind} dtype is needed ({', '.join(sorted(allowed))})",
             field=field,
         )
 
@@ -109,4 +108,3 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
-

@@ -110,8 +110,10 @@ def _check_request(
     if not isinstance(options, OPTION_TYPES[method]):
         raise AttributionError(f"method {method!r} takes {OPTION_TYPES[method].__name__}, got {type(options).__name__}")
     if mode == "self" and isinstance(options, GradientSimilarityOptions) and options.normalize:
-        raise AttributionError("self mode is not defined for normalized gradient_similarity (it is 1 for every "
-                               "example); leave normalize false for squared gradient norms")
+        raise AttributionError(
+            "self mode is not defined for normalized gradient_similarity (it is 1 for every "
+            "example); leave normalize false for squared gradient norms"
+        )
     options.validate()
     check_examples(train, "training")
     if mode != "self":
@@ -154,8 +156,11 @@ def build_scorers(
     for position, (model, device) in enumerate(placed):
         dtype = model_dtype(model)
         if isinstance(options, GradientSimilarityOptions):
-            scorers.append(gradient_similarity_scorer(model, resolve_layers(model, options.layers), loss, device, dtype,
-                                                      normalize=options.normalize))
+            scorers.append(
+                gradient_similarity_scorer(
+                    model, resolve_layers(model, options.layers), loss, device, dtype, normalize=options.normalize
+                )
+            )
         elif isinstance(options, DataInfOptions):
             layers = resolve_layers(model, options.layers)
             if options.damping is None:
@@ -174,8 +179,10 @@ def build_scorers(
                 model, layers, train, loss, options, fit, fit_counter, device, dtype, progress
             )
             index = None
-            if fit is not None and fit.training_index is not None and fit.training_index.matches(
-                model, train, loss, [layer.name for layer in layers]
+            if (
+                fit is not None
+                and fit.training_index is not None
+                and fit.training_index.matches(model, train, loss, [layer.name for layer in layers])
             ):
                 index = fit.training_index
             scorer = ModelScorer(model, layers, loss, device, dtype, preconditioner, index=index)
@@ -224,7 +231,9 @@ def aggregate_scores(
     counter = StageCounter(progress, "score", len(train)).start()
 
     def visit(start: int, per_model: list[Activities]) -> None:
-        values = mean_over_models([s.train_scores(a, v) for s, a, v in zip(scorers, per_model, vectors, strict=True)])[0]
+        values = mean_over_models([s.train_scores(a, v) for s, a, v in zip(scorers, per_model, vectors, strict=True)])[
+            0
+        ]
         check_finite_scores(values)
         scores[start : start + values.shape[0]] = values.cpu()
 
@@ -251,12 +260,20 @@ def pairwise_top_k(
     for first in range(0, len(queries), chunk):
         rows = torch.arange(first, min(first + chunk, len(queries)))
         chunk_queries = queries.subset(rows)
-        vectors = [s.query_vectors(chunk_queries, measurement, batch_size, query_counter, aggregate=False) for s in scorers]
+        vectors = [
+            s.query_vectors(chunk_queries, measurement, batch_size, query_counter, aggregate=False) for s in scorers
+        ]
         accumulator = TopKAccumulator(len(rows), top_k, scorers[0].device)
 
-        def visit(start: int, per_model: list[Activities], vectors: list[LayerVectors] = vectors,
-                  accumulator: TopKAccumulator = accumulator) -> None:  # bound now: called within this iteration
-            values = mean_over_models([s.train_scores(a, v) for s, a, v in zip(scorers, per_model, vectors, strict=True)])
+        def visit(
+            start: int,
+            per_model: list[Activities],
+            vectors: list[LayerVectors] = vectors,
+            accumulator: TopKAccumulator = accumulator,
+        ) -> None:  # bound now: called within this iteration
+            values = mean_over_models(
+                [s.train_scores(a, v) for s, a, v in zip(scorers, per_model, vectors, strict=True)]
+            )
             check_finite_scores(values)
             accumulator.update(values, start)
 

@@ -144,8 +144,17 @@ def estimate_edit(
     edit.validate()
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
     if rows.numel() == 0:
-        return EditResult(state, {"estimator": edit.estimator, "num_removed": 0, "num_train": len(train),
-                                  "step_norm": 0.0, "relative_step_norm": 0.0, "warnings": []})
+        return EditResult(
+            state,
+            {
+                "estimator": edit.estimator,
+                "num_removed": 0,
+                "num_train": len(train),
+                "step_norm": 0.0,
+                "relative_step_norm": 0.0,
+                "warnings": [],
+            },
+        )
     with evaluation_mode(model):
         objective = ProximalObjective(model, layers, train, rows, loss, edit.batch_size, progress)
         objective.proximity, rule = _proximity(model, layers, train, loss, edit)
@@ -180,8 +189,9 @@ def assess_edit(
     def given() -> Flat:
         return flat_from_state(layers, state, next(model.parameters()))
 
-    result = estimate_edit(model, layers, train, rows, loss, EditOptions(**{**edit.__dict__, "estimator": "first_order"}),
-                           given, queries)
+    result = estimate_edit(
+        model, layers, train, rows, loss, EditOptions(**{**edit.__dict__, "estimator": "first_order"}), given, queries
+    )
     result.state = {key: value.detach().clone() for key, value in state.items()}
     return result
 
@@ -190,16 +200,24 @@ def assess_edit(
 
 
 def first_order_parameters(
-    model: nn.Module, train: Examples, rows: torch.Tensor, loss: LossName, method: str,
-    options: MethodOptions, fit: Curvature | None, progress: Progress,
+    model: nn.Module,
+    train: Examples,
+    rows: torch.Tensor,
+    loss: LossName,
+    method: str,
+    options: MethodOptions,
+    fit: Curvature | None,
+    progress: Progress,
 ) -> Flat:
     """θ + (1/N) P Σ_{removed} ∇ℓ over the tracked layers, P the attribution's own preconditioner."""
     device = next(model.parameters()).device
     scorer = build_scorers([(model, device)], train, loss, method, options, None if fit is None else [fit], progress)[0]
     assert scorer.preconditioner is not None
     removed = train.subset(rows)
-    summed = {layer.name: torch.zeros(1, layer.out_features, layer.in_features, device=device, dtype=scorer.dtype)
-              for layer in scorer.layers}
+    summed = {
+        layer.name: torch.zeros(1, layer.out_features, layer.in_features, device=device, dtype=scorer.dtype)
+        for layer in scorer.layers
+    }
     with evaluation_mode(model), ActivityRecorder(scorer.layers) as recorder:
         for _, batch in batches(removed, options.batch_size, device, model_dtype(model)):
             activities = training_activities(model, recorder, batch, loss)
@@ -211,8 +229,9 @@ def first_order_parameters(
     return flat_parameters(scorer.layers).to(step.dtype) + step / len(train)
 
 
-def _proximity(model: nn.Module, layers: list[TrackedLayer], train: Examples, loss: LossName,
-               edit: EditOptions) -> tuple[float, str]:
+def _proximity(
+    model: nn.Module, layers: list[TrackedLayer], train: Examples, loss: LossName, edit: EditOptions
+) -> tuple[float, str]:
     if edit.proximity is not None:
         return float(edit.proximity), "given"
     mean = mean_curvature_eigenvalue(model, layers, train, loss, edit.batch_size)
@@ -225,25 +244,37 @@ def query_losses(objective: ProximalObjective, flat: Flat, queries: Examples) ->
     with torch.no_grad():
         for _, batch in batches(queries, objective.batch_size, objective.device, objective.dtype):
             outputs = objective._outputs(flat, batch.inputs)
-            values.append(per_example_loss(outputs, check_targets(outputs, batch.targets, objective.loss), objective.loss))
+            values.append(
+                per_example_loss(outputs, check_targets(outputs, batch.targets, objective.loss), objective.loss)
+            )
     return torch.cat(values).double().cpu()
 
 
-def _diagnostics(objective: ProximalObjective, theta: Flat, report: SolveReport, edit: EditOptions, rule: str,
-                 queries: Examples | None) -> dict[str, Any]:
+def _diagnostics(
+    objective: ProximalObjective,
+    theta: Flat,
+    report: SolveReport,
+    edit: EditOptions,
+    rule: str,
+    queries: Examples | None,
+) -> dict[str, Any]:
     step = theta - objective.theta0
     relative = float(step.norm()) / max(float(objective.theta0.norm()), 1e-300)
     before, after = objective.mean_kept_loss(objective.theta0), objective.mean_kept_loss(theta)
     warnings = list(report.warnings)
     if relative > edit.trust_radius:
-        warnings.append(f"the edit moves the tracked weights by {100 * relative:.1f}% of their norm (trust radius "
-                        f"{100 * edit.trust_radius:.0f}%): outside the region where a local estimate of retraining "
-                        "can be trusted")
+        warnings.append(
+            f"the edit moves the tracked weights by {100 * relative:.1f}% of their norm (trust radius "
+            f"{100 * edit.trust_radius:.0f}%): outside the region where a local estimate of retraining "
+            "can be trusted"
+        )
     if report.clipped:
         warnings.append("the Newton step left the trust radius and was shortened to it")
     if after > before * (1 + LOSS_RISE_WARNING) + 1e-12:
-        warnings.append(f"the remaining rows' mean training loss rose from {before:.4g} to {after:.4g}: the edit "
-                        "undoes what the model learned from the data it keeps")
+        warnings.append(
+            f"the remaining rows' mean training loss rose from {before:.4g} to {after:.4g}: the edit "
+            "undoes what the model learned from the data it keeps"
+        )
     diagnostics: dict[str, Any] = {
         "estimator": edit.estimator,
         "num_removed": int(objective.removed.numel()),
@@ -261,11 +292,13 @@ def _diagnostics(objective: ProximalObjective, theta: Flat, report: SolveReport,
     if queries is not None and len(queries):
         start, end = query_losses(objective, objective.theta0, queries), query_losses(objective, theta, queries)
         change = end - start
-        diagnostics.update({
-            "query_loss_before_mean": float(start.mean()),
-            "query_loss_after_mean": float(end.mean()),
-            "query_loss_changes": [float(v) for v in change[:MAX_REPORTED_QUERIES]],
-        })
+        diagnostics.update(
+            {
+                "query_loss_before_mean": float(start.mean()),
+                "query_loss_after_mean": float(end.mean()),
+                "query_loss_changes": [float(v) for v in change[:MAX_REPORTED_QUERIES]],
+            }
+        )
     return diagnostics
 
 

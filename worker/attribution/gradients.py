@@ -65,7 +65,9 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def batches(examples: Examples, batch_size: int, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[int, Examples]]:
+def batches(
+    examples: Examples, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> Iterator[tuple[int, Examples]]:
     """(start row, batch on ``device``) for consecutive batches; float inputs cast to ``dtype``."""
     for start in range(0, len(examples), batch_size):
         index = torch.arange(start, min(start + batch_size, len(examples)))
@@ -84,7 +86,9 @@ def run_model(model: nn.Module, recorder: ActivityRecorder, batch: Examples) -> 
     return forward(model, batch.inputs, batch.attention_mask)
 
 
-def sampled_labels(outputs: torch.Tensor, given: torch.Tensor, loss: LossName, generator: torch.Generator) -> torch.Tensor:
+def sampled_labels(
+    outputs: torch.Tensor, given: torch.Tensor, loss: LossName, generator: torch.Generator
+) -> torch.Tensor:
     """Labels drawn from the model (true Fisher); causal LM labels only at the given labels' scored positions."""
     if loss == "causal_lm":
         return sample_token_labels(outputs, given, generator)
@@ -149,7 +153,9 @@ def measurement_activities(
     """Per-layer activity for the gradient of sum_q f(z_q) (query weights are not applied)."""
     outputs = run_model(model, recorder, batch)
     targets = check_targets(outputs, batch.targets, loss)
-    return recorder.backward(weighted_sum(measurement_values(outputs, targets, loss, measurement), None), retain_graph=False)
+    return recorder.backward(
+        weighted_sum(measurement_values(outputs, targets, loss, measurement), None), retain_graph=False
+    )
 
 
 def place_model(model: nn.Module, device: torch.device | str | None) -> tuple[nn.Module, torch.device]:

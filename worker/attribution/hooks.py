@@ -135,7 +135,9 @@ def describe_layer(name: str, module: nn.Module) -> TrackedLayer:
         weight = module.weight
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise AttributionError(f"layer {name!r}: a Conv1D without a 2-d weight")
-        return TrackedLayer(name, module, "conv1d", int(weight.shape[0]) + int(has_bias), int(weight.shape[1]), has_bias)
+        return TrackedLayer(
+            name, module, "conv1d", int(weight.shape[0]) + int(has_bias), int(weight.shape[1]), has_bias
+        )
     if isinstance(module, nn.Embedding):
         if module.max_norm is not None or module.sparse:
             raise AttributionError(f"layer {name!r}: embeddings with max_norm or sparse gradients are not supported")
@@ -157,9 +159,7 @@ def resolve_layers(model: nn.Module, names: list[str] | None) -> list[TrackedLay
             raise AttributionError("layers must name at least one layer")
         unknown = [n for n in names if n not in modules]
         if unknown:
-            raise AttributionError(
-                f"unknown layer names {unknown}; trackable layers are {trackable_layers(model)}"
-            )
+            raise AttributionError(f"unknown layer names {unknown}; trackable layers are {trackable_layers(model)}")
         order = {n: i for i, n in enumerate(modules)}
         chosen = sorted(set(names), key=lambda n: order[n])
     return [describe_layer(n, modules[n]) for n in chosen]

@@ -238,9 +238,7 @@ def check_examples(examples: Examples, what: str) -> None:
     if len(examples) == 0:
         raise AttributionError(f"the {what} dataset is empty")
     if examples.targets.shape[0] != len(examples):
-        raise AttributionError(
-            f"the {what} dataset has {len(examples)} inputs but {examples.targets.shape[0]} targets"
-        )
+        raise AttributionError(f"the {what} dataset has {len(examples)} inputs but {examples.targets.shape[0]} targets")
     if examples.weights is not None:
         if examples.weights.shape != (len(examples),):
             raise AttributionError(f"the {what} dataset's weights must have shape ({len(examples)},)")

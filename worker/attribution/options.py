@@ -37,7 +37,9 @@ class FitOptions:
 
     def validate(self) -> None:
         if not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 0:
-            raise AttributionError(f"memory_budget_bytes must be a non-negative integer, got {self.memory_budget_bytes!r}")
+            raise AttributionError(
+                f"memory_budget_bytes must be a non-negative integer, got {self.memory_budget_bytes!r}"
+            )
         if self.strategy not in FIT_STRATEGIES:
             raise AttributionError(f"unknown fit strategy {self.strategy!r}; expected one of {FIT_STRATEGIES}")
         if self.fisher not in ("true", "empirical"):

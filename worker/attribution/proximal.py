@@ -119,8 +119,9 @@ class ProximalObjective:
 
     # -- the model as a function of the flat tracked parameters
     def _outputs(self, flat: Flat, inputs: torch.Tensor) -> torch.Tensor:
-        outputs: torch.Tensor = functional_call(self.model, {**self.frozen, **state_entries(self.layers, flat)},
-                                                (inputs,))
+        outputs: torch.Tensor = functional_call(
+            self.model, {**self.frozen, **state_entries(self.layers, flat)}, (inputs,)
+        )
         return outputs
 
     def _batches(self, examples: Examples) -> list[Examples]:
@@ -195,24 +196,34 @@ class ProximalObjective:
         return apply
 
 
-def mean_curvature_eigenvalue(model: nn.Module, layers: list[TrackedLayer], train: Examples, loss: LossName,
-                              batch_size: int, seed: int = 0) -> float:
+def mean_curvature_eigenvalue(
+    model: nn.Module, layers: list[TrackedLayer], train: Examples, loss: LossName, batch_size: int, seed: int = 0
+) -> float:
     """trace(G) / D over the tracked parameters: the mean squared norm of per-example gradients with labels
     sampled from the model (the true Fisher, = Gauss-Newton for these losses), on up to CURVATURE_SCALE_ROWS rows."""
-    rows = train if len(train) <= CURVATURE_SCALE_ROWS else train.subset(
-        torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:CURVATURE_SCALE_ROWS])
+    rows = (
+        train
+        if len(train) <= CURVATURE_SCALE_ROWS
+        else train.subset(
+            torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:CURVATURE_SCALE_ROWS]
+        )
+    )
     device, dtype = next(model.parameters()).device, model_dtype(model)
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
         for _, batch in batches(rows, batch_size, device, dtype):
-            for activities in fitting_activities(model, recorder, batch, loss, FisherLabels("true", 1, seed), generator):
+            for activities in fitting_activities(
+                model, recorder, batch, loss, FisherLabels("true", 1, seed), generator
+            ):
                 total += float(sum(activities[layer.name].squared_norms().sum() for layer in layers))
     size = sum(layer.num_parameters for layer in layers)
     value = total / (len(rows) * size)
     if not value > 0 or value == float("inf"):
-        raise AttributionError("the model has no curvature on the training data (zero or non-finite gradients); "
-                               "give options.proximity explicitly")
+        raise AttributionError(
+            "the model has no curvature on the training data (zero or non-finite gradients); "
+            "give options.proximity explicitly"
+        )
     return value
 
 
@@ -266,13 +277,20 @@ class SolveReport:
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "accepted_steps": self.accepted_steps, "cg_iterations": self.cg_iterations,
-                "gradient_norm_ratio": self.gradient_norm_ratio, "converged": self.converged,
-                "line_search_step": self.step_scale, "clipped_to_trust_radius": self.clipped}
+        return {
+            "steps": self.steps,
+            "accepted_steps": self.accepted_steps,
+            "cg_iterations": self.cg_iterations,
+            "gradient_norm_ratio": self.gradient_norm_ratio,
+            "converged": self.converged,
+            "line_search_step": self.step_scale,
+            "clipped_to_trust_radius": self.clipped,
+        }
 
 
-def _solve(objective: ProximalObjective, point: Flat, rhs: Flat, damping: float, cg_tol: float,
-           cg_max_iter: int) -> CGResult:
+def _solve(
+    objective: ProximalObjective, point: Flat, rhs: Flat, damping: float, cg_tol: float, cg_max_iter: int
+) -> CGResult:
     curvature = objective.curvature_operator(point)
 
     def matvec(v: Flat) -> Flat:
@@ -281,8 +299,9 @@ def _solve(objective: ProximalObjective, point: Flat, rhs: Flat, damping: float,
     return conjugate_gradient(matvec, rhs, cg_tol, cg_max_iter)
 
 
-def newton_step(objective: ProximalObjective, trust_radius: float, cg_tol: float, cg_max_iter: int,
-                progress: Progress = no_progress) -> tuple[Flat, SolveReport]:
+def newton_step(
+    objective: ProximalObjective, trust_radius: float, cg_tol: float, cg_max_iter: int, progress: Progress = no_progress
+) -> tuple[Flat, SolveReport]:
     """One Gauss-Newton step (G_{−S}(θ₀) + λI) d = r from θ₀, clipped to the trust radius, then a backtracking
     (Armijo) line search on the real J_S."""
     report = SolveReport(steps=1)
@@ -304,16 +323,24 @@ def newton_step(objective: ProximalObjective, trust_radius: float, cg_tol: float
             break
         scale *= 0.5
     else:
-        report.warnings.append("the line search found no decrease of the proximal objective along the Newton step; "
-                               "the edit is θ₀ moved by a tiny step")
+        report.warnings.append(
+            "the line search found no decrease of the proximal objective along the Newton step; "
+            "the edit is θ₀ moved by a tiny step"
+        )
     report.step_scale = scale
     report.accepted_steps = 1
     report.gradient_norm_ratio = float(gradient.norm()) / max(float(gradient0.norm()), 1e-300)
     return theta0 + scale * direction, report
 
 
-def minimise(objective: ProximalObjective, tol: float, max_steps: int, cg_tol: float, cg_max_iter: int,
-             progress: Progress = no_progress) -> tuple[Flat, SolveReport]:
+def minimise(
+    objective: ProximalObjective,
+    tol: float,
+    max_steps: int,
+    cg_tol: float,
+    cg_max_iter: int,
+    progress: Progress = no_progress,
+) -> tuple[Flat, SolveReport]:
     """Levenberg-Marquardt on J_S from θ₀: steps (G_{−S}(θ) + (λ + μ)I) d = −∇J_S(θ), accepted when the real
     decrease is a fair share of the model's, μ adapted by that ratio; stops at ‖∇J_S‖ ≤ tol · ‖∇J_S(θ₀)‖."""
     report = SolveReport()
@@ -351,6 +378,6 @@ def minimise(objective: ProximalObjective, tol: float, max_steps: int, cg_tol: f
     if not report.converged:
         report.warnings.append(
             f"the proximal retrain objective was not minimised to tolerance in {max_steps} steps "
-            f"(‖∇J‖ fell to {report.gradient_norm_ratio:.2e} of its start; tol {tol:g}): raise options.max_steps")
+            f"(‖∇J‖ fell to {report.gradient_norm_ratio:.2e} of its start; tol {tol:g}): raise options.max_steps"
+        )
     return point, report
-

@@ -92,8 +92,9 @@ class ModelScorer:
         if self.preconditioner is not None:
             return self.preconditioner.self_scores(activities)
         if self.normalize:
-            raise AttributionError("self mode is not defined for normalized gradient_similarity (it is 1 for every "
-                                   "example)")
+            raise AttributionError(
+                "self mode is not defined for normalized gradient_similarity (it is 1 for every example)"
+            )
         return tensor_sum(activities[name].squared_norms() for name in self.layer_names)
 
 
@@ -157,7 +158,9 @@ def stream_training_activities(
     """``stream_training_batches``, or, when every scorer carries a training-gradient index of ``train``,
     the same activities read from the indexes in large blocks (no model pass). ``queries``: how many query
     vectors ``visit`` contracts each block with (sizes the work for the thread policy only)."""
-    indexes = [scorer.index for scorer in scorers if scorer.index is not None and scorer.index.num_examples == len(train)]
+    indexes = [
+        scorer.index for scorer in scorers if scorer.index is not None and scorer.index.num_examples == len(train)
+    ]
     if len(indexes) != len(scorers):
         stream_training_batches(scorers, train, batch_size, counter, visit)
         return
@@ -196,7 +199,9 @@ class TopKAccumulator:
         """``scores`` (Q, B) for training rows start..start+B-1."""
         with few_threads(4 * (scores.numel() + self.best_scores.numel())):  # memory-bound merges
             indices = torch.arange(start, start + scores.shape[1], device=scores.device).expand_as(scores)
-            self.best_scores, self.best_indices = self._merge(self.best_scores, self.best_indices, scores, indices, True)
+            self.best_scores, self.best_indices = self._merge(
+                self.best_scores, self.best_indices, scores, indices, True
+            )
             self.worst_scores, self.worst_indices = self._merge(
                 self.worst_scores, self.worst_indices, scores, indices, False
             )

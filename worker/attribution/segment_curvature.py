@@ -52,10 +52,15 @@ class SegmentFit:
     accumulate: dict[str, torch.Tensor]  # U_s eigenvalues
 
     def apply_forgetting(self, vectors: LayerVectors) -> LayerVectors:
-        return {n: apply_in_eigenbasis(v, self.q_s[n], self.q_a[n], self.forget[n].to(v.dtype)) for n, v in vectors.items()}
+        return {
+            n: apply_in_eigenbasis(v, self.q_s[n], self.q_a[n], self.forget[n].to(v.dtype)) for n, v in vectors.items()
+        }
 
     def apply_unrolled(self, vectors: LayerVectors) -> LayerVectors:
-        return {n: apply_in_eigenbasis(v, self.q_s[n], self.q_a[n], self.accumulate[n].to(v.dtype)) for n, v in vectors.items()}
+        return {
+            n: apply_in_eigenbasis(v, self.q_s[n], self.q_a[n], self.accumulate[n].to(v.dtype))
+            for n, v in vectors.items()
+        }
 
     def describe(self) -> dict[str, object]:
         info = self.segment.describe(self.num_examples)
@@ -86,7 +91,10 @@ def fit_segment(
     if variant == "averaged_parameters":
         models = [mean_parameter_model(models)]
     per_model_layers = [resolve_layers(m, layer_names) for m in models]
-    covariances = [fit_covariances(m, ls, data, loss, labels, batch_size, device, counter) for m, ls in zip(models, per_model_layers, strict=True)]
+    covariances = [
+        fit_covariances(m, ls, data, loss, labels, batch_size, device, counter)
+        for m, ls in zip(models, per_model_layers, strict=True)
+    ]
     bases = {name: eigenbasis(mean_covariances([c[name] for c in covariances])) for name in layer_names}
     eigenvalue_fits = [
         fit_corrected_eigenvalues(m, ls, data, loss, labels.for_eigenvalues(), bases, batch_size, device, counter)
@@ -140,7 +148,9 @@ def check_same_architecture(reference: nn.Module, models: list[tuple[str, nn.Mod
             raise AttributionError(f"checkpoint {name} does not have the final model's parameter shapes")
 
 
-def walk_query_vectors(fits: list[SegmentFit], gradients: LayerVectors, attributed: set[int]) -> dict[int, LayerVectors]:
+def walk_query_vectors(
+    fits: list[SegmentFit], gradients: LayerVectors, attributed: set[int]
+) -> dict[int, LayerVectors]:
     """u_s = U_s E_{s+1} ... E_M grad f for the attributed segments (walking from the last segment to the first)."""
     v = gradients
     result: dict[int, LayerVectors] = {}

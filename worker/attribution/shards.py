@@ -72,8 +72,12 @@ class ShardOutput:
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"range": torch.tensor([self.start, self.stop], dtype=torch.long)}
         if self.topk is not None:
-            tensors.update(positive_indices=self.topk.positive_indices, positive_scores=self.topk.positive_scores,
-                           negative_indices=self.topk.negative_indices, negative_scores=self.topk.negative_scores)
+            tensors.update(
+                positive_indices=self.topk.positive_indices,
+                positive_scores=self.topk.positive_scores,
+                negative_indices=self.topk.negative_indices,
+                negative_scores=self.topk.negative_scores,
+            )
         if self.scores is not None:
             tensors["scores"] = self.scores
         return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
@@ -83,8 +87,12 @@ class ShardOutput:
         start, stop = (int(v) for v in tensors["range"].tolist())
         topk = None
         if mode == "pairwise":
-            topk = TopK(positive_indices=tensors["positive_indices"], positive_scores=tensors["positive_scores"],
-                        negative_indices=tensors["negative_indices"], negative_scores=tensors["negative_scores"])
+            topk = TopK(
+                positive_indices=tensors["positive_indices"],
+                positive_scores=tensors["positive_scores"],
+                negative_indices=tensors["negative_indices"],
+                negative_scores=tensors["negative_scores"],
+            )
         return cls(mode, start, stop, topk=topk, scores=tensors.get("scores"))
 
 
@@ -92,7 +100,11 @@ class ShardOutput:
 
 
 def prepare_query_vectors(
-    scorers: list[ModelScorer], queries: Examples, mode: ShardMode, measurement: MeasurementName, batch_size: int,
+    scorers: list[ModelScorer],
+    queries: Examples,
+    mode: ShardMode,
+    measurement: MeasurementName,
+    batch_size: int,
     progress: Progress,
 ) -> list[LayerVectors]:
     """The preconditioned query gradients per model (summed over queries in ``aggregate`` mode)."""
@@ -103,8 +115,11 @@ def prepare_query_vectors(
 
 
 def vectors_to_tensors(vectors: list[LayerVectors]) -> dict[str, torch.Tensor]:
-    return {f"{position}{VECTOR_KEY_SEPARATOR}{name}": tensor.detach().cpu().contiguous()
-            for position, per_layer in enumerate(vectors) for name, tensor in per_layer.items()}
+    return {
+        f"{position}{VECTOR_KEY_SEPARATOR}{name}": tensor.detach().cpu().contiguous()
+        for position, per_layer in enumerate(vectors)
+        for name, tensor in per_layer.items()
+    }
 
 
 def vectors_from_tensors(tensors: dict[str, torch.Tensor], num_models: int) -> list[LayerVectors]:
@@ -119,8 +134,14 @@ def vectors_from_tensors(tensors: dict[str, torch.Tensor], num_models: int) -> l
 
 
 def score_shard(
-    scorers: list[ModelScorer], train: Examples, shard: ShardRange, mode: ShardMode, vectors: list[LayerVectors],
-    top_k: int, batch_size: int, progress: Progress,
+    scorers: list[ModelScorer],
+    train: Examples,
+    shard: ShardRange,
+    mode: ShardMode,
+    vectors: list[LayerVectors],
+    top_k: int,
+    batch_size: int,
+    progress: Progress,
 ) -> ShardOutput:
     """Score training rows ``shard.start:shard.stop`` (progress stage "score", in examples of this shard)."""
     rows = train.subset(torch.arange(shard.start, shard.stop))
@@ -132,7 +153,9 @@ def score_shard(
             if mode == "self":
                 values = mean_over_models([s.self_scores(a) for s, a in zip(scorers, per_model, strict=True)])
             else:
-                values = mean_over_models([s.train_scores(a, v) for s, a, v in zip(scorers, per_model, vectors, strict=True)])[0]
+                values = mean_over_models(
+                    [s.train_scores(a, v) for s, a, v in zip(scorers, per_model, vectors, strict=True)]
+                )[0]
             check_finite_scores(values)
             scores[start : start + values.shape[0]] = values.cpu()
 
@@ -150,8 +173,13 @@ def score_shard(
 
 
 def _pairwise_top_k(
-    scorers: list[ModelScorer], rows: Examples, offset: int, vectors: list[LayerVectors], top_k: int,
-    batch_size: int, counter: StageCounter,
+    scorers: list[ModelScorer],
+    rows: Examples,
+    offset: int,
+    vectors: list[LayerVectors],
+    top_k: int,
+    batch_size: int,
+    counter: StageCounter,
 ) -> TopK:
     """One pass over ``rows`` (training rows ``offset``...) for one chunk of queries: their local top-k."""
     num_queries = next(iter(vectors[0].values())).shape[0]
@@ -191,12 +219,24 @@ def merge_shards(outputs: Sequence[ShardOutput], mode: ShardMode, top_k: int, nu
         return AttributionScores(mode=mode, scores=torch.cat([p for p in parts if p is not None]).float())
     tops = [o.topk for o in ordered if o.topk is not None]
     assert len(tops) == len(ordered)
-    positive = _top(torch.cat([t.positive_scores for t in tops], 1), torch.cat([t.positive_indices for t in tops], 1),
-                    top_k, largest=True)
-    negative = _top(torch.cat([t.negative_scores for t in tops], 1), torch.cat([t.negative_indices for t in tops], 1),
-                    top_k, largest=False)
-    topk = TopK(positive_indices=positive[1], positive_scores=positive[0], negative_indices=negative[1],
-                negative_scores=negative[0])
+    positive = _top(
+        torch.cat([t.positive_scores for t in tops], 1),
+        torch.cat([t.positive_indices for t in tops], 1),
+        top_k,
+        largest=True,
+    )
+    negative = _top(
+        torch.cat([t.negative_scores for t in tops], 1),
+        torch.cat([t.negative_indices for t in tops], 1),
+        top_k,
+        largest=False,
+    )
+    topk = TopK(
+        positive_indices=positive[1],
+        positive_scores=positive[0],
+        negative_indices=negative[1],
+        negative_scores=negative[0],
+    )
     return AttributionScores(mode="pairwise", topk=topk)
 
 

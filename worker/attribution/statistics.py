@@ -157,8 +157,14 @@ def fit_covariances(
     counter: StageCounter,
 ) -> dict[str, Covariances]:
     """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws), per layer, float64."""
-    activation = {layer.name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=device) for layer in layers}
-    gradient = {layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=device) for layer in layers}
+    activation = {
+        layer.name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=device)
+        for layer in layers
+    }
+    gradient = {
+        layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=device)
+        for layer in layers
+    }
     positions = {layer.name: 0 for layer in layers}
     rows = {layer.name: 0 for layer in layers}
 
@@ -194,7 +200,14 @@ def fit_corrected_eigenvalues(
     q_a = {n: b.activation_eigenvectors.to(device, dtype) for n, b in bases.items()}
     return _mean_over_fitting_rows(
         lambda name, activity: corrected_eigenvalue_sum(activity, q_s[name], q_a[name]),
-        model, layers, data, loss, labels, batch_size, device, counter,
+        model,
+        layers,
+        data,
+        loss,
+        labels,
+        batch_size,
+        device,
+        counter,
     )
 
 
@@ -211,7 +224,14 @@ def fit_diagonal(
     """E[G * G] per layer (mean over examples and label draws), float64, shaped like the weight matrix."""
     return _mean_over_fitting_rows(
         lambda name, activity: squared_gradient_sum(activity),
-        model, layers, data, loss, labels, batch_size, device, counter,
+        model,
+        layers,
+        data,
+        loss,
+        labels,
+        batch_size,
+        device,
+        counter,
     )
 
 
@@ -227,7 +247,10 @@ def _mean_over_fitting_rows(
     counter: StageCounter,
 ) -> dict[str, torch.Tensor]:
     """Mean over examples and label draws of a weight-shaped per-batch sum ``statistic``, float64."""
-    sums = {layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=device) for layer in layers}
+    sums = {
+        layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=device)
+        for layer in layers
+    }
     rows = {layer.name: 0 for layer in layers}
 
     def visit(name: str, activity: LayerActivity) -> None:
@@ -280,7 +303,10 @@ def corrected_eigenvalues_from_activities(
     """``fit_corrected_eigenvalues`` from already recorded fitting activities (no model pass)."""
     q_s = {n: b.gradient_eigenvectors.to(device, dtype) for n, b in bases.items()}
     q_a = {n: b.activation_eigenvectors.to(device, dtype) for n, b in bases.items()}
-    sums = {layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=device) for layer in layers}
+    sums = {
+        layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=device)
+        for layer in layers
+    }
     rows = {layer.name: 0 for layer in layers}
     for position, activities in enumerate(activity_batches):
         some = next(iter(activities.values()))

@@ -52,13 +52,18 @@ class TextBatch:
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2 or self.input_ids.dtype.is_floating_point:
-            raise AttributionError(f"input_ids must be integer token ids (N, T), got {self.input_ids.dtype} "
-                                   f"{tuple(self.input_ids.shape)}")
+            raise AttributionError(
+                f"input_ids must be integer token ids (N, T), got {self.input_ids.dtype} {tuple(self.input_ids.shape)}"
+            )
         if self.attention_mask.shape != self.input_ids.shape:
-            raise AttributionError(f"attention_mask must have the shape of input_ids {tuple(self.input_ids.shape)}, "
-                                   f"got {tuple(self.attention_mask.shape)}")
+            raise AttributionError(
+                f"attention_mask must have the shape of input_ids {tuple(self.input_ids.shape)}, "
+                f"got {tuple(self.attention_mask.shape)}"
+            )
         if self.labels.shape not in (self.input_ids.shape, self.input_ids.shape[:1]):
-            raise AttributionError(f"labels must be (N, T) token labels or (N,) classes, got {tuple(self.labels.shape)}")
+            raise AttributionError(
+                f"labels must be (N, T) token labels or (N,) classes, got {tuple(self.labels.shape)}"
+            )
         if self.weights is not None and self.weights.shape != self.input_ids.shape[:1]:
             raise AttributionError(f"weights must have shape ({self.input_ids.shape[0]},)")
 
@@ -76,7 +81,9 @@ class TextBatch:
             previous[:, 1:] = real[:, :-1]
             labels = labels.masked_fill(~(real & previous), IGNORE_INDEX)
         return Examples(
-            inputs=self.input_ids.long(), targets=labels, weights=self.weights,
+            inputs=self.input_ids.long(),
+            targets=labels,
+            weights=self.weights,
             attention_mask=self.attention_mask.long(),
         )
 

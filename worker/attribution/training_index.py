@@ -37,7 +37,9 @@ def _hash_tensor(digest: hashlib.blake2b, tensor: torch.Tensor | None) -> None:
     t = tensor.detach().to("cpu").contiguous()
     digest.update(f"{t.dtype};{tuple(t.shape)};".encode())
     if t.numel():
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+        digest.update(
+            t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes()
+        )
 
 
 def examples_fingerprint(examples: Examples) -> str:
@@ -80,7 +82,9 @@ class TrainingIndex:
             return False
         if sorted(layer_names) != sorted(self.activations) or sorted(layer_names) != sorted(self.gradients):
             return False
-        return examples_fingerprint(train) == self.train_fingerprint and model_fingerprint(model) == self.model_fingerprint
+        return (
+            examples_fingerprint(train) == self.train_fingerprint and model_fingerprint(model) == self.model_fingerprint
+        )
 
     def metadata(self) -> str:
         return json.dumps(
@@ -103,11 +107,17 @@ class TrainingIndex:
         try:
             info = json.loads(metadata)
             # fresh (aligned, owned) copies: memory-mapped file tensors can take other kernel paths
-            activations = {n: stats[INDEX_ACTIVATIONS].clone() for n, stats in tensors.items() if INDEX_ACTIVATIONS in stats}
+            activations = {
+                n: stats[INDEX_ACTIVATIONS].clone() for n, stats in tensors.items() if INDEX_ACTIVATIONS in stats
+            }
             gradients = {n: stats[INDEX_GRADIENTS].clone() for n, stats in tensors.items() if INDEX_GRADIENTS in stats}
             index = cls(
-                activations, gradients, int(info["num_examples"]), str(info["train_fingerprint"]),
-                str(info["model_fingerprint"]), str(info["loss"]),
+                activations,
+                gradients,
+                int(info["num_examples"]),
+                str(info["train_fingerprint"]),
+                str(info["model_fingerprint"]),
+                str(info["loss"]),
             )
         except (KeyError, TypeError, ValueError):
             return None  # an unreadable index is not used (the fit itself stays valid)
@@ -125,13 +135,16 @@ class TrainingIndex:
         """(start row, {layer: rank-one LayerActivity}) for consecutive blocks of ``rows`` examples."""
         for start in range(0, self.num_examples, rows):
             stop = min(start + rows, self.num_examples)
-            yield start, {
-                name: LayerActivity(
-                    self.activations[name][start:stop].to(device, dtype).unsqueeze(1),
-                    self.gradients[name][start:stop].to(device, dtype).unsqueeze(1),
-                )
-                for name in self.activations
-            }
+            yield (
+                start,
+                {
+                    name: LayerActivity(
+                        self.activations[name][start:stop].to(device, dtype).unsqueeze(1),
+                        self.gradients[name][start:stop].to(device, dtype).unsqueeze(1),
+                    )
+                    for name in self.activations
+                },
+            )
 
 
 class IndexRecorder:
@@ -177,7 +190,9 @@ class IndexRecorder:
         """The recorded batches again, as {layer: LayerActivity} (for a second statistics pass)."""
         for position in range(len(self.activations[self.layer_names[0]])):
             yield {
-                name: LayerActivity(self.activations[name][position].unsqueeze(1), self.gradients[name][position].unsqueeze(1))
+                name: LayerActivity(
+                    self.activations[name][position].unsqueeze(1), self.gradients[name][position].unsqueeze(1)
+                )
                 for name in self.layer_names
             }
 

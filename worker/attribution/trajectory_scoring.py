@@ -29,7 +29,9 @@ QueryVectors = Callable[[Examples, bool], list[LayerVectors]]
 SelfScores = Callable[[list[Activities]], torch.Tensor]
 
 
-def summed_train_scores(scorers: list[ModelScorer], per_model: list[Activities], vectors: list[LayerVectors]) -> torch.Tensor:
+def summed_train_scores(
+    scorers: list[ModelScorer], per_model: list[Activities], vectors: list[LayerVectors]
+) -> torch.Tensor:
     """(Q, B): sum over models of <vectors_m, grad l(z_b; theta_m)>."""
     total: torch.Tensor | None = None
     for scorer, activities, v in zip(scorers, per_model, vectors, strict=True):
@@ -42,7 +44,11 @@ def summed_train_scores(scorers: list[ModelScorer], per_model: list[Activities],
 
 
 def aggregate_scores(
-    scorers: list[ModelScorer], train: Examples, queries: Examples, vectors_for: QueryVectors, batch_size: int,
+    scorers: list[ModelScorer],
+    train: Examples,
+    queries: Examples,
+    vectors_for: QueryVectors,
+    batch_size: int,
     progress: Progress,
 ) -> torch.Tensor:
     vectors = vectors_for(queries, True)
@@ -59,8 +65,14 @@ def aggregate_scores(
 
 
 def pairwise_top_k(
-    scorers: list[ModelScorer], train: Examples, queries: Examples, vectors_for: QueryVectors, top_k: int,
-    batch_size: int, progress: Progress, vector_sets: int,
+    scorers: list[ModelScorer],
+    train: Examples,
+    queries: Examples,
+    vectors_for: QueryVectors,
+    top_k: int,
+    batch_size: int,
+    progress: Progress,
+    vector_sets: int,
 ) -> tuple[TopK, int]:
     """Top-k each way per query; ``vector_sets`` = how many distinct query vectors each query needs."""
     chunk = query_chunk_size(scorers[0], vector_sets)
@@ -75,8 +87,13 @@ def pairwise_top_k(
 
 
 def _chunk_top_k(
-    scorers: list[ModelScorer], train: Examples, vectors: list[LayerVectors], num_queries: int, top_k: int,
-    batch_size: int, counter: StageCounter,
+    scorers: list[ModelScorer],
+    train: Examples,
+    vectors: list[LayerVectors],
+    num_queries: int,
+    top_k: int,
+    batch_size: int,
+    counter: StageCounter,
 ) -> TopK:
     """Top-k each way for one chunk of queries, over one pass of the training set."""
     accumulator = TopKAccumulator(num_queries, top_k, scorers[0].device)

@@ -31,9 +31,17 @@ def run(inputs: RunInputs) -> RunOutput:
 
     assert isinstance(inputs.options, DataInfOptions)
     scores = attribute(
-        inputs.modules, inputs.train, inputs.query, loss=inputs.loss, method="datainf", mode=inputs.mode,
-        measurement=inputs.measurement, top_k=inputs.top_k, options=datainf_options(inputs.options),
-        progress=inputs.progress, device=inputs.device,
+        inputs.modules,
+        inputs.train,
+        inputs.query,
+        loss=inputs.loss,
+        method="datainf",
+        mode=inputs.mode,
+        measurement=inputs.measurement,
+        top_k=inputs.top_k,
+        options=datainf_options(inputs.options),
+        progress=inputs.progress,
+        device=inputs.device,
     )
     return RunOutput(scores=scores)
 
@@ -43,9 +51,18 @@ def edit(inputs: EditInputs) -> EditResult:
     from worker.methods.engine_options import datainf_options
 
     assert isinstance(inputs.options, DataInfOptions)
-    return edit_parameters(inputs.module, inputs.train, inputs.removed, loss=inputs.loss, method="datainf",
-                           options=datainf_options(inputs.options), edit=inputs.edit, queries=inputs.queries,
-                           progress=inputs.progress, device=inputs.device)
+    return edit_parameters(
+        inputs.module,
+        inputs.train,
+        inputs.removed,
+        loss=inputs.loss,
+        method="datainf",
+        options=datainf_options(inputs.options),
+        edit=inputs.edit,
+        queries=inputs.queries,
+        progress=inputs.progress,
+        device=inputs.device,
+    )
 
 
 METHOD = Method(

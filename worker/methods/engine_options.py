@@ -37,17 +37,30 @@ def _layers(layers: list[str] | None) -> list[str] | None:
 def fit_options(settings: FitSettings) -> FitOptions:
     from worker.attribution import FitOptions
 
-    return FitOptions(strategy=settings.strategy, fisher=settings.fisher, fisher_samples=settings.fisher_samples,
-                      seed=settings.seed, layers=_layers(settings.layers), batch_size=settings.batch_size)
+    return FitOptions(
+        strategy=settings.strategy,
+        fisher=settings.fisher,
+        fisher_samples=settings.fisher_samples,
+        seed=settings.seed,
+        layers=_layers(settings.layers),
+        batch_size=settings.batch_size,
+    )
 
 
 def influence_options(options: InfluenceOptions) -> EngineInfluenceOptions:
     from worker.attribution import InfluenceOptions as Engine
 
     return Engine(
-        strategy=options.strategy, damping=options.damping, fisher=options.fisher,
-        fisher_samples=options.fisher_samples, seed=options.seed, layers=_layers(options.layers),
-        curvature=options.curvature, max_iter=options.max_iter, tol=options.tol, batch_size=options.batch_size,
+        strategy=options.strategy,
+        damping=options.damping,
+        fisher=options.fisher,
+        fisher_samples=options.fisher_samples,
+        seed=options.seed,
+        layers=_layers(options.layers),
+        curvature=options.curvature,
+        max_iter=options.max_iter,
+        tol=options.tol,
+        batch_size=options.batch_size,
     )
 
 
@@ -73,8 +86,13 @@ def source_options(options: SourceOptions) -> EngineSourceOptions:
     from worker.attribution.methods.source import SourceOptions as Engine
 
     return Engine(
-        segments=options.segments, variant=options.variant, damping=options.damping, fisher=options.fisher,
-        fisher_samples=options.fisher_samples, seed=options.seed, layers=_layers(options.layers),
+        segments=options.segments,
+        variant=options.variant,
+        damping=options.damping,
+        fisher=options.fisher,
+        fisher_samples=options.fisher_samples,
+        seed=options.seed,
+        layers=_layers(options.layers),
         batch_size=options.batch_size,
     )
 
@@ -84,11 +102,25 @@ def meta_options(options: MetaOptionsBase) -> MetaOptions:
 
     inner = options.inner
     return MetaOptions(
-        inner=InnerOptions(mode=inner.mode, reg=inner.reg, steps=inner.steps, lr=inner.lr, ihvp=inner.ihvp,
-                           tol=inner.tol, max_iter=inner.max_iter),
-        outer_l2=options.outer_l2, solver=options.solver, third_order=options.third_order, damping=options.damping,
-        direct=options.direct, removal=options.removal, adapted_params=_layers(options.adapted_params),
-        neumann_steps=options.neumann_steps, max_iter=options.max_iter, tol=options.tol,
+        inner=InnerOptions(
+            mode=inner.mode,
+            reg=inner.reg,
+            steps=inner.steps,
+            lr=inner.lr,
+            ihvp=inner.ihvp,
+            tol=inner.tol,
+            max_iter=inner.max_iter,
+        ),
+        outer_l2=options.outer_l2,
+        solver=options.solver,
+        third_order=options.third_order,
+        damping=options.damping,
+        direct=options.direct,
+        removal=options.removal,
+        adapted_params=_layers(options.adapted_params),
+        neumann_steps=options.neumann_steps,
+        max_iter=options.max_iter,
+        tol=options.tol,
     )
 
 
@@ -97,7 +129,11 @@ def edit_options(options: EditOptionsIn, default_estimator: EstimatorName) -> Ed
     from worker.attribution import EditOptions
 
     return EditOptions(
-        estimator=options.estimator or default_estimator, proximity=options.proximity, max_steps=options.max_steps,
-        tol=options.tol, cg_max_iter=options.cg_max_iter, trust_radius=options.trust_radius,
+        estimator=options.estimator or default_estimator,
+        proximity=options.proximity,
+        max_steps=options.max_steps,
+        tol=options.tol,
+        cg_max_iter=options.cg_max_iter,
+        trust_radius=options.trust_radius,
         batch_size=options.batch_size,
     )

@@ -26,9 +26,17 @@ def run(inputs: RunInputs) -> RunOutput:
 
     assert isinstance(inputs.options, GradientSimilarityOptions)
     scores = attribute(
-        inputs.modules, inputs.train, inputs.query, loss=inputs.loss, method="gradient_similarity",
-        mode=inputs.mode, measurement=inputs.measurement, top_k=inputs.top_k,
-        options=gradient_similarity_options(inputs.options), progress=inputs.progress, device=inputs.device,
+        inputs.modules,
+        inputs.train,
+        inputs.query,
+        loss=inputs.loss,
+        method="gradient_similarity",
+        mode=inputs.mode,
+        measurement=inputs.measurement,
+        top_k=inputs.top_k,
+        options=gradient_similarity_options(inputs.options),
+        progress=inputs.progress,
+        device=inputs.device,
     )
     return RunOutput(scores=scores)
 

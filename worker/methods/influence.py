@@ -16,16 +16,18 @@ if TYPE_CHECKING:
     from worker.attribution import EditResult
 
 
-
 class InfluenceOptions(FitLevelOptions):
     """Options of method `influence`."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"strategy": "ekfac", "damping": None, "fisher": "true", "batch_size": 256}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"strategy": "ekfac", "damping": None, "fisher": "true", "batch_size": 256}]}
+    )
 
     strategy: InfluenceStrategy = Field(
-        "ekfac", description="Curvature: a fit (`ekfac`, `kfac`, `diagonal`, `identity`) or the tracked "
-        "Gauss-Newton/Hessian itself (`exact`: dense solve; `cg`: conjugate gradients; `lissa`: LiSSA).")
+        "ekfac",
+        description="Curvature: a fit (`ekfac`, `kfac`, `diagonal`, `identity`) or the tracked "
+        "Gauss-Newton/Hessian itself (`exact`: dense solve; `cg`: conjugate gradients; `lissa`: LiSSA).",
+    )
     damping: Damping | None = Field(
         None,
         description="Added to every layer's eigenvalues; null: 0.1 × mean eigenvalue per layer "
@@ -57,14 +59,24 @@ def run(inputs: RunInputs) -> RunOutput:
         settings = options.fit_settings()
         curvatures = []
         for model_id, module in zip(inputs.model_ids, inputs.modules, strict=True):
-            curvature = fit_curvature(module, inputs.train, inputs.loss, fit_options(settings),
-                                      progress=inputs.progress, device=inputs.device)
+            curvature = fit_curvature(
+                module, inputs.train, inputs.loss, fit_options(settings), progress=inputs.progress, device=inputs.device
+            )
             curvatures.append(curvature)
             made.append(MadeFit(model_id=model_id, curvature=curvature, settings=settings, damping=options.damping))
     scores = attribute(
-        inputs.modules, inputs.train, inputs.query, loss=inputs.loss, method="influence", mode=inputs.mode,
-        measurement=inputs.measurement, top_k=inputs.top_k, options=engine_options, fits=curvatures,
-        progress=inputs.progress, device=inputs.device,
+        inputs.modules,
+        inputs.train,
+        inputs.query,
+        loss=inputs.loss,
+        method="influence",
+        mode=inputs.mode,
+        measurement=inputs.measurement,
+        top_k=inputs.top_k,
+        options=engine_options,
+        fits=curvatures,
+        progress=inputs.progress,
+        device=inputs.device,
     )
     return RunOutput(scores=scores, made_fits=made)
 
@@ -78,9 +90,19 @@ def edit(inputs: EditInputs) -> EditResult:
     engine_options = influence_options(options)
     if inputs.fit is not None:
         engine_options.strategy = cast(FitStrategy, inputs.fit.strategy)
-    return edit_parameters(inputs.module, inputs.train, inputs.removed, loss=inputs.loss, method="influence",
-                           options=engine_options, fit=inputs.fit, edit=inputs.edit, queries=inputs.queries,
-                           progress=inputs.progress, device=inputs.device)
+    return edit_parameters(
+        inputs.module,
+        inputs.train,
+        inputs.removed,
+        loss=inputs.loss,
+        method="influence",
+        options=engine_options,
+        fit=inputs.fit,
+        edit=inputs.edit,
+        queries=inputs.queries,
+        progress=inputs.progress,
+        device=inputs.device,
+    )
 
 
 METHOD = Method(

@@ -24,12 +24,15 @@ class MetaInnerOptions(StrictModel):
     """The inner (adaptation) problem of a meta method."""
 
     mode: Literal["implicit_proximal", "unrolled"] = Field(
-        "implicit_proximal", description="`implicit_proximal`: the proximal inner problem's solution, "
-        "differentiated implicitly; `unrolled`: K inner gradient steps, differentiated through.")
+        "implicit_proximal",
+        description="`implicit_proximal`: the proximal inner problem's solution, "
+        "differentiated implicitly; `unrolled`: K inner gradient steps, differentiated through.",
+    )
     reg: Damping = Field(1.0, description="Proximal regulariser r (implicit_proximal).")
     steps: StrictInt = Field(5, ge=1, le=1000, description="Inner gradient steps K (unrolled).")
     lr: Annotated[StrictFloat | StrictInt, Field(gt=0, le=1e3, allow_inf_nan=False)] = Field(
-        0.1, description="Inner step size α (unrolled).")
+        0.1, description="Inner step size α (unrolled)."
+    )
     ihvp: Literal["dense", "cg", "ekfac"] = Field("cg", description="Inner inverse-Hessian products (implicit).")
     tol: Tolerance = Field(1e-6, description="Inner stationarity and CG tolerance.")
     max_iter: Iterations = Field(100, description="Inner Newton / CG iterations.")
@@ -40,17 +43,21 @@ class MetaOptionsBase(StrictModel):
 
     inner: MetaInnerOptions = Field(default_factory=MetaInnerOptions, description="The inner (adaptation) problem.")
     outer_l2: Annotated[StrictFloat | StrictInt, Field(ge=0, le=1e8, allow_inf_nan=False)] = Field(
-        0.0, description="δ_o of the outer objective.")
+        0.0, description="δ_o of the outer objective."
+    )
     removal: Literal["first_order", "newton"] = "first_order"
     solver: Literal["exact", "cg", "neumann"] = Field("cg", description="The total-Hessian solve.")
     third_order: Literal["exact", "gamma", "drop"] = Field(
-        "exact", description="Third-order terms of the total Hessian: exact, a γ-scaled estimate, or dropped.")
-    damping: Damping | None = Field(None, description="ρ; null: automatic (the smallest ρ that makes H + ρI safely "
-                                    "positive definite).")
+        "exact", description="Third-order terms of the total Hessian: exact, a γ-scaled estimate, or dropped."
+    )
+    damping: Damping | None = Field(
+        None, description="ρ; null: automatic (the smallest ρ that makes H + ρI safely positive definite)."
+    )
     direct: Flag = Field(False, description="Direct-IF baseline: total-gradient correction switched off.")
     adapted_params: ModuleNames | None = Field(None, description="Parameters adapted in the inner loop; default all.")
-    neumann_steps: StrictInt = Field(1000, ge=1, le=1_000_000, description="Terms of the Neumann series (solver "
-                                     "`neumann`).")
+    neumann_steps: StrictInt = Field(
+        1000, ge=1, le=1_000_000, description="Terms of the Neumann series (solver `neumann`)."
+    )
     max_iter: Iterations = Field(200, description="Total-Hessian CG iterations / power iterations bound.")
     tol: Tolerance = Field(1e-8, description="Relative residual of the total-Hessian solve.")
 
@@ -71,8 +78,15 @@ def run_meta(inputs: RunInputs, unit: MetaUnit) -> RunOutput:
     assert isinstance(inputs.options, MetaOptionsBase) and inputs.query is not None
     assert inputs.mode != "self"  # the declaration has no self mode
     scores = attribute_meta(
-        inputs.modules[0], inputs.train, inputs.query, loss=meta_loss(inputs.loss), unit=unit, mode=inputs.mode,
-        top_k=inputs.top_k, options=meta_options(inputs.options), progress=inputs.progress,
+        inputs.modules[0],
+        inputs.train,
+        inputs.query,
+        loss=meta_loss(inputs.loss),
+        unit=unit,
+        mode=inputs.mode,
+        top_k=inputs.top_k,
+        options=meta_options(inputs.options),
+        progress=inputs.progress,
     )
     return RunOutput(scores=scores)
 
@@ -82,5 +96,13 @@ def edit_meta(inputs: EditInputs, unit: MetaUnit) -> EditResult:
     from worker.methods.engine_options import meta_options
 
     assert isinstance(inputs.options, MetaOptionsBase)
-    return engine_edit_meta(inputs.module, inputs.train, inputs.removed, loss=meta_loss(inputs.loss), unit=unit,
-                            options=meta_options(inputs.options), edit=inputs.edit, queries=inputs.queries)
+    return engine_edit_meta(
+        inputs.module,
+        inputs.train,
+        inputs.removed,
+        loss=meta_loss(inputs.loss),
+        unit=unit,
+        options=meta_options(inputs.options),
+        edit=inputs.edit,
+        queries=inputs.queries,
+    )

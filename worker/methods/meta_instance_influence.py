@@ -18,12 +18,14 @@ if TYPE_CHECKING:
 class MetaInstanceInfluenceOptions(MetaOptionsBase):
     """Options of method `meta_instance_influence`."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"solver": "cg", "inner": {"mode": "implicit_proximal", "reg": 1.0}}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"solver": "cg", "inner": {"mode": "implicit_proximal", "reg": 1.0}}]}
+    )
 
     removal: Literal["first_order"] = Field(
-        "first_order", description="Instance removal is first order, Δλ = (H + ρI)⁻¹ g_i (`newton` applies to "
-        "meta_task_influence).")
+        "first_order",
+        description="Instance removal is first order, Δλ = (H + ρI)⁻¹ g_i (`newton` applies to meta_task_influence).",
+    )
 
 
 def run(inputs: RunInputs) -> RunOutput:
@@ -44,7 +46,10 @@ METHOD = Method(
     needs_meta_datasets=True,
     query_unit="task",
     edit=EditSupport(
-        run=edit, estimators=("first_order", "proximal"), default_estimator="first_order",
+        run=edit,
+        estimators=("first_order", "proximal"),
+        default_estimator="first_order",
         estimator_note="estimator 'newton' (a solve with H − Σ H_k) applies to task influence; meta instance "
-        "influence supports 'first_order' and 'proximal'"),
+        "influence supports 'first_order' and 'proximal'",
+    ),
 )

@@ -18,18 +18,23 @@ if TYPE_CHECKING:
 class MetaTaskInfluenceOptions(MetaOptionsBase):
     """Options of method `meta_task_influence`."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"solver": "cg", "removal": "newton", "inner": {"mode": "implicit_proximal", "reg": 1.0}}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"solver": "cg", "removal": "newton", "inner": {"mode": "implicit_proximal", "reg": 1.0}}]
+        }
+    )
 
     removal: Literal["first_order", "newton"] = Field(
-        "first_order", description="Task removal: `first_order` Δλ = (H + ρI)⁻¹ g_k (the paper's task-IF); `newton` "
+        "first_order",
+        description="Task removal: `first_order` Δλ = (H + ρI)⁻¹ g_k (the paper's task-IF); `newton` "
         "Δλ = (H − H_k + ρI)⁻¹ g_k, the Newton step of the proximal leave-one-task-out retrain (one solve per task; "
-        "needs solver `exact` or `cg`).")
+        "needs solver `exact` or `cg`).",
+    )
 
     @model_validator(mode="after")
     def _newton_needs_a_direct_solve(self) -> MetaTaskInfluenceOptions:
         if self.removal == "newton" and self.solver == "neumann":
-            raise ValueError("options.removal \"newton\" needs solver \"exact\" or \"cg\" (not \"neumann\")")
+            raise ValueError('options.removal "newton" needs solver "exact" or "cg" (not "neumann")')
         return self
 
 

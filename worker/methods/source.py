@@ -25,13 +25,16 @@ class SourceOptions(FitLevelOptions, TrajectoryOptions):
     model_config = ConfigDict(json_schema_extra={"examples": [{"segments": 3, "variant": "full", "damping": None}]})
 
     segments: Annotated[StrictInt, Field(ge=1, le=10_000)] | Literal["stages"] | None = Field(
-        None, description="k = k equal parts of the run by step (also cut where the stage changes, so a "
+        None,
+        description="k = k equal parts of the run by step (also cut where the stage changes, so a "
         "segment never mixes two datasets), or `stages` (one per stage). Default: one per stage when there are "
         "several stages, else 3 (at most one per checkpoint).",
     )
     variant: Literal["full", "averaged_parameters"] = Field(
-        "full", description="`full`: factors and gradients per checkpoint, averaged in each segment; "
-        "`averaged_parameters`: one fit per segment at its checkpoints' mean parameters.")
+        "full",
+        description="`full`: factors and gradients per checkpoint, averaged in each segment; "
+        "`averaged_parameters`: one fit per segment at its checkpoints' mean parameters.",
+    )
     damping: Damping | None = Field(None, description="Added to the eigenvalues (default none).")
     batch_size: BatchSize = Field(DEFAULT_BATCH_SIZE, description="Examples per forward/backward pass.")
 
@@ -43,13 +46,17 @@ def check_checkpoints(options: StrictModel, checkpoints: Sequence[CheckpointFact
         raise MethodInputError(
             f"the checkpoints of stage(s) {adam} were trained with an Adam-type optimizer: SOURCE supports SGD (with "
             "momentum) trajectories only; the diagonal approximation for Adam (appendix C of the SOURCE paper) is "
-            "not implemented yet. Use method \"tracin\" or \"influence\"", "body.model_id")
+            'not implemented yet. Use method "tracin" or "influence"',
+            "body.model_id",
+        )
     if isinstance(options.segments, int):
         steps = len({(c.stage, c.step) for c in checkpoints})
         if options.segments > steps:
             raise MethodInputError(
                 f"segments must be between 1 and the number of checkpoints ({steps}); {options.segments} would "
-                "leave a segment with no checkpoint", "body.options.segments")
+                "leave a segment with no checkpoint",
+                "body.options.segments",
+            )
 
 
 def run(inputs: RunInputs) -> RunOutput:
@@ -59,9 +66,17 @@ def run(inputs: RunInputs) -> RunOutput:
     assert isinstance(inputs.options, SourceOptions) and inputs.trajectory is not None
     trajectory = inputs.trajectory
     scores = attribute_source(
-        inputs.modules[0], trajectory.checkpoints, trajectory.stage_data, inputs.train, inputs.query,
-        loss=inputs.loss, mode=inputs.mode, measurement=inputs.measurement, top_k=inputs.top_k,
-        options=source_options(inputs.options), attributed_stages=trajectory.attributed_stages,
+        inputs.modules[0],
+        trajectory.checkpoints,
+        trajectory.stage_data,
+        inputs.train,
+        inputs.query,
+        loss=inputs.loss,
+        mode=inputs.mode,
+        measurement=inputs.measurement,
+        top_k=inputs.top_k,
+        options=source_options(inputs.options),
+        attributed_stages=trajectory.attributed_stages,
         progress=inputs.progress,
     )
     return RunOutput(scores=scores)
@@ -76,15 +91,29 @@ def edit(inputs: EditInputs) -> EditResult:
 
     assert isinstance(inputs.options, SourceOptions)
     if inputs.edit.estimator != "first_order":
-        return retrain_objective_edit(inputs.module, inputs.train, inputs.removed, loss=inputs.loss,
-                                      edit=inputs.edit, queries=inputs.queries, progress=inputs.progress)
+        return retrain_objective_edit(
+            inputs.module,
+            inputs.train,
+            inputs.removed,
+            loss=inputs.loss,
+            edit=inputs.edit,
+            queries=inputs.queries,
+            progress=inputs.progress,
+        )
     trajectory = inputs.trajectory()
     state = edit_source(
-        inputs.module, trajectory.checkpoints, trajectory.stage_data, inputs.train, inputs.removed,
-        loss=inputs.loss, options=source_options(inputs.options), attributed_stages=trajectory.attributed_stages,
+        inputs.module,
+        trajectory.checkpoints,
+        trajectory.stage_data,
+        inputs.train,
+        inputs.removed,
+        loss=inputs.loss,
+        options=source_options(inputs.options),
+        attributed_stages=trajectory.attributed_stages,
     )
-    return assess_edit(inputs.module, state, inputs.train, inputs.removed, inputs.loss, inputs.edit,
-                       queries=inputs.queries)
+    return assess_edit(
+        inputs.module, state, inputs.train, inputs.removed, inputs.loss, inputs.edit, queries=inputs.queries
+    )
 
 
 METHOD = Method(

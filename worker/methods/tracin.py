@@ -13,8 +13,9 @@ from worker.methods.base import Method, RunInputs, RunOutput
 class TracInOptions(TrajectoryOptions):
     """Options of method `tracin`. Checkpoints are the model's uploaded checkpoints of the attributed stages."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"stages": [1], "stage_datasets": {"0": "ds_pretrain", "1": "ds_finetune"}}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"stages": [1], "stage_datasets": {"0": "ds_pretrain", "1": "ds_finetune"}}]}
+    )
 
     layers: ModuleNames | None = Field(None, description="Module names to track; default every Linear and Conv2d.")
     batch_size: BatchSize = Field(DEFAULT_BATCH_SIZE, description="Examples per forward/backward pass.")
@@ -28,8 +29,15 @@ def run(inputs: RunInputs) -> RunOutput:
     trajectory = inputs.trajectory
     chosen = [c for c in trajectory.checkpoints if c.stage in trajectory.attributed_stages]
     scores = attribute_tracin(
-        chosen, inputs.train, inputs.query, loss=inputs.loss, mode=inputs.mode, measurement=inputs.measurement,
-        top_k=inputs.top_k, options=tracin_options(inputs.options), progress=inputs.progress,
+        chosen,
+        inputs.train,
+        inputs.query,
+        loss=inputs.loss,
+        mode=inputs.mode,
+        measurement=inputs.measurement,
+        top_k=inputs.top_k,
+        options=tracin_options(inputs.options),
+        progress=inputs.progress,
     )
     return RunOutput(scores=scores)
 

@@ -63,8 +63,9 @@ def run_attribution(context: JobContext) -> None:
         return
     output = method.run(run_inputs(context, request, method))
     query_ids = request.query_arrays.ids.tolist() if request.query_arrays is not None else None
-    rows = result_columns(output.scores, method.name, request.attribution.top_k, request.train_arrays.ids.tolist(),
-                          query_ids)
+    rows = result_columns(
+        output.scores, method.name, request.attribution.top_k, request.train_arrays.ids.tolist(), query_ids
+    )
     save_results(context, request, output.scores, rows, output.made_fits)
 
 
@@ -78,18 +79,29 @@ def run_inputs(context: JobContext, request: LoadedRequest, method: Method) -> R
     options = method_options(method, attribution.options)
     if method.needs_checkpoints:
         with context.session() as session:
-            trajectory = load_trajectory(session, context.store, attribution, options, request.models[0],
-                                         request.train)
+            trajectory = load_trajectory(session, context.store, attribution, options, request.models[0], request.train)
     return RunInputs(
-        options=options, model_ids=[model.id for model in request.models], modules=request.modules,
-        train=request.train, query=request.query, loss=loss_name(request.loss), mode=mode_name(attribution.mode),
-        measurement=measurement_name(attribution.measurement), top_k=attribution.top_k, progress=context.progress,
-        fit=fit, trajectory=trajectory, device=context.device,
+        options=options,
+        model_ids=[model.id for model in request.models],
+        modules=request.modules,
+        train=request.train,
+        query=request.query,
+        loss=loss_name(request.loss),
+        mode=mode_name(attribution.mode),
+        measurement=measurement_name(attribution.measurement),
+        top_k=attribution.top_k,
+        progress=context.progress,
+        fit=fit,
+        trajectory=trajectory,
+        device=context.device,
     )
 
 
 def save_results(
-    context: JobContext, request: LoadedRequest, scores: AttributionScores, rows: ResultColumns,
+    context: JobContext,
+    request: LoadedRequest,
+    scores: AttributionScores,
+    rows: ResultColumns,
     made_fits: list[MadeFit],
 ) -> None:
     attribution_id = request.attribution.id
@@ -110,9 +122,16 @@ def _store_fit(session: Session, context: JobContext, request: LoadedRequest, ma
     blob = put_curvatures(session, context.store, {"model": made.curvature})
     settings = made.settings.model_dump()
     fit = Fit(
-        id=new_id("fit"), tenant_id=request.attribution.tenant_id, job_id=context.job_id, model_id=made.model_id,
-        dataset_id=request.attribution.train_dataset_id, strategy=settings["strategy"], options=settings,
-        damping=made.damping, artifact_sha256=blob.sha256, created_at=utcnow(),
+        id=new_id("fit"),
+        tenant_id=request.attribution.tenant_id,
+        job_id=context.job_id,
+        model_id=made.model_id,
+        dataset_id=request.attribution.train_dataset_id,
+        strategy=settings["strategy"],
+        options=settings,
+        damping=made.damping,
+        artifact_sha256=blob.sha256,
+        created_at=utcnow(),
     )
     session.add(fit)
     session.flush()

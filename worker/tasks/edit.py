@@ -89,14 +89,19 @@ def compute_edit(loaded: LoadedEdit, context: JobContext) -> EditResult:
 
     def trajectory() -> Trajectory:
         with context.session() as session:
-            return load_trajectory(session, context.store, loaded.attribution, options, loaded.model_row,
-                                   loaded.train)
+            return load_trajectory(session, context.store, loaded.attribution, options, loaded.model_row, loaded.train)
 
     inputs = EditInputs(
-        options=options, module=loaded.module, train=loaded.train, removed=removed_units(loaded),
+        options=options,
+        module=loaded.module,
+        train=loaded.train,
+        removed=removed_units(loaded),
         loss=loss_name(loaded.model_row.task["loss"]),
         edit=engine_edit_options(edit_options(loaded.edit.options), method.edit.default_estimator),
-        queries=loaded.queries, progress=context.progress, fit=curvature, trajectory=trajectory,
+        queries=loaded.queries,
+        progress=context.progress,
+        fit=curvature,
+        trajectory=trajectory,
         device=context.device,
     )
     return method.edit.run(inputs)
@@ -107,12 +112,20 @@ def save_edit(context: JobContext, loaded: LoadedEdit, result: EditResult) -> No
     with context.session() as session:
         context.succeed(session)  # first: ends the transaction early if the job was cancelled or taken over
         blob = put_state_dict(session, context.store, result.state)
-        session.add(Model(
-            id=loaded.edit.model_id, tenant_id=loaded.attribution.tenant_id, name=loaded.edit.name,
-            format=source.format, architecture=source.architecture, task=source.task, weights_sha256=blob.sha256,
-            num_parameters=source.num_parameters, tracked_layers=source.tracked_layers,
-            source_attribution_id=loaded.attribution.id,
-        ))
+        session.add(
+            Model(
+                id=loaded.edit.model_id,
+                tenant_id=loaded.attribution.tenant_id,
+                name=loaded.edit.name,
+                format=source.format,
+                architecture=source.architecture,
+                task=source.task,
+                weights_sha256=blob.sha256,
+                num_parameters=source.num_parameters,
+                tracked_layers=source.tracked_layers,
+                source_attribution_id=loaded.attribution.id,
+            )
+        )
         stored = session.get(Edit, loaded.edit.id)
         assert stored is not None
         stored.diagnostics = result.diagnostics

@@ -21,9 +21,11 @@ def run_fit(context: JobContext) -> None:
     train, _ = load_examples(context.store, dataset)
     options = fit_options(fit_settings(fit.options))
     loss = loss_name(model.task["loss"])
-    targets = {"model": load_model(context.store, model)} if not checkpoints else {
-        c.id: load_checkpoint(context.store, model, c) for c in checkpoints if c is not None
-    }
+    targets = (
+        {"model": load_model(context.store, model)}
+        if not checkpoints
+        else {c.id: load_checkpoint(context.store, model, c) for c in checkpoints if c is not None}
+    )
     curvatures = {
         name: fit_curvature(module, train, loss, options, progress=context.progress, device=context.device)
         for name, module in targets.items()

@@ -27,8 +27,9 @@ def read_stored(model: type[ModelT], stored: dict[str, Any], what: str) -> Model
         return model.model_validate(stored)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(options)'}: {e['msg']}" for e in exc.errors())
-        raise AttributionError(f"the stored {what} no longer fit this service's options model "
-                               f"{model.__name__}: {problems}") from exc
+        raise AttributionError(
+            f"the stored {what} no longer fit this service's options model {model.__name__}: {problems}"
+        ) from exc
 
 
 def method_of(name: str) -> Method:

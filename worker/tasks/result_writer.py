@@ -37,7 +37,10 @@ def write_results(session: Session, attribution_id: str, columns: ResultColumns)
         _executemany_rows(connection, rows)
     else:
         for batch in _batches(rows, EXECUTEMANY_BATCH):
-            connection.execute(insert(cast(Table, AttributionResult.__table__)), [dict(zip(COLUMNS, row, strict=True)) for row in batch])
+            connection.execute(
+                insert(cast(Table, AttributionResult.__table__)),
+                [dict(zip(COLUMNS, row, strict=True)) for row in batch],
+            )
 
 
 def _copy_rows(driver_connection: Any, rows: Iterable[tuple[Any, ...]]) -> None:

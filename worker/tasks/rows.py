@@ -72,8 +72,12 @@ class ResultColumns:
             columns = [getattr(part, name) for part in parts]
             if all(column is None for column in columns):
                 return None
-            return np.concatenate([np.full(len(part), None, dtype=object) if column is None else column
-                                   for part, column in zip(parts, columns, strict=True)])
+            return np.concatenate(
+                [
+                    np.full(len(part), None, dtype=object) if column is None else column
+                    for part, column in zip(parts, columns, strict=True)
+                ]
+            )
 
         def required(name: str) -> np.ndarray:
             column = joined(name)
@@ -81,8 +85,13 @@ class ResultColumns:
             return column
 
         return ResultColumns(
-            direction=required("direction"), query_pos=required("query_pos"), query_id=joined("query_id"),
-            rank=required("rank"), train_id=required("train_id"), score=required("score"), task=joined("task"),
+            direction=required("direction"),
+            query_pos=required("query_pos"),
+            query_id=joined("query_id"),
+            rank=required("rank"),
+            train_id=required("train_id"),
+            score=required("score"),
+            task=joined("task"),
             split=joined("split"),
         )
 
@@ -121,12 +130,16 @@ def pairwise_columns(topk: TopK, query_ids: Sequence[Any], units: UnitLabels) ->
     ):
         num_queries, k = indices.shape
         query_pos = np.repeat(np.arange(num_queries, dtype=np.int64), k)
-        parts.append(ResultColumns(
-            direction=np.full(num_queries * k, direction, dtype=object), query_pos=query_pos,
-            query_id=query_text[query_pos], rank=np.tile(np.arange(1, k + 1, dtype=np.int64), num_queries),
-            score=scores.detach().cpu().numpy().astype(np.float64).reshape(-1),
-            **units.columns(indices.detach().cpu().numpy().reshape(-1)),
-        ))
+        parts.append(
+            ResultColumns(
+                direction=np.full(num_queries * k, direction, dtype=object),
+                query_pos=query_pos,
+                query_id=query_text[query_pos],
+                rank=np.tile(np.arange(1, k + 1, dtype=np.int64), num_queries),
+                score=scores.detach().cpu().numpy().astype(np.float64).reshape(-1),
+                **units.columns(indices.detach().cpu().numpy().reshape(-1)),
+            )
+        )
     return ResultColumns.concat(parts)
 
 
@@ -141,11 +154,16 @@ def ranked_columns(scores: torch.Tensor, top_k: int, units: UnitLabels, *, all_p
     ):
         indices = picked.cpu().numpy()
         count = indices.shape[0]
-        parts.append(ResultColumns(
-            direction=np.full(count, direction, dtype=object), query_pos=np.zeros(count, dtype=np.int64),
-            query_id=None, rank=np.arange(1, count + 1, dtype=np.int64), score=values[indices],
-            **units.columns(indices),
-        ))
+        parts.append(
+            ResultColumns(
+                direction=np.full(count, direction, dtype=object),
+                query_pos=np.zeros(count, dtype=np.int64),
+                query_id=None,
+                rank=np.arange(1, count + 1, dtype=np.int64),
+                score=values[indices],
+                **units.columns(indices),
+            )
+        )
     return ResultColumns.concat(parts)
 
 

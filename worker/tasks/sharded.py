@@ -107,8 +107,9 @@ class ShardWork:
         options = influence_options(typed)
         options.strategy = cast(FitStrategy, curvatures[0].strategy)
         placed = [place_model(module, None) for module in request.modules]
-        scorers = build_scorers(placed, request.train, loss_name(request.loss), "influence", options, curvatures,
-                                no_progress)
+        scorers = build_scorers(
+            placed, request.train, loss_name(request.loss), "influence", options, curvatures, no_progress
+        )
         mode = mode_name(request.attribution.mode)
         return cls(request, mode, options.batch_size, scorers, [], curvatures, options)
 
@@ -124,8 +125,16 @@ class ShardWork:
         return work
 
     def score(self, shard: ShardRange, progress: Progress) -> ShardOutput:
-        return score_shard(self.scorers, self.request.train, shard, self.mode, self.vectors,
-                           self.request.attribution.top_k, self.batch_size, progress)
+        return score_shard(
+            self.scorers,
+            self.request.train,
+            shard,
+            self.mode,
+            self.vectors,
+            self.request.attribution.top_k,
+            self.batch_size,
+            progress,
+        )
 
 
 def put_tensors(store: BlobStore, tensors: dict[str, torch.Tensor]) -> str:
@@ -142,8 +151,13 @@ def load_tensors(store: BlobStore, sha256: str) -> dict[str, torch.Tensor]:
 
 
 def run_one_shard(
-    work: ShardWork, database_url: str, store: BlobStore, shard: ShardRange, attempt: int,
-    heartbeat: Heartbeat, also: Progress = no_progress,
+    work: ShardWork,
+    database_url: str,
+    store: BlobStore,
+    shard: ShardRange,
+    attempt: int,
+    heartbeat: Heartbeat,
+    also: Progress = no_progress,
 ) -> None:
     """Score one claimed shard and mark it done with its output blob. Raises ``Superseded`` when the shard was
     taken over, ``Cancelled`` when its job was cancelled or ended. ``also``: called after each progress write."""
@@ -176,8 +190,9 @@ def run_one_shard(
 
 
 def shard_heartbeat(database_url: str, job_id: str, shard: int, attempt: int, period: float) -> Heartbeat:
-    return Heartbeat(database_url, job_id, attempt, period,
-                     beat_once=lambda session: beat_shard(session, job_id, shard, attempt))
+    return Heartbeat(
+        database_url, job_id, attempt, period, beat_once=lambda session: beat_shard(session, job_id, shard, attempt)
+    )
 
 
 # ---------------------------------------------------------------- the coordinator
@@ -209,13 +224,26 @@ def _prepare(context: JobContext, request: LoadedRequest, ranges: list[ShardRang
         assert isinstance(typed, InfluenceOptions)
         from worker.methods.engine_options import fit_options
 
-        curvatures = [fit_curvature(module, request.train, loss_name(request.loss), fit_options(typed.fit_settings()),
-                                    progress=context.progress) for module in request.modules]
+        curvatures = [
+            fit_curvature(
+                module,
+                request.train,
+                loss_name(request.loss),
+                fit_options(typed.fit_settings()),
+                progress=context.progress,
+            )
+            for module in request.modules
+        ]
     work = ShardWork.build(request, curvatures, context.progress)
     if request.query is not None:
-        work.vectors = prepare_query_vectors(work.scorers, request.query, work.mode,
-                                             measurement_name(request.attribution.measurement), work.batch_size,
-                                             context.progress)
+        work.vectors = prepare_query_vectors(
+            work.scorers,
+            request.query,
+            work.mode,
+            measurement_name(request.attribution.measurement),
+            work.batch_size,
+            context.progress,
+        )
     else:
         work.vectors = [{} for _ in work.scorers]
     queries = put_tensors(context.store, vectors_to_tensors(work.vectors)) if work.mode != "self" else None
@@ -255,21 +283,27 @@ def _wait_for_shards(context: JobContext, work: ShardWork, policy: LivenessPolic
             rows = shards_of(session, context.job_id)
             failed = [row for row in rows if row.status == "failed"]
             if failed:  # the job fails with the shard's problem (a time limit, bad input found while scoring)
-                raise JobFailed(failed[0].error or problem_dict(500, f"shard {failed[0].shard} failed",
-                                                                kind="internal-error", title="Job failed"))
+                raise JobFailed(
+                    failed[0].error
+                    or problem_dict(500, f"shard {failed[0].shard} failed", kind="internal-error", title="Job failed")
+                )
             if all(row.status == "done" for row in rows):
                 return
         report()
         with context.session() as session:
             claimed = claim_shard(session, context.job_id, None, policy, worker_name())
-            shard = None if claimed is None else (ShardRange(claimed[0].shard, claimed[0].start, claimed[0].stop),
-                                                  claimed[1])
+            shard = (
+                None
+                if claimed is None
+                else (ShardRange(claimed[0].shard, claimed[0].start, claimed[0].stop), claimed[1])
+            )
         if shard is None:
             time.sleep(POLL_SECONDS)
             continue
         (shard_range, attempt) = shard
-        with shard_heartbeat(context.database_url, context.job_id, shard_range.index, attempt,
-                             policy.heartbeat_seconds) as heartbeat:
+        with shard_heartbeat(
+            context.database_url, context.job_id, shard_range.index, attempt, policy.heartbeat_seconds
+        ) as heartbeat:
             try:
                 run_one_shard(work, context.database_url, context.store, shard_range, attempt, heartbeat, report)
             except Superseded as exc:  # another worker reclaimed it (this one looked dead): it finishes it
@@ -291,13 +325,23 @@ def _completed(context: JobContext) -> int:
 def _merge_and_save(context: JobContext, request: LoadedRequest, method: Method, work: ShardWork) -> None:
     with context.session() as session:
         rows = shards_of(session, context.job_id)
-        outputs = [ShardOutput.from_tensors(work.mode, load_tensors(context.store, row.output_sha256))
-                   for row in rows if row.output_sha256 is not None]
+        outputs = [
+            ShardOutput.from_tensors(work.mode, load_tensors(context.store, row.output_sha256))
+            for row in rows
+            if row.output_sha256 is not None
+        ]
         ranges = [ShardRange(row.shard, row.start, row.stop) for row in rows]
     attribution = request.attribution
     scores = merge_shards(outputs, work.mode, attribution.top_k, len(request.train))
-    scores.diagnostics = _diagnostics(work.scorers, request.train, request.query, "influence", work.mode,
-                                      measurement_name(attribution.measurement), work.options)
+    scores.diagnostics = _diagnostics(
+        work.scorers,
+        request.train,
+        request.query,
+        "influence",
+        work.mode,
+        measurement_name(attribution.measurement),
+        work.options,
+    )
     scores.diagnostics.update(shard_diagnostics(ranges))
     query_ids = request.query_arrays.ids.tolist() if request.query_arrays is not None else None
     columns = result_columns(scores, method.name, attribution.top_k, request.train_arrays.ids.tolist(), query_ids)
@@ -305,6 +349,8 @@ def _merge_and_save(context: JobContext, request: LoadedRequest, method: Method,
     if request.fit is None:
         typed = method_options(method, attribution.options)
         assert isinstance(typed, InfluenceOptions)
-        made = [MadeFit(model_id=model.id, curvature=curvature, settings=typed.fit_settings(), damping=typed.damping)
-                for model, curvature in zip(request.models, work.curvatures, strict=True)]
+        made = [
+            MadeFit(model_id=model.id, curvature=curvature, settings=typed.fit_settings(), damping=typed.damping)
+            for model, curvature in zip(request.models, work.curvatures, strict=True)
+        ]
     save_results(context, request, scores, columns, made)

@@ -22,20 +22,35 @@ from worker.methods.stages import stage_plan
 
 
 def load_trajectory(
-    session: Session, store: BlobStore, attribution: Attribution, options: StrictModel, model_row: Model,
+    session: Session,
+    store: BlobStore,
+    attribution: Attribution,
+    options: StrictModel,
+    model_row: Model,
     train: Examples,
 ) -> Trajectory:
     if not isinstance(options, TrajectoryOptions):
-        raise AttributionError(f"method {attribution.method!r} reads checkpoints but its options do not say which "
-                               "stages to attribute (they must extend TrajectoryOptions)")
-    rows = list(session.scalars(
-        select(Checkpoint).where(Checkpoint.model_id == model_row.id).order_by(Checkpoint.stage, Checkpoint.step)
-    ))
+        raise AttributionError(
+            f"method {attribution.method!r} reads checkpoints but its options do not say which "
+            "stages to attribute (they must extend TrajectoryOptions)"
+        )
+    rows = list(
+        session.scalars(
+            select(Checkpoint).where(Checkpoint.model_id == model_row.id).order_by(Checkpoint.stage, Checkpoint.step)
+        )
+    )
     if not rows:
         raise AttributionError(f"model {model_row.id!r} has no training checkpoint")
     checkpoints = [
-        TrajectoryCheckpoint(load_checkpoint(store, model_row, row), row.step, row.learning_rate, row.momentum,
-                             row.stage, row.optimizer or "sgd", row.id)
+        TrajectoryCheckpoint(
+            load_checkpoint(store, model_row, row),
+            row.step,
+            row.learning_rate,
+            row.momentum,
+            row.stage,
+            row.optimizer or "sgd",
+            row.id,
+        )
         for row in rows
     ]
     stages = sorted({row.stage for row in rows})

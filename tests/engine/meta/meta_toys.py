@@ -70,8 +70,9 @@ def term_at(problem, k: int, lam: torch.Tensor, task=None):
 
 
 def with_weights(task, w_tr=None, w_val=None):
-    return dataclasses.replace(task, w_tr=task.w_tr if w_tr is None else w_tr,
-                               w_val=task.w_val if w_val is None else w_val)
+    return dataclasses.replace(
+        task, w_tr=task.w_tr if w_tr is None else w_tr, w_val=task.w_val if w_val is None else w_val
+    )
 
 
 def problem_for(mode: str, ihvp: str = "dense", model=None, train=None, queries=None, **kw):

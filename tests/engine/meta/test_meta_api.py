@@ -44,7 +44,9 @@ def test_attribute_meta_task_and_instance_units(mode, classification):
     for q in range(2):
         assert pair.topk.positive_indices[q].tolist() == torch.argsort(full[q], descending=True)[:2].tolist()
         assert pair.topk.negative_indices[q].tolist() == torch.argsort(full[q])[:2].tolist()
-        assert torch.allclose(pair.topk.positive_scores[q].double(), full[q].sort(descending=True).values[:2], rtol=1e-5)
+        assert torch.allclose(
+            pair.topk.positive_scores[q].double(), full[q].sort(descending=True).values[:2], rtol=1e-5
+        )
 
     inst = attribute_meta(model, train, queries, unit="instance", mode="aggregate", top_k=3, **kw)
     assert inst.scores.shape == (len(train),)
@@ -65,40 +67,92 @@ def test_matrix_free_solver_and_auto_damping_agree_with_exact():
     scores = {}
     for solver in ("exact", "cg"):
         options = dataclasses.replace(base, solver=solver, damping=6.0, tol=1e-10)
-        scores[solver] = attribute_meta(model, train, queries, loss="mse", unit="task", mode="aggregate",
-                                        top_k=1, options=options).scores
+        scores[solver] = attribute_meta(
+            model, train, queries, loss="mse", unit="task", mode="aggregate", top_k=1, options=options
+        ).scores
     assert torch.allclose(scores["cg"], scores["exact"], rtol=1e-4, atol=1e-7)
-    auto = attribute_meta(model, train, queries, loss="mse", unit="task", mode="aggregate", top_k=1,
-                          options=dataclasses.replace(base, damping=None))
+    auto = attribute_meta(
+        model,
+        train,
+        queries,
+        loss="mse",
+        unit="task",
+        mode="aggregate",
+        top_k=1,
+        options=dataclasses.replace(base, damping=None),
+    )
     d = auto.diagnostics
     assert d["damping"] >= 1e-3 * abs(d["lambda_max"]) and d["damping"] + d["lambda_min"] > 0
     assert d["stationarity_ratio"] > 0.1 and any("stationary" in w for w in d["warnings"])  # untrained λ
     for order in ("gamma", "drop"):
-        out = attribute_meta(model, train, queries, loss="mse", unit="task", mode="aggregate", top_k=1,
-                             options=dataclasses.replace(base, solver="exact", third_order=order))
+        out = attribute_meta(
+            model,
+            train,
+            queries,
+            loss="mse",
+            unit="task",
+            mode="aggregate",
+            top_k=1,
+            options=dataclasses.replace(base, solver="exact", third_order=order),
+        )
         assert torch.isfinite(out.scores).all()
-    direct = attribute_meta(model, train, queries, loss="mse", unit="task", mode="aggregate", top_k=1,
-                            options=dataclasses.replace(base, solver="exact", direct=True))
+    direct = attribute_meta(
+        model,
+        train,
+        queries,
+        loss="mse",
+        unit="task",
+        mode="aggregate",
+        top_k=1,
+        options=dataclasses.replace(base, solver="exact", direct=True),
+    )
     assert torch.isfinite(direct.scores).all()
 
 
 def test_progress_reports_and_cancellation():
     model, train, queries = mlp(), regression_tasks(2), regression_tasks(1, seed=1)
     seen = []
-    attribute_meta(model, train, queries, loss="mse", unit="task", mode="aggregate", top_k=1,
-                   options=unrolled_options(damping=10.0), progress=lambda s, c, t: seen.append((s, c, t)))
+    attribute_meta(
+        model,
+        train,
+        queries,
+        loss="mse",
+        unit="task",
+        mode="aggregate",
+        top_k=1,
+        options=unrolled_options(damping=10.0),
+        progress=lambda s, c, t: seen.append((s, c, t)),
+    )
     assert ("inner_train_tasks", 2, 2) in seen
 
     def cancel(stage, completed, total):
         raise Cancelled()
+
     with pytest.raises(Cancelled):
-        attribute_meta(model, train, queries, loss="mse", unit="task", mode="aggregate", top_k=1,
-                       options=unrolled_options(), progress=cancel)
+        attribute_meta(
+            model,
+            train,
+            queries,
+            loss="mse",
+            unit="task",
+            mode="aggregate",
+            top_k=1,
+            options=unrolled_options(),
+            progress=cancel,
+        )
 
 
 def _run(train=None, queries=None, options=None, model=None, unit="task", loss="mse"):
-    return attribute_meta(model or mlp(), train or regression_tasks(2), queries or regression_tasks(1, seed=1),
-                          loss=loss, unit=unit, mode="aggregate", top_k=1, options=options or implicit_options())
+    return attribute_meta(
+        model or mlp(),
+        train or regression_tasks(2),
+        queries or regression_tasks(1, seed=1),
+        loss=loss,
+        unit=unit,
+        mode="aggregate",
+        top_k=1,
+        options=options or implicit_options(),
+    )
 
 
 def test_bad_inputs_raise_attribution_error():

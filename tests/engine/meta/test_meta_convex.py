@@ -57,8 +57,15 @@ def test_predicted_removal_matches_proximal_retrain(mode):
         moved = proximal_retrain(problem.fm, tasks, lam_star, options, RHO, inverse.hessian - eps * h_k, tol=1e-13)
         fd = (moved.lam - base.lam) / eps
         assert float((fd - predicted).norm() / predicted.norm()) < 1e-3
-        removed = proximal_retrain(problem.fm, reweighted_tasks(problem.train_tasks, task_scale={tid: 0.0}),
-                                   lam_star, options, RHO, inverse.hessian - h_k, tol=1e-13)
+        removed = proximal_retrain(
+            problem.fm,
+            reweighted_tasks(problem.train_tasks, task_scale={tid: 0.0}),
+            lam_star,
+            options,
+            RHO,
+            inverse.hessian - h_k,
+            tol=1e-13,
+        )
         exact_full = torch.linalg.solve(inverse.hessian - h_k + RHO * torch.eye(3, dtype=torch.float64), g_k)
         full = removed.lam - base.lam
         assert float((full - exact_full).norm() / exact_full.norm()) < 1e-6
@@ -117,8 +124,15 @@ def test_newton_removal_is_the_exact_proximal_leave_out_on_a_quadratic(solver):
     got = torch.cat([edited["0.weight"].reshape(-1), edited["0.bias"]]).double() - problem.lam
     expected = retrain_without([1, 3])
     assert float((got - expected).norm() / expected.norm()) < 1e-6
-    proximal = edit_meta(model, train, removed, loss="mse", unit="task", options=options,
-                         edit=EditOptions(estimator="proximal", tol=1e-9, max_steps=20))
+    proximal = edit_meta(
+        model,
+        train,
+        removed,
+        loss="mse",
+        unit="task",
+        options=options,
+        edit=EditOptions(estimator="proximal", tol=1e-9, max_steps=20),
+    )
     got_proximal = torch.cat([proximal.state["0.weight"].reshape(-1), proximal.state["0.bias"]]).double() - problem.lam
     assert float((got_proximal - expected).norm() / expected.norm()) < 1e-6
     assert proximal.diagnostics["solver"]["converged"]
@@ -135,8 +149,24 @@ def test_newton_removal_is_the_exact_proximal_leave_out_on_a_quadratic(solver):
 def test_newton_removal_is_for_task_units_and_needs_exact_or_cg():
     model, train = trained_linear_model(implicit_options(damping=RHO))
     with pytest.raises(AttributionError, match="task influence"):
-        attribute_meta(model, train, train, loss="mse", unit="instance", mode="aggregate", top_k=1,
-                       options=implicit_options(damping=RHO, removal="newton"))
+        attribute_meta(
+            model,
+            train,
+            train,
+            loss="mse",
+            unit="instance",
+            mode="aggregate",
+            top_k=1,
+            options=implicit_options(damping=RHO, removal="newton"),
+        )
     with pytest.raises(AttributionError, match="'exact' or 'cg'"):
-        attribute_meta(model, train, train, loss="mse", unit="task", mode="aggregate", top_k=1,
-                       options=dataclasses.replace(implicit_options(damping=RHO, removal="newton"), solver="neumann"))
+        attribute_meta(
+            model,
+            train,
+            train,
+            loss="mse",
+            unit="task",
+            mode="aggregate",
+            top_k=1,
+            options=dataclasses.replace(implicit_options(damping=RHO, removal="newton"), solver="neumann"),
+        )

@@ -29,8 +29,9 @@ def test_total_gradient_matches_central_fd(setup):
     for k in range(2):
         term = problem.terms[k]
         eps = 1e-5
-        fd = (term_at(problem, k, problem.lam + eps * v).value()
-              - term_at(problem, k, problem.lam - eps * v).value()) / (2 * eps)
+        fd = (
+            term_at(problem, k, problem.lam + eps * v).value() - term_at(problem, k, problem.lam - eps * v).value()
+        ) / (2 * eps)
         assert rel(term.total_grad() @ v, fd) < 1e-6
 
 
@@ -39,8 +40,10 @@ def test_exact_hvp_matches_fd_of_total_gradient(setup):
     v = random_direction(problem, 1)
     term = problem.terms[0]
     eps = 1e-4
-    fd = (term_at(problem, 0, problem.lam + eps * v).total_grad()
-          - term_at(problem, 0, problem.lam - eps * v).total_grad()) / (2 * eps)
+    fd = (
+        term_at(problem, 0, problem.lam + eps * v).total_grad()
+        - term_at(problem, 0, problem.lam - eps * v).total_grad()
+    ) / (2 * eps)
     assert rel(term.hvp_exact(v), fd) < 1e-4
 
 
@@ -81,10 +84,12 @@ def test_validation_instance_score_matches_fd_in_weight(setup):
     _, problem = setup
     s = random_direction(problem, 5)
     term, z, eps = problem.terms[1], 2, 1e-6
+
     def directional(wz: float) -> float:
         w = term.task.w_val.clone()
         w[z] = wz
         return float(term_at(problem, 1, problem.lam, with_weights(term.task, w_val=w)).total_grad() @ s)
+
     w0 = float(term.task.w_val[z])
     fd = w0 * (directional(w0 + eps) - directional(w0 - eps)) / (2 * eps)
     assert rel(term.val_scores(s)[z], fd) < 1e-6
@@ -93,10 +98,12 @@ def test_validation_instance_score_matches_fd_in_weight(setup):
 def _weight_fd(problem, k: int, z: int, s: torch.Tensor, eps: float = 1e-5) -> float:
     """ΔQ_{−z} by the weight-derivative rule: w_z ∂_{w_z}[s·∇f_k] by central differences (inner re-solved)."""
     task = problem.terms[k].task
+
     def directional(wz: float) -> float:
         w = task.w_tr.clone()
         w[z] = wz
         return float(term_at(problem, k, problem.lam, with_weights(task, w_tr=w)).total_grad() @ s)
+
     w0 = float(task.w_tr[z])
     return w0 * (directional(w0 + eps) - directional(w0 - eps)) / (2 * eps)
 
@@ -116,12 +123,14 @@ def test_two_stage_training_instance_formula():
     k, z = 2, 1
     task = problem.terms[k].task
     w_z = task.w_tr[z]
+
     def p_z(lam: torch.Tensor) -> float:
         term = term_at(problem, k, lam)
         one = torch.zeros_like(task.w_tr)
         one[z] = 1.0
         q_z = grad(lambda th: train_loss(problem.fm, task, lam, th, one))(term.theta)
         return float(w_z * (term.u @ q_z))  # u = A⁻¹ ∂_θ L_O
+
     eps = 1e-5
     two_stage = -(p_z(problem.lam + eps * s) - p_z(problem.lam - eps * s)) / (2 * eps)
     batched = problem.terms[k].train_scores(s)[z]
@@ -151,11 +160,15 @@ def test_non_adapted_parameters_enter_directly():
     v = random_direction(problem, 9)
     term = problem.terms[0]
     eps = 1e-5
-    fd = (term_at(problem, 0, problem.lam + eps * v).value() - term_at(problem, 0, problem.lam - eps * v).value()) / (2 * eps)
+    fd = (term_at(problem, 0, problem.lam + eps * v).value() - term_at(problem, 0, problem.lam - eps * v).value()) / (
+        2 * eps
+    )
     assert rel(term.total_grad() @ v, fd) < 1e-6
     assert rel(term.hvp_exact(v), term.dense_exact() @ v) < 1e-10
-    fd_h = (term_at(problem, 0, problem.lam + 1e-4 * v).total_grad()
-            - term_at(problem, 0, problem.lam - 1e-4 * v).total_grad()) / 2e-4
+    fd_h = (
+        term_at(problem, 0, problem.lam + 1e-4 * v).total_grad()
+        - term_at(problem, 0, problem.lam - 1e-4 * v).total_grad()
+    ) / 2e-4
     assert rel(term.hvp_exact(v), fd_h) < 1e-4
     s = random_direction(problem, 10)
     assert rel(term.train_scores(s)[1], _weight_fd(problem, 0, 1, s)) < 1e-6

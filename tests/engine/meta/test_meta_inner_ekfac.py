@@ -32,10 +32,14 @@ def ekfac_options(reg: float = 2.0, **kw) -> MetaOptions:
 def test_output_hessian_factors_sum_to_the_loss_hessian(loss: str) -> None:
     g = torch.Generator().manual_seed(0)
     outputs = torch.randn(5, 4, generator=g, dtype=torch.float64)
-    targets = torch.tensor([0, 3, 1, 1, 2]) if loss == "cross_entropy" else torch.randn(5, 4, generator=g, dtype=torch.float64)
+    targets = (
+        torch.tensor([0, 3, 1, 1, 2])
+        if loss == "cross_entropy"
+        else torch.randn(5, 4, generator=g, dtype=torch.float64)
+    )
     factors = output_hessian_factors(outputs, loss)  # (m, B, d)
     for b in range(5):
-        expected = hessian(lambda o, b=b: per_example_loss(o.unsqueeze(0), targets[b:b + 1], loss).sum())(outputs[b])
+        expected = hessian(lambda o, b=b: per_example_loss(o.unsqueeze(0), targets[b : b + 1], loss).sum())(outputs[b])
         assert torch.allclose(factors[:, b].T @ factors[:, b], expected, atol=1e-14)
 
 
@@ -119,7 +123,9 @@ def test_ekfac_is_exact_for_a_linear_model_with_mse() -> None:
         assert rel(kronecker_of(term).matrix(), torch.linalg.inv(a)) < 1e-12
     kwargs = dict(loss="mse", unit="task", mode="aggregate", top_k=3)
     with_ekfac = attribute_meta(model, train, queries, options=ekfac_options(damping=0.5), **kwargs)
-    with_dense = attribute_meta(model, train, queries, options=dataclasses.replace(dense_options, damping=0.5), **kwargs)
+    with_dense = attribute_meta(
+        model, train, queries, options=dataclasses.replace(dense_options, damping=0.5), **kwargs
+    )
     assert rel(with_ekfac.scores, with_dense.scores) < 1e-10
 
 
@@ -134,8 +140,18 @@ def test_products_on_the_ekfac_inverse_are_consistent() -> None:
         assert rel(term.hvp_drop(v), term.dense_drop() @ v) < 1e-10
     kwargs = dict(loss="mse", unit="task", mode="aggregate", top_k=2)
     exact = attribute_meta(model, train, queries, options=dataclasses.replace(options, damping=5.0), **kwargs)
-    cg = attribute_meta(model, train, queries, options=dataclasses.replace(options, damping=5.0, solver="cg", tol=1e-12), **kwargs)
+    cg = attribute_meta(
+        model, train, queries, options=dataclasses.replace(options, damping=5.0, solver="cg", tol=1e-12), **kwargs
+    )
     assert rel(cg.scores, exact.scores) < 1e-7
-    instances = attribute_meta(model, train, queries, options=dataclasses.replace(options, damping=5.0),
-                               loss="mse", unit="instance", mode="aggregate", top_k=2)
+    instances = attribute_meta(
+        model,
+        train,
+        queries,
+        options=dataclasses.replace(options, damping=5.0),
+        loss="mse",
+        unit="instance",
+        mode="aggregate",
+        top_k=2,
+    )
     assert torch.isfinite(instances.scores).all()

@@ -14,6 +14,7 @@ from worker.attribution.meta.inner import unrolled_adapt
 def test_small_problems_run_on_one_thread_and_restore_the_count(monkeypatch):
     seen = []
     import worker.attribution.meta.influence as influence
+
     original = influence._build_problem
 
     def spy(*args, **kwargs):
@@ -27,8 +28,16 @@ def test_small_problems_run_on_one_thread_and_restore_the_count(monkeypatch):
         options = unrolled_options()
         options.damping = 20.0
         model = mlp((2, 3, 3), seed=1)
-        attribute_meta(model, classification_tasks(3, seed=0), classification_tasks(2, seed=5),
-                       loss="cross_entropy", unit="task", mode="aggregate", top_k=2, options=options)
+        attribute_meta(
+            model,
+            classification_tasks(3, seed=0),
+            classification_tasks(2, seed=5),
+            loss="cross_entropy",
+            unit="task",
+            mode="aggregate",
+            top_k=2,
+            options=options,
+        )
         assert seen == [1]
         assert torch.get_num_threads() == 2
     finally:

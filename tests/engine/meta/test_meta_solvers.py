@@ -88,8 +88,10 @@ def test_matrix_free_inner_newton_converges_from_an_indefinite_start():
     data = dataclasses.replace(data, targets=data.targets * 4)
     options = InnerOptions(reg=0.05, ihvp="cg", tol=1e-9, max_iter=40)
     for task in split_tasks(data, "mse", torch.float64, torch.device("cpu"), "train"):
+
         def inner_objective(theta, task=task):
             return proximal_loss(fm, task, options.reg, lam, theta)
+
         assert float(torch.linalg.eigvalsh(hessian(inner_objective)(fm.theta_of(lam)))[0]) < -1.0
         theta, residual, _ = solve_proximal(fm, task, lam, options)
         assert residual <= options.tol

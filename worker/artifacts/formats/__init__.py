@@ -37,10 +37,8 @@ def model_format(name: str) -> ModelFormat:
     factory = FORMATS.get(name)
     if factory is None:
         state = "is not supported yet" if name in NOT_SUPPORTED_YET else "is unknown"
-        raise ArtifactError(f"model format {name!r} {state}; use one of {', '.join(FORMATS)}",
-                            field="metadata.format")
+        raise ArtifactError(f"model format {name!r} {state}; use one of {', '.join(FORMATS)}", field="metadata.format")
     return factory()
 
 
-__all__ = ["FORMATS", "NOT_SUPPORTED_YET", "ModelFormat", "ModelUpload", "PreparedModel", "StoredModel",
-           "model_format"]
+__all__ = ["FORMATS", "NOT_SUPPORTED_YET", "ModelFormat", "ModelUpload", "PreparedModel", "StoredModel", "model_format"]

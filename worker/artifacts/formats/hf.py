@@ -66,8 +66,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_NAMES_SHOWN = 8
 PARTS: tuple[str, ...] = ("config", "weights", "weights_index", "tokenizer", "tokenizer_config", "archive")
 # the files of a save_pretrained folder that an archive is read as (others, e.g. generation_config.json, are ignored)
-ARCHIVE_FILES = {"config.json": "config", "model.safetensors.index.json": "weights_index",
-                 "tokenizer.json": "tokenizer", "tokenizer_config.json": "tokenizer_config"}
+ARCHIVE_FILES = {
+    "config.json": "config",
+    "model.safetensors.index.json": "weights_index",
+    "tokenizer.json": "tokenizer",
+    "tokenizer_config.json": "tokenizer_config",
+}
 LOSSES_BY_HEAD: dict[Head, tuple[str, ...]] = {
     "causal_lm": ("causal_lm",),
     "sequence_classification": ("cross_entropy", "mse"),
@@ -92,15 +96,18 @@ def task_head(task: dict[str, Any]) -> Head:
     loss, head = task.get("loss"), task.get("head")
     if loss == "causal_lm":
         if head not in (None, "causal_lm"):
-            raise ArtifactError("task loss \"causal_lm\" takes no other head", field="metadata.task.head")
+            raise ArtifactError('task loss "causal_lm" takes no other head', field="metadata.task.head")
         return "causal_lm"
     classifier = as_head(head)
     if classifier in ("sequence_classification", "image_classification"):
         if loss not in LOSSES_BY_HEAD[classifier]:
             raise ArtifactError(f"head {head!r} takes loss cross_entropy or mse", field="metadata.task.loss")
         return classifier
-    raise ArtifactError("format \"hf\" needs task {\"loss\": \"causal_lm\"} or {\"loss\": \"cross_entropy\" | \"mse\", "
-                        "\"head\": \"sequence_classification\" | \"image_classification\"}", field="metadata.task.head")
+    raise ArtifactError(
+        'format "hf" needs task {"loss": "causal_lm"} or {"loss": "cross_entropy" | "mse", '
+        '"head": "sequence_classification" | "image_classification"}',
+        field="metadata.task.head",
+    )
 
 
 def as_head(value: object) -> Head | None:
@@ -119,11 +126,15 @@ def parse_config(raw: dict[str, Any], head: Head) -> PretrainedConfig:
         raise ArtifactError("trust_remote_code is never used", field="config.trust_remote_code")
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in ALLOWED_MODEL_TYPES:
-        raise ArtifactError(f"config.json model_type {model_type!r} is not accepted; allowed: "
-                            f"{', '.join(ALLOWED_MODEL_TYPES)}", field="config.model_type")
+        raise ArtifactError(
+            f"config.json model_type {model_type!r} is not accepted; allowed: {', '.join(ALLOWED_MODEL_TYPES)}",
+            field="config.model_type",
+        )
     if model_type not in HEADS[head]:
-        raise ArtifactError(f"model_type {model_type!r} has no {head} head here; {head} takes: "
-                            f"{', '.join(HEADS[head])}", field="config.model_type")
+        raise ArtifactError(
+            f"model_type {model_type!r} has no {head} head here; {head} takes: {', '.join(HEADS[head])}",
+            field="config.model_type",
+        )
     config_class: type[PretrainedConfig] = transformers.CONFIG_MAPPING[model_type]
     try:
         config = config_class.from_dict(dict(raw))
@@ -138,8 +149,11 @@ def parse_config(raw: dict[str, Any], head: Head) -> PretrainedConfig:
 
 
 def _auto_class(head: Head) -> Any:
-    return {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
-            "image_classification": AutoModelForImageClassification}[head]
+    return {
+        "causal_lm": AutoModelForCausalLM,
+        "sequence_classification": AutoModelForSequenceClassification,
+        "image_classification": AutoModelForImageClassification,
+    }[head]
 
 
 def instantiate(config: PretrainedConfig, head: Head) -> PreTrainedModel:
@@ -147,8 +161,9 @@ def instantiate(config: PretrainedConfig, head: Head) -> PreTrainedModel:
     try:
         model = _auto_class(head).from_config(config, trust_remote_code=False, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - a config's sizes can fail the build in any way (a 422, not a 500)
-        raise ArtifactError(f"config.json does not describe a buildable {config.model_type} model: {exc}",
-                            field="config") from None
+        raise ArtifactError(
+            f"config.json does not describe a buildable {config.model_type} model: {exc}", field="config"
+        ) from None
     if not isinstance(model, PreTrainedModel):
         raise ArtifactError("config.json does not describe a transformers model", field="config")
     return model
@@ -204,26 +219,34 @@ def collect_files(upload: ModelUpload, work_dir: Path) -> HfFiles:
     files = upload.files
     unknown = set(files) - set(PARTS)
     if unknown:
-        raise ArtifactError(f"format \"hf\" takes the parts {', '.join(PARTS)}; not {', '.join(sorted(unknown))}",
-                            field=sorted(unknown)[0])
+        raise ArtifactError(
+            f'format "hf" takes the parts {", ".join(PARTS)}; not {", ".join(sorted(unknown))}',
+            field=sorted(unknown)[0],
+        )
     if "archive" in files:
         if set(files) != {"archive"} or len(files["archive"]) != 1:
-            raise ArtifactError("an `archive` part replaces the file parts: send one archive and no other file",
-                                field="archive")
+            raise ArtifactError(
+                "an `archive` part replaces the file parts: send one archive and no other file", field="archive"
+            )
         return _archive_files(files["archive"][0], work_dir / "archive", upload.max_unpacked_bytes)
     for part in ("config", "weights_index", "tokenizer", "tokenizer_config"):
         if len(files.get(part, [])) > 1:
             raise ArtifactError(f"the `{part}` part is given {len(files[part])} times", field=part)
     if "config" not in files:
-        raise ArtifactError("format \"hf\" needs a `config` part (config.json) or an `archive`", field="config")
+        raise ArtifactError('format "hf" needs a `config` part (config.json) or an `archive`', field="config")
     if not files.get("weights"):
-        raise ArtifactError("format \"hf\" needs a `weights` part (safetensors) or an `archive`", field="weights")
+        raise ArtifactError('format "hf" needs a `weights` part (safetensors) or an `archive`', field="weights")
 
     def one(part: str) -> Path | None:
         return files[part][0] if part in files else None
 
-    return HfFiles(config=files["config"][0], weights=list(files["weights"]), weights_index=one("weights_index"),
-                   tokenizer=one("tokenizer"), tokenizer_config=one("tokenizer_config"))
+    return HfFiles(
+        config=files["config"][0],
+        weights=list(files["weights"]),
+        weights_index=one("weights_index"),
+        tokenizer=one("tokenizer"),
+        tokenizer_config=one("tokenizer_config"),
+    )
 
 
 def _archive_files(archive: Path, target: Path, max_bytes: int) -> HfFiles:
@@ -231,12 +254,19 @@ def _archive_files(archive: Path, target: Path, max_bytes: int) -> HfFiles:
     written = extract_archive(archive, target, ArchiveLimits(max_bytes=max_bytes))
     pickles = [str(p) for p in written if p.name.endswith(PICKLE_SUFFIXES)]
     if pickles:
-        raise ArtifactError(f"the archive holds pickle files ({', '.join(sorted(pickles)[:4])}), which are never "
-                            "loaded: save the model with safetensors (save_pretrained's default)", field="archive")
+        raise ArtifactError(
+            f"the archive holds pickle files ({', '.join(sorted(pickles)[:4])}), which are never "
+            "loaded: save the model with safetensors (save_pretrained's default)",
+            field="archive",
+        )
     roots = {p.parent for p in written if p.name == "config.json"}
     if len(roots) != 1:
-        raise ArtifactError("the archive must hold exactly one config.json (a save_pretrained folder)"
-                            if roots else "the archive holds no config.json", field="archive")
+        raise ArtifactError(
+            "the archive must hold exactly one config.json (a save_pretrained folder)"
+            if roots
+            else "the archive holds no config.json",
+            field="archive",
+        )
     root = roots.pop()
     found: dict[str, Path] = {}
     weights: list[Path] = []
@@ -249,16 +279,22 @@ def _archive_files(archive: Path, target: Path, max_bytes: int) -> HfFiles:
             weights.append(target / relative)
     if not weights:
         raise ArtifactError("the archive holds no .safetensors weights next to config.json", field="archive")
-    return HfFiles(config=found["config"], weights=sorted(weights), weights_index=found.get("weights_index"),
-                   tokenizer=found.get("tokenizer"), tokenizer_config=found.get("tokenizer_config"))
+    return HfFiles(
+        config=found["config"],
+        weights=sorted(weights),
+        weights_index=found.get("weights_index"),
+        tokenizer=found.get("tokenizer"),
+        tokenizer_config=found.get("tokenizer_config"),
+    )
 
 
 def shard_plan(files: HfFiles) -> dict[Path, dict[str, TensorInfo]]:
     """Each weights file's checked header; with several files, the index must name exactly their tensors."""
     for path in files.weights:
         if path.name.endswith(PICKLE_SUFFIXES):
-            raise ArtifactError(f"{path.name!r} is a pickle file, which is never loaded: upload safetensors",
-                                field="weights")
+            raise ArtifactError(
+                f"{path.name!r} is a pickle file, which is never loaded: upload safetensors", field="weights"
+            )
     headers = {path: read_header(path, field="weights") for path in files.weights}
     if len(files.weights) > MAX_SHARDS:
         raise ArtifactError(f"{len(files.weights)} weight shards (at most {MAX_SHARDS})", field="weights")
@@ -269,8 +305,10 @@ def shard_plan(files: HfFiles) -> dict[Path, dict[str, TensorInfo]]:
                 raise ArtifactError(f"tensor {name!r} is in two weight files", field="weights")
             seen[name] = path
     if len(files.weights) > 1 and files.weights_index is None:
-        raise ArtifactError("several `weights` parts need the `weights_index` part (model.safetensors.index.json)",
-                            field="weights_index")
+        raise ArtifactError(
+            "several `weights` parts need the `weights_index` part (model.safetensors.index.json)",
+            field="weights_index",
+        )
     if files.weights_index is not None:
         _check_index(files, headers)
     return headers
@@ -278,20 +316,27 @@ def shard_plan(files: HfFiles) -> dict[Path, dict[str, TensorInfo]]:
 
 def _check_index(files: HfFiles, headers: dict[Path, dict[str, TensorInfo]]) -> None:
     assert files.weights_index is not None
-    index = read_json_object(files.weights_index, field="weights_index", max_bytes=MAX_INDEX_BYTES,
-                             max_depth=MAX_CONFIG_DEPTH)
+    index = read_json_object(
+        files.weights_index, field="weights_index", max_bytes=MAX_INDEX_BYTES, max_depth=MAX_CONFIG_DEPTH
+    )
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ArtifactError("the index has no `weight_map` object of tensor name -> file name",
-                            field="weights_index.weight_map")
+        raise ArtifactError(
+            "the index has no `weight_map` object of tensor name -> file name", field="weights_index.weight_map"
+        )
     in_files = {name for infos in headers.values() for name in infos}
     listed = set(weight_map)
     if listed != in_files:
         missing = sorted(listed - in_files)
         extra = sorted(in_files - listed)
-        detail = "; ".join(part for part in (
-            f"listed but in no weights file: {_names(missing)}" if missing else "",
-            f"in a weights file but not listed: {_names(extra)}" if extra else "") if part)
+        detail = "; ".join(
+            part
+            for part in (
+                f"listed but in no weights file: {_names(missing)}" if missing else "",
+                f"in a weights file but not listed: {_names(extra)}" if extra else "",
+            )
+            if part
+        )
         raise ArtifactError(f"the index does not match the weights files: {detail}", field="weights_index")
 
 
@@ -314,14 +359,18 @@ def merge_weights(headers: dict[Path, dict[str, TensorInfo]], target: Path) -> P
 class HfFormat:
     name = "hf"
     parts = PARTS
-    description = ("A Hugging Face transformers model: `config` (config.json), `weights` (safetensors; repeat for "
-                   "shards with `weights_index`), optional `tokenizer` and `tokenizer_config`; or one `archive` "
-                   "(.tar, .tar.gz, .zip) of a save_pretrained folder.")
+    description = (
+        "A Hugging Face transformers model: `config` (config.json), `weights` (safetensors; repeat for "
+        "shards with `weights_index`), optional `tokenizer` and `tokenizer_config`; or one `archive` "
+        "(.tar, .tar.gz, .zip) of a save_pretrained folder."
+    )
 
     def prepare(self, upload: ModelUpload, work_dir: Path) -> PreparedModel:
         if upload.architecture:
-            raise ArtifactError("format \"hf\" takes its architecture from the `config` part: leave "
-                                "metadata.architecture out", field="metadata.architecture")
+            raise ArtifactError(
+                'format "hf" takes its architecture from the `config` part: leave metadata.architecture out',
+                field="metadata.architecture",
+            )
         head = task_head(upload.task)
         files = collect_files(upload, work_dir)
         raw = read_json_object(files.config, field="config", max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH)
@@ -329,8 +378,10 @@ class HfFormat:
         model = meta_model(config, head)
         count = parameter_count(model)
         if count > upload.max_parameters:
-            raise ArtifactError(f"config.json describes {count:,} parameters, over the limit of "
-                                f"{upload.max_parameters:,}", field="config")
+            raise ArtifactError(
+                f"config.json describes {count:,} parameters, over the limit of {upload.max_parameters:,}",
+                field="config",
+            )
         headers = shard_plan(files)
         tokenizer_config = None
         if files.tokenizer_config is not None:
@@ -343,8 +394,13 @@ class HfFormat:
         architecture = HfArchitecture(config=raw, head=head, tokenizer_config=tokenizer_config)
         stored = StoredModel(architecture=architecture.to_json(), task=upload.task, weights=weights)
         built = self.build(stored)  # proves the stored pieces load as the worker will load them
-        return PreparedModel(architecture=architecture.to_json(), weights=weights, num_parameters=count,
-                             tracked_layers=tracked_layers(built), extra_files=extra)
+        return PreparedModel(
+            architecture=architecture.to_json(),
+            weights=weights,
+            num_parameters=count,
+            tracked_layers=tracked_layers(built),
+            extra_files=extra,
+        )
 
     def build(self, stored: StoredModel) -> nn.Module:
         return load_model(stored.architecture, stored.weights)
@@ -353,18 +409,23 @@ class HfFormat:
         load_model(architecture, weights)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "parts": list(self.parts),
-                "model_types": list(ALLOWED_MODEL_TYPES),
-                "heads": {head: list(types) for head, types in HEADS.items()},
-                "losses": {head: list(losses) for head, losses in LOSSES_BY_HEAD.items()},
-                "archives": [".tar", ".tar.gz", ".zip"], "transformers_version": transformers.__version__}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "parts": list(self.parts),
+            "model_types": list(ALLOWED_MODEL_TYPES),
+            "heads": {head: list(types) for head, types in HEADS.items()},
+            "losses": {head: list(losses) for head, losses in LOSSES_BY_HEAD.items()},
+            "archives": [".tar", ".tar.gz", ".zip"],
+            "transformers_version": transformers.__version__,
+        }
 
 
 def stored_architecture(architecture: dict[str, Any]) -> HfArchitecture:
     head = as_head(architecture.get("head"))
     config = architecture.get("config")
     if head is None or not isinstance(config, dict):
-        raise ArtifactError("the stored model is not a format \"hf\" model", field="model")
+        raise ArtifactError('the stored model is not a format "hf" model', field="model")
     tokenizer_config = architecture.get("tokenizer_config")
     return HfArchitecture(config=config, head=head, tokenizer_config=tokenizer_config)
 
@@ -387,8 +448,14 @@ def load_model(architecture: dict[str, Any], weights: Path) -> PreTrainedModel:
         (Path(folder) / "model.safetensors").symlink_to(weights.resolve())
         try:
             model, info = _auto_class(hf.head).from_pretrained(
-                folder, config=config, output_loading_info=True, trust_remote_code=False, use_safetensors=True,
-                local_files_only=True, dtype=torch.float32, ignore_mismatched_sizes=True,
+                folder,
+                config=config,
+                output_loading_info=True,
+                trust_remote_code=False,
+                use_safetensors=True,
+                local_files_only=True,
+                dtype=torch.float32,
+                ignore_mismatched_sizes=True,
             )
         except Exception as exc:  # noqa: BLE001 - whatever the loader trips on, the uploaded weights are at fault
             raise ArtifactError(f"the weights could not be loaded into the model: {exc}", field="weights") from None

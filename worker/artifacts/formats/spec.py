@@ -23,22 +23,30 @@ class SpecFormat:
 
     def prepare(self, upload: ModelUpload, work_dir: Path) -> PreparedModel:
         if upload.task.get("loss") not in LOSSES:
-            raise ArtifactError(f"task loss {upload.task.get('loss')!r} needs format \"hf\"; format \"spec\" takes "
-                                f"{' or '.join(LOSSES)}", field="metadata.task.loss")
+            raise ArtifactError(
+                f'task loss {upload.task.get("loss")!r} needs format "hf"; format "spec" takes {" or ".join(LOSSES)}',
+                field="metadata.task.loss",
+            )
         if upload.task.get("head") is not None:
-            raise ArtifactError("task.head applies to format \"hf\"", field="metadata.task.head")
+            raise ArtifactError('task.head applies to format "hf"', field="metadata.task.head")
         weights = upload.files.get("weights", [])
         if len(weights) != 1 or set(upload.files) != {"weights"}:
-            raise ArtifactError("format \"spec\" takes exactly one `weights` part", field="weights")
+            raise ArtifactError('format "spec" takes exactly one `weights` part', field="weights")
         spec = parse_architecture(upload.architecture)
         count = count_parameters(spec)
         if count > upload.max_parameters:
-            raise ArtifactError(f"the architecture has {count} parameters, over the limit of {upload.max_parameters}",
-                                field="metadata.architecture")
+            raise ArtifactError(
+                f"the architecture has {count} parameters, over the limit of {upload.max_parameters}",
+                field="metadata.architecture",
+            )
         module = build_module(spec)
         load_weights(module, weights[0], field="weights")
-        return PreparedModel(architecture=upload.architecture, weights=weights[0],
-                             num_parameters=parameter_count(module), tracked_layers=trackable_layers(module))
+        return PreparedModel(
+            architecture=upload.architecture,
+            weights=weights[0],
+            num_parameters=parameter_count(module),
+            tracked_layers=trackable_layers(module),
+        )
 
     def build(self, stored: StoredModel) -> nn.Module:
         module = build_module(parse_architecture(stored.architecture))
@@ -49,5 +57,10 @@ class SpecFormat:
         load_weights(build_module(parse_architecture(architecture)), weights, field="weights")
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "parts": list(self.parts),
-                "losses": list(LOSSES), "layer_types": list(LAYER_TYPES)}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "parts": list(self.parts),
+            "losses": list(LOSSES),
+            "layer_types": list(LAYER_TYPES),
+        }

@@ -109,7 +109,10 @@ class EkfacCurvature(Curvature):
 
     def layer_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {
-            name: {**basis_tensors(self.covariances[name], self.bases[name]), "corrected_eigenvalues": self.eigenvalues[name]}
+            name: {
+                **basis_tensors(self.covariances[name], self.bases[name]),
+                "corrected_eigenvalues": self.eigenvalues[name],
+            }
             for name in self.layer_names
         }
 

@@ -72,7 +72,9 @@ class FlatModel:
         self.loss = loss
         self.theta = flat_parameters(layers)
 
-    def outputs(self, flat: torch.Tensor, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def outputs(
+        self, flat: torch.Tensor, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Model outputs with the tracked weights replaced (tied weights are not swapped together: a weight
         shared by two modules counts, as in the hooks, only through the tracked module)."""
         params = parameters_from_flat(flat, self.layers)
@@ -109,7 +111,10 @@ def _checked_batches(
     for start, batch in batches(data, batch_size, device, dtype):
         with torch.no_grad():
             targets = check_targets(forward(model, batch.inputs, batch.attention_mask), batch.targets, loss)
-        yield start, Examples(inputs=batch.inputs, targets=targets, weights=batch.weights, attention_mask=batch.attention_mask)
+        yield (
+            start,
+            Examples(inputs=batch.inputs, targets=targets, weights=batch.weights, attention_mask=batch.attention_mask),
+        )
 
 
 # ---------------------------------------------------------------- dense matrices
@@ -222,7 +227,9 @@ def curvature_product(
     return product
 
 
-def _batch_product(flat_model: FlatModel, theta: torch.Tensor, batch: Examples, vectors: torch.Tensor, kind: str) -> torch.Tensor:
+def _batch_product(
+    flat_model: FlatModel, theta: torch.Tensor, batch: Examples, vectors: torch.Tensor, kind: str
+) -> torch.Tensor:
     if kind == "hessian":
         gradient = grad(lambda f: flat_model.objective(f, batch))
         products: torch.Tensor = vmap(lambda v: jvp(gradient, (theta,), (v,))[1])(vectors)
@@ -240,7 +247,9 @@ def _batch_product(flat_model: FlatModel, theta: torch.Tensor, batch: Examples, 
     return pulled
 
 
-def hutchinson_trace(product: Callable[[torch.Tensor], torch.Tensor], size: int, device: torch.device, dtype: torch.dtype, seed: int) -> float:
+def hutchinson_trace(
+    product: Callable[[torch.Tensor], torch.Tensor], size: int, device: torch.device, dtype: torch.dtype, seed: int
+) -> float:
     generator = torch.Generator().manual_seed(seed)
     probes = (torch.randint(0, 2, (HUTCHINSON_PROBES, size), generator=generator) * 2 - 1).to(device, dtype)
     return float((product(probes) * probes).sum(1).mean())
@@ -366,7 +375,9 @@ def exact_preconditioner(
 ) -> Preconditioner:
     """The ``exact`` (dense Cholesky), ``cg`` or ``lissa`` preconditioner of the tracked parameters."""
     if solver == "exact":
-        return DensePreconditioner(layers, dense_curvature(model, layers, data, loss, kind, batch_size, device, progress), damping, kind)
+        return DensePreconditioner(
+            layers, dense_curvature(model, layers, data, loss, kind, batch_size, device, progress), damping, kind
+        )
     product = curvature_product(model, layers, data, loss, kind, batch_size, device)
     size = sum(layer.num_parameters for layer in layers)
     if damping is None:

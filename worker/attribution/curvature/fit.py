@@ -155,7 +155,10 @@ def _fit_with_cache(
         sums = {n: torch.zeros(matrix[n], dtype=torch.float64, device=device) for n in names}
     else:
         activation = {n: torch.zeros(square[n], dtype=torch.float64, device=device) for n in names}
-        gradient = {layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=device) for layer in layers}
+        gradient = {
+            layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=device)
+            for layer in layers
+        }
     positions = {n: 0 for n in names}
     rows = {n: 0 for n in names}
     advance_after: list[int] = []  # per recorded fitting activity: examples completed with it (0 mid-batch)
@@ -193,6 +196,7 @@ def _fit_with_cache(
         if options.strategy == "kfac":
             fit = KfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases))
         elif fitting_cache is not None and fitting_cache.active and plan.fitting_bytes:
+
             def advance(position: int) -> None:
                 if advance_after[position]:
                     counter.advance(advance_after[position])

@@ -55,10 +55,19 @@ def _work(model: nn.Module, rows: int, options: MetaOptions) -> float:
     return meta_work(sum(q.numel() for q in model.parameters() if q.requires_grad), rows, options)
 
 
-def attribute_meta(model: nn.Module, train: Examples, queries: Examples, *,
-                   loss: Literal["cross_entropy", "mse"], unit: Literal["task", "instance"],
-                   mode: Literal["pairwise", "aggregate"], top_k: int, options: MetaOptions,
-                   progress: Progress = no_progress, device: torch.device | str | None = None) -> AttributionScores:
+def attribute_meta(
+    model: nn.Module,
+    train: Examples,
+    queries: Examples,
+    *,
+    loss: Literal["cross_entropy", "mse"],
+    unit: Literal["task", "instance"],
+    mode: Literal["pairwise", "aggregate"],
+    top_k: int,
+    options: MetaOptions,
+    progress: Progress = no_progress,
+    device: torch.device | str | None = None,
+) -> AttributionScores:
     """Task-IF or instance-IF of the training meta-dataset on the query tasks' post-adaptation loss.
 
     Scores are ΔQ on removal (positive = helpful). ``aggregate``: one score per unit for Q = Σ_q f_q.
@@ -66,25 +75,50 @@ def attribute_meta(model: nn.Module, train: Examples, queries: Examples, *,
     """
     _check_request(unit, mode, top_k, options)
     with few_threads(_work(model, len(train), options)):
-        return _attribute_meta(model, train, queries, loss=loss, unit=unit, mode=mode, top_k=top_k,
-                               options=options, progress=progress, device=device)
+        return _attribute_meta(
+            model,
+            train,
+            queries,
+            loss=loss,
+            unit=unit,
+            mode=mode,
+            top_k=top_k,
+            options=options,
+            progress=progress,
+            device=device,
+        )
 
 
-def _scores(problem: MetaProblem, inverse: HessianInverse, query_grads: torch.Tensor, unit: str,
-            progress: Progress) -> torch.Tensor:
+def _scores(
+    problem: MetaProblem, inverse: HessianInverse, query_grads: torch.Tensor, unit: str, progress: Progress
+) -> torch.Tensor:
     """(m, U) removal scores for query gradients (m, p): tasks or dataset rows as units."""
     if problem.options.removal == "newton":
         return newton_task_scores(problem, inverse, query_grads, progress).T
     directions = inverse.solve(query_grads.T)  # s_Q per query, (p, m)
     if unit == "task":
         return task_scores(problem, directions).T
-    return torch.stack([instance_scores(problem, directions[:, q], progress, f"instance_scores_query_{q + 1}")
-                        for q in range(directions.shape[1])])
+    return torch.stack(
+        [
+            instance_scores(problem, directions[:, q], progress, f"instance_scores_query_{q + 1}")
+            for q in range(directions.shape[1])
+        ]
+    )
 
 
-def _attribute_meta(model: nn.Module, train: Examples, queries: Examples, *, loss: LossName,
-                    unit: Literal["task", "instance"], mode: Literal["pairwise", "aggregate"], top_k: int,
-                    options: MetaOptions, progress: Progress, device: torch.device | str | None) -> AttributionScores:
+def _attribute_meta(
+    model: nn.Module,
+    train: Examples,
+    queries: Examples,
+    *,
+    loss: LossName,
+    unit: Literal["task", "instance"],
+    mode: Literal["pairwise", "aggregate"],
+    top_k: int,
+    options: MetaOptions,
+    progress: Progress,
+    device: torch.device | str | None,
+) -> AttributionScores:
     problem = build_problem(model, train, queries, loss, options, device, progress)
     inverse = HessianInverse(problem, progress)
     query_grads = query_gradients(problem)  # (Q, p)
@@ -108,10 +142,18 @@ def _attribute_meta(model: nn.Module, train: Examples, queries: Examples, *, los
     return result
 
 
-def edit_meta(model: nn.Module, train: Examples, remove: torch.Tensor, *,
-              loss: Literal["cross_entropy", "mse"], unit: Literal["task", "instance"], options: MetaOptions,
-              edit: EditOptions | None = None, queries: Examples | None = None,
-              device: torch.device | str | None = None) -> EditResult:
+def edit_meta(
+    model: nn.Module,
+    train: Examples,
+    remove: torch.Tensor,
+    *,
+    loss: Literal["cross_entropy", "mse"],
+    unit: Literal["task", "instance"],
+    options: MetaOptions,
+    edit: EditOptions | None = None,
+    queries: Examples | None = None,
+    device: torch.device | str | None = None,
+) -> EditResult:
     """The meta-parameters retrained without the removed tasks (task ids) or instances (row indices), as a full
     state_dict with diagnostics. ``edit.estimator``: ``first_order`` λ* + (H + ρI)⁻¹ Σ g (additive, docs/methods.md, meta methods);
     ``newton`` (tasks) λ* + (H − Σ_S H_k + ρI)⁻¹ Σ g, the solve of ``removal='newton'``; ``proximal``: chord
@@ -152,22 +194,43 @@ def _modified_tasks(problem: MetaProblem, unit: str, remove: torch.Tensor) -> li
     return reweighted_tasks(problem.train_tasks, row_scale={int(r): 0.0 for r in remove.tolist()})
 
 
-def _proximal_delta(problem: MetaProblem, inverse: HessianInverse, unit: str, remove: torch.Tensor, removed: list[int],
-                    b: torch.Tensor, edit: EditOptions) -> tuple[torch.Tensor, dict[str, Any]]:
+def _proximal_delta(
+    problem: MetaProblem,
+    inverse: HessianInverse,
+    unit: str,
+    remove: torch.Tensor,
+    removed: list[int],
+    b: torch.Tensor,
+    edit: EditOptions,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     anchor = train_gradients(problem).sum(0) + problem.options.outer_l2 * problem.lam
 
     def solve(g: torch.Tensor) -> torch.Tensor:
         return inverse.solve_without(removed, g) if unit == "task" else inverse.solve(g)
 
     tol = edit.tol * float(b.norm())
-    result = chord_retrain(problem.fm, _modified_tasks(problem, unit, remove), problem.lam, problem.options,
-                           inverse.damping, solve, anchor=anchor, tol=tol, max_iter=edit.max_steps)
+    result = chord_retrain(
+        problem.fm,
+        _modified_tasks(problem, unit, remove),
+        problem.lam,
+        problem.options,
+        inverse.damping,
+        solve,
+        anchor=anchor,
+        tol=tol,
+        max_iter=edit.max_steps,
+    )
     converged = result.gradient_norm <= tol
     if not converged:
-        problem.warnings.append(f"the proximal retrain was not solved to tolerance in {edit.max_steps} chord steps "
-                                f"(‖∇‖ = {result.gradient_norm:.2e}); raise options.max_steps")
-    return result.lam - problem.lam, {"steps": result.iterations, "converged": converged,
-                                      "gradient_norm_ratio": result.gradient_norm / max(float(b.norm()), 1e-300)}
+        problem.warnings.append(
+            f"the proximal retrain was not solved to tolerance in {edit.max_steps} chord steps "
+            f"(‖∇‖ = {result.gradient_norm:.2e}); raise options.max_steps"
+        )
+    return result.lam - problem.lam, {
+        "steps": result.iterations,
+        "converged": converged,
+        "gradient_norm_ratio": result.gradient_norm / max(float(b.norm()), 1e-300),
+    }
 
 
 def _objective_value(problem: MetaProblem, tasks: list[TaskData], lam: torch.Tensor) -> float:
@@ -176,17 +239,27 @@ def _objective_value(problem: MetaProblem, tasks: list[TaskData], lam: torch.Ten
     return sum(t.value() for t in terms) + 0.5 * problem.options.outer_l2 * float(lam @ lam)
 
 
-def _edit_diagnostics(problem: MetaProblem, unit: str, remove: torch.Tensor, delta: torch.Tensor, edit: EditOptions,
-                      info: dict[str, Any]) -> dict[str, Any]:
+def _edit_diagnostics(
+    problem: MetaProblem, unit: str, remove: torch.Tensor, delta: torch.Tensor, edit: EditOptions, info: dict[str, Any]
+) -> dict[str, Any]:
     new = problem.lam + delta
     relative = float(delta.norm()) / max(float(problem.lam.norm()), 1e-300)
     warnings = list(problem.warnings)
     if relative > edit.trust_radius:
-        warnings.append(f"the edit moves the meta-parameters by {100 * relative:.1f}% of their norm (trust radius "
-                        f"{100 * edit.trust_radius:.0f}%): outside the region where a local estimate can be trusted")
-    diagnostics = {"estimator": edit.estimator, "unit": unit, "num_removed": int(remove.numel()),
-                   "proximity": problem.diagnostics.get("damping"), "proximity_rule": problem.diagnostics.get("damping_rule"),
-                   "step_norm": float(delta.norm()), "relative_step_norm": relative, "solver": info or None}
+        warnings.append(
+            f"the edit moves the meta-parameters by {100 * relative:.1f}% of their norm (trust radius "
+            f"{100 * edit.trust_radius:.0f}%): outside the region where a local estimate can be trusted"
+        )
+    diagnostics = {
+        "estimator": edit.estimator,
+        "unit": unit,
+        "num_removed": int(remove.numel()),
+        "proximity": problem.diagnostics.get("damping"),
+        "proximity_rule": problem.diagnostics.get("damping_rule"),
+        "step_norm": float(delta.norm()),
+        "relative_step_norm": relative,
+        "solver": info or None,
+    }
     if remove.numel():
         tasks = _modified_tasks(problem, unit, remove)
         before, after = _objective_value(problem, tasks, problem.lam), _objective_value(problem, tasks, new)
@@ -197,7 +270,12 @@ def _edit_diagnostics(problem: MetaProblem, unit: str, remove: torch.Tensor, del
         start = torch.tensor([t.value() for t in problem.query_terms], dtype=torch.float64)
         _, terms = objective_gradient(problem.fm, problem.query_tasks, new, problem.options)
         end = torch.tensor([t.value() for t in terms], dtype=torch.float64)
-        diagnostics.update({"query_loss_before_mean": float(start.mean()), "query_loss_after_mean": float(end.mean()),
-                            "query_loss_changes": [float(v) for v in (end - start)[:1000]]})
+        diagnostics.update(
+            {
+                "query_loss_before_mean": float(start.mean()),
+                "query_loss_after_mean": float(end.mean()),
+                "query_loss_changes": [float(v) for v in (end - start)[:1000]],
+            }
+        )
     diagnostics["warnings"] = warnings
     return diagnostics

@@ -33,8 +33,7 @@ def _targets(examples: Examples, loss: str, dtype: torch.dtype, device: torch.de
     return targets.reshape(-1, 1) if targets.dim() == 1 else targets
 
 
-def split_tasks(examples: Examples, loss: str, dtype: torch.dtype, device: torch.device,
-                name: str) -> list[TaskData]:
+def split_tasks(examples: Examples, loss: str, dtype: torch.dtype, device: torch.device, name: str) -> list[TaskData]:
     """Tasks of ``examples`` in sorted task-id order. ``name`` ('train' / 'query') goes in error messages."""
     if examples.task is None or examples.split is None:
         raise AttributionError(f"the {name} dataset needs 'task' and 'split' fields for meta-learning influence")
@@ -44,7 +43,9 @@ def split_tasks(examples: Examples, loss: str, dtype: torch.dtype, device: torch
     split = examples.split.to(device=device, dtype=torch.long).reshape(-1)
     bad_split = sorted(set(torch.unique(split).tolist()) - {0, 1})
     if bad_split:
-        raise AttributionError(f"the {name} dataset has split values {bad_split}; split must be 0 (task train) or 1 (task validation)")
+        raise AttributionError(
+            f"the {name} dataset has split values {bad_split}; split must be 0 (task train) or 1 (task validation)"
+        )
     inputs = examples.inputs.to(device=device, dtype=dtype)
     if not torch.isfinite(inputs).all():
         raise AttributionError(f"the {name} dataset has NaN or infinite inputs")

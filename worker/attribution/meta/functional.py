@@ -35,8 +35,9 @@ class FunctionalModel:
     """Pure-function view of ``model`` with per-sample losses ``cross_entropy`` or ``mse`` (½ Σ over outputs of
     the squared error, as everywhere in the engine, so a proximal r means the same as in docs/methods.md)."""
 
-    def __init__(self, model: nn.Module, loss: str, adapted_params: list[str] | None,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, loss: str, adapted_params: list[str] | None, dtype: torch.dtype, device: torch.device
+    ) -> None:
         if loss not in LOSS_NAMES:
             raise AttributionError(f"meta influence supports the losses 'cross_entropy' and 'mse', got {loss!r}")
         self.loss = loss_name(loss)
@@ -62,9 +63,9 @@ class FunctionalModel:
         self.slots: list[ParamSlot] = slots
         self.num_lambda = start
         self.num_theta = theta_start
-        self.adapted_index = torch.cat([
-            torch.arange(s.start, s.start + s.numel, device=device) for s in slots if s.theta_start >= 0
-        ])
+        self.adapted_index = torch.cat(
+            [torch.arange(s.start, s.start + s.numel, device=device) for s in slots if s.theta_start >= 0]
+        )
         self.buffers = {n: b for n, b in self.module.named_buffers()}
         self.original_dtypes = {n: p.dtype for n, p in model.named_parameters()}
 
@@ -85,9 +86,9 @@ class FunctionalModel:
         out = {}
         for s in self.slots:
             if s.theta_start >= 0:
-                out[s.name] = theta[s.theta_start:s.theta_start + s.numel].view(s.shape)
+                out[s.name] = theta[s.theta_start : s.theta_start + s.numel].view(s.shape)
             else:
-                out[s.name] = lam[s.start:s.start + s.numel].view(s.shape)
+                out[s.name] = lam[s.start : s.start + s.numel].view(s.shape)
         return out
 
     def state_dict(self, lam: torch.Tensor, template: nn.Module) -> dict[str, torch.Tensor]:
@@ -95,7 +96,13 @@ class FunctionalModel:
         state = {k: v.detach().clone() for k, v in template.state_dict().items()}
         for s in self.slots:
             target = state[s.name]
-            state[s.name] = lam[s.start:s.start + s.numel].detach().view(s.shape).to(dtype=target.dtype, device=target.device).clone()
+            state[s.name] = (
+                lam[s.start : s.start + s.numel]
+                .detach()
+                .view(s.shape)
+                .to(dtype=target.dtype, device=target.device)
+                .clone()
+            )
         return state
 
     def forward(self, lam: torch.Tensor, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -104,14 +111,17 @@ class FunctionalModel:
         return outputs
 
     # ----- losses -----
-    def per_sample_losses(self, lam: torch.Tensor, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def per_sample_losses(
+        self, lam: torch.Tensor, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         out = self.forward(lam, theta, x)
         if self.loss == "cross_entropy":  # = F.cross_entropy; gather has a vmap batching rule, nll_loss does not
             return -out.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
         return 0.5 * ((out.reshape(y.shape) - y) ** 2).reshape(y.shape[0], -1).sum(dim=1)
 
-    def split_loss(self, lam: torch.Tensor, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                   w: torch.Tensor) -> torch.Tensor:
+    def split_loss(
+        self, lam: torch.Tensor, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
         """L(θ; D, w) = Σ_z w_z ℓ(z)."""
         return (w * self.per_sample_losses(lam, theta, x, y)).sum()
 
@@ -130,6 +140,7 @@ class RetainedGradient:
         pairs = [(g, v) for g, v in zip(self.grads, vectors, strict=True) if g.requires_grad]
         if not pairs:
             return tuple(torch.zeros_like(x) for x in self.leaves)
-        out = torch.autograd.grad([g for g, _ in pairs], self.leaves, [v for _, v in pairs],
-                                  retain_graph=True, allow_unused=True)
+        out = torch.autograd.grad(
+            [g for g, _ in pairs], self.leaves, [v for _, v in pairs], retain_graph=True, allow_unused=True
+        )
         return tuple(torch.zeros_like(x) if o is None else o.detach() for o, x in zip(out, self.leaves, strict=True))

@@ -52,8 +52,9 @@ class MetaProblem:
         return [t.task_id for t in self.train_tasks]
 
 
-def _build_terms(fm: FunctionalModel, tasks: list[TaskData], lam: torch.Tensor, options: MetaOptions,
-                 stage: str, progress: Progress) -> list[TaskTerm]:
+def _build_terms(
+    fm: FunctionalModel, tasks: list[TaskData], lam: torch.Tensor, options: MetaOptions, stage: str, progress: Progress
+) -> list[TaskTerm]:
     terms = []
     for i, task in enumerate(tasks):
         terms.append(make_term(fm, task, lam, options.inner, options.direct))
@@ -71,8 +72,15 @@ def meta_work(num_params: int, rows: int, options: MetaOptions) -> float:
     return float(rows) * num_params
 
 
-def build_problem(model: nn.Module, train: Examples, queries: Examples | None, loss: str, options: MetaOptions,
-                  device: torch.device | str | None = None, progress: Progress = no_progress) -> MetaProblem:
+def build_problem(
+    model: nn.Module,
+    train: Examples,
+    queries: Examples | None,
+    loss: str,
+    options: MetaOptions,
+    device: torch.device | str | None = None,
+    progress: Progress = no_progress,
+) -> MetaProblem:
     """Solve every inner problem at λ* (the model's parameters) and check stationarity of F."""
     validate_options(options)
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -80,8 +88,15 @@ def build_problem(model: nn.Module, train: Examples, queries: Examples | None, l
         return _build_problem(model, train, queries, loss, options, device, progress)
 
 
-def _build_problem(model: nn.Module, train: Examples, queries: Examples | None, loss: str, options: MetaOptions,
-                   device: torch.device | str | None, progress: Progress) -> MetaProblem:
+def _build_problem(
+    model: nn.Module,
+    train: Examples,
+    queries: Examples | None,
+    loss: str,
+    options: MetaOptions,
+    device: torch.device | str | None,
+    progress: Progress,
+) -> MetaProblem:
     device = torch.device(device) if device is not None else next(model.parameters()).device
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dtype = torch.float64 if num_params <= FLOAT64_MAX_PARAMS else torch.float32
@@ -109,24 +124,27 @@ def _stationarity_diagnostics(problem: MetaProblem) -> None:
     ratio = float(full.norm()) / median if median > 0 else math.inf
     residuals = [t.inner_residual for t in problem.terms + problem.query_terms]
     d = problem.diagnostics
-    d.update({
-        "num_parameters": problem.fm.num_lambda,
-        "num_adapted_parameters": problem.fm.num_theta,
-        "num_train_tasks": len(problem.terms),
-        "num_query_tasks": len(problem.query_terms),
-        "dtype": str(problem.fm.dtype).replace("torch.", ""),
-        "inner_mode": problem.options.inner.mode,
-        "total_gradient_norm": float(full.norm()),
-        "median_task_gradient_norm": median,
-        "stationarity_ratio": ratio if math.isfinite(ratio) else None,
-        "inner_residuals": residuals,
-        "inner_residual_max": max(residuals) if residuals else 0.0,
-    })
+    d.update(
+        {
+            "num_parameters": problem.fm.num_lambda,
+            "num_adapted_parameters": problem.fm.num_theta,
+            "num_train_tasks": len(problem.terms),
+            "num_query_tasks": len(problem.query_terms),
+            "dtype": str(problem.fm.dtype).replace("torch.", ""),
+            "inner_mode": problem.options.inner.mode,
+            "total_gradient_norm": float(full.norm()),
+            "median_task_gradient_norm": median,
+            "stationarity_ratio": ratio if math.isfinite(ratio) else None,
+            "inner_residuals": residuals,
+            "inner_residual_max": max(residuals) if residuals else 0.0,
+        }
+    )
     if ratio > STATIONARITY_WARNING:
         problem.warnings.append(
             f"λ* is not a stationary point of the outer objective: ‖∇F(λ*)‖ = {float(full.norm()):.3e} is "
             f"{ratio:.2f} × the median task gradient norm (> {STATIONARITY_WARNING}); influence estimates assume "
-            "a trained meta-model (check outer_l2 and that the model was trained with these inner settings)")
+            "a trained meta-model (check outer_l2 and that the model was trained with these inner settings)"
+        )
     problem.train_task_gradients = grads
 
 
@@ -147,15 +165,26 @@ class HessianInverse:
             else:
                 self._init_matrix_free(progress)
         d = problem.diagnostics
-        d.update({"solver": self.options.solver, "third_order": self.options.third_order,
-                  "direct": self.options.direct, "removal": self.options.removal, "damping": self.damping,
-                  "damping_rule": self.damping_rule,
-                  "lambda_min": self.lambda_min, "lambda_max": self.lambda_max, "gamma": self.total.gamma})
+        d.update(
+            {
+                "solver": self.options.solver,
+                "third_order": self.options.third_order,
+                "direct": self.options.direct,
+                "removal": self.options.removal,
+                "damping": self.damping,
+                "damping_rule": self.damping_rule,
+                "lambda_min": self.lambda_min,
+                "lambda_max": self.lambda_max,
+                "gamma": self.total.gamma,
+            }
+        )
 
     def _init_dense(self, progress: Progress) -> None:
         if self.problem.fm.num_lambda > 5000:
-            raise AttributionError(f"solver 'exact' forms the dense total Hessian and supports at most 5000 "
-                                   f"parameters; the model has {self.problem.fm.num_lambda}: use 'cg' or 'neumann'")
+            raise AttributionError(
+                f"solver 'exact' forms the dense total Hessian and supports at most 5000 "
+                f"parameters; the model has {self.problem.fm.num_lambda}: use 'cg' or 'neumann'"
+            )
         p = self.problem.fm.num_lambda
         lam = self.problem.lam
         progress("total_hessian", 0, len(self.total.terms))
@@ -206,8 +235,9 @@ class HessianInverse:
     def _solve_cg(self, b: torch.Tensor) -> torch.Tensor:
         for attempt in range(6):
             try:
-                x, info = conjugate_gradient(self._matvec, b, self.options.tol, self.options.max_iter,
-                                             "total Hessian solve (H + ρI)⁻¹b")
+                x, info = conjugate_gradient(
+                    self._matvec, b, self.options.tol, self.options.max_iter, "total Hessian solve (H + ρI)⁻¹b"
+                )
                 self._record(info)
                 return x
             except NonPositiveCurvature as exc:
@@ -215,7 +245,9 @@ class HessianInverse:
                     raise AttributionError(f"{exc} with damping ρ = {self.damping:.3e}; raise options.damping") from exc
                 self.damping = 2.0 * self.damping + 1.1 * abs(exc.curvature)
                 self.problem.diagnostics["damping"] = self.damping
-                self.problem.warnings.append(f"H + ρI was not positive definite in CG; auto damping raised to {self.damping:.3e}")
+                self.problem.warnings.append(
+                    f"H + ρI was not positive definite in CG; auto damping raised to {self.damping:.3e}"
+                )
         raise AssertionError("unreachable")
 
     def solve_without(self, removed: list[int], b: torch.Tensor) -> torch.Tensor:
@@ -239,15 +271,19 @@ class HessianInverse:
     def _solve_neumann(self, b: torch.Tensor) -> torch.Tensor:
         top = self.lambda_max + self.damping
         if top <= 0:
-            raise AttributionError("the damped total Hessian has no positive eigenvalue estimate; raise options.damping")
+            raise AttributionError(
+                "the damped total Hessian has no positive eigenvalue estimate; raise options.damping"
+            )
         eta = 1.0 / (1.05 * top)
-        x, info = neumann_series(self._matvec, b, eta, self.options.neumann_steps, self.options.tol,
-                                 "total Hessian solve (Neumann)")
+        x, info = neumann_series(
+            self._matvec, b, eta, self.options.neumann_steps, self.options.tol, "total Hessian solve (Neumann)"
+        )
         self._record(info)
         if info.relative_residual > 1e-2:
             self.problem.warnings.append(
                 f"Neumann series truncated at {info.iterations} steps with relative residual {info.relative_residual:.2e} "
-                "(acts as extra damping); raise neumann_steps or use solver 'cg'")
+                "(acts as extra damping); raise neumann_steps or use solver 'cg'"
+            )
         return x
 
     def _record(self, info: SolveInfo) -> None:
@@ -276,8 +312,9 @@ def task_scores(problem: MetaProblem, s: torch.Tensor) -> torch.Tensor:
     return train_gradients(problem) @ s
 
 
-def newton_task_scores(problem: MetaProblem, inverse: HessianInverse, query_grads: torch.Tensor,
-                       progress: Progress = no_progress) -> torch.Tensor:
+def newton_task_scores(
+    problem: MetaProblem, inverse: HessianInverse, query_grads: torch.Tensor, progress: Progress = no_progress
+) -> torch.Tensor:
     """ΔQ_{−k} = ∇Qᵀ (H − H_k + ρI)⁻¹ g_k for every training task: (K, m) for query gradients (m, p)."""
     grads = train_gradients(problem)
     columns = []
@@ -287,8 +324,9 @@ def newton_task_scores(problem: MetaProblem, inverse: HessianInverse, query_grad
     return torch.stack(columns)
 
 
-def instance_scores(problem: MetaProblem, s: torch.Tensor, progress: Progress = no_progress,
-                    stage: str = "instance_scores") -> torch.Tensor:
+def instance_scores(
+    problem: MetaProblem, s: torch.Tensor, progress: Progress = no_progress, stage: str = "instance_scores"
+) -> torch.Tensor:
     """ΔQ on removing each training-dataset row (train and validation instances), in dataset order."""
     out = torch.zeros(problem.num_rows, dtype=s.dtype, device=s.device)
     for k, term in enumerate(problem.terms):

@@ -24,18 +24,26 @@ from worker.attribution.types import AttributionError
 INNER_POWER_ITERATIONS = 20  # matrix-free check that A = ∇²_θ L_I is positive definite
 
 
-def train_loss(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor,
-               w_tr: torch.Tensor | None = None) -> torch.Tensor:
+def train_loss(
+    fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor, w_tr: torch.Tensor | None = None
+) -> torch.Tensor:
     return fm.split_loss(lam, theta, task.x_tr, task.y_tr, task.w_tr if w_tr is None else w_tr)
 
 
-def val_loss(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor,
-             w_val: torch.Tensor | None = None) -> torch.Tensor:
+def val_loss(
+    fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor, w_val: torch.Tensor | None = None
+) -> torch.Tensor:
     return fm.split_loss(lam, theta, task.x_val, task.y_val, task.w_val if w_val is None else w_val)
 
 
-def proximal_loss(fm: FunctionalModel, task: TaskData, reg: float, lam: torch.Tensor, theta: torch.Tensor,
-                  w_tr: torch.Tensor | None = None) -> torch.Tensor:
+def proximal_loss(
+    fm: FunctionalModel,
+    task: TaskData,
+    reg: float,
+    lam: torch.Tensor,
+    theta: torch.Tensor,
+    w_tr: torch.Tensor | None = None,
+) -> torch.Tensor:
     """L_I(λ, θ) = L_tr(λ, θ) + (r/2)‖θ − λ_adapted‖²."""
     return train_loss(fm, task, lam, theta, w_tr) + 0.5 * reg * ((theta - fm.theta_of(lam)) ** 2).sum()
 
@@ -61,8 +69,13 @@ class InnerInverse:
         return conjugate_gradient(self.hvp, x, self.tol, self.max_iter, f"inner Hessian of task {self.task_id}")[0]
 
 
-def _newton_direction(hvp: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor, dense_a: torch.Tensor | None,
-                      tol: float, max_iter: int) -> torch.Tensor:
+def _newton_direction(
+    hvp: Callable[[torch.Tensor], torch.Tensor],
+    g: torch.Tensor,
+    dense_a: torch.Tensor | None,
+    tol: float,
+    max_iter: int,
+) -> torch.Tensor:
     """The Newton step A⁻¹g: by the dense A when given (ihvp 'dense'), else by conjugate gradients on ``hvp``."""
     if dense_a is not None:
         values: torch.Tensor
@@ -80,8 +93,13 @@ def _newton_direction(hvp: Callable[[torch.Tensor], torch.Tensor], g: torch.Tens
         return exc.partial if bool((exc.partial != 0).any()) else g
 
 
-def solve_proximal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, options: InnerOptions,
-                   theta_start: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
+def solve_proximal(
+    fm: FunctionalModel,
+    task: TaskData,
+    lam: torch.Tensor,
+    options: InnerOptions,
+    theta_start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float, int]:
     """Newton's method with backtracking on L_I from θ = λ_adapted (or a warm start).
 
     Returns (θ*, ‖∂_θ L_I(θ*)‖, iterations). Raises when the stationarity tolerance is not reached.
@@ -103,6 +121,7 @@ def solve_proximal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, optio
         if g_norm <= target:
             break
         dense_a = hessian(objective)(theta) if options.ihvp == "dense" else None
+
         def hvp(v: torch.Tensor, point: torch.Tensor = theta) -> torch.Tensor:
             product: torch.Tensor = jvp(gradient, (point,), (v,))[1]
             return product
@@ -128,12 +147,14 @@ def solve_proximal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, optio
     if residual > options.tol:
         raise AttributionError(
             f"the inner problem of task {task.task_id} is not at stationarity: ‖∂θ L_I‖ = {residual:.3e} > tol "
-            f"{options.tol:.1e} after {iterations} Newton iterations (raise inner.reg, inner.max_iter or inner.tol)")
+            f"{options.tol:.1e} after {iterations} Newton iterations (raise inner.reg, inner.max_iter or inner.tol)"
+        )
     return theta.detach(), residual, iterations
 
 
-def inner_inverse(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor,
-                  options: InnerOptions) -> InnerInverse:
+def inner_inverse(
+    fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor, options: InnerOptions
+) -> InnerInverse:
     """A⁻¹ for the inner Hessian A = ∇²L_tr + rI at θ*, after checking that A is positive definite (θ* is a
     minimum): exactly when A is formed (dense), else by power iteration on its products (cg, ekfac)."""
 
@@ -146,20 +167,23 @@ def inner_inverse(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta:
         if dense.min_eigenvalue <= 0:
             raise AttributionError(
                 f"the inner Hessian of task {task.task_id} is not positive definite (smallest eigenvalue "
-                f"{dense.min_eigenvalue:.3e}): the inner problem is not at a minimum; raise inner.reg")
+                f"{dense.min_eigenvalue:.3e}): the inner problem is not at a minimum; raise inner.reg"
+            )
     else:
         lowest, _ = extreme_eigenvalues(hvp, theta.numel(), INNER_POWER_ITERATIONS, theta)
         if lowest <= 0:
             raise AttributionError(
                 f"the inner Hessian of task {task.task_id} is not positive definite (power-iteration estimate of "
-                f"its smallest eigenvalue {lowest:.3e}): the inner problem is not at a minimum; raise inner.reg")
+                f"its smallest eigenvalue {lowest:.3e}): the inner problem is not at a minimum; raise inner.reg"
+            )
     if options.ihvp == "ekfac":
         inverse.kronecker = fit_inner_ekfac(fm, task, lam, theta, options.reg)
     return inverse
 
 
-def unrolled_adapt(fm: FunctionalModel, task: TaskData, options: InnerOptions, lam: torch.Tensor,
-                   w_tr: torch.Tensor | None = None) -> torch.Tensor:
+def unrolled_adapt(
+    fm: FunctionalModel, task: TaskData, options: InnerOptions, lam: torch.Tensor, w_tr: torch.Tensor | None = None
+) -> torch.Tensor:
     """θ_K with θ_0 = λ_adapted and θ_{t+1} = θ_t − α ∇_θ L_tr(λ, θ_t); differentiable in λ and w_tr."""
     theta = fm.theta_of(lam)
     step_grad = grad(lambda th, lm, w: train_loss(fm, task, lm, th, w))

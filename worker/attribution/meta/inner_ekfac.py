@@ -105,8 +105,9 @@ def adapted_layers(fm: FunctionalModel) -> list[tuple[TrackedLayer, slice, slice
     return found
 
 
-def fit_inner_ekfac(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor,
-                    reg: float) -> KroneckerInnerInverse:
+def fit_inner_ekfac(
+    fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor, reg: float
+) -> KroneckerInnerInverse:
     """The EK-FAC Ã⁻¹ of task ``task`` at its inner solution θ*."""
     layers = adapted_layers(fm)
     leaf = theta.detach().requires_grad_(True)
@@ -132,12 +133,19 @@ def fit_inner_ekfac(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, thet
     return KroneckerInnerInverse(fm.num_theta, blocks, rest, 1.0 / (diagonal + reg))
 
 
-def _fit_block(layer: TrackedLayer, weight: slice, bias: slice | None, activities: list[LayerActivity],
-               sqrt_w: torch.Tensor, reg: float) -> KroneckerBlock:
+def _fit_block(
+    layer: TrackedLayer,
+    weight: slice,
+    bias: slice | None,
+    activities: list[LayerActivity],
+    sqrt_w: torch.Tensor,
+    reg: float,
+) -> KroneckerBlock:
     first = activities[0]
     weighted_inputs = LayerActivity(first.activations * sqrt_w[:, None, None], first.gradients)
-    covariances = Covariances(activation_covariance_sum(weighted_inputs),
-                              tensor_sum(gradient_covariance_sum(a) for a in activities))
+    covariances = Covariances(
+        activation_covariance_sum(weighted_inputs), tensor_sum(gradient_covariance_sum(a) for a in activities)
+    )
     basis = eigenbasis(covariances)
     dtype = first.gradients.dtype
     q_s, q_a = basis.gradient_eigenvectors.to(dtype), basis.activation_eigenvectors.to(dtype)
@@ -145,8 +153,14 @@ def _fit_block(layer: TrackedLayer, weight: slice, bias: slice | None, activitie
     return KroneckerBlock(weight, bias, layer.out_features, q_s, q_a, 1.0 / (eigenvalues + reg))
 
 
-def _gauss_newton_diagonal(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, theta: torch.Tensor,
-                           rest: torch.Tensor, sqrt_w: torch.Tensor) -> torch.Tensor:
+def _gauss_newton_diagonal(
+    fm: FunctionalModel,
+    task: TaskData,
+    lam: torch.Tensor,
+    theta: torch.Tensor,
+    rest: torch.Tensor,
+    sqrt_w: torch.Tensor,
+) -> torch.Tensor:
     """Σ_z w_z Σ_k (c_zkᵀ ∂o_z/∂θ_j)² for the θ entries ``rest`` (per-example gradients by vmap)."""
     base = theta.detach()
 

@@ -50,7 +50,9 @@ def validate_options(options: MetaOptions) -> None:
     if inner.mode == "implicit_proximal" and not inner.reg > 0:
         raise AttributionError(f"options.inner.reg must be > 0 for implicit_proximal, got {inner.reg}")
     if inner.mode == "unrolled" and (inner.steps < 1 or not inner.lr > 0):
-        raise AttributionError(f"unrolled inner mode needs steps >= 1 and lr > 0, got steps={inner.steps}, lr={inner.lr}")
+        raise AttributionError(
+            f"unrolled inner mode needs steps >= 1 and lr > 0, got steps={inner.steps}, lr={inner.lr}"
+        )
     if not inner.tol > 0 or inner.max_iter < 1:
         raise AttributionError("options.inner.tol must be > 0 and options.inner.max_iter >= 1")
     if options.solver not in ("exact", "cg", "neumann"):
@@ -60,7 +62,9 @@ def validate_options(options: MetaOptions) -> None:
     if options.removal not in ("first_order", "newton"):
         raise AttributionError(f"options.removal must be 'first_order' or 'newton', got {options.removal!r}")
     if options.removal == "newton" and options.solver == "neumann":
-        raise AttributionError("options.removal='newton' needs solver 'exact' or 'cg' (one solve with H − H_k per task)")
+        raise AttributionError(
+            "options.removal='newton' needs solver 'exact' or 'cg' (one solve with H − H_k per task)"
+        )
     if options.outer_l2 < 0:
         raise AttributionError(f"options.outer_l2 must be >= 0, got {options.outer_l2}")
     if options.damping is not None and not options.damping >= 0:

@@ -28,8 +28,9 @@ class RetrainResult:
     terms: list[TaskTerm]
 
 
-def reweighted_tasks(tasks: list[TaskData], row_scale: dict[int, float] | None = None,
-                     task_scale: dict[int, float] | None = None) -> list[TaskData]:
+def reweighted_tasks(
+    tasks: list[TaskData], row_scale: dict[int, float] | None = None, task_scale: dict[int, float] | None = None
+) -> list[TaskData]:
     """Copies of ``tasks`` with instance weights multiplied by row_scale[row] and validation weights of
     task t by task_scale[t] (ω_t)."""
     row_scale = row_scale or {}
@@ -45,8 +46,13 @@ def reweighted_tasks(tasks: list[TaskData], row_scale: dict[int, float] | None =
     return out
 
 
-def objective_gradient(fm: FunctionalModel, tasks: list[TaskData], lam: torch.Tensor, options: MetaOptions,
-                       warm: list[TaskTerm] | None = None) -> tuple[torch.Tensor, list[TaskTerm]]:
+def objective_gradient(
+    fm: FunctionalModel,
+    tasks: list[TaskData],
+    lam: torch.Tensor,
+    options: MetaOptions,
+    warm: list[TaskTerm] | None = None,
+) -> tuple[torch.Tensor, list[TaskTerm]]:
     """∇ [Σ_i f_i(λ) + (δ_o/2)‖λ‖²] and the terms at λ (inner problems warm-started from ``warm``)."""
     terms = []
     total = options.outer_l2 * lam
@@ -59,26 +65,43 @@ def objective_gradient(fm: FunctionalModel, tasks: list[TaskData], lam: torch.Te
     return total, terms
 
 
-def proximal_retrain(fm: FunctionalModel, tasks: list[TaskData], lam_star: torch.Tensor, options: MetaOptions,
-                     damping: float, chord_matrix: torch.Tensor, tol: float = 1e-7,
-                     max_iter: int = 100) -> RetrainResult:
+def proximal_retrain(
+    fm: FunctionalModel,
+    tasks: list[TaskData],
+    lam_star: torch.Tensor,
+    options: MetaOptions,
+    damping: float,
+    chord_matrix: torch.Tensor,
+    tol: float = 1e-7,
+    max_iter: int = 100,
+) -> RetrainResult:
     """Chord iteration from λ* on the modified, proximally damped objective; raises if it does not converge."""
-    system = torch.linalg.cholesky(0.5 * (chord_matrix + chord_matrix.T)
-                                   + damping * torch.eye(lam_star.numel(), dtype=lam_star.dtype))
+    system = torch.linalg.cholesky(
+        0.5 * (chord_matrix + chord_matrix.T) + damping * torch.eye(lam_star.numel(), dtype=lam_star.dtype)
+    )
 
     def solve(g: torch.Tensor) -> torch.Tensor:
         return torch.cholesky_solve(g.reshape(-1, 1), system).reshape(-1)
 
     result = chord_retrain(fm, tasks, lam_star, options, damping, solve, tol=tol, max_iter=max_iter)
     if result.gradient_norm > tol:
-        raise AttributionError(f"proximal retrain did not converge: ‖∇‖ = {result.gradient_norm:.2e} after "
-                               f"{max_iter} chord steps")
+        raise AttributionError(
+            f"proximal retrain did not converge: ‖∇‖ = {result.gradient_norm:.2e} after {max_iter} chord steps"
+        )
     return result
 
 
-def chord_retrain(fm: FunctionalModel, tasks: list[TaskData], lam_star: torch.Tensor, options: MetaOptions,
-                  damping: float, solve: Callable[[torch.Tensor], torch.Tensor], anchor: torch.Tensor | None = None,
-                  tol: float = 1e-7, max_iter: int = 100) -> RetrainResult:
+def chord_retrain(
+    fm: FunctionalModel,
+    tasks: list[TaskData],
+    lam_star: torch.Tensor,
+    options: MetaOptions,
+    damping: float,
+    solve: Callable[[torch.Tensor], torch.Tensor],
+    anchor: torch.Tensor | None = None,
+    tol: float = 1e-7,
+    max_iter: int = 100,
+) -> RetrainResult:
     """λ ← λ − M⁻¹ ∇G(λ) from λ*, G = the modified objective + (ρ/2)‖λ − λ*‖² − ⟨anchor, λ⟩ (``anchor``: the
     full objective's gradient at λ*, so that removing nothing stays at λ*; None: no anchor), ``solve`` = M⁻¹.
     Stops at ‖∇G‖ ≤ tol or after ``max_iter`` steps (the result says which)."""

@@ -34,8 +34,9 @@ def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def conjugate_gradient(matvec: MatVec, b: torch.Tensor, tol: float, max_iter: int,
-                       what: str) -> tuple[torch.Tensor, SolveInfo]:
+def conjugate_gradient(
+    matvec: MatVec, b: torch.Tensor, tol: float, max_iter: int, what: str
+) -> tuple[torch.Tensor, SolveInfo]:
     """Solve A x = b to ‖Ax − b‖ ≤ tol‖b‖; raise on pᵀAp ≤ 0, on NaN and when max_iter is reached."""
     check_finite(b, f"the right-hand side of {what}")
     b_norm = float(b.norm())
@@ -54,7 +55,9 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, tol: float, max_iter: in
             curvature = float(pap / (p @ p))
             raise NonPositiveCurvature(
                 f"{what}: the matrix is not positive definite (CG found pᵀAp/pᵀp = {curvature:.3e} at iteration {it})",
-                curvature, x)
+                curvature,
+                x,
+            )
         alpha = rr / pap
         x = x + alpha * p
         r = r - alpha * ap
@@ -65,7 +68,8 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, tol: float, max_iter: in
         rr = rr_new
     raise AttributionError(
         f"{what}: conjugate gradient did not converge within max_iter={max_iter} iterations "
-        f"(relative residual {math.sqrt(float(rr)) / b_norm:.2e} > tol {tol:.1e}); raise max_iter or the damping")
+        f"(relative residual {math.sqrt(float(rr)) / b_norm:.2e} > tol {tol:.1e}); raise max_iter or the damping"
+    )
 
 
 def power_iteration(matvec: MatVec, dim: int, iterations: int, like: torch.Tensor, seed: int = 0) -> float:
@@ -91,8 +95,9 @@ def extreme_eigenvalues(matvec: MatVec, dim: int, iterations: int, like: torch.T
     return min(dominant, other), max(dominant, other)
 
 
-def neumann_series(matvec: MatVec, b: torch.Tensor, eta: float, steps: int, tol: float,
-                   what: str) -> tuple[torch.Tensor, SolveInfo]:
+def neumann_series(
+    matvec: MatVec, b: torch.Tensor, eta: float, steps: int, tol: float, what: str
+) -> tuple[torch.Tensor, SolveInfo]:
     """s = η Σ_j (I − ηA)^j b (LiSSA). Stops early when ‖As − b‖ ≤ tol‖b‖; raises when it diverges."""
     check_finite(b, f"the right-hand side of {what}")
     b_norm = float(b.norm())
@@ -105,8 +110,10 @@ def neumann_series(matvec: MatVec, b: torch.Tensor, eta: float, steps: int, tol:
         residual = b - eta * matvec(x)
         rel = float(residual.norm()) / b_norm
         if not math.isfinite(rel) or rel > 1e6:
-            raise AttributionError(f"{what}: the Neumann series diverges (relative residual {rel:.2e} at step {it}); "
-                                   "the matrix is not positive definite or the scale is wrong: raise the damping")
+            raise AttributionError(
+                f"{what}: the Neumann series diverges (relative residual {rel:.2e} at step {it}); "
+                "the matrix is not positive definite or the scale is wrong: raise the damping"
+            )
         if rel <= tol:
             return eta * x, SolveInfo(it, rel)
     return eta * x, SolveInfo(steps, float(residual.norm()) / b_norm)
@@ -133,8 +140,10 @@ class DenseSPD:
         """(M + shift·I)⁻¹ b for b of shape (p,) or (p, m); raises unless M + shift·I is positive definite."""
         values = self.eigenvalues + shift
         if float(values[0]) <= 0:
-            raise AttributionError(f"{self.what} + damping is not positive definite "
-                                   f"(smallest eigenvalue {float(values[0]):.3e}); raise the damping")
+            raise AttributionError(
+                f"{self.what} + damping is not positive definite "
+                f"(smallest eigenvalue {float(values[0]):.3e}); raise the damping"
+            )
         coeffs = self.eigenvectors.T @ b
         coeffs = coeffs / (values if b.dim() == 1 else values[:, None])
         return check_finite(self.eigenvectors @ coeffs, f"the solve with {self.what}")

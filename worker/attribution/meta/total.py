@@ -104,8 +104,10 @@ class TaskTerm:
     # ----- instance scores (ΔQ on removal for a direction s = s_Q) -----
     def val_scores(self, s: torch.Tensor) -> torch.Tensor:
         """ΔQ_{−z} = w_z s·D_λℓ_z for every validation instance z."""
+
         def losses(lm: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
             return self.fm.per_sample_losses(lm, th, self.task.x_val, self.task.y_val)
+
         directional: torch.Tensor = jvp(losses, (self.lam, self.theta), (s, self.jac(s)))[1]
         return self.task.w_val * directional
 
@@ -120,8 +122,14 @@ class TaskTerm:
 class ImplicitTerm(TaskTerm):
     """iMAML / proximal inner problem at stationarity; exact HVP through the Lagrangian Φ."""
 
-    def __init__(self, fm: FunctionalModel, task: TaskData, lam: torch.Tensor, options: InnerOptions,
-                 theta_start: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        fm: FunctionalModel,
+        task: TaskData,
+        lam: torch.Tensor,
+        options: InnerOptions,
+        theta_start: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(fm, task, lam)
         self.options = options
         self.theta, self.inner_residual, self.inner_iterations = solve_proximal(fm, task, lam, options, theta_start)
@@ -187,6 +195,7 @@ class ImplicitTerm(TaskTerm):
             def coupling(lm: torch.Tensor, th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 g_tr = grad(lambda t: train_loss(self.fm, self.task, lm, t, w))(th)
                 return (self.u * g_tr).sum(), g_tr
+
             outputs = jvp(coupling, (self.lam, self.theta), (s, v))  # (coupling's outputs, their derivatives)
             g_tr: torch.Tensor = outputs[0][1]
             d_coupling: torch.Tensor = outputs[1][0]
@@ -225,11 +234,13 @@ class UnrolledTerm(TaskTerm):
             self._lam_leaf = lam.detach().requires_grad_(True)
             self._theta_graph = self.adapt(self._lam_leaf)
             self.theta = self._theta_graph.detach()  # θ_K, adapted once
-            self._objective_grad = torch.autograd.grad(self.outer(self._lam_leaf, self._theta_graph),
-                                                       self._lam_leaf, create_graph=True)[0]
+            self._objective_grad = torch.autograd.grad(
+                self.outer(self._lam_leaf, self._theta_graph), self._lam_leaf, create_graph=True
+            )[0]
             self._cotangent = torch.zeros_like(self.theta).requires_grad_(True)
-            self._pullback_graph = torch.autograd.grad(self._theta_graph, self._lam_leaf, self._cotangent,
-                                                       create_graph=True)[0]
+            self._pullback_graph = torch.autograd.grad(
+                self._theta_graph, self._lam_leaf, self._cotangent, create_graph=True
+            )[0]
         residual = grad(lambda th: train_loss(fm, task, lam, th))(self.theta)
         self.inner_residual = float(residual.norm())
         self.inner_iterations = options.steps
@@ -237,8 +248,9 @@ class UnrolledTerm(TaskTerm):
     def adapt(self, lam: torch.Tensor, w_tr: torch.Tensor | None = None) -> torch.Tensor:
         return unrolled_adapt(self.fm, self.task, self.options, lam, w_tr)
 
-    def objective(self, lam: torch.Tensor, w_tr: torch.Tensor | None = None,
-                  w_val: torch.Tensor | None = None) -> torch.Tensor:
+    def objective(
+        self, lam: torch.Tensor, w_tr: torch.Tensor | None = None, w_val: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """f(λ; w) = L_O(λ, θ_K(λ; w_tr); w_val)."""
         return self.outer(lam, self.adapt(lam, w_tr), w_val)
 
@@ -264,6 +276,7 @@ class UnrolledTerm(TaskTerm):
         def directional(w_tr: torch.Tensor, w_val: torch.Tensor) -> torch.Tensor:
             derivative: torch.Tensor = jvp(lambda lm: self.objective(lm, w_tr, w_val), (self.lam,), (s,))[1]
             return derivative
+
         d_tr, d_val = grad(directional, argnums=(0, 1))(self.task.w_tr, self.task.w_val)
         return d_tr, d_val
 
@@ -277,6 +290,7 @@ class UnrolledTerm(TaskTerm):
         def gradient(w_tr: torch.Tensor, w_val: torch.Tensor) -> torch.Tensor:
             g: torch.Tensor = grad(self.objective)(self.lam, w_tr, w_val)
             return g
+
         b: torch.Tensor = jvp(gradient, (self.task.w_tr, self.task.w_val), (m_tr, m_val))[1]
         return b
 
@@ -315,8 +329,14 @@ class DirectTerm(TaskTerm):
         return self.total_grad(m_val)
 
 
-def make_term(fm: FunctionalModel, task: TaskData, lam: torch.Tensor, options: InnerOptions,
-              direct: bool = False, theta_start: torch.Tensor | None = None) -> TaskTerm:
+def make_term(
+    fm: FunctionalModel,
+    task: TaskData,
+    lam: torch.Tensor,
+    options: InnerOptions,
+    direct: bool = False,
+    theta_start: torch.Tensor | None = None,
+) -> TaskTerm:
     """The task's term at λ; ``theta_start`` warm-starts the implicit inner solve."""
     if options.mode == "implicit_proximal":
         term: TaskTerm = ImplicitTerm(fm, task, lam, options, theta_start)
@@ -388,15 +408,24 @@ def _batched_unrolled_hessians(terms: list[UnrolledTerm], lam: torch.Tensor) -> 
     """∇²f_k(λ) for tasks of equal split sizes, stacked (T, p, p), by one vmap over the tasks."""
     fm, options = terms[0].fm, terms[0].options
 
-    def objective(lm: torch.Tensor, x_tr: torch.Tensor, y_tr: torch.Tensor, w_tr: torch.Tensor, x_val: torch.Tensor,
-                  y_val: torch.Tensor, w_val: torch.Tensor) -> torch.Tensor:
+    def objective(
+        lm: torch.Tensor,
+        x_tr: torch.Tensor,
+        y_tr: torch.Tensor,
+        w_tr: torch.Tensor,
+        x_val: torch.Tensor,
+        y_val: torch.Tensor,
+        w_val: torch.Tensor,
+    ) -> torch.Tensor:
         theta = fm.theta_of(lm)
         step_grad = grad(lambda th, l2: fm.split_loss(l2, th, x_tr, y_tr, w_tr))
         for _ in range(options.steps):
             theta = theta - options.lr * step_grad(theta, lm)
         return fm.split_loss(lm, theta, x_val, y_val, w_val)
 
-    stacked = [torch.stack([getattr(t.task, name) for t in terms])
-               for name in ("x_tr", "y_tr", "w_tr", "x_val", "y_val", "w_val")]
+    stacked = [
+        torch.stack([getattr(t.task, name) for t in terms])
+        for name in ("x_tr", "y_tr", "w_tr", "x_val", "y_val", "w_val")
+    ]
     hessians: torch.Tensor = vmap(hessian(objective), in_dims=(None, 0, 0, 0, 0, 0, 0))(lam, *stacked)
     return hessians

@@ -12,8 +12,20 @@ from worker.attribution.scoring import ModelScorer
 
 
 def gradient_similarity_scorer(
-    model: nn.Module, layers: list[TrackedLayer], loss: LossName, device: torch.device, dtype: torch.dtype,
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    loss: LossName,
+    device: torch.device,
+    dtype: torch.dtype,
     normalize: bool = False,
 ) -> ModelScorer:
-    return ModelScorer(model, layers, loss, device, dtype, preconditioner=None, normalize=normalize,
-                       diagnostics={"similarity": "cosine" if normalize else "dot_product"})
+    return ModelScorer(
+        model,
+        layers,
+        loss,
+        device,
+        dtype,
+        preconditioner=None,
+        normalize=normalize,
+        diagnostics={"similarity": "cosine" if normalize else "dot_product"},
+    )

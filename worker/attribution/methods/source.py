@@ -63,7 +63,11 @@ class SourceOptions:
     def validate(self) -> None:
         if self.variant not in ("full", "averaged_parameters"):
             raise AttributionError(f"variant must be 'full' or 'averaged_parameters', got {self.variant!r}")
-        if not (self.segments is None or self.segments == "stages" or (isinstance(self.segments, int) and self.segments >= 1)):
+        if not (
+            self.segments is None
+            or self.segments == "stages"
+            or (isinstance(self.segments, int) and self.segments >= 1)
+        ):
             raise AttributionError(f"segments must be a positive integer, 'stages' or null, got {self.segments!r}")
         if self.fisher not in ("true", "empirical"):
             raise AttributionError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
@@ -125,16 +129,29 @@ def fit_source(
     fits = []
     for segment in segments:
         placed = _placed_segment(segment, target)
-        fits.append(fit_segment(placed, stage_data[segment.stage], names, loss, options.labels(), options.variant,
-                                options.damping, options.batch_size, target, counter))
+        fits.append(
+            fit_segment(
+                placed,
+                stage_data[segment.stage],
+                names,
+                loss,
+                options.labels(),
+                options.variant,
+                options.damping,
+                options.batch_size,
+                target,
+                counter,
+            )
+        )
     attributed = {s.index for s in segments if s.stage in attributed_stages}
     return SourceTrajectory(final, names, fits, attributed, target)
 
 
 def _placed_segment(segment: Segment, device: torch.device) -> Segment:
     moved = tuple(
-        TrajectoryCheckpoint(place_model(c.model, device)[0].eval(), c.step, c.learning_rate, c.momentum, c.stage,
-                             c.optimizer, c.name)
+        TrajectoryCheckpoint(
+            place_model(c.model, device)[0].eval(), c.step, c.learning_rate, c.momentum, c.stage, c.optimizer, c.name
+        )
         for c in segment.checkpoints
     )
     return Segment(segment.index, segment.stage, moved, segment.start_step, segment.end_step)
@@ -162,8 +179,16 @@ def attribute_source(
     """SOURCE scores of the examples of ``train`` (the attributed stages' data). Stages: fit, queries, score."""
     options = options or SourceOptions()
     check_request(train, queries, loss, mode, measurement, top_k)
-    trajectory = fit_source(final_model, checkpoints, stage_data, loss=loss, options=options,
-                            attributed_stages=attributed_stages, progress=progress, device=device)
+    trajectory = fit_source(
+        final_model,
+        checkpoints,
+        stage_data,
+        loss=loss,
+        options=options,
+        attributed_stages=attributed_stages,
+        progress=progress,
+        device=device,
+    )
     if not trajectory.attributed:
         raise AttributionError("no segment belongs to an attributed stage")
     scorers, groups = _gradient_scorers(trajectory, loss)
@@ -181,25 +206,45 @@ def attribute_source(
 
 
 def _run_mode(
-    trajectory: SourceTrajectory, scorers: list[ModelScorer], groups: list[tuple[int, float]], train: Examples,
-    queries: Examples | None, vectors_for: QueryVectors, mode: str, top_k: int, options: SourceOptions, progress: Progress,
+    trajectory: SourceTrajectory,
+    scorers: list[ModelScorer],
+    groups: list[tuple[int, float]],
+    train: Examples,
+    queries: Examples | None,
+    vectors_for: QueryVectors,
+    mode: str,
+    top_k: int,
+    options: SourceOptions,
+    progress: Progress,
 ) -> AttributionScores:
     if mode == "self":
         fits = {fit.segment.index: fit for fit in trajectory.fits}
         score_batch = lambda per_model: _self_batch(fits, scorers, groups, per_model)  # noqa: E731
-        return AttributionScores(mode="self", scores=self_scores(scorers, train, options.batch_size, progress, score_batch))
+        return AttributionScores(
+            mode="self", scores=self_scores(scorers, train, options.batch_size, progress, score_batch)
+        )
     assert queries is not None
     if mode == "aggregate":
         scores = aggregate_scores(scorers, train, queries, vectors_for, options.batch_size, progress)
         return AttributionScores(mode="aggregate", scores=scores)
-    topk, chunks = pairwise_top_k(scorers, train, queries, vectors_for, top_k, options.batch_size, progress,
-                                  vector_sets=len(scorers) + len(trajectory.fits) + 1)
+    topk, chunks = pairwise_top_k(
+        scorers,
+        train,
+        queries,
+        vectors_for,
+        top_k,
+        options.batch_size,
+        progress,
+        vector_sets=len(scorers) + len(trajectory.fits) + 1,
+    )
     result = AttributionScores(mode="pairwise", topk=topk)
     result.diagnostics["query_chunks"] = chunks
     return result
 
 
-def _gradient_scorers(trajectory: SourceTrajectory, loss: LossName) -> tuple[list[ModelScorer], list[tuple[int, float]]]:
+def _gradient_scorers(
+    trajectory: SourceTrajectory, loss: LossName
+) -> tuple[list[ModelScorer], list[tuple[int, float]]]:
     """One scorer per gradient model of the attributed segments, with (segment index, 1 / models in segment)."""
     scorers, groups = [], []
     for fit in trajectory.fits:
@@ -223,7 +268,10 @@ def _scaled(vectors: LayerVectors, weight: float) -> LayerVectors:
 
 
 def _self_batch(
-    fits: dict[int, SegmentFit], scorers: list[ModelScorer], groups: list[tuple[int, float]], per_model: list[Activities]
+    fits: dict[int, SegmentFit],
+    scorers: list[ModelScorer],
+    groups: list[tuple[int, float]],
+    per_model: list[Activities],
 ) -> torch.Tensor:
     """sum_s <g_s, U_s g_s> for one batch, g_s the mean per-example gradient over segment s's models."""
     means: dict[int, dict[str, torch.Tensor]] = {}
@@ -243,7 +291,9 @@ def _self_batch(
     return total
 
 
-def check_request(train: Examples, queries: Examples | None, loss: str, mode: str, measurement: str, top_k: int) -> None:
+def check_request(
+    train: Examples, queries: Examples | None, loss: str, mode: str, measurement: str, top_k: int
+) -> None:
     check_scoring_request(loss, mode, measurement, top_k)
     check_examples(train, "training")
     if mode != "self":
@@ -253,7 +303,11 @@ def check_request(train: Examples, queries: Examples | None, loss: str, mode: st
 
 
 def _diagnostics(
-    trajectory: SourceTrajectory, options: SourceOptions, mode: str, measurement: str, train: Examples,
+    trajectory: SourceTrajectory,
+    options: SourceOptions,
+    mode: str,
+    measurement: str,
+    train: Examples,
     queries: Examples | None,
 ) -> dict[str, Any]:
     return {
@@ -268,7 +322,7 @@ def _diagnostics(
         "num_train": len(train),
         "num_queries": None if queries is None else len(queries),
         "scale": "1/N-free: score = <U_s E_{s+1}..E_M grad f(z_q; theta_final), mean_c grad l(z_i; theta_c)>, "
-                 "summed over attributed segments",
+        "summed over attributed segments",
         "self_mode": "sum over attributed segments of <g_s(z_i), U_s g_s(z_i)>" if mode == "self" else None,
     }
 
@@ -276,16 +330,19 @@ def _diagnostics(
 # ---------------------------------------------------------------- editing
 
 
-def predicted_parameter_change(trajectory: SourceTrajectory, train: Examples, remove: torch.Tensor, loss: LossName,
-                               batch_size: int) -> LayerVectors:
+def predicted_parameter_change(
+    trajectory: SourceTrajectory, train: Examples, remove: torch.Tensor, loss: LossName, batch_size: int
+) -> LayerVectors:
     """sum_s (1/N_s) E_M ... E_{s+1} U_s sum_{removed z} g_s(z), per tracked layer (d_out, d_in)."""
     removed = train.subset(removed_rows(remove, len(train)))
     steps: dict[int, LayerVectors] = {}
     for fit in trajectory.fits:
         if fit.segment.index not in trajectory.attributed:
             continue
-        summed = [_summed_gradients(model, trajectory.layer_names, removed, loss, batch_size, trajectory.device)
-                  for model in fit.gradient_models]
+        summed = [
+            _summed_gradients(model, trajectory.layer_names, removed, loss, batch_size, trajectory.device)
+            for model in fit.gradient_models
+        ]
         steps[fit.segment.index] = {
             name: (tensor_sum(s[name] for s in summed) / (len(summed) * fit.num_examples)).unsqueeze(0)
             for name in trajectory.layer_names
@@ -310,8 +367,15 @@ def edit_source(
     """The final model's state_dict moved by SOURCE's predicted change from removing ``remove`` (rows of train)."""
     options = options or SourceOptions()
     check_examples(train, "training")
-    trajectory = fit_source(final_model, checkpoints, stage_data, loss=loss, options=options,
-                            attributed_stages=attributed_stages, device=device)
+    trajectory = fit_source(
+        final_model,
+        checkpoints,
+        stage_data,
+        loss=loss,
+        options=options,
+        attributed_stages=attributed_stages,
+        device=device,
+    )
     change = predicted_parameter_change(trajectory, train, remove, loss, options.batch_size)
     state = {key: value.detach().clone() for key, value in final_model.state_dict().items()}
     for layer in resolve_layers(trajectory.final_model, trajectory.layer_names):
@@ -321,15 +385,17 @@ def edit_source(
     return state
 
 
-def _summed_gradients(model: nn.Module, names: list[str], data: Examples, loss: LossName, batch_size: int,
-                      device: torch.device) -> dict[str, torch.Tensor]:
+def _summed_gradients(
+    model: nn.Module, names: list[str], data: Examples, loss: LossName, batch_size: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     layers = resolve_layers(model, names)
-    summed = {layer.name: torch.zeros(layer.out_features, layer.in_features, device=device, dtype=model_dtype(model))
-              for layer in layers}
+    summed = {
+        layer.name: torch.zeros(layer.out_features, layer.in_features, device=device, dtype=model_dtype(model))
+        for layer in layers
+    }
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
         for _, batch in batches(data, batch_size, device, model_dtype(model)):
             activities = training_activities(model, recorder, batch, loss)
             for name in names:
                 summed[name] += activities[name].summed_gradient()
     return summed
-

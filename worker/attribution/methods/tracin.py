@@ -53,7 +53,9 @@ def attribute_tracin(
     options = options or TracInOptions()
     options.validate()
     check_request(train, queries, loss, mode, measurement, top_k)
-    check_checkpoints([TrajectoryCheckpoint(c.model, c.step, c.learning_rate, 0.0, c.stage, "sgd") for c in checkpoints])
+    check_checkpoints(
+        [TrajectoryCheckpoint(c.model, c.step, c.learning_rate, 0.0, c.stage, "sgd") for c in checkpoints]
+    )
     chain = ordered(checkpoints)
     check_same_architecture(chain[-1].model, [(f"at step {c.step} (stage {c.stage})", c.model) for c in chain])
     scorers = [_scorer(c.model, options.layers, loss, device) for c in chain]
@@ -68,36 +70,48 @@ def attribute_tracin(
         return vectors
 
     if mode == "self":
+
         def score_batch(per_model: list[Activities]) -> torch.Tensor:
             return tensor_sum(
                 rate * tensor_sum(a[name].squared_norms().to(torch.float64) for name in s.layer_names)
                 for s, a, rate in zip(scorers, per_model, rates, strict=True)
             )
 
-        result = AttributionScores(mode="self", scores=self_scores(scorers, train, options.batch_size, progress, score_batch))
+        result = AttributionScores(
+            mode="self", scores=self_scores(scorers, train, options.batch_size, progress, score_batch)
+        )
     elif mode == "aggregate":
         assert queries is not None
-        result = AttributionScores(mode="aggregate", scores=aggregate_scores(
-            scorers, train, queries, vectors_for, options.batch_size, progress))
+        result = AttributionScores(
+            mode="aggregate",
+            scores=aggregate_scores(scorers, train, queries, vectors_for, options.batch_size, progress),
+        )
     else:
         assert queries is not None
-        topk, chunks = pairwise_top_k(scorers, train, queries, vectors_for, top_k, options.batch_size, progress,
-                                      vector_sets=len(scorers))
+        topk, chunks = pairwise_top_k(
+            scorers, train, queries, vectors_for, top_k, options.batch_size, progress, vector_sets=len(scorers)
+        )
         result = AttributionScores(mode="pairwise", topk=topk, diagnostics={"query_chunks": chunks})
-    result.diagnostics.update({
-        "method": "tracin",
-        "mode": mode,
-        "measurement": measurement,
-        "layers": scorers[0].layer_names,
-        "checkpoints": [{"stage": c.stage, "step": c.step, "learning_rate": c.learning_rate, "name": c.name} for c in chain],
-        "num_train": len(train),
-        "num_queries": None if queries is None else len(queries),
-        "scale": "sum_c eta_c <grad f(z_q; theta_c), grad l(z_i; theta_c)>",
-    })
+    result.diagnostics.update(
+        {
+            "method": "tracin",
+            "mode": mode,
+            "measurement": measurement,
+            "layers": scorers[0].layer_names,
+            "checkpoints": [
+                {"stage": c.stage, "step": c.step, "learning_rate": c.learning_rate, "name": c.name} for c in chain
+            ],
+            "num_train": len(train),
+            "num_queries": None if queries is None else len(queries),
+            "scale": "sum_c eta_c <grad f(z_q; theta_c), grad l(z_i; theta_c)>",
+        }
+    )
     return result
 
 
-def _scorer(model: nn.Module, layers: list[str] | None, loss: LossName, device: torch.device | str | None) -> ModelScorer:
+def _scorer(
+    model: nn.Module, layers: list[str] | None, loss: LossName, device: torch.device | str | None
+) -> ModelScorer:
     placed, target = place_model(model, device)
     placed.eval()
     return ModelScorer(placed, resolve_layers(placed, layers), loss, target, model_dtype(placed), None)
