@@ -43,8 +43,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from benchmarks.common import mlp, teacher_data
-from benchmarks.results_latency import drop_schema, postgres_schema
 from service.pagination import RankCursor, encode_token
+from tests.conftest import private_postgres_schema
 from tests.loadgen import api_server, free_port
 
 RESULTS = Path(__file__).parent / "results" / "job_latency.md"
@@ -220,7 +220,8 @@ def postgres_and_redis(workdir: Path) -> Iterator[tuple[str, str]]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    schema, url = postgres_schema()
+    schemas = ExitStack()
+    url = schemas.enter_context(private_postgres_schema("attrib_bench"))
     env = {
         "ATTRIB_DATA_DIR": str(workdir / "data"),
         "ATTRIB_DATABASE_URL": url,
@@ -248,7 +249,7 @@ def postgres_and_redis(workdir: Path) -> Iterator[tuple[str, str]]:
             worker.wait(timeout=30)
         redis.kill()
         redis.wait()
-        drop_schema(schema)
+        schemas.close()
 
 
 TOPOLOGIES = {

@@ -14,8 +14,6 @@ training examples per second of score time. Writes benchmarks/results/sharded_sc
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import platform
 import shutil
@@ -26,57 +24,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
-import torch
-from safetensors.torch import save as save_safetensors
-
-from benchmarks.common import mlp, teacher_data
+from benchmarks.common import teacher_data
+from benchmarks.job_latency import Client
 from tests.conftest import private_postgres_schema
 from tests.loadgen import api_server, free_port
 
 RESULTS = Path(__file__).parent / "results" / "sharded_scoring.md"
 SIZES = [64, 256, 256, 10]
-
-
-class Client:
-    def __init__(self, base_url: str, key: str) -> None:
-        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
-
-    def model(self, sizes: list[int], seed: int) -> str:
-        torch.manual_seed(seed)
-        weights = save_safetensors({k: v.contiguous() for k, v in mlp(sizes).state_dict().items()})
-        layers: list[dict[str, Any]] = []
-        for index, (inputs, outputs) in enumerate(pairwise(sizes)):
-            layers.append({"type": "linear", "in_features": inputs, "out_features": outputs})
-            if index < len(sizes) - 2:
-                layers.append({"type": "relu"})
-        metadata = {
-            "name": "bench",
-            "format": "spec",
-            "architecture": {"type": "sequential", "layers": layers},
-            "task": {"loss": "cross_entropy"},
-        }
-        response = self.http.post(
-            "/v1/models", data={"metadata": json.dumps(metadata)}, files={"weights": ("w.safetensors", weights)}
-        )
-        response.raise_for_status()
-        return str(response.json()["id"])
-
-    def dataset(self, inputs: np.ndarray, targets: np.ndarray) -> str:
-        buffer = io.BytesIO()
-        np.savez(buffer, inputs=inputs.astype(np.float32), targets=targets)
-        response = self.http.post(
-            "/v1/datasets",
-            data={"metadata": json.dumps({"name": "bench"})},
-            files={"data": ("d.npz", buffer.getvalue())},
-        )
-        response.raise_for_status()
-        return str(response.json()["id"])
 
 
 @contextmanager
