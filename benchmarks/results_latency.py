@@ -1,13 +1,16 @@
 """Results-page latency of a real `attrib serve` process at 64 and 256 requests in flight, SQLite and PostgreSQL.
 
     python -m benchmarks.results_latency [--seconds 20] [--in-flight 64 256] [--backends sqlite postgres]
+    python -m benchmarks.results_latency --rate 200 --backends postgres --workers 2   # open loop, 200 requests/s
 
 Each run: a tenant with a finished attribution (20 queries × top 100 each way), then a bounded load of results
 pages (100 rows each, all 40 query/direction pages in turn) for a fixed time from `wrk` (Debian package `wrk`: a C
 load generator, so that the client's own cost stays small beside the server's on the same 2 cores), while a
 thread probes /healthz every 100 ms. Rate limits are lifted so that the server, not the per-key budget, is what
 is measured. Reports requests/s, non-2xx answers, socket errors, p50/p99 and the slowest /healthz. Writes
-benchmarks/results/results_latency.md.
+benchmarks/results/results_latency.md. With ``--rate``, an open-loop Python generator (tests/loadgen.py
+``run_rate``) sends that many requests per second instead, each latency counted from when its request was due, and
+the table (``in flight`` = the bound on unanswered requests) goes to benchmarks/results/results_latency_rate.md.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from tests.conftest import REDIS_URL, private_postgres_schema
-from tests.loadgen import LoadReport, api_server, run_load, run_wrk
+from tests.loadgen import LoadReport, api_server, run_load, run_rate, run_wrk
 from tests.service.test_load import results_pages
 
 RESULTS = Path(__file__).parent / "results" / "results_latency.md"
 
 
 def measure(
-    backend: str, in_flight: list[int], seconds: float, workdir: Path, processes: int, settings: dict[str, str]
+    backend: str,
+    in_flight: list[int],
+    seconds: float,
+    workdir: Path,
+    processes: int,
+    settings: dict[str, str],
+    rate: float | None = None,
 ) -> list[tuple[str, LoadReport]]:
     with ExitStack() as stack:
         if backend == "postgres":
@@ -44,7 +53,11 @@ def measure(
         reports = []
         with api_server(env, workdir / "server.log", "--workers", str(processes)) as base_url:
             run_load(base_url, paths, headers, 8, 3)  # warm-up
-            for count in in_flight:
+            if rate is not None:  # open loop at a fixed rate
+                report = run_rate(base_url, paths, headers, rate, seconds)
+                print(f"{backend} at {rate:g} requests/s: {report.summary()}", flush=True)
+                reports.append((backend, report))
+            for count in in_flight if rate is None else []:
                 report = run_wrk(base_url, paths, headers, count, seconds)
                 print(f"{backend}: {report.summary()}", flush=True)
                 reports.append((backend, report))
@@ -60,8 +73,8 @@ def table(reports: list[tuple[str, LoadReport]]) -> str:
         non_2xx = sum(n for status, n in r.statuses.items() if status != 200)
         lines.append(
             f"| {backend} | {r.in_flight} | {r.requests / r.seconds:.0f} | {r.requests} | {non_2xx} | "
-            f"{sum(r.transport_errors.values())} | {1000 * r.quantiles[50]:.0f} ms | "
-            f"{1000 * r.quantiles[99]:.0f} ms | {1000 * max(r.healthz_latencies):.0f} ms |"
+            f"{sum(r.transport_errors.values())} | {1000 * r.percentile(50):.1f} ms | "
+            f"{1000 * r.percentile(99):.1f} ms | {1000 * max(r.healthz_latencies):.0f} ms |"
         )
     return "\n".join(lines)
 
@@ -72,6 +85,12 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"], choices=["sqlite", "postgres"])
     parser.add_argument("--workers", type=int, default=1, help="API processes (`attrib serve --workers`)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open loop: this many requests/s (latency from each request's due time) instead of wrk's closed loop",
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="ATTRIB_NAME=VALUE", help="server settings")
     args = parser.parse_args()
     reports = []
@@ -84,11 +103,14 @@ def main() -> None:
                 Path(workdir),
                 args.workers,
                 dict(item.split("=", 1) for item in args.set),
+                args.rate,
             )
     body = table(reports)
     print(body)
-    RESULTS.write_text(
-        f"# Results-page latency\n\n`python -m benchmarks.results_latency --seconds {args.seconds:g} --workers "
+    mode = f" --rate {args.rate:g}" if args.rate is not None else ""
+    target = RESULTS if args.rate is None else RESULTS.with_name("results_latency_rate.md")
+    target.write_text(
+        f"# Results-page latency\n\n`python -m benchmarks.results_latency{mode} --seconds {args.seconds:g} --workers "
         f"{args.workers}{' --set ' + ' '.join(args.set) if args.set else ''}` on {platform.machine()} ({platform.python_version()}), `attrib serve --workers "
         f"{args.workers}` with {'these' if args.set else 'the default'} capacity settings, `wrk` on the same "
         f"machine.\n\n{body}\n"

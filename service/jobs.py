@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.conversions import from_row
 from service.db.base import new_id, utcnow
-from service.db.tables import FINISHED_STATUSES, Attribution, Edit, Fit, Job, JobStatus
+from service.db.tables import FINISHED_STATUSES, Job, JobStatus
+from service.job_links import job_links
 from service.liveness import LivenessPolicy, cancel
 from service.problems import ProblemError, problem_dict
 from service.quotas import check_active_jobs
@@ -38,28 +38,17 @@ def create_job(session: Session, tenant_id: str, kind: str, max_active_jobs: int
 
 
 def job_out(session: Session, job: Job) -> JobOut:
-    fit_id = attribution_id = result_url = model_id = None
-    if job.kind == "edit":
-        edit = session.scalar(select(Edit).where(Edit.job_id == job.id))
-        if edit is not None:
-            model_id, attribution_id = edit.model_id, edit.attribution_id
-            result_url = f"/v1/models/{model_id}" if job.status == "succeeded" else None
-    elif job.kind == "fit":
-        fit_id = session.scalar(select(Fit.id).where(Fit.job_id == job.id))
-        result_url = f"/v1/fits/{fit_id}" if fit_id and job.status == "succeeded" else None
-    else:
-        attribution_id = session.scalar(select(Attribution.id).where(Attribution.job_id == job.id))
-        if attribution_id and job.status == "succeeded":
-            result_url = f"/v1/attributions/{attribution_id}/results"
+    """The job with its progress and the resources its kind links to (`service.job_links`)."""
+    links = job_links(session, job)
     progress = JobProgress(stage=job.progress_stage, completed=job.progress_completed, total=job.progress_total)
     return from_row(
         JobOut,
         job,
         progress=progress,
-        result_url=result_url,
-        fit_id=fit_id,
-        attribution_id=attribution_id,
-        model_id=model_id,
+        result_url=links.result_url,
+        fit_id=links.fit_id,
+        attribution_id=links.attribution_id,
+        model_id=links.model_id,
     )
 
 

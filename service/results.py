@@ -7,12 +7,13 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
+from pydantic_core import to_json
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
 
 from service.db.tables import Attribution, AttributionResult, Dataset
 from service.pagination import RankCursor
-from service.schemas.attributions import ResultIdTypes, ResultRow
+from service.schemas.attributions import ResultIdTypes, ResultRow, caller_id
 from worker.methods.registry import get_method
 
 
@@ -86,6 +87,22 @@ RESULT_COLUMNS = (
 def row_out(row: StoredResult, types: ResultIdTypes) -> ResultRow:
     """A stored row with the caller's id types (`from_attributes`)."""
     return ResultRow.model_validate(row, from_attributes=True, context=types)
+
+
+RESULT_ROW_FIELDS = tuple(ResultRow.model_fields)
+
+
+def page_json(rows: Sequence[StoredResult], types: ResultIdTypes, next_page_token: str | None) -> bytes:
+    """``ResultsPage(results=[row_out(row, types) ...], next_page_token=...)`` as JSON, serialized straight from the
+    stored rows (the same document, byte for byte: tests/service/test_result_storage.py). Stored rows are valid
+    by construction, so a results page skips validating each of its rows again, the largest cost of a page."""
+    results = []
+    for row in rows:
+        fields = {name: getattr(row, name) for name in RESULT_ROW_FIELDS}
+        fields["query_id"] = caller_id(fields["query_id"], types.query_ids_are_strings)
+        fields["train_id"] = caller_id(fields["train_id"], types.train_ids_are_strings)
+        results.append(fields)
+    return to_json({"results": results, "next_page_token": next_page_token})
 
 
 def page_query(

@@ -159,6 +159,43 @@ def run_load(base_url: str, paths: list[str], headers: dict[str, str], in_flight
     return asyncio.run(run_load_async(base_url, paths, headers, in_flight, seconds))
 
 
+async def run_rate_async(
+    base_url: str, paths: list[str], headers: dict[str, str], rate: float, seconds: float, max_outstanding: int = 256
+) -> LoadReport:
+    """An open-loop load: a request every 1/``rate`` seconds whatever the answers (at most ``max_outstanding``
+    unanswered), each request's latency counted from when it was due, so a stalled server is charged for the
+    requests it delayed (no coordinated omission). ``in_flight`` in the report holds the outstanding bound."""
+    report = LoadReport(in_flight=max_outstanding, seconds=seconds)
+    limits = httpx.Limits(max_connections=max_outstanding, max_keepalive_connections=max_outstanding)
+    outstanding = asyncio.Semaphore(max_outstanding)
+
+    async def one(client: httpx.AsyncClient, path: str, due: float) -> None:
+        async with outstanding:
+            try:
+                response = await client.get(path)
+            except httpx.TransportError as exc:
+                report.transport_errors[type(exc).__name__] += 1
+                return
+            report.statuses[response.status_code] += 1
+            if response.status_code == 200:
+                report.latencies.append(time.perf_counter() - due)
+
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=60) as client:
+        stop_at = time.monotonic() + seconds
+        prober = asyncio.create_task(asyncio.to_thread(_probe, base_url, stop_at, report, 0.1))
+        start, sent = time.perf_counter(), []
+        for index in range(int(rate * seconds)):
+            due = start + index / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            sent.append(asyncio.create_task(one(client, paths[index % len(paths)], due)))
+        await asyncio.gather(*sent, prober)
+    return report
+
+
+def run_rate(base_url: str, paths: list[str], headers: dict[str, str], rate: float, seconds: float) -> LoadReport:
+    return asyncio.run(run_rate_async(base_url, paths, headers, rate, seconds))
+
+
 WRK_SCRIPT = """
 paths = {}
 counter = 0

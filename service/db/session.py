@@ -8,11 +8,13 @@ that every admitted request can hold a connection without waiting (see ``service
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import CursorResult, Engine, Executable, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
@@ -50,7 +52,34 @@ def _create(url: str, pool_size: int) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, **pool)
+    engine = create_engine(url, **pool)
+    event.listen(engine.pool, "checkin", _note_checkin)
+    event.listen(engine.pool, "checkout", _ping_if_idle)
+    return engine
+
+
+# A connection back from the pool is checked with a round trip only when it sat idle long enough for the server
+# (or a proxy) to have dropped it: under load, connections go straight from one request to the next, and a ping
+# per checkout (SQLAlchemy's `pool_pre_ping`) would add a round trip to every request.
+IDLE_PING_SECONDS = 2.0
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:  # DB-API objects: untyped by nature
+    if record is not None:
+        record.info["checked_in_at"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    idle_since = record.info.get("checked_in_at")
+    if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
+        return
+    try:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SELECT 1")
+        cursor.close()
+        dbapi_connection.rollback()
+    except Exception as error:  # any failure means a dead connection: the pool replaces it
+        raise DisconnectionError(f"stale pooled connection: {error}") from error
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:  # DB-API objects: untyped by nature
@@ -81,6 +110,14 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def read_without_transaction(session: Session) -> None:
+    """Run this session's statements in autocommit: a read-only request then costs no BEGIN before its first
+    statement and no ROLLBACK when its connection goes back (two round trips fewer per request on PostgreSQL).
+    Each statement still reads one consistent snapshot; use it only where no two reads must agree (rows that
+    never change once written, such as a succeeded attribution's results)."""
+    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
 def affected_rows(session: Session, statement: Executable) -> int:

@@ -14,7 +14,7 @@ from service import export
 from service.attribution_requests import check_attribution
 from service.conversions import from_row
 from service.db.base import new_id, utcnow
-from service.db.session import session_scope
+from service.db.session import read_without_transaction, session_scope
 from service.db.tables import Attribution
 from service.dependencies import JsonBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.editing import submit_edit
@@ -29,6 +29,7 @@ from service.results import (
     has_query,
     id_types,
     known_finished,
+    page_json,
     page_of_results,
     remember_finished,
     row_out,
@@ -42,6 +43,7 @@ from service.schemas.attributions import (
     ResultRow,
     ResultsPage,
 )
+from service.schemas.diagnostics import stored_attribution_diagnostics
 
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=problem_responses(400, 401, 404, 422))
 
@@ -49,7 +51,11 @@ router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=p
 def attribution_view(attribution: Attribution, status: str) -> AttributionOut:
     """The stored attribution (`from_attributes`) with its job's status and where its results are."""
     return from_row(
-        AttributionOut, attribution, status=status, results_url=f"/v1/attributions/{attribution.id}/results"
+        AttributionOut,
+        attribution,
+        status=status,
+        results_url=f"/v1/attributions/{attribution.id}/results",
+        diagnostics=stored_attribution_diagnostics(attribution.method, attribution.diagnostics),
     )
 
 
@@ -162,6 +168,7 @@ def get_results(
 ) -> Response:
     """Ranked rows of one direction ordered by query, then rank (1 = strongest) within (query, direction),
     cursor-paged (`next_page_token`); `query_id` keeps one query. A 409 until the job has succeeded."""
+    read_without_transaction(session)  # every read below is of rows that no longer change
     types = known_finished(attribution_id, tenant.id)
     if types is None:
         attribution = finished_attribution(session, tenant.id, attribution_id)
@@ -175,10 +182,8 @@ def get_results(
             404, f"attribution {attribution_id!r} has no query with query_id {query_id!r}", kind="not-found"
         )
     session.close()  # read only: its connection goes back now, on this thread (see dependencies.get_session)
-    page = ResultsPage(
-        results=[row_out(row, types) for row in rows], next_page_token=encode_token(last) if last else None
-    )
-    return Response(page.model_dump_json(), media_type="application/json")  # validated once, serialized once
+    token = encode_token(last) if last else None
+    return Response(page_json(rows, types, token), media_type="application/json")  # ResultsPage, documented above
 
 
 def exported_rows(database_url: str, attribution_id: str, types: ResultIdTypes) -> Iterator[ResultRow]:

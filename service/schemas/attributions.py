@@ -25,6 +25,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError, core_schema
 
 from service.schemas.common import EXAMPLE_TIME, StrictModel, Timestamp
+from service.schemas.diagnostics import AttributionDiagnostics
 from worker.methods.base import Method
 from worker.methods.registry import DEFAULT_METHOD, UnknownMethod, all_methods, get_method, method_names
 
@@ -201,7 +202,11 @@ class AttributionOut(BaseModel):
     mode: str
     top_k: int
     options: dict[str, Any]
-    diagnostics: dict[str, Any] | None = Field(None, description="Damping used, solver iterations, warnings...")
+    diagnostics: AttributionDiagnostics | None = Field(
+        None,
+        description="How the job computed its scores (one schema per method, chosen by `method`): damping used, "
+        "tracked layers, solver iterations, warnings. Set once the job has succeeded.",
+    )
     num_results: int
     results_url: str
     created_at: Timestamp
@@ -238,10 +243,15 @@ class ResultRow(BaseModel):
     @classmethod
     def _caller_id_type(cls, value: object, info: ValidationInfo) -> object:
         types = info.context
-        if not isinstance(value, str) or not isinstance(types, ResultIdTypes):
+        if not isinstance(types, ResultIdTypes):
             return value
         as_string = types.query_ids_are_strings if info.field_name == "query_id" else types.train_ids_are_strings
-        return value if as_string else int(value)
+        return caller_id(value, as_string)
+
+
+def caller_id(value: object, as_string: bool) -> object:
+    """A stored id (text) as the caller's dataset has it: text, or an integer."""
+    return int(value) if isinstance(value, str) and not as_string else value
 
 
 class ResultsPage(BaseModel):

@@ -5,6 +5,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.schemas.common import EXAMPLE_TIME, StrictModel, Timestamp
+from service.schemas.diagnostics import EditDiagnostics
 
 
 class ModelTask(StrictModel):
@@ -80,7 +81,7 @@ class ModelOut(BaseModel):
     architecture: dict[str, Any]
     task: dict[str, Any]
     source_attribution_id: str | None = Field(None, description="Set on models made by `/edit`.")
-    edit_diagnostics: dict[str, Any] | None = Field(
+    edit_diagnostics: EditDiagnostics | None = Field(
         None,
         description="Models made by `/edit`: the estimator, proximity λ, step norm relative to the weights, "
         "remaining-data training loss before and after, the change of the attribution's query losses, warnings.",

@@ -4,13 +4,14 @@ a fixture, run end to end through the API and the real job runner. Also: the reg
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
 from pydantic import Field
 
 from service.schemas.common import Seed, StrictModel
+from service.schemas.diagnostics import Diagnostics
 from tests.service.conftest import Api
 from tests.service.test_attributions import all_rows, setup_job, submit
 from worker.attribution import AttributionScores, TopK
@@ -42,7 +43,20 @@ def run_random(inputs: RunInputs) -> RunOutput:
     return RunOutput(AttributionScores(mode="pairwise", topk=topk, diagnostics={"baseline": "random"}))
 
 
-RANDOM = Method(name="random", summary="Seeded random scores: a baseline.", options=RandomOptions, run=run_random)
+class RandomDiagnostics(Diagnostics):
+    """What a random-baseline job reports (the worker refuses keys it does not declare)."""
+
+    method: Literal["random"] = "random"
+    baseline: str
+
+
+RANDOM = Method(
+    name="random",
+    summary="Seeded random scores: a baseline.",
+    options=RandomOptions,
+    diagnostics=RandomDiagnostics,
+    run=run_random,
+)
 
 
 @pytest.fixture
@@ -61,7 +75,8 @@ def test_a_registered_method_runs_end_to_end(random_method: Method, api: Api) ->
     assert job["status"] == "succeeded", job
     details = api.client.get(f"/v1/attributions/{attribution['id']}").json()
     assert details["method"] == "random" and details["options"] == {"seed": 7}
-    assert details["diagnostics"] == {"baseline": "random"} and details["num_results"] == 3 * 4 * 2
+    # A method from outside the package: its diagnostics come back as an open object.
+    assert details["diagnostics"] == {"method": "random", "baseline": "random"} and details["num_results"] == 3 * 4 * 2
     rows = all_rows(api, attribution["id"])
     expected = random_scores(7, 3, 12)
     for query_pos, query_id in enumerate(setup["query"]["ids"].tolist()):

@@ -304,3 +304,41 @@ def test_every_results_page_is_an_index_range_scan_without_a_sort(
     assert keys == sorted(keys) and len(keys) == 5
     assert after is None or keys[0] > tuple(after)
     assert query_id is None or {row.query_id for row in rows} == {query_id}
+
+
+@pytest.mark.parametrize("query_ids_are_strings", [False, True])
+@pytest.mark.parametrize("train_ids_are_strings", [False, True])
+def test_a_page_serialized_from_stored_rows_is_the_documented_page(
+    query_ids_are_strings: bool, train_ids_are_strings: bool
+) -> None:
+    """The results route writes pages straight from the stored rows: the same bytes as the ResultsPage model."""
+    from types import SimpleNamespace
+
+    from service.results import RESULT_COLUMNS, page_json, row_out
+    from service.schemas.attributions import ResultIdTypes, ResultsPage
+
+    def stored(**values: Any) -> Any:  # a row as read back: an attribute per selected column
+        assert set(values) == {column.key for column in RESULT_COLUMNS}
+        return SimpleNamespace(**values)
+
+    generator = torch.Generator().manual_seed(0)
+    scores = (torch.randn(12, generator=generator, dtype=torch.float64) * 10.0 ** torch.arange(-6, 6)).tolist()
+    rows = [
+        stored(
+            **{
+                "query_pos": i // 4,
+                "query_id": None if i >= 8 else f"{i // 4:03d}",
+                "direction": "positive" if i % 2 else "negative",
+                "rank": i % 4 + 1,
+                "train_id": str(1000 + i),
+                "score": scores[i],
+                "task": i if i % 3 == 0 else None,
+                "split": i % 2 if i % 3 == 0 else None,
+            }
+        )
+        for i in range(12)
+    ]
+    types = ResultIdTypes(query_ids_are_strings=query_ids_are_strings, train_ids_are_strings=train_ids_are_strings)
+    for token in (None, "WzAsIDJd"):
+        documented = ResultsPage(results=[row_out(row, types) for row in rows], next_page_token=token)
+        assert page_json(rows, types, token) == documented.model_dump_json().encode()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from service.schemas.common import StrictModel
+from service.schemas.diagnostics import Diagnostics, OtherMethodDiagnostics
 
 if TYPE_CHECKING:
     import torch
@@ -148,5 +149,8 @@ class Method:
     edit: EditSupport | None = None
     # Why an attribution of this method cannot be edited (said when an edit is asked for).
     not_editable: str = ""
+    # What a finished job of this method reports (`service/schemas/diagnostics.py`): the worker reads the engine's
+    # diagnostics through this model before storing them.
+    diagnostics: type[Diagnostics] = OtherMethodDiagnostics
     # Method-specific checks of the checkpoints before queuing (raise MethodInputError).
     check_checkpoints: Callable[[StrictModel, Sequence[CheckpointFacts]], None] | None = None

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from pydantic import ConfigDict, Field
 
 from service.schemas.common import BatchSize, Damping, ModuleNames, StrictModel
+from service.schemas.diagnostics import DataInfDiagnostics
 from service.schemas.options import DEFAULT_BATCH_SIZE
 from worker.methods.base import EditInputs, EditSupport, Method, RunInputs, RunOutput
 
@@ -69,6 +70,7 @@ METHOD = Method(
     name="datainf",
     summary="DataInf: influence with a closed-form per-layer inverse of the damped per-example Fisher terms.",
     options=DataInfOptions,
+    diagnostics=DataInfDiagnostics,
     run=run,
     edit=EditSupport(run=edit),
 )

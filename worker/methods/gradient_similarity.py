@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field
 
 from service.schemas.common import BatchSize, Flag, ModuleNames, StrictModel
+from service.schemas.diagnostics import GradientSimilarityDiagnostics
 from service.schemas.options import DEFAULT_BATCH_SIZE
 from worker.methods.base import Method, RunInputs, RunOutput
 
@@ -45,5 +46,6 @@ METHOD = Method(
     name="gradient_similarity",
     summary="Dot product (or cosine) of the query's and the training example's loss gradients.",
     options=GradientSimilarityOptions,
+    diagnostics=GradientSimilarityDiagnostics,
     run=run,
 )

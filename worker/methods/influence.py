@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, cast
 from pydantic import ConfigDict, Field
 
 from service.schemas.common import BatchSize, Damping, Iterations, Tolerance
+from service.schemas.diagnostics import InfluenceDiagnostics
 from service.schemas.options import DEFAULT_BATCH_SIZE, FIT_STORED_FIELDS, FitLevelOptions, FitSettings
 from worker.attribution.options import FIT_STRATEGIES, CurvatureKind, FitStrategy, InfluenceStrategy
 from worker.methods.base import EditInputs, EditSupport, MadeFit, Method, RunInputs, RunOutput
@@ -109,6 +110,7 @@ METHOD = Method(
     name="influence",
     summary="Influence functions: ∇f(z_q)ᵀ (G + λI)⁻¹ ∇ℓ(z_i) with a fitted or exact curvature G.",
     options=InfluenceOptions,
+    diagnostics=InfluenceDiagnostics,
     run=run,
     accepts_fit=True,
     edit=EditSupport(run=edit),

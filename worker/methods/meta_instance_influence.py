@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import ConfigDict, Field
 
+from service.schemas.diagnostics import MetaInstanceInfluenceDiagnostics
 from worker.methods.base import EditInputs, EditSupport, Method, RunInputs, RunOutput
 from worker.methods.meta_common import MetaOptionsBase, edit_meta, run_meta
 
@@ -40,6 +41,7 @@ METHOD = Method(
     name="meta_instance_influence",
     summary="Instance influence of a meta-learned model on the query tasks' post-adaptation loss.",
     options=MetaInstanceInfluenceOptions,
+    diagnostics=MetaInstanceInfluenceDiagnostics,
     run=run,
     modes=("pairwise", "aggregate"),
     measurements=("loss",),

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from service.schemas.diagnostics import MetaTaskInfluenceDiagnostics
 from worker.methods.base import EditInputs, EditSupport, Method, RunInputs, RunOutput
 from worker.methods.meta_common import MetaOptionsBase, edit_meta, run_meta
 
@@ -50,6 +51,7 @@ METHOD = Method(
     name="meta_task_influence",
     summary="Task influence of a meta-learned model on the query tasks' post-adaptation loss.",
     options=MetaTaskInfluenceOptions,
+    diagnostics=MetaTaskInfluenceDiagnostics,
     run=run,
     modes=("pairwise", "aggregate"),
     measurements=("loss",),

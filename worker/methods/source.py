@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import ConfigDict, Field, StrictInt
 
 from service.schemas.common import BatchSize, Damping, StrictModel
+from service.schemas.diagnostics import SourceDiagnostics
 from service.schemas.options import DEFAULT_BATCH_SIZE, FitLevelOptions, TrajectoryOptions
 from worker.methods.base import CheckpointFacts, EditInputs, EditSupport, Method, MethodInputError, RunInputs, RunOutput
 
@@ -120,6 +121,7 @@ METHOD = Method(
     name="source",
     summary="SOURCE: segmented stationary unrolling of the training run (SGD trajectories).",
     options=SourceOptions,
+    diagnostics=SourceDiagnostics,
     run=run,
     needs_checkpoints=True,
     edit=EditSupport(run=edit),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field
 
 from service.schemas.common import BatchSize, ModuleNames
+from service.schemas.diagnostics import TracInDiagnostics
 from service.schemas.options import DEFAULT_BATCH_SIZE, TrajectoryOptions
 from worker.methods.base import Method, RunInputs, RunOutput
 
@@ -46,6 +47,7 @@ METHOD = Method(
     name="tracin",
     summary="TracInCP: learning-rate-weighted gradient dot products summed over the training checkpoints.",
     options=TracInOptions,
+    diagnostics=TracInDiagnostics,
     run=run,
     needs_checkpoints=True,
     not_editable="TracInCP gives no parameter-change estimate; edit a `source` or `influence` attribution",

@@ -15,6 +15,7 @@ from worker.attribution import AttributionScores, Curvature, Examples
 from worker.context import JobContext
 from worker.loading import load_curvatures, load_examples, load_model, put_curvatures
 from worker.methods.base import MadeFit, Method, RunInputs, RunOutput
+from worker.tasks.diagnostics import method_diagnostics
 from worker.tasks.options import loss_name, measurement_name, method_of, method_options, mode_name
 from worker.tasks.result_writer import write_results
 from worker.tasks.rows import ResultColumns, result_columns
@@ -114,7 +115,7 @@ def save_results(
         stored = session.get(Attribution, attribution_id)
         assert stored is not None
         stored.num_results = len(rows)
-        stored.diagnostics = scores.diagnostics
+        stored.diagnostics = method_diagnostics(method_of(request.attribution.method), scores.diagnostics)
         stored.used_fit_ids = used_fit_ids or None
 
 

@@ -21,6 +21,7 @@ from worker.context import JobContext
 from worker.loading import load_curvatures, load_examples, load_model, put_state_dict
 from worker.methods.base import EditInputs, Method, Trajectory
 from worker.methods.engine_options import edit_options as engine_edit_options
+from worker.tasks.diagnostics import edit_diagnostics
 from worker.tasks.options import edit_options, loss_name, method_of, method_options
 from worker.tasks.trajectory import load_trajectory
 
@@ -128,4 +129,4 @@ def save_edit(context: JobContext, loaded: LoadedEdit, result: EditResult) -> No
         )
         stored = session.get(Edit, loaded.edit.id)
         assert stored is not None
-        stored.diagnostics = result.diagnostics
+        stored.diagnostics = edit_diagnostics(result.diagnostics)
