@@ -317,19 +317,17 @@ def adapter_on(base: nn.Module, adapter: AdapterConfig) -> PeftModel:
     return model
 
 
-def meta_adapter(architecture: dict[str, Any], adapter: AdapterConfig | None = None) -> PeftModel:
-    """The base model with the adapter, on the meta device (names and shapes only)."""
-    hf = stored_architecture(architecture)
-    with torch.device("meta"):
-        base = meta_model(stored_config(architecture), hf.head)
-        return adapter_on(base, adapter if adapter is not None else stored_adapter(architecture, base))
-
-
-def stored_adapter(architecture: dict[str, Any], base: nn.Module) -> AdapterConfig:
+def meta_adapter(architecture: dict[str, Any]) -> tuple[AdapterConfig, PeftModel]:
+    """A stored LoRA model's adapter config, checked again, and the base with the adapter on the meta device
+    (names and shapes only)."""
+    head = stored_architecture(architecture).head
     raw = architecture.get("adapter_config")
     if not isinstance(raw, dict):
         raise ArtifactError('the stored model is not a format "lora" model', field="model")
-    return parse_adapter_config(raw, stored_architecture(architecture).head, base)
+    with torch.device("meta"):
+        base = meta_model(stored_config(architecture), head)
+        adapter = parse_adapter_config(raw, head, base)
+        return adapter, adapter_on(base, adapter)
 
 
 def expected_tensors(model: PeftModel) -> dict[str, tuple[int, ...]]:
@@ -361,10 +359,9 @@ def check_adapter_weights(infos: dict[str, TensorInfo], expected: dict[str, tupl
 
 def load_adapter_model(architecture: dict[str, Any], base_weights: Path, adapter_weights: Path) -> PeftModel:
     """The base model (loaded strictly as format ``hf`` does) with the adapter and its weights; eval mode."""
-    meta = meta_adapter(architecture)
+    adapter, meta = meta_adapter(architecture)
     check_adapter_weights(read_header(adapter_weights, field="weights"), expected_tensors(meta), "weights")
-    adapter = stored_adapter(architecture, meta.get_base_model())
-    model = adapter_on(load_model(_base_architecture(architecture), base_weights), adapter)
+    model = adapter_on(load_model(stored_architecture(architecture).to_json(), base_weights), adapter)
     tensors = load_file(str(adapter_weights))
     result = set_peft_model_state_dict(model, {name: t.to(torch.float32) for name, t in tensors.items()})
     unexpected = list(getattr(result, "unexpected_keys", []))
@@ -372,11 +369,6 @@ def load_adapter_model(architecture: dict[str, Any], base_weights: Path, adapter
         raise ArtifactError(f"unexpected adapter tensors: {_names(unexpected)}", field="weights")
     model.train(False)
     return model
-
-
-def _base_architecture(architecture: dict[str, Any]) -> dict[str, Any]:
-    hf = stored_architecture(architecture)
-    return hf.to_json()
 
 
 # --------------------------------------------------------------------------------------------- the upload
@@ -524,7 +516,7 @@ class LoraFormat:
     def check_weights(self, architecture: dict[str, Any], task: dict[str, Any], weights: Path) -> None:
         """A checkpoint of a LoRA model is adapter weights (the base stays as stored)."""
         infos = read_header(weights, field="weights")
-        check_adapter_weights(infos, expected_tensors(meta_adapter(architecture)), "weights")
+        check_adapter_weights(infos, expected_tensors(meta_adapter(architecture)[1]), "weights")
         for name, tensor in iter_tensors(weights, list(infos), field="weights"):
             reason = non_finite_reason(tensor)
             if reason:
