@@ -60,8 +60,8 @@ METADATA_DOC = (
     "`GET /v1/models/formats`."
 )
 WEIGHTS_DOC = (
-    "safetensors of the model's state_dict; `hf`: repeat the part for shards (with `weights_index`). "
-    "Pickles (.bin, .pt) are refused."
+    "safetensors of the model's state_dict; `hf`: repeat the part for shards (with `weights_index`); "
+    "`lora`: adapter_model.safetensors. Pickles (.bin, .pt) are refused."
 )
 ARCHIVE_DOC = (
     "`hf`, `lora`: instead of the file parts, a .tar, .tar.gz or .zip of a save_pretrained folder (no links, "

@@ -37,6 +37,7 @@ from tests.service.test_hf_models import (
     post_parts,
     saved,
     tiny_gpt2,
+    tiny_llama,
 )
 from worker.attribution import AttributionScores, Examples, attribute
 from worker.attribution.methods.tracin import TrajectoryCheckpoint, attribute_tracin
@@ -189,6 +190,20 @@ def test_lora_uploads_load_back_as_the_adapted_model(uploaded: dict[str, Any], t
         torch.testing.assert_close(built(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
     formats = {f["name"]: f for f in api.client.get("/v1/models/formats").json()["formats"]}
     assert formats["lora"]["parts"] == ["adapter_config", "weights", "archive"]
+    # a Llama base (Linear projections, not Conv1D), the adapter as a zip archive
+    llama = tiny_llama().eval()
+    llama_base = post_parts(api, saved(llama, tmp_path / "llama"), TASK).json()
+    llama_adapted = adapted(llama, target_modules=["q_proj", "v_proj"], fan_in_fan_out=False)
+    llama_adapted.save_pretrained(tmp_path / "llama-adapter")
+    response = post_lora(api, llama_base["id"], [("archive", pack(tmp_path / "llama-adapter", "zip"))])
+    assert response.status_code == 201, response.text
+    assert len(response.json()["tracked_layers"]) == 8 and response.json()["base_model_id"] == llama_base["id"]
+    torch.testing.assert_close(
+        loaded(api, response.json()["id"])(input_ids=ids).logits,
+        llama_adapted(input_ids=ids).logits,
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 # ------------------------------------------------------------------------------------------- attribution
