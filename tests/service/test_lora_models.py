@@ -1,9 +1,10 @@
-"""LoRA adapters (`format: "lora"`) on a stored `hf` model, through the API: upload as parts and as an archive,
-attribution on the adapter (EK-FAC influence, DataInf, TracInCP with adapter checkpoints) against the engine run
-directly, edits of LoRA and plain Hugging Face attributions, hostile adapter uploads.
+"""LoRA adapters (`format: "lora"`) on a stored `hf` model, through the API: upload as parts and as archives,
+attribution on the adapter (EK-FAC influence, DataInf, and TracInCP and SOURCE with adapter checkpoints) against
+the engine run directly on the same peft model, edits of LoRA and plain Hugging Face attributions, hostile
+adapter uploads.
 
-The base is the tiny GPT-2 of test_hf_models, the adapter a peft LoraConfig made here and `save_pretrained` to a
-temporary folder. Nothing is downloaded.
+The bases are the tiny GPT-2 and Llama of test_hf_models, the adapters peft LoraConfigs made here and
+`save_pretrained` to a temporary folder. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ from tests.service.test_hf_models import (
     tiny_llama,
 )
 from worker.attribution import AttributionScores, Examples, attribute
-from worker.attribution.methods.tracin import TrajectoryCheckpoint, attribute_tracin
+from worker.attribution.methods.source import attribute_source
+from worker.attribution.methods.tracin import attribute_tracin
+from worker.attribution.trajectory import TrajectoryCheckpoint
 from worker.loading import load_examples
 from worker.methods.datainf import DataInfOptions
-from worker.methods.engine_options import datainf_options, influence_options
+from worker.methods.engine_options import datainf_options, influence_options, source_options
 from worker.methods.influence import InfluenceOptions
+from worker.methods.source import SourceOptions
 
 TASK = {"loss": "causal_lm"}
 TRAIN = {
@@ -248,7 +252,7 @@ def assert_scores(scores: dict[tuple[int, str], float], expected: AttributionSco
             assert scores[(q, TRAIN["ids"][index])] == pytest.approx(score, **SCORE_TOLERANCE), (q, index)
 
 
-def test_tracin_on_two_adapter_checkpoints(uploaded: dict[str, Any]) -> None:
+def test_tracin_and_source_on_two_adapter_checkpoints(uploaded: dict[str, Any]) -> None:
     api, model, lora_id = uploaded["api"], uploaded["model"], uploaded["lora"]["id"]
     trajectory = []
     for step in (1, 2):
@@ -273,16 +277,23 @@ def test_tracin_on_two_adapter_checkpoints(uploaded: dict[str, Any]) -> None:
         files={"weights": ("w.safetensors", save_safetensors(base_state))},
     )
     assert refused.status_code == 422 and "missing tensors" in refused.json()["detail"], refused.text
+    train, queries = examples(api, uploaded["train"]), examples(api, uploaded["query"])
     tracin = run(api, body(uploaded, "tracin"))
-    expected = attribute_tracin(
+    expected = attribute_tracin(trajectory, train, queries, loss="causal_lm", mode="pairwise", top_k=len(train))
+    assert_scores(all_scores(api, tracin["id"]), expected)
+    source = run(api, body(uploaded, "source", options={"segments": 2}))
+    expected = attribute_source(
+        model,
         trajectory,
-        examples(api, uploaded["train"]),
-        examples(api, uploaded["query"]),
+        {0: train},
+        train,
+        queries,
         loss="causal_lm",
         mode="pairwise",
-        top_k=len(TRAIN["ids"]),
+        top_k=len(train),
+        options=source_options(SourceOptions(segments=2)),
     )
-    assert_scores(all_scores(api, tracin["id"]), expected)
+    assert_scores(all_scores(api, source["id"]), expected)
 
 
 # ------------------------------------------------------------------------------------------- edits
