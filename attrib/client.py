@@ -119,8 +119,8 @@ class Client:
         ``{"type": "sequential", "layers": [...]}`` or just the list of layers; ``loss`` is
         ``"cross_entropy"``, ``"mse"`` or ``"causal_lm"``. ``format="hf"`` takes ``config``,
         ``weights_index``, ``tokenizer``, ``tokenizer_config`` (paths, bytes or dicts) or one ``archive``;
-        ``format="lora"`` takes ``base_model`` and ``adapter_config`` (the server may not accept these formats
-        yet: it answers :class:`attrib.InvalidInput`).
+        ``format="lora"`` takes ``base_model`` (a stored ``hf`` model or its id), ``adapter_config`` and the
+        adapter's ``weights`` (adapter_model.safetensors), or one ``archive`` of the adapter folder.
 
         >>> layers = [{"type": "linear", "in_features": 64, "out_features": 10}]
         >>> model = client.upload_model(torch.nn.Sequential(torch.nn.Linear(64, 10)), name="linear",

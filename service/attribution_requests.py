@@ -18,6 +18,7 @@ from service.schemas.attributions import AttributionRequest
 from service.schemas.common import StrictModel
 from service.schemas.options import DEFAULT_BATCH_SIZE, FIT_LEVEL_FIELDS, TrajectoryOptions
 from service.settings import Settings
+from worker.artifacts.formats import HF_FORMATS
 from worker.artifacts.spec import build_module
 from worker.methods.base import CheckpointFacts, Method, MethodInputError
 from worker.methods.registry import all_methods, get_method
@@ -97,9 +98,9 @@ def check_inputs_fit(
 ) -> None:
     """Run the architecture on one example of the dataset's input shape, on the meta device (no memory), and
     refuse work whose activations would not fit: every module's output for a batch, kept for the backward pass
-    with its gradient and the engine's per-layer statistics (about three float32 copies). A `format: "hf"` model
-    is checked from its config instead, and so is a text dataset (service.hf_requests)."""
-    if model.format == "hf" or "inputs" not in dataset.fields:
+    with its gradient and the engine's per-layer statistics (about three float32 copies). A `format: "hf"` (or
+    `"lora"`) model is checked from its config instead, and so is a text dataset (service.hf_requests)."""
+    if model.format in HF_FORMATS or "inputs" not in dataset.fields:
         check_hf_inputs(model, dataset, field)
         return
     shape = dataset.fields["inputs"]["shape"]

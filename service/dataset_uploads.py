@@ -13,6 +13,7 @@ from service.schemas.datasets import DatasetMetadata
 from service.storage import BlobStore
 from service.storage.base import StagedBlob
 from worker.artifacts.errors import ArtifactError
+from worker.artifacts.formats import HF_FORMATS
 from worker.artifacts.text_datasets import TextArrays, TokenizeOptions, write_stored
 from worker.artifacts.tokenizer import load_tokenizer, special_token_id
 
@@ -27,7 +28,7 @@ def tokenize_options(
         return None
     model = owned(session, Model, tenant_id, meta.tokenize_with)
     files = model.architecture.get("files") or {}
-    if model.format != "hf" or "tokenizer" not in files:
+    if model.format not in HF_FORMATS or "tokenizer" not in files:
         raise ArtifactError(
             f'model {model.id!r} has no tokenizer: upload it (format "hf") with a `tokenizer` part (tokenizer.json)',
             field="metadata.tokenize_with",

@@ -15,6 +15,8 @@ from service.schemas.attributions import EditIn
 from service.storage import BlobStore
 from worker.artifacts.datasets import read_dataset
 from worker.artifacts.removal import removal_rows, removal_tasks
+from worker.artifacts.text_datasets import STORED_FORMAT as TEXT_FORMAT
+from worker.artifacts.text_datasets import read_stored
 from worker.methods.registry import all_methods, get_method
 
 
@@ -69,12 +71,16 @@ def _check_ids(session: Session, store: BlobStore, attribution: Attribution, bod
     if dataset is None or dataset.deleted_at is not None:
         raise invalid(f"the attribution's training dataset {attribution.train_dataset_id!r} no longer exists", "body")
     with store.local_path(dataset.blob_sha256) as path:
-        arrays = read_dataset(path, dataset.format, max_rows=max(dataset.num_examples, 1))
+        if dataset.format == TEXT_FORMAT:
+            ids, tasks = read_stored(path).ids, None
+        else:
+            arrays = read_dataset(path, dataset.format, max_rows=max(dataset.num_examples, 1))
+            ids, tasks = arrays.ids, arrays.task
     if get_method(attribution.method).train_unit == "task":
-        _, missing = removal_tasks(arrays.task, body.remove)
+        _, missing = removal_tasks(tasks, body.remove)
         what = "task ids not in the training dataset"
     else:
-        _, missing = removal_rows(arrays.ids, body.remove)
+        _, missing = removal_rows(ids, body.remove)
         what = "ids not in the training dataset"
     if missing:
         raise invalid(f"{what}: {missing[:10]}", "body.remove")

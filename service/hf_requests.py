@@ -1,4 +1,4 @@
-"""Up-front checks of an attribution or fit on a `format: "hf"` model (see service.attribution_requests).
+"""Up-front checks of an attribution or fit on a `format: "hf"` (or `"lora"`) model (see service.attribution_requests).
 
 The spec path runs the architecture on the meta device; a Hugging Face model is checked from its stored config
 instead: the dataset must be of the model's kind (token ids for a language model or text classifier, images for
@@ -11,12 +11,13 @@ from __future__ import annotations
 from service.db.tables import Dataset, Model
 from service.problems import invalid
 from worker.artifacts.errors import ArtifactError
+from worker.artifacts.formats import HF_FORMATS
 from worker.artifacts.formats.hf import stored_architecture, stored_config
 from worker.artifacts.text_datasets import STORED_FORMAT, check_fits_model
 
 
 def check_hf_inputs(model: Model, dataset: Dataset, field: str) -> None:
-    if model.format != "hf":
+    if model.format not in HF_FORMATS:
         raise invalid(
             f'dataset {dataset.id!r} holds token ids: it needs a Hugging Face model (format "hf"), not '
             f"model {model.id!r} (format {model.format!r})",

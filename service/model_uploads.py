@@ -2,12 +2,14 @@
 
 A refused upload leaves nothing: every staged part is discarded and the format's work folder removed. The
 stored weights are one safetensors blob (shards are merged); other files a format keeps (a tokenizer) become
-blobs whose sha256 are recorded under ``architecture["files"]``.
+blobs whose sha256 are recorded under ``architecture["files"]``, next to the blobs of another model that the
+upload builds on (a LoRA adapter's base weights and tokenizer), which are referred to, not copied.
 """
 
 from __future__ import annotations
 
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 from fastapi import UploadFile
 from sqlalchemy.orm import Session
 
+from service.db.tables import Model
+from service.ownership import owned
 from service.problems import ProblemError
 from service.quotas import check_storage
 from service.settings import Settings
@@ -22,9 +26,9 @@ from service.storage import BlobStore
 from service.storage.base import StagedBlob
 from service.uploads import commit_blob, stage_upload
 from worker.artifacts.errors import ArtifactError
-from worker.artifacts.formats import ModelFormat, ModelUpload
+from worker.artifacts.formats import BaseModelRef, ModelFormat, ModelUpload, StoredModel
 
-SMALL_PART_BYTES = 16 * 1024 * 1024  # config.json, the shard index, tokenizer_config.json
+SMALL_PART_BYTES = 16 * 1024 * 1024  # config.json, the shard index, tokenizer_config.json, adapter_config.json
 TOKENIZER_PART_BYTES = 64 * 1024 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 LARGE_PARTS = ("weights", "archive")
@@ -93,6 +97,27 @@ def fingerprint_files(staged: dict[str, list[StagedBlob]]) -> dict[str, Any]:
     return {"files": {part: [blob.sha256 for blob in blobs] for part, blobs in sorted(staged.items())}}
 
 
+def base_model(session: Session, tenant_id: str, base_model_id: str | None) -> Model | None:
+    """The model an upload builds on (``metadata.base_model_id``): the tenant's own, not deleted, else a 404."""
+    return None if base_model_id is None else owned(session, Model, tenant_id, base_model_id)
+
+
+def _base_ref(stack: ExitStack, store: BlobStore, base: Model) -> BaseModelRef:
+    files = dict(base.architecture.get("files") or {})
+    return BaseModelRef(
+        model_id=base.id,
+        format=base.format,
+        weights_sha256=base.weights_sha256,
+        files_sha256=files,
+        stored=StoredModel(
+            architecture=base.architecture,
+            task=base.task,
+            weights=stack.enter_context(store.local_path(base.weights_sha256)),
+            files={name: stack.enter_context(store.local_path(sha256)) for name, sha256 in files.items()},
+        ),
+    )
+
+
 def prepare_and_store(
     session: Session,
     store: BlobStore,
@@ -101,18 +126,20 @@ def prepare_and_store(
     task: dict[str, Any],
     staged: dict[str, list[StagedBlob]],
     settings: Settings,
+    base: Model | None = None,
 ) -> StoredUpload:
     """Validate with the format, then commit the weights and kept files as blobs; the rest is discarded."""
     by_path = {blob.path: blob for blobs in staged.values() for blob in blobs}
-    upload = ModelUpload(
-        architecture=architecture,
-        task=task,
-        files={part: [blob.path for blob in blobs] for part, blobs in staged.items()},
-        max_parameters=settings.max_parameters,
-        max_unpacked_bytes=settings.max_upload_bytes,
-    )
     try:
-        with tempfile.TemporaryDirectory(prefix="model-upload-") as work:
+        with tempfile.TemporaryDirectory(prefix="model-upload-") as work, ExitStack() as stack:
+            upload = ModelUpload(
+                architecture=architecture,
+                task=task,
+                files={part: [blob.path for blob in blobs] for part, blobs in staged.items()},
+                max_parameters=settings.max_parameters,
+                max_unpacked_bytes=settings.max_upload_bytes,
+                base=None if base is None else _base_ref(stack, store, base),
+            )
             prepared = fmt.prepare(upload, Path(work))
             weights = _commit_file(session, store, prepared.weights, by_path)
             files = {name: _commit_file(session, store, path, by_path) for name, path in prepared.extra_files.items()}
@@ -120,6 +147,7 @@ def prepare_and_store(
         for blob in by_path.values():
             blob.discard()
     stored_architecture = dict(prepared.architecture)
+    files = {**prepared.linked_files, **files}
     if files:
         stored_architecture["files"] = files
     return StoredUpload(

@@ -16,6 +16,7 @@ from service.db.tables import Checkpoint, Edit, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.idempotency import IdempotencyKey, remember, replay
 from service.model_uploads import (
+    base_model,
     check_quota_or_discard,
     discard_all,
     fingerprint_files,
@@ -32,7 +33,7 @@ from service.pagination import (
     encode_token,
     page_newest_first,
 )
-from service.problems import problem_responses
+from service.problems import invalid, problem_responses
 from service.schemas.models import (
     CheckpointList,
     CheckpointMetadata,
@@ -54,22 +55,24 @@ MODEL_METADATA_EXAMPLE = (
     '"task": {"loss": "cross_entropy"}}'
 )
 METADATA_DOC = (
-    'JSON: `{"name", "format": "spec" | "hf", "architecture": {...} (spec only), '
-    '"task": {"loss": ..., "head": ... (hf classifiers)}}`. See `GET /v1/models/formats`.'
+    'JSON: `{"name", "format": "spec" | "hf" | "lora", "architecture": {...} (spec only), '
+    '"task": {"loss": ..., "head": ... (hf classifiers)}, "base_model_id": ... (lora only)}`. See '
+    "`GET /v1/models/formats`."
 )
 WEIGHTS_DOC = (
-    "safetensors of the model's state_dict; `hf`: repeat the part for shards (with `weights_index`). "
-    "Pickles (.bin, .pt) are refused."
+    "safetensors of the model's state_dict; `hf`: repeat the part for shards (with `weights_index`); "
+    "`lora`: adapter_model.safetensors. Pickles (.bin, .pt) are refused."
 )
 ARCHIVE_DOC = (
-    "`hf`: instead of the file parts, a .tar, .tar.gz or .zip of a save_pretrained folder (no links, "
+    "`hf`, `lora`: instead of the file parts, a .tar, .tar.gz or .zip of a save_pretrained folder (no links, "
     "absolute paths or `..`)."
 )
 
 
 def model_out(model: Model, edit_diagnostics: dict[str, Any] | None = None) -> ModelOut:
     """The stored model (`from_attributes`) with the diagnostics of the edit that made it, if any."""
-    return from_row(ModelOut, model, edit_diagnostics=edit_diagnostics)
+    base_model_id = model.architecture.get("base_model_id") if model.format == "lora" else None
+    return from_row(ModelOut, model, edit_diagnostics=edit_diagnostics, base_model_id=base_model_id)
 
 
 def edit_diagnostics(session: Session, model_ids: list[str]) -> dict[str, dict[str, Any] | None]:
@@ -102,14 +105,19 @@ def upload_model(
     tokenizer: Annotated[UploadFile | None, File(description="`hf`: tokenizer.json (optional).")] = None,
     tokenizer_config: Annotated[UploadFile | None, File(description="`hf`: tokenizer_config.json (optional).")] = None,
     archive: Annotated[UploadFile | None, File(description=ARCHIVE_DOC)] = None,
+    adapter_config: Annotated[UploadFile | None, File(description="`lora`: adapter_config.json.")] = None,
 ) -> JSONResponse:
     """`spec`: a declarative `torch.nn.Sequential` (`metadata`) and the safetensors of its state_dict (`weights`).
     `hf`: a Hugging Face transformers model (`config`, `weights`, optional tokenizer parts, or one `archive`; see
-    `GET /v1/models/formats`). Everything is validated strictly (never unpickled, no remote code): weights that are
+    `GET /v1/models/formats`). `lora`: a peft LoRA adapter (`adapter_config`, `weights`, or one `archive`) on
+    the stored `hf` model `metadata.base_model_id`. Everything is validated strictly (never unpickled, no remote code): weights that are
     truncated, hold NaN or do not fit the architecture are a 422 that names the problem, and nothing is stored.
     With an `Idempotency-Key`, a repeat returns the first answer."""
     meta = parse_metadata(metadata, ModelMetadata)
     fmt = model_format(meta.format)
+    if meta.base_model_id is not None and meta.format != "lora":
+        raise invalid('metadata.base_model_id applies to format "lora"', "metadata.base_model_id")
+    base = base_model(session, tenant.id, meta.base_model_id)
     given = {
         "weights": weights or [],
         "config": [config] if config else [],
@@ -117,6 +125,7 @@ def upload_model(
         "tokenizer": [tokenizer] if tokenizer else [],
         "tokenizer_config": [tokenizer_config] if tokenizer_config else [],
         "archive": [archive] if archive else [],
+        "adapter_config": [adapter_config] if adapter_config else [],
     }
     parts = {name: files for name, files in given.items() if files}
     staged = stage_parts(store, parts, settings)
@@ -127,7 +136,7 @@ def upload_model(
         discard_all(staged)
         return replayed
     task = meta.task.model_dump(exclude_none=True)
-    stored = prepare_and_store(session, store, fmt, meta.architecture, task, staged, settings)
+    stored = prepare_and_store(session, store, fmt, meta.architecture, task, staged, settings, base)
     model = Model(
         id=new_id("mdl"),
         tenant_id=tenant.id,
@@ -241,7 +250,7 @@ def upload_checkpoint(
     weights: Annotated[UploadFile, File(description="safetensors of the model's state_dict at this step.")],
 ) -> CheckpointOut:
     """A training checkpoint of the model (for SOURCE and TracInCP): the state_dict at a step of its training,
-    with that step's learning rate, momentum, optimizer and stage. A second checkpoint at the same (stage, step)
+    with that step's learning rate, momentum, optimizer and stage (for a `lora` model: the adapter weights). A second checkpoint at the same (stage, step)
     is a 409."""
     model = owned(session, Model, tenant.id, model_id)
     meta = parse_metadata(metadata, CheckpointMetadata)

@@ -24,10 +24,11 @@ class ModelMetadata(StrictModel):
     """The `metadata` part of `POST /v1/models`."""
 
     name: str = Field(min_length=1, max_length=200)
-    format: Literal["spec", "hf", "onnx"] = Field(
+    format: Literal["spec", "hf", "lora", "onnx"] = Field(
         "spec",
-        description="`spec` (a declarative torch.nn.Sequential) or `hf` (a Hugging Face transformers "
-        "config.json + safetensors, see `GET /v1/models/formats`). `onnx` is not supported yet (422).",
+        description="`spec` (a declarative torch.nn.Sequential), `hf` (a Hugging Face transformers "
+        "config.json + safetensors) or `lora` (a peft LoRA adapter on a stored `hf` model), see "
+        "`GET /v1/models/formats`. `onnx` is not supported yet (422).",
     )
     architecture: dict[str, Any] = Field(
         default_factory=dict,
@@ -35,6 +36,12 @@ class ModelMetadata(StrictModel):
         "left out (the `config` part is the architecture).",
     )
     task: ModelTask
+    base_model_id: str | None = Field(
+        None,
+        max_length=40,
+        description="Format `lora`: the stored format `hf` model the adapter was trained on (the task must be "
+        "its task).",
+    )
 
 
 MODEL_EXAMPLE: dict[str, Any] = {
@@ -52,6 +59,7 @@ MODEL_EXAMPLE: dict[str, Any] = {
         ],
     },
     "task": {"loss": "cross_entropy"},
+    "base_model_id": None,
     "source_attribution_id": None,
     "edit_diagnostics": None,
     "created_at": EXAMPLE_TIME,
@@ -80,6 +88,7 @@ class ModelOut(BaseModel):
     tracked_layers: list[str]
     architecture: dict[str, Any]
     task: dict[str, Any]
+    base_model_id: str | None = Field(None, description="Format `lora`: the `hf` model the adapter is on.")
     source_attribution_id: str | None = Field(None, description="Set on models made by `/edit`.")
     edit_diagnostics: EditDiagnostics | None = Field(
         None,

@@ -236,7 +236,7 @@ def test_sharded_weights_with_their_index(sqlite_api: Api, tmp_path: Path) -> No
 def test_formats_route_lists_the_allow_list(sqlite_api: Api) -> None:
     body = sqlite_api.client.get("/v1/models/formats").json()
     by_name = {f["name"]: f for f in body["formats"]}
-    assert set(by_name) == {"spec", "hf"} and body["not_supported_yet"] == ["onnx"]
+    assert set(by_name) == {"spec", "hf", "lora"} and body["not_supported_yet"] == ["onnx"]
     assert {"gpt2", "llama", "qwen2", "bert", "roberta", "distilbert", "vit"} <= set(by_name["hf"]["model_types"])
 
 

@@ -55,7 +55,15 @@ def test_every_operation_has_a_summary_a_description_and_examples(spec: dict[str
 
 def test_upload_file_parts_are_binary(spec: dict[str, Any]) -> None:
     expected = {
-        "POST /v1/models": ["weights", "config", "weights_index", "tokenizer", "tokenizer_config", "archive"],
+        "POST /v1/models": [
+            "weights",
+            "config",
+            "weights_index",
+            "tokenizer",
+            "tokenizer_config",
+            "archive",
+            "adapter_config",
+        ],
         "POST /v1/models/{model_id}/checkpoints": ["weights"],
         "POST /v1/datasets": ["data"],
     }

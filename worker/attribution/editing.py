@@ -85,7 +85,6 @@ def edit_parameters(
     edit = edit if edit is not None else EditOptions()
     edit.validate()
     check_examples(train, "training")
-    _check_not_tokens(train)
     rows = removed_rows(remove, len(train))
     if fit is not None and not (isinstance(options, InfluenceOptions) and options.strategy in FIT_STRATEGIES):
         raise AttributionError("a precomputed fit is only used by method 'influence' with a factor strategy")
@@ -118,7 +117,6 @@ def retrain_objective_edit(
         raise AttributionError("the first-order estimate is the method's own; use edit_parameters or the method")
     check_loss_name(loss)
     check_examples(train, "training")
-    _check_not_tokens(train)
     rows = removed_rows(remove, len(train))
     layers = layers if layers is not None else resolve_layers(model, None)
 
@@ -243,7 +241,7 @@ def query_losses(objective: ProximalObjective, flat: Flat, queries: Examples) ->
     values = []
     with torch.no_grad():
         for _, batch in batches(queries, objective.batch_size, objective.device, objective.dtype):
-            outputs = objective._outputs(flat, batch.inputs)
+            outputs = objective._outputs(flat, batch)
             values.append(
                 per_example_loss(outputs, check_targets(outputs, batch.targets, objective.loss), objective.loss)
             )
@@ -300,11 +298,6 @@ def _diagnostics(
             }
         )
     return diagnostics
-
-
-def _check_not_tokens(train: Examples) -> None:
-    if train.attention_mask is not None:
-        raise AttributionError("edits of token datasets (attention_mask) are not supported yet")
 
 
 def removed_rows(remove: torch.Tensor, size: int) -> torch.Tensor:

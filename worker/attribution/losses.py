@@ -50,12 +50,17 @@ def forward(model: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor
         raise AttributionError(
             f"inputs of shape {tuple(inputs.shape[1:])} (per example) do not fit the model: {error}"
         ) from error
-    outputs = output_tensor(outputs)
-    if attention_mask is not None and outputs.dim() >= 3 and outputs.shape[:2] == attention_mask.shape:
-        # outputs at padded positions are never used (and may be NaN: fully masked attention rows)
-        outputs = torch.where(attention_mask.bool().unsqueeze(-1), outputs, 0.0)
+    outputs = without_padding(output_tensor(outputs), attention_mask)
     if not torch.isfinite(outputs.detach()).all():
         raise AttributionError("the model's outputs contain NaN or Inf (non-finite weights or inputs?)")
+    return outputs
+
+
+def without_padding(outputs: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Token outputs (B, T, ...) set to 0 at padded positions: they are never used (and may be NaN: fully masked
+    attention rows)."""
+    if attention_mask is not None and outputs.dim() >= 3 and outputs.shape[:2] == attention_mask.shape:
+        return torch.where(attention_mask.bool().unsqueeze(-1), outputs, 0.0)
     return outputs
 
 

@@ -12,6 +12,10 @@ near θ₀: it stands in for the finite training that a real retrain from the sa
 
 Curvature products use the Gauss-Newton matrix G = (1/N) Σ w_i J_iᵀ H_i J_i (H_i: the loss Hessian in the
 outputs, PSD), so every linear system (G_{−S} + λI + μI) d = −∇J is positive definite.
+
+Token datasets (an ``attention_mask``: Hugging Face and LoRA models) are run as the rest of the engine runs them
+(``text.run_text_model``); for loss ``causal_lm`` H_i is the sum over the scored positions of the softmax
+Hessians of the next-token logits.
 """
 
 from __future__ import annotations
@@ -23,10 +27,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worker.attribution.gradients import FisherLabels, batches, fitting_activities, model_dtype
 from worker.attribution.hooks import ActivityRecorder, TrackedLayer, evaluation_mode, split_weight_matrix, weight_matrix
-from worker.attribution.losses import LossName, check_targets, per_example_loss
+from worker.attribution.losses import (
+    LossName,
+    check_targets,
+    output_tensor,
+    per_example_loss,
+    scored_positions,
+    without_padding,
+)
+from worker.attribution.text import text_model_kwargs
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
 Flat = torch.Tensor
@@ -75,11 +88,18 @@ def flat_from_state(layers: list[TrackedLayer], state: dict[str, torch.Tensor], 
 # ---------------------------------------------------------------- the objective
 
 
-def _output_hessian_product(outputs: torch.Tensor, tangent: torch.Tensor, loss: LossName) -> torch.Tensor:
-    """H_i u_i for each row: cross-entropy (diag(p) − p pᵀ) u, mse (½‖·‖²) u."""
+def _output_hessian_product(
+    outputs: torch.Tensor, tangent: torch.Tensor, loss: LossName, targets: torch.Tensor
+) -> torch.Tensor:
+    """H_i u_i for each row: cross-entropy (diag(p) − p pᵀ) u, mse (½‖·‖²) u; causal_lm: the cross-entropy
+    product at each scored position of the (B, T, vocabulary) logits, 0 at the others."""
     if loss == "cross_entropy":
         p = torch.softmax(outputs.detach(), dim=1)
         return p * tangent - p * (p * tangent).sum(1, keepdim=True)
+    if loss == "causal_lm":
+        p = torch.softmax(outputs.detach(), dim=-1)
+        product = p * tangent - p * (p * tangent).sum(-1, keepdim=True)
+        return product * scored_positions(targets).unsqueeze(-1).to(product.dtype)
     return tangent
 
 
@@ -118,11 +138,13 @@ class ProximalObjective:
         self.anchor = kept_gradient + self.removal_gradient
 
     # -- the model as a function of the flat tracked parameters
-    def _outputs(self, flat: Flat, inputs: torch.Tensor) -> torch.Tensor:
-        outputs: torch.Tensor = functional_call(
-            self.model, {**self.frozen, **state_entries(self.layers, flat)}, (inputs,)
+    def _outputs(self, flat: Flat, batch: Examples) -> torch.Tensor:
+        mask = batch.attention_mask
+        kwargs = {} if mask is None else text_model_kwargs(mask)
+        outputs = functional_call(
+            self.model, {**self.frozen, **state_entries(self.layers, flat)}, (batch.inputs,), kwargs
         )
-        return outputs
+        return without_padding(output_tensor(outputs), mask)
 
     def _batches(self, examples: Examples) -> list[Examples]:
         return [batch for _, batch in batches(examples, self.batch_size, self.device, self.dtype)]
@@ -132,7 +154,7 @@ class ProximalObjective:
         total, gradient = 0.0, torch.zeros_like(flat)
         for batch in self._batches(examples):
             point = flat.detach().requires_grad_(True)
-            outputs = self._outputs(point, batch.inputs)
+            outputs = self._outputs(point, batch)
             targets = check_targets(outputs, batch.targets, self.loss)
             values = per_example_loss(outputs, targets, self.loss)
             if batch.weights is not None:
@@ -151,7 +173,7 @@ class ProximalObjective:
         with torch.no_grad():
             total = 0.0
             for batch in self._batches(self.kept):
-                outputs = self._outputs(flat, batch.inputs)
+                outputs = self._outputs(flat, batch)
                 values = per_example_loss(outputs, check_targets(outputs, batch.targets, self.loss), self.loss)
                 total += float((values * batch.weights).sum() if batch.weights is not None else values.sum())
         return total / max(len(self.kept), 1)
@@ -176,18 +198,22 @@ class ProximalObjective:
         point = flat.detach().requires_grad_(True)
         maps = []
         for batch in self._batches(self.kept):
-            outputs = self._outputs(point, batch.inputs)
-            dual = torch.zeros_like(outputs, requires_grad=True)
-            transposed = torch.autograd.grad(outputs, point, dual, create_graph=True)[0]  # Jᵀu, linear in u
+            # the products differentiate Jᵀu again: attention must run as plain ops (the fused scaled-dot-product
+            # kernels have no double backward)
+            with sdpa_kernel(SDPBackend.MATH):
+                outputs = self._outputs(point, batch)
+                targets = check_targets(outputs, batch.targets, self.loss)
+                dual = torch.zeros_like(outputs, requires_grad=True)
+                transposed = torch.autograd.grad(outputs, point, dual, create_graph=True)[0]  # Jᵀu, linear in u
             weights = None if batch.weights is None else batch.weights.reshape(-1, *([1] * (outputs.dim() - 1)))
-            maps.append((outputs, dual, transposed, weights))
+            maps.append((outputs, targets, dual, transposed, weights))
 
         def apply(vector: Flat) -> Flat:
             self.passes += 1
             result = torch.zeros_like(vector)
-            for outputs, dual, transposed, weights in maps:
+            for outputs, targets, dual, transposed, weights in maps:
                 pushed = torch.autograd.grad(transposed, dual, vector, retain_graph=True)[0]  # J v
-                weighted = _output_hessian_product(outputs.detach(), pushed, self.loss)
+                weighted = _output_hessian_product(outputs.detach(), pushed, self.loss, targets)
                 if weights is not None:
                     weighted = weighted * weights
                 result += torch.autograd.grad(outputs, point, weighted / self.n, retain_graph=True)[0].detach()

@@ -129,9 +129,14 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def text_model_kwargs(attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The keyword arguments a token model is called with besides the token ids (Hugging Face convention)."""
+    return {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
+
+
 def run_text_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
     """Runs a token model (Hugging Face convention); returns what the model returns (a tensor or ``ModelOutput``)."""
-    return model(input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    return model(input_ids, **text_model_kwargs(attention_mask))
 
 
 @dataclass(frozen=True)

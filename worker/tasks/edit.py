@@ -15,6 +15,7 @@ from torch import nn
 
 from service.db.tables import Attribution, Dataset, Edit, Fit, Model
 from worker.artifacts.datasets import DatasetArrays
+from worker.artifacts.formats import model_format
 from worker.artifacts.removal import removal_rows, removal_tasks
 from worker.attribution import AttributionError, EditResult, Examples
 from worker.context import JobContext
@@ -112,7 +113,9 @@ def save_edit(context: JobContext, loaded: LoadedEdit, result: EditResult) -> No
     source = loaded.model_row
     with context.session() as session:
         context.succeed(session)  # first: ends the transaction early if the job was cancelled or taken over
-        blob = put_state_dict(session, context.store, result.state)
+        # the weights file of the source's format: a LoRA model's edit is new adapter weights on the same base
+        weights = model_format(source.format).weights_to_store(loaded.module, result.state)
+        blob = put_state_dict(session, context.store, weights)
         session.add(
             Model(
                 id=loaded.edit.model_id,

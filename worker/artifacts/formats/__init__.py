@@ -1,8 +1,9 @@
 """The registry of model formats (`POST /v1/models` `metadata.format`): one module per format.
 
-``spec`` (worker.artifacts.formats.spec) and ``hf`` (worker.artifacts.formats.hf) implement ``ModelFormat``
-(worker.artifacts.formats.base). A format's module is imported when first used, so that the service does not
-load ``transformers`` until a Hugging Face model is uploaded or read.
+``spec`` (worker.artifacts.formats.spec), ``hf`` (worker.artifacts.formats.hf) and ``lora`` (a peft adapter on a
+stored ``hf`` model, worker.artifacts.formats.lora) implement ``ModelFormat`` (worker.artifacts.formats.base). A
+format's module is imported when first used, so that the service does not load ``transformers`` or ``peft``
+until a Hugging Face model is uploaded or read.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from functools import cache
 
 from worker.artifacts.errors import ArtifactError
-from worker.artifacts.formats.base import ModelFormat, ModelUpload, PreparedModel, StoredModel
+from worker.artifacts.formats.base import BaseModelRef, ModelFormat, ModelUpload, PreparedModel, StoredModel
 
 NOT_SUPPORTED_YET: tuple[str, ...] = ("onnx",)
 
@@ -28,7 +29,15 @@ def _hf() -> ModelFormat:
     return HfFormat()
 
 
-FORMATS: dict[str, Callable[[], ModelFormat]] = {"spec": _spec, "hf": _hf}
+def _lora() -> ModelFormat:
+    from worker.artifacts.formats.lora import LoraFormat
+
+    return LoraFormat()
+
+
+FORMATS: dict[str, Callable[[], ModelFormat]] = {"spec": _spec, "hf": _hf, "lora": _lora}
+# formats whose models are Hugging Face transformers models (their architecture holds the config and head)
+HF_FORMATS: tuple[str, ...] = ("hf", "lora")
 
 
 @cache
@@ -41,4 +50,14 @@ def model_format(name: str) -> ModelFormat:
     return factory()
 
 
-__all__ = ["FORMATS", "NOT_SUPPORTED_YET", "ModelFormat", "ModelUpload", "PreparedModel", "StoredModel", "model_format"]
+__all__ = [
+    "FORMATS",
+    "HF_FORMATS",
+    "NOT_SUPPORTED_YET",
+    "BaseModelRef",
+    "ModelFormat",
+    "ModelUpload",
+    "PreparedModel",
+    "StoredModel",
+    "model_format",
+]

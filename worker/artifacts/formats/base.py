@@ -12,7 +12,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A stored model, as the worker sees it: architecture JSON, task, and local paths of its files."""
+
+    architecture: dict[str, Any]
+    task: dict[str, Any]
+    weights: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """A stored model that an upload builds on (``metadata.base_model_id`` of a LoRA adapter)."""
+
+    model_id: str
+    format: str
+    weights_sha256: str
+    files_sha256: dict[str, str]  # the base's kept files (a tokenizer), by name
+    stored: StoredModel
 
 
 @dataclass(frozen=True)
@@ -24,6 +46,7 @@ class ModelUpload:
     files: dict[str, list[Path]]
     max_parameters: int
     max_unpacked_bytes: int
+    base: BaseModelRef | None = None
 
 
 @dataclass
@@ -35,16 +58,8 @@ class PreparedModel:
     num_parameters: int
     tracked_layers: list[str]
     extra_files: dict[str, Path] = field(default_factory=dict)  # stored as blobs; their sha256 under "files"
-
-
-@dataclass(frozen=True)
-class StoredModel:
-    """A stored model, as the worker sees it: architecture JSON, task, and local paths of its files."""
-
-    architecture: dict[str, Any]
-    task: dict[str, Any]
-    weights: Path
-    files: dict[str, Path] = field(default_factory=dict)
+    # blobs already stored (a base model's weights) that the model's files refer to: name -> sha256
+    linked_files: dict[str, str] = field(default_factory=dict)
 
 
 class ModelFormat(Protocol):
@@ -62,6 +77,11 @@ class ModelFormat(Protocol):
 
     def check_weights(self, architecture: dict[str, Any], task: dict[str, Any], weights: Path) -> None:
         """Checkpoint weights must fit the stored architecture (ArtifactError otherwise)."""
+        ...
+
+    def weights_to_store(self, module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors of the weights file stored for ``module`` at ``state`` (its full state_dict, e.g. an
+        edit's): what ``build`` reads back."""
         ...
 
     def describe(self) -> dict[str, Any]:

@@ -408,6 +408,9 @@ class HfFormat:
     def check_weights(self, architecture: dict[str, Any], task: dict[str, Any], weights: Path) -> None:
         load_model(architecture, weights)
 
+    def weights_to_store(self, module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return untied_state(module, state)
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -419,6 +422,23 @@ class HfFormat:
             "archives": [".tar", ".tar.gz", ".zip"],
             "transformers_version": transformers.__version__,
         }
+
+
+def untied_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with one name per tied tensor (GPT-2's ``lm_head.weight`` is the token embedding), the first, as
+    ``save_pretrained`` writes it (the loader ties the others again). When a tied name's value in ``state`` was
+    changed (an edit that tracked the LM head), the changed value is the one kept."""
+    first: dict[int, str] = {}
+    kept: dict[str, torch.Tensor] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if name not in state:
+            continue
+        owner = first.setdefault(id(tensor), name)
+        if owner == name:
+            kept[name] = state[name]
+        elif not torch.equal(state[name].detach().cpu(), tensor.detach().cpu()):
+            kept[owner] = state[name]
+    return kept
 
 
 def stored_architecture(architecture: dict[str, Any]) -> HfArchitecture:

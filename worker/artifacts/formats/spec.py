@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from worker.artifacts.errors import ArtifactError
@@ -55,6 +56,9 @@ class SpecFormat:
 
     def check_weights(self, architecture: dict[str, Any], task: dict[str, Any], weights: Path) -> None:
         load_weights(build_module(parse_architecture(architecture)), weights, field="weights")
+
+    def weights_to_store(self, module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
 
     def describe(self) -> dict[str, Any]:
         return {
