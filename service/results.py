@@ -124,7 +124,7 @@ def page_query(
     return query.order_by(AttributionResult.query_pos, AttributionResult.rank).limit(limit)
 
 
-def query_row_position(attribution_id: str, direction: str, query_id: str, query_token: int) -> Select[tuple[int]]:
+def query_row_position(attribution_id: str, direction: str, query_id: str, query_token: int) -> Select[int]:
     """The query_pos of the per-token query row of (query_id, query_token): one seek into the partial index
     ``ix_results_query_token`` (query ids are unique in a per-token attribution, so this is one row)."""
     return (
