@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from tests.service.test_hf_models import (
     stored_text,
     summed_nll_gradients,
 )
-from tests.service.test_result_storage import page_plan, pairwise_scores, setup_attribution
+from tests.service.test_result_storage import page_plan, pairwise_scores
 from worker.attribution import attribute
 from worker.attribution.options import GradientSimilarityOptions
 from worker.attribution.text import IGNORE_INDEX, per_token_queries
@@ -335,7 +336,8 @@ def test_query_token_pages_are_index_range_scans_without_a_sort(api: Api) -> Non
     """A per-token attribution's rows (2 queries x 4 scored tokens, 2,000 rows each way per token) beside an
     ordinary attribution's: pages filtered by query_token (and query_id) at several depths."""
     url = api.settings.resolved_database_url
-    attribution_id, neighbour = setup_attribution(api)["id"], setup_attribution(api)["id"]
+    # rows name their attribution without a foreign key: no attribution (nor a queued job) is needed to page them
+    attribution_id, neighbour = f"attr_{uuid.uuid4().hex}", f"attr_{uuid.uuid4().hex}"
     tokens = QueryTokenLabels(
         query=np.repeat(np.arange(2), 4), position=np.tile(np.arange(1, 5), 2), text=[f"w{i}" for i in range(8)]
     )
