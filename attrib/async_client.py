@@ -239,13 +239,24 @@ class AsyncClient:
     # --- results -----------------------------------------------------------------------------------------
 
     async def results(
-        self, attribution: Any, *, query_id: Any = None, direction: str = "positive", page_size: int = 1000
+        self,
+        attribution: Any,
+        *,
+        query_id: Any = None,
+        direction: str = "positive",
+        page_size: int = 1000,
+        query_token: int | None = None,
     ) -> AsyncIterator[ResultRow]:
         token = None
         while True:
             body = await self.call(
                 calls.results_page(
-                    attribution, query_id=query_id, direction=direction, page_size=page_size, page_token=token
+                    attribution,
+                    query_id=query_id,
+                    direction=direction,
+                    page_size=page_size,
+                    page_token=token,
+                    query_token=query_token,
                 )
             )
             for row in body["results"]:

@@ -115,9 +115,18 @@ def fit(model: Any, dataset: Any, *, strategy: str, damping: float | None, optio
     return Call("POST", "/v1/fits", json=body)
 
 
-def results_page(attribution: Any, *, query_id: Any, direction: str, page_size: int, page_token: str | None) -> Call:
+def results_page(
+    attribution: Any,
+    *,
+    query_id: Any,
+    direction: str,
+    page_size: int,
+    page_token: str | None,
+    query_token: int | None = None,
+) -> Call:
     params = {
         "query_id": None if query_id is None else str(query_id),
+        "query_token": query_token,
         "direction": direction,
         "page_size": page_size,
         "page_token": page_token,

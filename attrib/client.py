@@ -305,7 +305,13 @@ class Client:
     # --- results -----------------------------------------------------------------------------------------
 
     def results(
-        self, attribution: Any, *, query_id: Any = None, direction: str = "positive", page_size: int = 1000
+        self,
+        attribution: Any,
+        *,
+        query_id: Any = None,
+        direction: str = "positive",
+        page_size: int = 1000,
+        query_token: int | None = None,
     ) -> Iterator[ResultRow]:
         """Ranked rows of one direction, across pages, ordered by query then rank.
 
@@ -316,7 +322,12 @@ class Client:
         while True:
             body = self.call(
                 calls.results_page(
-                    attribution, query_id=query_id, direction=direction, page_size=page_size, page_token=token
+                    attribution,
+                    query_id=query_id,
+                    direction=direction,
+                    page_size=page_size,
+                    page_token=token,
+                    query_token=query_token,
                 )
             )
             yield from (ResultRow.from_json(row) for row in body["results"])

@@ -98,6 +98,8 @@ class ResultRow:
     score: float
     task: int | None = None
     split: int | None = None
+    query_token: int | None = None  # per-token attributions: the token's position in its query
+    query_token_text: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ResultRow:
@@ -109,6 +111,8 @@ class ResultRow:
             data["score"],
             data.get("task"),
             data.get("split"),
+            data.get("query_token"),
+            data.get("query_token_text"),
         )
 
 

@@ -54,6 +54,8 @@ def check_attribution(
         raise invalid(f"top_k may be at most {max_top_k}", "body.top_k")
     if request.measurement == "margin" and loss != "cross_entropy":
         raise invalid('measurement "margin" needs a classifier (task loss cross_entropy)', "body.measurement")
+    if request.per_token:
+        _check_per_token(request, method, loss)
     for dataset, field in ((train, "body.train_dataset_id"), (query, "body.query_dataset_id")):
         if dataset is not None:
             check_inputs_fit(models[0], dataset, field, settings.max_activation_bytes, _batch_size(options))
@@ -63,6 +65,19 @@ def check_attribution(
         _check_trajectory(session, tenant_id, request, method, models, settings)
     fit = _check_fit(session, tenant_id, request, method, models, train)
     return CheckedAttribution(method=method, models=models, train=train, query=query, options=options, fit=fit)
+
+
+def _check_per_token(request: AttributionRequest, method: Method, loss: str) -> None:
+    """Per-token attribution splits causal LM queries into their scored tokens: pairwise rankings of example
+    queries only."""
+    if loss != "causal_lm":
+        raise invalid(f"per_token needs a causal language model (task loss causal_lm), not {loss!r}", "body.per_token")
+    if request.mode != "pairwise":
+        raise invalid(
+            f'per_token ranks per query token: it needs mode "pairwise", not {request.mode!r}', "body.per_token"
+        )
+    if method.query_unit != "example":
+        raise invalid(f"method {method.name!r} ranks for tasks, not query examples: no per_token", "body.per_token")
 
 
 def _check_ensemble(models: list[Model]) -> None:

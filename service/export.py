@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from service.schemas.attributions import ResultRow
 
-COLUMNS = ("query_id", "direction", "rank", "train_id", "score", "task", "split")
+COLUMNS = ("query_id", "direction", "rank", "train_id", "score", "task", "split", "query_token", "query_token_text")
 PARQUET_BATCH = 10_000
 
 
@@ -54,6 +54,8 @@ def parquet_file(rows: Iterable[ResultRow], ids_are_strings: tuple[bool, bool]) 
             ("score", pa.float64()),
             ("task", pa.int64()),
             ("split", pa.int64()),
+            ("query_token", pa.int64()),
+            ("query_token_text", pa.string()),
         ]
     )
     handle, path = tempfile.mkstemp(suffix=".parquet")

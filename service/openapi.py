@@ -31,6 +31,8 @@ PARAMETER_EXAMPLES: dict[tuple[str, str], Any] = {
     ("query", "page_token"): "WzAsIDJd",  # opaque: always the `next_page_token` of the page before
     ("query", "direction"): "negative",
     ("query", "query_id"): "7",
+    ("query", "query_token"): 3,
+    ("query", "model_id"): "mdl_3f9c0e6a1b2c4d5e6f7a8b9c",
     ("query", "format"): "ndjson",
     ("query", "ids"): ["12", "408"],
     ("query", "status"): "running",

@@ -36,6 +36,10 @@ class StoredResult(Protocol):
     def task(self) -> int | None: ...
     @property
     def split(self) -> int | None: ...
+    @property
+    def query_token(self) -> int | None: ...
+    @property
+    def query_token_text(self) -> str | None: ...
 
 
 def id_types(session: Session, attribution: Attribution) -> ResultIdTypes:
@@ -81,6 +85,8 @@ RESULT_COLUMNS = (
     AttributionResult.score,
     AttributionResult.task,
     AttributionResult.split,
+    AttributionResult.query_token,
+    AttributionResult.query_token_text,
 )
 
 
@@ -106,23 +112,64 @@ def page_json(rows: Sequence[StoredResult], types: ResultIdTypes, next_page_toke
 
 
 def page_query(
-    attribution_id: str, direction: str, query_id: str | None, after: RankCursor | None, limit: int
+    attribution_id: str,
+    direction: str,
+    query_id: str | None,
+    after: RankCursor | None,
+    limit: int,
+    query_token: int | None = None,
 ) -> Select[*tuple[Any, ...]]:
     """The statement of one page of RESULT_COLUMNS rows after ``after``, ordered by (query_pos, rank).
 
     The cursor is a row-value comparison on (query_pos, rank): with ``ix_results_page`` (``ix_results_query``
-    when a query_id is given) PostgreSQL and SQLite read the page as one index range scan that starts at the
-    cursor, in index order, with no sort, so a page costs the same at any depth (tests/service/test_result_storage.py
-    checks both plans).
+    when a query_id is given, ``ix_results_token`` -- a partial index of per-token rows -- when a query_token is)
+    PostgreSQL and SQLite read the page as one index range scan that starts at the cursor, in index order, with no
+    sort, so a page costs the same at any depth (tests/service/test_result_storage.py and
+    tests/service/test_per_token.py check the plans). A per-token query row (one token of one query) has its own
+    query_pos, so the cursor needs nothing more. A query_id with a query_token names one query row: see
+    ``query_row_page``.
     """
     query = select(*RESULT_COLUMNS).where(
         AttributionResult.attribution_id == attribution_id, AttributionResult.direction == direction
     )
     if query_id is not None:
         query = query.where(AttributionResult.query_id == query_id)
+    if query_token is not None:
+        query = query.where(AttributionResult.query_token == query_token)
     if after is not None:
         query = query.where(tuple_(AttributionResult.query_pos, AttributionResult.rank) > tuple_(*after))
     return query.order_by(AttributionResult.query_pos, AttributionResult.rank).limit(limit)
+
+
+def query_row_position(attribution_id: str, direction: str, query_id: str, query_token: int) -> Select[int]:
+    """The query_pos of the per-token query row of (query_id, query_token): one seek into the partial index
+    ``ix_results_query_token`` (query ids are unique in a per-token attribution, so this is one row)."""
+    return (
+        select(AttributionResult.query_pos)
+        .where(
+            AttributionResult.attribution_id == attribution_id,
+            AttributionResult.direction == direction,
+            AttributionResult.query_id == query_id,
+            AttributionResult.query_token == query_token,
+        )
+        .limit(1)
+    )
+
+
+def query_row_page(
+    attribution_id: str, direction: str, query_pos: int, after: RankCursor | None, limit: int
+) -> Select[*tuple[Any, ...]]:
+    """A page of one query row's rows (found by ``query_row_position``): a range of ``ix_results_page``. Filtering
+    on query_id and query_token together instead would leave the planner to guess the selectivity of two strongly
+    correlated columns, and PostgreSQL then guesses a small set and sorts it."""
+    query = select(*RESULT_COLUMNS).where(
+        AttributionResult.attribution_id == attribution_id,
+        AttributionResult.direction == direction,
+        AttributionResult.query_pos == query_pos,
+    )
+    if after is not None:
+        query = query.where(AttributionResult.rank > (after.rank if after.query_pos == query_pos else 0))
+    return query.order_by(AttributionResult.rank).limit(limit)
 
 
 def page_of_results(
@@ -132,29 +179,41 @@ def page_of_results(
     query_id: str | None,
     after: RankCursor | None,
     size: int,
+    query_token: int | None = None,
 ) -> tuple[Sequence[StoredResult], RankCursor | None]:
     """One page of RESULT_COLUMNS rows (plain rows, not ORM objects: a page is read, never changed)."""
-    rows = list(session.execute(page_query(attribution_id, direction, query_id, after, size + 1)))
+    if query_id is not None and query_token is not None:
+        query_pos = session.scalar(query_row_position(attribution_id, direction, query_id, query_token))
+        if query_pos is None or (after is not None and after.query_pos > query_pos):
+            return [], None
+        statement = query_row_page(attribution_id, direction, query_pos, after, size + 1)
+    else:
+        statement = page_query(attribution_id, direction, query_id, after, size + 1, query_token)
+    rows = list(session.execute(statement))
     if len(rows) <= size:
         return rows, None
     return rows[:size], RankCursor(rows[size - 1].query_pos, rows[size - 1].rank)
 
 
-def has_query(session: Session, attribution_id: str, query_id: str) -> bool:
-    """Whether any row of the attribution belongs to this query (its id as a string)."""
-    query = select(AttributionResult.rank).where(  # both directions: a seek into ix_results_query for each
+def has_query(session: Session, attribution_id: str, query_id: str | None, query_token: int | None = None) -> bool:
+    """Whether any row of the attribution belongs to this query (its id as a string) and/or this query token."""
+    query = select(AttributionResult.rank).where(  # both directions: a seek into an index for each
         AttributionResult.attribution_id == attribution_id,
         AttributionResult.direction.in_(("positive", "negative")),
-        AttributionResult.query_id == query_id,
     )
+    if query_id is not None:
+        query = query.where(AttributionResult.query_id == query_id)
+    if query_token is not None:
+        query = query.where(AttributionResult.query_token == query_token)
     return session.scalar(query.limit(1)) is not None
 
 
-def all_results(session: Session, attribution_id: str) -> Iterator[StoredResult]:
-    query = (
-        select(*RESULT_COLUMNS)
-        .where(AttributionResult.attribution_id == attribution_id)
-        .order_by(AttributionResult.query_pos, AttributionResult.direction.desc(), AttributionResult.rank)
-        .execution_options(yield_per=5000)
-    )
+def all_results(session: Session, attribution_id: str, query_token: int | None = None) -> Iterator[StoredResult]:
+    """Every row (or every row of one query token), by query row, positive before negative, then rank."""
+    query = select(*RESULT_COLUMNS).where(AttributionResult.attribution_id == attribution_id)
+    if query_token is not None:
+        query = query.where(AttributionResult.query_token == query_token)
+    query = query.order_by(
+        AttributionResult.query_pos, AttributionResult.direction.desc(), AttributionResult.rank
+    ).execution_options(yield_per=5000)
     yield from session.execute(query)

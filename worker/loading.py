@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from sqlalchemy.orm import Session
+from tokenizers import Tokenizer
 from torch import nn
 
 from service.db.tables import Blob, Checkpoint, Dataset, Model
@@ -19,6 +20,7 @@ from worker.artifacts.datasets import DatasetArrays, read_dataset, to_examples
 from worker.artifacts.formats import StoredModel, model_format
 from worker.artifacts.text_datasets import STORED_FORMAT as TEXT_FORMAT
 from worker.artifacts.text_datasets import TextArrays, read_stored
+from worker.artifacts.tokenizer import load_tokenizer
 from worker.artifacts.weights import save_weights
 from worker.attribution import Curvature, Examples, load_curvature
 from worker.attribution.curvature.base import KEY_SEPARATOR
@@ -43,6 +45,15 @@ def stored_model(stack: ExitStack, store: BlobStore, model: Model, weights_sha25
         weights=stack.enter_context(store.local_path(weights_sha256)),
         files={name: stack.enter_context(store.local_path(sha256)) for name, sha256 in files.items()},
     )
+
+
+def load_model_tokenizer(store: BlobStore, model: Model) -> Tokenizer | None:
+    """The tokenizer.json uploaded with the model (read by the `tokenizers` library: data only), or None."""
+    sha256 = (model.architecture.get("files") or {}).get("tokenizer")
+    if not isinstance(sha256, str):
+        return None
+    with store.local_path(sha256) as path:
+        return load_tokenizer(path)
 
 
 def load_checkpoint(store: BlobStore, model: Model, checkpoint: Checkpoint) -> nn.Module:

@@ -48,6 +48,16 @@ from service.schemas.diagnostics import stored_attribution_diagnostics
 router = APIRouter(prefix="/v1/attributions", tags=["attributions"], responses=problem_responses(400, 401, 404, 422))
 
 
+QueryTokenQuery = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=2**31 - 1,
+        description="`per_token` attributions: keep the rows of this token position (`query_token`) only.",
+    ),
+]
+
+
 def attribution_view(attribution: Attribution, status: str) -> AttributionOut:
     """The stored attribution (`from_attributes`) with its job's status and where its results are."""
     return from_row(
@@ -113,6 +123,7 @@ def create_attribution(
         query_dataset_id=checked.query.id if checked.query else None,
         fit_id=asked.fit_id,
         top_k=asked.top_k,
+        per_token=asked.per_token,
         options=checked.options.model_dump(),
         created_at=utcnow(),
     )
@@ -162,12 +173,15 @@ def get_results(
     session: SessionDep,
     settings: SettingsDep,
     query_id: str | None = None,
+    query_token: QueryTokenQuery = None,
     direction: Literal["positive", "negative"] = "positive",
     page_size: Annotated[int, Query(ge=1)] = 100,
     page_token: PageTokenQuery = None,
 ) -> Response:
     """Ranked rows of one direction ordered by query, then rank (1 = strongest) within (query, direction),
-    cursor-paged (`next_page_token`); `query_id` keeps one query. A 409 until the job has succeeded."""
+    cursor-paged (`next_page_token`); `query_id` keeps one query, `query_token` one token position of each query
+    (`per_token` attributions: each token is ranked on its own, in position order). A 409 until the job has
+    succeeded."""
     read_without_transaction(session)  # every read below is of rows that no longer change
     types = known_finished(attribution_id, tenant.id)
     if types is None:
@@ -176,20 +190,26 @@ def get_results(
         remember_finished(attribution, types)
     after = decode_token(page_token, RankCursor) if page_token else None
     size = clamp_page_size(page_size, settings.max_page_size)
-    rows, last = page_of_results(session, attribution_id, direction, query_id, after, size)
-    if not rows and query_id is not None and not has_query(session, attribution_id, query_id):
-        raise ProblemError(
-            404, f"attribution {attribution_id!r} has no query with query_id {query_id!r}", kind="not-found"
+    rows, last = page_of_results(session, attribution_id, direction, query_id, after, size, query_token)
+    filtered = query_id is not None or query_token is not None
+    if not rows and filtered and not has_query(session, attribution_id, query_id, query_token):
+        asked = " and ".join(
+            f"{name} {value!r}"
+            for name, value in (("query_id", query_id), ("query_token", query_token))
+            if value is not None
         )
+        raise ProblemError(404, f"attribution {attribution_id!r} has no row with {asked}", kind="not-found")
     session.close()  # read only: its connection goes back now, on this thread (see dependencies.get_session)
     token = encode_token(last) if last else None
     return Response(page_json(rows, types, token), media_type="application/json")  # ResultsPage, documented above
 
 
-def exported_rows(database_url: str, attribution_id: str, types: ResultIdTypes) -> Iterator[ResultRow]:
+def exported_rows(
+    database_url: str, attribution_id: str, types: ResultIdTypes, query_token: int | None = None
+) -> Iterator[ResultRow]:
     """Rows read in their own session, which lives as long as the streamed response."""
     with session_scope(database_url) as session:
-        for row in all_results(session, attribution_id):
+        for row in all_results(session, attribution_id, query_token):
             yield row_out(row, types)
 
 
@@ -198,14 +218,15 @@ EXPORT_CONTENT = {
     "text/csv": {
         "schema": {"type": "string"},
         "example": (
-            "query_id,direction,rank,train_id,score,task,split\r\n7,positive,1,412,3.25,,\r\n7,negative,1,90,-2.0,,\r\n"
+            "query_id,direction,rank,train_id,score,task,split,query_token,query_token_text\r\n"
+            "7,positive,1,412,3.25,,,,\r\n7,negative,1,90,-2.0,,,,\r\n"
         ),
     },
     "application/x-ndjson": {
         "schema": {"type": "string"},
         "example": (
             '{"query_id": 7, "direction": "positive", "rank": 1, "train_id": 412, "score": 3.25, "task": null, '
-            '"split": null}\n'
+            '"split": null, "query_token": null, "query_token_text": null}\n'
         ),
     },
     "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
@@ -231,13 +252,14 @@ def export_results(
     session: SessionDep,
     settings: SettingsDep,
     format: Literal["csv", "ndjson", "parquet"] = "csv",
+    query_token: QueryTokenQuery = None,
 ) -> StreamingResponse | FileResponse:
     """Every row (both directions, every query) in one download: `csv` (a header line, empty cells for nulls),
-    `ndjson` (one JSON object per line) or `parquet` (ids typed as in the datasets). A 409 until the job has
-    succeeded."""
+    `ndjson` (one JSON object per line) or `parquet` (ids typed as in the datasets); `query_token` keeps one token
+    position (`per_token` attributions). A 409 until the job has succeeded."""
     attribution = finished_attribution(session, tenant.id, attribution_id)
     types = id_types(session, attribution)
-    rows = exported_rows(settings.resolved_database_url, attribution.id, types)
+    rows = exported_rows(settings.resolved_database_url, attribution.id, types, query_token)
     filename = f"{attribution.id}.{format}"
     headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
     if format == "parquet":

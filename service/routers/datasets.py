@@ -11,7 +11,7 @@ from sqlalchemy import select
 from service.conversions import from_row
 from service.dataset_uploads import stage_text_dataset, tokenize_options
 from service.db.base import new_id, utcnow
-from service.db.tables import Dataset
+from service.db.tables import Dataset, Model
 from service.dependencies import MultipartBody, SessionDep, SettingsDep, StoreDep, TenantDep
 from service.examples import MAX_EXAMPLES, dataset_examples
 from service.idempotency import IdempotencyKey, remember, replay
@@ -111,6 +111,7 @@ def upload_dataset(
         num_examples=summary["num_examples"],
         fields=summary["fields"],
         ids_are_strings=ids_are_strings,
+        tokenizer_model_id=meta.tokenize_with if fmt == STORED_FORMAT else None,
         created_at=utcnow(),
     )
     session.add(dataset)
@@ -159,10 +160,26 @@ def get_examples(
         list[str],
         Query(description=f"Example ids (the dataset's own ids); repeat the parameter, at most {MAX_EXAMPLES}."),
     ],
+    model_id: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="Text datasets: decode with this `hf` model's uploaded tokenizer (default: the tokenizer "
+            "that made the dataset, `metadata.tokenize_with`).",
+        ),
+    ] = None,
 ) -> DatasetExamples:
     """Some examples of the dataset by id (inputs and targets), e.g. to show the training examples that an
-    attribution ranked. An unknown id is a 404 naming it."""
-    return dataset_examples(store, owned(session, Dataset, tenant.id, dataset_id), ids, settings.max_dataset_rows)
+    attribution ranked. Text datasets give each example's token ids and labels (or class) and, when a tokenizer
+    is known, its text and tokens decoded. An unknown id is a 404 naming it."""
+    dataset = owned(session, Dataset, tenant.id, dataset_id)
+    tokenizer_model = None
+    if model_id is not None:
+        tokenizer_model = owned(session, Model, tenant.id, model_id)
+    elif dataset.tokenizer_model_id is not None:
+        maker = session.get(Model, dataset.tokenizer_model_id)
+        tokenizer_model = maker if maker is not None and maker.deleted_at is None else None
+    return dataset_examples(store, dataset, ids, settings.max_dataset_rows, tokenizer_model)
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a dataset")

@@ -12,6 +12,7 @@ from pydantic import (
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     RootModel,
+    StrictBool,
     StrictInt,
     StrictStr,
     TypeAdapter,
@@ -52,6 +53,12 @@ class AttributionRequest(StrictModel):
     mode: Literal["pairwise", "aggregate", "self"] = "pairwise"
     top_k: StrictInt = Field(
         10, ge=1, le=1_000_000, description="Rows per query and direction (a server setting may cap it lower: 422)."
+    )
+    per_token: StrictBool = Field(
+        False,
+        description="Causal language models, `pairwise` mode: attribute each scored query token separately. Each "
+        "token gets its own top-k rows, which add `query_token` (its position in the query) and `query_token_text`. "
+        "Otherwise a 422.",
     )
     options: StrictModel
 
@@ -180,6 +187,7 @@ class AttributionOut(BaseModel):
                     "measurement": "loss",
                     "mode": "pairwise",
                     "top_k": 10,
+                    "per_token": False,
                     "options": {"strategy": "ekfac"},
                     "diagnostics": None,
                     "num_results": 0,
@@ -201,6 +209,7 @@ class AttributionOut(BaseModel):
     measurement: str
     mode: str
     top_k: int
+    per_token: bool = Field(False, description="Each scored query token was attributed separately.")
     options: dict[str, Any]
     diagnostics: AttributionDiagnostics | None = Field(
         None,
@@ -238,6 +247,16 @@ class ResultRow(BaseModel):
     )
     task: int | None = Field(None, description="Meta instance rows: the instance's task.")
     split: int | None = Field(None, description="Meta instance rows: 0 = task train, 1 = task validation.")
+    query_token: int | None = Field(
+        None,
+        description="`per_token` attributions: the position of the attributed token in its query (0 = the first "
+        "token; only scored tokens have rows). Null otherwise.",
+    )
+    query_token_text: str | None = Field(
+        None,
+        description="`per_token` attributions: that token decoded with the model's uploaded tokenizer; null "
+        "without a tokenizer, and otherwise.",
+    )
 
     @field_validator("query_id", "train_id", mode="before")
     @classmethod
@@ -270,6 +289,8 @@ class ResultsPage(BaseModel):
                             "score": 3.25,
                             "task": None,
                             "split": None,
+                            "query_token": None,
+                            "query_token_text": None,
                         },
                         {
                             "query_id": 7,
@@ -279,6 +300,8 @@ class ResultsPage(BaseModel):
                             "score": 1.5,
                             "task": None,
                             "split": None,
+                            "query_token": None,
+                            "query_token_text": None,
                         },
                     ],
                     "next_page_token": "WzAsIDJd",

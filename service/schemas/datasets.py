@@ -65,10 +65,25 @@ class DatasetList(BaseModel):
 
 class DatasetExample(BaseModel):
     id: int | str = Field(description="The example's id, with its own JSON type.")
-    input: Any = Field(description="The input as nested lists of numbers (float32 values), of shape `input_shape`.")
-    target: Any = Field(description="Class index, or a list of regression targets.")
+    input: Any = Field(
+        description="The input as nested lists of numbers (float32 values), of shape `input_shape`. Text datasets: "
+        "the token ids of the example's real tokens (padding left out), so that position p is a results row's "
+        "`query_token` p."
+    )
+    target: Any = Field(
+        description="Class index, or a list of regression targets. Text datasets for causal language models: the "
+        "label of each real token (-100: not scored)."
+    )
     task: int | None = Field(None, description="Meta-datasets: the example's task.")
     split: int | None = Field(None, description="Meta-datasets: 0 = task train, 1 = task validation.")
+    text: str | None = Field(
+        None,
+        description="Text datasets: the tokens decoded (with the tokenizer that made them, or the model named by "
+        "`model_id`); null without a tokenizer.",
+    )
+    tokens: list[str] | None = Field(
+        None, description="Text datasets: each token decoded on its own, one per `input` entry; null without one."
+    )
 
 
 class DatasetExamples(BaseModel):
@@ -87,5 +102,10 @@ class DatasetExamples(BaseModel):
     )
 
     dataset_id: str
-    input_shape: list[int] = Field(description="Shape of one example's input (2-D or 3-D: an image).")
+    input_shape: list[int] = Field(
+        description="Shape of one example's input (2-D or 3-D: an image); text datasets: [stored length]."
+    )
+    tokenizer_model_id: str | None = Field(
+        None, description="Text datasets: the model whose tokenizer decoded `text` and `tokens` (null: none known)."
+    )
     examples: list[DatasetExample] = Field(description="In the order the ids were asked for (repeats dropped).")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from sqlalchemy import func, insert, select, text, update
@@ -20,7 +21,7 @@ from tests.service.conftest import Api, tiny_classifier, tiny_dataset
 from worker.attribution import AttributionScores, TopK
 from worker.tasks import attribution as attribution_task
 from worker.tasks.result_writer import write_results
-from worker.tasks.rows import ResultColumns, result_columns
+from worker.tasks.rows import QueryTokenLabels, ResultColumns, result_columns
 
 STORED = (
     AttributionResult.direction,
@@ -31,13 +32,21 @@ STORED = (
     AttributionResult.score,
     AttributionResult.task,
     AttributionResult.split,
+    AttributionResult.query_token,
+    AttributionResult.query_token_text,
 )
 
 
 def reference_rows(
-    scores: AttributionScores, method: str, top_k: int, train_ids: list[Any], query_ids: list[Any] | None
+    scores: AttributionScores,
+    method: str,
+    top_k: int,
+    train_ids: list[Any],
+    query_ids: list[Any] | None,
+    tokens: QueryTokenLabels | None = None,
 ) -> list[dict[str, Any]]:
-    """The rows by their definition, one at a time (as the service built them before the column-wise path)."""
+    """The rows by their definition, one at a time (as the service built them before the column-wise path);
+    ``tokens``: query row ``pos`` is token ``tokens.position[pos]`` of query ``tokens.query[pos]``."""
 
     def unit(index: int) -> dict[str, Any]:
         if method == "meta_task_influence":
@@ -58,6 +67,10 @@ def reference_rows(
             ("negative", scores.topk.negative_indices, scores.topk.negative_scores),
         ):
             for pos in range(indices.shape[0]):
+                query = pos if tokens is None else int(tokens.query[pos])
+                token: dict[str, Any] = {"query_token": None, "query_token_text": None}
+                if tokens is not None:
+                    token = {"query_token": int(tokens.position[pos]), "query_token_text": tokens.text[pos]}
                 for rank, (index, score) in enumerate(
                     zip(indices[pos].tolist(), values[pos].tolist(), strict=True), start=1
                 ):
@@ -65,10 +78,11 @@ def reference_rows(
                         {
                             "direction": direction,
                             "query_pos": pos,
-                            "query_id": str(labels[pos]),
+                            "query_id": str(labels[query]),
                             "rank": rank,
                             "score": float(score),
                             **unit(index),
+                            **token,
                         }
                     )
         return rows
@@ -85,6 +99,8 @@ def reference_rows(
                     "rank": rank,
                     "score": float(scores.scores[index]),
                     **unit(index),
+                    "query_token": None,
+                    "query_token_text": None,
                 }
             )
     return rows
@@ -101,6 +117,7 @@ def pairwise_scores(num_queries: int, num_train: int, k: int, seed: int = 0, **m
 CASES = {
     "pairwise, string ids": (pairwise_scores(3, 7, 4), "influence", 4, [f"ex-{i}" for i in range(7)], ["a", "b", "c"]),
     "pairwise, int ids": (pairwise_scores(2, 5, 5), "influence", 5, list(range(100, 105)), [7, 9]),
+    "pairwise, per token": (pairwise_scores(5, 6, 3), "gradient_similarity", 3, list(range(6)), ["p", "q"]),
     "aggregate": (
         AttributionScores(mode="aggregate", scores=torch.tensor([0.5, -2.0, 0.5, 3.0, 1e-40])),
         "influence",
@@ -133,11 +150,19 @@ CASES = {
 }
 
 
+# per-token query rows: 3 tokens of query "p", 2 of "q" (one token without a decoded text)
+TOKENS = {
+    "pairwise, per token": QueryTokenLabels(
+        query=np.array([0, 0, 0, 1, 1]), position=np.array([2, 3, 5, 1, 2]), text=["a", " b", "c", None, "\u00e9"]
+    )
+}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_columns_equal_the_row_by_row_definition(case: str) -> None:
     scores, method, top_k, train_ids, query_ids = CASES[case]
-    columns = result_columns(scores, method, top_k, train_ids, query_ids)
-    assert columns.dicts() == reference_rows(scores, method, top_k, train_ids, query_ids)
+    columns = result_columns(scores, method, top_k, train_ids, query_ids, TOKENS.get(case))
+    assert columns.dicts() == reference_rows(scores, method, top_k, train_ids, query_ids, TOKENS.get(case))
     assert len(columns) == len(columns.dicts())
 
 
@@ -191,9 +216,9 @@ def job_row(url: str, job_id: str) -> Job:
 def test_bulk_writes_store_what_orm_inserts_stored(api: Api) -> None:
     attribution = setup_attribution(api)
     url = api.settings.resolved_database_url
-    for case in ("pairwise, string ids", "meta instances", "aggregate"):
+    for case in ("pairwise, string ids", "meta instances", "aggregate", "pairwise, per token"):
         scores, method, top_k, train_ids, query_ids = CASES[case]
-        columns = result_columns(scores, method, top_k, train_ids, query_ids)
+        columns = result_columns(scores, method, top_k, train_ids, query_ids, TOKENS.get(case))
         with session_scope(url) as session:
             write_results(session, attribution["id"], columns)
             bulk = stored(session, attribution["id"])
@@ -334,6 +359,8 @@ def test_a_page_serialized_from_stored_rows_is_the_documented_page(
                 "score": scores[i],
                 "task": i if i % 3 == 0 else None,
                 "split": i % 2 if i % 3 == 0 else None,
+                "query_token": i + 1 if i < 8 and i % 3 else None,
+                "query_token_text": f" tok\u00e9{i}" if i < 8 and i % 3 == 1 else None,
             }
         )
         for i in range(12)

@@ -11,14 +11,15 @@ from torch import nn
 from service.db.base import new_id, utcnow
 from service.db.tables import Attribution, Dataset, Fit, Model
 from worker.artifacts.datasets import DatasetArrays
-from worker.attribution import AttributionScores, Curvature, Examples
+from worker.attribution import AttributionError, AttributionScores, Curvature, Examples
 from worker.context import JobContext
-from worker.loading import load_curvatures, load_examples, load_model, put_curvatures
+from worker.loading import load_curvatures, load_examples, load_model, load_model_tokenizer, put_curvatures
 from worker.methods.base import MadeFit, Method, RunInputs, RunOutput
 from worker.tasks.diagnostics import method_diagnostics
 from worker.tasks.options import loss_name, measurement_name, method_of, method_options, mode_name
+from worker.tasks.per_token import expand_queries
 from worker.tasks.result_writer import write_results
-from worker.tasks.rows import ResultColumns, result_columns
+from worker.tasks.rows import QueryTokenLabels, ResultColumns, result_columns
 from worker.tasks.trajectory import load_trajectory
 
 
@@ -32,6 +33,8 @@ class LoadedRequest:
     query: Examples | None
     query_arrays: DatasetArrays | None
     fit: Fit | None
+    # per_token: the queries above are per-token query rows; which query and token each one is
+    query_tokens: QueryTokenLabels | None = None
 
     @property
     def loss(self) -> str:
@@ -51,7 +54,12 @@ def load_request(context: JobContext) -> LoadedRequest:
     modules = [load_model(context.store, model) for model in present]
     train, train_arrays = load_examples(context.store, train_row)
     query, query_arrays = load_examples(context.store, query_row) if query_row else (None, None)
-    return LoadedRequest(attribution, present, modules, train, train_arrays, query, query_arrays, fit)
+    query_tokens = None
+    if attribution.per_token:
+        if query is None:
+            raise AttributionError("per_token needs a query dataset")
+        query, query_tokens = expand_queries(query, load_model_tokenizer(context.store, present[0]))
+    return LoadedRequest(attribution, present, modules, train, train_arrays, query, query_arrays, fit, query_tokens)
 
 
 def run_attribution(context: JobContext) -> None:
@@ -65,7 +73,12 @@ def run_attribution(context: JobContext) -> None:
     output = method.run(run_inputs(context, request, method))
     query_ids = request.query_arrays.ids.tolist() if request.query_arrays is not None else None
     rows = result_columns(
-        output.scores, method.name, request.attribution.top_k, request.train_arrays.ids.tolist(), query_ids
+        output.scores,
+        method.name,
+        request.attribution.top_k,
+        request.train_arrays.ids.tolist(),
+        query_ids,
+        request.query_tokens,
     )
     save_results(context, request, output.scores, rows, output.made_fits)
 

@@ -19,7 +19,19 @@ from worker.attribution import AttributionScores, TopK
 from worker.methods.registry import get_method
 
 # The stored columns of a result row, in the order of ``ResultColumns.tuples()``.
-RESULT_FIELDS = ("direction", "query_pos", "query_id", "rank", "train_id", "score", "task", "split")
+RESULT_FIELDS = (
+    "direction",
+    "query_pos",
+    "query_id",
+    "rank",
+    "train_id",
+    "score",
+    "task",
+    "split",
+    "query_token",
+    "query_token_text",
+)
+MAX_TOKEN_TEXT = 200  # characters of a decoded query token kept (the column's width)
 DIRECTIONS = ("positive", "negative")
 
 
@@ -44,7 +56,8 @@ class UnitColumns(TypedDict):
 
 @dataclass
 class ResultColumns:
-    """Result rows as equal-length columns; ``task``/``split`` are None when no row has them."""
+    """Result rows as equal-length columns; ``task``/``split`` (``query_token``/``query_token_text``) are None
+    when no row has them."""
 
     direction: np.ndarray
     query_pos: np.ndarray
@@ -54,6 +67,8 @@ class ResultColumns:
     score: np.ndarray
     task: np.ndarray | None = None
     split: np.ndarray | None = None
+    query_token: np.ndarray | None = None
+    query_token_text: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.rank.shape[0])
@@ -93,6 +108,8 @@ class ResultColumns:
             score=required("score"),
             task=joined("task"),
             split=joined("split"),
+            query_token=joined("query_token"),
+            query_token_text=joined("query_token_text"),
         )
 
 
@@ -120,9 +137,30 @@ class UnitLabels:
         return {"train_id": train_id, "task": task, "split": self.split[indices].astype(np.int64).astype(object)}
 
 
-def pairwise_columns(topk: TopK, query_ids: Sequence[Any], units: UnitLabels) -> ResultColumns:
-    """Per query, its top-k'; both directions; query_pos is the query's row, rank counts from 1."""
+@dataclass(frozen=True)
+class QueryTokenLabels:
+    """Per-token queries (``worker.attribution.text.per_token_queries``): for each query row of the engine, the
+    row of its query in the query dataset, the scored token's position, and that token decoded (or None)."""
+
+    query: np.ndarray  # int64 (R,)
+    position: np.ndarray  # int64 (R,)
+    text: Sequence[str | None]
+
+    def __post_init__(self) -> None:
+        if not self.query.shape == self.position.shape == (len(self.text),):
+            raise ValueError("query, position and text must have one entry per query row")
+
+
+def pairwise_columns(
+    topk: TopK, query_ids: Sequence[Any], units: UnitLabels, tokens: QueryTokenLabels | None = None
+) -> ResultColumns:
+    """Per query row, its top-k; both directions; query_pos is the query row, rank counts from 1. With ``tokens``
+    a query row is one scored token of a query: its query_id is the query's and it adds query_token(_text)."""
     query_text = _texts(query_ids)
+    if tokens is not None:
+        query_text = query_text[tokens.query]
+        token_text = np.empty(len(tokens.text), dtype=object)
+        token_text[:] = [None if t is None else t[:MAX_TOKEN_TEXT] for t in tokens.text]
     parts = []
     for direction, indices, scores in (
         ("positive", topk.positive_indices, topk.positive_scores),
@@ -137,6 +175,8 @@ def pairwise_columns(topk: TopK, query_ids: Sequence[Any], units: UnitLabels) ->
                 query_id=query_text[query_pos],
                 rank=np.tile(np.arange(1, k + 1, dtype=np.int64), num_queries),
                 score=scores.detach().cpu().numpy().astype(np.float64).reshape(-1),
+                query_token=None if tokens is None else tokens.position[query_pos],
+                query_token_text=None if tokens is None else token_text[query_pos],
                 **units.columns(indices.detach().cpu().numpy().reshape(-1)),
             )
         )
@@ -168,12 +208,20 @@ def ranked_columns(scores: torch.Tensor, top_k: int, units: UnitLabels, *, all_p
 
 
 def result_columns(
-    scores: AttributionScores, method: str, top_k: int, train_ids: Sequence[Any], query_ids: Sequence[Any] | None
+    scores: AttributionScores,
+    method: str,
+    top_k: int,
+    train_ids: Sequence[Any],
+    query_ids: Sequence[Any] | None,
+    tokens: QueryTokenLabels | None = None,
 ) -> ResultColumns:
+    """The rows of the engine's scores; ``tokens``: the queries were per-token query rows (pairwise only)."""
     units = UnitLabels(train_ids, scores, method)
     if scores.mode == "pairwise":
         assert scores.topk is not None
         labels = scores.query_task.tolist() if scores.query_task is not None else list(query_ids or [])
-        return pairwise_columns(scores.topk, labels, units)
+        return pairwise_columns(scores.topk, labels, units, tokens)
+    if tokens is not None:
+        raise ValueError("per-token query rows are ranked in pairwise mode only")
     assert scores.scores is not None
     return ranked_columns(scores.scores, top_k, units, all_positive=scores.mode == "self")

@@ -344,7 +344,9 @@ def _merge_and_save(context: JobContext, request: LoadedRequest, method: Method,
     )
     scores.diagnostics.update(shard_diagnostics(ranges))
     query_ids = request.query_arrays.ids.tolist() if request.query_arrays is not None else None
-    columns = result_columns(scores, method.name, attribution.top_k, request.train_arrays.ids.tolist(), query_ids)
+    columns = result_columns(
+        scores, method.name, attribution.top_k, request.train_arrays.ids.tolist(), query_ids, request.query_tokens
+    )
     made: list[MadeFit] = []
     if request.fit is None:
         typed = method_options(method, attribution.options)

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import ForeignKey, String, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db.base import Base, utcnow
@@ -29,4 +29,6 @@ class Attribution(Base):
     used_fit_ids: Mapped[list[str] | None] = mapped_column(default=None)
     diagnostics: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     num_results: Mapped[int] = mapped_column(default=0)
+    # Each scored query token attributed separately (causal LM, pairwise): result rows carry query_token.
+    per_token: Mapped[bool] = mapped_column(default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

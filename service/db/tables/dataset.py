@@ -23,5 +23,7 @@ class Dataset(Base):
     num_examples: Mapped[int]
     fields: Mapped[dict[str, Any]]
     ids_are_strings: Mapped[bool] = mapped_column(default=False)
+    # A text dataset tokenized at upload (metadata.tokenize_with): the model whose tokenizer made its token ids.
+    tokenizer_model_id: Mapped[str | None] = mapped_column(String(40), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)

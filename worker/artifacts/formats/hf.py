@@ -181,15 +181,21 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def tracked_layers(model: nn.Module) -> list[str]:
-    """nn.Linear and transformers' Conv1D (a Linear with a transposed weight), in module order; an output layer
-    whose weight is tied to another module's (GPT-2's ``lm_head``, tied to the token embedding) is left out."""
+    """The layers an attribution tracks when none are named: nn.Linear and transformers' Conv1D (a Linear with a
+    transposed weight), in module order; an output layer whose weight is tied to another module's (GPT-2's
+    ``lm_head``, tied to the token embedding) is left out, and so is the output embedding (the LM head, tied or
+    not), which the engine leaves out by default too (``worker.attribution.hooks.default_layers``)."""
     owner: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         weight = getattr(module, "weight", None)
         if isinstance(weight, nn.Parameter):
             owner.setdefault(id(weight), name)
+    getter = getattr(model, "get_output_embeddings", None)
+    output_embeddings = getter() if callable(getter) else None
     names = []
     for name, module in model.named_modules():
+        if module is output_embeddings:
+            continue
         if isinstance(module, (nn.Linear, Conv1D)) and owner.get(id(module.weight)) == name:
             names.append(name)
     return names
