@@ -32,6 +32,7 @@ from benchmarks.tiny_lm import (
     ModelSpec,
     accuracy,
     bm25,
+    example_losses,
     finetune,
     lm_examples,
     pretrain,
@@ -92,6 +93,8 @@ def main() -> None:
         "finetune_seconds": t_ft.seconds,
         "paraphrase query accuracy, base": accuracy(base, queries),
         "paraphrase query accuracy, fine-tuned": accuracy(model, queries),
+        "paraphrase query mean completion loss (nats), base": float(example_losses(base, queries).mean()),
+        "paraphrase query mean completion loss (nats), fine-tuned": float(example_losses(model, queries).mean()),
         "training-template accuracy, fine-tuned (object-last templates)": accuracy(
             model, stated.subset(torch.from_numpy(np.flatnonzero(object_last)))
         ),
