@@ -8,6 +8,11 @@ VENV=benchmarks/.venv-kron
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install --upgrade pip
 "$VENV/bin/pip" install "torch==2.13.0" "kronfluence==1.0.1" "scikit-learn>=1.4" "scipy>=1.11" "numpy>=1.26" "safetensors>=0.4"
+# The LoRA benchmarks (fact_tracing.py, lora_lds.py) build Hugging Face models: the project's own ranges.
+"$VENV/bin/pip" install "transformers>=5.0,<6" "peft>=0.17,<1" "tokenizers>=0.22,<1"
+# kronfluence pulls torchvision from the index, built for another torch than the local CPU wheel: its
+# compiled operators fail to load, and transformers then fails to import. Nothing here needs it.
+"$VENV/bin/pip" uninstall -y torchvision
 # Our package itself, without its service dependencies: the engine (worker.attribution) needs only torch.
 "$VENV/bin/pip" install -e . --no-deps
 "$VENV/bin/python" - <<'PY'

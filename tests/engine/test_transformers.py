@@ -37,6 +37,7 @@ from worker.attribution.hooks import (
     weight_matrix,
 )
 from worker.attribution.losses import LossName, per_example_loss
+from worker.attribution.methods import datainf
 from worker.attribution.options import CurvatureKind, InfluenceStrategy
 from worker.attribution.text import (
     PaddingSide,
@@ -335,7 +336,12 @@ def test_adapter_only_attribution_equals_full_gradients_restricted_to_the_adapte
 # ---------------------------------------------------------------- DataInf on LoRA
 
 
-def test_datainf_on_lora_matches_its_formula() -> None:
+@pytest.mark.parametrize("keep_activities", [True, False], ids=["kept", "recomputed"])
+def test_datainf_on_lora_matches_its_formula(keep_activities: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the first pass's activities kept (sequence layers reduced to min(d_in, d_out) rows per example)
+    and without (every pass runs the model)."""
+    if not keep_activities:
+        monkeypatch.setattr(datainf, "DEFAULT_CACHE_BYTES", 0)
     model = lora_gpt2(seed=5)
     train, queries = token_lists(6, 6), token_lists(2, 7)
     tracked = resolve_layers(model, None)
@@ -366,6 +372,9 @@ def test_datainf_on_lora_matches_its_formula() -> None:
         options=DataInfOptions(batch_size=4),
     )
     assert close(full_matrix(result, 2, n), expected)
+    used = result.diagnostics["models"][0]
+    assert used["cached_training_activities"] is keep_activities
+    assert used["training_passes"] == (0 if keep_activities else 1)  # passes of the preconditioner
 
 
 # ---------------------------------------------------------------- curvature against dense matrices

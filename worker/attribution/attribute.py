@@ -163,12 +163,15 @@ def build_scorers(
             )
         elif isinstance(options, DataInfOptions):
             layers = resolve_layers(model, options.layers)
+            cache = None
             if options.damping is None:
-                dampings = datainf_dampings(model, layers, train, loss, options.batch_size, device, fit_counter)
+                dampings, cache = datainf_dampings(model, layers, train, loss, options.batch_size, device, fit_counter)
             else:
                 dampings = {layer.name: float(options.damping) for layer in layers}
-            datainf = DataInfPreconditioner(model, layers, train, loss, dampings, options.batch_size, device, progress)
-            scorers.append(ModelScorer(model, layers, loss, device, dtype, datainf))
+            datainf = DataInfPreconditioner(
+                model, layers, train, loss, dampings, options.batch_size, device, progress, cache
+            )
+            scorers.append(ModelScorer(model, layers, loss, device, dtype, datainf, cached=cache))
         else:
             assert isinstance(options, InfluenceOptions)
             fit = None if fits is None else fits[position]

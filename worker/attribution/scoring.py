@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from worker.attribution.curvature.base import LayerVectors, Preconditioner
-from worker.attribution.gradients import batches, measurement_activities, training_activities
+from worker.attribution.gradients import TrainingActivities, batches, measurement_activities, training_activities
 from worker.attribution.hooks import Activities, ActivityRecorder, TrackedLayer, evaluation_mode
 from worker.attribution.losses import LossName, MeasurementName
 from worker.attribution.progress import StageCounter
@@ -44,6 +44,8 @@ class ModelScorer:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     # the training set's per-example (a, g) rows, when a fit recorded them for this very training set
     index: TrainingIndex | None = None
+    # the training set's batch activities, kept from a pass over it (DataInf's first pass)
+    cached: TrainingActivities | None = None
 
     @property
     def layer_names(self) -> list[str]:
@@ -155,9 +157,16 @@ def stream_training_activities(
     visit: Callable[[int, list[Activities]], None],
     queries: int = 0,
 ) -> None:
-    """``stream_training_batches``, or, when every scorer carries a training-gradient index of ``train``,
+    """``stream_training_batches``, or, when every scorer carries the batch activities of this very ``train``
+    (``cached``), those; or, when every scorer carries a training-gradient index of ``train``,
     the same activities read from the indexes in large blocks (no model pass). ``queries``: how many query
     vectors ``visit`` contracts each block with (sizes the work for the thread policy only)."""
+    kept = [s.cached for s in scorers if s.cached is not None and s.cached.matches(train, batch_size)]
+    if kept and len(kept) == len(scorers):
+        for position, (start, _) in enumerate(kept[0].batches):
+            visit(start, [cache.batches[position][1] for cache in kept])
+            counter.advance(next(iter(kept[0].batches[position][1].values())).batch_size)
+        return
     indexes = [
         scorer.index for scorer in scorers if scorer.index is not None and scorer.index.num_examples == len(train)
     ]

@@ -2,6 +2,11 @@
 
 P_l v = (1/lambda_l) [ v - (1/N) sum_j g_jl <g_jl, v> / (lambda_l + ||g_jl||^2) ],
 lambda_l = 0.1 x mean_i ||g_il||^2 / d_l by default. Applying P streams the training set once.
+
+The first pass over the training set (the default damping's) keeps every batch's layer activities when they
+fit ``DEFAULT_CACHE_BYTES`` (sequence layers reduced to at most min(d_in, d_out) rows per example, which
+represent the same per-example gradient): preconditioning and scoring that same training set then run no
+further model pass, so DataInf costs one training pass instead of three.
 """
 
 from __future__ import annotations
@@ -12,11 +17,36 @@ import torch
 from torch import nn
 
 from worker.attribution.curvature.base import DEFAULT_DAMPING_FRACTION, LayerVectors, Preconditioner
-from worker.attribution.gradients import batches, model_dtype, training_activities
-from worker.attribution.hooks import ActivityRecorder, LayerActivity, TrackedLayer, evaluation_mode
+from worker.attribution.gradients import TrainingActivities, batches, model_dtype, training_activities
+from worker.attribution.hooks import Activities, ActivityRecorder, LayerActivity, TrackedLayer, evaluation_mode
 from worker.attribution.losses import LossName
 from worker.attribution.progress import StageCounter
 from worker.attribution.types import Examples, Progress, no_progress
+
+DEFAULT_CACHE_BYTES = 256 * 1024**2  # the training activities DataInf keeps from its first pass
+
+
+def compact_activity(activity: LayerActivity) -> LayerActivity:
+    """The same per-example gradients G = sum_t g_t a_t^T on the fewest rows: with T > min(d_in, d_out),
+    rows k of G as inputs and unit output gradients e_k (d_out <= d_in), or unit inputs e_k and the columns
+    of G as output gradients. No mask: the unit rows are real, padding contributed zeros to G already."""
+    batch, positions, d_in = activity.activations.shape
+    d_out = activity.gradients.shape[2]
+    if positions <= min(d_in, d_out):
+        return activity
+    gradients = activity.per_example_gradients()  # (B, d_out, d_in)
+    size = min(d_in, d_out)
+    unit = torch.eye(size, dtype=gradients.dtype, device=gradients.device).expand(batch, size, size).contiguous()
+    if d_out <= d_in:
+        return LayerActivity(gradients, unit)
+    return LayerActivity(unit, gradients.transpose(1, 2).contiguous())
+
+
+def _bytes(activities: Activities) -> int:
+    return sum(
+        a.activations.numel() * a.activations.element_size() + a.gradients.numel() * a.gradients.element_size()
+        for a in activities.values()
+    )
 
 
 def datainf_dampings(
@@ -27,20 +57,32 @@ def datainf_dampings(
     batch_size: int,
     device: torch.device,
     counter: StageCounter,
-) -> dict[str, float]:
-    """lambda_l = 0.1 x mean_i ||g_il||^2 / d_l (one pass over the training data)."""
+    cache_bytes: int | None = None,
+) -> tuple[dict[str, float], TrainingActivities | None]:
+    """lambda_l = 0.1 x mean_i ||g_il||^2 / d_l (one pass over the training data), and the pass's activities
+    when they fit ``cache_bytes`` (default ``DEFAULT_CACHE_BYTES``; else None)."""
+    budget = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
     totals = {layer.name: 0.0 for layer in layers}
+    kept: list[tuple[int, Activities]] | None = []
+    used = 0
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
-        for _, batch in batches(train, batch_size, device, model_dtype(model)):
+        for start, batch in batches(train, batch_size, device, model_dtype(model)):
             activities = training_activities(model, recorder, batch, loss)
             for name, activity in activities.items():
                 totals[name] += float(activity.squared_norms().to(torch.float64).sum())
+            if kept is not None:
+                compact = {name: compact_activity(activity) for name, activity in activities.items()}
+                used += _bytes(compact)
+                if used <= budget:
+                    kept.append((start, compact))
+                else:
+                    kept = None  # over budget: later passes run the model
             counter.advance(len(batch))
     dampings = {}
     for layer in layers:
         value = DEFAULT_DAMPING_FRACTION * totals[layer.name] / len(train) / layer.num_parameters
         dampings[layer.name] = value if value > 0 else 1.0
-    return dampings
+    return dampings, None if kept is None else TrainingActivities(train, batch_size, kept)
 
 
 def _coefficient_weighted_sum(activity: LayerActivity, coefficients: torch.Tensor) -> torch.Tensor:
@@ -64,6 +106,7 @@ class DataInfPreconditioner(Preconditioner):
         batch_size: int,
         device: torch.device,
         progress: Progress = no_progress,
+        cache: TrainingActivities | None = None,
     ) -> None:
         self.model = model
         self.layers = layers
@@ -74,23 +117,35 @@ class DataInfPreconditioner(Preconditioner):
         self.batch_size = batch_size
         self.device = device
         self.progress = progress
+        self.cache = cache if cache is not None and cache.matches(train, batch_size) else None
         self.passes = 0
 
     def precondition(self, vectors: LayerVectors) -> LayerVectors:
         sums = {name: torch.zeros_like(v) for name, v in vectors.items()}
         counter = StageCounter(self.progress, "precondition", len(self.train))
-        with evaluation_mode(self.model), ActivityRecorder(self.layers) as recorder:
-            for _, batch in batches(self.train, self.batch_size, self.device, model_dtype(self.model)):
-                activities = training_activities(self.model, recorder, batch, self.loss)
-                for name in self.layer_names:
-                    activity = activities[name]
-                    damping = self.dampings[name]
-                    coefficients = activity.contract(vectors[name]) / (damping + activity.squared_norms())
-                    sums[name] += _coefficient_weighted_sum(activity, coefficients)
-                counter.advance(len(batch))
-        self.passes += 1
+
+        def add(activities: Activities) -> None:
+            for name in self.layer_names:
+                activity = activities[name]
+                damping = self.dampings[name]
+                coefficients = activity.contract(vectors[name]) / (damping + activity.squared_norms())
+                sums[name] += _coefficient_weighted_sum(activity, coefficients)
+            counter.advance(next(iter(activities.values())).batch_size)
+
+        if self.cache is not None:
+            for _, activities in self.cache.batches:
+                add(activities)
+        else:
+            with evaluation_mode(self.model), ActivityRecorder(self.layers) as recorder:
+                for _, batch in batches(self.train, self.batch_size, self.device, model_dtype(self.model)):
+                    add(training_activities(self.model, recorder, batch, self.loss))
+            self.passes += 1
         n = len(self.train)
         return {name: (vectors[name] - sums[name] / n) / self.dampings[name] for name in self.layer_names}
 
     def diagnostics(self) -> dict[str, Any]:
-        return {"damping": self.dampings, "training_passes": self.passes}
+        return {
+            "damping": self.dampings,
+            "training_passes": self.passes,
+            "cached_training_activities": self.cache is not None,
+        }
