@@ -58,6 +58,9 @@ class ScorerDiagnostics(Diagnostics):
     lissa_scale: float | None = None
     converged: bool | None = None
     training_passes: int | None = Field(None, description="DataInf: passes over the training data.")
+    cached_training_activities: bool | None = Field(
+        None, description="DataInf: whether the first pass's training activities were kept for scoring."
+    )
 
 
 class ScoredDiagnostics(Diagnostics):
