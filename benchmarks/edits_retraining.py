@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from benchmarks.common import RESULTS, digits_split, set_threads
 from worker.attribution import EditOptions, Examples, InfluenceOptions, attribute, edit_parameters, fit_curvature
 from worker.attribution.hooks import resolve_layers
+from worker.attribution.options import DEFAULT_PROXIMITY_FRACTION
 from worker.attribution.proximal import mean_curvature_eigenvalue
 
 KS = (10, 40, 100)
@@ -103,15 +104,20 @@ class RemovalSet:
 @dataclass
 class Outcome:
     retrained_change: np.ndarray  # (Q,) mean over seeds
-    retrained_accuracy: float
+    retrained_accuracies: list[float]  # per seed (seed 0 first)
+    retrain_seconds: float  # mean over this set's retrains, timed between its edits (the same load)
     edited_change: dict[str, np.ndarray] = field(default_factory=dict)
     edited_accuracy: dict[str, float] = field(default_factory=dict)
     edit_seconds: dict[str, float] = field(default_factory=dict)
     warnings: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def retrained_accuracy(self) -> float:
+        return float(np.mean(self.retrained_accuracies))
+
 
 def removal_sets(
-    arch: str, model: nn.Module, train_data: Examples, queries: Examples, fit, seed: int
+    arch: str, model: nn.Module, train_data: Examples, queries: Examples, fit, seed: int, ks: tuple[int, ...] = KS
 ) -> list[RemovalSet]:
     options = InfluenceOptions(strategy="ekfac")
     pairwise = attribute(
@@ -121,7 +127,7 @@ def removal_sets(
         loss="cross_entropy",
         method="influence",
         mode="pairwise",
-        top_k=max(KS),
+        top_k=max(ks),
         options=options,
         fits=[fit],
     )
@@ -131,43 +137,57 @@ def removal_sets(
     assert pairwise.topk is not None and own.scores is not None
     generator = torch.Generator().manual_seed(seed)
     sets = []
-    for k in KS:
+    for k in ks:
         for q in range(len(queries)):
             sets.append(RemovalSet(f"top-{k} helpful (own query)", pairwise.topk.positive_indices[q, :k].clone(), q))
-    for k in KS:
+    for k in ks:
         sets.append(RemovalSet(f"top-{k} self-influence", torch.topk(own.scores, k).indices, None))
         sets.append(RemovalSet(f"random {k}", torch.randperm(len(train_data), generator=generator)[:k], None))
     return sets
 
 
-def estimators(fractions: list[float], mean_eigenvalue: float, cg_max_iter: int) -> dict[str, EditOptions]:
+def estimators(
+    fractions: list[float], mean_eigenvalue: float, cg_max_iter: int, cg_tol: float, variants: list[str]
+) -> dict[str, EditOptions]:
+    """first_order, and newton at each proximity fraction (fraction 1 is the default: proximity None, so the
+    edit's time includes estimating the mean eigenvalue)."""
     chosen = {"first_order": EditOptions(estimator="first_order")}
     for fraction in fractions:
+        proximity = None if fraction == DEFAULT_PROXIMITY_FRACTION else fraction * mean_eigenvalue
         chosen[f"newton λ={fraction:g}·mean"] = EditOptions(
-            estimator="newton", proximity=fraction * mean_eigenvalue, cg_max_iter=cg_max_iter
+            estimator="newton", proximity=proximity, cg_max_iter=cg_max_iter, cg_tol=cg_tol
         )
-    proximity = max(fractions) * mean_eigenvalue
-    chosen[f"proximal λ={max(fractions):g}·mean, 3 steps"] = EditOptions(
-        estimator="proximal", proximity=proximity, max_steps=3, cg_max_iter=cg_max_iter
-    )
+    for variant in variants:  # "cg_max_iter=12,batch_size=512": the default newton with these options changed
+        changes = {
+            key: float(value) if "." in value else int(value)
+            for key, value in (p.split("=") for p in variant.split(","))
+        }
+        chosen[f"newton {variant}"] = replace(
+            EditOptions(estimator="newton", cg_max_iter=cg_max_iter, cg_tol=cg_tol), **changes
+        )
     return chosen
 
 
 def run_setting(
-    arch: str, setting: Setting, fractions: list[float], cg_max_iter: int
+    arch: str,
+    setting: Setting,
+    fractions: list[float],
+    cg_max_iter: int,
+    cg_tol: float,
+    variants: list[str],
+    ks: tuple[int, ...] = KS,
 ) -> tuple[list[str], dict[str, float]]:
     train_data, test = digits_split(num_queries=397)
     queries = Examples(test.inputs[: setting.queries], test.targets[: setting.queries])
     everything = torch.arange(len(train_data))
     started = time.perf_counter()
     full = [train(arch, train_data, everything, s, setting) for s in range(setting.seeds)]
-    retrain_seconds = (time.perf_counter() - started) / setting.seeds
     base = full[0]
     fit = fit_curvature(base, train_data, "cross_entropy", InfluenceOptions(strategy="ekfac").fit_options())
     layers = resolve_layers(base, None)
     mean_eigenvalue = mean_curvature_eigenvalue(base, layers, train_data, "cross_entropy", 1024)
-    chosen = estimators(fractions, mean_eigenvalue, cg_max_iter)
-    sets = removal_sets(arch, base, train_data, queries, fit, seed=1)
+    chosen = estimators(fractions, mean_eigenvalue, cg_max_iter, cg_tol, variants)
+    sets = removal_sets(arch, base, train_data, queries, fit, seed=1, ks=ks)
     full_losses = [losses(m, queries) for m in full]
     base_loss = full_losses[0]
     outcomes = []
@@ -175,34 +195,44 @@ def run_setting(
         keep = torch.ones(len(train_data), dtype=torch.bool)
         keep[removal.rows] = False
         rows = torch.nonzero(keep).reshape(-1)
-        retrained = [train(arch, train_data, rows, s, setting) for s in range(setting.seeds)]
+        edits: dict[str, tuple[dict[str, torch.Tensor], float, int]] = {}
+        retrained, retrain_times = [], []
+        # retrains and edits alternate, so that both are timed under the same load of the machine
+        for seed in range(max(setting.seeds, len(chosen))):
+            if seed < setting.seeds:
+                began = time.perf_counter()
+                retrained.append(train(arch, train_data, rows, seed, setting))
+                retrain_times.append(time.perf_counter() - began)
+            if seed < len(chosen):
+                name, options = list(chosen.items())[seed]
+                began = time.perf_counter()
+                result = edit_parameters(
+                    base,
+                    train_data,
+                    removal.rows,
+                    loss="cross_entropy",
+                    method="influence",
+                    options=InfluenceOptions(strategy="ekfac"),
+                    fit=fit,
+                    edit=options,
+                )
+                edits[name] = (result.state, time.perf_counter() - began, len(result.diagnostics["warnings"]))
         change = torch.stack([losses(m, queries) - full_losses[s] for s, m in enumerate(retrained)]).mean(0)
-        outcome = Outcome(change.numpy(), float(np.mean([accuracy(m, test) for m in retrained])))
-        for name, options in chosen.items():
-            began = time.perf_counter()
-            result = edit_parameters(
-                base,
-                train_data,
-                removal.rows,
-                loss="cross_entropy",
-                method="influence",
-                options=InfluenceOptions(strategy="ekfac"),
-                fit=fit,
-                edit=options,
-            )
-            outcome.edit_seconds[name] = time.perf_counter() - began
-            edited = load(arch, result.state)
+        outcome = Outcome(change.numpy(), [accuracy(m, test) for m in retrained], float(np.mean(retrain_times)))
+        for name, (state, seconds, warned) in edits.items():
+            edited = load(arch, state)
             outcome.edited_change[name] = (losses(edited, queries) - base_loss).numpy()
             outcome.edited_accuracy[name] = accuracy(edited, test)
-            outcome.warnings[name] = len(result.diagnostics["warnings"])
+            outcome.edit_seconds[name] = seconds
+            outcome.warnings[name] = warned
         outcomes.append(outcome)
         print(
             f"  {arch} set {index + 1}/{len(sets)} {removal.group} done ({time.perf_counter() - started:.0f} s)",
             file=sys.stderr,
             flush=True,
         )
-    lines = table(arch, setting, sets, outcomes, chosen, retrain_seconds, [accuracy(m, test) for m in full])
-    return lines, {"retrain_seconds": retrain_seconds}
+    lines = table(arch, setting, sets, outcomes, chosen, [accuracy(m, test) for m in full])
+    return lines, {}
 
 
 def table(
@@ -211,23 +241,27 @@ def table(
     sets: list[RemovalSet],
     outcomes: list[Outcome],
     chosen: dict[str, EditOptions],
-    retrain_seconds: float,
     full_accuracy: list[float],
 ) -> list[str]:
     groups = list(dict.fromkeys(s.group for s in sets))
+    retrain_seconds = float(np.mean([o.retrain_seconds for o in outcomes]))
     lines = [
         f"### {arch.upper()} ({setting.queries} queries, {setting.seeds} retraining seeds, {setting.epochs} "
         f"full-batch Adam epochs, L2 {setting.weight_decay})",
         "",
         f"Full retrain: test accuracy {np.mean(full_accuracy):.4f} (seeds {', '.join(f'{a:.3f}' for a in full_accuracy)}); "
-        f"one retrain takes {retrain_seconds:.2f} s.",
+        f"a retrain without a set took {retrain_seconds:.2f} s on average (timed between the edits of the same set).",
         "",
-        "| removal set | estimator | Pearson | sign agree | acc. edited − retrained (mean / worst) | "
-        "retrained Δloss range | edited Δloss range | edit time (× cheaper than a retrain) | sets with warnings |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| removal set | estimator | Pearson | sign agree | acc. edited − retrained mean (mean / worst) | "
+        "retrain seed std of acc. | acc. edited − seed-0 retrain (mean / worst) | retrained Δloss range | "
+        "edited Δloss range | edit time (× cheaper than a retrain) | sets with warnings |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for group in groups:
         members = [(s, o) for s, o in zip(sets, outcomes, strict=True) if s.group == group]
+        spread = (
+            float(np.mean([np.std(o.retrained_accuracies, ddof=1) for _, o in members])) if setting.seeds > 1 else 0.0
+        )
         for name in chosen:
             truth, predicted = [], []
             for removal, outcome in members:
@@ -245,14 +279,26 @@ def table(
             )
             sign = float(np.mean(np.sign(truth_a) == np.sign(predicted_a)))
             gaps = np.array([o.edited_accuracy[name] - o.retrained_accuracy for _, o in members])
+            same_seed = np.array([o.edited_accuracy[name] - o.retrained_accuracies[0] for _, o in members])
             seconds = float(np.mean([o.edit_seconds[name] for _, o in members]))
+            cheaper = float(
+                np.sum([o.retrain_seconds for _, o in members]) / np.sum([o.edit_seconds[name] for _, o in members])
+            )
             warned = sum(o.warnings[name] > 0 for _, o in members)
             lines.append(
                 f"| {group} | {name} | {pearson:.2f} | {100 * sign:.0f}% | {100 * gaps.mean():+.2f} / "
-                f"{100 * gaps[np.abs(gaps).argmax()]:+.2f} pt | [{truth_a.min():.3f}, {truth_a.max():.3f}] | "
-                f"[{predicted_a.min():.3f}, {predicted_a.max():.3f}] | {seconds:.3f} s ({retrain_seconds / seconds:.0f}×) | "
+                f"{100 * gaps[np.abs(gaps).argmax()]:+.2f} pt | {100 * spread:.2f} pt | {100 * same_seed.mean():+.2f} / "
+                f"{100 * same_seed[np.abs(same_seed).argmax()]:+.2f} pt | [{truth_a.min():.3f}, {truth_a.max():.3f}] | "
+                f"[{predicted_a.min():.3f}, {predicted_a.max():.3f}] | {seconds:.3f} s ({cheaper:.1f}×) | "
                 f"{warned}/{len(members)} |"
             )
+    for name in chosen:  # every set: the summed retrain time (per retrain) over the summed edit time
+        cheaper = sum(o.retrain_seconds for o in outcomes) / sum(o.edit_seconds[name] for o in outcomes)
+        worst = max(abs(o.edited_accuracy[name] - o.retrained_accuracy) for o in outcomes)
+        lines.append(
+            f"| every set ({len(outcomes)}) | {name} | | | worst abs {100 * worst:.2f} pt | | | | | "
+            f"{np.mean([o.edit_seconds[name] for o in outcomes]):.3f} s ({cheaper:.1f}×) | |"
+        )
     lines.append("")
     return lines
 
@@ -264,13 +310,20 @@ def main() -> None:
     parser.add_argument("--fractions", default="1,10", help="proximity λ as multiples of the mean GN eigenvalue")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cg-max-iter", type=int, default=EditOptions().cg_max_iter, help="CG iterations per step")
+    parser.add_argument("--cg-tol", type=float, default=EditOptions().cg_tol, help="CG stopping tolerance")
+    parser.add_argument(
+        "--variant", dest="variants", action="append", default=[], help="newton with options changed: key=value,..."
+    )
+    parser.add_argument("--ks", default=",".join(map(str, KS)), help="removal set sizes")
+    parser.add_argument("--queries", type=int, default=None, help="queries (default: 6 MLP, 3 CNN)")
+    parser.add_argument("--seeds", type=int, default=2, help="retraining seeds per removal set")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
     set_threads(args.threads)
     fractions = [float(f) for f in args.fractions.split(",")]
     settings = {
-        "mlp": Setting("mlp", queries=3 if args.quick else 6, seeds=2, epochs=300),
-        "cnn": Setting("cnn", queries=2 if args.quick else 3, seeds=2, epochs=150),
+        "mlp": Setting("mlp", queries=args.queries or (3 if args.quick else 6), seeds=args.seeds, epochs=300),
+        "cnn": Setting("cnn", queries=args.queries or (2 if args.quick else 3), seeds=args.seeds, epochs=150),
     }
     archs = [args.only] if args.only else ["mlp", "cnn"]
     lines = [
@@ -286,7 +339,15 @@ def main() -> None:
         "",
     ]
     for arch in archs:
-        table_lines, _ = run_setting(arch, settings[arch], fractions, args.cg_max_iter)
+        table_lines, _ = run_setting(
+            arch,
+            settings[arch],
+            fractions,
+            args.cg_max_iter,
+            args.cg_tol,
+            args.variants,
+            tuple(int(k) for k in args.ks.split(",")),
+        )
         lines += table_lines
         print("\n".join(table_lines), flush=True)
     name = "edits_retraining_quick" if args.quick else "edits_retraining"

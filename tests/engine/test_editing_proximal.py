@@ -211,3 +211,38 @@ def test_a_step_beyond_the_trust_radius_is_reported(setup) -> None:
     assert any("trust radius" in w for w in result.diagnostics["warnings"])
     assert result.diagnostics["solver"]["clipped_to_trust_radius"]
     assert result.diagnostics["relative_step_norm"] <= 1e-3 * (1 + 1e-9)
+
+
+def test_one_pass_linearisation_matches_exact_loss_gradient_and_gauss_newton(setup) -> None:
+    """The objective's single forward pass at θ₀ (loss, gradient and curvature operator together) against
+    torch.func: the kept rows' loss and gradient, and G v = Jᵀ H J v with the full Jacobian (float64, 1e-10)."""
+    from torch.func import jacrev
+
+    from worker.attribution.hooks import evaluation_mode, resolve_layers
+    from worker.attribution.proximal import ProximalObjective, state_entries
+
+    model, data, _ = setup
+    layers = resolve_layers(model, None)
+    with evaluation_mode(model):
+        objective = ProximalObjective(model, layers, data, REMOVE, "cross_entropy", batch_size=32)
+        keep = torch.tensor([i for i in range(N) if i not in set(REMOVE.tolist())])
+        theta0 = objective.theta0
+
+        def outputs(flat: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, state_entries(layers, flat), (data.inputs[keep],))
+
+        def kept_loss(flat: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(outputs(flat), data.targets[keep], reduction="sum") / N
+
+        assert abs(objective.kept_loss0 - float(kept_loss(theta0))) <= 1e-12
+        gradient = torch.func.grad(kept_loss)(theta0)
+        assert torch.allclose(objective.anchor - objective.removal_gradient, gradient, rtol=0, atol=1e-12)
+        jacobian = jacrev(outputs)(theta0)  # (rows, classes, D)
+        p = torch.softmax(outputs(theta0), 1)
+        hessians = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+        vector = torch.randn(theta0.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        expected = torch.einsum("rcd,rce,re->d", jacobian, hessians, torch.einsum("red,d->re", jacobian, vector)) / N
+        product = objective.curvature_operator(theta0)(vector)  # the operator built with the objective
+        assert float((product - expected).norm()) <= 1e-10 * float(expected.norm())
+        rebuilt = objective.curvature_operator(theta0)(vector)  # taken once: this one is linearised afresh
+        assert float((rebuilt - expected).norm()) <= 1e-10 * float(expected.norm())

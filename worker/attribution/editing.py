@@ -154,7 +154,9 @@ def estimate_edit(
             },
         )
     with evaluation_mode(model):
-        objective = ProximalObjective(model, layers, train, rows, loss, edit.batch_size, progress)
+        objective = ProximalObjective(
+            model, layers, train, rows, loss, edit.batch_size, progress, linearised=edit.estimator != "first_order"
+        )
         objective.proximity, rule = _proximity(model, layers, train, loss, edit)
         report = SolveReport()
         if edit.estimator == "first_order":

@@ -115,11 +115,12 @@ class ProximalObjective:
     batch_size: int
     progress: Progress = no_progress
     proximity: float = 0.0
+    linearised: bool = True  # build the curvature operator at θ₀ with the objective (False: no solve will follow)
     theta0: Flat = field(init=False)
     removal_gradient: Flat = field(init=False)  # r = (1/N) Σ_{i∈S} w_i ∇ℓ_i(θ₀)
     anchor: Flat = field(init=False)  # g₀ = ∇L(θ₀) over all rows
     kept: Examples = field(init=False)
-    passes: int = field(init=False, default=0)  # passes over the kept rows (gradients + curvature products)
+    passes: int = field(init=False, default=0)  # passes over the kept rows (forward, gradient or GN product)
 
     def __post_init__(self) -> None:
         self.device = next(self.model.parameters()).device
@@ -131,11 +132,18 @@ class ProximalObjective:
         keep[self.removed] = False
         self.kept = self.train.subset(torch.nonzero(keep).reshape(-1))
         self.n = len(self.train)
-        kept_loss, kept_gradient = self.kept_loss_and_gradient(self.theta0)
+        # one forward pass over the kept rows at θ₀ gives their loss, their gradient and the curvature operator
+        # of the first solve (kept until that solve takes it: ``curvature_operator``)
+        self._start_operator: Callable[[Flat], Flat] | None = None
+        if self.linearised:
+            kept_loss, kept_gradient, self._start_operator = self.linearise(self.theta0)
+        else:
+            kept_loss, kept_gradient = self.kept_loss_and_gradient(self.theta0)
         self.kept_loss0 = kept_loss  # J_S(θ₀) = this; ∇J_S(θ₀) = −removal_gradient
         removed_rows = self.train.subset(self.removed)
         self.removal_gradient = self._loss_and_gradient(removed_rows, self.theta0)[1]
         self.anchor = kept_gradient + self.removal_gradient
+        self._last_kept_loss: tuple[Flat, float] | None = None  # (θ, Σ_{kept} w ℓ / N) of the last value()
 
     # -- the model as a function of the flat tracked parameters
     def _outputs(self, flat: Flat, batch: Examples) -> torch.Tensor:
@@ -168,15 +176,30 @@ class ProximalObjective:
         self.passes += 1
         return self._loss_and_gradient(self.kept, flat)
 
-    def mean_kept_loss(self, flat: Flat) -> float:
-        """The remaining rows' mean loss Σ_{i∉S} w_i ℓ_i / |kept| at ``flat`` (a diagnostic)."""
+    def kept_loss(self, flat: Flat) -> float:
+        """Σ_{i∉S} w_i ℓ_i / N at ``flat`` (forward passes only; θ₀ and the last point of ``value`` are cached)."""
+        if torch.equal(flat, self.theta0):
+            return self.kept_loss0
+        if self._last_kept_loss is not None and torch.equal(flat, self._last_kept_loss[0]):
+            return self._last_kept_loss[1]
+        self.passes += 1
         with torch.no_grad():
             total = 0.0
             for batch in self._batches(self.kept):
                 outputs = self._outputs(flat, batch)
                 values = per_example_loss(outputs, check_targets(outputs, batch.targets, self.loss), self.loss)
                 total += float((values * batch.weights).sum() if batch.weights is not None else values.sum())
-        return total / max(len(self.kept), 1)
+        self._last_kept_loss = (flat.detach().clone(), total / self.n)
+        return total / self.n
+
+    def mean_kept_loss(self, flat: Flat) -> float:
+        """The remaining rows' mean loss Σ_{i∉S} w_i ℓ_i / |kept| at ``flat`` (a diagnostic)."""
+        return self.kept_loss(flat) * self.n / max(len(self.kept), 1)
+
+    def value(self, flat: Flat) -> float:
+        """J_S(θ) alone (forward passes only)."""
+        step = flat - self.theta0
+        return self.kept_loss(flat) - float(self.anchor @ step) + 0.5 * self.proximity * float(step @ step)
 
     def value_and_gradient(self, flat: Flat) -> tuple[float, Flat]:
         """J_S(θ) and ∇J_S(θ)."""
@@ -190,13 +213,22 @@ class ProximalObjective:
         return self.curvature_operator(flat)(vector)
 
     def curvature_operator(self, flat: Flat) -> Callable[[Flat], Flat]:
-        """v ↦ G_{−S}(θ) v at a fixed θ. Each batch's forward pass runs once, with the graph of its vector-Jacobian
-        map u ↦ Jᵀu kept while the operator lives; a product then costs backward passes only: J v as the
-        derivative of ⟨Jᵀu, v⟩ in u (the double-backward trick), and Jᵀ (H J v). (Forward-mode ``jvp`` re-runs
-        the forward pass at every product, and ``torch.func.linearize`` traces the model first: both cost more
-        on the benchmark's MLP, benchmarks/edits_retraining.py.)"""
+        """v ↦ G_{−S}(θ) v at a fixed θ (at θ₀ the first call takes the operator built with the objective)."""
+        if self._start_operator is not None and flat is self.theta0:
+            operator, self._start_operator = self._start_operator, None
+            return operator
+        return self.linearise(flat)[2]
+
+    def linearise(self, flat: Flat) -> tuple[float, Flat, Callable[[Flat], Flat]]:
+        """The kept rows' Σ w_i ℓ_i / N, its gradient, and v ↦ G_{−S}(θ) v, all at θ = ``flat`` from one forward
+        pass per batch. The graph of each batch's vector-Jacobian map u ↦ Jᵀu is kept while the operator lives;
+        a product then costs backward passes only: J v as the derivative of ⟨Jᵀu, v⟩ in u (the double-backward
+        trick), and Jᵀ (H J v). (Forward-mode ``jvp`` re-runs the forward pass at every product, and
+        ``torch.func.linearize`` traces the model first: both cost more on the benchmark's models.)"""
+        self.passes += 1
         point = flat.detach().requires_grad_(True)
         maps = []
+        total, gradient = 0.0, torch.zeros_like(flat)
         for batch in self._batches(self.kept):
             # the products differentiate Jᵀu again: attention must run as plain ops (the fused scaled-dot-product
             # kernels have no double backward)
@@ -207,6 +239,14 @@ class ProximalObjective:
                 transposed = torch.autograd.grad(outputs, point, dual, create_graph=True)[0]  # Jᵀu, linear in u
             weights = None if batch.weights is None else batch.weights.reshape(-1, *([1] * (outputs.dim() - 1)))
             maps.append((outputs, targets, dual, transposed, weights))
+            logits = outputs.detach().requires_grad_(True)
+            values = per_example_loss(logits, targets, self.loss)
+            if batch.weights is not None:
+                values = values * batch.weights
+            value = values.sum() / self.n
+            output_gradient = torch.autograd.grad(value, logits)[0]
+            total += float(value.detach())
+            gradient += torch.autograd.grad(outputs, point, output_gradient, retain_graph=True)[0].detach()
 
         def apply(vector: Flat) -> Flat:
             self.passes += 1
@@ -219,7 +259,7 @@ class ProximalObjective:
                 result += torch.autograd.grad(outputs, point, weighted / self.n, retain_graph=True)[0].detach()
             return result
 
-        return apply
+        return total, gradient, apply
 
 
 def mean_curvature_eigenvalue(
@@ -296,7 +336,7 @@ class SolveReport:
     steps: int = 0
     accepted_steps: int = 0
     cg_iterations: list[int] = field(default_factory=list)
-    gradient_norm_ratio: float = 1.0  # ‖∇J_S‖ at the answer / ‖∇J_S(θ₀)‖
+    gradient_norm_ratio: float | None = 1.0  # ‖∇J_S‖ at the answer / ‖∇J_S(θ₀)‖ (newton: None)
     converged: bool = False
     step_scale: float = 1.0  # the newton step's line-search factor
     clipped: bool = False
@@ -344,8 +384,7 @@ def newton_step(
     scale = 1.0
     for _ in range(12):
         progress("edit", report.steps, 1)
-        value, gradient = objective.value_and_gradient(theta0 + scale * direction)
-        if value <= value0 + 1e-4 * scale * slope:
+        if objective.value(theta0 + scale * direction) <= value0 + 1e-4 * scale * slope:
             break
         scale *= 0.5
     else:
@@ -355,7 +394,7 @@ def newton_step(
         )
     report.step_scale = scale
     report.accepted_steps = 1
-    report.gradient_norm_ratio = float(gradient.norm()) / max(float(gradient0.norm()), 1e-300)
+    report.gradient_norm_ratio = None  # not computed: it would cost a gradient pass (the line search needs values)
     return theta0 + scale * direction, report
 
 
@@ -371,7 +410,7 @@ def minimise(
     decrease is a fair share of the model's, μ adapted by that ratio; stops at ‖∇J_S‖ ≤ tol · ‖∇J_S(θ₀)‖."""
     report = SolveReport()
     point = objective.theta0
-    value, gradient = objective.value_and_gradient(point)
+    value, gradient = objective.kept_loss0, -objective.removal_gradient  # J_S(θ₀), ∇J_S(θ₀)
     norm0 = float(gradient.norm())
     if norm0 == 0.0:
         report.converged, report.gradient_norm_ratio = True, 0.0
