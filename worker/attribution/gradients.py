@@ -40,8 +40,11 @@ class FisherLabels:
     samples: int = 1
     seed: int = 0
 
-    def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+    def generator(self, first_row: int = 0) -> torch.Generator:
+        """The generator of the labels drawn for the batch starting at training row ``first_row``: seeded by the
+        seed and the row alone, so any pass (or shard of the training set) that starts a batch at that row draws
+        the same labels for it."""
+        return torch.Generator().manual_seed(((self.seed & 0xFFFFFFFF) << 32) | (first_row & 0xFFFFFFFF))
 
     def for_eigenvalues(self) -> FisherLabels:
         """Labels of the EK-FAC eigenvalue pass. With the true Fisher they are drawn independently of the
