@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     shard_time_limit_seconds: int = Field(
         3900, gt=0, description="A shard task's process is killed after this long (Celery hard limit)."
     )
+    merge_handoff_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A sharded job's coordinator on a worker that does not consume the cpu queue sends the "
+        "merge there and waits this long for a cpu worker to take it, then merges itself.",
+    )
     broker_polling_seconds: float = Field(
         0.1,
         gt=0,

@@ -19,7 +19,7 @@ from worker.context import JobContext
 from worker.runner import store_for
 from worker.tasks.attribution import load_request
 from worker.tasks.options import method_of
-from worker.tasks.sharded import ShardWork, _merge_and_save
+from worker.tasks.sharded import ShardWork, merge_and_save
 
 N_TRAIN = 45
 
@@ -122,7 +122,7 @@ def test_a_second_merge_writes_nothing(tmp_path: Path, backend: str | None) -> N
         request = load_request(context)
         work = ShardWork.load(context.store, request, prepared)
         with pytest.raises(Superseded):
-            _merge_and_save(context, request, method_of("influence"), work)
+            merge_and_save(context, request, method_of("influence"), work)
         assert result_rows(api, attribution["id"]) == before
 
 

@@ -8,6 +8,7 @@ measurement.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,7 +45,9 @@ class FisherLabels:
         """The generator of the labels drawn for the batch starting at training row ``first_row``: seeded by the
         seed and the row alone, so any pass (or shard of the training set) that starts a batch at that row draws
         the same labels for it."""
-        return torch.Generator().manual_seed(((self.seed & 0xFFFFFFFF) << 32) | (first_row & 0xFFFFFFFF))
+        # torch's CPU generator keeps 32 bits of its seed: the pair is hashed to 32 bits
+        digest = hashlib.blake2b(f"{self.seed}:{first_row}".encode(), digest_size=4).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
     def for_eigenvalues(self) -> FisherLabels:
         """Labels of the EK-FAC eigenvalue pass. With the true Fisher they are drawn independently of the

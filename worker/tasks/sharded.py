@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from safetensors.torch import load_file, save
 from sqlalchemy.orm import Session
 
+from service.db.tables import Job
 from service.liveness import CancelRequested, LivenessPolicy, Superseded, report_progress, worker_name
 from service.problems import problem_dict
 from service.storage import BlobStore, StoredBlob
@@ -68,6 +70,7 @@ log = logging.getLogger(__name__)
 
 SHARDED_METHODS = ("influence",)
 POLL_SECONDS = 0.2
+MERGE_STAGE = "merge"  # the job's progress stage while a merge runs on a cpu worker
 
 
 def shard_plan(context: JobContext, request: LoadedRequest, method: Method) -> list[ShardRange] | None:
@@ -84,6 +87,13 @@ def shard_plan(context: JobContext, request: LoadedRequest, method: Method) -> l
 
 
 # ---------------------------------------------------------------- what every shard scores against
+
+
+class ShardComputation(Protocol):
+    """What a shard of a job computes over its training range: its output blob's tensors (scoring:
+    `ShardWork`; a sharded fit: `worker.tasks.sharded_fit.FitShardWork`)."""
+
+    def compute(self, shard: ShardRange, progress: Progress) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -124,6 +134,9 @@ class ShardWork:
         work.prepared = prepared
         return work
 
+    def compute(self, shard: ShardRange, progress: Progress) -> dict[str, torch.Tensor]:
+        return self.score(shard, progress).to_tensors()
+
     def score(self, shard: ShardRange, progress: Progress) -> ShardOutput:
         return score_shard(
             self.scorers,
@@ -151,7 +164,7 @@ def load_tensors(store: BlobStore, sha256: str) -> dict[str, torch.Tensor]:
 
 
 def run_one_shard(
-    work: ShardWork,
+    work: ShardComputation,
     database_url: str,
     store: BlobStore,
     shard: ShardRange,
@@ -159,7 +172,7 @@ def run_one_shard(
     heartbeat: Heartbeat,
     also: Progress = no_progress,
 ) -> None:
-    """Score one claimed shard and mark it done with its output blob. Raises ``Superseded`` when the shard was
+    """Run one claimed shard and mark it done with its output blob. Raises ``Superseded`` when the shard was
     taken over, ``Cancelled`` when its job was cancelled or ended. ``also``: called after each progress write."""
     job_id = heartbeat.job_id
     last = 0.0
@@ -181,8 +194,7 @@ def run_one_shard(
                 raise Cancelled() from None
         also(stage, completed, total)
 
-    output = work.score(shard, progress)
-    sha256 = put_tensors(store, output.to_tensors())
+    sha256 = put_tensors(store, work.compute(shard, progress))
     from service.db.session import session_scope
 
     with session_scope(database_url) as session:
@@ -208,12 +220,48 @@ def run_sharded(context: JobContext, request: LoadedRequest, method: Method, ran
         log.info("job %s: resuming %d shards", context.job_id, len(existing))
     else:
         work = _prepare(context, request, ranges)
+    send_pending(context)
+    wait_for_shards(context, work, policy, "score", len(request.train))
+    merge_or_hand_over(context, lambda: merge_and_save(context, request, method, work))
+
+
+def send_pending(context: JobContext, shards: set[int] | None = None) -> None:
+    """One message per unfinished shard (of ``shards``, or of the job)."""
     with context.session() as session:
-        pending = [row.shard for row in shards_of(session, context.job_id) if row.status != "done"]
+        pending = [
+            row.shard
+            for row in shards_of(session, context.job_id)
+            if row.status != "done" and (shards is None or row.shard in shards)
+        ]
     if pending and context.send_shards is not None:
         context.send_shards(context.job_id, pending)
-    _wait_for_shards(context, work, policy)
-    _merge_and_save(context, request, method, work)
+
+
+def merge_or_hand_over(context: JobContext, merge: Callable[[], None]) -> None:
+    """Merge here, or — on a worker that does not consume the ``cpu`` queue (``context.send_merge`` set) — send
+    the merge to that queue and return as soon as a ``cpu`` worker has taken it (it writes the job's stage
+    ``merge`` under this attempt, and keeps the job's heartbeat from then on). A merge no ``cpu`` worker took
+    within ``merge_handoff_seconds`` runs here; two merges of one attempt are harmless (fenced: one writes)."""
+    if context.send_merge is None:
+        merge()
+        return
+    context.send_merge(context.job_id, context.attempt)
+    deadline = time.monotonic() + context.merge_handoff_seconds
+    while time.monotonic() < deadline:
+        with context.session() as session:
+            job = session.get(Job, context.job_id, populate_existing=True)
+            if job is None or job.status != "running" or job.attempts != context.attempt:
+                return  # the merge ended the job (or the job was taken over: nothing more to do here)
+            if job.progress_stage == MERGE_STAGE:
+                log.info("job %s: merge taken by a cpu worker", context.job_id)
+                return
+            if job.cancel_requested:
+                raise Cancelled()
+        time.sleep(POLL_SECONDS)
+    log.warning(
+        "job %s: no cpu worker took the merge in %.0f s; merging here", context.job_id, context.merge_handoff_seconds
+    )
+    merge()
 
 
 def _prepare(context: JobContext, request: LoadedRequest, ranges: list[ShardRange]) -> ShardWork:
@@ -271,16 +319,24 @@ def _put_without_index(session: Session, store: BlobStore, curvatures: list[Curv
             curvature.training_index = index
 
 
-def _wait_for_shards(context: JobContext, work: ShardWork, policy: LivenessPolicy) -> None:
-    """Until every shard is done: report summed progress, score claimable shards here, fail on a failed shard."""
-    total = len(work.request.train)
+def wait_for_shards(
+    context: JobContext,
+    work: ShardComputation,
+    policy: LivenessPolicy,
+    stage: str,
+    total: int,
+    shards: set[int] | None = None,
+    done_before: int = 0,
+) -> None:
+    """Until every shard (of ``shards``, or of the job) is done: report their summed progress (stage ``stage``,
+    ``done_before`` + completed examples of ``total``), run claimable shards here, fail on a failed shard."""
 
     def report(*_: Any) -> None:
-        context.progress("score", _completed(context), total)
+        context.progress(stage, done_before + _completed(context, shards), total)
 
     while True:
         with context.session() as session:
-            rows = shards_of(session, context.job_id)
+            rows = [row for row in shards_of(session, context.job_id) if shards is None or row.shard in shards]
             failed = [row for row in rows if row.status == "failed"]
             if failed:  # the job fails with the shard's problem (a time limit, bad input found while scoring)
                 raise JobFailed(
@@ -310,10 +366,12 @@ def _wait_for_shards(context: JobContext, work: ShardWork, policy: LivenessPolic
                 log.warning("job %s: %s", context.job_id, exc)
 
 
-def _completed(context: JobContext) -> int:
+def _completed(context: JobContext, shards: set[int] | None = None) -> int:
     with context.session() as session:
         completed = 0
         for row in shards_of(session, context.job_id):
+            if shards is not None and row.shard not in shards:
+                continue
             size = row.stop - row.start
             if row.status == "done":
                 completed += size
@@ -322,7 +380,7 @@ def _completed(context: JobContext) -> int:
         return completed
 
 
-def _merge_and_save(context: JobContext, request: LoadedRequest, method: Method, work: ShardWork) -> None:
+def merge_and_save(context: JobContext, request: LoadedRequest, method: Method, work: ShardWork) -> None:
     with context.session() as session:
         rows = shards_of(session, context.job_id)
         outputs = [
