@@ -167,8 +167,9 @@ def _import_the_runner(**_: Any) -> None:
 
     for kind in TASKS:
         task_for(kind)
+    # the shard and merge tasks' code, loaded before the fork as well
     import worker.merge_runner
-    import worker.shard_runner  # noqa: F401  (the shard task's code, loaded before the fork as well)
+    import worker.shard_runner  # noqa: F401
 
 
 def _job_runner(app: Celery) -> Any:
