@@ -166,3 +166,32 @@ def test_a_job_resumes_from_the_shards_an_earlier_attempt_finished(tmp_path: Pat
         assert after[0][0] == done[0] and after[1][0] == done[1]  # kept, not scored again
         assert all(after[shard][1] == 1 for shard in range(2, 5))
         assert_same_rows(result_rows(api, reference["id"]), expected)
+
+
+@pytest.mark.parametrize(("mode", "normalize"), [("pairwise", True), ("aggregate", False), ("self", False)])
+def test_sharded_gradient_similarity_equals_unsharded(
+    tmp_path: Path, backend: str | None, mode: str, normalize: bool
+) -> None:
+    rows = {}
+    for shard_examples in (0, 16):
+        folder = tmp_path / f"s{shard_examples}"
+        folder.mkdir()
+        for api in build_api(folder, backend, shard_examples=shard_examples):
+            model = api.upload_model(tiny_classifier()).json()["id"]
+            body: dict[str, Any] = {
+                "model_id": model,
+                "train_dataset_id": upload(api, tiny_dataset(N_TRAIN, seed=1)),
+                "method": "gradient_similarity",
+                "mode": mode,
+                "top_k": 4,
+                "options": {"normalize": normalize, "batch_size": 8},
+            }
+            if mode != "self":
+                body["query_dataset_id"] = upload(api, tiny_dataset(5, seed=2))
+            response = api.client.post("/v1/attributions", json=body)
+            assert response.status_code == 202, response.text
+            attribution = response.json()
+            assert api.client.get(f"/v1/jobs/{attribution['job_id']}").json()["status"] == "succeeded"
+            assert shard_count(api, attribution["job_id"]) == (3 if shard_examples else 0)
+            rows[shard_examples] = result_rows(api, attribution["id"])
+    assert_same_rows(rows[16], rows[0])

@@ -36,11 +36,12 @@ from service.liveness import CancelRequested, LivenessPolicy, Superseded, report
 from service.problems import problem_dict
 from service.storage import BlobStore, StoredBlob
 from worker.attribution import Cancelled, Curvature, fit_curvature
+from worker.attribution.attribute import MethodName as EngineMethodName
+from worker.attribution.attribute import MethodOptions as EngineMethodOptions
 from worker.attribution.attribute import _diagnostics, build_scorers
 from worker.attribution.curvature.base import LayerVectors
 from worker.attribution.gradients import place_model
 from worker.attribution.options import FIT_STRATEGIES, FitStrategy
-from worker.attribution.options import InfluenceOptions as EngineInfluenceOptions
 from worker.attribution.scoring import ModelScorer
 from worker.attribution.shards import (
     ShardMode,
@@ -59,7 +60,8 @@ from worker.context import PROGRESS_WRITE_SECONDS, JobContext, JobFailed
 from worker.heartbeat import Heartbeat
 from worker.loading import load_curvatures, put_curvatures
 from worker.methods.base import MadeFit, Method
-from worker.methods.engine_options import influence_options
+from worker.methods.engine_options import gradient_similarity_options, influence_options
+from worker.methods.gradient_similarity import GradientSimilarityOptions
 from worker.methods.influence import InfluenceOptions
 from worker.shard_rows import beat_shard, claim_shard, create_shards, finish_shard, report_shard_progress, shards_of
 from worker.tasks.attribution import LoadedRequest, save_results
@@ -68,20 +70,21 @@ from worker.tasks.rows import result_columns
 
 log = logging.getLogger(__name__)
 
-SHARDED_METHODS = ("influence",)
+SHARDED_METHODS = ("influence", "gradient_similarity")
 POLL_SECONDS = 0.2
 MERGE_STAGE = "merge"  # the job's progress stage while a merge runs on a cpu worker
 
 
 def shard_plan(context: JobContext, request: LoadedRequest, method: Method) -> list[ShardRange] | None:
     """The job's shards, or None when it runs as one task: sharding is off, the training set fits one shard, or
-    the method and strategy have no sharded path (only `influence` with a factor strategy or a stored fit)."""
+    the method and strategy have no sharded path (only `influence` with a factor strategy or a stored fit, and
+    `gradient_similarity`)."""
     if context.shard_examples <= 0 or len(request.train) <= context.shard_examples:
         return None
     if method.name not in SHARDED_METHODS:
         return None
     options = method_options(method, request.attribution.options)
-    if request.fit is None and not (isinstance(options, InfluenceOptions) and options.strategy in FIT_STRATEGIES):
+    if isinstance(options, InfluenceOptions) and request.fit is None and options.strategy not in FIT_STRATEGIES:
         return None
     return shard_ranges(len(request.train), context.shard_examples)
 
@@ -98,35 +101,44 @@ class ShardComputation(Protocol):
 
 @dataclass
 class ShardWork:
-    """The job's scorers (from the prepared curvatures) and preconditioned query vectors."""
+    """The job's scorers (from the prepared curvatures, none for `gradient_similarity`) and preconditioned query
+    vectors."""
 
     request: LoadedRequest
     mode: ShardMode
     batch_size: int
     scorers: list[ModelScorer]
     vectors: list[LayerVectors]
-    curvatures: list[Curvature]
-    options: EngineInfluenceOptions
+    curvatures: list[Curvature] | None
+    options: EngineMethodOptions
+    method: EngineMethodName
     prepared: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, request: LoadedRequest, curvatures: list[Curvature], progress: Progress) -> ShardWork:
+    def build(cls, request: LoadedRequest, curvatures: list[Curvature] | None, progress: Progress) -> ShardWork:
         method = method_of(request.attribution.method)
         typed = method_options(method, request.attribution.options)
-        assert isinstance(typed, InfluenceOptions)
-        options = influence_options(typed)
-        options.strategy = cast(FitStrategy, curvatures[0].strategy)
+        options: EngineMethodOptions
+        name: EngineMethodName
+        if isinstance(typed, GradientSimilarityOptions):
+            options, name = gradient_similarity_options(typed), "gradient_similarity"
+        else:
+            assert isinstance(typed, InfluenceOptions) and curvatures is not None
+            influence = influence_options(typed)
+            influence.strategy = cast(FitStrategy, curvatures[0].strategy)
+            options, name = influence, "influence"
         placed = [place_model(module, None) for module in request.modules]
-        scorers = build_scorers(
-            placed, request.train, loss_name(request.loss), "influence", options, curvatures, no_progress
-        )
+        scorers = build_scorers(placed, request.train, loss_name(request.loss), name, options, curvatures, no_progress)
         mode = mode_name(request.attribution.mode)
-        return cls(request, mode, options.batch_size, scorers, [], curvatures, options)
+        return cls(request, mode, options.batch_size, scorers, [], curvatures, options, name)
 
     @classmethod
     def load(cls, store: BlobStore, request: LoadedRequest, prepared: dict[str, Any]) -> ShardWork:
-        stored = load_curvatures(store, prepared["curvatures"])
-        work = cls.build(request, [stored[str(i)] for i in range(len(stored))], no_progress)
+        curvatures = None
+        if prepared.get("curvatures") is not None:
+            stored = load_curvatures(store, prepared["curvatures"])
+            curvatures = [stored[str(i)] for i in range(len(stored))]
+        work = cls.build(request, curvatures, no_progress)
         if prepared.get("queries") is not None:
             work.vectors = vectors_from_tensors(load_tensors(store, prepared["queries"]), len(work.scorers))
         else:
@@ -265,11 +277,11 @@ def merge_or_hand_over(context: JobContext, merge: Callable[[], None]) -> None:
 
 
 def _prepare(context: JobContext, request: LoadedRequest, ranges: list[ShardRange]) -> ShardWork:
+    typed = method_options(method_of(request.attribution.method), request.attribution.options)
+    curvatures: list[Curvature] | None = None
     if request.fit is not None and request.fit.artifact_sha256 is not None:
         curvatures = [load_curvatures(context.store, request.fit.artifact_sha256)["model"]]
-    else:
-        typed = method_options(method_of(request.attribution.method), request.attribution.options)
-        assert isinstance(typed, InfluenceOptions)
+    elif isinstance(typed, InfluenceOptions):
         from worker.methods.engine_options import fit_options
 
         curvatures = [
@@ -296,8 +308,8 @@ def _prepare(context: JobContext, request: LoadedRequest, ranges: list[ShardRang
         work.vectors = [{} for _ in work.scorers]
     queries = put_tensors(context.store, vectors_to_tensors(work.vectors)) if work.mode != "self" else None
     with context.session() as session:
-        blob = _put_without_index(session, context.store, curvatures)
-        work.prepared = {"curvatures": blob.sha256, "queries": queries}
+        blob = _put_without_index(session, context.store, curvatures) if curvatures is not None else None
+        work.prepared = {"curvatures": blob.sha256 if blob is not None else None, "queries": queries}
         try:  # fenced: only the attempt that owns the job creates its shards
             report_progress(session, context.job_id, context.attempt, "score", 0, len(request.train))
         except CancelRequested:
@@ -395,7 +407,7 @@ def merge_and_save(context: JobContext, request: LoadedRequest, method: Method, 
         work.scorers,
         request.train,
         request.query,
-        "influence",
+        work.method,
         work.mode,
         measurement_name(attribution.measurement),
         work.options,
@@ -404,9 +416,8 @@ def merge_and_save(context: JobContext, request: LoadedRequest, method: Method, 
     query_ids = request.query_arrays.ids.tolist() if request.query_arrays is not None else None
     columns = result_columns(scores, method.name, attribution.top_k, request.train_arrays.ids.tolist(), query_ids)
     made: list[MadeFit] = []
-    if request.fit is None:
-        typed = method_options(method, attribution.options)
-        assert isinstance(typed, InfluenceOptions)
+    typed = method_options(method, attribution.options)
+    if request.fit is None and isinstance(typed, InfluenceOptions) and work.curvatures is not None:
         made = [
             MadeFit(model_id=model.id, curvature=curvature, settings=typed.fit_settings(), damping=typed.damping)
             for model, curvature in zip(request.models, work.curvatures, strict=True)
