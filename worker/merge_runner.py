@@ -25,10 +25,9 @@ from worker.attribution import AttributionError, Cancelled
 from worker.context import JobContext
 from worker.heartbeat import Heartbeat
 from worker.runner import store_for
-from worker.shard_rows import shards_of
 from worker.tasks.attribution import load_request
 from worker.tasks.options import method_of
-from worker.tasks.sharded import MERGE_STAGE, ShardWork, merge_and_save
+from worker.tasks.sharded import MERGE_STAGE, ShardWork, merge_and_save, scoring_rows
 from worker.tasks.sharded_fit import load_fit_request, merge_fit
 
 log = logging.getLogger(__name__)
@@ -80,9 +79,7 @@ def _merge(context: JobContext, kind: str) -> None:
         merge_fit(context, load_fit_request(context))
         return
     request = load_request(context)
-    with context.session() as session:
-        prepared = dict(shards_of(session, context.job_id)[0].prepared)
-    work = ShardWork.load(context.store, request, prepared)
+    work = ShardWork.load(context.store, request, scoring_rows(context)[0][1])
     merge_and_save(context, request, method_of(request.attribution.method), work)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 
 from service.db.session import session_scope
 from service.db.tables import AttributionResult, Job, JobShard
@@ -74,8 +74,10 @@ def assert_same_rows(sharded: list[tuple[Any, ...]], reference: list[tuple[Any, 
 
 
 def shard_count(api: Api, job_id: str) -> int:
+    """The job's scoring shards (not those of a fit it made for itself in shards)."""
     with session_scope(api.settings.resolved_database_url) as session:
-        return int(session.scalar(select(func.count()).select_from(JobShard).where(JobShard.job_id == job_id)) or 0)
+        rows = session.scalars(select(JobShard).where(JobShard.job_id == job_id))
+        return sum(1 for row in rows if row.prepared.get("job") is None)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +111,9 @@ def test_a_second_merge_writes_nothing(tmp_path: Path, backend: str | None) -> N
             job = session.get(Job, attribution["job_id"])
             assert job is not None
             attempt = job.attempts
-            prepared = session.scalars(select(JobShard.prepared).where(JobShard.job_id == job.id)).first()
+            prepared = next(  # a scoring shard's (the job's own fit, in shards, has rows of its own first)
+                p for p in session.scalars(select(JobShard.prepared).where(JobShard.job_id == job.id)) if "job" not in p
+            )
         assert prepared is not None
         context = JobContext(
             job_id=attribution["job_id"],
@@ -127,8 +131,8 @@ def test_a_second_merge_writes_nothing(tmp_path: Path, backend: str | None) -> N
 
 
 def test_a_job_resumes_from_the_shards_an_earlier_attempt_finished(tmp_path: Path, backend: str | None) -> None:
-    """The job's first attempt is stopped after two shards (as if its worker died); the second attempt keeps
-    them, scores the rest, and the rows equal those of an uninterrupted run."""
+    """The job's first attempt is stopped after two scoring shards (as if its worker died); the second attempt
+    keeps them (and the shards of its fit), scores the rest, and the rows equal those of an uninterrupted run."""
     for api in build_api(tmp_path, backend, shard_examples=10):
         reference = run_attribution(api)
         expected = result_rows(api, reference["id"])
@@ -136,9 +140,12 @@ def test_a_job_resumes_from_the_shards_an_earlier_attempt_finished(tmp_path: Pat
         with session_scope(url) as session:
             job = session.get(Job, reference["job_id"])
             assert job is not None
-            # replay: the job is running again under a new attempt, with only shards 0 and 1 done
+            # replay: the job is running again under a new attempt, with only scoring shards 0 and 1 done
             job.status, job.finished_at = "running", None
-            for shard in session.scalars(select(JobShard).where(JobShard.job_id == job.id, JobShard.shard >= 2)):
+            rows = list(session.scalars(select(JobShard).where(JobShard.job_id == job.id)))
+            first = min(s.shard for s in rows if "job" not in s.prepared)  # after the 6 rows of its EK-FAC fit
+            assert first == 6
+            for shard in (s for s in rows if s.shard >= first + 2):
                 shard.status, shard.output_sha256, shard.attempts = "queued", None, 0
             done = {
                 s.shard: s.output_sha256 for s in session.scalars(select(JobShard).where(JobShard.job_id == job.id))
@@ -163,8 +170,8 @@ def test_a_job_resumes_from_the_shards_an_earlier_attempt_finished(tmp_path: Pat
             }
             job = session.get(Job, reference["job_id"])
             assert job is not None and job.status == "succeeded"
-        assert after[0][0] == done[0] and after[1][0] == done[1]  # kept, not scored again
-        assert all(after[shard][1] == 1 for shard in range(2, 5))
+        assert all(after[s][0] == done[s] for s in range(first + 2))  # kept, not run again
+        assert all(after[shard][1] == 1 for shard in range(first + 2, first + 5))
         assert_same_rows(result_rows(api, reference["id"]), expected)
 
 

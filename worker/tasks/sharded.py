@@ -225,16 +225,45 @@ def shard_heartbeat(database_url: str, job_id: str, shard: int, attempt: int, pe
 def run_sharded(context: JobContext, request: LoadedRequest, method: Method, ranges: list[ShardRange]) -> None:
     policy = context.policy
     assert policy is not None, "a sharded job needs the liveness policy"
-    with context.session() as session:
-        existing = [(row.shard, row.prepared) for row in shards_of(session, context.job_id)]
+    existing = scoring_rows(context)
     if existing:
         work = ShardWork.load(context.store, request, existing[0][1])
         log.info("job %s: resuming %d shards", context.job_id, len(existing))
     else:
-        work = _prepare(context, request, ranges)
-    send_pending(context)
-    wait_for_shards(context, work, policy, "score", len(request.train))
+        curvatures = _own_fit_in_shards(context, request)
+        offset = len(_all_rows(context))  # the fit's shards (if it made its own in shards) come first
+        ranges = [ShardRange(offset + r.index, r.start, r.stop) for r in ranges]
+        work = _prepare(context, request, ranges, curvatures)
+    scoring = {shard for shard, _ in scoring_rows(context)}
+    send_pending(context, scoring)
+    wait_for_shards(context, work, policy, "score", len(request.train), scoring)
     merge_or_hand_over(context, lambda: merge_and_save(context, request, method, work))
+
+
+def _all_rows(context: JobContext) -> list[tuple[int, dict[str, Any]]]:
+    with context.session() as session:
+        return [(row.shard, dict(row.prepared)) for row in shards_of(session, context.job_id)]
+
+
+def scoring_rows(context: JobContext) -> list[tuple[int, dict[str, Any]]]:
+    """(position, prepared) of the job's scoring shards (not those of the fit it made for itself in shards)."""
+    return [(shard, prepared) for shard, prepared in _all_rows(context) if prepared.get("job") is None]
+
+
+def _own_fit_in_shards(context: JobContext, request: LoadedRequest) -> list[Curvature] | None:
+    """The curvatures an `influence` job without a stored fit fits for itself, in shards (`worker.tasks
+    .sharded_fit`, resumed from its rows) when its strategy sums over the training set and the set is larger
+    than a shard; None: fitted in `_prepare`, in one pass."""
+    from worker.tasks.sharded_fit import fit_in_shards, fit_request_of, fit_shard_plan, fitted_curvatures
+
+    if request.fit is not None:
+        return None
+    fit_request = fit_request_of(request)
+    if fit_request is None or (plan := fit_shard_plan(context, fit_request)) is None:
+        return None
+    fit_in_shards(context, fit_request, plan)
+    fitted = fitted_curvatures(context, fit_request)
+    return [fitted[str(position)] for position in range(len(request.modules))]
 
 
 def send_pending(context: JobContext, shards: set[int] | None = None) -> None:
@@ -276,12 +305,15 @@ def merge_or_hand_over(context: JobContext, merge: Callable[[], None]) -> None:
     merge()
 
 
-def _prepare(context: JobContext, request: LoadedRequest, ranges: list[ShardRange]) -> ShardWork:
+def _prepare(
+    context: JobContext, request: LoadedRequest, ranges: list[ShardRange], curvatures: list[Curvature] | None
+) -> ShardWork:
+    """Fit (unless ``curvatures`` were fitted in shards) or load the curvatures, compute the query vectors, store
+    both and create the scoring shards' rows (positions ``ranges``' indices)."""
     typed = method_options(method_of(request.attribution.method), request.attribution.options)
-    curvatures: list[Curvature] | None = None
-    if request.fit is not None and request.fit.artifact_sha256 is not None:
+    if curvatures is None and request.fit is not None and request.fit.artifact_sha256 is not None:
         curvatures = [load_curvatures(context.store, request.fit.artifact_sha256)["model"]]
-    elif isinstance(typed, InfluenceOptions):
+    elif curvatures is None and isinstance(typed, InfluenceOptions):
         from worker.methods.engine_options import fit_options
 
         curvatures = [
@@ -359,7 +391,7 @@ def wait_for_shards(
                 return
         report()
         with context.session() as session:
-            claimed = claim_shard(session, context.job_id, None, policy, worker_name())
+            claimed = claim_shard(session, context.job_id, None, policy, worker_name(), among=shards)
             shard = (
                 None
                 if claimed is None
@@ -394,7 +426,7 @@ def _completed(context: JobContext, shards: set[int] | None = None) -> int:
 
 def merge_and_save(context: JobContext, request: LoadedRequest, method: Method, work: ShardWork) -> None:
     with context.session() as session:
-        rows = shards_of(session, context.job_id)
+        rows = [row for row in shards_of(session, context.job_id) if row.prepared.get("job") is None]
         outputs = [
             ShardOutput.from_tensors(work.mode, load_tensors(context.store, row.output_sha256))
             for row in rows

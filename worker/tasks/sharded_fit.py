@@ -53,6 +53,7 @@ from worker.context import JobContext
 from worker.loading import load_checkpoint, load_examples, load_model, put_curvatures
 from worker.methods.engine_options import fit_options
 from worker.shard_rows import create_shards, shards_of
+from worker.tasks.attribution import LoadedRequest
 from worker.tasks.options import fit_settings, loss_name
 from worker.tasks.sharded import load_tensors, merge_or_hand_over, put_tensors, send_pending, wait_for_shards
 
@@ -74,8 +75,12 @@ class FitRequest:
 
 
 def load_fit_request(context: JobContext) -> FitRequest:
+    """The fit job's request; for an attribution job, the fit it makes for itself (one target per model)."""
     with context.session() as session:
-        fit = session.scalars(select(Fit).where(Fit.job_id == context.job_id)).one()
+        fit = session.scalars(select(Fit).where(Fit.job_id == context.job_id)).one_or_none()
+    if fit is None:
+        return _attribution_fit_request(context)
+    with context.session() as session:
         model = session.get_one(Model, fit.model_id)
         dataset = session.get_one(Dataset, fit.dataset_id)
         checkpoints = [session.get(Checkpoint, c) for c in (fit.checkpoint_ids or [])]
@@ -86,6 +91,27 @@ def load_fit_request(context: JobContext) -> FitRequest:
         else {c.id: load_checkpoint(context.store, model, c) for c in checkpoints if c is not None}
     )
     return FitRequest(fit.id, fit_options(fit_settings(fit.options)), loss_name(model.task["loss"]), targets, train)
+
+
+def _attribution_fit_request(context: JobContext) -> FitRequest:
+    from worker.tasks.attribution import load_request
+
+    fit_request = fit_request_of(load_request(context))
+    assert fit_request is not None, "only influence attributions with a factor strategy fit in shards"
+    return fit_request
+
+
+def fit_request_of(request: LoadedRequest) -> FitRequest | None:
+    """The fit an `influence` attribution without a stored fit makes for itself (one target per model, named
+    by position), or None for other methods."""
+    from worker.methods.influence import InfluenceOptions
+    from worker.tasks.options import method_of, method_options
+
+    typed = method_options(method_of(request.attribution.method), request.attribution.options)
+    if not isinstance(typed, InfluenceOptions):
+        return None
+    targets = {str(position): module for position, module in enumerate(request.modules)}
+    return FitRequest("", fit_options(typed.fit_settings()), loss_name(request.loss), targets, request.train)
 
 
 def fit_shard_plan(context: JobContext, request: FitRequest) -> list[ShardRange] | None:
@@ -167,13 +193,28 @@ def load_bases(store: BlobStore, sha256: str, targets: list[str]) -> dict[str, d
 
 
 def run_sharded_fit(context: JobContext, request: FitRequest, ranges: list[ShardRange]) -> None:
+    fit_in_shards(context, request, ranges)
+    merge_or_hand_over(context, lambda: merge_fit(context, request))
+
+
+def fit_rows(context: JobContext) -> list[tuple[int, dict[str, Any]]]:
+    """(position, prepared) of the job's fit shards (an attribution's scoring shards follow them)."""
+    with context.session() as session:
+        return [
+            (row.shard, dict(row.prepared))
+            for row in shards_of(session, context.job_id)
+            if row.prepared.get("job") == FIT_JOB
+        ]
+
+
+def fit_in_shards(context: JobContext, request: FitRequest, ranges: list[ShardRange]) -> None:
+    """Run the fit's phases in shards until every fit shard is done (resuming from the rows there are)."""
     policy = context.policy
     assert policy is not None, "a sharded job needs the liveness policy"
     options = request.options
     passes = 2 if options.strategy == "ekfac" else 1
     total = passes * len(request.train)
-    with context.session() as session:
-        rows = [(row.shard, dict(row.prepared)) for row in shards_of(session, context.job_id)]
+    rows = fit_rows(context)
     if not rows:
         first = {"job": FIT_JOB, "phase": first_phase(options.strategy)}
         _create_fenced(context, ranges, first, total)
@@ -198,7 +239,6 @@ def run_sharded_fit(context: JobContext, request: FitRequest, ranges: list[Shard
         work = FitShardWork.load(context.store, request, second[0][1], context.device)
         send_pending(context, second_set)
         wait_for_shards(context, work, policy, "fit", total, second_set, done_before=len(request.train))
-    merge_or_hand_over(context, lambda: merge_fit(context, request))
 
 
 def _create_fenced(
@@ -238,17 +278,21 @@ def reduce_phase(context: JobContext, request: FitRequest, shards: set[int]) -> 
     }
 
 
-def merge_fit(context: JobContext, request: FitRequest) -> None:
-    """The fitted curvatures from the shards' sums; the fit blob and the job's success in one transaction fenced
-    by the job's attempt (a second merge, by a superseded attempt, writes nothing)."""
-    with context.session() as session:
-        rows = [(row.shard, dict(row.prepared)) for row in shards_of(session, context.job_id)]
+def fitted_curvatures(context: JobContext, request: FitRequest) -> dict[str, Curvature]:
+    """Each target's curvature from the done fit shards' sums."""
+    rows = fit_rows(context)
     first = reduce_phase(context, request, {s for s, p in rows if p["phase"] != "eigenvalues"})
     second_set = {s for s, p in rows if p["phase"] == "eigenvalues"}
     second = reduce_phase(context, request, second_set) if second_set else {}
-    curvatures: dict[str, Curvature] = {
+    return {
         target: curvature_from_sums(request.options, first[target], second.get(target)) for target in request.targets
     }
+
+
+def merge_fit(context: JobContext, request: FitRequest) -> None:
+    """The fitted curvatures from the shards' sums; the fit blob and the job's success in one transaction fenced
+    by the job's attempt (a second merge, by a superseded attempt, writes nothing)."""
+    curvatures = fitted_curvatures(context, request)
     with context.session() as session:
         context.succeed(session)  # first: ends the transaction early if the job was cancelled or taken over
         blob = put_curvatures(session, context.store, curvatures)
