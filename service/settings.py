@@ -110,8 +110,8 @@ class Settings(BaseSettings):
         50_000,
         ge=0,
         description="Training examples per shard of a sharded scoring job (influence with a factor "
-        "strategy) or fit (kfac, ekfac, diagonal); a training set no larger than this runs as one task. "
-        "0 turns sharding off.",
+        "strategy, gradient_similarity) or fit (kfac, ekfac, diagonal); a training set no larger than this "
+        "runs as one task. 0 turns sharding off.",
     )
     shard_soft_time_limit_seconds: int = Field(
         3600,

@@ -43,7 +43,8 @@ def run_merge(job_id: str, attempt: int, settings: Settings) -> None:
             return
         kind = job.kind
         try:
-            report_progress(session, job_id, attempt, MERGE_STAGE, 0, 1)
+            total = job.progress_total  # the shards' total, kept: the job ends with it
+            report_progress(session, job_id, attempt, MERGE_STAGE, total, total)
         except (Superseded, CancelRequested):
             log.info("job %s: merge message of attempt %d dropped (cancelled or taken over)", job_id, attempt)
             return
