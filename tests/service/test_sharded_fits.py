@@ -1,7 +1,8 @@
 """Sharded fit jobs through the API and the real job runner, on SQLite and PostgreSQL: the stored fit equals the
 unsharded job's (K-FAC, EK-FAC with its second phase, the diagonal; the float64 statistics to 1e-9 relative, only
-the order of float64 additions differs; EK-FAC's corrected eigenvalues to 1e-5, as the float32 model rotates its
-gradients by the eigenbasis cast to float32, whose last bits may differ) and so do the scores of an attribution that uses it (1e-5 relative); a second merge
+the order of float64 additions differs; EK-FAC's corrected eigenvalues to 1e-5: they are summed in the float32
+model, and the unsharded job's one-pass fit takes its cached path, whose float32 arithmetic differs in the last
+bits) and so do the scores of an attribution that uses it (1e-5 relative); a second merge
 writes nothing; a job whose coordinator died between the phases resumes from the rows."""
 
 from __future__ import annotations
