@@ -34,6 +34,7 @@ from service.storage import BlobStore
 from worker.attribution import Cancelled, Curvature
 from worker.attribution.fit_shards import (
     SEPARATOR,
+    SHARDED_FIT_STRATEGIES,
     FitPhase,
     bases_from_sums,
     curvature_from_sums,
@@ -120,7 +121,7 @@ def fit_shard_plan(context: JobContext, request: FitRequest) -> list[ShardRange]
     options = request.options
     if context.shard_examples <= 0 or len(request.train) <= context.shard_examples:
         return None
-    if options.strategy not in ("diagonal", "kfac", "ekfac"):
+    if options.strategy not in SHARDED_FIT_STRATEGIES:
         return None
     ranges = fit_shard_ranges(len(request.train), context.shard_examples, options.batch_size)
     return ranges if len(ranges) > 1 else None
