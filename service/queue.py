@@ -1,7 +1,8 @@
 """How the API hands a job to the workers. Messages carry only the job id; the SQL row is the truth.
 
 Jobs go to one of two queues by kind (`QUEUE_OF_KIND`): ``gpu`` for the work that runs models (fits, scoring,
-edits) and ``cpu`` for work that does not (merges, housekeeping). `attrib worker --queues gpu` consumes one of
+edits, the shards of a sharded job) and ``cpu`` for work that does not (the merge of a sharded job's shards,
+`QUEUE_OF_STEP`). `attrib worker --queues gpu` consumes one of
 them. ``ATTRIB_QUEUE_PREFIX`` prefixes the broker's queue names, so that several deployments can share a broker.
 
 Publishing happens after the job's row is committed, never before: the ``jobs`` table is the outbox. A job
@@ -20,6 +21,9 @@ from typing import Literal, Protocol
 QueueName = Literal["gpu", "cpu"]
 QUEUES: tuple[QueueName, ...] = ("gpu", "cpu")
 QUEUE_OF_KIND: dict[str, QueueName] = {"fit": "gpu", "attribution": "gpu", "edit": "gpu"}
+# The steps of a sharded job after its own task (docs/jobs.md, "Sharded jobs"): shards run models, the merge
+# adds up their outputs. (The reaper is no task: a thread in the API and in each worker process.)
+QUEUE_OF_STEP: dict[str, QueueName] = {"shard": "gpu", "merge": "cpu"}
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,8 @@ class Settings(BaseSettings):
         50_000,
         ge=0,
         description="Training examples per shard of a sharded scoring job (influence with a factor "
-        "strategy); a training set no larger than this runs as one task. 0 turns sharding off.",
+        "strategy, gradient_similarity) or fit (kfac, ekfac, diagonal); a training set no larger than this "
+        "runs as one task. 0 turns sharding off.",
     )
     shard_soft_time_limit_seconds: int = Field(
         3600,
@@ -120,6 +121,12 @@ class Settings(BaseSettings):
     )
     shard_time_limit_seconds: int = Field(
         3900, gt=0, description="A shard task's process is killed after this long (Celery hard limit)."
+    )
+    merge_handoff_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A sharded job's coordinator on a worker that does not consume the cpu queue sends the "
+        "merge there and waits this long for a cpu worker to take it, then merges itself.",
     )
     broker_polling_seconds: float = Field(
         0.1,

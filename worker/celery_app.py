@@ -18,6 +18,7 @@ from worker import sqlite_broker
 
 RUN_JOB_TASK = "attrib.run_job"
 RUN_SHARD_TASK = "attrib.run_shard"
+MERGE_TASK = "attrib.merge_job"
 
 sqlite_broker.register()
 
@@ -53,12 +54,25 @@ def create_celery_app(broker_url: str, queue_prefix: str | None = None, settings
         soft_time_limit=settings.shard_soft_time_limit_seconds,
         time_limit=settings.shard_time_limit_seconds,
     )(_run_shard)
+    app.task(name=MERGE_TASK, ignore_result=True, base=JobTask)(_merge_job)
     return app
 
 
 def send_shards(app: Celery, job_id: str, shards: list[int]) -> None:
     """One message per shard of a sharded job, sent as a Celery group to the app's queue."""
     group(app.signature(RUN_SHARD_TASK, args=[job_id, shard]) for shard in shards).apply_async()
+
+
+def send_merge(app: Celery, queue_prefix: str, job_id: str, attempt: int) -> None:
+    """The merge of a sharded job's outputs, to the ``cpu`` queue (`worker.merge_runner`)."""
+    from service.queue import QUEUE_OF_STEP
+
+    app.send_task(MERGE_TASK, args=[job_id, attempt], queue=f"{queue_prefix}{QUEUE_OF_STEP['merge']}")
+
+
+def consumes(app: Celery, queue_prefix: str, queue: str) -> bool:
+    """Whether this worker consumes ``queue`` (its ``--queues``; without it, Celery's default queue, ``gpu``)."""
+    return f"{queue_prefix}{queue}" in {q.name for q in app.amqp.queues.consume_from.values()}
 
 
 def _transport_options(broker_url: str, settings: Settings) -> dict[str, Any]:
@@ -153,16 +167,32 @@ def _import_the_runner(**_: Any) -> None:
 
     for kind in TASKS:
         task_for(kind)
-    import worker.shard_runner  # noqa: F401  (the shard task's code, loaded before the fork as well)
+    # the shard and merge tasks' code, loaded before the fork as well
+    import worker.merge_runner
+    import worker.shard_runner  # noqa: F401
 
 
 def _job_runner(app: Celery) -> Any:
     def _run_job(job_id: str) -> None:
         from worker.runner import run_job
 
-        run_job(job_id, get_settings(), send_shards=lambda job, shards: send_shards(app, job, shards))
+        settings = get_settings()
+        prefix = settings.queue_prefix
+        merge_elsewhere = not consumes(app, prefix, "cpu")  # a gpu-only worker hands its merges to the cpu queue
+        run_job(
+            job_id,
+            settings,
+            send_shards=lambda job, shards: send_shards(app, job, shards),
+            send_merge=(lambda job, attempt: send_merge(app, prefix, job, attempt)) if merge_elsewhere else None,
+        )
 
     return _run_job
+
+
+def _merge_job(job_id: str, attempt: int) -> None:
+    from worker.merge_runner import run_merge
+
+    run_merge(job_id, int(attempt), get_settings())
 
 
 def _run_shard(job_id: str, shard: int) -> None:

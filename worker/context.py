@@ -27,6 +27,8 @@ PROGRESS_WRITE_SECONDS = 0.5
 
 # send_shards(job_id, shard positions): one broker message per shard, each saying "this shard may need running"
 ShardSender = Callable[[str, list[int]], None]
+# send_merge(job_id, attempt): the merge of a sharded job's outputs, to a worker of the ``cpu`` queue
+MergeSender = Callable[[str, int], None]
 
 
 class JobFailed(Exception):
@@ -52,6 +54,9 @@ class JobContext:
     policy: LivenessPolicy | None = None
     shard_examples: int = 0
     send_shards: ShardSender | None = None
+    # None: merge in this process (it consumes the cpu queue, or has no broker); else hand the merge over
+    send_merge: MergeSender | None = None
+    merge_handoff_seconds: float = 60.0
     _last_write: float = field(default=0.0)
     _last_stage: str = field(default="")
 

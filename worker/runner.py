@@ -22,7 +22,7 @@ from service.settings import Settings
 from service.storage import BlobStore, LocalBlobStore
 from worker.artifacts.errors import ArtifactError
 from worker.attribution import AttributionError, Cancelled
-from worker.context import JobContext, JobFailed, ShardSender
+from worker.context import JobContext, JobFailed, MergeSender, ShardSender
 from worker.heartbeat import Heartbeat
 from worker.tasks import JOB_KINDS, JobTask
 
@@ -36,7 +36,12 @@ def store_for(settings: Settings) -> BlobStore:
     return LocalBlobStore(settings.resolved_storage_dir)
 
 
-def run_job(job_id: str, settings: Settings, send_shards: ShardSender | None = None) -> None:
+def run_job(
+    job_id: str,
+    settings: Settings,
+    send_shards: ShardSender | None = None,
+    send_merge: MergeSender | None = None,
+) -> None:
     url = settings.resolved_database_url
     policy = LivenessPolicy.from_settings(settings)
     with session_scope(url) as session:
@@ -55,6 +60,8 @@ def run_job(job_id: str, settings: Settings, send_shards: ShardSender | None = N
             policy=policy,
             shard_examples=settings.shard_examples,
             send_shards=send_shards,
+            send_merge=send_merge,
+            merge_handoff_seconds=settings.merge_handoff_seconds,
         )
         _run_and_record(context, policy)
 

@@ -10,7 +10,7 @@ only while their job is ``running`` and not cancel-requested.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -61,16 +61,19 @@ def claim_shard(
     shard: int | None,
     policy: LivenessPolicy,
     worker: str,
+    among: Collection[int] | None = None,
 ) -> tuple[JobShard, int] | None:
-    """Claim shard ``shard`` (or the first claimable one when None) of a running job: the shard row and this
-    claim's attempt number, or None when there is nothing to do (done, running under a live worker, the job
-    finished or cancelled, or another claim won the race)."""
+    """Claim shard ``shard`` (or the first claimable one when None, of ``among`` when given) of a running job: the
+    shard row and this claim's attempt number, or None when there is nothing to do (done, running under a live
+    worker, the job finished or cancelled, or another claim won the race)."""
     if not job_accepts_work(session, job_id):
         return None
     now = utcnow()
     query = select(JobShard).where(JobShard.job_id == job_id, _claimable(policy, now)).order_by(JobShard.shard)
     if shard is not None:
         query = query.where(JobShard.shard == shard)
+    if among is not None:
+        query = query.where(JobShard.shard.in_(sorted(among)))
     for row in session.scalars(query.limit(8)).all():
         statement = (
             update(JobShard)

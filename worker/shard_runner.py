@@ -1,5 +1,6 @@
-"""Runs one shard of a sharded job (worker/tasks/sharded.py): claims its row, keeps the shard's heartbeat,
-scores its training range and marks it done with its output blob — or failed, which fails the job.
+"""Runs one shard of a sharded job (worker/tasks/sharded.py, worker/tasks/sharded_fit.py): claims its row, keeps
+the shard's heartbeat, scores (or sums the fit's statistics over) its training range and marks it done with its
+output blob — or failed, which fails the job.
 
 The message carries the job id and the shard's position; the rows are the truth. A message for a shard that is
 done, runs under a live worker, or whose job finished or was cancelled is dropped.
@@ -25,7 +26,8 @@ from worker.context import JobContext
 from worker.runner import store_for
 from worker.shard_rows import claim_shard, fail_shard
 from worker.tasks.attribution import load_request
-from worker.tasks.sharded import ShardWork, run_one_shard, shard_heartbeat
+from worker.tasks.sharded import ShardComputation, ShardWork, run_one_shard, shard_heartbeat
+from worker.tasks.sharded_fit import FIT_JOB, FitShardWork, load_fit_request
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def run_shard(job_id: str, shard: int, settings: Settings) -> None:
     store = store_for(settings)
     with shard_heartbeat(url, job_id, shard, attempt, policy.heartbeat_seconds) as heartbeat:
         try:
-            work = _work_for(job_id, url, store, prepared)
+            work = _work_for(job_id, url, store, prepared, settings.device)
             run_one_shard(work, url, store, shard_range, attempt, heartbeat)
         except (Superseded, Cancelled) as exc:
             log.warning("job %s shard %d: stopped (%s)", job_id, shard, type(exc).__name__)
@@ -60,15 +62,21 @@ def run_shard(job_id: str, shard: int, settings: Settings) -> None:
 
 # The last job's loaded model, training set and prepared blobs, in this process: a worker that takes several
 # shards of one job in a row loads them once (the whole training set, whatever the shard).
-_LOADED: dict[tuple[str, str, str], ShardWork] = {}
+_LOADED: dict[tuple[str, ...], ShardComputation] = {}
 
 
-def _work_for(job_id: str, url: str, store: BlobStore, prepared: dict[str, Any]) -> ShardWork:
-    key = (job_id, str(prepared["curvatures"]), str(prepared.get("queries")))
+def _work_for(
+    job_id: str, url: str, store: BlobStore, prepared: dict[str, Any], device_setting: str
+) -> ShardComputation:
+    """The shard's work: a sharded fit's phase (``prepared["job"] == "fit"``) or a sharded scoring job's."""
+    key = (job_id, *(f"{k}={prepared[k]}" for k in sorted(prepared)))
     if key not in _LOADED:
         _LOADED.clear()
-        request = load_request(JobContext(job_id=job_id, database_url=url, store=store))
-        _LOADED[key] = ShardWork.load(store, request, prepared)
+        context = JobContext(job_id=job_id, database_url=url, store=store, device_setting=device_setting)
+        if prepared.get("job") == FIT_JOB:
+            _LOADED[key] = FitShardWork.load(store, load_fit_request(context), prepared, context.device)
+        else:
+            _LOADED[key] = ShardWork.load(store, load_request(context), prepared)
     return _LOADED[key]
 
 

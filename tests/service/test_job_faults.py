@@ -140,7 +140,8 @@ class FaultEnv:
             queue: JobQueue = app.state.queue
             yield Api(client, settings, queue)
 
-    def start_worker(self, **extra_env: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, *args: str, **extra_env: str) -> subprocess.Popen[bytes]:
+        """An `attrib worker` (``args``: more of its arguments, e.g. ``--queues``, ``cpu``)."""
         env = {
             **os.environ,
             **LIVENESS_ENV,
@@ -154,7 +155,7 @@ class FaultEnv:
         command = [str(attrib)] if attrib.exists() else [sys.executable, "-m", "service.cli"]
         log = (self.tmp_path / f"worker-{len(self.workers)}.log").open("wb")
         worker = subprocess.Popen(
-            [*command, "worker", "--loglevel=WARNING"],
+            [*command, "worker", "--loglevel=WARNING", *args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

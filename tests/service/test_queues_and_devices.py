@@ -14,7 +14,7 @@ from celery import signals
 from pydantic import SecretStr
 
 from service.cli import build_parser, worker_argv
-from service.queue import QUEUE_OF_KIND, QUEUES, CeleryQueue, queue_for
+from service.queue import QUEUE_OF_KIND, QUEUE_OF_STEP, QUEUES, CeleryQueue, queue_for
 from service.settings import Settings
 from tests.conftest import REDIS_URL, require_server
 from tests.service.conftest import Api
@@ -30,6 +30,7 @@ def test_every_job_kind_has_a_queue_and_models_run_on_the_gpu_queue() -> None:
         "edit": "gpu",
     }
     assert set(QUEUE_OF_KIND.values()) <= set(QUEUES)
+    assert QUEUE_OF_STEP == {"shard": "gpu", "merge": "cpu"}  # a sharded job's merge goes to the cpu queue
     with pytest.raises(ValueError, match="no queue for job kind 'nope'"):
         queue_for("nope")
 

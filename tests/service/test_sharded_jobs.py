@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 
 from service.db.session import session_scope
 from service.db.tables import AttributionResult, Job, JobShard
@@ -19,7 +19,7 @@ from worker.context import JobContext
 from worker.runner import store_for
 from worker.tasks.attribution import load_request
 from worker.tasks.options import method_of
-from worker.tasks.sharded import ShardWork, _merge_and_save
+from worker.tasks.sharded import ShardWork, merge_and_save
 
 N_TRAIN = 45
 
@@ -74,8 +74,10 @@ def assert_same_rows(sharded: list[tuple[Any, ...]], reference: list[tuple[Any, 
 
 
 def shard_count(api: Api, job_id: str) -> int:
+    """The job's scoring shards (not those of a fit it made for itself in shards)."""
     with session_scope(api.settings.resolved_database_url) as session:
-        return int(session.scalar(select(func.count()).select_from(JobShard).where(JobShard.job_id == job_id)) or 0)
+        rows = session.scalars(select(JobShard).where(JobShard.job_id == job_id))
+        return sum(1 for row in rows if row.prepared.get("job") is None)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +111,9 @@ def test_a_second_merge_writes_nothing(tmp_path: Path, backend: str | None) -> N
             job = session.get(Job, attribution["job_id"])
             assert job is not None
             attempt = job.attempts
-            prepared = session.scalars(select(JobShard.prepared).where(JobShard.job_id == job.id)).first()
+            prepared = next(  # a scoring shard's (the job's own fit, in shards, has rows of its own first)
+                p for p in session.scalars(select(JobShard.prepared).where(JobShard.job_id == job.id)) if "job" not in p
+            )
         assert prepared is not None
         context = JobContext(
             job_id=attribution["job_id"],
@@ -122,13 +126,13 @@ def test_a_second_merge_writes_nothing(tmp_path: Path, backend: str | None) -> N
         request = load_request(context)
         work = ShardWork.load(context.store, request, prepared)
         with pytest.raises(Superseded):
-            _merge_and_save(context, request, method_of("influence"), work)
+            merge_and_save(context, request, method_of("influence"), work)
         assert result_rows(api, attribution["id"]) == before
 
 
 def test_a_job_resumes_from_the_shards_an_earlier_attempt_finished(tmp_path: Path, backend: str | None) -> None:
-    """The job's first attempt is stopped after two shards (as if its worker died); the second attempt keeps
-    them, scores the rest, and the rows equal those of an uninterrupted run."""
+    """The job's first attempt is stopped after two scoring shards (as if its worker died); the second attempt
+    keeps them (and the shards of its fit), scores the rest, and the rows equal those of an uninterrupted run."""
     for api in build_api(tmp_path, backend, shard_examples=10):
         reference = run_attribution(api)
         expected = result_rows(api, reference["id"])
@@ -136,9 +140,12 @@ def test_a_job_resumes_from_the_shards_an_earlier_attempt_finished(tmp_path: Pat
         with session_scope(url) as session:
             job = session.get(Job, reference["job_id"])
             assert job is not None
-            # replay: the job is running again under a new attempt, with only shards 0 and 1 done
+            # replay: the job is running again under a new attempt, with only scoring shards 0 and 1 done
             job.status, job.finished_at = "running", None
-            for shard in session.scalars(select(JobShard).where(JobShard.job_id == job.id, JobShard.shard >= 2)):
+            rows = list(session.scalars(select(JobShard).where(JobShard.job_id == job.id)))
+            first = min(s.shard for s in rows if "job" not in s.prepared)  # after the 6 rows of its EK-FAC fit
+            assert first == 6
+            for shard in (s for s in rows if s.shard >= first + 2):
                 shard.status, shard.output_sha256, shard.attempts = "queued", None, 0
             done = {
                 s.shard: s.output_sha256 for s in session.scalars(select(JobShard).where(JobShard.job_id == job.id))
@@ -163,6 +170,34 @@ def test_a_job_resumes_from_the_shards_an_earlier_attempt_finished(tmp_path: Pat
             }
             job = session.get(Job, reference["job_id"])
             assert job is not None and job.status == "succeeded"
-        assert after[0][0] == done[0] and after[1][0] == done[1]  # kept, not scored again
-        assert all(after[shard][1] == 1 for shard in range(2, 5))
+        assert all(after[s][0] == done[s] for s in range(first + 2))  # kept, not run again
+        assert all(after[shard][1] == 1 for shard in range(first + 2, first + 5))
         assert_same_rows(result_rows(api, reference["id"]), expected)
+
+
+@pytest.mark.parametrize(("mode", "normalize"), [("pairwise", True), ("aggregate", False), ("self", False)])
+def test_sharded_gradient_similarity_equals_unsharded(tmp_path: Path, mode: str, normalize: bool) -> None:
+    """On SQLite only: the rows' storage is the same as for `influence` (tested on both databases above)."""
+    rows = {}
+    for shard_examples in (0, 16):
+        folder = tmp_path / f"s{shard_examples}"
+        folder.mkdir()
+        for api in build_api(folder, None, shard_examples=shard_examples):
+            model = api.upload_model(tiny_classifier()).json()["id"]
+            body: dict[str, Any] = {
+                "model_id": model,
+                "train_dataset_id": upload(api, tiny_dataset(N_TRAIN, seed=1)),
+                "method": "gradient_similarity",
+                "mode": mode,
+                "top_k": 4,
+                "options": {"normalize": normalize, "batch_size": 8},
+            }
+            if mode != "self":
+                body["query_dataset_id"] = upload(api, tiny_dataset(5, seed=2))
+            response = api.client.post("/v1/attributions", json=body)
+            assert response.status_code == 202, response.text
+            attribution = response.json()
+            assert api.client.get(f"/v1/jobs/{attribution['job_id']}").json()["status"] == "succeeded"
+            assert shard_count(api, attribution["job_id"]) == (3 if shard_examples else 0)
+            rows[shard_examples] = result_rows(api, attribution["id"])
+    assert_same_rows(rows[16], rows[0])

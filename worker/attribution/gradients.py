@@ -8,6 +8,7 @@ measurement.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,8 +41,13 @@ class FisherLabels:
     samples: int = 1
     seed: int = 0
 
-    def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+    def generator(self, first_row: int = 0) -> torch.Generator:
+        """The generator of the labels drawn for the batch starting at training row ``first_row``: seeded by the
+        seed and the row alone, so any pass (or shard of the training set) that starts a batch at that row draws
+        the same labels for it."""
+        # torch's CPU generator keeps 32 bits of its seed: the pair is hashed to 32 bits
+        digest = hashlib.blake2b(f"{self.seed}:{first_row}".encode(), digest_size=4).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
     def for_eigenvalues(self) -> FisherLabels:
         """Labels of the EK-FAC eigenvalue pass. With the true Fisher they are drawn independently of the

@@ -8,8 +8,9 @@ corrected eigenvalues Lambda = E[(Q_S^T G Q_A)^2] in a given eigenbasis, the dia
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -118,6 +119,7 @@ def apply_in_eigenbasis(
 
 
 Visitor = Callable[[str, LayerActivity], None]
+SumKind = Literal["covariances", "diagonal", "eigenvalues"]
 
 
 def stream_fitting_gradients(
@@ -130,20 +132,115 @@ def stream_fitting_gradients(
     device: torch.device,
     counter: StageCounter,
     visit: Visitor,
+    first_row: int = 0,
 ) -> None:
     """One pass over ``data``: calls ``visit(layer name, activity)`` for every batch (rows = examples x draws).
 
-    The label generator is re-seeded at each pass, so every pass sees the same sampled labels.
+    The labels of a batch are drawn from a generator seeded by the batch's first training row (``first_row``:
+    the training row of ``data``'s first row, when ``data`` is a shard of the training set), so every pass, and
+    every shard whose batches start at the same rows, sees the same sampled labels.
     """
-    generator = labels.generator()
     dtype = model_dtype(model)
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
-        for _, batch in batches(data, batch_size, device, dtype):
+        for start, batch in batches(data, batch_size, device, dtype):
+            generator = labels.generator(first_row + start)
             with few_threads(batch_work(layers, token_rows(batch) * labels.samples)):
                 for activities in fitting_activities(model, recorder, batch, loss, labels, generator):
                     for name, activity in activities.items():
                         visit(name, activity)
             counter.advance(len(batch))
+
+
+@dataclass
+class LayerSums:
+    """float64 sums of one layer's per-batch statistics over some training rows, and the counts that make them
+    means: ``positions`` (the activation covariance's denominator) and ``rows`` (examples x label draws)."""
+
+    sums: dict[str, torch.Tensor]
+    positions: int
+    rows: int
+
+
+def fitting_sums(
+    kind: SumKind,
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    data: Examples,
+    loss: LossName,
+    labels: FisherLabels,
+    batch_size: int,
+    device: torch.device,
+    counter: StageCounter,
+    bases: dict[str, Eigenbasis] | None = None,
+    first_row: int = 0,
+) -> dict[str, LayerSums]:
+    """One pass's sums per layer: ``covariances`` (``activation`` = sum a a^T, ``gradient`` = sum g g^T),
+    ``diagonal`` (sum G * G) or ``eigenvalues`` (sum (Q_S^T G Q_A)^2 in ``bases``). Sums over disjoint row ranges
+    add up to the sums over their union (`add_sums`): the fit's means are the sums over counts."""
+    dtype = model_dtype(model)
+    square = {layer.name: (layer.in_features, layer.in_features) for layer in layers}
+    out_square = {layer.name: (layer.out_features, layer.out_features) for layer in layers}
+    matrix = {layer.name: (layer.out_features, layer.in_features) for layer in layers}
+    shapes = {"activation": square, "gradient": out_square} if kind == "covariances" else {kind: matrix}
+    result = {
+        layer.name: LayerSums(
+            {
+                stat: torch.zeros(shape[layer.name], dtype=torch.float64, device=device)
+                for stat, shape in shapes.items()
+            },
+            0,
+            0,
+        )
+        for layer in layers
+    }
+    if kind == "eigenvalues":
+        assert bases is not None, "the eigenvalue sums need the eigenbasis"
+        q_s = {n: b.gradient_eigenvectors.to(device, dtype) for n, b in bases.items()}
+        q_a = {n: b.activation_eigenvectors.to(device, dtype) for n, b in bases.items()}
+
+    def visit(name: str, activity: LayerActivity) -> None:
+        sums = result[name]
+        if kind == "covariances":
+            sums.sums["activation"] += activation_covariance_sum(activity).to(torch.float64)
+            sums.sums["gradient"] += gradient_covariance_sum(activity).to(torch.float64)
+            sums.positions += activity.num_positions
+        elif kind == "diagonal":
+            sums.sums["diagonal"] += squared_gradient_sum(activity).to(torch.float64)
+        else:
+            sums.sums["eigenvalues"] += corrected_eigenvalue_sum(activity, q_s[name], q_a[name]).to(torch.float64)
+        sums.rows += activity.batch_size
+
+    stream_fitting_gradients(model, layers, data, loss, labels, batch_size, device, counter, visit, first_row)
+    return result
+
+
+def add_sums(parts: Sequence[dict[str, LayerSums]]) -> dict[str, LayerSums]:
+    """The sums over the union of disjoint row ranges (float64, added in the order given)."""
+    total: dict[str, LayerSums] = {}
+    for part in parts:
+        for name, layer in part.items():
+            if name not in total:
+                total[name] = LayerSums({k: v.clone() for k, v in layer.sums.items()}, layer.positions, layer.rows)
+                continue
+            into = total[name]
+            for stat, value in layer.sums.items():
+                into.sums[stat] += value.to(into.sums[stat].device)
+            into.positions += layer.positions
+            into.rows += layer.rows
+    return total
+
+
+def covariances_from_sums(sums: dict[str, LayerSums]) -> dict[str, Covariances]:
+    """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws)."""
+    return {
+        name: Covariances(s.sums["activation"] / max(s.positions, 1), s.sums["gradient"] / max(s.rows, 1))
+        for name, s in sums.items()
+    }
+
+
+def means_from_sums(sums: dict[str, LayerSums], stat: str) -> dict[str, torch.Tensor]:
+    """A weight-shaped statistic's mean over examples and label draws."""
+    return {name: s.sums[stat] / max(s.rows, 1) for name, s in sums.items()}
 
 
 def fit_covariances(
@@ -157,30 +254,9 @@ def fit_covariances(
     counter: StageCounter,
 ) -> dict[str, Covariances]:
     """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws), per layer, float64."""
-    activation = {
-        layer.name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=device)
-        for layer in layers
-    }
-    gradient = {
-        layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=device)
-        for layer in layers
-    }
-    positions = {layer.name: 0 for layer in layers}
-    rows = {layer.name: 0 for layer in layers}
-
-    def visit(name: str, activity: LayerActivity) -> None:
-        activation[name] += activation_covariance_sum(activity).to(torch.float64)
-        gradient[name] += gradient_covariance_sum(activity).to(torch.float64)
-        positions[name] += activity.num_positions
-        rows[name] += activity.batch_size
-
-    stream_fitting_gradients(model, layers, data, loss, labels, batch_size, device, counter, visit)
-    return {
-        layer.name: Covariances(
-            activation[layer.name] / max(positions[layer.name], 1), gradient[layer.name] / max(rows[layer.name], 1)
-        )
-        for layer in layers
-    }
+    return covariances_from_sums(
+        fitting_sums("covariances", model, layers, data, loss, labels, batch_size, device, counter)
+    )
 
 
 def fit_corrected_eigenvalues(
@@ -195,20 +271,8 @@ def fit_corrected_eigenvalues(
     counter: StageCounter,
 ) -> dict[str, torch.Tensor]:
     """Lambda = E[(Q_S^T G Q_A)^2] per layer (mean over examples and label draws), float64."""
-    dtype = model_dtype(model)
-    q_s = {n: b.gradient_eigenvectors.to(device, dtype) for n, b in bases.items()}
-    q_a = {n: b.activation_eigenvectors.to(device, dtype) for n, b in bases.items()}
-    return _mean_over_fitting_rows(
-        lambda name, activity: corrected_eigenvalue_sum(activity, q_s[name], q_a[name]),
-        model,
-        layers,
-        data,
-        loss,
-        labels,
-        batch_size,
-        device,
-        counter,
-    )
+    sums = fitting_sums("eigenvalues", model, layers, data, loss, labels, batch_size, device, counter, bases)
+    return means_from_sums(sums, "eigenvalues")
 
 
 def fit_diagonal(
@@ -222,43 +286,8 @@ def fit_diagonal(
     counter: StageCounter,
 ) -> dict[str, torch.Tensor]:
     """E[G * G] per layer (mean over examples and label draws), float64, shaped like the weight matrix."""
-    return _mean_over_fitting_rows(
-        lambda name, activity: squared_gradient_sum(activity),
-        model,
-        layers,
-        data,
-        loss,
-        labels,
-        batch_size,
-        device,
-        counter,
-    )
-
-
-def _mean_over_fitting_rows(
-    statistic: Callable[[str, LayerActivity], torch.Tensor],
-    model: nn.Module,
-    layers: list[TrackedLayer],
-    data: Examples,
-    loss: LossName,
-    labels: FisherLabels,
-    batch_size: int,
-    device: torch.device,
-    counter: StageCounter,
-) -> dict[str, torch.Tensor]:
-    """Mean over examples and label draws of a weight-shaped per-batch sum ``statistic``, float64."""
-    sums = {
-        layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=device)
-        for layer in layers
-    }
-    rows = {layer.name: 0 for layer in layers}
-
-    def visit(name: str, activity: LayerActivity) -> None:
-        sums[name] += statistic(name, activity).to(torch.float64)
-        rows[name] += activity.batch_size
-
-    stream_fitting_gradients(model, layers, data, loss, labels, batch_size, device, counter, visit)
-    return {name: total / max(rows[name], 1) for name, total in sums.items()}
+    sums = fitting_sums("diagonal", model, layers, data, loss, labels, batch_size, device, counter)
+    return means_from_sums(sums, "diagonal")
 
 
 # ---------------------------------------------------------------- one pass that also caches per-example rows
@@ -279,10 +308,10 @@ def stream_fitting_and_training_gradients(
     """Like ``stream_fitting_gradients`` (same batches, same sampled labels), but calls
     ``visit(examples in batch, fitting activities, training activities or None)`` once per batch; the
     training activities (gradients of the given-label loss) are computed when ``with_training``."""
-    generator = labels.generator()
     dtype = model_dtype(model)
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
-        for _, batch in batches(data, batch_size, device, dtype):
+        for start, batch in batches(data, batch_size, device, dtype):
+            generator = labels.generator(start)
             with few_threads(batch_work(layers, token_rows(batch) * (labels.samples + int(with_training)))):
                 if with_training:
                     fitting, training = fitting_and_training_activities(model, recorder, batch, loss, labels, generator)

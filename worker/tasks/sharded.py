@@ -23,22 +23,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from safetensors.torch import load_file, save
 from sqlalchemy.orm import Session
 
+from service.db.tables import Job
 from service.liveness import CancelRequested, LivenessPolicy, Superseded, report_progress, worker_name
 from service.problems import problem_dict
 from service.storage import BlobStore, StoredBlob
 from worker.attribution import Cancelled, Curvature, fit_curvature
+from worker.attribution.attribute import MethodName as EngineMethodName
+from worker.attribution.attribute import MethodOptions as EngineMethodOptions
 from worker.attribution.attribute import _diagnostics, build_scorers
 from worker.attribution.curvature.base import LayerVectors
 from worker.attribution.gradients import place_model
 from worker.attribution.options import FIT_STRATEGIES, FitStrategy
-from worker.attribution.options import InfluenceOptions as EngineInfluenceOptions
 from worker.attribution.scoring import ModelScorer
 from worker.attribution.shards import (
     ShardMode,
@@ -57,7 +60,8 @@ from worker.context import PROGRESS_WRITE_SECONDS, JobContext, JobFailed
 from worker.heartbeat import Heartbeat
 from worker.loading import load_curvatures, put_curvatures
 from worker.methods.base import MadeFit, Method
-from worker.methods.engine_options import influence_options
+from worker.methods.engine_options import gradient_similarity_options, influence_options
+from worker.methods.gradient_similarity import GradientSimilarityOptions
 from worker.methods.influence import InfluenceOptions
 from worker.shard_rows import beat_shard, claim_shard, create_shards, finish_shard, report_shard_progress, shards_of
 from worker.tasks.attribution import LoadedRequest, save_results
@@ -66,19 +70,21 @@ from worker.tasks.rows import result_columns
 
 log = logging.getLogger(__name__)
 
-SHARDED_METHODS = ("influence",)
+SHARDED_METHODS = ("influence", "gradient_similarity")
 POLL_SECONDS = 0.2
+MERGE_STAGE = "merge"  # the job's progress stage while a merge runs on a cpu worker
 
 
 def shard_plan(context: JobContext, request: LoadedRequest, method: Method) -> list[ShardRange] | None:
     """The job's shards, or None when it runs as one task: sharding is off, the training set fits one shard, or
-    the method and strategy have no sharded path (only `influence` with a factor strategy or a stored fit)."""
+    the method and strategy have no sharded path (only `influence` with a factor strategy or a stored fit, and
+    `gradient_similarity`)."""
     if context.shard_examples <= 0 or len(request.train) <= context.shard_examples:
         return None
     if method.name not in SHARDED_METHODS:
         return None
     options = method_options(method, request.attribution.options)
-    if request.fit is None and not (isinstance(options, InfluenceOptions) and options.strategy in FIT_STRATEGIES):
+    if isinstance(options, InfluenceOptions) and request.fit is None and options.strategy not in FIT_STRATEGIES:
         return None
     return shard_ranges(len(request.train), context.shard_examples)
 
@@ -86,43 +92,62 @@ def shard_plan(context: JobContext, request: LoadedRequest, method: Method) -> l
 # ---------------------------------------------------------------- what every shard scores against
 
 
+class ShardComputation(Protocol):
+    """What a shard of a job computes over its training range: its output blob's tensors (scoring:
+    `ShardWork`; a sharded fit: `worker.tasks.sharded_fit.FitShardWork`)."""
+
+    def compute(self, shard: ShardRange, progress: Progress) -> dict[str, torch.Tensor]: ...
+
+
 @dataclass
 class ShardWork:
-    """The job's scorers (from the prepared curvatures) and preconditioned query vectors."""
+    """The job's scorers (from the prepared curvatures, none for `gradient_similarity`) and preconditioned query
+    vectors."""
 
     request: LoadedRequest
     mode: ShardMode
     batch_size: int
     scorers: list[ModelScorer]
     vectors: list[LayerVectors]
-    curvatures: list[Curvature]
-    options: EngineInfluenceOptions
+    curvatures: list[Curvature] | None
+    options: EngineMethodOptions
+    method: EngineMethodName
     prepared: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, request: LoadedRequest, curvatures: list[Curvature], progress: Progress) -> ShardWork:
+    def build(cls, request: LoadedRequest, curvatures: list[Curvature] | None, progress: Progress) -> ShardWork:
         method = method_of(request.attribution.method)
         typed = method_options(method, request.attribution.options)
-        assert isinstance(typed, InfluenceOptions)
-        options = influence_options(typed)
-        options.strategy = cast(FitStrategy, curvatures[0].strategy)
+        options: EngineMethodOptions
+        name: EngineMethodName
+        if isinstance(typed, GradientSimilarityOptions):
+            options, name = gradient_similarity_options(typed), "gradient_similarity"
+        else:
+            assert isinstance(typed, InfluenceOptions) and curvatures is not None
+            influence = influence_options(typed)
+            influence.strategy = cast(FitStrategy, curvatures[0].strategy)
+            options, name = influence, "influence"
         placed = [place_model(module, None) for module in request.modules]
-        scorers = build_scorers(
-            placed, request.train, loss_name(request.loss), "influence", options, curvatures, no_progress
-        )
+        scorers = build_scorers(placed, request.train, loss_name(request.loss), name, options, curvatures, no_progress)
         mode = mode_name(request.attribution.mode)
-        return cls(request, mode, options.batch_size, scorers, [], curvatures, options)
+        return cls(request, mode, options.batch_size, scorers, [], curvatures, options, name)
 
     @classmethod
     def load(cls, store: BlobStore, request: LoadedRequest, prepared: dict[str, Any]) -> ShardWork:
-        stored = load_curvatures(store, prepared["curvatures"])
-        work = cls.build(request, [stored[str(i)] for i in range(len(stored))], no_progress)
+        curvatures = None
+        if prepared.get("curvatures") is not None:
+            stored = load_curvatures(store, prepared["curvatures"])
+            curvatures = [stored[str(i)] for i in range(len(stored))]
+        work = cls.build(request, curvatures, no_progress)
         if prepared.get("queries") is not None:
             work.vectors = vectors_from_tensors(load_tensors(store, prepared["queries"]), len(work.scorers))
         else:
             work.vectors = [{} for _ in work.scorers]
         work.prepared = prepared
         return work
+
+    def compute(self, shard: ShardRange, progress: Progress) -> dict[str, torch.Tensor]:
+        return self.score(shard, progress).to_tensors()
 
     def score(self, shard: ShardRange, progress: Progress) -> ShardOutput:
         return score_shard(
@@ -151,7 +176,7 @@ def load_tensors(store: BlobStore, sha256: str) -> dict[str, torch.Tensor]:
 
 
 def run_one_shard(
-    work: ShardWork,
+    work: ShardComputation,
     database_url: str,
     store: BlobStore,
     shard: ShardRange,
@@ -159,7 +184,7 @@ def run_one_shard(
     heartbeat: Heartbeat,
     also: Progress = no_progress,
 ) -> None:
-    """Score one claimed shard and mark it done with its output blob. Raises ``Superseded`` when the shard was
+    """Run one claimed shard and mark it done with its output blob. Raises ``Superseded`` when the shard was
     taken over, ``Cancelled`` when its job was cancelled or ended. ``also``: called after each progress write."""
     job_id = heartbeat.job_id
     last = 0.0
@@ -181,8 +206,7 @@ def run_one_shard(
                 raise Cancelled() from None
         also(stage, completed, total)
 
-    output = work.score(shard, progress)
-    sha256 = put_tensors(store, output.to_tensors())
+    sha256 = put_tensors(store, work.compute(shard, progress))
     from service.db.session import session_scope
 
     with session_scope(database_url) as session:
@@ -201,27 +225,95 @@ def shard_heartbeat(database_url: str, job_id: str, shard: int, attempt: int, pe
 def run_sharded(context: JobContext, request: LoadedRequest, method: Method, ranges: list[ShardRange]) -> None:
     policy = context.policy
     assert policy is not None, "a sharded job needs the liveness policy"
-    with context.session() as session:
-        existing = [(row.shard, row.prepared) for row in shards_of(session, context.job_id)]
+    existing = scoring_rows(context)
     if existing:
         work = ShardWork.load(context.store, request, existing[0][1])
         log.info("job %s: resuming %d shards", context.job_id, len(existing))
     else:
-        work = _prepare(context, request, ranges)
+        curvatures = _own_fit_in_shards(context, request)
+        offset = len(_all_rows(context))  # the fit's shards (if it made its own in shards) come first
+        ranges = [ShardRange(offset + r.index, r.start, r.stop) for r in ranges]
+        work = _prepare(context, request, ranges, curvatures)
+    scoring = {shard for shard, _ in scoring_rows(context)}
+    send_pending(context, scoring)
+    wait_for_shards(context, work, policy, "score", len(request.train), scoring)
+    merge_or_hand_over(context, lambda: merge_and_save(context, request, method, work))
+
+
+def _all_rows(context: JobContext) -> list[tuple[int, dict[str, Any]]]:
     with context.session() as session:
-        pending = [row.shard for row in shards_of(session, context.job_id) if row.status != "done"]
+        return [(row.shard, dict(row.prepared)) for row in shards_of(session, context.job_id)]
+
+
+def scoring_rows(context: JobContext) -> list[tuple[int, dict[str, Any]]]:
+    """(position, prepared) of the job's scoring shards (not those of the fit it made for itself in shards)."""
+    return [(shard, prepared) for shard, prepared in _all_rows(context) if prepared.get("job") is None]
+
+
+def _own_fit_in_shards(context: JobContext, request: LoadedRequest) -> list[Curvature] | None:
+    """The curvatures an `influence` job without a stored fit fits for itself, in shards (`worker.tasks
+    .sharded_fit`, resumed from its rows) when its strategy sums over the training set and the set is larger
+    than a shard; None: fitted in `_prepare`, in one pass."""
+    from worker.tasks.sharded_fit import fit_in_shards, fit_request_of, fit_shard_plan, fitted_curvatures
+
+    if request.fit is not None:
+        return None
+    fit_request = fit_request_of(request)
+    if fit_request is None or (plan := fit_shard_plan(context, fit_request)) is None:
+        return None
+    fit_in_shards(context, fit_request, plan)
+    fitted = fitted_curvatures(context, fit_request)
+    return [fitted[str(position)] for position in range(len(request.modules))]
+
+
+def send_pending(context: JobContext, shards: set[int] | None = None) -> None:
+    """One message per unfinished shard (of ``shards``, or of the job)."""
+    with context.session() as session:
+        pending = [
+            row.shard
+            for row in shards_of(session, context.job_id)
+            if row.status != "done" and (shards is None or row.shard in shards)
+        ]
     if pending and context.send_shards is not None:
         context.send_shards(context.job_id, pending)
-    _wait_for_shards(context, work, policy)
-    _merge_and_save(context, request, method, work)
 
 
-def _prepare(context: JobContext, request: LoadedRequest, ranges: list[ShardRange]) -> ShardWork:
-    if request.fit is not None and request.fit.artifact_sha256 is not None:
+def merge_or_hand_over(context: JobContext, merge: Callable[[], None]) -> None:
+    """Merge here, or — on a worker that does not consume the ``cpu`` queue (``context.send_merge`` set) — send
+    the merge to that queue and return as soon as a ``cpu`` worker has taken it (it writes the job's stage
+    ``merge`` under this attempt, and keeps the job's heartbeat from then on). A merge no ``cpu`` worker took
+    within ``merge_handoff_seconds`` runs here; two merges of one attempt are harmless (fenced: one writes)."""
+    if context.send_merge is None:
+        merge()
+        return
+    context.send_merge(context.job_id, context.attempt)
+    deadline = time.monotonic() + context.merge_handoff_seconds
+    while time.monotonic() < deadline:
+        with context.session() as session:
+            job = session.get(Job, context.job_id, populate_existing=True)
+            if job is None or job.status != "running" or job.attempts != context.attempt:
+                return  # the merge ended the job (or the job was taken over: nothing more to do here)
+            if job.progress_stage == MERGE_STAGE:
+                log.info("job %s: merge taken by a cpu worker", context.job_id)
+                return
+            if job.cancel_requested:
+                raise Cancelled()
+        time.sleep(POLL_SECONDS)
+    log.warning(
+        "job %s: no cpu worker took the merge in %.0f s; merging here", context.job_id, context.merge_handoff_seconds
+    )
+    merge()
+
+
+def _prepare(
+    context: JobContext, request: LoadedRequest, ranges: list[ShardRange], curvatures: list[Curvature] | None
+) -> ShardWork:
+    """Fit (unless ``curvatures`` were fitted in shards) or load the curvatures, compute the query vectors, store
+    both and create the scoring shards' rows (positions ``ranges``' indices)."""
+    typed = method_options(method_of(request.attribution.method), request.attribution.options)
+    if curvatures is None and request.fit is not None and request.fit.artifact_sha256 is not None:
         curvatures = [load_curvatures(context.store, request.fit.artifact_sha256)["model"]]
-    else:
-        typed = method_options(method_of(request.attribution.method), request.attribution.options)
-        assert isinstance(typed, InfluenceOptions)
+    elif curvatures is None and isinstance(typed, InfluenceOptions):
         from worker.methods.engine_options import fit_options
 
         curvatures = [
@@ -248,8 +340,8 @@ def _prepare(context: JobContext, request: LoadedRequest, ranges: list[ShardRang
         work.vectors = [{} for _ in work.scorers]
     queries = put_tensors(context.store, vectors_to_tensors(work.vectors)) if work.mode != "self" else None
     with context.session() as session:
-        blob = _put_without_index(session, context.store, curvatures)
-        work.prepared = {"curvatures": blob.sha256, "queries": queries}
+        blob = _put_without_index(session, context.store, curvatures) if curvatures is not None else None
+        work.prepared = {"curvatures": blob.sha256 if blob is not None else None, "queries": queries}
         try:  # fenced: only the attempt that owns the job creates its shards
             report_progress(session, context.job_id, context.attempt, "score", 0, len(request.train))
         except CancelRequested:
@@ -271,16 +363,24 @@ def _put_without_index(session: Session, store: BlobStore, curvatures: list[Curv
             curvature.training_index = index
 
 
-def _wait_for_shards(context: JobContext, work: ShardWork, policy: LivenessPolicy) -> None:
-    """Until every shard is done: report summed progress, score claimable shards here, fail on a failed shard."""
-    total = len(work.request.train)
+def wait_for_shards(
+    context: JobContext,
+    work: ShardComputation,
+    policy: LivenessPolicy,
+    stage: str,
+    total: int,
+    shards: set[int] | None = None,
+    done_before: int = 0,
+) -> None:
+    """Until every shard (of ``shards``, or of the job) is done: report their summed progress (stage ``stage``,
+    ``done_before`` + completed examples of ``total``), run claimable shards here, fail on a failed shard."""
 
     def report(*_: Any) -> None:
-        context.progress("score", _completed(context), total)
+        context.progress(stage, done_before + _completed(context, shards), total)
 
     while True:
         with context.session() as session:
-            rows = shards_of(session, context.job_id)
+            rows = [row for row in shards_of(session, context.job_id) if shards is None or row.shard in shards]
             failed = [row for row in rows if row.status == "failed"]
             if failed:  # the job fails with the shard's problem (a time limit, bad input found while scoring)
                 raise JobFailed(
@@ -291,7 +391,7 @@ def _wait_for_shards(context: JobContext, work: ShardWork, policy: LivenessPolic
                 return
         report()
         with context.session() as session:
-            claimed = claim_shard(session, context.job_id, None, policy, worker_name())
+            claimed = claim_shard(session, context.job_id, None, policy, worker_name(), among=shards)
             shard = (
                 None
                 if claimed is None
@@ -310,10 +410,12 @@ def _wait_for_shards(context: JobContext, work: ShardWork, policy: LivenessPolic
                 log.warning("job %s: %s", context.job_id, exc)
 
 
-def _completed(context: JobContext) -> int:
+def _completed(context: JobContext, shards: set[int] | None = None) -> int:
     with context.session() as session:
         completed = 0
         for row in shards_of(session, context.job_id):
+            if shards is not None and row.shard not in shards:
+                continue
             size = row.stop - row.start
             if row.status == "done":
                 completed += size
@@ -322,9 +424,9 @@ def _completed(context: JobContext) -> int:
         return completed
 
 
-def _merge_and_save(context: JobContext, request: LoadedRequest, method: Method, work: ShardWork) -> None:
+def merge_and_save(context: JobContext, request: LoadedRequest, method: Method, work: ShardWork) -> None:
     with context.session() as session:
-        rows = shards_of(session, context.job_id)
+        rows = [row for row in shards_of(session, context.job_id) if row.prepared.get("job") is None]
         outputs = [
             ShardOutput.from_tensors(work.mode, load_tensors(context.store, row.output_sha256))
             for row in rows
@@ -337,7 +439,7 @@ def _merge_and_save(context: JobContext, request: LoadedRequest, method: Method,
         work.scorers,
         request.train,
         request.query,
-        "influence",
+        work.method,
         work.mode,
         measurement_name(attribution.measurement),
         work.options,
@@ -348,9 +450,8 @@ def _merge_and_save(context: JobContext, request: LoadedRequest, method: Method,
         scores, method.name, attribution.top_k, request.train_arrays.ids.tolist(), query_ids, request.query_tokens
     )
     made: list[MadeFit] = []
-    if request.fit is None:
-        typed = method_options(method, attribution.options)
-        assert isinstance(typed, InfluenceOptions)
+    typed = method_options(method, attribution.options)
+    if request.fit is None and isinstance(typed, InfluenceOptions) and work.curvatures is not None:
         made = [
             MadeFit(model_id=model.id, curvature=curvature, settings=typed.fit_settings(), damping=typed.damping)
             for model, curvature in zip(request.models, work.curvatures, strict=True)
