@@ -73,10 +73,29 @@ class ResultColumns:
     def __len__(self) -> int:
         return int(self.rank.shape[0])
 
-    def tuples(self) -> Iterator[tuple[Any, ...]]:
-        """One plain tuple per row (Python ints, floats, str or None), fields in ``RESULT_FIELDS`` order."""
-        columns = [getattr(self, name) for name in RESULT_FIELDS]
+    def tuples(self, fields: Sequence[str] = RESULT_FIELDS) -> Iterator[tuple[Any, ...]]:
+        """One plain tuple per row (Python ints, floats, str or None) of ``fields``, in that order."""
+        columns = [getattr(self, name) for name in fields]
         return zip(*(repeat(None, len(self)) if column is None else column.tolist() for column in columns), strict=True)
+
+    def where(self, mask: np.ndarray) -> ResultColumns:
+        """The rows where ``mask`` (a boolean array) is true, in order."""
+
+        def optional(column: np.ndarray | None) -> np.ndarray | None:
+            return None if column is None else column[mask]
+
+        return ResultColumns(
+            direction=self.direction[mask],
+            query_pos=self.query_pos[mask],
+            query_id=optional(self.query_id),
+            rank=self.rank[mask],
+            train_id=self.train_id[mask],
+            score=self.score[mask],
+            task=optional(self.task),
+            split=optional(self.split),
+            query_token=optional(self.query_token),
+            query_token_text=optional(self.query_token_text),
+        )
 
     def dicts(self) -> list[dict[str, Any]]:
         return [dict(zip(RESULT_FIELDS, row, strict=True)) for row in self.tuples()]
