@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, insert
+from sqlalchemy import BigInteger, Column, Connection, Double, Integer, String, Table, insert
 from sqlalchemy.orm import Session
 
 from service.db.tables import AttributionResult
@@ -22,8 +22,17 @@ from worker.tasks.rows import DIRECTIONS, RESULT_FIELDS, ResultColumns
 
 TABLE = AttributionResult.__tablename__
 COLUMNS = ("attribution_id", *RESULT_FIELDS)
-# PostgreSQL types of COLUMNS, as the table has them (binary COPY needs exactly these).
-COPY_TYPES = ("varchar", "varchar", "int4", "varchar", "int4", "varchar", "float8", "int4", "int4")
+
+
+def _copy_type(column: Column[Any]) -> str:
+    """The PostgreSQL type of a result column, as binary COPY needs it exactly."""
+    for kind, name in ((BigInteger, "int8"), (Integer, "int4"), (Double, "float8"), (String, "varchar")):
+        if isinstance(column.type, kind):
+            return name
+    raise TypeError(f"no binary COPY type for {column.name}: {column.type!r}")
+
+
+COPY_TYPES = tuple(_copy_type(cast(Table, AttributionResult.__table__).c[name]) for name in COLUMNS)
 EXECUTEMANY_BATCH = 20_000
 SQLITE_WRITE_CACHE_KIB = 64 * 1024
 
