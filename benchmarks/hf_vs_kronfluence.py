@@ -392,9 +392,9 @@ def run_side(side: str, argv: list[str]) -> dict:
     return result
 
 
-def cost(setup: LmSetup, argv: list[str], repeats: int) -> tuple[list[str], dict, str]:
+def cost(setup: LmSetup, argv: list[str], repeats: int, first: str) -> tuple[list[str], dict, str]:
     runs: dict[str, list[dict]] = {"ours": [], "kron": []}
-    order = ["kron", "ours"]
+    order = ["kron", "ours"] if first == "kron" else ["ours", "kron"]
     for r in range(repeats):
         for side in order if r % 2 == 0 else order[::-1]:
             runs[side].append(run_side(side, argv))
@@ -455,6 +455,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=None, help="cost: queries (default 16)")
     parser.add_argument("--batch-size", type=int, default=None, help="cost: batch size of both tools (default 16)")
     parser.add_argument("--targets", default=None, help="cost: LoRA target modules, comma-separated (c_attn,c_proj)")
+    parser.add_argument("--tag", default="", help="suffix of the results files")
+    parser.add_argument("--first", choices=["ours", "kron"], default="kron", help="cost: the side that runs first")
     parser.add_argument("--side", choices=["ours", "kron"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup = cost_setup(args)
@@ -481,7 +483,7 @@ def main() -> None:
             "",
         ]
     if args.only in (None, "cost"):
-        rows, summary, desc = cost(setup, side_arguments(setup, args.quick), args.repeats)
+        rows, summary, desc = cost(setup, side_arguments(setup, args.quick), args.repeats, args.first)
         record["cost"] = {"setup": desc, **summary}
         body += [
             f"## Part 2: cost at GPT-2-small width ({args.repeats} run(s) per side, alternating, each a fresh process)",
@@ -499,6 +501,8 @@ def main() -> None:
     name = "hf_kronfluence" + ("_quick" if args.quick else "")
     if args.only is not None:
         name += f"_{args.only}"
+    if args.tag:
+        name += f"_{args.tag}"
     write_result(name, "Hugging Face GPT-2 + LoRA: engine vs kronfluence 1.0.1", "\n".join(body))
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
 

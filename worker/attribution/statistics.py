@@ -175,9 +175,11 @@ def fit_covariances(
         rows[name] += activity.batch_size
 
     stream_fitting_gradients(model, layers, data, loss, labels, batch_size, device, counter, visit)
+    # in place: the sums become the means (no second float64 copy of every factor)
     return {
         layer.name: Covariances(
-            activation[layer.name] / max(positions[layer.name], 1), gradient[layer.name] / max(rows[layer.name], 1)
+            activation[layer.name].div_(max(positions[layer.name], 1)),
+            gradient[layer.name].div_(max(rows[layer.name], 1)),
         )
         for layer in layers
     }
