@@ -139,7 +139,7 @@ def stream_fitting_gradients(
     dtype = model_dtype(model)
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
         for _, batch in batches(data, batch_size, device, dtype):
-            with few_threads(batch_work(layers, token_rows(batch) * labels.samples)):
+            with few_threads(batch_work(layers, token_rows(batch) * labels.samples, model)):
                 for activities in fitting_activities(model, recorder, batch, loss, labels, generator):
                     for name, activity in activities.items():
                         visit(name, activity)
@@ -285,7 +285,7 @@ def stream_fitting_and_training_gradients(
     dtype = model_dtype(model)
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
         for _, batch in batches(data, batch_size, device, dtype):
-            with few_threads(batch_work(layers, token_rows(batch) * (labels.samples + int(with_training)))):
+            with few_threads(batch_work(layers, token_rows(batch) * (labels.samples + int(with_training)), model)):
                 if with_training:
                     fitting, training = fitting_and_training_activities(model, recorder, batch, loss, labels, generator)
                 else:
