@@ -246,9 +246,20 @@ class Timer:
 
 class KronfluenceRunner:
     """kronfluence 1.0.1 on an MLP classifier. Measurement "loss" or "margin" (f = -margin, as in
-    kronfluence's own examples), so scores follow our sign convention (positive = helpful)."""
+    kronfluence's own examples), so scores follow our sign convention (positive = helpful).
 
-    def __init__(self, model: nn.Module, measurement: str = "loss", workdir: str | None = None):
+    Another model family passes its own kronfluence ``task`` and ``dataset`` (Examples -> a torch Dataset
+    whose batches the task reads), e.g. benchmarks/hf_vs_kronfluence.py for a causal LM."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        measurement: str = "loss",
+        workdir: str | None = None,
+        task=None,
+        dataset=None,
+        copy_model: bool = True,
+    ):
         import copy
         import logging
 
@@ -279,8 +290,10 @@ class KronfluenceRunner:
                 others[rows, labels] = float("-inf")
                 return -(true - others.logsumexp(-1)).sum()
 
-        self.task = ClassificationTask()
-        self.model = prepare_model(copy.deepcopy(model).eval(), self.task)
+        self.task = ClassificationTask() if task is None else task
+        if dataset is not None:
+            self.dataset = dataset
+        self.model = prepare_model((copy.deepcopy(model) if copy_model else model).eval(), self.task)
         self._tmp = tempfile.TemporaryDirectory(prefix="kron-") if workdir is None else None
         out = workdir if workdir is not None else self._tmp.name
         self.analyzer = Analyzer("bench", self.model, self.task, cpu=True, disable_tqdm=True, output_dir=out)
@@ -289,7 +302,7 @@ class KronfluenceRunner:
         self.analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
 
     @staticmethod
-    def dataset(examples: Examples):
+    def dataset(examples: Examples):  # replaced per instance by a ``dataset`` argument
         return torch.utils.data.TensorDataset(examples.inputs, examples.targets)
 
     def fit(self, train: Examples, strategy: str = "ekfac", empirical: bool = True, batch_size: int = 256) -> None:

@@ -62,7 +62,7 @@ class ModelScorer:
         parts: list[LayerVectors] = []
         with evaluation_mode(self.model), ActivityRecorder(self.layers) as recorder:
             for _, batch in batches(queries, batch_size, self.device, self.dtype):
-                with few_threads(batch_work(self.layers, token_rows(batch))):
+                with few_threads(batch_work(self.layers, token_rows(batch), self.model)):
                     activities = measurement_activities(self.model, recorder, batch, self.loss, measurement)
                     gradients = {name: activities[name].per_example_gradients() for name in self.layer_names}
                 if self.normalize:
@@ -141,7 +141,7 @@ def stream_training_batches(
             rows = torch.arange(start, min(start + batch_size, len(train)))
             chunk = train.subset(rows)
             per_model = []
-            with few_threads(sum(batch_work(s.layers, token_rows(chunk)) for s in scorers) * 2):
+            with few_threads(sum(batch_work(s.layers, token_rows(chunk), s.model) for s in scorers) * 2):
                 for scorer, recorder in zip(scorers, recorders, strict=True):
                     _, batch = next(batches(chunk, len(chunk), scorer.device, scorer.dtype))
                     per_model.append(training_activities(scorer.model, recorder, batch, scorer.loss))

@@ -144,7 +144,7 @@ def stream_fitting_gradients(
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
         for start, batch in batches(data, batch_size, device, dtype):
             generator = labels.generator(first_row + start)
-            with few_threads(batch_work(layers, token_rows(batch) * labels.samples)):
+            with few_threads(batch_work(layers, token_rows(batch) * labels.samples, model)):
                 for activities in fitting_activities(model, recorder, batch, loss, labels, generator):
                     for name, activity in activities.items():
                         visit(name, activity)
@@ -230,10 +230,15 @@ def add_sums(parts: Sequence[dict[str, LayerSums]]) -> dict[str, LayerSums]:
     return total
 
 
-def covariances_from_sums(sums: dict[str, LayerSums]) -> dict[str, Covariances]:
-    """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws)."""
+def covariances_from_sums(sums: dict[str, LayerSums], in_place: bool = False) -> dict[str, Covariances]:
+    """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws). ``in_place`` turns the sums themselves
+    into the means (no second float64 copy of every factor) when nothing reads the sums afterwards."""
+
+    def mean(total: torch.Tensor, count: int) -> torch.Tensor:
+        return total.div_(max(count, 1)) if in_place else total / max(count, 1)
+
     return {
-        name: Covariances(s.sums["activation"] / max(s.positions, 1), s.sums["gradient"] / max(s.rows, 1))
+        name: Covariances(mean(s.sums["activation"], s.positions), mean(s.sums["gradient"], s.rows))
         for name, s in sums.items()
     }
 
@@ -255,7 +260,8 @@ def fit_covariances(
 ) -> dict[str, Covariances]:
     """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws), per layer, float64."""
     return covariances_from_sums(
-        fitting_sums("covariances", model, layers, data, loss, labels, batch_size, device, counter)
+        fitting_sums("covariances", model, layers, data, loss, labels, batch_size, device, counter),
+        in_place=True,
     )
 
 
@@ -312,7 +318,7 @@ def stream_fitting_and_training_gradients(
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
         for start, batch in batches(data, batch_size, device, dtype):
             generator = labels.generator(start)
-            with few_threads(batch_work(layers, token_rows(batch) * (labels.samples + int(with_training)))):
+            with few_threads(batch_work(layers, token_rows(batch) * (labels.samples + int(with_training)), model)):
                 if with_training:
                     fitting, training = fitting_and_training_activities(model, recorder, batch, loss, labels, generator)
                 else:

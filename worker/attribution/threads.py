@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from worker.attribution.hooks import TrackedLayer
 from worker.attribution.types import Examples
@@ -34,11 +35,17 @@ def few_threads(work: float) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def batch_work(layers: list[TrackedLayer], rows: int) -> float:
-    """Rough multiply-adds of one batch step (forward, backward and per-layer statistics) over ``rows``."""
+def batch_work(layers: list[TrackedLayer], rows: int, model: nn.Module | None = None) -> float:
+    """Rough multiply-adds of one batch step (forward, backward and per-layer statistics) over ``rows``.
+
+    With ``model`` (a step that runs it), at least 3 x its parameter count per row: when only small layers
+    are tracked (LoRA adapters of a large language model) the untracked layers' forward and backward are
+    most of the work, and must not be run on one thread."""
     per_row = sum(
         layer.in_features * layer.out_features * 3 + layer.in_features**2 + layer.out_features**2 for layer in layers
     )
+    if model is not None:
+        per_row = max(per_row, 3 * sum(p.numel() for p in model.parameters()))
     return float(rows) * per_row
 
 

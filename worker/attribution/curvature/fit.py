@@ -189,8 +189,10 @@ def _fit_with_cache(
     if diagonal:
         fit: Curvature = DiagonalCurvature(names, options, _to_cpu({n: sums[n] / max(rows[n], 1) for n in names}))
     else:
+        # in place: the sums become the means, so that no second float64 copy of every factor stays alive
+        # through the eigendecompositions and the eigenvalue pass
         covariances = {
-            n: Covariances(activation[n] / max(positions[n], 1), gradient[n] / max(rows[n], 1)) for n in names
+            n: Covariances(activation[n].div_(max(positions[n], 1)), gradient[n].div_(max(rows[n], 1))) for n in names
         }
         bases = {name: eigenbasis(c) for name, c in covariances.items()}
         if options.strategy == "kfac":
