@@ -112,7 +112,7 @@ def main() -> None:
     target.write_text(
         f"# Results-page latency\n\n`python -m benchmarks.results_latency{mode} --seconds {args.seconds:g} --workers "
         f"{args.workers}{' --set ' + ' '.join(args.set) if args.set else ''}` on {platform.machine()} ({platform.python_version()}), `attrib serve --workers "
-        f"{args.workers}` with {'these' if args.set else 'the default'} capacity settings, `wrk` on the same "
+        f"{args.workers}` with {'these' if args.set else 'the default'} capacity settings, {'`wrk`' if args.rate is None else 'the open-loop generator'} on the same "
         f"machine.\n\n{body}\n"
     )
 
