@@ -57,6 +57,13 @@ class EditResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
+# The methods whose attributions this module edits, and the options each takes.
+EDITABLE_OPTIONS: dict[str, type[InfluenceOptions] | type[DataInfOptions]] = {
+    "influence": InfluenceOptions,
+    "datainf": DataInfOptions,
+}
+
+
 def edit_parameters(
     model: nn.Module,
     train: Examples,
@@ -75,9 +82,9 @@ def edit_parameters(
     (``influence`` or ``datainf``) and ``options``; ``fit`` is the attribution's stored curvature, if any.
     ``queries``: the attribution's queries, whose loss changes are reported."""
     check_loss_name(loss)
-    if method not in ("influence", "datainf"):
+    expected = EDITABLE_OPTIONS.get(method)
+    if expected is None:
         raise AttributionError(f"editing needs method 'influence' or 'datainf', got {method!r}")
-    expected = InfluenceOptions if method == "influence" else DataInfOptions
     options = options if options is not None else expected()
     if not isinstance(options, expected):
         raise AttributionError(f"method {method!r} takes {expected.__name__}, got {type(options).__name__}")
