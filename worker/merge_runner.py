@@ -11,20 +11,15 @@ after no ``cpu`` worker took the merge in time, or was taken over — is dropped
 from __future__ import annotations
 
 import logging
-import traceback
-
-from celery.exceptions import SoftTimeLimitExceeded
+from collections.abc import Callable
 
 from service.db.session import session_scope
 from service.db.tables import Job
-from service.liveness import CancelRequested, LivenessPolicy, Superseded, finish, report_progress, time_limit_problem
-from service.problems import problem_dict
+from service.liveness import CancelRequested, LivenessPolicy, Superseded, report_progress
 from service.settings import Settings
-from worker.artifacts.errors import ArtifactError
-from worker.attribution import AttributionError, Cancelled
 from worker.context import JobContext
 from worker.heartbeat import Heartbeat
-from worker.runner import store_for
+from worker.runner import run_and_record, store_for
 from worker.tasks.attribution import load_request
 from worker.tasks.options import method_of
 from worker.tasks.sharded import MERGE_STAGE, ShardWork, merge_and_save, scoring_rows
@@ -58,35 +53,18 @@ def run_merge(job_id: str, attempt: int, settings: Settings) -> None:
     )
     with Heartbeat(url, job_id, attempt, policy.heartbeat_seconds) as heartbeat:
         context.heartbeat = heartbeat
-        try:
-            _merge(context, kind)
-        except Superseded as exc:
-            log.warning("job %s: merge dropped: %s", job_id, exc)
-        except Cancelled:
-            _finish(context, "cancelled", None)
-        except SoftTimeLimitExceeded:
-            _finish(context, "failed", time_limit_problem(policy.soft_time_limit_seconds))
-        except (AttributionError, ArtifactError) as exc:
-            detail = exc.detail if isinstance(exc, ArtifactError) else str(exc)
-            _finish(context, "failed", problem_dict(422, detail, kind="attribution-failed", title="Job failed"))
-        except Exception as exc:  # noqa: BLE001  (the job must end failed, never stay running)
-            log.error("job %s merge crashed:\n%s", job_id, traceback.format_exc())
-            detail = f"the merge of the job's shards failed unexpectedly ({type(exc).__name__}: {exc})"
-            _finish(context, "failed", problem_dict(500, detail, kind="internal-error", title="Job failed"))
+        run_and_record(context, policy, lambda: MERGES[kind](context), "the merge of the job's shards")
 
 
-def _merge(context: JobContext, kind: str) -> None:
-    if kind == "fit":
-        merge_fit(context, load_fit_request(context))
-        return
+def _merge_fit(context: JobContext) -> None:
+    merge_fit(context, load_fit_request(context))
+
+
+def _merge_attribution(context: JobContext) -> None:
     request = load_request(context)
     work = ShardWork.load(context.store, request, scoring_rows(context)[0][1])
     merge_and_save(context, request, method_of(request.attribution.method), work)
 
 
-def _finish(context: JobContext, status: str, error: dict[str, object] | None) -> None:
-    try:
-        with context.session() as session:
-            finish(session, context.job_id, context.attempt, status, error)
-    except (Superseded, CancelRequested) as exc:
-        log.warning("job %s: not marked %s: %s", context.job_id, status, exc)
+# job kind -> how its shards are merged (the kinds that shard)
+MERGES: dict[str, Callable[[JobContext], None]] = {"fit": _merge_fit, "attribution": _merge_attribution}

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from service.db.session import session_scope
 from service.db.tables import Job
-from service.liveness import LivenessPolicy, Superseded, claim, finish, time_limit_problem, worker_name
+from service.liveness import (
+    CancelRequested,
+    LivenessPolicy,
+    Superseded,
+    claim,
+    finish,
+    time_limit_problem,
+    worker_name,
+)
 from service.problems import problem_dict
 from service.settings import Settings
 from service.storage import BlobStore, LocalBlobStore
@@ -67,11 +76,18 @@ def run_job(
 
 
 def _run_and_record(context: JobContext, policy: LivenessPolicy) -> None:
+    run_and_record(context, policy, lambda: _dispatch(context), "the job")
+
+
+def run_and_record(context: JobContext, policy: LivenessPolicy, work: Callable[[], None], what: str) -> None:
+    """Run ``work`` for the claimed job and record how it ended (`what` names it in logs and errors): a superseded
+    attempt writes nothing, a cancel ends it ``cancelled``, every failure ends it ``failed`` with a problem, and
+    nothing leaves it ``running``. The job runner and the merge runner (`worker.merge_runner`) share it."""
     job_id = context.job_id
     try:
-        _dispatch(context)
+        work()
     except Superseded as exc:
-        log.warning("job %s: %s; its work is dropped", job_id, exc)
+        log.warning("job %s: %s dropped: %s", job_id, what, exc)
     except Cancelled:
         _finish(context, "cancelled", None)
     except JobFailed as exc:
@@ -82,8 +98,8 @@ def _run_and_record(context: JobContext, policy: LivenessPolicy) -> None:
         detail = exc.detail if isinstance(exc, ArtifactError) else str(exc)
         _finish(context, "failed", problem_dict(422, detail, kind="attribution-failed", title="Job failed"))
     except Exception as exc:  # noqa: BLE001  (the job must end failed, never stay running)
-        log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
-        detail = f"the job failed unexpectedly ({type(exc).__name__}: {exc})"
+        log.error("job %s: %s crashed:\n%s", job_id, what, traceback.format_exc())
+        detail = f"{what} failed unexpectedly ({type(exc).__name__}: {exc})"
         _finish(context, "failed", problem_dict(500, detail, kind="internal-error", title="Job failed"))
 
 
@@ -91,7 +107,7 @@ def _finish(context: JobContext, status: str, error: dict[str, Any] | None) -> N
     try:
         with context.session() as session:
             finish(session, context.job_id, context.attempt, status, error)
-    except Superseded as exc:
+    except (Superseded, CancelRequested) as exc:
         log.warning("job %s: not marked %s: %s", context.job_id, status, exc)
 
 

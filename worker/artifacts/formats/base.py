@@ -8,12 +8,15 @@ pieces with ``build``. Nothing here imports HTTP, database or queue code; every 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from worker.artifacts.errors import ArtifactError
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,22 @@ class ModelFormat(Protocol):
     def describe(self) -> dict[str, Any]:
         """What `GET /v1/models/formats` says about this format."""
         ...
+
+
+def archive_or_parts(upload: ModelUpload, parts: Sequence[str], format_name: str) -> Path | None:
+    """The upload's one ``archive`` part, or None when it came as file parts; refuses a part the format does not
+    take (``parts``) and an archive sent with anything else."""
+    files = upload.files
+    unknown = set(files) - set(parts)
+    if unknown:
+        raise ArtifactError(
+            f'format "{format_name}" takes the parts {", ".join(parts)}; not {", ".join(sorted(unknown))}',
+            field=sorted(unknown)[0],
+        )
+    if "archive" not in files:
+        return None
+    if set(files) != {"archive"} or len(files["archive"]) != 1:
+        raise ArtifactError(
+            "an `archive` part replaces the file parts: send one archive and no other file", field="archive"
+        )
+    return files["archive"][0]

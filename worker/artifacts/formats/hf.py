@@ -40,7 +40,7 @@ from transformers.pytorch_utils import Conv1D
 
 from worker.artifacts.archive import ArchiveLimits, extract_archive
 from worker.artifacts.errors import ArtifactError
-from worker.artifacts.formats.base import ModelUpload, PreparedModel, StoredModel
+from worker.artifacts.formats.base import ModelUpload, PreparedModel, StoredModel, archive_or_parts
 from worker.artifacts.json_file import read_json_object
 from worker.artifacts.safetensors_file import INT_DTYPES, TensorInfo, iter_tensors, non_finite_reason, read_header
 from worker.artifacts.tokenizer import check_tokenizer_config, load_tokenizer
@@ -222,19 +222,10 @@ class HfFiles:
 
 
 def collect_files(upload: ModelUpload, work_dir: Path) -> HfFiles:
+    archive = archive_or_parts(upload, PARTS, "hf")
+    if archive is not None:
+        return _archive_files(archive, work_dir / "archive", upload.max_unpacked_bytes)
     files = upload.files
-    unknown = set(files) - set(PARTS)
-    if unknown:
-        raise ArtifactError(
-            f'format "hf" takes the parts {", ".join(PARTS)}; not {", ".join(sorted(unknown))}',
-            field=sorted(unknown)[0],
-        )
-    if "archive" in files:
-        if set(files) != {"archive"} or len(files["archive"]) != 1:
-            raise ArtifactError(
-                "an `archive` part replaces the file parts: send one archive and no other file", field="archive"
-            )
-        return _archive_files(files["archive"][0], work_dir / "archive", upload.max_unpacked_bytes)
     for part in ("config", "weights_index", "tokenizer", "tokenizer_config"):
         if len(files.get(part, [])) > 1:
             raise ArtifactError(f"the `{part}` part is given {len(files[part])} times", field=part)

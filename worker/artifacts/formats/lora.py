@@ -40,7 +40,7 @@ from torch import nn
 
 from worker.artifacts.archive import ArchiveLimits, extract_archive
 from worker.artifacts.errors import ArtifactError
-from worker.artifacts.formats.base import BaseModelRef, ModelUpload, PreparedModel, StoredModel
+from worker.artifacts.formats.base import BaseModelRef, ModelUpload, PreparedModel, StoredModel, archive_or_parts
 from worker.artifacts.formats.hf import (
     MAX_CONFIG_BYTES,
     MAX_CONFIG_DEPTH,
@@ -381,19 +381,10 @@ class AdapterFiles:
 
 
 def collect_files(upload: ModelUpload, work_dir: Path) -> AdapterFiles:
+    archive = archive_or_parts(upload, PARTS, "lora")
+    if archive is not None:
+        return _archive_files(archive, work_dir / "archive", upload.max_unpacked_bytes)
     files = upload.files
-    unknown = set(files) - set(PARTS)
-    if unknown:
-        raise ArtifactError(
-            f'format "lora" takes the parts {", ".join(PARTS)}; not {", ".join(sorted(unknown))}',
-            field=sorted(unknown)[0],
-        )
-    if "archive" in files:
-        if set(files) != {"archive"} or len(files["archive"]) != 1:
-            raise ArtifactError(
-                "an `archive` part replaces the file parts: send one archive and no other file", field="archive"
-            )
-        return _archive_files(files["archive"][0], work_dir / "archive", upload.max_unpacked_bytes)
     for part in PARTS[:2]:
         if len(files.get(part, [])) != 1:
             raise ArtifactError(
