@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,18 +34,15 @@ from benchmarks.tiny_lm import (
     example_losses,
     finetune,
     lm_examples,
+    our_methods,
+    pairwise_lm,
     pretrain,
 )
 from worker.attribution import (
-    AttributionScores,
-    DataInfOptions,
-    GradientSimilarityOptions,
     InfluenceOptions,
     attribute,
 )
 from worker.attribution.hooks import default_layers
-from worker.attribution.methods.source import SourceOptions, attribute_source
-from worker.attribution.methods.tracin import attribute_tracin
 
 
 def ranks(scores: np.ndarray) -> np.ndarray:
@@ -101,30 +97,8 @@ def main() -> None:
     }
     print(json.dumps(info, indent=1), flush=True)
 
-    common = {"loss": "causal_lm", "mode": "pairwise", "measurement": "loss", "top_k": n}
-    runs: dict[str, Callable[[], AttributionScores]] = {
-        "EK-FAC influence (ours)": lambda: attribute(
-            [model], train, queries, method="influence", options=InfluenceOptions(), **common
-        ),
-        "DataInf (ours)": lambda: attribute(
-            [model], train, queries, method="datainf", options=DataInfOptions(), **common
-        ),
-        "gradient similarity, cosine (ours)": lambda: attribute(
-            [model],
-            train,
-            queries,
-            method="gradient_similarity",
-            options=GradientSimilarityOptions(normalize=True),
-            **common,
-        ),
-        "gradient dot product (ours)": lambda: attribute(
-            [model], train, queries, method="gradient_similarity", options=GradientSimilarityOptions(), **common
-        ),
-        "TracInCP (ours)": lambda: attribute_tracin(tuned.checkpoints, train, queries, **common),
-        "SOURCE (ours)": lambda: attribute_source(
-            model, tuned.checkpoints, {0: train}, train, queries, options=SourceOptions(), **common
-        ),
-    }
+    common = pairwise_lm(n)
+    runs = our_methods(model, tuned.checkpoints, train, queries, top_k=n)
     rows: list[tuple[str, dict[str, float], float]] = []
     for name, run in runs.items():
         with Timer() as t:

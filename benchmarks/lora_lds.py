@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -33,19 +32,16 @@ from benchmarks.tiny_lm import (
     example_losses,
     finetune,
     lm_examples,
+    our_methods,
+    pairwise_lm,
     pretrain,
 )
 from worker.attribution import (
-    AttributionScores,
-    DataInfOptions,
     Examples,
-    GradientSimilarityOptions,
     InfluenceOptions,
     attribute,
 )
 from worker.attribution.hooks import default_layers
-from worker.attribution.methods.source import SourceOptions, attribute_source
-from worker.attribution.methods.tracin import attribute_tracin
 
 MODEL_SEED = 100
 
@@ -110,30 +106,8 @@ def main() -> None:
     with Timer() as t_ft:
         tuned = finetune(base, train, recipe, seed=MODEL_SEED, keep_checkpoints=True)
     model = tuned.model
-    common = {"loss": "causal_lm", "mode": "pairwise", "measurement": "loss", "top_k": n}
-    runs: dict[str, Callable[[], AttributionScores]] = {
-        "EK-FAC influence (ours)": lambda: attribute(
-            [model], train, queries, method="influence", options=InfluenceOptions(), **common
-        ),
-        "DataInf (ours)": lambda: attribute(
-            [model], train, queries, method="datainf", options=DataInfOptions(), **common
-        ),
-        "gradient similarity, cosine (ours)": lambda: attribute(
-            [model],
-            train,
-            queries,
-            method="gradient_similarity",
-            options=GradientSimilarityOptions(normalize=True),
-            **common,
-        ),
-        "gradient dot product (ours)": lambda: attribute(
-            [model], train, queries, method="gradient_similarity", options=GradientSimilarityOptions(), **common
-        ),
-        "TracInCP (ours)": lambda: attribute_tracin(tuned.checkpoints, train, queries, **common),
-        "SOURCE (ours)": lambda: attribute_source(
-            model, tuned.checkpoints, {0: train}, train, queries, options=SourceOptions(), **common
-        ),
-    }
+    common = pairwise_lm(n)
+    runs = our_methods(model, tuned.checkpoints, train, queries, top_k=n)
     rows: list[tuple[str, float, float]] = []
     agreement: dict[str, float] = {}
     for name, run in runs.items():

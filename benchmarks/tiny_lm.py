@@ -18,8 +18,10 @@ import json
 import math
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import peft
@@ -29,7 +31,16 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import nn
 
-from worker.attribution import Examples
+from worker.attribution import (
+    AttributionScores,
+    DataInfOptions,
+    Examples,
+    GradientSimilarityOptions,
+    InfluenceOptions,
+    attribute,
+)
+from worker.attribution.methods.source import SourceOptions, attribute_source
+from worker.attribution.methods.tracin import attribute_tracin
 from worker.attribution.text import TextBatch
 from worker.attribution.trajectory import TrajectoryCheckpoint
 
@@ -431,3 +442,39 @@ def bm25(documents: list[str], queries: list[str], k1: float = 1.5, b: float = 0
             norm = k1 * (1 - b + b * len(d) / mean_length)
             out[q, i] = sum(idf.get(w, 0.0) * c[w] * (k1 + 1) / (c[w] + norm) for w in words if w in c)
     return out
+
+
+def pairwise_lm(top_k: int) -> dict[str, Any]:
+    """The attribution arguments both LoRA benchmarks use: pairwise, the scored tokens' summed loss."""
+    return {"loss": "causal_lm", "mode": "pairwise", "measurement": "loss", "top_k": top_k}
+
+
+def our_methods(
+    model: nn.Module, checkpoints: list[TrajectoryCheckpoint], train: Examples, queries: Examples, top_k: int
+) -> dict[str, Callable[[], AttributionScores]]:
+    """Our methods on a fine-tuned causal LM (pairwise, loss of the scored tokens), each with its defaults: the
+    rows both LoRA benchmarks (fact tracing, LDS) compare, by label."""
+    common = pairwise_lm(top_k)
+    return {
+        "EK-FAC influence (ours)": lambda: attribute(
+            [model], train, queries, method="influence", options=InfluenceOptions(), **common
+        ),
+        "DataInf (ours)": lambda: attribute(
+            [model], train, queries, method="datainf", options=DataInfOptions(), **common
+        ),
+        "gradient similarity, cosine (ours)": lambda: attribute(
+            [model],
+            train,
+            queries,
+            method="gradient_similarity",
+            options=GradientSimilarityOptions(normalize=True),
+            **common,
+        ),
+        "gradient dot product (ours)": lambda: attribute(
+            [model], train, queries, method="gradient_similarity", options=GradientSimilarityOptions(), **common
+        ),
+        "TracInCP (ours)": lambda: attribute_tracin(checkpoints, train, queries, **common),
+        "SOURCE (ours)": lambda: attribute_source(
+            model, checkpoints, {0: train}, train, queries, options=SourceOptions(), **common
+        ),
+    }
