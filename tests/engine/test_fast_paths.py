@@ -106,18 +106,42 @@ def test_fit_without_index_but_with_cached_second_pass() -> None:
 @pytest.mark.parametrize(
     "model_factory, shape", [(lambda: SmallConvNet().double(), (2, 5, 5)), (lambda: SequenceNet().double(), (6, 4))]
 )
-def test_layers_with_positions_fall_back(model_factory, shape) -> None:
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+def test_layers_with_positions_keep_gradient_matrices(model_factory, shape, strategy: str, tmp_path) -> None:
+    """Convolutions and Linears on sequences keep per-example gradient matrices: the EK-FAC eigenvalues and every
+    mode's scores equal the plain passes', also after a save and reload of the fit."""
     model = model_factory()
     train, queries = make_data(12, shape, 3, 5), make_data(3, shape, 3, 6)
-    fast = _fit(model, train, "ekfac", "empirical")
-    slow = _fit(model, train, "ekfac", "empirical", memory_budget_bytes=0)
-    assert fast.training_index is None
+    fast = _fit(model, train, strategy, "empirical")
+    slow = _fit(model, train, strategy, "empirical", memory_budget_bytes=0)
+    assert slow.training_index is None
+    index = fast.training_index
+    assert index is not None and index.matrices
+    for name, matrix in index.matrices.items():
+        assert matrix.dim() == 3 and matrix.shape[0] == 12 and name not in index.activations
     _assert_fits_equal(fast, slow)
+    path = tmp_path / "fit.safetensors"
+    save_file(fast.to_tensors(), str(path), metadata=fast.metadata())
+    with safe_open(str(path), "pt") as stored:
+        loaded = load_curvature(load_file(str(path)), stored.metadata())
+    assert loaded.training_index is not None and sorted(loaded.training_index.matrices) == sorted(index.matrices)
     for mode in MODES:
-        a, result = _scores(model, train, queries, "ekfac", mode, fast, "empirical")
-        b, _ = _scores(model, train, queries, "ekfac", mode, slow, "empirical")
-        assert not _used_index(result)
+        a, result = _scores(model, train, queries, strategy, mode, fast, "empirical")
+        b, plain = _scores(model, train, queries, strategy, mode, slow, "empirical")
+        c, reloaded = _scores(model, train, queries, strategy, mode, loaded, "empirical")
+        assert _used_index(result) and _used_index(reloaded) and not _used_index(plain)
         torch.testing.assert_close(a, b, **TOL)
+        torch.testing.assert_close(c, b, **TOL)
+
+
+def test_matrices_beyond_the_budget_fall_back() -> None:
+    """The plan counts a Linear as rank-one; on sequences its matrices are larger and the recorder gives up."""
+    model = SequenceNet().double()
+    train = make_data(12, (6, 4), 3, 5)
+    budget = _fit(model, train, "ekfac", "empirical").training_index.nbytes
+    small = _fit(model, train, "ekfac", "empirical", memory_budget_bytes=budget - 1)
+    assert small.training_index is None
+    _assert_fits_equal(small, _fit(model, train, "ekfac", "empirical", memory_budget_bytes=0))
 
 
 def test_other_training_set_model_or_loss_does_not_use_the_index() -> None:
@@ -256,7 +280,7 @@ def test_ensemble_with_one_index_falls_back() -> None:
     torch.testing.assert_close(c.scores, b.scores, rtol=1e-6, atol=1e-7)
 
 
-def test_shared_linear_layer_falls_back() -> None:
+def test_shared_linear_layer_keeps_its_gradient_matrices() -> None:
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -270,5 +294,5 @@ def test_shared_linear_layer_falls_back() -> None:
     model = Twice().double()
     train = make_data(10, (4,), 3, 0)
     fast = _fit(model, train, "ekfac")
-    assert fast.training_index is None
+    assert fast.training_index is not None and sorted(fast.training_index.matrices) == ["inner"]  # two calls
     _assert_fits_equal(fast, _fit(model, train, "ekfac", memory_budget_bytes=0))

@@ -45,6 +45,7 @@ from worker.attribution.statistics import (
     eigenbasis,
     fitting_sums,
     means_from_sums,
+    stored_factors,
 )
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
@@ -96,7 +97,10 @@ def fit_shard_sums(
     sums = fitting_sums(
         phase, placed, layers, rows, loss, labels, options.batch_size, target, counter, bases, shard.start
     )
-    return {name: LayerSums({k: v.cpu() for k, v in s.sums.items()}, s.positions, s.rows) for name, s in sums.items()}
+    return {
+        name: LayerSums({k: v.cpu() for k, v in s.sums.items()}, s.positions, s.rows, s.dtype)
+        for name, s in sums.items()
+    }
 
 
 def reduce_sums(parts: Sequence[dict[str, LayerSums]]) -> dict[str, LayerSums]:
@@ -108,7 +112,8 @@ def reduce_sums(parts: Sequence[dict[str, LayerSums]]) -> dict[str, LayerSums]:
 
 def bases_from_sums(covariance_sums: dict[str, LayerSums]) -> dict[str, Eigenbasis]:
     """The eigenbasis of the reduced covariances (what the EK-FAC second phase sums in)."""
-    return {name: eigenbasis(c) for name, c in covariances_from_sums(covariance_sums).items()}
+    covariances = covariances_from_sums(covariance_sums)
+    return {name: eigenbasis(c, covariance_sums[name].dtype) for name, c in covariances.items()}
 
 
 def curvature_from_sums(
@@ -120,12 +125,7 @@ def curvature_from_sums(
     names = list(first)
     if options.strategy == "diagonal":
         return DiagonalCurvature(names, options, _cpu(means_from_sums(first, "diagonal")))
-    covariances = covariances_from_sums(first)
-    bases = {name: eigenbasis(c) for name, c in covariances.items()}
-    covariances = {
-        n: type(c)(c.activation.cpu().contiguous(), c.gradient.cpu().contiguous()) for n, c in covariances.items()
-    }
-    bases = {n: Eigenbasis(*(t.cpu().contiguous() for t in vars(b).values())) for n, b in bases.items()}
+    covariances, bases = stored_factors(covariances_from_sums(first), first[names[0]].dtype)
     if options.strategy == "kfac":
         return KfacCurvature(names, options, covariances, bases)
     if eigenvalues is None:
@@ -141,13 +141,15 @@ def _cpu(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def sums_to_tensors(sums: dict[str, LayerSums], prefix: str = "") -> dict[str, torch.Tensor]:
-    """``{prefix}{layer}::{statistic}`` -> float64 sum, ``...::positions`` / ``...::rows`` -> int64 counts."""
+    """``{prefix}{layer}::{statistic}`` -> float64 sum, ``...::positions`` / ``...::rows`` -> int64 counts,
+    ``...::factor_dtype`` -> an empty scalar of the dtype the fitted factors are kept in."""
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in sums.items():
         for stat, value in layer.sums.items():
             tensors[f"{prefix}{name}{SEPARATOR}sum{SEPARATOR}{stat}"] = value.detach().cpu().contiguous()
         tensors[f"{prefix}{name}{SEPARATOR}positions"] = torch.tensor(layer.positions, dtype=torch.int64)
         tensors[f"{prefix}{name}{SEPARATOR}rows"] = torch.tensor(layer.rows, dtype=torch.int64)
+        tensors[f"{prefix}{name}{SEPARATOR}factor_dtype"] = torch.zeros((), dtype=layer.dtype)  # its dtype says
     return tensors
 
 
@@ -162,6 +164,8 @@ def sums_from_tensors(tensors: dict[str, torch.Tensor], prefix: str = "") -> dic
             layer.positions = int(value)
         elif rest == "rows":
             layer.rows = int(value)
+        elif rest == "factor_dtype":
+            layer.dtype = value.dtype
         else:
             layer.sums[rest.split(SEPARATOR, 1)[1]] = value
     return sums

@@ -288,11 +288,21 @@ class LayerActivity:
     """One layer's record for a batch: inputs a (B, T, d_in) and output gradients g (B, T, d_out).
 
     ``mask`` (B, T) bool, with token inputs: False at padded positions (whose a and g are zero).
+    ``example_gradients`` (B, d_out, d_in), when set: the per-example gradients themselves, read back from a
+    training-gradient index of a layer with positions (``of_gradients``); a and g then hold no positions.
     """
 
     activations: torch.Tensor
     gradients: torch.Tensor
     mask: torch.Tensor | None = None
+    example_gradients: torch.Tensor | None = None
+
+    @classmethod
+    def of_gradients(cls, example_gradients: torch.Tensor) -> LayerActivity:
+        """An activity given by its per-example gradient matrices (B, d_out, d_in) alone."""
+        rows, d_out, d_in = example_gradients.shape
+        empty = example_gradients.new_zeros
+        return cls(empty((rows, 0, d_in)), empty((rows, 0, d_out)), None, example_gradients)
 
     @property
     def num_positions(self) -> int:
@@ -312,6 +322,8 @@ class LayerActivity:
 
     def per_example_gradients(self) -> torch.Tensor:
         """(B, d_out, d_in): sum_t g_t a_t^T. Memory B*d_out*d_in: use for small layers or sequences."""
+        if self.example_gradients is not None:
+            return self.example_gradients
         return torch.bmm(self.gradients.transpose(1, 2), self.activations)
 
     def contract(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -350,6 +362,8 @@ class LayerActivity:
 
     def summed_gradient(self) -> torch.Tensor:
         """sum_b G_b: (d_out, d_in)."""
+        if self.example_gradients is not None:
+            return self.example_gradients.sum(0)
         return torch.einsum("bto,bti->oi", self.gradients, self.activations)
 
 

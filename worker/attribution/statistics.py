@@ -39,7 +39,7 @@ class Covariances:
 
 @dataclass
 class Eigenbasis:
-    """Eigendecompositions of one layer's factors (float64, ascending eigenvalues)."""
+    """Eigendecompositions of one layer's factors (ascending eigenvalues; see ``factor_dtype`` for the dtype)."""
 
     activation_eigenvalues: torch.Tensor  # (d_in,)
     activation_eigenvectors: torch.Tensor  # Q_A (d_in, d_in)
@@ -82,9 +82,9 @@ def squared_gradient_sum(activity: LayerActivity) -> torch.Tensor:
 # ---------------------------------------------------------------- linear algebra in the eigenbasis
 
 
-def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of the symmetrised matrix, in float64."""
-    m = matrix.to(torch.float64)
+def symmetric_eigh(matrix: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetrised matrix, computed in ``dtype``."""
+    m = matrix.to(dtype)
     with few_threads(eigh_work(m.shape[0])):
         values: torch.Tensor
         vectors: torch.Tensor
@@ -92,10 +92,46 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, vectors
 
 
-def eigenbasis(covariances: Covariances) -> Eigenbasis:
-    lam_a, q_a = symmetric_eigh(covariances.activation)
-    lam_s, q_s = symmetric_eigh(covariances.gradient)
+def eigenbasis(covariances: Covariances, dtype: torch.dtype = torch.float64) -> Eigenbasis:
+    """The factors' eigendecompositions, computed in ``dtype`` (a fit's ``factor_dtype``)."""
+    lam_a, q_a = symmetric_eigh(covariances.activation, dtype)
+    lam_s, q_s = symmetric_eigh(covariances.gradient, dtype)
     return Eigenbasis(lam_a, q_a, lam_s, q_s)
+
+
+def factor_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a fit eigendecomposes and keeps its factor matrices (covariances, eigenvectors) in: float64 for a
+    float64 model, float32 otherwise. The factors are summed in float64 either way. A float32 model's
+    preconditioner and eigenvalue pass apply the eigenvectors in float32, so a float64 eigendecomposition
+    (about twice the time: it is most of a LoRA fit's cost at GPT-2 width) and float64 storage (twice the
+    memory) would buy nothing there; the corrected eigenvalues are fitted in whatever basis is used."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
+
+
+def stored_factors(
+    covariances: dict[str, Covariances], dtype: torch.dtype
+) -> tuple[dict[str, Covariances], dict[str, Eigenbasis]]:
+    """Each layer's float64 covariances eigendecomposed in ``dtype``, then both kept on the CPU with their matrices
+    in ``dtype`` (eigenvalues as float64). Layer by layer, each layer's float64 matrices dropped from ``covariances`` as
+    soon as they are done with, so no second float64 copy of every factor is alive at once."""
+    kept_covariances: dict[str, Covariances] = {}
+    kept_bases: dict[str, Eigenbasis] = {}
+    for name in list(covariances):
+        covariance = covariances.pop(name)
+        basis = eigenbasis(covariance, dtype)
+        kept_covariances[name] = Covariances(_kept(covariance.activation, dtype), _kept(covariance.gradient, dtype))
+        kept_bases[name] = Eigenbasis(
+            _kept(basis.activation_eigenvalues, torch.float64),
+            _kept(basis.activation_eigenvectors, dtype),
+            _kept(basis.gradient_eigenvalues, torch.float64),
+            _kept(basis.gradient_eigenvectors, dtype),
+        )
+        del covariance, basis
+    return kept_covariances, kept_bases
+
+
+def _kept(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to("cpu", dtype).contiguous()
 
 
 def rotate(vectors: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
@@ -154,11 +190,13 @@ def stream_fitting_gradients(
 @dataclass
 class LayerSums:
     """float64 sums of one layer's per-batch statistics over some training rows, and the counts that make them
-    means: ``positions`` (the activation covariance's denominator) and ``rows`` (examples x label draws)."""
+    means: ``positions`` (the activation covariance's denominator) and ``rows`` (examples x label draws).
+    ``dtype``: the dtype the fitted factor matrices are kept in (``factor_dtype`` of the model's dtype)."""
 
     sums: dict[str, torch.Tensor]
     positions: int
     rows: int
+    dtype: torch.dtype = torch.float64
 
 
 def fitting_sums(
@@ -190,6 +228,7 @@ def fitting_sums(
             },
             0,
             0,
+            factor_dtype(dtype),
         )
         for layer in layers
     }
@@ -220,7 +259,9 @@ def add_sums(parts: Sequence[dict[str, LayerSums]]) -> dict[str, LayerSums]:
     for part in parts:
         for name, layer in part.items():
             if name not in total:
-                total[name] = LayerSums({k: v.clone() for k, v in layer.sums.items()}, layer.positions, layer.rows)
+                total[name] = LayerSums(
+                    {k: v.clone() for k, v in layer.sums.items()}, layer.positions, layer.rows, layer.dtype
+                )
                 continue
             into = total[name]
             for stat, value in layer.sums.items():

@@ -23,12 +23,13 @@ from worker.attribution.statistics import (
     Eigenbasis,
     activation_covariance_sum,
     corrected_eigenvalues_from_activities,
-    eigenbasis,
+    factor_dtype,
     fit_corrected_eigenvalues,
     fit_covariances,
     fit_diagonal,
     gradient_covariance_sum,
     squared_gradient_sum,
+    stored_factors,
     stream_fitting_and_training_gradients,
 )
 from worker.attribution.training_index import IndexRecorder, examples_fingerprint, model_fingerprint
@@ -80,14 +81,15 @@ def fit_layers(
     if options.strategy == "diagonal":
         diagonals = fit_diagonal(model, layers, train, loss, labels, batch, device, counter)
         return DiagonalCurvature(names, options, _to_cpu(diagonals))
-    covariances = fit_covariances(model, layers, train, loss, labels, batch, device, counter)
-    bases = {name: eigenbasis(c) for name, c in covariances.items()}
+    covariances, bases = stored_factors(
+        fit_covariances(model, layers, train, loss, labels, batch, device, counter), factor_dtype(model_dtype(model))
+    )
     if options.strategy == "kfac":
-        return KfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases))
+        return KfacCurvature(names, options, covariances, bases)
     eigenvalues = fit_corrected_eigenvalues(
         model, layers, train, loss, labels.for_eigenvalues(), bases, batch, device, counter
     )
-    return EkfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases), _to_cpu(eigenvalues))
+    return EkfacCurvature(names, options, covariances, bases, _to_cpu(eigenvalues))
 
 
 @dataclass(frozen=True)
@@ -104,12 +106,14 @@ class CachePlan:
 
 
 def cache_plan(model: nn.Module, layers: list[TrackedLayer], train: Examples, options: FitOptions) -> CachePlan:
-    """Byte budgets of the caches, decided before the pass from the layer widths (Linear layers only;
-    a layer that turns out not to be rank-one, e.g. with sequence positions, drops the cache on the way)."""
+    """Byte budgets of the caches, decided before the pass from the layer widths: a Linear is counted as a
+    rank-one layer (d_in + d_out per example), a convolution as a per-example gradient matrix (d_out x d_in).
+    The recorders check the real sizes batch by batch (a Linear on sequences keeps matrices) and give up
+    beyond the budget. Not for embeddings (their rows are one-hot over the vocabulary)."""
     budget = options.memory_budget_bytes
-    if budget <= 0 or options.strategy == "identity" or any(layer.kind != "linear" for layer in layers):
+    if budget <= 0 or options.strategy == "identity" or any(layer.kind == "embedding" for layer in layers):
         return CachePlan(0, 0, False)
-    width = sum(layer.in_features + layer.out_features for layer in layers) * torch.finfo(model_dtype(model)).bits // 8
+    width = sum(_example_width(layer) for layer in layers) * torch.finfo(model_dtype(model)).bits // 8
     shared = options.fisher == "empirical"
     # The true Fisher's eigenvalue pass needs fresh labels (``FisherLabels.for_eigenvalues``), so only the empirical
     # Fisher's rows can be re-used for it.
@@ -123,6 +127,13 @@ def cache_plan(model: nn.Module, layers: list[TrackedLayer], train: Examples, op
     else:
         index = index if fitting + index <= budget else 0
     return CachePlan(fitting, index, shared)
+
+
+def _example_width(layer: TrackedLayer) -> int:
+    """Numbers kept per training example for ``layer`` (at least: a Linear may turn out to run on sequences)."""
+    if layer.kind == "linear":
+        return layer.in_features + layer.out_features
+    return layer.in_features * layer.out_features
 
 
 def _fit_with_cache(
@@ -143,12 +154,14 @@ def _fit_with_cache(
     dtype = model_dtype(model)
     fitting_cache: IndexRecorder | None
     training_cache: IndexRecorder | None
+    # the recorders hold the real sizes to the whole budget (the plan's widths are lower bounds)
+    budget = options.memory_budget_bytes
     if plan.shared:
-        fitting_cache = IndexRecorder(names, max(plan.fitting_bytes, plan.index_bytes))
+        fitting_cache = IndexRecorder(names, budget)
         training_cache = None
     else:
-        fitting_cache = IndexRecorder(names, plan.fitting_bytes) if plan.fitting_bytes else None
-        training_cache = IndexRecorder(names, plan.index_bytes) if plan.index_bytes else None
+        fitting_cache = IndexRecorder(names, budget) if plan.fitting_bytes else None
+        training_cache = IndexRecorder(names, budget - plan.fitting_bytes) if plan.index_bytes else None
     matrix = {layer.name: (layer.out_features, layer.in_features) for layer in layers}
     square = {layer.name: (layer.in_features, layer.in_features) for layer in layers}
     if diagonal:
@@ -183,20 +196,18 @@ def _fit_with_cache(
         model, layers, train, loss, labels, options.batch_size, device, counter, visit, training_cache is not None
     )
     index_source = fitting_cache if plan.shared and plan.index_bytes else training_cache
-    index = None
-    if index_source is not None and index_source.active:
-        index = index_source.index(len(train), examples_fingerprint(train), model_fingerprint(model), loss)
     if diagonal:
         fit: Curvature = DiagonalCurvature(names, options, _to_cpu({n: sums[n] / max(rows[n], 1) for n in names}))
     else:
         # in place: the sums become the means, so that no second float64 copy of every factor stays alive
         # through the eigendecompositions and the eigenvalue pass
-        covariances = {
-            n: Covariances(activation[n].div_(max(positions[n], 1)), gradient[n].div_(max(rows[n], 1))) for n in names
+        means = {
+            n: Covariances(activation.pop(n).div_(max(positions[n], 1)), gradient.pop(n).div_(max(rows[n], 1)))
+            for n in names
         }
-        bases = {name: eigenbasis(c) for name, c in covariances.items()}
+        covariances, bases = stored_factors(means, factor_dtype(dtype))
         if options.strategy == "kfac":
-            fit = KfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases))
+            fit = KfacCurvature(names, options, covariances, bases)
         elif fitting_cache is not None and fitting_cache.active and plan.fitting_bytes:
 
             def advance(position: int) -> None:
@@ -206,15 +217,18 @@ def _fit_with_cache(
             eigenvalues = corrected_eigenvalues_from_activities(
                 layers, fitting_cache.activity_batches(), bases, device, dtype, advance
             )
-            fit = EkfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases), _to_cpu(eigenvalues))
+            fit = EkfacCurvature(names, options, covariances, bases, _to_cpu(eigenvalues))
         else:
-            if fitting_cache is not None:
+            if fitting_cache is not None and fitting_cache is not index_source:
                 fitting_cache.drop()
             eigenvalues = fit_corrected_eigenvalues(
                 model, layers, train, loss, labels.for_eigenvalues(), bases, options.batch_size, device, counter
             )
-            fit = EkfacCurvature(names, options, _to_cpu(covariances), _to_cpu(bases), _to_cpu(eigenvalues))
-    fit.training_index = index
+            fit = EkfacCurvature(names, options, covariances, bases, _to_cpu(eigenvalues))
+    if index_source is not None and index_source.active:  # after the eigenvalues: the index takes over the rows
+        fit.training_index = index_source.index(len(train), examples_fingerprint(train), model_fingerprint(model), loss)
+    if fitting_cache is not None:
+        fitting_cache.drop()
     return fit
 
 
