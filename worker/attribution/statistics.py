@@ -100,8 +100,10 @@ def eigenbasis(covariances: Covariances) -> Eigenbasis:
 
 def numerical_null_space(eigenvalues: torch.Tensor, precision: torch.dtype) -> torch.Tensor:
     """(d,) bool: the directions of a factor (eigenvalues of a d x d PSD matrix accumulated in ``precision``)
-    that are numerically null, eigenvalues at most d x eps x the largest (numpy's ``matrix_rank`` tolerance)."""
-    tolerance = eigenvalues.numel() * torch.finfo(precision).eps * float(eigenvalues.abs().max())
+    that are numerically null, eigenvalues at most d x eps x the largest (numpy's ``matrix_rank`` tolerance).
+    Half-precision models count with float32's eps (a coarser one would call most of a spectrum null)."""
+    eps = torch.finfo(precision if precision in (torch.float32, torch.float64) else torch.float32).eps
+    tolerance = eigenvalues.numel() * eps * float(eigenvalues.abs().max())
     return eigenvalues <= tolerance
 
 
