@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import UploadFile
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.tables import Model
 from service.ownership import owned
-from service.problems import ProblemError
+from service.problems import ProblemError, not_found
 from service.quotas import check_storage
 from service.settings import Settings
 from service.storage import BlobStore
@@ -100,6 +101,30 @@ def fingerprint_files(staged: dict[str, list[StagedBlob]]) -> dict[str, Any]:
 def base_model(session: Session, tenant_id: str, base_model_id: str | None) -> Model | None:
     """The model an upload builds on (``metadata.base_model_id``): the tenant's own, not deleted, else a 404."""
     return None if base_model_id is None else owned(session, Model, tenant_id, base_model_id)
+
+
+def lock_base_model(session: Session, base: Model) -> None:
+    """Re-read the base row under a row lock right before its adapter is inserted (``FOR SHARE`` on PostgreSQL):
+    a concurrent ``DELETE /v1/models/{base}`` either commits first (then this is a 404) or waits for this upload
+    and then sees the new adapter (a 409), so no adapter is ever left on a deleted base."""
+    session.refresh(base, with_for_update={"read": True})
+    if base.deleted_at is not None:
+        raise not_found("model", base.id)
+
+
+def live_adapters(session: Session, tenant_id: str, base_id: str) -> list[str]:
+    """The ids of the tenant's live `lora` models on the base ``base_id``, oldest first."""
+    query = (
+        select(Model.id)
+        .where(
+            Model.tenant_id == tenant_id,
+            Model.format == "lora",
+            Model.deleted_at.is_(None),
+            Model.architecture["base_model_id"].as_string() == base_id,
+        )
+        .order_by(Model.created_at, Model.id)
+    )
+    return list(session.scalars(query))
 
 
 def _base_ref(stack: ExitStack, store: BlobStore, base: Model) -> BaseModelRef:

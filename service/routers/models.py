@@ -20,6 +20,8 @@ from service.model_uploads import (
     check_quota_or_discard,
     discard_all,
     fingerprint_files,
+    live_adapters,
+    lock_base_model,
     prepare_and_store,
     stage_parts,
 )
@@ -33,7 +35,7 @@ from service.pagination import (
     encode_token,
     page_newest_first,
 )
-from service.problems import invalid, problem_responses
+from service.problems import ProblemError, invalid, problem_responses
 from service.schemas.models import (
     CheckpointList,
     CheckpointMetadata,
@@ -137,6 +139,8 @@ def upload_model(
         return replayed
     task = meta.task.model_dump(exclude_none=True)
     stored = prepare_and_store(session, store, fmt, meta.architecture, task, staged, settings, base)
+    if base is not None:
+        lock_base_model(session, base)
     model = Model(
         id=new_id("mdl"),
         tenant_id=tenant.id,
@@ -197,10 +201,29 @@ def get_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelOut
     )
 
 
-@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a model")
+ADAPTERS_NAMED = 20  # a 409 names at most this many adapters of the base
+
+
+@router.delete(
+    "/{model_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a model",
+    responses=problem_responses(409),
+)
 def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Response:
-    """The model is no longer listed nor usable in new fits and attributions."""
+    """The model is no longer listed nor usable in new fits and attributions. A `hf` model that live `lora`
+    models are built on is not deleted: a 409 names them (delete them first)."""
     model = owned(session, Model, tenant.id, model_id)
+    session.refresh(model, with_for_update=True)  # an adapter upload on this base waits, then sees it deleted
+    adapters = live_adapters(session, tenant.id, model.id)
+    if adapters:
+        named = ", ".join(repr(a) for a in adapters[:ADAPTERS_NAMED])
+        more = f" and {len(adapters) - ADAPTERS_NAMED} more" if len(adapters) > ADAPTERS_NAMED else ""
+        raise ProblemError(
+            409,
+            f"model {model.id!r} is the base of {len(adapters)} LoRA model(s): {named}{more}; delete them first",
+            kind="conflict",
+        )
     model.deleted_at = utcnow()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -1,7 +1,7 @@
 """LoRA adapters (`format: "lora"`) on a stored `hf` model, through the API: upload as parts and as archives,
 attribution on the adapter (EK-FAC influence, DataInf, and TracInCP and SOURCE with adapter checkpoints) against
 the engine run directly on the same peft model, edits of LoRA and plain Hugging Face attributions, hostile
-adapter uploads.
+adapter uploads, and a base that adapters use refused deletion (409).
 
 The bases are the tiny GPT-2 and Llama of test_hf_models, the adapters peft LoraConfigs made here and
 `save_pretrained` to a temporary folder. Nothing is downloaded.
@@ -24,11 +24,14 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
+from sqlalchemy import func, select
 
+from service.db.base import utcnow
 from service.db.session import session_scope
-from service.db.tables import Dataset
+from service.db.tables import Dataset, Model
+from service.routers import models as models_router
 from service.storage.local import LocalBlobStore
-from tests.service.conftest import Api, tiny_classifier
+from tests.service.conftest import Api, build_api, tiny_classifier
 from tests.service.test_hf_models import (
     counts,
     loaded,
@@ -432,3 +435,73 @@ def test_hostile_adapter_uploads_are_refused_and_leave_nothing(uploaded: dict[st
         assert response.headers["content-type"].startswith("application/problem+json"), case
         assert words in response.json()["detail"], (case, response.json()["detail"])
         assert counts(api) == before, case
+
+
+# ------------------------------------------------------------------------------------------- deleting the base
+
+
+def test_a_base_with_live_adapters_is_not_deleted(api: Api, tmp_path: Path) -> None:
+    """SQLite and PostgreSQL: DELETE of a base that live adapters use is a 409 naming them, and the base and its
+    adapters stay usable; once the adapters are deleted, the base is (204), and a new adapter on it is a 404."""
+    base = post_parts(api, saved(tiny_gpt2().eval(), tmp_path / "base"), TASK).json()
+    other = post_parts(api, saved(tiny_gpt2().eval(), tmp_path / "other"), TASK).json()
+    adapted(tiny_gpt2()).save_pretrained(tmp_path / "adapter")
+    first = post_lora(api, base["id"], adapter_parts(tmp_path / "adapter"), name="first").json()
+    second = post_lora(api, base["id"], adapter_parts(tmp_path / "adapter"), name="second").json()
+    on_other = post_lora(api, other["id"], adapter_parts(tmp_path / "adapter"), name="on-other").json()
+
+    refused = api.client.delete(f"/v1/models/{base['id']}")
+    assert refused.status_code == 409, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    problem = refused.json()
+    assert problem["type"].endswith("/conflict") and problem["status"] == 409
+    assert first["id"] in problem["detail"] and second["id"] in problem["detail"]
+    assert on_other["id"] not in problem["detail"] and "delete them first" in problem["detail"]
+    for model_id in (base["id"], first["id"], second["id"]):
+        assert api.client.get(f"/v1/models/{model_id}").status_code == 200, model_id
+
+    assert api.client.delete(f"/v1/models/{first['id']}").status_code == 204  # an adapter itself: deleted
+    still = api.client.delete(f"/v1/models/{base['id']}")
+    assert still.status_code == 409 and second["id"] in still.json()["detail"]
+    assert first["id"] not in still.json()["detail"]
+    assert api.client.delete(f"/v1/models/{second['id']}").status_code == 204
+    assert api.client.delete(f"/v1/models/{base['id']}").status_code == 204
+    assert api.client.get(f"/v1/models/{base['id']}").status_code == 404
+    orphan = post_lora(api, base["id"], adapter_parts(tmp_path / "adapter"))
+    assert orphan.status_code == 404 and base["id"] in orphan.json()["detail"]
+    # the other base keeps its adapter, and deleting it is refused the same way
+    assert api.client.delete(f"/v1/models/{other['id']}").status_code == 409
+
+
+@pytest.fixture
+def postgres_api(tmp_path: Path, postgres_schema_url: str) -> Iterator[Api]:
+    yield from build_api(tmp_path, postgres_schema_url)
+
+
+def test_a_base_deleted_during_an_adapter_upload_refuses_the_adapter(
+    postgres_api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL (SQLite has one writer at a time): the base deleted, and committed by another session, after
+    the upload checked it and before the adapter row is inserted: the upload re-reads the base under a row lock
+    and answers 404 instead of storing an adapter on a deleted base."""
+    api = postgres_api
+    base = post_parts(api, saved(tiny_gpt2().eval(), tmp_path / "base"), TASK).json()
+    adapted(tiny_gpt2()).save_pretrained(tmp_path / "adapter")
+    prepare = models_router.prepare_and_store
+
+    def prepare_then_delete_the_base(*args: Any, **kwargs: Any) -> Any:
+        stored = prepare(*args, **kwargs)
+        with session_scope(api.settings.resolved_database_url) as session:
+            row = session.get(Model, base["id"])
+            assert row is not None
+            row.deleted_at = utcnow()
+        return stored
+
+    monkeypatch.setattr(models_router, "prepare_and_store", prepare_then_delete_the_base)
+    before = counts(api)
+    response = post_lora(api, base["id"], adapter_parts(tmp_path / "adapter"))
+    assert response.status_code == 404 and base["id"] in response.json()["detail"], response.text
+    on_base = Model.architecture["base_model_id"].as_string() == base["id"]
+    with session_scope(api.settings.resolved_database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Model).where(on_base)) == 0
+    assert counts(api)[1] == before[1]  # no model row added

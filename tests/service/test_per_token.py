@@ -3,12 +3,13 @@
 A tiny GPT-2 and a BPE tokenizer trained in the test (nothing downloaded) are uploaded; text datasets are tokenized
 with it. The per-token rows equal the engine's scores of `per_token_queries`, the token scores of a query sum to the
 query's whole score, the whole score is the gradient of the summed NLL of the completion tokens, the results and the
-exports filter by `query_token`, such pages are index range scans, sharded jobs give the same rows, and per_token
-on a classifier or outside pairwise mode is a 422.
+exports filter by `query_token`, such pages are index range scans, sharded jobs give the same rows, TracInCP and
+SOURCE (uploaded checkpoints) give per-token rows too, and per_token on a classifier or outside pairwise mode is a 422.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 from sqlalchemy import text
 from tokenizers import Tokenizer
 from tokenizers.models import BPE
@@ -44,9 +46,14 @@ from tests.service.test_hf_models import (
 )
 from tests.service.test_result_storage import page_plan, pairwise_scores
 from worker.attribution import attribute
+from worker.attribution.methods.source import attribute_source
+from worker.attribution.methods.tracin import attribute_tracin
 from worker.attribution.options import GradientSimilarityOptions
 from worker.attribution.text import IGNORE_INDEX, per_token_queries
+from worker.attribution.trajectory import TrajectoryCheckpoint
 from worker.loading import load_examples, load_model
+from worker.methods.engine_options import source_options
+from worker.methods.source import SourceOptions
 from worker.tasks.result_writer import write_results
 from worker.tasks.rows import QueryTokenLabels, result_columns
 
@@ -376,3 +383,74 @@ def test_query_token_pages_are_index_range_scans_without_a_sort(api: Api) -> Non
             assert ranks == list(range(ranks[0], ranks[0] + 5)) and ranks[0] == (
                 after.rank + 1 if after and after.query_pos == 6 else 1
             )
+
+
+# --- methods that read the training trajectory (checkpoints): TracInCP and SOURCE -----------------------------------
+
+
+@pytest.mark.parametrize("method", ["tracin", "source"])
+def test_per_token_with_checkpoint_methods(setup: Setup, method: str) -> None:
+    """TracInCP and SOURCE on two uploaded checkpoints of the GPT-2: per-token rows equal the engine's on
+    `per_token_queries` (with the same trajectory), carry `query_token`, filter by it, and a query's token scores
+    sum to the score of the same request without per_token."""
+    api, model_id = setup.api, setup.uploaded["id"]
+    trajectory = []
+    for step in (1, 2):
+        checkpoint = copy.deepcopy(setup.model)
+        with torch.no_grad():
+            for parameter in checkpoint.parameters():
+                parameter.mul_(1.0 - 0.1 * step)
+        state = {k: v.contiguous() for k, v in checkpoint.state_dict().items() if k != "lm_head.weight"}  # tied
+        response = api.client.post(
+            f"/v1/models/{model_id}/checkpoints",
+            data={"metadata": json.dumps({"step": step, "learning_rate": 0.1})},
+            files={"weights": ("w.safetensors", save_safetensors(state))},
+        )
+        assert response.status_code == 201, response.text
+        trajectory.append(TrajectoryCheckpoint(checkpoint.eval(), step, 0.1))
+    options = {"segments": 2} if method == "source" else {}
+    attribution = setup.run(method=method, options=options)
+    assert attribution["per_token"] is True
+    rows = setup.rows(attribution["id"])
+
+    model, train = stored_rows(api, model_id, setup.train["id"])
+    _, queries = stored_rows(api, model_id, setup.query["id"])
+    tokens = per_token_queries(queries)
+    top_k = len(TRAIN_TEXT)
+    if method == "tracin":
+        engine = attribute_tracin(trajectory, train, tokens.examples, loss="causal_lm", mode="pairwise", top_k=top_k)
+    else:
+        engine = attribute_source(
+            model,
+            trajectory,
+            {0: train},
+            train,
+            tokens.examples,
+            loss="causal_lm",
+            mode="pairwise",
+            top_k=top_k,
+            options=source_options(SourceOptions(segments=2)),
+        )
+    assert engine.topk is not None
+    expected: dict[tuple[Any, ...], float] = {}
+    for r, (q, position) in enumerate(zip(tokens.query.tolist(), tokens.position.tolist(), strict=True)):
+        for index, score in zip(
+            engine.topk.positive_indices[r].tolist(), engine.topk.positive_scores[r].tolist(), strict=True
+        ):
+            expected[(f"q{q}", position, f"t{index}")] = score
+    assert set(by_key(rows)) == set(expected)
+    for key, score in by_key(rows).items():
+        assert score == pytest.approx(expected[key], rel=REL, abs=ABS), key
+    assert all(isinstance(r["query_token_text"], str) for r in rows)
+
+    chosen = sorted({r["query_token"] for r in rows})[1]
+    filtered = setup.rows(attribution["id"], query_token=chosen)
+    assert filtered == [r for r in rows if r["query_token"] == chosen] and filtered
+
+    whole = setup.rows(setup.run(method=method, options=options, per_token=False)["id"])
+    summed: dict[tuple[str, str], float] = {}
+    for (query_id, _, train_id), score in by_key(rows).items():
+        summed[(query_id, train_id)] = summed.get((query_id, train_id), 0.0) + score
+    assert len(whole) == len(summed)
+    for row in whole:
+        assert summed[(row["query_id"], row["train_id"])] == pytest.approx(row["score"], rel=REL, abs=ABS)

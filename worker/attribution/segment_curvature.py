@@ -31,6 +31,7 @@ from worker.attribution.statistics import (
     eigenbasis,
     fit_corrected_eigenvalues,
     fit_covariances,
+    pool_null_spaces,
 )
 from worker.attribution.trajectory import Segment
 from worker.attribution.types import AttributionError, Examples
@@ -100,8 +101,12 @@ def fit_segment(
         fit_corrected_eigenvalues(m, ls, data, loss, labels.for_eigenvalues(), bases, batch_size, device, counter)
         for m, ls in zip(models, per_model_layers, strict=True)
     ]
-    eigenvalues = {name: torch.stack([e[name] for e in eigenvalue_fits]).mean(0) for name in layer_names}
     dtype = model_dtype(models[0])
+    # averaged over the factors' null spaces, as for EK-FAC: the matrix functions do not depend on the basis there
+    eigenvalues = {
+        name: pool_null_spaces(torch.stack([e[name] for e in eigenvalue_fits]).mean(0), bases[name], dtype)
+        for name in layer_names
+    }
     return SegmentFit(
         segment=segment,
         num_examples=len(data),

@@ -134,6 +134,34 @@ def _kept(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to("cpu", dtype).contiguous()
 
 
+def numerical_null_space(eigenvalues: torch.Tensor, precision: torch.dtype) -> torch.Tensor:
+    """(d,) bool: the directions of a factor (eigenvalues of a d x d PSD matrix accumulated in ``precision``)
+    that are numerically null, eigenvalues at most d x eps x the largest (numpy's ``matrix_rank`` tolerance).
+    Half-precision models count with float32's eps (a coarser one would call most of a spectrum null)."""
+    eps = torch.finfo(precision if precision in (torch.float32, torch.float64) else torch.float32).eps
+    tolerance = eigenvalues.numel() * eps * float(eigenvalues.abs().max())
+    return eigenvalues <= tolerance
+
+
+def pool_null_spaces(eigenvalues: torch.Tensor, basis: Eigenbasis, precision: torch.dtype) -> torch.Tensor:
+    """Corrected eigenvalues Lambda (d_out, d_in) averaged over each factor's numerical null space.
+
+    A rank-deficient factor (fewer examples or tokens than its width, or a structural null direction) has a
+    null eigenspace whose eigenvectors ``eigh`` picks arbitrarily, steered by float noise (padding, thread count,
+    BLAS kernel). Lambda is fitted with fresh labels (true Fisher) that do reach into that space, so its entries
+    there depend on that arbitrary basis, and scores moved by up to 1e-2 when the noise did. Their mean over the
+    null space, ||P_null G q||^2 / dim, does not: the preconditioner is then the same whichever basis was picked.
+    """
+    pooled = eigenvalues.clone()
+    rows = numerical_null_space(basis.gradient_eigenvalues.to(pooled.device), precision)
+    if int(rows.sum()) > 1:
+        pooled[rows] = pooled[rows].mean(0, keepdim=True)
+    columns = numerical_null_space(basis.activation_eigenvalues.to(pooled.device), precision)
+    if int(columns.sum()) > 1:
+        pooled[:, columns] = pooled[:, columns].mean(1, keepdim=True)
+    return pooled
+
+
 def rotate(vectors: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
     """Q_S^T V Q_A for V (..., d_out, d_in)."""
     return q_s.T @ vectors @ q_a

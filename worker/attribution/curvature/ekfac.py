@@ -1,6 +1,7 @@
 """Eigenvalue-corrected K-FAC: P V = Q_S [(Q_S^T V Q_A) / (Lambda + delta)] Q_A^T per layer.
 
 Lambda = E[(Q_S^T G Q_A)^2] are the corrected eigenvalues; default delta = 0.1 x mean(Lambda) per layer.
+Lambda is averaged over each factor's numerical null space (``statistics.pool_null_spaces``) before use.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ import torch
 from worker.attribution.curvature.base import Curvature, LayerwisePreconditioner, resolve_damping
 from worker.attribution.hooks import LayerActivity
 from worker.attribution.options import FitOptions
-from worker.attribution.statistics import Covariances, Eigenbasis, apply_in_eigenbasis, rotate
+from worker.attribution.statistics import (
+    Covariances,
+    Eigenbasis,
+    apply_in_eigenbasis,
+    pool_null_spaces,
+    rotate,
+)
 
 
 class EigenbasisPreconditioner(LayerwisePreconditioner):
@@ -105,7 +112,9 @@ class EkfacCurvature(Curvature):
     def preconditioner(
         self, damping: float | None, device: torch.device | None = None, dtype: torch.dtype = torch.float32
     ) -> EigenbasisPreconditioner:
-        return eigenbasis_preconditioner(self.bases, self.eigenvalues, damping, device, dtype)
+        # the null spaces of the factors pooled: the preconditioner does not depend on the basis picked there
+        pooled = {name: pool_null_spaces(values, self.bases[name], dtype) for name, values in self.eigenvalues.items()}
+        return eigenbasis_preconditioner(self.bases, pooled, damping, device, dtype)
 
     def layer_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {
