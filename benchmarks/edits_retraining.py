@@ -237,6 +237,23 @@ def run_setting(
             file=sys.stderr,
             flush=True,
         )
+        # per set: the retrained accuracies and own-query changes by seed, each estimator's (for the tables' cells)
+        query = removal.query
+        print(
+            f"    query {query}; retrained acc {[round(a, 4) for a in outcome.retrained_accuracies]}"
+            + (
+                ""
+                if query is None
+                else f", Δ own loss by seed {[round(float(v), 4) for v in outcome.seed_changes[:, query]]}"
+            )
+            + "".join(
+                f"; {name}: acc {outcome.edited_accuracy[name]:.4f}"
+                + ("" if query is None else f", Δ {float(outcome.edited_change[name][query]):.4f}")
+                for name in chosen
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     lines = table(arch, setting, sets, outcomes, chosen, [accuracy(m, test) for m in full])
     return lines, {}
 
