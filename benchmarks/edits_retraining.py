@@ -104,6 +104,7 @@ class RemovalSet:
 @dataclass
 class Outcome:
     retrained_change: np.ndarray  # (Q,) mean over seeds
+    seed_changes: np.ndarray  # (seeds, Q): each seed's retrained − full retrain (the ground truth's own noise)
     retrained_accuracies: list[float]  # per seed (seed 0 first)
     retrain_seconds: float  # mean over this set's retrains, timed between its edits (the same load)
     edited_change: dict[str, np.ndarray] = field(default_factory=dict)
@@ -217,8 +218,13 @@ def run_setting(
                     edit=options,
                 )
                 edits[name] = (result.state, time.perf_counter() - began, len(result.diagnostics["warnings"]))
-        change = torch.stack([losses(m, queries) - full_losses[s] for s, m in enumerate(retrained)]).mean(0)
-        outcome = Outcome(change.numpy(), [accuracy(m, test) for m in retrained], float(np.mean(retrain_times)))
+        per_seed = torch.stack([losses(m, queries) - full_losses[s] for s, m in enumerate(retrained)])
+        outcome = Outcome(
+            per_seed.mean(0).numpy(),
+            per_seed.numpy(),
+            [accuracy(m, test) for m in retrained],
+            float(np.mean(retrain_times)),
+        )
         for name, (state, seconds, warned) in edits.items():
             edited = load(arch, state)
             outcome.edited_change[name] = (losses(edited, queries) - base_loss).numpy()
@@ -231,8 +237,52 @@ def run_setting(
             file=sys.stderr,
             flush=True,
         )
+        # per set: the retrained accuracies and own-query changes by seed, each estimator's (for the tables' cells)
+        query = removal.query
+        print(
+            f"    query {query}; retrained acc {[round(a, 4) for a in outcome.retrained_accuracies]}"
+            + (
+                ""
+                if query is None
+                else f", Δ own loss by seed {[round(float(v), 4) for v in outcome.seed_changes[:, query]]}"
+            )
+            + "".join(
+                f"; {name}: acc {outcome.edited_accuracy[name]:.4f}"
+                + ("" if query is None else f", Δ {float(outcome.edited_change[name][query]):.4f}")
+                for name in chosen
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     lines = table(arch, setting, sets, outcomes, chosen, [accuracy(m, test) for m in full])
     return lines, {}
+
+
+def group_values(members: list[tuple[RemovalSet, Outcome]], values: list[np.ndarray]) -> np.ndarray:
+    """The measured values of a group: a query's own entry for own-query sets, every query's otherwise."""
+    picked: list[float] = []
+    for (removal, _), row in zip(members, values, strict=True):
+        picked.extend([float(row[removal.query])] if removal.query is not None else [float(v) for v in row])
+    return np.array(picked)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+
+
+def truth_ceiling(members: list[tuple[RemovalSet, Outcome]]) -> tuple[float, float, float]:
+    """How well the ground truth agrees with itself: the mean over seed pairs of the Pearson and the sign
+    agreement between two seeds' query-loss changes, and the highest Pearson any estimate can expect against the
+    mean of K seeds, sqrt(K r / (1 + (K − 1) r)) (Spearman-Brown: the seed noise left in the mean)."""
+    seeds = members[0][1].seed_changes.shape[0]
+    if seeds < 2:
+        return float("nan"), float("nan"), float("nan")
+    per_seed = [group_values(members, [o.seed_changes[s] for _, o in members]) for s in range(seeds)]
+    pairs = [(s, t) for s in range(seeds) for t in range(s + 1, seeds)]
+    r = float(np.mean([pearson(per_seed[s], per_seed[t]) for s, t in pairs]))
+    sign = float(np.mean([np.mean(np.sign(per_seed[s]) == np.sign(per_seed[t])) for s, t in pairs]))
+    ceiling = float(np.sqrt(seeds * r / (1 + (seeds - 1) * r))) if r > 0 else float("nan")
+    return r, sign, ceiling
 
 
 def table(
@@ -257,26 +307,24 @@ def table(
         "edited Δloss range | edit time (× cheaper than a retrain) | sets with warnings |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    ceilings = [
+        "",
+        "Ground truth against itself (the retrained query-loss changes of one seed against another's, the same "
+        "removal sets and queries; mean over seed pairs): the Pearson an edit can reach is bounded by the seed noise "
+        "left in the mean of the seeds (Spearman-Brown ceiling).",
+        "",
+        "| removal set | seed vs seed Pearson | seed vs seed sign agree | ceiling of Pearson against the seed mean |",
+        "| --- | --- | --- | --- |",
+    ]
     for group in groups:
         members = [(s, o) for s, o in zip(sets, outcomes, strict=True) if s.group == group]
         spread = (
             float(np.mean([np.std(o.retrained_accuracies, ddof=1) for _, o in members])) if setting.seeds > 1 else 0.0
         )
         for name in chosen:
-            truth, predicted = [], []
-            for removal, outcome in members:
-                if removal.query is not None:
-                    truth.append(outcome.retrained_change[removal.query])
-                    predicted.append(outcome.edited_change[name][removal.query])
-                else:
-                    truth.extend(outcome.retrained_change)
-                    predicted.extend(outcome.edited_change[name])
-            truth_a, predicted_a = np.array(truth), np.array(predicted)
-            pearson = (
-                float(np.corrcoef(truth_a, predicted_a)[0, 1])
-                if truth_a.std() > 0 and predicted_a.std() > 0
-                else float("nan")
-            )
+            truth_a = group_values(members, [o.retrained_change for _, o in members])
+            predicted_a = group_values(members, [o.edited_change[name] for _, o in members])
+            correlation = pearson(truth_a, predicted_a)
             sign = float(np.mean(np.sign(truth_a) == np.sign(predicted_a)))
             gaps = np.array([o.edited_accuracy[name] - o.retrained_accuracy for _, o in members])
             same_seed = np.array([o.edited_accuracy[name] - o.retrained_accuracies[0] for _, o in members])
@@ -286,12 +334,14 @@ def table(
             )
             warned = sum(o.warnings[name] > 0 for _, o in members)
             lines.append(
-                f"| {group} | {name} | {pearson:.2f} | {100 * sign:.0f}% | {100 * gaps.mean():+.2f} / "
+                f"| {group} | {name} | {correlation:.2f} | {100 * sign:.0f}% | {100 * gaps.mean():+.2f} / "
                 f"{100 * gaps[np.abs(gaps).argmax()]:+.2f} pt | {100 * spread:.2f} pt | {100 * same_seed.mean():+.2f} / "
                 f"{100 * same_seed[np.abs(same_seed).argmax()]:+.2f} pt | [{truth_a.min():.3f}, {truth_a.max():.3f}] | "
                 f"[{predicted_a.min():.3f}, {predicted_a.max():.3f}] | {seconds:.3f} s ({cheaper:.1f}×) | "
                 f"{warned}/{len(members)} |"
             )
+        r, sign_agree, ceiling = truth_ceiling(members)
+        ceilings.append(f"| {group} | {r:.2f} | {100 * sign_agree:.0f}% | {ceiling:.2f} |")
     for name in chosen:  # every set: the summed retrain time (per retrain) over the summed edit time
         cheaper = sum(o.retrain_seconds for o in outcomes) / sum(o.edit_seconds[name] for o in outcomes)
         worst = max(abs(o.edited_accuracy[name] - o.retrained_accuracy) for o in outcomes)
@@ -299,7 +349,7 @@ def table(
             f"| every set ({len(outcomes)}) | {name} | | | worst abs {100 * worst:.2f} pt | | | | | "
             f"{np.mean([o.edit_seconds[name] for o in outcomes]):.3f} s ({cheaper:.1f}×) | |"
         )
-    lines.append("")
+    lines += [*ceilings, ""]
     return lines
 
 

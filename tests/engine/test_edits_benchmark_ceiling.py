@@ -1,0 +1,53 @@
+"""The ground-truth ceiling of benchmarks/edits_retraining.py against a direct computation.
+
+Each seed's retrained change is signal + independent noise. The ceiling sqrt(K r / (1 + (K − 1) r)), r the
+seed-vs-seed Pearson, must equal the Pearson between the signal itself (a perfect estimate) and the mean of the
+K seeds. With 20,000 values the sampling error of either Pearson is about 0.005: tolerance 0.02.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.edits_retraining import Outcome, RemovalSet, group_values, pearson, truth_ceiling
+
+
+def members_of(seed_changes: list[np.ndarray], query: int | None) -> list[tuple[RemovalSet, Outcome]]:
+    return [
+        (
+            RemovalSet("group", torch.arange(3), query),
+            Outcome(changes.mean(0), changes, [0.9] * changes.shape[0], 1.0),
+        )
+        for changes in seed_changes
+    ]
+
+
+@pytest.mark.parametrize("seeds", [2, 3])
+def test_ceiling_is_the_pearson_of_a_perfect_estimate(seeds: int) -> None:
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(200, 100))  # 200 sets, 100 queries each
+    changes = [s + 1.5 * rng.normal(size=(seeds, 100)) for s in signal]
+    members = members_of(changes, None)
+    r, sign, ceiling = truth_ceiling(members)
+    truth = group_values(members, [o.retrained_change for _, o in members])
+    perfect = pearson(signal.reshape(-1), truth)
+    expected_r = 1 / (1 + 1.5**2)  # var(signal) / (var(signal) + var(noise))
+    assert r == pytest.approx(expected_r, abs=0.02)
+    assert ceiling == pytest.approx(perfect, abs=0.02)
+    assert 0.5 < sign < 1.0
+
+
+def test_own_query_sets_take_their_query_only_and_identical_seeds_agree() -> None:
+    rng = np.random.default_rng(1)
+    changes = []
+    for _ in range(6):
+        row = rng.normal(size=(1, 4))
+        changes.append(np.repeat(row, 3, axis=0))  # every seed retrains to the same change
+    members = members_of(changes, 2)
+    assert group_values(members, [o.retrained_change for _, o in members]).tolist() == [float(c[0, 2]) for c in changes]
+    r, sign, ceiling = truth_ceiling(members)
+    assert r == pytest.approx(1.0) and sign == 1.0 and ceiling == pytest.approx(1.0)
+    one_seed = members_of([c[:1] for c in changes], 2)
+    assert all(np.isnan(v) for v in truth_ceiling(one_seed))
