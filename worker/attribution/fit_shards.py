@@ -1,7 +1,7 @@
 """Sharded fits: the statistics of a curvature fit summed over ranges of the training set, then reduced exactly.
 
 Every statistic a factor fit estimates is a mean over training rows of a per-batch sum, so a fit splits into
-shards whose float64 *sums* (and row / position counts) add up to those of the whole pass; the reduction is
+shards whose *sums* (and row / position counts) add up to those of the whole pass; the reduction is
 the sum of the shards' sums over the sum of their counts (`add_sums`), whatever order the shards finish in:
 
 - ``diagonal``: one phase, sum G * G;
@@ -12,7 +12,8 @@ the sum of the shards' sums over the sum of their counts (`add_sums`), whatever 
 Shards start at multiples of the fit's batch size (`fit_shard_ranges`), so a shard's batches are the whole
 pass's batches, and the labels a true-Fisher fit draws for a batch depend only on the seed and the batch's first
 row (`FisherLabels.generator`): a shard draws exactly the labels the unsharded pass draws. The only difference
-from the unsharded fit is the order of float64 additions.
+from the unsharded fit is the order of the additions (float64, or float32 for a float32 model's covariances:
+``statistics.factor_dtype``).
 
 A sharded fit keeps no training-gradient index (its rows would be the whole training set's); scoring
 recomputes the training gradients instead.
@@ -104,7 +105,7 @@ def fit_shard_sums(
 
 
 def reduce_sums(parts: Sequence[dict[str, LayerSums]]) -> dict[str, LayerSums]:
-    """The sums over the whole training set from every shard's (exact up to float64 rounding)."""
+    """The sums over the whole training set from every shard's (exact up to rounding)."""
     if not parts:
         raise AttributionError("no shard sums to reduce")
     return add_sums(parts)
@@ -141,7 +142,7 @@ def _cpu(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def sums_to_tensors(sums: dict[str, LayerSums], prefix: str = "") -> dict[str, torch.Tensor]:
-    """``{prefix}{layer}::{statistic}`` -> float64 sum, ``...::positions`` / ``...::rows`` -> int64 counts,
+    """``{prefix}{layer}::{statistic}`` -> sum, ``...::positions`` / ``...::rows`` -> int64 counts,
     ``...::factor_dtype`` -> an empty scalar of the dtype the fitted factors are kept in."""
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in sums.items():

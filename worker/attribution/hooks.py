@@ -223,14 +223,15 @@ def _one_hot_rows(layer: TrackedLayer, ids: torch.Tensor) -> torch.Tensor:
 def position_mask(layer: TrackedLayer, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
     """The (B, T) mask of this layer call's positions: the batch's attention mask when the layer runs on
     every token ((B, T, d) inputs, or (B, T) token ids for an embedding), None for a layer that sees one
-    row per example ((B, d), e.g. a classification head) or when there is no mask."""
+    row per example ((B, d), e.g. a classification head), when there is no mask or when it masks nothing."""
     if mask is None:
         return None
     rows = x.dim() - (0 if layer.kind == "embedding" else 1)
     if rows == 1 and x.shape[0] == mask.shape[0]:
         return None
     if layer.kind != "conv2d" and rows == 2 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return mask.to(torch.bool)
+        kept = mask.to(torch.bool)
+        return None if bool(kept.all()) else kept  # no padding in this batch: nothing to zero (and no copies)
     raise AttributionError(
         f"layer {layer.name!r}: its input of shape {tuple(x.shape)} does not line up with the attention mask "
         f"{tuple(mask.shape)} (token layers must see (batch, tokens, features) inputs)"

@@ -60,7 +60,9 @@ def without_padding(outputs: torch.Tensor, attention_mask: torch.Tensor | None) 
     """Token outputs (B, T, ...) set to 0 at padded positions: they are never used (and may be NaN: fully masked
     attention rows)."""
     if attention_mask is not None and outputs.dim() >= 3 and outputs.shape[:2] == attention_mask.shape:
-        return torch.where(attention_mask.bool().unsqueeze(-1), outputs, 0.0)
+        kept = attention_mask.bool()
+        if not bool(kept.all()):  # (an unpadded batch keeps its logits: no copy of a (B, T, vocabulary) tensor)
+            return torch.where(kept.unsqueeze(-1), outputs, 0.0)
     return outputs
 
 

@@ -1,7 +1,7 @@
 """Per-layer curvature statistics, fitted by streaming the training data (the shared substrate).
 
 Reusable pieces (SOURCE builds on them): covariance factors A = E[a a^T] (mean over positions) and
-S = E[sum_t g_t g_t^T] (mean over examples and label draws), their float64 eigendecomposition,
+S = E[sum_t g_t g_t^T] (mean over examples and label draws), their eigendecomposition (``factor_dtype``),
 corrected eigenvalues Lambda = E[(Q_S^T G Q_A)^2] in a given eigenbasis, the diagonal E[G^2], and
 ``apply_in_eigenbasis`` (a function of the eigenvalues applied as Q_S[(Q_S^T V Q_A) * values]Q_A^T).
 """
@@ -31,7 +31,7 @@ from worker.attribution.types import Examples
 
 @dataclass
 class Covariances:
-    """Mean Kronecker factors of one layer (float64): activation A (d_in x d_in), gradient S (d_out x d_out)."""
+    """Mean Kronecker factors of one layer (``factor_dtype``): activation A (d_in x d_in), gradient S (d_out x d_out)."""
 
     activation: torch.Tensor
     gradient: torch.Tensor
@@ -100,20 +100,21 @@ def eigenbasis(covariances: Covariances, dtype: torch.dtype = torch.float64) -> 
 
 
 def factor_dtype(model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a fit eigendecomposes and keeps its factor matrices (covariances, eigenvectors) in: float64 for a
-    float64 model, float32 otherwise. The factors are summed in float64 either way. A float32 model's
-    preconditioner and eigenvalue pass apply the eigenvectors in float32, so a float64 eigendecomposition
-    (about twice the time: it is most of a LoRA fit's cost at GPT-2 width) and float64 storage (twice the
-    memory) would buy nothing there; the corrected eigenvalues are fitted in whatever basis is used."""
+    """The dtype a fit sums, eigendecomposes and keeps its factor matrices (covariances, eigenvectors) in: float64
+    for a float64 model, float32 otherwise (as kronfluence sums its covariances). A float32 model's
+    preconditioner and eigenvalue pass apply the eigenvectors in float32, so float64 sums and storage (twice the
+    memory: 1.6 GB more for LoRA on GPT-2 small) and a float64 eigendecomposition (about twice the time: most of a
+    LoRA fit's cost at GPT-2 width) would buy little there; the corrected eigenvalues are fitted in whatever basis
+    is used, and are summed in float64 (they are only weight-sized)."""
     return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
 def stored_factors(
     covariances: dict[str, Covariances], dtype: torch.dtype
 ) -> tuple[dict[str, Covariances], dict[str, Eigenbasis]]:
-    """Each layer's float64 covariances eigendecomposed in ``dtype``, then both kept on the CPU with their matrices
-    in ``dtype`` (eigenvalues as float64). Layer by layer, each layer's float64 matrices dropped from ``covariances`` as
-    soon as they are done with, so no second float64 copy of every factor is alive at once."""
+    """Each layer's covariances eigendecomposed in ``dtype``, then both kept on the CPU with their matrices in
+    ``dtype`` (eigenvalues as float64). Layer by layer, each layer's matrices dropped from ``covariances`` as soon
+    as they are done with, so no second copy of every factor is alive at once."""
     kept_covariances: dict[str, Covariances] = {}
     kept_bases: dict[str, Eigenbasis] = {}
     for name in list(covariances):
@@ -217,9 +218,10 @@ def stream_fitting_gradients(
 
 @dataclass
 class LayerSums:
-    """float64 sums of one layer's per-batch statistics over some training rows, and the counts that make them
-    means: ``positions`` (the activation covariance's denominator) and ``rows`` (examples x label draws).
-    ``dtype``: the dtype the fitted factor matrices are kept in (``factor_dtype`` of the model's dtype)."""
+    """Sums of one layer's per-batch statistics over some training rows, and the counts that make them means:
+    ``positions`` (the activation covariance's denominator) and ``rows`` (examples x label draws). Covariance
+    sums are in ``dtype`` (``factor_dtype`` of the model's dtype, which the fitted factors are kept in), the
+    weight-shaped sums (diagonal, corrected eigenvalues) in float64."""
 
     sums: dict[str, torch.Tensor]
     positions: int
@@ -248,12 +250,11 @@ def fitting_sums(
     out_square = {layer.name: (layer.out_features, layer.out_features) for layer in layers}
     matrix = {layer.name: (layer.out_features, layer.in_features) for layer in layers}
     shapes = {"activation": square, "gradient": out_square} if kind == "covariances" else {kind: matrix}
+    factors = factor_dtype(dtype)
+    summed = {"activation": factors, "gradient": factors, kind: torch.float64}
     result = {
         layer.name: LayerSums(
-            {
-                stat: torch.zeros(shape[layer.name], dtype=torch.float64, device=device)
-                for stat, shape in shapes.items()
-            },
+            {stat: torch.zeros(shape[layer.name], dtype=summed[stat], device=device) for stat, shape in shapes.items()},
             0,
             0,
             factor_dtype(dtype),
@@ -268,8 +269,8 @@ def fitting_sums(
     def visit(name: str, activity: LayerActivity) -> None:
         sums = result[name]
         if kind == "covariances":
-            sums.sums["activation"] += activation_covariance_sum(activity).to(torch.float64)
-            sums.sums["gradient"] += gradient_covariance_sum(activity).to(torch.float64)
+            sums.sums["activation"] += activation_covariance_sum(activity).to(summed["activation"])
+            sums.sums["gradient"] += gradient_covariance_sum(activity).to(summed["gradient"])
             sums.positions += activity.num_positions
         elif kind == "diagonal":
             sums.sums["diagonal"] += squared_gradient_sum(activity).to(torch.float64)
@@ -282,7 +283,7 @@ def fitting_sums(
 
 
 def add_sums(parts: Sequence[dict[str, LayerSums]]) -> dict[str, LayerSums]:
-    """The sums over the union of disjoint row ranges (float64, added in the order given)."""
+    """The sums over the union of disjoint row ranges (added in the order given, in the sums' dtypes)."""
     total: dict[str, LayerSums] = {}
     for part in parts:
         for name, layer in part.items():
@@ -301,7 +302,7 @@ def add_sums(parts: Sequence[dict[str, LayerSums]]) -> dict[str, LayerSums]:
 
 def covariances_from_sums(sums: dict[str, LayerSums], in_place: bool = False) -> dict[str, Covariances]:
     """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws). ``in_place`` turns the sums themselves
-    into the means (no second float64 copy of every factor) when nothing reads the sums afterwards."""
+    into the means (no second copy of every factor) when nothing reads the sums afterwards."""
 
     def mean(total: torch.Tensor, count: int) -> torch.Tensor:
         return total.div_(max(count, 1)) if in_place else total / max(count, 1)
@@ -327,7 +328,7 @@ def fit_covariances(
     device: torch.device,
     counter: StageCounter,
 ) -> dict[str, Covariances]:
-    """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws), per layer, float64."""
+    """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws), per layer, in ``factor_dtype``."""
     return covariances_from_sums(
         fitting_sums("covariances", model, layers, data, loss, labels, batch_size, device, counter),
         in_place=True,

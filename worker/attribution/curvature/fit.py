@@ -167,9 +167,10 @@ def _fit_with_cache(
     if diagonal:
         sums = {n: torch.zeros(matrix[n], dtype=torch.float64, device=device) for n in names}
     else:
-        activation = {n: torch.zeros(square[n], dtype=torch.float64, device=device) for n in names}
+        factors = factor_dtype(dtype)  # float32 sums for a float32 model: half the memory of its largest buffers
+        activation = {n: torch.zeros(square[n], dtype=factors, device=device) for n in names}
         gradient = {
-            layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=device)
+            layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=factors, device=device)
             for layer in layers
         }
     positions = {n: 0 for n in names}
@@ -183,8 +184,8 @@ def _fit_with_cache(
                 if diagonal:
                     sums[name] += squared_gradient_sum(activity).to(torch.float64)
                 else:
-                    activation[name] += activation_covariance_sum(activity).to(torch.float64)
-                    gradient[name] += gradient_covariance_sum(activity).to(torch.float64)
+                    activation[name] += activation_covariance_sum(activity).to(factors)
+                    gradient[name] += gradient_covariance_sum(activity).to(factors)
                     positions[name] += activity.num_positions
                 rows[name] += activity.batch_size
             if fitting_cache is not None:
@@ -199,7 +200,7 @@ def _fit_with_cache(
     if diagonal:
         fit: Curvature = DiagonalCurvature(names, options, _to_cpu({n: sums[n] / max(rows[n], 1) for n in names}))
     else:
-        # in place: the sums become the means, so that no second float64 copy of every factor stays alive
+        # in place: the sums become the means, so that no second copy of every factor stays alive
         # through the eigendecompositions and the eigenvalue pass
         means = {
             n: Covariances(activation.pop(n).div_(max(positions[n], 1)), gradient.pop(n).div_(max(rows[n], 1)))
