@@ -62,14 +62,17 @@ def claim_shard(
     policy: LivenessPolicy,
     worker: str,
     among: Collection[int] | None = None,
+    last_first: bool = False,
 ) -> tuple[JobShard, int] | None:
-    """Claim shard ``shard`` (or the first claimable one when None, of ``among`` when given) of a running job: the
-    shard row and this claim's attempt number, or None when there is nothing to do (done, running under a live
-    worker, the job finished or cancelled, or another claim won the race)."""
+    """Claim shard ``shard`` (or the first claimable one when None, of ``among`` when given; the last one with
+    ``last_first``) of a running job: the shard row and this claim's attempt number, or None when there is
+    nothing to do (done, running under a live worker, the job finished or cancelled, or another claim won the
+    race)."""
     if not job_accepts_work(session, job_id):
         return None
     now = utcnow()
-    query = select(JobShard).where(JobShard.job_id == job_id, _claimable(policy, now)).order_by(JobShard.shard)
+    order = JobShard.shard.desc() if last_first else JobShard.shard
+    query = select(JobShard).where(JobShard.job_id == job_id, _claimable(policy, now)).order_by(order)
     if shard is not None:
         query = query.where(JobShard.shard == shard)
     if among is not None:

@@ -29,9 +29,10 @@ from typing import Any, Protocol, cast
 
 import torch
 from safetensors.torch import load_file, save
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.tables import Job
+from service.db.tables import Job, JobShard
 from service.liveness import CancelRequested, LivenessPolicy, Superseded, report_progress, worker_name
 from service.problems import problem_dict
 from service.storage import BlobStore, StoredBlob
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 
 SHARDED_METHODS = ("influence", "gradient_similarity")
 POLL_SECONDS = 0.2
+STATUS_POLL_SECONDS = 0.05  # how often a coordinator with no shard to claim looks whether the others' are done
 MERGE_STAGE = "merge"  # the job's progress stage while a merge runs on a cpu worker
 
 
@@ -373,7 +375,13 @@ def wait_for_shards(
     done_before: int = 0,
 ) -> None:
     """Until every shard (of ``shards``, or of the job) is done: report their summed progress (stage ``stage``,
-    ``done_before`` + completed examples of ``total``), run claimable shards here, fail on a failed shard."""
+    ``done_before`` + completed examples of ``total``), run claimable shards here, fail on a failed shard.
+
+    The coordinator claims the job's shards from the last one down (``last_first``), while the other workers
+    take the shards' messages, sent in order, from the first one up: a worker seldom gets the message of a
+    shard the coordinator already took (each costs it a claim round trip while the job waits). With nothing left
+    to claim, it looks at the shards' statuses every ``STATUS_POLL_SECONDS`` (the job ends soon after its last
+    shard) and makes a full round (progress, a stale shard to reclaim) every ``POLL_SECONDS``."""
 
     def report(*_: Any) -> None:
         context.progress(stage, done_before + _completed(context, shards), total)
@@ -389,16 +397,18 @@ def wait_for_shards(
                 )
             if all(row.status == "done" for row in rows):
                 return
-        report()
+            statuses = _statuses(rows)
+            completed = _completed_of(rows)
+        context.progress(stage, done_before + completed, total)
         with context.session() as session:
-            claimed = claim_shard(session, context.job_id, None, policy, worker_name(), among=shards)
+            claimed = claim_shard(session, context.job_id, None, policy, worker_name(), among=shards, last_first=True)
             shard = (
                 None
                 if claimed is None
                 else (ShardRange(claimed[0].shard, claimed[0].start, claimed[0].stop), claimed[1])
             )
         if shard is None:
-            time.sleep(POLL_SECONDS)
+            _wait_for_status_change(context, shards, statuses)
             continue
         (shard_range, attempt) = shard
         with shard_heartbeat(
@@ -410,18 +420,45 @@ def wait_for_shards(
                 log.warning("job %s: %s", context.job_id, exc)
 
 
+def _statuses(rows: list[JobShard]) -> dict[int, str]:
+    return {row.shard: row.status for row in rows}
+
+
+def _wait_for_status_change(context: JobContext, shards: set[int] | None, statuses: dict[int, str]) -> None:
+    """Return once a shard's status differs from ``statuses`` (one changed: done, failed, reclaimed), or after
+    ``POLL_SECONDS``."""
+    deadline = time.monotonic() + POLL_SECONDS
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(STATUS_POLL_SECONDS, left))
+        with context.session() as session:
+            now = {
+                shard: status
+                for shard, status in session.execute(
+                    select(JobShard.shard, JobShard.status).where(JobShard.job_id == context.job_id)
+                ).tuples()
+                if shards is None or shard in shards
+            }
+        if now != statuses:
+            return
+
+
 def _completed(context: JobContext, shards: set[int] | None = None) -> int:
     with context.session() as session:
-        completed = 0
-        for row in shards_of(session, context.job_id):
-            if shards is not None and row.shard not in shards:
-                continue
-            size = row.stop - row.start
-            if row.status == "done":
-                completed += size
-            elif row.progress_total > 0:
-                completed += size * row.progress_completed // row.progress_total
-        return completed
+        return _completed_of(
+            [row for row in shards_of(session, context.job_id) if shards is None or row.shard in shards]
+        )
+
+
+def _completed_of(rows: list[JobShard]) -> int:
+    """Training examples done in ``rows``: the done shards' and the running shards' reported share."""
+    completed = 0
+    for row in rows:
+        size = row.stop - row.start
+        if row.status == "done":
+            completed += size
+        elif row.progress_total > 0:
+            completed += size * row.progress_completed // row.progress_total
+    return completed
 
 
 def merge_and_save(context: JobContext, request: LoadedRequest, method: Method, work: ShardWork) -> None:
