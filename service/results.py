@@ -11,7 +11,7 @@ from pydantic_core import to_json
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
 
-from service.db.tables import Attribution, AttributionResult, Dataset
+from service.db.tables import Attribution, AttributionQuery, AttributionResult, Dataset
 from service.pagination import RankCursor
 from service.schemas.attributions import ResultIdTypes, ResultRow, caller_id
 from worker.methods.registry import get_method
@@ -111,64 +111,50 @@ def page_json(rows: Sequence[StoredResult], types: ResultIdTypes, next_page_toke
     return to_json({"results": results, "next_page_token": next_page_token})
 
 
-def page_query(
-    attribution_id: str,
-    direction: str,
-    query_id: str | None,
-    after: RankCursor | None,
-    limit: int,
-    query_token: int | None = None,
-) -> Select[*tuple[Any, ...]]:
-    """The statement of one page of RESULT_COLUMNS rows after ``after``, ordered by (query_pos, rank).
+def page_query(attribution_id: str, direction: str, after: RankCursor | None, limit: int) -> Select[*tuple[Any, ...]]:
+    """The statement of one unfiltered page of RESULT_COLUMNS rows after ``after``, ordered by (query_pos, rank).
 
-    The cursor is a row-value comparison on (query_pos, rank): with ``ix_results_page`` (``ix_results_query``
-    when a query_id is given, ``ix_results_token`` -- a partial index of per-token rows -- when a query_token is)
-    PostgreSQL and SQLite read the page as one index range scan that starts at the cursor, in index order, with no
-    sort, so a page costs the same at any depth (tests/service/test_result_storage.py and
-    tests/service/test_per_token.py check the plans). A per-token query row (one token of one query) has its own
-    query_pos, so the cursor needs nothing more. A query_id with a query_token names one query row: see
-    ``query_row_page``.
+    The cursor is a row-value comparison on (query_pos, rank): PostgreSQL and SQLite read the page as one range of
+    the primary key (attribution_id, direction, query_pos, rank) that starts at the cursor, in key order, with no
+    sort, so a page costs the same at any depth (tests/service/test_result_storage.py checks the plans). A
+    per-token query row (one token of one query) has its own query_pos, so the cursor needs nothing more.
     """
     query = select(*RESULT_COLUMNS).where(
         AttributionResult.attribution_id == attribution_id, AttributionResult.direction == direction
     )
-    if query_id is not None:
-        query = query.where(AttributionResult.query_id == query_id)
-    if query_token is not None:
-        query = query.where(AttributionResult.query_token == query_token)
     if after is not None:
         query = query.where(tuple_(AttributionResult.query_pos, AttributionResult.rank) > tuple_(*after))
     return query.order_by(AttributionResult.query_pos, AttributionResult.rank).limit(limit)
 
 
-def query_row_position(attribution_id: str, direction: str, query_id: str, query_token: int) -> Select[int]:
-    """The query_pos of the per-token query row of (query_id, query_token): one seek into the partial index
-    ``ix_results_query_token`` (query ids are unique in a per-token attribution, so this is one row)."""
-    return (
-        select(AttributionResult.query_pos)
-        .where(
-            AttributionResult.attribution_id == attribution_id,
-            AttributionResult.direction == direction,
-            AttributionResult.query_id == query_id,
-            AttributionResult.query_token == query_token,
-        )
-        .limit(1)
+def query_positions(
+    attribution_id: str, query_id: str | None, query_token: int | None, start: int, limit: int
+) -> Select[int]:
+    """The first ``limit`` query_pos values from ``start`` on of the query rows with this query_id and/or this
+    query_token: a range of ``ix_queries_query_id`` (``ix_queries_query_token`` with a query_token alone) in
+    query_pos order. With both, the query_id's range is read and each row checked for the token: one query's
+    tokens at most."""
+    query = select(AttributionQuery.query_pos).where(
+        AttributionQuery.attribution_id == attribution_id, AttributionQuery.query_pos >= start
     )
+    if query_id is not None:
+        query = query.where(AttributionQuery.query_id == query_id)
+    if query_token is not None:
+        query = query.where(AttributionQuery.query_token == query_token)
+    return query.order_by(AttributionQuery.query_pos).limit(limit)
 
 
 def query_row_page(
     attribution_id: str, direction: str, query_pos: int, after: RankCursor | None, limit: int
 ) -> Select[*tuple[Any, ...]]:
-    """A page of one query row's rows (found by ``query_row_position``): a range of ``ix_results_page``. Filtering
-    on query_id and query_token together instead would leave the planner to guess the selectivity of two strongly
-    correlated columns, and PostgreSQL then guesses a small set and sorts it."""
+    """A page of one query row's rows after ``after``: a range of the primary key, in rank order."""
     query = select(*RESULT_COLUMNS).where(
         AttributionResult.attribution_id == attribution_id,
         AttributionResult.direction == direction,
         AttributionResult.query_pos == query_pos,
     )
-    if after is not None:
-        query = query.where(AttributionResult.rank > (after.rank if after.query_pos == query_pos else 0))
+    if after is not None and after.query_pos == query_pos:
+        query = query.where(AttributionResult.rank > after.rank)
     return query.order_by(AttributionResult.rank).limit(limit)
 
 
@@ -181,38 +167,43 @@ def page_of_results(
     size: int,
     query_token: int | None = None,
 ) -> tuple[Sequence[StoredResult], RankCursor | None]:
-    """One page of RESULT_COLUMNS rows (plain rows, not ORM objects: a page is read, never changed)."""
-    if query_id is not None and query_token is not None:
-        query_pos = session.scalar(query_row_position(attribution_id, direction, query_id, query_token))
-        if query_pos is None or (after is not None and after.query_pos > query_pos):
-            return [], None
-        statement = query_row_page(attribution_id, direction, query_pos, after, size + 1)
+    """One page of RESULT_COLUMNS rows (plain rows, not ORM objects: a page is read, never changed).
+
+    Unfiltered: one range of the primary key. Filtered by query_id and/or query_token: the matching query rows from
+    the cursor's query_pos on (one range of a small index, at most ``size + 2`` of them: each after the cursor's
+    own has at least one row in each direction), then each one's rows as a range of the primary key until the page
+    is full -- a few statements for a page of one query row's ranking, never more than ``size + 3``, and none of
+    them reads rows before the cursor.
+    """
+    if query_id is None and query_token is None:
+        rows = list(session.execute(page_query(attribution_id, direction, after, size + 1)))
     else:
-        statement = page_query(attribution_id, direction, query_id, after, size + 1, query_token)
-    rows = list(session.execute(statement))
+        start = after.query_pos if after is not None else 0
+        positions = session.scalars(query_positions(attribution_id, query_id, query_token, start, size + 2)).all()
+        rows = []
+        for query_pos in positions:
+            statement = query_row_page(attribution_id, direction, query_pos, after, size + 1 - len(rows))
+            rows.extend(session.execute(statement))
+            if len(rows) > size:
+                break
     if len(rows) <= size:
         return rows, None
     return rows[:size], RankCursor(rows[size - 1].query_pos, rows[size - 1].rank)
 
 
 def has_query(session: Session, attribution_id: str, query_id: str | None, query_token: int | None = None) -> bool:
-    """Whether any row of the attribution belongs to this query (its id as a string) and/or this query token."""
-    query = select(AttributionResult.rank).where(  # both directions: a seek into an index for each
-        AttributionResult.attribution_id == attribution_id,
-        AttributionResult.direction.in_(("positive", "negative")),
-    )
-    if query_id is not None:
-        query = query.where(AttributionResult.query_id == query_id)
-    if query_token is not None:
-        query = query.where(AttributionResult.query_token == query_token)
-    return session.scalar(query.limit(1)) is not None
+    """Whether the attribution has a query row of this query (its id as a string) and/or this query token."""
+    return session.scalar(query_positions(attribution_id, query_id, query_token, 0, 1)) is not None
 
 
 def all_results(session: Session, attribution_id: str, query_token: int | None = None) -> Iterator[StoredResult]:
     """Every row (or every row of one query token), by query row, positive before negative, then rank."""
     query = select(*RESULT_COLUMNS).where(AttributionResult.attribution_id == attribution_id)
     if query_token is not None:
-        query = query.where(AttributionResult.query_token == query_token)
+        token_rows = select(AttributionQuery.query_pos).where(
+            AttributionQuery.attribution_id == attribution_id, AttributionQuery.query_token == query_token
+        )
+        query = query.where(AttributionResult.query_pos.in_(token_rows))
     query = query.order_by(
         AttributionResult.query_pos, AttributionResult.direction.desc(), AttributionResult.rank
     ).execution_options(yield_per=5000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from sqlalchemy import create_engine, inspect
 import service.db.tables  # noqa: F401
 from service.db.base import Base
 from service.db.migrate import upgrade_to_head
+from tests.conftest import private_postgres_schema, require_server
 
 
 def assert_no_drift(url: str) -> None:
@@ -37,3 +39,68 @@ def test_sqlite_upgrade_from_empty_has_no_drift(tmp_path: Path) -> None:
 def test_postgres_upgrade_from_empty_has_no_drift(postgres_schema_url: str) -> None:
     upgrade_to_head(postgres_schema_url)
     assert_no_drift(postgres_schema_url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of its own: a SQLite file, or a fresh private PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.sqlite'}"
+        return
+    require_server("PostgreSQL", 5432)
+    with private_postgres_schema("attrib_migrate") as url:
+        yield url
+
+
+def test_0008_moves_result_rows_under_their_key_and_fills_the_query_rows(empty_database: str) -> None:
+    """Rows written under 0007 (a plain and a per-token attribution) survive 0008 with their query rows, page by
+    query_id and query_token, and survive the downgrade back."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from service.db.migrate import alembic_config
+    from service.db.session import session_scope
+    from service.results import page_of_results
+
+    config = alembic_config(empty_database)
+    command.upgrade(config, "0007")
+    columns = "attribution_id, direction, query_pos, query_id, rank, train_id, score, query_token, query_token_text"
+    rows = [
+        {"a": a, "d": d, "p": p, "q": q, "r": r, "t": str(100 * p + r), "s": float(-r), "k": k, "x": x}
+        for a, per_token in (("attr_plain", False), ("attr_token", True))
+        for d in ("positive", "negative")
+        for p in range(4)
+        for q, k, x in [(f"q{p // 2}", p % 2 + 1, f"w{p}") if per_token else (f"q{p}", None, None)]
+        for r in range(1, 6)
+    ]
+    engine = create_engine(empty_database)
+    with engine.begin() as connection:
+        connection.execute(
+            text(f"INSERT INTO attribution_results ({columns}) VALUES (:a, :d, :p, :q, :r, :t, :s, :k, :x)"), rows
+        )
+    command.upgrade(config, "head")
+    assert_no_drift(empty_database)
+    with engine.connect() as connection:
+        queries = connection.execute(
+            text("SELECT attribution_id, query_pos, query_id, query_token FROM attribution_queries ORDER BY 1, 2")
+        ).all()
+        assert [tuple(row) for row in queries] == [
+            *[("attr_plain", p, f"q{p}", None) for p in range(4)],
+            *[("attr_token", p, f"q{p // 2}", p % 2 + 1) for p in range(4)],
+        ]
+        assert connection.execute(text("SELECT COUNT(*) FROM attribution_results")).scalar() == len(rows)
+    with session_scope(empty_database) as session:
+        page, _ = page_of_results(session, "attr_token", "negative", None, None, 100, query_token=2)
+        assert [(row.query_pos, row.rank, row.query_token_text) for row in page] == [
+            (p, r, f"w{p}") for p in (1, 3) for r in range(1, 6)
+        ]
+        page, _ = page_of_results(session, "attr_plain", "positive", "q2", None, 100)
+        assert [(row.query_pos, row.rank, row.train_id) for row in page] == [(2, r, str(200 + r)) for r in range(1, 6)]
+    command.downgrade(config, "0007")
+    with engine.connect() as connection:
+        back = connection.execute(text(f"SELECT {columns} FROM attribution_results ORDER BY id")).all()
+        tables = set(inspect(connection).get_table_names())
+    engine.dispose()
+    assert "attribution_queries" not in tables
+    key = [(row["a"], row["d"], row["p"], row["r"]) for row in rows]
+    assert sorted((row[0], row[1], row[2], row[4]) for row in back) == sorted(key)

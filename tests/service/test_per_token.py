@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedModel
 from service.db.session import session_scope
 from service.db.tables import Dataset, Model
 from service.pagination import RankCursor
-from service.results import page_of_results, page_query, query_row_page, query_row_position
+from service.results import page_of_results, query_positions, query_row_page
 from service.storage.local import LocalBlobStore
 from tests.service.conftest import Api, build_api
 from tests.service.test_hf_models import (
@@ -44,7 +44,7 @@ from tests.service.test_hf_models import (
     stored_text,
     summed_nll_gradients,
 )
-from tests.service.test_result_storage import page_plan, pairwise_scores
+from tests.service.test_result_storage import add_other_query_rows, page_plan, pairwise_scores
 from worker.attribution import attribute
 from worker.attribution.methods.source import attribute_source
 from worker.attribution.methods.tracin import attribute_tracin
@@ -339,6 +339,9 @@ def test_sharded_per_token_jobs_write_the_same_rows(tmp_path: Path) -> None:
 # --- pages filtered by query_token read a partial index range, with no sort, at any depth ---------------------------
 
 
+QUERY_INDEXES = ["ix_queries_query_id", "ix_queries_query_token"]
+
+
 def test_query_token_pages_are_index_range_scans_without_a_sort(api: Api) -> None:
     """A per-token attribution's rows (2 queries x 4 scored tokens, 2,000 rows each way per token) beside an
     ordinary attribution's: pages filtered by query_token (and query_id) at several depths."""
@@ -354,25 +357,30 @@ def test_query_token_pages_are_index_range_scans_without_a_sort(api: Api) -> Non
             session, attribution_id, result_columns(scores, "influence", 2000, range(2000), ["a", "b"], tokens)
         )
         write_results(session, neighbour, result_columns(scores, "influence", 2000, range(2000), list(range(8))))
+        add_other_query_rows(session)
     with session_scope(url) as session:
         session.execute(text("ANALYZE"))
     for after in (None, RankCursor(1, 3), RankCursor(6, 500)):
         with session_scope(url) as session:
             sqlite = session.get_bind().dialect.name == "sqlite"
-            plans = [  # query_token; query_id and query_token: the query row's position, then its rows
-                ("ix_results_token", page_query(attribution_id, "positive", None, after, 101, query_token=3)),
-                ("ix_results_query_token", query_row_position(attribution_id, "positive", "b", 3)),
-                ("ix_results_page", query_row_page(attribution_id, "positive", 6, after, 101)),
+            start = after.query_pos if after is not None else 0
+            plans = [  # the matching query rows (query_token; query_id and query_token), then each one's rows
+                (["ix_queries_query_token"], query_positions(attribution_id, None, 3, start, 102)),
+                (QUERY_INDEXES, query_positions(attribution_id, "b", 3, start, 102)),  # either is one range
+                (["pk_attribution_results"], query_row_page(attribution_id, "positive", 6, after, 101)),
             ]
-            for index, statement in plans:
+            for indexes, statement in plans:
                 plan = page_plan(session, statement)
                 if sqlite:
-                    assert f"USING INDEX {index} (" in plan or f"USING COVERING INDEX {index} (" in plan, plan
+                    names = ["PRIMARY KEY" if index.startswith("pk_") else f"INDEX {index}" for index in indexes]
+                    assert any(f"USING {name} (" in plan or f"USING COVERING {name} (" in plan for name in names), plan
                     assert "TEMP B-TREE" not in plan and "SCAN" not in plan, plan
                 else:
-                    assert f"Scan using {index} on attribution_results" in plan, plan
-                    assert "Sort" not in plan and "Seq Scan" not in plan and "Filter" not in plan, plan
-            rows = list(session.execute(page_query(attribution_id, "positive", None, after, 5, query_token=3)))
+                    assert any(f"Scan using {index} on " in plan for index in indexes), plan
+                    assert "Sort" not in plan and "Seq Scan" not in plan, plan
+            assert session.scalars(plans[0][1]).all() == [pos for pos in (2, 6) if pos >= start]
+            assert session.scalars(plans[1][1]).all() == [pos for pos in (6,) if pos >= start]
+            rows, _ = page_of_results(session, attribution_id, "positive", None, after, 5, query_token=3)
             keys = [(row.query_pos, row.rank) for row in rows]
             assert keys == sorted(keys) and len(keys) == 5 and {row.query_token for row in rows} == {3}
             assert after is None or keys[0] > tuple(after)

@@ -4,6 +4,7 @@ fenced or cancelled attempt; every results page is an index range scan with no s
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,9 +15,9 @@ from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from service.db.session import session_scope
-from service.db.tables import AttributionResult, Job
+from service.db.tables import AttributionQuery, AttributionResult, Job
 from service.pagination import RankCursor
-from service.results import page_query
+from service.results import page_of_results, page_query, query_positions, query_row_page
 from tests.service.conftest import Api, tiny_classifier, tiny_dataset
 from worker.attribution import AttributionScores, TopK
 from worker.tasks import attribution as attribution_task
@@ -293,9 +294,24 @@ def filled(api: Api) -> Iterator[tuple[str, str]]:
     with session_scope(url) as session:
         write_results(session, attribution["id"], columns)
         write_results(session, neighbour["id"], columns)
+        add_other_query_rows(session)
     with session_scope(url) as session:
         session.execute(text("ANALYZE"))
     yield url, attribution["id"]
+
+
+def add_other_query_rows(session: Session, attributions: int = 500, queries: int = 40) -> None:
+    """The query rows of many other attributions, as a service soon has: on a table of a few rows, PostgreSQL
+    rightly reads it all rather than an index."""
+    prefix = f"attr_{uuid.uuid4().hex[:8]}"
+    session.execute(
+        insert(AttributionQuery),
+        [
+            {"attribution_id": f"{prefix}{a:04d}", "query_pos": pos, "query_id": f"q{pos}", "query_token": pos % 8}
+            for a in range(attributions)
+            for pos in range(queries)
+        ],
+    )
 
 
 def page_plan(session: Session, statement: Any) -> str:
@@ -306,29 +322,60 @@ def page_plan(session: Session, statement: Any) -> str:
     )
 
 
-@pytest.mark.parametrize("query_id", [None, "q3"])
+def assert_range_scan(session: Session, statement: Any, index: str, table: str, cursor: bool) -> None:
+    """``statement`` reads one range of ``index`` of ``table`` in index order: no sort, no scan, no filter."""
+    plan = page_plan(session, statement)
+    if session.get_bind().dialect.name == "sqlite":
+        name = "PRIMARY KEY" if index.startswith("pk_") else f"INDEX {index}"
+        assert f"SEARCH {table} USING {name} (" in plan or f"SEARCH {table} USING COVERING {name} (" in plan, plan
+        assert "(query_pos,rank)>(?,?)" in plan or not cursor, plan
+        assert "TEMP B-TREE" not in plan and "SCAN" not in plan, plan
+    else:
+        assert f"Scan using {index} on {table}" in plan, plan
+        assert "ROW(query_pos, rank) > ROW(" in plan or not cursor, plan
+        assert "Sort" not in plan and "Seq Scan" not in plan and "Filter" not in plan, plan
+
+
 @pytest.mark.parametrize("after", [None, RankCursor(1, 3), RankCursor(12, 900)])
 def test_every_results_page_is_an_index_range_scan_without_a_sort(
-    filled: tuple[str, str], query_id: str | None, after: RankCursor | None
+    filled: tuple[str, str], after: RankCursor | None
 ) -> None:
     url, attribution_id = filled
-    index = "ix_results_query" if query_id else "ix_results_page"
     with session_scope(url) as session:
-        plan = page_plan(session, page_query(attribution_id, "positive", query_id, after, 101))
-        if session.get_bind().dialect.name == "sqlite":
-            assert f"SEARCH attribution_results USING INDEX {index} (" in plan, plan
-            assert "(query_pos,rank)>(?,?)" in plan or after is None, plan
-            assert "TEMP B-TREE" not in plan and "SCAN" not in plan, plan
-        else:
-            assert f"Index Scan using {index} on attribution_results" in plan, plan
-            assert "ROW(query_pos, rank) > ROW(" in plan or after is None, plan
-            assert "Sort" not in plan and "Seq Scan" not in plan and "Filter" not in plan, plan
+        statement = page_query(attribution_id, "positive", after, 101)
+        assert_range_scan(session, statement, "pk_attribution_results", "attribution_results", after is not None)
         # and the page itself: the rows right after the cursor, in order
-        rows = list(session.execute(page_query(attribution_id, "positive", query_id, after, 5)))
+        rows = list(session.execute(page_query(attribution_id, "positive", after, 5)))
     keys = [(row.query_pos, row.rank) for row in rows]
     assert keys == sorted(keys) and len(keys) == 5
     assert after is None or keys[0] > tuple(after)
-    assert query_id is None or {row.query_id for row in rows} == {query_id}
+
+
+@pytest.mark.parametrize("after", [None, RankCursor(1, 3), RankCursor(12, 900), RankCursor(13, 1000)])
+def test_a_query_id_page_reads_its_query_rows_then_ranges_of_the_primary_key(
+    filled: tuple[str, str], after: RankCursor | None
+) -> None:
+    """q3 names query rows 3 and 13: their positions come from attribution_queries, their rows from the key."""
+    url, attribution_id = filled
+    start = after.query_pos if after is not None else 0
+    with session_scope(url) as session:
+        positions = query_positions(attribution_id, "q3", None, start, 102)
+        assert_range_scan(session, positions, "ix_queries_query_id", "attribution_queries", False)
+        assert session.scalars(positions).all() == [pos for pos in (3, 13) if pos >= start]
+        statement = query_row_page(attribution_id, "positive", 13, after, 101)
+        assert_range_scan(session, statement, "pk_attribution_results", "attribution_results", False)
+        pages: list[list[tuple[int, int]]] = []
+        cursor = after
+        while len(pages) < 3:
+            rows, cursor = page_of_results(session, attribution_id, "positive", "q3", cursor, 700)
+            assert {row.query_id for row in rows} <= {"q3"}
+            pages.append([(row.query_pos, row.rank) for row in rows])
+            if cursor is None:
+                break
+    keys = [key for page in pages for key in page]
+    expected = [(pos, rank) for pos in (3, 13) for rank in range(1, 1001) if after is None or (pos, rank) > after]
+    assert keys == expected and all(len(page) == 700 for page in pages[:-1])
+    assert cursor is None  # the last page says so
 
 
 @pytest.mark.parametrize("query_ids_are_strings", [False, True])

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import delete, select
 
 from service.db.session import session_scope
-from service.db.tables import AttributionResult, Job, JobShard
+from service.db.tables import AttributionQuery, AttributionResult, Job, JobShard
 from service.liveness import LivenessPolicy, Superseded
 from tests.service.conftest import Api, build_api, tiny_classifier, tiny_dataset
 from worker.context import JobContext
@@ -151,6 +151,7 @@ def test_a_job_resumes_from_the_shards_an_earlier_attempt_finished(tmp_path: Pat
                 s.shard: s.output_sha256 for s in session.scalars(select(JobShard).where(JobShard.job_id == job.id))
             }
             session.execute(delete(AttributionResult).where(AttributionResult.attribution_id == reference["id"]))
+            session.execute(delete(AttributionQuery).where(AttributionQuery.attribution_id == reference["id"]))
             attempt = job.attempts
         context = JobContext(
             job_id=reference["job_id"],

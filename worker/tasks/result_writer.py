@@ -3,8 +3,9 @@
 PostgreSQL: ``COPY attribution_results (...) FROM STDIN (FORMAT BINARY)`` through psycopg 3's copy API on the
 session's own connection (binary: psycopg's C dumpers and no text to parse; doubles go over exactly as they are). SQLite: the driver's ``executemany`` of plain tuples in batches, one statement per direction that binds
 only the columns that vary from row to row (the attribution, the direction and columns without values are written
-into the statement: a fifth fewer bindings for a full ranking). Another database: Core inserts. No path builds an
-ORM object, and none commits: the rows become visible with the job's final
+into the statement: a fifth fewer bindings for a full ranking). Another database: Core inserts. Then the
+attribution's query rows (``attribution_queries``: one per query_pos, a few hundred at most for most jobs) by one
+Core executemany. No path builds an ORM object, and none commits: the rows become visible with the job's final
 status when the caller's transaction commits, or never, when it rolls back.
 """
 
@@ -14,10 +15,11 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any, cast
 
+import numpy as np
 from sqlalchemy import BigInteger, Column, Connection, Double, Integer, String, Table, insert
 from sqlalchemy.orm import Session
 
-from service.db.tables import AttributionResult
+from service.db.tables import AttributionQuery, AttributionResult
 from worker.tasks.rows import DIRECTIONS, RESULT_FIELDS, ResultColumns
 
 TABLE = AttributionResult.__tablename__
@@ -54,10 +56,23 @@ def write_results(session: Session, attribution_id: str, columns: ResultColumns)
                 insert(cast(Table, AttributionResult.__table__)),
                 [dict(zip(COLUMNS, row, strict=True)) for row in batch],
             )
+    connection.execute(insert(cast(Table, AttributionQuery.__table__)), query_rows(attribution_id, columns))
+
+
+def query_rows(attribution_id: str, columns: ResultColumns) -> list[dict[str, Any]]:
+    """One row per distinct query_pos of ``columns``: its query_id and query_token (the same on all its rows)."""
+    positions, first = np.unique(columns.query_pos, return_index=True)
+    query_id = columns.query_id[first].tolist() if columns.query_id is not None else [None] * len(first)
+    query_token = columns.query_token[first].tolist() if columns.query_token is not None else [None] * len(first)
+    return [
+        {"attribution_id": attribution_id, "query_pos": position, "query_id": qid, "query_token": token}
+        for position, qid, token in zip(positions.tolist(), query_id, query_token, strict=True)
+    ]
 
 
 def _copy_rows(driver_connection: Any, rows: Iterable[tuple[Any, ...]]) -> None:
-    """psycopg 3: stream the rows through a binary COPY on the transaction's own connection."""
+    """psycopg 3: stream the rows through a binary COPY on the transaction's own connection. (Encoding the stream
+    column by column with numpy instead took more CPU time than psycopg's C dumpers row by row.)"""
     statement = f"COPY {TABLE} ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
     with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
         copy.set_types(COPY_TYPES)

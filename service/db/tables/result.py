@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Index, Integer, String, text
+from sqlalchemy import Index, PrimaryKeyConstraint, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db.base import Base
 
-PER_TOKEN_ROWS = text("query_token IS NOT NULL")
+RESULT_KEY = ("attribution_id", "direction", "query_pos", "rank")
 
 
 class AttributionResult(Base):
@@ -15,40 +15,17 @@ class AttributionResult(Base):
     text and given back with their own JSON type by the dataset's ``ids_are_strings``. A per-token attribution
     has one query row per scored token of each query (query_pos counts them, in query then position order):
     ``query_token`` is the token's position in its query and ``query_token_text`` the token decoded (null
-    without a tokenizer); both are null in every other attribution. The two partial indexes hold only
-    per-token rows: they serve pages filtered by ``query_token``.
+    without a tokenizer); both are null in every other attribution.
+
+    The primary key (attribution_id, direction, query_pos, rank) is the table's only index: every results page is
+    a range of it (a filtered page first finds its query rows in ``attribution_queries``). On SQLite the table is
+    ``WITHOUT ROWID``: the rows are stored in that key's b-tree, so a million rows fill one b-tree, not a table and
+    an index.
     """
 
     __tablename__ = "attribution_results"
-    __table_args__ = (
-        Index("ix_results_page", "attribution_id", "direction", "query_pos", "rank", unique=True),
-        Index("ix_results_query", "attribution_id", "direction", "query_id", "query_pos", "rank"),
-        Index(
-            "ix_results_token",
-            "attribution_id",
-            "direction",
-            "query_token",
-            "query_pos",
-            "rank",
-            postgresql_where=PER_TOKEN_ROWS,
-            sqlite_where=PER_TOKEN_ROWS,
-        ),
-        Index(
-            "ix_results_query_token",
-            "attribution_id",
-            "direction",
-            "query_id",
-            "query_token",
-            "query_pos",
-            "rank",
-            postgresql_where=PER_TOKEN_ROWS,
-            sqlite_where=PER_TOKEN_ROWS,
-        ),
-    )
+    __table_args__ = (PrimaryKeyConstraint(*RESULT_KEY), {"sqlite_with_rowid": False})
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
-    )
     # attributions.id, without a foreign key: checking one per row doubled the bulk write of a full ranking on
     # PostgreSQL; rows are written only by the job of an existing attribution, and attributions are never deleted.
     attribution_id: Mapped[str] = mapped_column(String(40))
@@ -62,3 +39,22 @@ class AttributionResult(Base):
     split: Mapped[int | None] = mapped_column(default=None)
     query_token: Mapped[int | None] = mapped_column(default=None)
     query_token_text: Mapped[str | None] = mapped_column(String(200), default=None)
+
+
+class AttributionQuery(Base):
+    """One query row of an attribution's results (the same rows in both directions): its query_pos with its query
+    id and, in a per-token attribution, its query token. A results page filtered by ``query_id`` or
+    ``query_token`` finds the matching query rows here (a range of one of the two indexes, in query_pos order),
+    then reads each one's rows as a range of the results' primary key. Written with the results, in the same
+    transaction."""
+
+    __tablename__ = "attribution_queries"
+    __table_args__ = (
+        Index("ix_queries_query_id", "attribution_id", "query_id", "query_pos"),
+        Index("ix_queries_query_token", "attribution_id", "query_token", "query_pos"),
+    )
+
+    attribution_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    query_pos: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    query_id: Mapped[str | None] = mapped_column(String(200))
+    query_token: Mapped[int | None] = mapped_column(default=None)
