@@ -165,12 +165,26 @@ def pool_null_spaces(eigenvalues: torch.Tensor, basis: Eigenbasis, precision: to
 
 def rotate(vectors: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
     """Q_S^T V Q_A for V (..., d_out, d_in)."""
-    return q_s.T @ vectors @ q_a
+    return _left_multiply(q_s.T, vectors) @ q_a
 
 
 def unrotate(vectors: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
     """Q_S V Q_A^T for V (..., d_out, d_in)."""
-    return q_s @ vectors @ q_a.T
+    return _left_multiply(q_s, vectors) @ q_a.T
+
+
+def _left_multiply(matrix: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``matrix @ vectors`` for a stack of (d_out, d_in) matrices. ``V @ Q`` on a stack is one matrix product
+    (torch folds the stack into rows), ``Q @ V`` is one product per matrix that each reads all of Q: for tall
+    matrices (LoRA's B: 2304 x 8 at GPT-2 width) the stack is laid side by side instead, (d_out, stack x d_in),
+    and multiplied once (about 4x faster there)."""
+    d_out, d_in = vectors.shape[-2:]
+    if vectors.dim() < 3 or d_out <= d_in:
+        return matrix @ vectors
+    stack = vectors.reshape(-1, d_out, d_in)
+    side_by_side = stack.transpose(0, 1).reshape(d_out, -1)
+    product = (matrix @ side_by_side).reshape(matrix.shape[0], stack.shape[0], d_in).transpose(0, 1)
+    return product.reshape(*vectors.shape[:-2], matrix.shape[0], d_in)
 
 
 def apply_in_eigenbasis(
