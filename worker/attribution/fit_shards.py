@@ -12,8 +12,7 @@ the sum of the shards' sums over the sum of their counts (`add_sums`), whatever 
 Shards start at multiples of the fit's batch size (`fit_shard_ranges`), so a shard's batches are the whole
 pass's batches, and the labels a true-Fisher fit draws for a batch depend only on the seed and the batch's first
 row (`FisherLabels.generator`): a shard draws exactly the labels the unsharded pass draws. The only difference
-from the unsharded fit is the order of the additions (float64, or float32 for a float32 model's covariances:
-``statistics.factor_dtype``).
+from the unsharded fit is the order of float64 additions.
 
 A sharded fit keeps no training-gradient index (its rows would be the whole training set's); scoring
 recomputes the training gradients instead.

@@ -31,7 +31,7 @@ from worker.attribution.types import Examples
 
 @dataclass
 class Covariances:
-    """Mean Kronecker factors of one layer (``factor_dtype``): activation A (d_in x d_in), gradient S (d_out x d_out)."""
+    """Mean Kronecker factors of one layer: activation A (d_in x d_in), gradient S (d_out x d_out)."""
 
     activation: torch.Tensor
     gradient: torch.Tensor
@@ -100,12 +100,12 @@ def eigenbasis(covariances: Covariances, dtype: torch.dtype = torch.float64) -> 
 
 
 def factor_dtype(model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a fit sums, eigendecomposes and keeps its factor matrices (covariances, eigenvectors) in: float64
-    for a float64 model, float32 otherwise (as kronfluence sums its covariances). A float32 model's
-    preconditioner and eigenvalue pass apply the eigenvectors in float32, so float64 sums and storage (twice the
-    memory: 1.6 GB more for LoRA on GPT-2 small) and a float64 eigendecomposition (about twice the time: most of a
-    LoRA fit's cost at GPT-2 width) would buy little there; the corrected eigenvalues are fitted in whatever basis
-    is used, and are summed in float64 (they are only weight-sized)."""
+    """The dtype a fit eigendecomposes and keeps its factor matrices (covariances, eigenvectors) in: float64 for a
+    float64 model, float32 otherwise. The factors are summed in float64 either way (so shards reduce to the same
+    means as one pass). A float32 model's preconditioner and eigenvalue pass apply the eigenvectors in float32,
+    so float64 storage (twice the memory) and a float64 eigendecomposition (about twice the time: most of a LoRA
+    fit's cost at GPT-2 width) would buy little there; the corrected eigenvalues are fitted in whatever basis is
+    used."""
     return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
@@ -232,10 +232,9 @@ def stream_fitting_gradients(
 
 @dataclass
 class LayerSums:
-    """Sums of one layer's per-batch statistics over some training rows, and the counts that make them means:
-    ``positions`` (the activation covariance's denominator) and ``rows`` (examples x label draws). Covariance
-    sums are in ``dtype`` (``factor_dtype`` of the model's dtype, which the fitted factors are kept in), the
-    weight-shaped sums (diagonal, corrected eigenvalues) in float64."""
+    """float64 sums of one layer's per-batch statistics over some training rows, and the counts that make them
+    means: ``positions`` (the activation covariance's denominator) and ``rows`` (examples x label draws).
+    ``dtype``: the dtype the fitted factor matrices are eigendecomposed and kept in (``factor_dtype``)."""
 
     sums: dict[str, torch.Tensor]
     positions: int
@@ -264,11 +263,12 @@ def fitting_sums(
     out_square = {layer.name: (layer.out_features, layer.out_features) for layer in layers}
     matrix = {layer.name: (layer.out_features, layer.in_features) for layer in layers}
     shapes = {"activation": square, "gradient": out_square} if kind == "covariances" else {kind: matrix}
-    factors = factor_dtype(dtype)
-    summed = {"activation": factors, "gradient": factors, kind: torch.float64}
     result = {
         layer.name: LayerSums(
-            {stat: torch.zeros(shape[layer.name], dtype=summed[stat], device=device) for stat, shape in shapes.items()},
+            {
+                stat: torch.zeros(shape[layer.name], dtype=torch.float64, device=device)
+                for stat, shape in shapes.items()
+            },
             0,
             0,
             factor_dtype(dtype),
@@ -283,8 +283,8 @@ def fitting_sums(
     def visit(name: str, activity: LayerActivity) -> None:
         sums = result[name]
         if kind == "covariances":
-            sums.sums["activation"] += activation_covariance_sum(activity).to(summed["activation"])
-            sums.sums["gradient"] += gradient_covariance_sum(activity).to(summed["gradient"])
+            sums.sums["activation"] += activation_covariance_sum(activity).to(torch.float64)
+            sums.sums["gradient"] += gradient_covariance_sum(activity).to(torch.float64)
             sums.positions += activity.num_positions
         elif kind == "diagonal":
             sums.sums["diagonal"] += squared_gradient_sum(activity).to(torch.float64)
@@ -342,7 +342,7 @@ def fit_covariances(
     device: torch.device,
     counter: StageCounter,
 ) -> dict[str, Covariances]:
-    """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws), per layer, in ``factor_dtype``."""
+    """A = sum a a^T / positions; S = sum_t g g^T / (examples x draws), per layer, float64."""
     return covariances_from_sums(
         fitting_sums("covariances", model, layers, data, loss, labels, batch_size, device, counter),
         in_place=True,

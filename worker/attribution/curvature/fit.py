@@ -167,10 +167,9 @@ def _fit_with_cache(
     if diagonal:
         sums = {n: torch.zeros(matrix[n], dtype=torch.float64, device=device) for n in names}
     else:
-        factors = factor_dtype(dtype)  # float32 sums for a float32 model: half the memory of its largest buffers
-        activation = {n: torch.zeros(square[n], dtype=factors, device=device) for n in names}
+        activation = {n: torch.zeros(square[n], dtype=torch.float64, device=device) for n in names}
         gradient = {
-            layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=factors, device=device)
+            layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=device)
             for layer in layers
         }
     positions = {n: 0 for n in names}
@@ -184,8 +183,8 @@ def _fit_with_cache(
                 if diagonal:
                     sums[name] += squared_gradient_sum(activity).to(torch.float64)
                 else:
-                    activation[name] += activation_covariance_sum(activity).to(factors)
-                    gradient[name] += gradient_covariance_sum(activity).to(factors)
+                    activation[name] += activation_covariance_sum(activity).to(torch.float64)
+                    gradient[name] += gradient_covariance_sum(activity).to(torch.float64)
                     positions[name] += activity.num_positions
                 rows[name] += activity.batch_size
             if fitting_cache is not None:
