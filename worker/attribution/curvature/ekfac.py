@@ -1,7 +1,8 @@
 """Eigenvalue-corrected K-FAC: P V = Q_S [(Q_S^T V Q_A) / (Lambda + delta)] Q_A^T per layer.
 
 Lambda = E[(Q_S^T G Q_A)^2] are the corrected eigenvalues; default delta = 0.1 x mean(Lambda) per layer.
-Lambda is averaged over each factor's numerical null space (``statistics.pool_null_spaces``) before use.
+With the true Fisher, Lambda is averaged over each factor's numerical null space (``statistics.pool_null_spaces``)
+before use.
 """
 
 from __future__ import annotations
@@ -112,7 +113,13 @@ class EkfacCurvature(Curvature):
     def preconditioner(
         self, damping: float | None, device: torch.device | None = None, dtype: torch.dtype = torch.float32
     ) -> EigenbasisPreconditioner:
-        # the null spaces of the factors pooled: the preconditioner does not depend on the basis picked there
+        if self.options.fisher != "true":
+            # the empirical Fisher fits Lambda on the very gradients its factors came from: they have no component in
+            # the factors' null spaces, whatever basis eigh picked there, so nothing is pooled (pooling with the
+            # float32 tolerance would also flatten real, small directions of wide layers: GPT-2's 3072-wide inputs)
+            return eigenbasis_preconditioner(self.bases, self.eigenvalues, damping, device, dtype)
+        # the true Fisher's fresh labels reach into the null spaces: pooled there, the preconditioner does not
+        # depend on the basis picked
         pooled = {name: pool_null_spaces(values, self.bases[name], dtype) for name, values in self.eigenvalues.items()}
         return eigenbasis_preconditioner(self.bases, pooled, damping, device, dtype)
 
