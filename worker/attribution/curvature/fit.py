@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, overload
 
 import torch
 from torch import nn
@@ -20,7 +19,6 @@ from worker.attribution.options import FitOptions
 from worker.attribution.progress import StageCounter
 from worker.attribution.statistics import (
     Covariances,
-    Eigenbasis,
     activation_covariance_sum,
     corrected_eigenvalues_from_activities,
     factor_dtype,
@@ -232,18 +230,6 @@ def _fit_with_cache(
     return fit
 
 
-@overload
-def _to_cpu(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
-@overload
-def _to_cpu(values: dict[str, Covariances]) -> dict[str, Covariances]: ...
-@overload
-def _to_cpu(values: dict[str, Eigenbasis]) -> dict[str, Eigenbasis]: ...
-def _to_cpu(values: dict[str, Any]) -> dict[str, Any]:
-    """Moves every tensor (also inside the factor dataclasses) to the CPU, contiguous (as a reload gives)."""
-    moved: dict[str, Any] = {}
-    for name, value in values.items():
-        if isinstance(value, torch.Tensor):
-            moved[name] = value.cpu().contiguous()
-        else:
-            moved[name] = type(value)(**{k: v.cpu().contiguous() for k, v in vars(value).items()})
-    return moved
+def _to_cpu(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor on the CPU, contiguous (as a reload gives)."""
+    return {name: value.cpu().contiguous() for name, value in values.items()}
