@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from tests.engine.helpers import explicit_gradients, make_data, make_mlp
+from tests.engine.helpers import SequenceNet, explicit_gradients, make_data, make_mlp
 from worker.attribution import DataInfOptions, attribute
 from worker.attribution.hooks import resolve_layers
+from worker.attribution.methods.datainf import datainf_dampings
+from worker.attribution.progress import StageCounter
+from worker.attribution.types import no_progress
 
 
 def direct_datainf(model, train, queries, damping=None) -> tuple[torch.Tensor, list[float]]:
@@ -69,3 +72,29 @@ def test_datainf_user_damping() -> None:
         options=DataInfOptions(damping=0.3, batch_size=4),
     )
     assert float((result.scores.double() - expected.sum(0)).abs().max()) <= 2e-7 * float(expected.sum(0).abs().max())
+
+
+def test_kept_sequence_layers_hold_each_examples_gradient_matrix() -> None:
+    """The first pass keeps a layer that runs on more positions than min(d_in, d_out) as its per-example gradient
+    matrices sum_t g_t a_t^T (formed once, not again at every later use), counted in the cache budget; a layer
+    with one position per example keeps its rows."""
+    model = SequenceNet(d=4, hidden=5).double()
+    train = make_data(6, (7, 4), 3, 4)  # 7 positions > min(d_in = 5 with the bias column, d_out = 5)
+    layers = resolve_layers(model, None)
+
+    def first_pass(cache_bytes: int):
+        counter = StageCounter(no_progress, "fit", len(train))
+        return datainf_dampings(model, layers, train, "cross_entropy", 4, torch.device("cpu"), counter, cache_bytes)
+
+    dampings, kept = first_pass(10**6)
+    assert kept is not None and [start for start, _ in kept.batches] == [0, 4]
+    expected = explicit_gradients(model, train, "cross_entropy")  # (6, 25 + 18): token layer, then head
+    token = torch.cat([activities["token"].example_gradients for _, activities in kept.batches])
+    assert torch.allclose(token.flatten(1), expected[:, :25], rtol=1e-12, atol=1e-12)
+    head = [activities["head"] for _, activities in kept.batches]
+    assert all(a.example_gradients is None and a.rank_one for a in head)
+    lam = 0.1 * float(expected[:, :25].pow(2).sum(1).mean()) / 25
+    assert abs(dampings["token"] - lam) <= 1e-12 * lam
+    size = 6 * (25 + 6 + 3) * 8  # float64: the token layer's matrices, the head's input and output-gradient rows
+    assert first_pass(size)[1] is not None
+    assert first_pass(size - 1)[1] is None

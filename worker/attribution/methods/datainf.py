@@ -4,9 +4,9 @@ P_l v = (1/lambda_l) [ v - (1/N) sum_j g_jl <g_jl, v> / (lambda_l + ||g_jl||^2) 
 lambda_l = 0.1 x mean_i ||g_il||^2 / d_l by default. Applying P streams the training set once.
 
 The first pass over the training set (the default damping's) keeps every batch's layer activities when they
-fit ``DEFAULT_CACHE_BYTES`` (sequence layers reduced to at most min(d_in, d_out) rows per example, which
-represent the same per-example gradient): preconditioning and scoring that same training set then run no
-further model pass, so DataInf costs one training pass instead of three.
+fit ``DEFAULT_CACHE_BYTES`` (sequence layers with more positions than min(d_in, d_out) as their per-example
+gradient matrices, fewer numbers than the rows, formed once): preconditioning and scoring that same training
+set then run no further model pass, so DataInf costs one training pass instead of three.
 """
 
 from __future__ import annotations
@@ -27,24 +27,22 @@ DEFAULT_CACHE_BYTES = 256 * 1024**2  # the training activities DataInf keeps fro
 
 
 def compact_activity(activity: LayerActivity) -> LayerActivity:
-    """The same per-example gradients G = sum_t g_t a_t^T on the fewest rows: with T > min(d_in, d_out),
-    rows k of G as inputs and unit output gradients e_k (d_out <= d_in), or unit inputs e_k and the columns
-    of G as output gradients. No mask: the unit rows are real, padding contributed zeros to G already."""
-    batch, positions, d_in = activity.activations.shape
+    """The same per-example gradients G = sum_t g_t a_t^T in fewer numbers: with T > min(d_in, d_out) positions,
+    G itself (B x d_out x d_in <= B x T x max(d_in, d_out)), formed once here so that no later use (the damping's
+    norms, each preconditioning, the scores) forms it again from the rows; else the rows as they are. Padded
+    positions contributed zeros to G already."""
+    if activity.example_gradients is not None:
+        return activity
+    positions, d_in = activity.activations.shape[1:]
     d_out = activity.gradients.shape[2]
     if positions <= min(d_in, d_out):
         return activity
-    gradients = activity.per_example_gradients()  # (B, d_out, d_in)
-    size = min(d_in, d_out)
-    unit = torch.eye(size, dtype=gradients.dtype, device=gradients.device).expand(batch, size, size).contiguous()
-    if d_out <= d_in:
-        return LayerActivity(gradients, unit)
-    return LayerActivity(unit, gradients.transpose(1, 2).contiguous())
+    return LayerActivity.of_gradients(activity.per_example_gradients())
 
 
 def _bytes(activities: Activities) -> int:
     return sum(
-        a.activations.numel() * a.activations.element_size() + a.gradients.numel() * a.gradients.element_size()
+        sum(t.numel() * t.element_size() for t in (a.activations, a.gradients, a.example_gradients) if t is not None)
         for a in activities.values()
     )
 
@@ -67,11 +65,13 @@ def datainf_dampings(
     used = 0
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
         for start, batch in batches(train, batch_size, device, model_dtype(model)):
-            activities = training_activities(model, recorder, batch, loss)
-            for name, activity in activities.items():
+            compact = {
+                name: compact_activity(activity)
+                for name, activity in training_activities(model, recorder, batch, loss).items()
+            }
+            for name, activity in compact.items():
                 totals[name] += float(activity.squared_norms().to(torch.float64).sum())
             if kept is not None:
-                compact = {name: compact_activity(activity) for name, activity in activities.items()}
                 used += _bytes(compact)
                 if used <= budget:
                     kept.append((start, compact))
