@@ -619,7 +619,7 @@ def test_ekfac_preconditioner_does_not_depend_on_the_null_space_basis() -> None:
     refitted = fit_corrected_eigenvalues(
         model, layers, train, "cross_entropy", labels, rotated, 4, torch.device("cpu"), counter
     )
-    other = EkfacCurvature(fit.layer_names, options, fit.covariances, rotated, refitted)
+    other = EkfacCurvature(fit.layer_names, options, rotated, refitted)
     first = fit.preconditioner(None, dtype=torch.float64)
     second = other.preconditioner(None, dtype=torch.float64)
     for layer in layers:

@@ -45,7 +45,7 @@ from worker.attribution.statistics import (
     eigenbasis,
     fitting_sums,
     means_from_sums,
-    stored_factors,
+    stored_bases,
 )
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
@@ -125,12 +125,12 @@ def curvature_from_sums(
     names = list(first)
     if options.strategy == "diagonal":
         return DiagonalCurvature(names, options, _cpu(means_from_sums(first, "diagonal")))
-    covariances, bases = stored_factors(covariances_from_sums(first), first[names[0]].dtype)
+    bases = stored_bases(covariances_from_sums(first), first[names[0]].dtype)
     if options.strategy == "kfac":
-        return KfacCurvature(names, options, covariances, bases)
+        return KfacCurvature(names, options, bases)
     if eigenvalues is None:
         raise AttributionError("an EK-FAC fit needs its eigenvalue sums")
-    return EkfacCurvature(names, options, covariances, bases, _cpu(means_from_sums(eigenvalues, "eigenvalues")))
+    return EkfacCurvature(names, options, bases, _cpu(means_from_sums(eigenvalues, "eigenvalues")))
 
 
 def _cpu(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

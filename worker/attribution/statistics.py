@@ -50,16 +50,62 @@ class Eigenbasis:
 # ---------------------------------------------------------------- per-batch contributions
 
 
-def activation_covariance_sum(activity: LayerActivity) -> torch.Tensor:
-    """sum over examples and positions of a a^T: (d_in, d_in)."""
+def activation_covariance_product(activity: LayerActivity) -> torch.Tensor:
+    """A^T A over examples and positions, as the matrix product gives it: (d_in, d_in), symmetric up to the
+    product's rounding (its upper triangle is what the sums keep)."""
     a = activity.activations.flatten(0, 1)
     return a.T @ a
 
 
-def gradient_covariance_sum(activity: LayerActivity) -> torch.Tensor:
-    """sum over examples and positions of g g^T: (d_out, d_out)."""
+def gradient_covariance_product(activity: LayerActivity) -> torch.Tensor:
+    """G^T G over examples and positions, as the matrix product gives it: (d_out, d_out)."""
     g = activity.gradients.flatten(0, 1)
     return g.T @ g
+
+
+def activation_covariance_sum(activity: LayerActivity) -> torch.Tensor:
+    """sum over examples and positions of a a^T: (d_in, d_in), exactly symmetric (the product's upper triangle,
+    mirrored: a product's two triangles can differ in their last bits)."""
+    return symmetric_from_upper(activation_covariance_product(activity))
+
+
+def gradient_covariance_sum(activity: LayerActivity) -> torch.Tensor:
+    """sum over examples and positions of g g^T: (d_out, d_out), exactly symmetric (see above)."""
+    return symmetric_from_upper(gradient_covariance_product(activity))
+
+
+def symmetric_from_upper(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``matrix``'s."""
+    upper = matrix.triu()
+    return upper.add_(upper.triu(1).T)
+
+
+class PackedSymmetricSum:
+    """A float64 running sum of symmetric (d, d) matrices that keeps only their upper triangle: d (d + 1) / 2
+    numbers, the memory of one float32 matrix, with float64 additions. It holds exactly what a full float64 sum
+    of the same matrices' ``symmetric_from_upper`` holds in its upper triangle, so a fit that sums this way equals
+    one that sums full matrices (sharded fits) to the last bit. The largest buffers a factor fit holds while it
+    streams are these sums (GPT-2-small LoRA on the attention and MLP projections: 205 M entries)."""
+
+    def __init__(self, upper: torch.Tensor):
+        self.upper = upper  # (d, d) bool, the upper triangle (shared between sums of one size)
+        size = upper.shape[0]
+        self.packed = torch.zeros(size * (size + 1) // 2, dtype=torch.float64, device=upper.device)
+
+    def add_(self, matrix: torch.Tensor) -> None:
+        self.packed.add_(matrix.masked_select(self.upper))
+
+    def full(self) -> torch.Tensor:
+        """The (d, d) float64 sum; the packed buffer is released."""
+        matrix = torch.zeros(self.upper.shape, dtype=torch.float64, device=self.packed.device)
+        matrix.masked_scatter_(self.upper, self.packed)
+        self.packed = self.packed.new_empty(0)
+        return symmetric_from_upper(matrix)
+
+
+def upper_triangle_masks(sizes: Iterable[int], device: torch.device) -> dict[int, torch.Tensor]:
+    """One (d, d) upper-triangle mask per size."""
+    return {d: torch.ones(d, d, dtype=torch.bool, device=device).triu_() for d in set(sizes)}
 
 
 def corrected_eigenvalue_sum(activity: LayerActivity, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
@@ -109,26 +155,37 @@ def factor_dtype(model_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
-def stored_factors(
-    covariances: dict[str, Covariances], dtype: torch.dtype
-) -> tuple[dict[str, Covariances], dict[str, Eigenbasis]]:
-    """Each layer's covariances eigendecomposed in ``dtype``, then both kept on the CPU with their matrices in
-    ``dtype`` (eigenvalues as float64). Layer by layer, each layer's matrices dropped from ``covariances`` as soon
-    as they are done with, so no second copy of every factor is alive at once."""
-    kept_covariances: dict[str, Covariances] = {}
+def stored_bases(covariances: dict[str, Covariances], dtype: torch.dtype) -> dict[str, Eigenbasis]:
+    """Each layer's covariances eigendecomposed in ``dtype`` and kept on the CPU as their eigendecompositions
+    (eigenvectors in ``dtype``, eigenvalues as float64): a factor is Q diag(lambda) Q^T, so the matrices
+    themselves are not kept (``factors_of`` gives them back). Layer by layer, each layer's matrices dropped from
+    ``covariances`` as soon as they are done with, so no second copy of every factor is alive at once."""
     kept_bases: dict[str, Eigenbasis] = {}
     for name in list(covariances):
         covariance = covariances.pop(name)
         basis = eigenbasis(covariance, dtype)
-        kept_covariances[name] = Covariances(_kept(covariance.activation, dtype), _kept(covariance.gradient, dtype))
+        del covariance
         kept_bases[name] = Eigenbasis(
             _kept(basis.activation_eigenvalues, torch.float64),
             _kept(basis.activation_eigenvectors, dtype),
             _kept(basis.gradient_eigenvalues, torch.float64),
             _kept(basis.gradient_eigenvectors, dtype),
         )
-        del covariance, basis
-    return kept_covariances, kept_bases
+        del basis
+    return kept_bases
+
+
+def factors_of(basis: Eigenbasis) -> Covariances:
+    """The covariance factors an eigenbasis was computed from, Q diag(lambda) Q^T, in float64."""
+
+    def matrix(values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        q = vectors.to(torch.float64)
+        return (q * values.to(torch.float64)) @ q.T
+
+    return Covariances(
+        matrix(basis.activation_eigenvalues, basis.activation_eigenvectors),
+        matrix(basis.gradient_eigenvalues, basis.gradient_eigenvectors),
+    )
 
 
 def _kept(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -18,6 +18,7 @@ from worker.attribution.statistics import (
     Covariances,
     Eigenbasis,
     apply_in_eigenbasis,
+    factors_of,
     pool_null_spaces,
     rotate,
 )
@@ -72,10 +73,9 @@ def eigenbasis_preconditioner(
     return EigenbasisPreconditioner(q_s, q_a, inverse, dampings)
 
 
-def basis_tensors(covariances: Covariances, basis: Eigenbasis) -> dict[str, torch.Tensor]:
+def basis_tensors(basis: Eigenbasis) -> dict[str, torch.Tensor]:
+    """A layer's factors as stored: their eigendecompositions (the factors are Q diag(lambda) Q^T)."""
     return {
-        "activation_covariance": covariances.activation,
-        "gradient_covariance": covariances.gradient,
         "activation_eigenvalues": basis.activation_eigenvalues,
         "activation_eigenvectors": basis.activation_eigenvectors,
         "gradient_eigenvalues": basis.gradient_eigenvalues,
@@ -83,15 +83,15 @@ def basis_tensors(covariances: Covariances, basis: Eigenbasis) -> dict[str, torc
     }
 
 
-def basis_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[Covariances, Eigenbasis]:
-    covariances = Covariances(tensors["activation_covariance"], tensors["gradient_covariance"])
-    basis = Eigenbasis(
+def basis_from_tensors(tensors: dict[str, torch.Tensor]) -> Eigenbasis:
+    """The stored eigendecompositions (fits stored before they were dropped also hold the factor matrices
+    themselves, ``activation_covariance`` / ``gradient_covariance``: ignored)."""
+    return Eigenbasis(
         tensors["activation_eigenvalues"],
         tensors["activation_eigenvectors"],
         tensors["gradient_eigenvalues"],
         tensors["gradient_eigenvectors"],
     )
-    return covariances, basis
 
 
 class EkfacCurvature(Curvature):
@@ -101,12 +101,10 @@ class EkfacCurvature(Curvature):
         self,
         layer_names: list[str],
         options: FitOptions,
-        covariances: dict[str, Covariances],
         bases: dict[str, Eigenbasis],
         eigenvalues: dict[str, torch.Tensor],
     ):
         super().__init__(layer_names, options)
-        self.covariances = covariances
         self.bases = bases
         self.eigenvalues = eigenvalues  # corrected Lambda (d_out, d_in), float64
 
@@ -126,7 +124,7 @@ class EkfacCurvature(Curvature):
     def layer_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {
             name: {
-                **basis_tensors(self.covariances[name], self.bases[name]),
+                **basis_tensors(self.bases[name]),
                 "corrected_eigenvalues": self.eigenvalues[name],
             }
             for name in self.layer_names
@@ -136,8 +134,11 @@ class EkfacCurvature(Curvature):
     def from_layer_tensors(
         cls, layer_names: list[str], options: FitOptions, tensors: dict[str, dict[str, torch.Tensor]]
     ) -> EkfacCurvature:
-        covariances, bases, eigenvalues = {}, {}, {}
-        for name in layer_names:
-            covariances[name], bases[name] = basis_from_tensors(tensors[name])
-            eigenvalues[name] = tensors[name]["corrected_eigenvalues"]
-        return cls(layer_names, options, covariances, bases, eigenvalues)
+        bases = {name: basis_from_tensors(tensors[name]) for name in layer_names}
+        eigenvalues = {name: tensors[name]["corrected_eigenvalues"] for name in layer_names}
+        return cls(layer_names, options, bases, eigenvalues)
+
+    @property
+    def covariances(self) -> dict[str, Covariances]:
+        """The fitted factors A and S, rebuilt from their eigendecompositions (float64)."""
+        return {name: factors_of(self.bases[name]) for name in self.layer_names}

@@ -19,16 +19,18 @@ from worker.attribution.options import FitOptions
 from worker.attribution.progress import StageCounter
 from worker.attribution.statistics import (
     Covariances,
-    activation_covariance_sum,
+    PackedSymmetricSum,
+    activation_covariance_product,
     corrected_eigenvalues_from_activities,
     factor_dtype,
     fit_corrected_eigenvalues,
     fit_covariances,
     fit_diagonal,
-    gradient_covariance_sum,
+    gradient_covariance_product,
     squared_gradient_sum,
-    stored_factors,
+    stored_bases,
     stream_fitting_and_training_gradients,
+    upper_triangle_masks,
 )
 from worker.attribution.training_index import IndexRecorder, examples_fingerprint, model_fingerprint
 from worker.attribution.types import Examples, Progress, no_progress
@@ -79,15 +81,15 @@ def fit_layers(
     if options.strategy == "diagonal":
         diagonals = fit_diagonal(model, layers, train, loss, labels, batch, device, counter)
         return DiagonalCurvature(names, options, _to_cpu(diagonals))
-    covariances, bases = stored_factors(
+    bases = stored_bases(
         fit_covariances(model, layers, train, loss, labels, batch, device, counter), factor_dtype(model_dtype(model))
     )
     if options.strategy == "kfac":
-        return KfacCurvature(names, options, covariances, bases)
+        return KfacCurvature(names, options, bases)
     eigenvalues = fit_corrected_eigenvalues(
         model, layers, train, loss, labels.for_eigenvalues(), bases, batch, device, counter
     )
-    return EkfacCurvature(names, options, covariances, bases, _to_cpu(eigenvalues))
+    return EkfacCurvature(names, options, bases, _to_cpu(eigenvalues))
 
 
 @dataclass(frozen=True)
@@ -161,15 +163,12 @@ def _fit_with_cache(
         fitting_cache = IndexRecorder(names, budget) if plan.fitting_bytes else None
         training_cache = IndexRecorder(names, budget - plan.fitting_bytes) if plan.index_bytes else None
     matrix = {layer.name: (layer.out_features, layer.in_features) for layer in layers}
-    square = {layer.name: (layer.in_features, layer.in_features) for layer in layers}
     if diagonal:
         sums = {n: torch.zeros(matrix[n], dtype=torch.float64, device=device) for n in names}
-    else:
-        activation = {n: torch.zeros(square[n], dtype=torch.float64, device=device) for n in names}
-        gradient = {
-            layer.name: torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=device)
-            for layer in layers
-        }
+    else:  # float64 sums kept as upper triangles: half the memory of full ones, the same values
+        masks = upper_triangle_masks([d for layer in layers for d in (layer.in_features, layer.out_features)], device)
+        activation = {layer.name: PackedSymmetricSum(masks[layer.in_features]) for layer in layers}
+        gradient = {layer.name: PackedSymmetricSum(masks[layer.out_features]) for layer in layers}
     positions = {n: 0 for n in names}
     rows = {n: 0 for n in names}
     advance_after: list[int] = []  # per recorded fitting activity: examples completed with it (0 mid-batch)
@@ -181,8 +180,8 @@ def _fit_with_cache(
                 if diagonal:
                     sums[name] += squared_gradient_sum(activity).to(torch.float64)
                 else:
-                    activation[name] += activation_covariance_sum(activity).to(torch.float64)
-                    gradient[name] += gradient_covariance_sum(activity).to(torch.float64)
+                    activation[name].add_(activation_covariance_product(activity))
+                    gradient[name].add_(gradient_covariance_product(activity))
                     positions[name] += activity.num_positions
                 rows[name] += activity.batch_size
             if fitting_cache is not None:
@@ -197,15 +196,16 @@ def _fit_with_cache(
     if diagonal:
         fit: Curvature = DiagonalCurvature(names, options, _to_cpu({n: sums[n] / max(rows[n], 1) for n in names}))
     else:
-        # in place: the sums become the means, so that no second copy of every factor stays alive
-        # through the eigendecompositions and the eigenvalue pass
-        means = {
-            n: Covariances(activation.pop(n).div_(max(positions[n], 1)), gradient.pop(n).div_(max(rows[n], 1)))
-            for n in names
-        }
-        covariances, bases = stored_factors(means, factor_dtype(dtype))
+        # layer by layer: one layer's full float64 means alive at a time, through its eigendecomposition
+        bases = {}
+        for n in names:
+            means = Covariances(
+                activation.pop(n).full().div_(max(positions[n], 1)), gradient.pop(n).full().div_(max(rows[n], 1))
+            )
+            bases.update(stored_bases({n: means}, factor_dtype(dtype)))
+            del means
         if options.strategy == "kfac":
-            fit = KfacCurvature(names, options, covariances, bases)
+            fit = KfacCurvature(names, options, bases)
         elif fitting_cache is not None and fitting_cache.active and plan.fitting_bytes:
 
             def advance(position: int) -> None:
@@ -215,14 +215,14 @@ def _fit_with_cache(
             eigenvalues = corrected_eigenvalues_from_activities(
                 layers, fitting_cache.activity_batches(), bases, device, dtype, advance
             )
-            fit = EkfacCurvature(names, options, covariances, bases, _to_cpu(eigenvalues))
+            fit = EkfacCurvature(names, options, bases, _to_cpu(eigenvalues))
         else:
             if fitting_cache is not None and fitting_cache is not index_source:
                 fitting_cache.drop()
             eigenvalues = fit_corrected_eigenvalues(
                 model, layers, train, loss, labels.for_eigenvalues(), bases, options.batch_size, device, counter
             )
-            fit = EkfacCurvature(names, options, covariances, bases, _to_cpu(eigenvalues))
+            fit = EkfacCurvature(names, options, bases, _to_cpu(eigenvalues))
     if index_source is not None and index_source.active:  # after the eigenvalues: the index takes over the rows
         fit.training_index = index_source.index(len(train), examples_fingerprint(train), model_fingerprint(model), loss)
     if fitting_cache is not None:

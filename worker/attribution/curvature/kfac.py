@@ -16,7 +16,7 @@ from worker.attribution.curvature.ekfac import (
     eigenbasis_preconditioner,
 )
 from worker.attribution.options import FitOptions
-from worker.attribution.statistics import Covariances, Eigenbasis
+from worker.attribution.statistics import Covariances, Eigenbasis, factors_of
 
 
 def kronecker_eigenvalues(basis: Eigenbasis) -> torch.Tensor:
@@ -31,11 +31,9 @@ class KfacCurvature(Curvature):
         self,
         layer_names: list[str],
         options: FitOptions,
-        covariances: dict[str, Covariances],
         bases: dict[str, Eigenbasis],
     ):
         super().__init__(layer_names, options)
-        self.covariances = covariances
         self.bases = bases
 
     def preconditioner(
@@ -45,13 +43,15 @@ class KfacCurvature(Curvature):
         return eigenbasis_preconditioner(self.bases, eigenvalues, damping, device, dtype)
 
     def layer_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: basis_tensors(self.covariances[name], self.bases[name]) for name in self.layer_names}
+        return {name: basis_tensors(self.bases[name]) for name in self.layer_names}
 
     @classmethod
     def from_layer_tensors(
         cls, layer_names: list[str], options: FitOptions, tensors: dict[str, dict[str, torch.Tensor]]
     ) -> KfacCurvature:
-        covariances, bases = {}, {}
-        for name in layer_names:
-            covariances[name], bases[name] = basis_from_tensors(tensors[name])
-        return cls(layer_names, options, covariances, bases)
+        return cls(layer_names, options, {name: basis_from_tensors(tensors[name]) for name in layer_names})
+
+    @property
+    def covariances(self) -> dict[str, Covariances]:
+        """The fitted factors A and S, rebuilt from their eigendecompositions (float64)."""
+        return {name: factors_of(self.bases[name]) for name in self.layer_names}
