@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.attribution import EditOptions, Examples, InfluenceOptions, edit_parameters
-from worker.attribution.hooks import evaluation_mode, resolve_layers
+from worker.attribution.hooks import TrackedLayer, evaluation_mode, resolve_layers
 from worker.attribution.losses import LossName
 from worker.attribution.proximal import (
     ProximalObjective,
-    StoredGaussNewton,
     kept_output_terms,
     output_curvature_weights,
+    stored_cost_share,
 )
 from worker.attribution.types import AttributionError
 
@@ -153,16 +153,33 @@ def test_newton_edits_agree_with_stored_and_matrix_free_products(kind) -> None:
     assert float((changes["stored"] - step).norm()) <= 1e-9 * float(step.norm())
 
 
-def test_auto_stores_small_models_and_falls_back_when_the_rows_do_not_fit(monkeypatch) -> None:
-    model, data, loss = trained("mlp")
+def test_auto_stores_convolutions_and_falls_back_for_linear_layers_or_memory(monkeypatch) -> None:
+    model, data, loss = trained("cnn")
     with evaluation_mode(model):
-        assert objective_of(model, data, loss, "auto", 1e-5).curvature_report["products"] == "stored"
+        assert objective_of(model, data, loss, "auto", 1e-4).curvature_report["products"] == "stored"
+        mlp, mlp_data, _ = trained("mlp")
+        report = objective_of(mlp, mlp_data, loss, "auto", 1e-4).curvature_report
+        assert report["products"] == "matrix_free" and "linear layers" in report["reason"]
+        assert objective_of(mlp, mlp_data, loss, "stored", 1e-4).curvature_report["products"] == "stored"
         monkeypatch.setattr("worker.attribution.proximal.STORED_CURVATURE_BYTES", 1000)
-        report = objective_of(model, data, loss, "auto", 1e-5).curvature_report
+        report = objective_of(model, data, loss, "auto", 1e-4).curvature_report
         assert report["products"] == "matrix_free" and "MiB" in report["reason"]
         with pytest.raises(AttributionError, match="not possible"):
-            objective_of(model, data, loss, "stored", 1e-5)
-    assert isinstance(StoredGaussNewton.__doc__, str)
+            objective_of(model, data, loss, "stored", 1e-4)
+
+
+def test_stored_cost_model_prefers_convolutions() -> None:
+    """The benchmark CNN's shapes (conv 1→8, 8→16 on 8×8 inputs, linear 256→10) against an MLP's: stored
+    products cost a fraction of matrix-free ones for the first, about as much for the second."""
+    cnn = [
+        TrackedLayer("c1", nn.Conv2d(1, 8, 3), "conv2d", 10, 8, True),
+        TrackedLayer("c2", nn.Conv2d(8, 16, 3), "conv2d", 73, 16, True),
+        TrackedLayer("l", nn.Linear(256, 10), "linear", 257, 10, True),
+    ]
+    share = stored_cost_share(cnn, {"c1": 64, "c2": 64, "l": 1}, terms=4617, rows=1360, kept=1360, iterations=20)
+    assert share < 0.5
+    mlp = [TrackedLayer("a", nn.Linear(64, 128), "linear", 65, 128, True)]
+    assert stored_cost_share(mlp, {"a": 1}, terms=4617, rows=1360, kept=1360, iterations=20) > 0.5
 
 
 def test_invalid_curvature_options_are_rejected() -> None:

@@ -270,7 +270,10 @@ def test_fit_then_influence_with_fit_id_then_edit(api: Api) -> None:
     assert new_model["source_attribution_id"] == with_fit["id"]
     diagnostics = new_model["edit_diagnostics"]
     assert diagnostics["estimator"] == "newton" and diagnostics["num_removed"] == 3
-    assert diagnostics["curvature"]["products"] == "stored"  # auto: a small classifier's square root of G fits
+    # auto: a classifier of linear layers only gains little from stored products
+    assert (
+        diagnostics["curvature"]["products"] == "matrix_free" and "linear layers" in diagnostics["curvature"]["reason"]
+    )
     assert diagnostics["remaining_loss_after"] <= diagnostics["remaining_loss_before"] * 1.1
     assert len(diagnostics["query_loss_changes"]) == len(setup["query"]["targets"]) and "warnings" in diagnostics
     weights = load_safetensors(api.client.get(f"/v1/models/{new_model['id']}/weights").content)
@@ -292,7 +295,7 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
     body = {
         "remove": [1, 2],
         "name": "minus2",
-        "options": {"estimator": "proximal", "max_steps": 3, "curvature_products": "matrix_free"},
+        "options": {"estimator": "proximal", "max_steps": 3, "curvature_products": "stored", "curvature_tol": 0},
     }
     first = api.client.post(route, json=body, headers={"Idempotency-Key": "edit-1"})
     again = api.client.post(route, json=body, headers={"Idempotency-Key": "edit-1"})
@@ -307,7 +310,8 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
     model = api.client.get(f"/v1/models/{accepted['model_id']}").json()
     assert model["name"] == "minus2" and model["edit_diagnostics"]["estimator"] == "proximal"
     curvature = model["edit_diagnostics"]["curvature"]
-    assert (curvature["products"], curvature["reason"]) == ("matrix_free", "asked for")
+    assert (curvature["products"], curvature["left_out_share"]) == ("stored", 0.0)
+    assert curvature["stored_terms"] == curvature["candidate_terms"]
     listed = {m["id"]: m for m in api.client.get("/v1/models").json()["models"]}
     assert listed[accepted["model_id"]]["edit_diagnostics"] == model["edit_diagnostics"]
 

@@ -172,6 +172,7 @@ def estimate_edit(
             linearised=edit.estimator != "first_order",
             curvature_products=edit.curvature_products,
             curvature_tol=edit.curvature_tol,
+            cg_max_iter=edit.cg_max_iter,
         )
         objective.proximity, rule = _proximity(model, layers, train, loss, edit)
         report = SolveReport()

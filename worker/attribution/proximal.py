@@ -62,6 +62,7 @@ Flat = torch.Tensor
 CURVATURE_SCALE_ROWS = 2048  # rows used to measure the mean Gauss-Newton eigenvalue (for the auto proximity)
 STORED_CURVATURE_BYTES = 512 * 2**20  # the most memory the stored square root of G may take ("auto" falls back)
 STORED_CURVATURE_OUTPUTS = 1024  # the most model outputs per row for which the square root of G is stored
+STORED_COST_SHARE = 0.5  # "auto" stores the rows of G when that costs at most this share of matrix-free products
 PRODUCT_BLOCK_ROWS = 256  # stored rows per block of a product (a block of a small model's rows stays in the cache)
 
 
@@ -137,6 +138,7 @@ class ProximalObjective:
     linearised: bool = True  # build the curvature operator at θ₀ with the objective (False: no solve will follow)
     curvature_products: CurvatureProducts = "matrix_free"  # how G v is computed (EditOptions.curvature_products)
     curvature_tol: float = 0.0  # stored products: the share of the output-curvature terms' weight left out
+    cg_max_iter: int = 20  # products per solve ("auto" weighs the stored rows' build against them)
     theta0: Flat = field(init=False)
     removal_gradient: Flat = field(init=False)  # r = (1/N) Σ_{i∈S} w_i ∇ℓ_i(θ₀)
     anchor: Flat = field(init=False)  # g₀ = ∇L(θ₀) over all rows
@@ -274,8 +276,24 @@ class ProximalObjective:
         point = flat.detach().requires_grad_(True)
         total, gradient = 0.0, torch.zeros_like(flat)
         outputs = []
-        for batch in self._batches(self.kept):
-            output = self._outputs(point, batch)
+        positions: dict[str, int] = {}  # each tracked layer's positions per row (convolutions: output pixels)
+
+        def counter(layer: TrackedLayer) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                calls = output.numel() // max(1, output.shape[0] * layer.out_features)
+                positions[layer.name] = positions.get(layer.name, 0) + calls
+
+            return hook
+
+        for index, batch in enumerate(self._batches(self.kept)):
+            handles = (
+                [layer.module.register_forward_hook(counter(layer)) for layer in self.layers] if index == 0 else []
+            )
+            try:
+                output = self._outputs(point, batch)
+            finally:
+                for handle in handles:
+                    handle.remove()
             targets = check_targets(output, batch.targets, self.loss)
             values = per_example_loss(output, targets, self.loss)
             if batch.weights is not None:
@@ -284,7 +302,7 @@ class ProximalObjective:
             gradient += torch.autograd.grad(value, point)[0]
             total += float(value.detach())
             outputs.append(output.detach().flatten(1))
-        stored = StoredGaussNewton.build(self, point, torch.cat(outputs), self.curvature_tol)
+        stored = StoredGaussNewton.build(self, point, torch.cat(outputs), self.curvature_tol, positions)
         if isinstance(stored, str):
             return stored
         self.passes += 1
@@ -369,6 +387,30 @@ class RankOneRows:
     row: torch.Tensor  # (terms,) index into a
 
 
+def stored_cost_share(
+    layers: list[TrackedLayer], positions: dict[str, int], terms: int, rows: int, kept: int, iterations: int
+) -> float:
+    """Multiply-adds of stored products over those of matrix-free products for one solve of ``iterations`` CG
+    products (a rough model): with F = Σ_l T_l D_l per row (T_l positions, D_l parameters of layer l),
+    matrix-free costs 3 F per row and product; stored costs 3 F per term to build (a forward and a backward
+    pass), T_l D_l per term for each layer with positions (its per-example gradient), and per product
+    2 D_l per term (layers with positions) or 2 D_l per row (linear layers, held as factors)."""
+    spread = sum(positions.get(layer.name, 1) * layer.num_parameters for layer in layers)
+    with_positions = [layer for layer in layers if positions.get(layer.name, 1) > 1]
+    single = [layer for layer in layers if positions.get(layer.name, 1) <= 1]
+    build = terms * (3 * spread + sum(positions[layer.name] * layer.num_parameters for layer in with_positions))
+    products = (
+        iterations
+        * 2
+        * (
+            terms * sum(layer.num_parameters for layer in with_positions)
+            + rows * sum(layer.num_parameters for layer in single)
+            + terms * sum(layer.out_features for layer in single)
+        )
+    )
+    return (build + products) / max(1, iterations * 3 * kept * spread)
+
+
 def _whole_row_chunks(rows: torch.Tensor, size: int) -> list[tuple[int, int]]:
     """[first, last) ranges of the term list ``rows`` (a row's terms consecutive) with at most ``size`` terms
     each, or one row's terms, never splitting a row."""
@@ -420,15 +462,31 @@ class StoredGaussNewton:
 
     @classmethod
     def build(
-        cls, objective: ProximalObjective, point: Flat, outputs: torch.Tensor, tol: float
+        cls, objective: ProximalObjective, point: Flat, outputs: torch.Tensor, tol: float, positions: dict[str, int]
     ) -> StoredGaussNewton | str:
         """The rows at θ = ``point`` (requiring grad) for the kept rows' ``outputs`` (rows, C) at θ; a string
-        (why not) when C > STORED_CURVATURE_OUTPUTS or the rows would take more than STORED_CURVATURE_BYTES."""
+        (why not) when C > STORED_CURVATURE_OUTPUTS, the rows would take more than STORED_CURVATURE_BYTES, or
+        (``auto``) they would not save half of the matrix-free products' work (``stored_cost_share``).
+        ``positions``: each tracked layer's positions per row."""
         if outputs.shape[1] > STORED_CURVATURE_OUTPUTS:
             return f"{outputs.shape[1]} outputs per row (more than {STORED_CURVATURE_OUTPUTS})"
         kept = objective.kept
         values = output_curvature_weights(outputs, objective.loss, kept.weights, objective.n)
         rows, columns, share = kept_output_terms(values, tol)
+        if objective.curvature_products == "auto":
+            cost = stored_cost_share(
+                objective.layers,
+                positions,
+                len(rows),
+                int(torch.unique(rows).numel()),
+                len(kept),
+                objective.cg_max_iter,
+            )
+            if cost > STORED_COST_SHARE:
+                return (
+                    f"storing the {len(rows)} square-root rows of G and their products would cost about "
+                    f"{cost:.2f} of the matrix-free products' work (linear layers gain little)"
+                )
         probabilities = torch.softmax(outputs.double(), dim=1) if objective.loss == "cross_entropy" else None
         chunks: list[list[torch.Tensor | RankOneRows]] = []
         size, stored_bytes = max(1, objective.batch_size), 0
