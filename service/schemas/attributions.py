@@ -352,8 +352,9 @@ class EditOptionsIn(StrictModel):
         "backward passes over the remaining rows per product. `stored`: the rows J_iᵀ c_ik of a square root of G "
         "(one per row and model output, H_i = Σ_k c_ik c_ikᵀ) are computed once and kept in memory, leaving out "
         "the smallest terms worth `curvature_tol` of the total; a product is then two matrix-vector products. "
-        "`auto` (default): stored when the model has at most 1,024 outputs per row (not token datasets) and the "
-        "rows fit in 512 MiB, matrix-free otherwise.",
+        "`auto` (default): stored when the model has at most 1,024 outputs per row (not token datasets), the "
+        "rows fit in 512 MiB and they save at least half the products' work (models with convolutions; not "
+        "models of linear layers only), matrix-free otherwise.",
     )
     curvature_tol: float = Field(
         1e-4,

@@ -159,7 +159,7 @@ def test_auto_stores_convolutions_and_falls_back_for_linear_layers_or_memory(mon
         assert objective_of(model, data, loss, "auto", 1e-4).curvature_report["products"] == "stored"
         mlp, mlp_data, _ = trained("mlp")
         report = objective_of(mlp, mlp_data, loss, "auto", 1e-4).curvature_report
-        assert report["products"] == "matrix_free" and "linear layers" in report["reason"]
+        assert report["products"] == "matrix_free" and "linear layers only" in report["reason"]
         assert objective_of(mlp, mlp_data, loss, "stored", 1e-4).curvature_report["products"] == "stored"
         monkeypatch.setattr("worker.attribution.proximal.STORED_CURVATURE_BYTES", 1000)
         report = objective_of(model, data, loss, "auto", 1e-4).curvature_report

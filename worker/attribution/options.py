@@ -154,7 +154,7 @@ class EditOptions:
     ``curvature_products``: how the Gauss-Newton products of the solves are computed: ``matrix_free`` (two
     backward passes over the kept rows each), ``stored`` (the rows of a square root of G kept in memory, leaving
     out terms worth at most ``curvature_tol`` of its trace), ``auto`` (stored where the model has few outputs per
-    row and it fits in memory, else matrix-free)."""
+    row, it fits in memory and it saves at least half the products' work, else matrix-free)."""
 
     estimator: EditEstimator = "newton"
     proximity: float | None = None

@@ -263,6 +263,8 @@ class ProximalObjective:
 
     def _stored_unavailable(self) -> str | None:
         """Why the square root of G cannot be stored for these rows (None: it can, if the memory allows)."""
+        if len(self.kept) == 0:
+            return "no remaining rows"
         if self.loss == "causal_lm" or self.kept.attention_mask is not None:
             return "token datasets have an output per token and vocabulary entry"
         if self.kept.weights is not None and bool((self.kept.weights < 0).any()):
@@ -271,29 +273,17 @@ class ProximalObjective:
 
     def _linearise_stored(self, flat: Flat) -> tuple[float, Flat, Callable[[Flat], Flat]] | str:
         """``linearise`` with stored square-root rows of G_{−S}(θ); a string (why not) when the model has too
-        many outputs per row or the rows would not fit in STORED_CURVATURE_BYTES."""
+        many outputs per row or the rows would not fit in STORED_CURVATURE_BYTES (``StoredGaussNewton.build``),
+        or (``auto``) the tracked layers are linear layers only or the stored rows would save too little."""
+        positions = self._positions(flat)
+        if self.curvature_products == "auto" and all(count <= 1 for count in positions.values()):
+            return "linear layers only: a stored product costs about as much as a matrix-free one"
         self.passes += 1
         point = flat.detach().requires_grad_(True)
         total, gradient = 0.0, torch.zeros_like(flat)
         outputs = []
-        positions: dict[str, int] = {}  # each tracked layer's positions per row (convolutions: output pixels)
-
-        def counter(layer: TrackedLayer) -> Callable[..., None]:
-            def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-                calls = output.numel() // max(1, output.shape[0] * layer.out_features)
-                positions[layer.name] = positions.get(layer.name, 0) + calls
-
-            return hook
-
-        for index, batch in enumerate(self._batches(self.kept)):
-            handles = (
-                [layer.module.register_forward_hook(counter(layer)) for layer in self.layers] if index == 0 else []
-            )
-            try:
-                output = self._outputs(point, batch)
-            finally:
-                for handle in handles:
-                    handle.remove()
+        for batch in self._batches(self.kept):
+            output = self._outputs(point, batch)
             targets = check_targets(output, batch.targets, self.loss)
             values = per_example_loss(output, targets, self.loss)
             if batch.weights is not None:
@@ -308,6 +298,26 @@ class ProximalObjective:
         self.passes += 1
         self.curvature_report = stored.report()
         return total, gradient, stored.product
+
+    def _positions(self, flat: Flat) -> dict[str, int]:
+        """Each tracked layer's positions per row (convolutions: output pixels; summed over a layer's calls),
+        from a forward pass over one kept row."""
+        positions = {layer.name: 0 for layer in self.layers}
+
+        def counter(layer: TrackedLayer) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                positions[layer.name] += output.numel() // max(1, output.shape[0] * layer.out_features)
+
+            return hook
+
+        handles = [layer.module.register_forward_hook(counter(layer)) for layer in self.layers]
+        try:
+            with torch.no_grad():
+                self._outputs(flat, self._batches(self.kept.subset(torch.arange(1)))[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return positions
 
     def _linearise_matrix_free(self, flat: Flat) -> tuple[float, Flat, Callable[[Flat], Flat]]:
         """The kept rows' Σ w_i ℓ_i / N, its gradient, and v ↦ G_{−S}(θ) v, all at θ = ``flat`` from one forward
