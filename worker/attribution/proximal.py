@@ -292,7 +292,7 @@ class ProximalObjective:
             gradient += torch.autograd.grad(value, point)[0]
             total += float(value.detach())
             outputs.append(output.detach().flatten(1))
-        stored = StoredGaussNewton.build(self, point, torch.cat(outputs), self.curvature_tol, positions)
+        stored = StoredGaussNewton.build(self, point, torch.cat(outputs).cpu(), self.curvature_tol, positions)
         if isinstance(stored, str):
             return stored
         self.passes += 1
@@ -474,7 +474,7 @@ class StoredGaussNewton:
     def build(
         cls, objective: ProximalObjective, point: Flat, outputs: torch.Tensor, tol: float, positions: dict[str, int]
     ) -> StoredGaussNewton | str:
-        """The rows at θ = ``point`` (requiring grad) for the kept rows' ``outputs`` (rows, C) at θ; a string
+        """The rows at θ = ``point`` (requiring grad) for the kept rows' ``outputs`` (rows, C, on the CPU) at θ; a string
         (why not) when C > STORED_CURVATURE_OUTPUTS, the rows would take more than STORED_CURVATURE_BYTES, or
         (``auto``) they would not save half of the matrix-free products' work (``stored_cost_share``).
         ``positions``: each tracked layer's positions per row."""
