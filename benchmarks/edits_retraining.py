@@ -159,14 +159,21 @@ def estimators(
             estimator="newton", proximity=proximity, cg_max_iter=cg_max_iter, cg_tol=cg_tol
         )
     for variant in variants:  # "cg_max_iter=12,batch_size=512": the default newton with these options changed
-        changes = {
-            key: float(value) if "." in value else int(value)
-            for key, value in (p.split("=") for p in variant.split(","))
-        }
+        changes = {key: _option_value(value) for key, value in (p.split("=") for p in variant.split(","))}
         chosen[f"newton {variant}"] = replace(
             EditOptions(estimator="newton", cg_max_iter=cg_max_iter, cg_tol=cg_tol), **changes
         )
     return chosen
+
+
+def _option_value(text: str) -> int | float | str:
+    """A variant's option value: an int, a float (with "." or an exponent) or a word (curvature_products)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def run_setting(

@@ -346,6 +346,23 @@ class EditOptionsIn(StrictModel):
         "a warning in the diagnostics (the `newton` step is shortened to it).",
     )
     batch_size: int = Field(2048, ge=1, le=65536, description="Rows per forward pass over the training data.")
+    curvature_products: Literal["auto", "stored", "matrix_free"] = Field(
+        "auto",
+        description="How the Gauss-Newton products of `newton` and `proximal` are computed. `matrix_free`: two "
+        "backward passes over the remaining rows per product. `stored`: the rows J_iᵀ c_ik of a square root of G "
+        "(one per row and model output, H_i = Σ_k c_ik c_ikᵀ) are computed once and kept in memory, leaving out "
+        "the smallest terms worth `curvature_tol` of the total; a product is then two matrix-vector products. "
+        "`auto` (default): stored when the model has at most 1,024 outputs per row (not token datasets), the "
+        "rows fit in 512 MiB and they save at least half the products' work (models with convolutions; not "
+        "models of linear layers only), matrix-free otherwise.",
+    )
+    curvature_tol: float = Field(
+        1e-4,
+        ge=0,
+        lt=1,
+        description="`stored` products: the share of the output-curvature weight (Σ_i w_i trace H_i) whose terms "
+        "may be left out, smallest first (0: none).",
+    )
 
 
 class EditIn(StrictModel):

@@ -237,6 +237,18 @@ class EditSolverReport(Diagnostics):
     clipped_to_trust_radius: bool | None = None
 
 
+class EditCurvatureReport(Diagnostics):
+    """How the edit's Gauss-Newton products were computed (`newton` and `proximal`; the last operator built)."""
+
+    products: Literal["stored", "matrix_free"] | None = None
+    reason: str | None = Field(None, description="`matrix_free`: why the square root of G was not stored.")
+    stored_terms: int | None = Field(None, description="`stored`: rows J_iᵀ c_ik of the square root of G kept.")
+    candidate_terms: int | None = Field(None, description="`stored`: remaining rows × outputs per row.")
+    left_out_share: float | None = Field(
+        None, description="`stored`: the weight of the terms left out (≤ curvature_tol of the total)."
+    )
+
+
 class EditDiagnostics(Diagnostics):
     """What an edit did: its estimator, how far it moved the weights, and what that did to the losses."""
 
@@ -252,6 +264,7 @@ class EditDiagnostics(Diagnostics):
     remaining_loss_after: float | None = None
     passes_over_remaining_data: int | None = None
     solver: EditSolverReport | None = None
+    curvature: EditCurvatureReport | None = None
     query_loss_before_mean: float | None = None
     query_loss_after_mean: float | None = None
     query_loss_changes: list[float] | None = Field(

@@ -270,6 +270,10 @@ def test_fit_then_influence_with_fit_id_then_edit(api: Api) -> None:
     assert new_model["source_attribution_id"] == with_fit["id"]
     diagnostics = new_model["edit_diagnostics"]
     assert diagnostics["estimator"] == "newton" and diagnostics["num_removed"] == 3
+    # auto: a classifier of linear layers only gains little from stored products
+    assert (
+        diagnostics["curvature"]["products"] == "matrix_free" and "linear layers" in diagnostics["curvature"]["reason"]
+    )
     assert diagnostics["remaining_loss_after"] <= diagnostics["remaining_loss_before"] * 1.1
     assert len(diagnostics["query_loss_changes"]) == len(setup["query"]["targets"]) and "warnings" in diagnostics
     weights = load_safetensors(api.client.get(f"/v1/models/{new_model['id']}/weights").content)
@@ -288,7 +292,11 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
     attribution = submit(api, setup, method="influence", options={"strategy": "kfac"})
     api.queue.paused = True
     route = f"/v1/attributions/{attribution['id']}/edit"
-    body = {"remove": [1, 2], "name": "minus2", "options": {"estimator": "proximal", "max_steps": 3}}
+    body = {
+        "remove": [1, 2],
+        "name": "minus2",
+        "options": {"estimator": "proximal", "max_steps": 3, "curvature_products": "stored", "curvature_tol": 0},
+    }
     first = api.client.post(route, json=body, headers={"Idempotency-Key": "edit-1"})
     again = api.client.post(route, json=body, headers={"Idempotency-Key": "edit-1"})
     assert first.status_code == again.status_code == 202 and first.json() == again.json()
@@ -301,6 +309,9 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
     assert api.client.get(f"/v1/jobs/{accepted['job_id']}").json()["status"] == "succeeded"
     model = api.client.get(f"/v1/models/{accepted['model_id']}").json()
     assert model["name"] == "minus2" and model["edit_diagnostics"]["estimator"] == "proximal"
+    curvature = model["edit_diagnostics"]["curvature"]
+    assert (curvature["products"], curvature["left_out_share"]) == ("stored", 0.0)
+    assert curvature["stored_terms"] == curvature["candidate_terms"]
     listed = {m["id"]: m for m in api.client.get("/v1/models").json()["models"]}
     assert listed[accepted["model_id"]]["edit_diagnostics"] == model["edit_diagnostics"]
 
@@ -314,6 +325,8 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
         ({"remove": [1], "name": "x", "options": {"proximity": -1}}, "proximity"),
         ({"remove": [1], "name": "x", "options": {"estimator": "retrain"}}, "estimator"),
         ({"remove": [1], "name": "x", "options": {"steps": 3}}, "steps"),
+        ({"remove": [1], "name": "x", "options": {"curvature_products": "dense"}}, "curvature_products"),
+        ({"remove": [1], "name": "x", "options": {"curvature_tol": 1}}, "curvature_tol"),
     ):
         response = api.client.post(route, json=bad)
         assert response.status_code == 422 and field in response.text, (bad, response.text)

@@ -162,7 +162,17 @@ def estimate_edit(
         )
     with evaluation_mode(model):
         objective = ProximalObjective(
-            model, layers, train, rows, loss, edit.batch_size, progress, linearised=edit.estimator != "first_order"
+            model,
+            layers,
+            train,
+            rows,
+            loss,
+            edit.batch_size,
+            progress,
+            linearised=edit.estimator != "first_order",
+            curvature_products=edit.curvature_products,
+            curvature_tol=edit.curvature_tol,
+            cg_max_iter=edit.cg_max_iter,
         )
         objective.proximity, rule = _proximity(model, layers, train, loss, edit)
         report = SolveReport()
@@ -294,6 +304,7 @@ def _diagnostics(
         "remaining_loss_after": after,
         "passes_over_remaining_data": objective.passes,
         "solver": report.as_dict() if edit.estimator != "first_order" else None,
+        "curvature": dict(objective.curvature_report) if objective.curvature_report else None,
         "warnings": warnings,
     }
     if queries is not None and len(queries):

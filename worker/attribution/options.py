@@ -136,6 +136,8 @@ def _check_batch_size(batch_size: int) -> None:
 
 EditEstimator = Literal["proximal", "newton", "first_order"]
 EDIT_ESTIMATORS: tuple[str, ...] = ("proximal", "newton", "first_order")
+CurvatureProducts = Literal["auto", "stored", "matrix_free"]
+CURVATURE_PRODUCTS: tuple[str, ...] = ("auto", "stored", "matrix_free")
 # λ of the auto proximity: this many times the mean Gauss-Newton eigenvalue trace(G)/D (chosen by
 # benchmarks/edits_retraining.py, see docs/editing.md)
 DEFAULT_PROXIMITY_FRACTION = 1.0
@@ -148,7 +150,11 @@ class EditOptions:
     ``proximal``: minimise the anchored proximal retrain objective J_S (worker/attribution/proximal.py) by
     Gauss-Newton steps; ``newton``: one such step from the current weights with a trust radius and a line search;
     ``first_order``: θ + (1/N) P Σ ∇ℓ with the attribution's own preconditioner P (its scoring damping).
-    ``proximity`` None: DEFAULT_PROXIMITY_FRACTION × the mean Gauss-Newton eigenvalue."""
+    ``proximity`` None: DEFAULT_PROXIMITY_FRACTION × the mean Gauss-Newton eigenvalue.
+    ``curvature_products``: how the Gauss-Newton products of the solves are computed: ``matrix_free`` (two
+    backward passes over the kept rows each), ``stored`` (the rows of a square root of G kept in memory, leaving
+    out terms worth at most ``curvature_tol`` of its trace), ``auto`` (stored where the model has few outputs per
+    row, it fits in memory and it saves at least half the products' work, else matrix-free)."""
 
     estimator: EditEstimator = "newton"
     proximity: float | None = None
@@ -158,8 +164,16 @@ class EditOptions:
     cg_tol: float = 1e-3
     trust_radius: float = 0.2
     batch_size: int = 2048
+    curvature_products: CurvatureProducts = "auto"
+    curvature_tol: float = 1e-4
 
     def validate(self) -> None:
+        if self.curvature_products not in CURVATURE_PRODUCTS:
+            raise AttributionError(
+                f"unknown curvature_products {self.curvature_products!r}; expected one of {CURVATURE_PRODUCTS}"
+            )
+        if not 0 <= self.curvature_tol < 1:
+            raise AttributionError(f"curvature_tol must lie in [0, 1), got {self.curvature_tol}")
         if self.estimator not in EDIT_ESTIMATORS:
             raise AttributionError(f"unknown edit estimator {self.estimator!r}; expected one of {EDIT_ESTIMATORS}")
         check_damping(self.proximity)

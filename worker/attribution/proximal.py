@@ -13,6 +13,13 @@ near θ₀: it stands in for the finite training that a real retrain from the sa
 Curvature products use the Gauss-Newton matrix G = (1/N) Σ w_i J_iᵀ H_i J_i (H_i: the loss Hessian in the
 outputs, PSD), so every linear system (G_{−S} + λI + μI) d = −∇J is positive definite.
 
+Each product G v costs two backward passes over the kept rows (matrix-free), or, when the model's outputs are few
+(classification or regression, not token logits) and the memory allows, next to nothing once the rows of a square
+root of G are stored: H_i = L_i L_iᵀ with L_i's columns l_ik = √p_k (e_k − p) (cross-entropy) or e_k (mse), so
+G = Σ_{i,k} (w_i/N) (J_iᵀ l_ik)(J_iᵀ l_ik)ᵀ, and the terms with the smallest ‖l_ik‖² whose sum is at most
+``curvature_tol`` of the total (confidently classified rows, unlikely classes) are left out
+(``StoredGaussNewton``, docs/editing.md).
+
 Token datasets (an ``attention_mask``: Hugging Face and LoRA models) are run as the rest of the engine runs them
 (``text.run_text_model``); for loss ``causal_lm`` H_i is the sum over the scored positions of the softmax
 Hessians of the next-token logits.
@@ -30,7 +37,15 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worker.attribution.gradients import FisherLabels, batches, fitting_activities, model_dtype
-from worker.attribution.hooks import ActivityRecorder, TrackedLayer, evaluation_mode, split_weight_matrix, weight_matrix
+from worker.attribution.hooks import (
+    ActivityRecorder,
+    TrackedLayer,
+    evaluation_mode,
+    layer_activations,
+    layer_output_gradients,
+    split_weight_matrix,
+    weight_matrix,
+)
 from worker.attribution.losses import (
     LossName,
     check_targets,
@@ -39,11 +54,16 @@ from worker.attribution.losses import (
     scored_positions,
     without_padding,
 )
+from worker.attribution.options import CurvatureProducts
 from worker.attribution.text import text_model_kwargs
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
 Flat = torch.Tensor
 CURVATURE_SCALE_ROWS = 2048  # rows used to measure the mean Gauss-Newton eigenvalue (for the auto proximity)
+STORED_CURVATURE_BYTES = 512 * 2**20  # the most memory the stored square root of G may take ("auto" falls back)
+STORED_CURVATURE_OUTPUTS = 1024  # the most model outputs per row for which the square root of G is stored
+STORED_COST_SHARE = 0.5  # "auto" stores the rows of G when that costs at most this share of matrix-free products
+PRODUCT_BLOCK_ROWS = 256  # stored rows per block of a product (a block of a small model's rows stays in the cache)
 
 
 # ---------------------------------------------------------------- flat vectors <-> layer matrices
@@ -116,11 +136,15 @@ class ProximalObjective:
     progress: Progress = no_progress
     proximity: float = 0.0
     linearised: bool = True  # build the curvature operator at θ₀ with the objective (False: no solve will follow)
+    curvature_products: CurvatureProducts = "matrix_free"  # how G v is computed (EditOptions.curvature_products)
+    curvature_tol: float = 0.0  # stored products: the share of the output-curvature terms' weight left out
+    cg_max_iter: int = 20  # products per solve ("auto" weighs the stored rows' build against them)
     theta0: Flat = field(init=False)
     removal_gradient: Flat = field(init=False)  # r = (1/N) Σ_{i∈S} w_i ∇ℓ_i(θ₀)
     anchor: Flat = field(init=False)  # g₀ = ∇L(θ₀) over all rows
     kept: Examples = field(init=False)
     passes: int = field(init=False, default=0)  # passes over the kept rows (forward, gradient or GN product)
+    curvature_report: dict[str, Any] = field(init=False, default_factory=dict)  # how the last operator was built
 
     def __post_init__(self) -> None:
         self.device = next(self.model.parameters()).device
@@ -220,6 +244,82 @@ class ProximalObjective:
         return self.linearise(flat)[2]
 
     def linearise(self, flat: Flat) -> tuple[float, Flat, Callable[[Flat], Flat]]:
+        """The kept rows' Σ w_i ℓ_i / N, its gradient, and v ↦ G_{−S}(θ) v, all at θ = ``flat``: with stored
+        square-root rows of G (``StoredGaussNewton``) when ``curvature_products`` allows it, else matrix-free."""
+        if self.curvature_products != "matrix_free":
+            reason = self._stored_unavailable()
+            if reason is None:
+                stored = self._linearise_stored(flat)
+                if isinstance(stored, str):
+                    reason = stored
+                else:
+                    return stored
+            if self.curvature_products == "stored":
+                raise AttributionError(f"curvature_products 'stored' is not possible here: {reason}")
+            self.curvature_report = {"products": "matrix_free", "reason": reason}
+        else:
+            self.curvature_report = {"products": "matrix_free", "reason": "asked for"}
+        return self._linearise_matrix_free(flat)
+
+    def _stored_unavailable(self) -> str | None:
+        """Why the square root of G cannot be stored for these rows (None: it can, if the memory allows)."""
+        if len(self.kept) == 0:
+            return "no remaining rows"
+        if self.loss == "causal_lm" or self.kept.attention_mask is not None:
+            return "token datasets have an output per token and vocabulary entry"
+        if self.kept.weights is not None and bool((self.kept.weights < 0).any()):
+            return "negative row weights (the Gauss-Newton matrix is then not a sum of squares)"
+        return None
+
+    def _linearise_stored(self, flat: Flat) -> tuple[float, Flat, Callable[[Flat], Flat]] | str:
+        """``linearise`` with stored square-root rows of G_{−S}(θ); a string (why not) when the model has too
+        many outputs per row or the rows would not fit in STORED_CURVATURE_BYTES (``StoredGaussNewton.build``),
+        or (``auto``) the tracked layers are linear layers only or the stored rows would save too little."""
+        positions = self._positions(flat)
+        if self.curvature_products == "auto" and all(count <= 1 for count in positions.values()):
+            return "linear layers only: a stored product costs about as much as a matrix-free one"
+        self.passes += 1
+        point = flat.detach().requires_grad_(True)
+        total, gradient = 0.0, torch.zeros_like(flat)
+        outputs = []
+        for batch in self._batches(self.kept):
+            output = self._outputs(point, batch)
+            targets = check_targets(output, batch.targets, self.loss)
+            values = per_example_loss(output, targets, self.loss)
+            if batch.weights is not None:
+                values = values * batch.weights
+            value = values.sum() / self.n
+            gradient += torch.autograd.grad(value, point)[0]
+            total += float(value.detach())
+            outputs.append(output.detach().flatten(1))
+        stored = StoredGaussNewton.build(self, point, torch.cat(outputs).cpu(), self.curvature_tol, positions)
+        if isinstance(stored, str):
+            return stored
+        self.passes += 1
+        self.curvature_report = stored.report()
+        return total, gradient, stored.product
+
+    def _positions(self, flat: Flat) -> dict[str, int]:
+        """Each tracked layer's positions per row (convolutions: output pixels; summed over a layer's calls),
+        from a forward pass over one kept row."""
+        positions = {layer.name: 0 for layer in self.layers}
+
+        def counter(layer: TrackedLayer) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                positions[layer.name] += output.numel() // max(1, output.shape[0] * layer.out_features)
+
+            return hook
+
+        handles = [layer.module.register_forward_hook(counter(layer)) for layer in self.layers]
+        try:
+            with torch.no_grad():
+                self._outputs(flat, self._batches(self.kept.subset(torch.arange(1)))[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return positions
+
+    def _linearise_matrix_free(self, flat: Flat) -> tuple[float, Flat, Callable[[Flat], Flat]]:
         """The kept rows' Σ w_i ℓ_i / N, its gradient, and v ↦ G_{−S}(θ) v, all at θ = ``flat`` from one forward
         pass per batch. The graph of each batch's vector-Jacobian map u ↦ Jᵀu is kept while the operator lives;
         a product then costs backward passes only: J v as the derivative of ⟨Jᵀu, v⟩ in u (the double-backward
@@ -260,6 +360,270 @@ class ProximalObjective:
             return result
 
         return total, gradient, apply
+
+
+def output_curvature_weights(outputs: torch.Tensor, loss: LossName, weights: torch.Tensor | None, n: int) -> Flat:
+    """(rows, C) ‖c_ik‖² of the columns c_ik = √(w_i/N) l_ik of the output-Hessian square roots, H_i = L_i L_iᵀ:
+    cross-entropy l_ik = √p_k (e_k − p) (‖l_ik‖² = p_k (1 − 2 p_k + ‖p‖²), summing to trace H_i = 1 − ‖p‖²);
+    mse l_ik = e_k."""
+    scale = torch.full((outputs.shape[0], 1), 1.0 / n, dtype=torch.float64, device=outputs.device)
+    if weights is not None:
+        scale = scale * weights.to(outputs.device, torch.float64).reshape(-1, 1)
+    if loss == "mse":
+        return scale.expand(-1, outputs.shape[1]).clone()
+    p = torch.softmax(outputs.double(), dim=1)
+    return scale * p * (1 - 2 * p + p.pow(2).sum(1, keepdim=True)).clamp_min(0)
+
+
+def kept_output_terms(values: Flat, tol: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The (row, output) terms kept from the (rows, C) weights ``values``: all but the smallest ones whose sum
+    is at most ``tol`` of the total. Returns rows and outputs (sorted by row) and the share of the total left out."""
+    flat = values.reshape(-1)
+    total = float(flat.sum())
+    order = torch.argsort(flat)
+    dropped = int(torch.searchsorted(torch.cumsum(flat[order], 0), tol * total, right=True)) if total > 0 else 0
+    chosen = torch.sort(order[dropped:]).values
+    share = float(flat[order[:dropped]].sum()) / total if total > 0 else 0.0
+    columns = values.shape[1]
+    return chosen // columns, chosen % columns, share
+
+
+@dataclass
+class RankOneRows:
+    """A linear layer's part of stored rows: term m's gradient g_m a_{row m}ᵀ, a held once per row."""
+
+    a: torch.Tensor  # (rows, d_in)
+    g: torch.Tensor  # (terms, d_out)
+    row: torch.Tensor  # (terms,) index into a
+
+
+def stored_cost_share(
+    layers: list[TrackedLayer], positions: dict[str, int], terms: int, rows: int, kept: int, iterations: int
+) -> float:
+    """Multiply-adds of stored products over those of matrix-free products for one solve of ``iterations`` CG
+    products (a rough model): with F = Σ_l T_l D_l per row (T_l positions, D_l parameters of layer l),
+    matrix-free costs 3 F per row and product; stored costs 3 F per term to build (a forward and a backward
+    pass), T_l D_l per term for each layer with positions (its per-example gradient), and per product
+    2 D_l per term (layers with positions) or 2 D_l per row (linear layers, held as factors)."""
+    spread = sum(positions.get(layer.name, 1) * layer.num_parameters for layer in layers)
+    with_positions = [layer for layer in layers if positions.get(layer.name, 1) > 1]
+    single = [layer for layer in layers if positions.get(layer.name, 1) <= 1]
+    build = terms * (3 * spread + sum(positions[layer.name] * layer.num_parameters for layer in with_positions))
+    products = (
+        iterations
+        * 2
+        * (
+            terms * sum(layer.num_parameters for layer in with_positions)
+            + rows * sum(layer.num_parameters for layer in single)
+            + terms * sum(layer.out_features for layer in single)
+        )
+    )
+    return (build + products) / max(1, iterations * 3 * kept * spread)
+
+
+def _whole_row_chunks(rows: torch.Tensor, size: int) -> list[tuple[int, int]]:
+    """[first, last) ranges of the term list ``rows`` (a row's terms consecutive) with at most ``size`` terms
+    each, or one row's terms, never splitting a row."""
+    _, counts = torch.unique_consecutive(rows, return_counts=True)
+    chunks, first, last = [], 0, 0
+    for count in counts.tolist():
+        if last > first and last + count - first > size:
+            chunks.append((first, last))
+            first = last
+        last += count
+    if last > first:
+        chunks.append((first, last))
+    return chunks
+
+
+def _grouped_example_gradients(a: torch.Tensor, g: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
+    """(terms, d_out · d_in) per-example gradients Σ_t g_mt a_ut ᵀ of terms m with output gradients g (terms, T,
+    d_out) and their rows u's inputs a (rows, T, d_in), for terms grouped as ``groups``: (k, rows with k terms)
+    in order, each row's k terms consecutive."""
+    terms, positions, d_out = g.shape
+    d_in = a.shape[2]
+    result = g.new_empty(terms, d_out * d_in)
+    term, row = 0, 0
+    for k, count in groups:
+        gradients = g[term : term + count * k].reshape(count, k, positions, d_out).transpose(2, 3)
+        torch.bmm(
+            gradients.reshape(count, k * d_out, positions),
+            a[row : row + count],
+            out=result[term : term + count * k].view(count, k * d_out, d_in),
+        )
+        term, row = term + count * k, row + count
+    return result
+
+
+@dataclass
+class StoredGaussNewton:
+    """G_{−S}(θ) = Σ_{(i,k) kept} (J_iᵀ c_ik)(J_iᵀ c_ik)ᵀ held as its rows J_iᵀ c_ik, one per kept (row, output)
+    term (``output_curvature_weights``, ``kept_output_terms``). Each layer's part of the rows is held as the
+    per-example gradient matrices (layers with positions: convolutions) or as the factors a and g of g aᵀ (one
+    position: linear layers). Built with one forward and one backward pass over the terms' rows (a row repeated
+    once per kept output); a product is then two matrix-vector products per layer, without the data."""
+
+    layers: list[TrackedLayer]
+    chunks: list[list[torch.Tensor | RankOneRows]]  # per chunk of whole rows, per layer
+    terms: int
+    rows: int
+    candidates: int
+    dropped_share: float
+
+    @classmethod
+    def build(
+        cls, objective: ProximalObjective, point: Flat, outputs: torch.Tensor, tol: float, positions: dict[str, int]
+    ) -> StoredGaussNewton | str:
+        """The rows at θ = ``point`` (requiring grad) for the kept rows' ``outputs`` (rows, C, on the CPU) at θ; a string
+        (why not) when C > STORED_CURVATURE_OUTPUTS, the rows would take more than STORED_CURVATURE_BYTES, or
+        (``auto``) they would not save half of the matrix-free products' work (``stored_cost_share``).
+        ``positions``: each tracked layer's positions per row."""
+        if outputs.shape[1] > STORED_CURVATURE_OUTPUTS:
+            return f"{outputs.shape[1]} outputs per row (more than {STORED_CURVATURE_OUTPUTS})"
+        kept = objective.kept
+        values = output_curvature_weights(outputs, objective.loss, kept.weights, objective.n)
+        rows, columns, share = kept_output_terms(values, tol)
+        if objective.curvature_products == "auto":
+            cost = stored_cost_share(
+                objective.layers,
+                positions,
+                len(rows),
+                int(torch.unique(rows).numel()),
+                len(kept),
+                objective.cg_max_iter,
+            )
+            if cost > STORED_COST_SHARE:
+                return (
+                    f"storing the {len(rows)} square-root rows of G and their products would cost about "
+                    f"{cost:.2f} of the matrix-free products' work (linear layers gain little)"
+                )
+        probabilities = torch.softmax(outputs.double(), dim=1) if objective.loss == "cross_entropy" else None
+        chunks: list[list[torch.Tensor | RankOneRows]] = []
+        size, stored_bytes = max(1, objective.batch_size), 0
+        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {layer.name: [] for layer in objective.layers}
+
+        def recorder(layer: TrackedLayer) -> Callable[..., torch.Tensor]:
+            def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+                calls[layer.name].append((inputs[0].detach(), output))
+                return output.clone()  # later in-place ops (ReLU(inplace=True)) act on the copy
+
+            return hook
+
+        # terms ordered by their row's number of terms, then by row: each chunk holds whole rows, and the rows with
+        # k terms are consecutive, so a layer's per-example gradients are one batched product per k with the
+        # inputs of each row (unfolded once per row, never copied per term)
+        counts = torch.bincount(rows, minlength=int(values.shape[0]))
+        order = torch.sort(counts[rows], stable=True).indices
+        rows, columns = rows[order], columns[order]
+        handles = [layer.module.register_forward_hook(recorder(layer)) for layer in objective.layers]
+        try:
+            for first, last in _whole_row_chunks(rows, size):
+                row, column = rows[first:last], columns[first:last]
+                coefficients = cls._coefficients(objective, probabilities, outputs.shape[1], row, column)
+                for recorded in calls.values():
+                    recorded.clear()
+                batch = objective._batches(kept.subset(row))[0]
+                output = objective._outputs(point, batch).flatten(1)
+                layer_outputs = [out for layer in objective.layers for _, out in calls[layer.name]]
+                if any(not calls[layer.name] for layer in objective.layers):
+                    return "a tracked layer is not called in the forward pass"
+                objective_value = (output * coefficients.to(output.device, output.dtype)).sum()
+                grads = torch.autograd.grad(objective_value, layer_outputs, allow_unused=True)
+                _, inverse, per_row = torch.unique_consecutive(row, return_inverse=True, return_counts=True)
+                firsts = (torch.cumsum(per_row, 0) - per_row).to(output.device)
+                inverse = inverse.to(output.device)
+                sizes, rows_of_size = torch.unique_consecutive(per_row, return_counts=True)
+                groups = list(zip(sizes.tolist(), rows_of_size.tolist(), strict=True))
+                parts: list[torch.Tensor | RankOneRows] = []
+                position = 0
+                for layer in objective.layers:
+                    acts, gs = [], []
+                    for x, out in calls[layer.name]:
+                        grad = grads[position]
+                        position += 1
+                        gs.append(layer_output_gradients(layer, torch.zeros_like(out) if grad is None else grad))
+                        acts.append(layer_activations(layer, x[firsts]))
+                    a, g = (acts[0], gs[0]) if len(acts) == 1 else (torch.cat(acts, dim=1), torch.cat(gs, dim=1))
+                    if a.shape[1] == 1:  # g aᵀ: keep the factors, a once per row
+                        factors = RankOneRows(a[:, 0], g[:, 0].contiguous(), inverse)
+                        stored_bytes += sum(t.numel() * t.element_size() for t in (factors.a, factors.g, factors.row))
+                        parts.append(factors)
+                    else:
+                        gradients = _grouped_example_gradients(a, g, groups)
+                        stored_bytes += gradients.numel() * gradients.element_size()
+                        parts.append(gradients)
+                chunks.append(parts)
+                estimate = stored_bytes * len(rows) / last
+                if estimate > STORED_CURVATURE_BYTES:
+                    return (
+                        f"the {len(rows)} square-root rows of G would take about {estimate / 2**20:.0f} MiB "
+                        f"(more than {STORED_CURVATURE_BYTES / 2**20:.0f} MiB)"
+                    )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return cls(objective.layers, chunks, len(rows), int(values.shape[0]), int(values.numel()), share)
+
+    @staticmethod
+    def _coefficients(
+        objective: ProximalObjective,
+        probabilities: torch.Tensor | None,
+        width: int,
+        row: torch.Tensor,
+        column: torch.Tensor,
+    ) -> torch.Tensor:
+        """c_ik = √(w_i/N) l_ik for the terms (row, column), in the model outputs' layout (float64)."""
+        picks = torch.arange(len(row))
+        if probabilities is None:  # mse
+            coefficients = torch.zeros(len(row), width, dtype=torch.float64)
+            coefficients[picks, column] = 1.0
+        else:
+            p = probabilities[row]
+            picked = p[picks, column].sqrt()
+            coefficients = -picked.unsqueeze(1) * p
+            coefficients[picks, column] += picked
+        scale = torch.full((len(row), 1), 1.0 / objective.n, dtype=torch.float64)
+        if objective.kept.weights is not None:
+            scale = scale * objective.kept.weights[row].double().reshape(-1, 1)
+        return coefficients * scale.sqrt()
+
+    def product(self, vector: Flat) -> Flat:
+        """G v = Σ_m r_m ⟨r_m, v⟩ over the stored rows r_m. Per-example gradient matrices are read in blocks of
+        PRODUCT_BLOCK_ROWS terms, for ⟨r_m, v⟩ and again, from the cache, for Σ_m r_m ⟨r_m, v⟩; the factors of
+        linear layers multiply V once per row, not per term."""
+        matrices = layer_matrices(self.layers, vector)
+        result = {layer.name: torch.zeros_like(matrices[layer.name]) for layer in self.layers}
+        for parts in self.chunks:
+            factored: list[tuple[str, RankOneRows]] = []
+            dense: list[tuple[str, torch.Tensor]] = []
+            for layer, part in zip(self.layers, parts, strict=True):
+                if isinstance(part, RankOneRows):
+                    factored.append((layer.name, part))
+                else:
+                    dense.append((layer.name, part))
+            terms = factored[0][1].g.shape[0] if factored else dense[0][1].shape[0]
+            dots = vector.new_zeros(terms)
+            for name, factors in factored:
+                dots += ((factors.a @ matrices[name].T)[factors.row] * factors.g).sum(1)
+            for first in range(0, terms, PRODUCT_BLOCK_ROWS):
+                block = slice(first, first + PRODUCT_BLOCK_ROWS)
+                for name, gradients in dense:
+                    dots[block] += gradients[block] @ matrices[name].reshape(-1)
+                for name, gradients in dense:
+                    result[name] += (dots[block] @ gradients[block]).reshape(result[name].shape)
+            for name, factors in factored:
+                per_row = factors.a.new_zeros(factors.a.shape[0], factors.g.shape[1])
+                per_row.index_add_(0, factors.row, factors.g * dots.unsqueeze(1))
+                result[name] += per_row.T @ factors.a
+        return torch.cat([result[layer.name].reshape(-1) for layer in self.layers])
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "products": "stored",
+            "stored_terms": self.terms,
+            "candidate_terms": self.candidates,
+            "left_out_share": self.dropped_share,
+        }
 
 
 def mean_curvature_eigenvalue(

@@ -136,4 +136,6 @@ def edit_options(options: EditOptionsIn, default_estimator: EstimatorName) -> Ed
         cg_max_iter=options.cg_max_iter,
         trust_radius=options.trust_radius,
         batch_size=options.batch_size,
+        curvature_products=options.curvature_products,
+        curvature_tol=options.curvature_tol,
     )
