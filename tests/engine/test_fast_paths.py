@@ -4,6 +4,8 @@ same fits and scores as the plain passes; the index is only used for the same da
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -11,7 +13,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tests.engine.helpers import SequenceNet, SmallConvNet, make_data, make_mlp
-from worker.attribution import Examples, FitOptions, InfluenceOptions, attribute, fit_curvature, load_curvature
+from worker.attribution import (
+    Examples,
+    FitOptions,
+    InfluenceOptions,
+    attribute,
+    fit_curvature,
+    load_curvature,
+    training_index,
+)
 from worker.attribution.curvature.base import KEY_SEPARATOR
 from worker.attribution.training_index import INDEX_METADATA_KEY
 
@@ -296,3 +306,44 @@ def test_shared_linear_layer_keeps_its_gradient_matrices() -> None:
     fast = _fit(model, train, "ekfac")
     assert fast.training_index is not None and sorted(fast.training_index.matrices) == ["inner"]  # two calls
     _assert_fits_equal(fast, _fit(model, train, "ekfac", memory_budget_bytes=0))
+
+
+@pytest.mark.parametrize("model_factory, shape", [(lambda: make_mlp(), (5,)), (lambda: SequenceNet().double(), (6, 4))])
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_spilled_rows_give_the_same_fit_and_scores(model_factory, shape, fisher: str, tmp_path, monkeypatch) -> None:
+    """Rows beyond ``SPILL_BYTES`` go to temporary files and are mapped back: the same EK-FAC fit and every mode's
+    scores as rows kept in memory (rank-one rows and gradient matrices, with the cached eigenvalue pass of the
+    empirical Fisher), also scored twice (the pages are released after each read); the files are gone after."""
+    model = model_factory()
+    train, queries = make_data(23, shape, 3, 5), make_data(4, shape, 3, 6)
+    in_memory = _fit(model, train, "ekfac", fisher)
+    assert in_memory.training_index is not None and not in_memory.training_index.mappings
+    monkeypatch.setattr(training_index, "SPILL_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spilled = _fit(model, train, "ekfac", fisher)
+    index = spilled.training_index
+    assert index is not None and index.mappings  # file-backed
+    assert list(tmp_path.iterdir()) == []  # the files were removed once mapped
+    _assert_fits_equal(spilled, in_memory)
+    for key, tensor in in_memory.training_index.layer_tensors().items():
+        for statistic, value in tensor.items():
+            assert torch.equal(index.layer_tensors()[key][statistic], value)
+    for mode in MODES:
+        expected, _ = _scores(model, train, queries, "ekfac", mode, in_memory, fisher)
+        for _ in range(2):
+            again, result = _scores(model, train, queries, "ekfac", mode, spilled, fisher)
+            assert _used_index(result)
+            torch.testing.assert_close(again, expected, **TOL)
+
+
+def test_a_recorder_that_gives_up_removes_its_files(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(training_index, "SPILL_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = SequenceNet().double()
+    train = make_data(23, (6, 4), 3, 5)
+    # per example: the token layer's 5 x (4 + bias) gradient matrix and the head's (a, g) rows, 6 + 3: 34 float64s
+    # (272 bytes); the plan counts the token layer as rank-one (152 bytes): the budget admits the plan and two
+    # batches of 7, and the third batch gives up
+    fit = _fit(model, train, "ekfac", "empirical", memory_budget_bytes=4000)
+    assert fit.training_index is None
+    assert list(tmp_path.iterdir()) == []

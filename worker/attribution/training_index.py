@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +35,10 @@ INDEX_STATISTICS = (INDEX_ACTIVATIONS, INDEX_GRADIENTS, INDEX_EXAMPLE_GRADIENTS)
 INDEX_METADATA_KEY = "training_index"
 INDEX_BLOCK_ELEMENTS = 16 * 1024**2  # rows x (per-example width) elements handed to the scorer at once
 MIN_INDEX_BLOCK_ROWS = 256
+# A recorder whose rows may reach this many bytes writes them to temporary files as the pass goes and maps them
+# back (``FileRows``), so they never sit in the process's memory beside the pass's own: what a GPT-2-small LoRA
+# fit keeps of 256 sequences is 830 MB.
+SPILL_BYTES = 64 * 1024**2
 
 
 def _hash_tensor(digest: hashlib.blake2b, tensor: torch.Tensor | None) -> None:
@@ -76,6 +84,14 @@ class TrainingIndex:
     model_fingerprint: str
     loss: str
     matrices: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the file mappings the tensors live in, when the recorder spilled them (``FileRows``)
+    mappings: list[mmap.mmap] = field(default_factory=list, repr=False)
+
+    def release(self) -> None:
+        """Hands the pages of file-mapped rows that were read back to the kernel (they stay in the page cache and
+        are read again on the next use): read once per pass, the rows do not stay counted in the process."""
+        for mapping in self.mappings:
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     @property
     def nbytes(self) -> int:
@@ -166,31 +182,92 @@ class TrainingIndex:
             for name, matrix in self.matrices.items():
                 block[name] = LayerActivity.of_gradients(matrix[start:stop].to(device, dtype))
             yield start, block
+        self.release()
+
+
+class MemoryRows:
+    """One statistic's rows of one layer, kept in memory batch by batch."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+
+    def append(self, rows: torch.Tensor) -> None:
+        self.parts.append(rows)
+
+    def finish(self) -> tuple[torch.Tensor, mmap.mmap | None]:
+        return _joined(self.parts), None
+
+
+class FileRows:
+    """One statistic's rows of one layer, appended batch by batch to a file in ``folder`` and mapped back
+    (private, read-only use) when the pass is done; the file itself is removed once mapped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = 0
+        self.shape: tuple[int, ...] = ()
+        self.dtype = torch.float32
+
+    def append(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().to("cpu").contiguous()
+        if not self.rows:
+            self.shape, self.dtype = tuple(rows.shape[1:]), rows.dtype
+        with self.path.open("ab") as file:
+            file.write(rows.view(torch.uint8).numpy().data)
+        self.rows += rows.shape[0]
+
+    def finish(self) -> tuple[torch.Tensor, mmap.mmap | None]:
+        with self.path.open("r+b") as file:
+            mapping = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.path.unlink()
+        return torch.frombuffer(mapping, dtype=self.dtype).view(self.rows, *self.shape), mapping
+
+
+RowStore = MemoryRows | FileRows
 
 
 class IndexRecorder:
     """Collects the per-batch gradients of the tracked layers during a fitting pass, within a byte budget:
     (a, g) rows of rank-one layers, per-example gradient matrices of layers with positions.
 
-    Gives up (and frees what it holds) as soon as the budget is exceeded or a layer changes form.
+    Gives up (and frees what it holds) as soon as the budget is exceeded or a layer changes form. When the
+    first batch's size says the ``expected_rows`` will take ``spill_bytes`` or more, the rows go to temporary
+    files as they come (``FileRows``) instead of memory; ``finish`` maps them back once the pass is done.
     """
 
-    def __init__(self, layer_names: list[str], budget_bytes: int):
+    def __init__(
+        self, layer_names: list[str], budget_bytes: int, expected_rows: int = 0, spill_bytes: int | None = None
+    ):
         self.layer_names = list(layer_names)
         self.budget = int(budget_bytes)
         self.used = 0
         self.active = self.budget > 0
         self.rank_one: dict[str, bool] = {}
-        self.activations: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_names}
-        self.gradients: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_names}
-        self.matrices: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_names}
+        self.batch_rows: list[int] = []
+        self.expected_rows = expected_rows
+        self.spill_bytes = SPILL_BYTES if spill_bytes is None else spill_bytes
+        self.folder: Path | None = None
+        self.stores: dict[tuple[str, str], RowStore] = {}
+        self.finished: dict[tuple[str, str], torch.Tensor] = {}
+        self.mappings: list[mmap.mmap] = []
 
     def drop(self) -> None:
         self.active = False
-        self.activations = {name: [] for name in self.layer_names}
-        self.gradients = {name: [] for name in self.layer_names}
-        self.matrices = {name: [] for name in self.layer_names}
+        self.stores, self.finished, self.mappings, self.batch_rows = {}, {}, [], []
         self.used = 0
+        self._remove_folder()
+
+    def _remove_folder(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def _store(self, name: str, statistic: str) -> RowStore:
+        key = (name, statistic)
+        if key not in self.stores:
+            folder = self.folder
+            self.stores[key] = MemoryRows() if folder is None else FileRows(folder / f"{len(self.stores)}.rows")
+        return self.stores[key]
 
     def add(self, activities: Activities) -> None:
         if not self.active:
@@ -211,48 +288,84 @@ class IndexRecorder:
         if self.used + size > self.budget:
             self.drop()
             return
+        rows_in_batch = activities[self.layer_names[0]].batch_size
+        try:
+            if not self.batch_rows and size * self.expected_rows >= self.spill_bytes * max(rows_in_batch, 1):
+                self.folder = Path(tempfile.mkdtemp(prefix="attrib-index-"))
+            for name in self.layer_names:
+                activity = activities[name]
+                if forms[name]:
+                    self._store(name, INDEX_ACTIVATIONS).append(activity.activations[:, 0])
+                    self._store(name, INDEX_GRADIENTS).append(activity.gradients[:, 0])
+                else:
+                    self._store(name, INDEX_EXAMPLE_GRADIENTS).append(activity.per_example_gradients())
+        except OSError:  # no room for the spilled rows: the fit goes on without them
+            self.drop()
+            return
         self.used += size
-        for name in self.layer_names:
-            activity = activities[name]
-            if forms[name]:
-                self.activations[name].append(activity.activations[:, 0])
-                self.gradients[name].append(activity.gradients[:, 0])
-            else:
-                self.matrices[name].append(activity.per_example_gradients())
+        self.batch_rows.append(rows_in_batch)
+
+    def finish(self) -> bool:
+        """Ends the recording: the rows joined (or mapped back from their files), one tensor per layer and
+        statistic. False (and nothing kept) when the recorder gave up."""
+        if not self.active:
+            return False
+        if not self.finished:
+            try:
+                for key in list(self.stores):
+                    tensor, mapping = self.stores.pop(key).finish()
+                    self.finished[key] = tensor
+                    if mapping is not None:
+                        self.mappings.append(mapping)
+            except (OSError, ValueError):
+                self.drop()
+                return False
+            finally:
+                self._remove_folder()
+        return True
+
+    def release(self) -> None:
+        for mapping in self.mappings:
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def activity_batches(self) -> Iterator[Activities]:
         """The recorded batches again, as {layer: LayerActivity} (for a second statistics pass)."""
-        for position in range(self._batches()):
+        if not self.finish():
+            return
+        start = 0
+        for rows in self.batch_rows:
+            stop = start + rows
             activities = {}
             for name in self.layer_names:
                 if self.rank_one[name]:
                     activities[name] = LayerActivity(
-                        self.activations[name][position].unsqueeze(1), self.gradients[name][position].unsqueeze(1)
+                        self.finished[(name, INDEX_ACTIVATIONS)][start:stop].unsqueeze(1),
+                        self.finished[(name, INDEX_GRADIENTS)][start:stop].unsqueeze(1),
                     )
                 else:
-                    activities[name] = LayerActivity.of_gradients(self.matrices[name][position])
+                    activities[name] = LayerActivity.of_gradients(
+                        self.finished[(name, INDEX_EXAMPLE_GRADIENTS)][start:stop]
+                    )
             yield activities
-
-    def _batches(self) -> int:
-        first = self.layer_names[0]
-        return len(self.activations[first]) if self.rank_one.get(first, True) else len(self.matrices[first])
+            start = stop
+        self.release()
 
     def index(self, num_examples: int, train_fingerprint: str, model_fp: str, loss: str) -> TrainingIndex | None:
-        """The recorded rows as an index; the recorder gives its batches up to it (one batch at a time, so the
-        rows are never held twice)."""
-        if not self.active:
+        """The recorded rows as an index (the recorder hands them over)."""
+        if not self.finish():
             return None
-        parts = {name: self.activations[name] for name in self.layer_names if self.rank_one[name]}
-        gradient_parts = {name: self.gradients[name] for name in parts}
-        matrix_parts = {name: self.matrices[name] for name in self.layer_names if not self.rank_one[name]}
-        self.active = False
-        activations = {n: _joined(p) for n, p in parts.items()}
-        gradients = {n: _joined(p) for n, p in gradient_parts.items()}
-        matrices = {n: _joined(p) for n, p in matrix_parts.items()}
+        one = [n for n in self.layer_names if self.rank_one[n]]
+        activations = {n: self.finished[(n, INDEX_ACTIVATIONS)] for n in one}
+        gradients = {n: self.finished[(n, INDEX_GRADIENTS)] for n in one}
+        matrices = {n: self.finished[(n, INDEX_EXAMPLE_GRADIENTS)] for n in self.layer_names if not self.rank_one[n]}
+        mappings = self.mappings
+        self.finished, self.mappings = {}, []
         self.drop()
         if any(t.shape[0] != num_examples for t in [*activations.values(), *gradients.values(), *matrices.values()]):
             return None
-        return TrainingIndex(activations, gradients, num_examples, train_fingerprint, model_fp, loss, matrices)
+        index = TrainingIndex(activations, gradients, num_examples, train_fingerprint, model_fp, loss, matrices)
+        index.mappings = mappings
+        return index
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:

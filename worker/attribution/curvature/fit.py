@@ -156,12 +156,13 @@ def _fit_with_cache(
     training_cache: IndexRecorder | None
     # the recorders hold the real sizes to the whole budget (the plan's widths are lower bounds)
     budget = options.memory_budget_bytes
+    num_rows = len(train)
     if plan.shared:
-        fitting_cache = IndexRecorder(names, budget)
+        fitting_cache = IndexRecorder(names, budget, num_rows)
         training_cache = None
     else:
-        fitting_cache = IndexRecorder(names, budget) if plan.fitting_bytes else None
-        training_cache = IndexRecorder(names, budget - plan.fitting_bytes) if plan.index_bytes else None
+        fitting_cache = IndexRecorder(names, budget, num_rows) if plan.fitting_bytes else None
+        training_cache = IndexRecorder(names, budget - plan.fitting_bytes, num_rows) if plan.index_bytes else None
     matrix = {layer.name: (layer.out_features, layer.in_features) for layer in layers}
     if diagonal:
         sums = {n: torch.zeros(matrix[n], dtype=torch.float64, device=device) for n in names}
