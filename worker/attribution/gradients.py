@@ -105,7 +105,9 @@ def training_activities(model: nn.Module, recorder: ActivityRecorder, batch: Exa
     """Per-layer activity for the gradient of sum_i w_i loss_i (the given labels)."""
     outputs = run_model(model, recorder, batch)
     targets = check_targets(outputs, batch.targets, loss)
-    return recorder.backward(training_objective(outputs, targets, batch.weights, loss), retain_graph=False)
+    objective = training_objective(outputs, targets, batch.weights, loss)
+    del outputs  # not needed by the backward pass (see ``fitting_activities``)
+    return recorder.backward(objective, retain_graph=False)
 
 
 MAX_REPLICATED_ROWS = 4096
@@ -125,7 +127,11 @@ def fitting_activities(
     if labels.kind == "empirical":
         outputs = run_model(model, recorder, batch)
         given = check_targets(outputs, batch.targets, loss)
-        return [recorder.backward(training_objective(outputs, given, batch.weights, loss), retain_graph=False)]
+        objective = training_objective(outputs, given, batch.weights, loss)
+        # the backward pass does not read the outputs (the loss keeps what it needs): a language model's
+        # (B, T, vocabulary) logits are freed before it, instead of living through its peak
+        del outputs
+        return [recorder.backward(objective, retain_graph=False)]
     rows = len(batch)
     per_chunk = max(1, min(labels.samples, MAX_REPLICATED_ROWS // max(rows, 1)))
     result = []
@@ -139,6 +145,7 @@ def fitting_activities(
         if weights is not None and draws > 1:
             weights = weights.repeat_interleave(draws)
         objective = training_objective(outputs, sampled, weights, loss)
+        del outputs
         result.append(recorder.backward(objective, retain_graph=False))
     return result
 
@@ -159,9 +166,9 @@ def measurement_activities(
     """Per-layer activity for the gradient of sum_q f(z_q) (query weights are not applied)."""
     outputs = run_model(model, recorder, batch)
     targets = check_targets(outputs, batch.targets, loss)
-    return recorder.backward(
-        weighted_sum(measurement_values(outputs, targets, loss, measurement), None), retain_graph=False
-    )
+    objective = weighted_sum(measurement_values(outputs, targets, loss, measurement), None)
+    del outputs
+    return recorder.backward(objective, retain_graph=False)
 
 
 def place_model(model: nn.Module, device: torch.device | str | None) -> tuple[nn.Module, torch.device]:
@@ -195,10 +202,11 @@ def fitting_and_training_activities(
         outputs = run_model(model, recorder, batch)
         given = check_targets(outputs, batch.targets, loss)
         sampled = sampled_labels(outputs, given, loss, generator)
-        sampled_fitting = recorder.backward(
-            training_objective(outputs, sampled, fisher_weights(batch.weights), loss), retain_graph=True
-        )
-        training = recorder.backward(training_objective(outputs, given, batch.weights, loss), retain_graph=False)
+        fitting_objective = training_objective(outputs, sampled, fisher_weights(batch.weights), loss)
+        objective = training_objective(outputs, given, batch.weights, loss)
+        del outputs
+        sampled_fitting = recorder.backward(fitting_objective, retain_graph=True)
+        training = recorder.backward(objective, retain_graph=False)
         return [sampled_fitting], training
     fitting_list = fitting_activities(model, recorder, batch, loss, labels, generator)
     return fitting_list, training_activities(model, recorder, batch, loss)
