@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +26,31 @@ class Served:
         return env | {"ATTRIB_URL": self.url, "ATTRIB_DATA_DIR": str(self.data_dir)} | extra
 
 
+@pytest.fixture(scope="session")
+def stopping_servers() -> Iterator[list[threading.Thread]]:
+    """The threads stopping the modules' servers: the session waits for them at its end."""
+    threads: list[threading.Thread] = []
+    yield threads
+    for thread in threads:
+        thread.join()
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory, stopping_servers: list[threading.Thread]) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("served")
     data_dir = base / "data"
-    with api_server({"ATTRIB_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}, base / "server.log") as url:
+    server = ExitStack()
+    url = server.enter_context(
+        api_server({"ATTRIB_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}, base / "server.log")
+    )
+    try:
         yield Served(url=url, data_dir=data_dir, key=(data_dir / "api-key").read_text().strip())
+    finally:
+        # `attrib serve` takes seconds to stop, mostly its Celery worker's warm shutdown waiting out poll
+        # intervals: it stops while the next tests run (its own data directory, its own port)
+        stopper = threading.Thread(target=server.close, name=f"stop {url}")
+        stopper.start()
+        stopping_servers.append(stopper)
 
 
 @pytest.fixture

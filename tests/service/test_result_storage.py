@@ -18,7 +18,7 @@ from service.db.session import session_scope
 from service.db.tables import AttributionQuery, AttributionResult, Job
 from service.pagination import RankCursor
 from service.results import page_of_results, page_query, query_positions, query_row_page
-from tests.service.conftest import Api, tiny_classifier, tiny_dataset
+from tests.service.conftest import Api, build_api, tiny_classifier, tiny_dataset
 from worker.attribution import AttributionScores, TopK
 from worker.tasks import attribution as attribution_task
 from worker.tasks.result_writer import write_results
@@ -282,22 +282,25 @@ def test_a_fenced_or_cancelled_attempt_writes_no_rows(
 # --- results pages read an index range, with no sort, at any depth --------------------------------------------------
 
 
-@pytest.fixture
-def filled(api: Api) -> Iterator[tuple[str, str]]:
-    """A real attribution with 2 x 20 x 1,000 rows, and another one's rows beside it (statistics analysed)."""
-    url = api.settings.resolved_database_url
-    attribution = setup_attribution(api)
-    neighbour = setup_attribution(api)
-    columns = result_columns(
-        pairwise_scores(20, 1000, 1000), "influence", 1000, list(range(1000)), [f"q{i % 10}" for i in range(20)]
-    )  # query ids shared by two query rows each
-    with session_scope(url) as session:
-        write_results(session, attribution["id"], columns)
-        write_results(session, neighbour["id"], columns)
-        add_other_query_rows(session)
-    with session_scope(url) as session:
-        session.execute(text("ANALYZE"))
-    yield url, attribution["id"]
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A real attribution with 2 x 20 x 1,000 rows, and another one's rows beside it (statistics analysed).
+    Filled once per backend for the module: the tests that use it only read."""
+    database_url = None if request.param == "sqlite" else str(request.getfixturevalue("postgres_schema_url"))
+    for api in build_api(tmp_path_factory.mktemp("filled"), database_url):
+        url = api.settings.resolved_database_url
+        attribution = setup_attribution(api)
+        neighbour = setup_attribution(api)
+        columns = result_columns(
+            pairwise_scores(20, 1000, 1000), "influence", 1000, list(range(1000)), [f"q{i % 10}" for i in range(20)]
+        )  # query ids shared by two query rows each
+        with session_scope(url) as session:
+            write_results(session, attribution["id"], columns)
+            write_results(session, neighbour["id"], columns)
+            add_other_query_rows(session)
+        with session_scope(url) as session:
+            session.execute(text("ANALYZE"))
+        yield url, attribution["id"]
 
 
 def add_other_query_rows(session: Session, attributions: int = 500, queries: int = 40) -> None:
