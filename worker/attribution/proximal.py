@@ -186,15 +186,19 @@ class ProximalObjective:
         total, gradient = 0.0, torch.zeros_like(flat)
         for batch in self._batches(examples):
             point = flat.detach().requires_grad_(True)
-            outputs = self._outputs(point, batch)
-            targets = check_targets(outputs, batch.targets, self.loss)
-            values = per_example_loss(outputs, targets, self.loss)
-            if batch.weights is not None:
-                values = values * batch.weights
-            value = values.sum() / self.n
+            value, _ = self._batch_loss(point, batch)
             gradient += torch.autograd.grad(value, point)[0]
             total += float(value.detach())
         return total, gradient
+
+    def _batch_loss(self, point: Flat, batch: Examples) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ w_i ℓ_i / N over ``batch`` at ``point``, the batch's outputs)."""
+        outputs = self._outputs(point, batch)
+        targets = check_targets(outputs, batch.targets, self.loss)
+        values = per_example_loss(outputs, targets, self.loss)
+        if batch.weights is not None:
+            values = values * batch.weights
+        return values.sum() / self.n, outputs
 
     def kept_loss_and_gradient(self, flat: Flat) -> tuple[float, Flat]:
         self.passes += 1
@@ -283,12 +287,7 @@ class ProximalObjective:
         total, gradient = 0.0, torch.zeros_like(flat)
         outputs = []
         for batch in self._batches(self.kept):
-            output = self._outputs(point, batch)
-            targets = check_targets(output, batch.targets, self.loss)
-            values = per_example_loss(output, targets, self.loss)
-            if batch.weights is not None:
-                values = values * batch.weights
-            value = values.sum() / self.n
+            value, output = self._batch_loss(point, batch)
             gradient += torch.autograd.grad(value, point)[0]
             total += float(value.detach())
             outputs.append(output.detach().flatten(1))
