@@ -199,7 +199,7 @@ def faults(tmp_path: Path) -> Iterator[FaultEnv]:
         admin.dispose()
 
 
-def upload_slow_inputs(api: Api[JobQueue]) -> dict[str, str]:
+def upload_slow_inputs(api: Api[JobQueue], queries: int = SLOW_QUERY) -> dict[str, str]:
     rng = np.random.default_rng(0)
     architecture = {
         "type": "sequential",
@@ -218,7 +218,7 @@ def upload_slow_inputs(api: Api[JobQueue]) -> dict[str, str]:
         inputs=rng.normal(size=(SLOW_TRAIN, 16)).astype(np.float32), targets=rng.integers(0, 3, size=SLOW_TRAIN)
     ).json()["id"]
     query = api.upload_npz(
-        inputs=rng.normal(size=(SLOW_QUERY, 16)).astype(np.float32), targets=rng.integers(0, 3, size=SLOW_QUERY)
+        inputs=rng.normal(size=(queries, 16)).astype(np.float32), targets=rng.integers(0, 3, size=queries)
     ).json()["id"]
     return {"model_id": model, "train_dataset_id": train, "query_dataset_id": query}
 
@@ -332,11 +332,13 @@ def test_cancel_of_a_job_whose_worker_was_killed_ends_it_promptly(faults: FaultE
 
 def test_a_job_past_its_soft_time_limit_fails_with_a_time_limit_problem(faults: FaultEnv) -> None:
     with faults.api() as api:
-        inputs = upload_slow_inputs(api)
-        faults.start_worker(ATTRIB_JOB_SOFT_TIME_LIMIT_SECONDS="2", ATTRIB_JOB_TIME_LIMIT_SECONDS="120")
+        # four times the slow job's queries against a 1 s limit: the slow job alone took 2 s or less on an idle
+        # machine, too close to a 2 s limit
+        inputs = upload_slow_inputs(api, queries=4 * SLOW_QUERY)
+        faults.start_worker(ATTRIB_JOB_SOFT_TIME_LIMIT_SECONDS="1", ATTRIB_JOB_TIME_LIMIT_SECONDS="120")
         job = wait_job(api, submit_slow(api, inputs)["job_id"], 60)
         assert job["status"] == "failed", job
-        assert job["error"]["type"].endswith("/time-limit") and "time limit of 2 s" in job["error"]["detail"]
+        assert job["error"]["type"].endswith("/time-limit") and "time limit of 1 s" in job["error"]["detail"]
         assert faults.row(job["id"]).attempts == 1
 
 
