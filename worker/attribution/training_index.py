@@ -88,10 +88,7 @@ class TrainingIndex:
     mappings: list[mmap.mmap] = field(default_factory=list, repr=False)
 
     def release(self) -> None:
-        """Hands the pages of file-mapped rows that were read back to the kernel (they stay in the page cache and
-        are read again on the next use): read once per pass, the rows do not stay counted in the process."""
-        for mapping in self.mappings:
-            mapping.madvise(mmap.MADV_DONTNEED)
+        release_pages(self.mappings)
 
     @property
     def nbytes(self) -> int:
@@ -183,6 +180,13 @@ class TrainingIndex:
                 block[name] = LayerActivity.of_gradients(matrix[start:stop].to(device, dtype))
             yield start, block
         self.release()
+
+
+def release_pages(mappings: list[mmap.mmap]) -> None:
+    """Hands the pages of file-mapped rows that were read back to the kernel (they stay in the page cache and are
+    read again on the next use): read once per pass, the rows do not stay counted in the process."""
+    for mapping in mappings:
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class MemoryRows:
@@ -325,8 +329,7 @@ class IndexRecorder:
         return True
 
     def release(self) -> None:
-        for mapping in self.mappings:
-            mapping.madvise(mmap.MADV_DONTNEED)
+        release_pages(self.mappings)
 
     def activity_batches(self) -> Iterator[Activities]:
         """The recorded batches again, as {layer: LayerActivity} (for a second statistics pass)."""
