@@ -44,14 +44,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         )
     embedded.prepare(settings)
     app = create_app(settings)  # its reaper requeues the jobs a previous run left running
-    worker = embedded.start_worker(settings)
+    worker = embedded.WorkerSupervisor(settings).start()
     print(embedded.serve_banner(settings, args.host, args.port), file=sys.stderr)
     try:
         uvicorn.run(
             app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=settings.keep_alive_seconds
         )
     finally:
-        embedded.stop_worker(worker)
+        worker.stop()
 
 
 def worker_argv(args: argparse.Namespace, settings: Settings) -> list[str]:

@@ -9,6 +9,8 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from service.auth import create_api_key
@@ -16,14 +18,17 @@ from service.db.migrate import upgrade_to_head
 from service.db.session import session_scope
 from service.queue import QUEUES, broker_queues
 from service.settings import Settings
+from worker.sqlite_broker import declare_queues
 
 LOCAL_TENANT = "local"
 
 
 def prepare(settings: Settings) -> None:
-    """Create the data directory, migrate the database, and make the first API key if there is none."""
+    """Create the data directory, migrate the database, create the broker's queues (before the API and the
+    worker race to), and make the first API key if there is none."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_to_head(settings.resolved_database_url)
+    declare_queues(settings.resolved_broker_url, broker_queues(QUEUES, settings.queue_prefix).split(","))
     ensure_api_key(settings)
 
 
@@ -96,3 +101,57 @@ def stop_worker(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+class WorkerSupervisor:
+    """Keeps `attrib serve`'s worker process running: one that exits (killed, out of memory, a crash) is reported
+    on stderr and started again, so that queued jobs never wait for a worker that is gone. A worker that dies
+    soon after each start is restarted less and less often (up to once every ``MAX_BACKOFF_SECONDS``)."""
+
+    MAX_BACKOFF_SECONDS = 30.0
+    STABLE_SECONDS = 60.0  # a worker that ran this long before it exited is restarted at once
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        # the thread that starts the workers lives as long as they do: Linux's parent-death signal is sent when
+        # the thread that forked a child ends, not only the process
+        self._thread = threading.Thread(target=self._supervise, name="attrib-worker-supervisor", daemon=True)
+
+    def start(self) -> WorkerSupervisor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            process = self.process
+        if process is not None:
+            stop_worker(process)
+        self._thread.join(timeout=30)
+
+    def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping.is_set():
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                started = time.monotonic()
+                self.process = process = start_worker(self.settings)
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            ran = time.monotonic() - started
+            backoff = 1.0 if ran >= self.STABLE_SECONDS else min(backoff * 2, self.MAX_BACKOFF_SECONDS)
+            delay = 0.0 if ran >= self.STABLE_SECONDS else backoff
+            self.restarts += 1
+            print(
+                f"attrib: the worker (pid {process.pid}) exited with code {code} after {ran:.0f} s; "
+                f"starting another in {delay:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._stopping.wait(delay)

@@ -19,6 +19,11 @@ class Served:
     url: str
     data_dir: Path
     key: str
+    log_path: Path
+
+    def log_tail(self, characters: int = 4000) -> str:
+        """The end of the server's output (its worker's included), for a failing test's message."""
+        return self.log_path.read_text(errors="replace")[-characters:]
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of a client process: no ATTRIB_* from outside, this server's URL and data dir."""
@@ -44,7 +49,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, stopping_servers: list[thre
         api_server({"ATTRIB_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}, base / "server.log")
     )
     try:
-        yield Served(url=url, data_dir=data_dir, key=(data_dir / "api-key").read_text().strip())
+        key = (data_dir / "api-key").read_text().strip()
+        yield Served(url=url, data_dir=data_dir, key=key, log_path=base / "server.log")
     finally:
         # `attrib serve` takes seconds to stop, mostly its Celery worker's warm shutdown waiting out poll
         # intervals: it stops while the next tests run (its own data directory, its own port)

@@ -20,9 +20,16 @@ pytestmark = pytest.mark.e2e
 
 
 def attrib(served: Served, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], env=served.env(**env), capture_output=True, text=True, timeout=240
-    )
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *args],
+            env=served.env(**env),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"`attrib {' '.join(args)}` timed out; the server said:\n{served.log_tail()}") from exc
 
 
 def attrib_json(served: Served, *args: str) -> Any:

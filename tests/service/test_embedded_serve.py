@@ -10,7 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -32,22 +35,22 @@ def npz(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.e2e
-def test_serve_runs_a_job_to_ranked_results(tmp_path: Path) -> None:
+@contextmanager
+def serving(tmp_path: Path) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes], Path]]:
+    """`attrib serve` on a free port (its output in a log file); yields an authorised client, the process, the log."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTRIB_")}
     env["ATTRIB_DATA_DIR"] = str(tmp_path / "data")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=log
+        )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             deadline = time.monotonic() + 60
             while True:
-                assert server.poll() is None, server.communicate()[0].decode()
+                assert server.poll() is None, log_path.read_text()
                 try:
                     if client.get("/healthz").status_code == 200:
                         break
@@ -57,48 +60,7 @@ def test_serve_runs_a_job_to_ranked_results(tmp_path: Path) -> None:
                 time.sleep(0.2)
             key = (tmp_path / "data" / "api-key").read_text().strip()
             client.headers["Authorization"] = f"Bearer {key}"
-            assert "/v1/attributions" in client.get("/openapi.json").json()["paths"]
-            metadata = {
-                "name": "m",
-                "format": "spec",
-                "architecture": MLP_ARCHITECTURE,
-                "task": {"loss": "cross_entropy"},
-            }
-            weights = save_safetensors({k: v.contiguous() for k, v in tiny_classifier().state_dict().items()})
-            model = client.post(
-                "/v1/models", data={"metadata": json.dumps(metadata)}, files={"weights": ("w.safetensors", weights)}
-            ).json()
-            train = client.post(
-                "/v1/datasets",
-                data={"metadata": json.dumps({"name": "t"})},
-                files={"data": ("t.npz", npz(**tiny_dataset(40, seed=1)))},
-            ).json()
-            query = client.post(
-                "/v1/datasets",
-                data={"metadata": json.dumps({"name": "q"})},
-                files={"data": ("q.npz", npz(**tiny_dataset(3, seed=2)))},
-            ).json()
-            attribution = client.post(
-                "/v1/attributions",
-                json={
-                    "model_id": model["id"],
-                    "train_dataset_id": train["id"],
-                    "query_dataset_id": query["id"],
-                    "method": "influence",
-                    "top_k": 4,
-                },
-            ).json()
-            assert "job_id" in attribution, attribution
-            deadline = time.monotonic() + 120
-            while (job := client.get(f"/v1/jobs/{attribution['job_id']}").json())["status"] in ("queued", "running"):
-                assert time.monotonic() < deadline, job
-                time.sleep(0.2)
-            assert job["status"] == "succeeded", job
-            rows = client.get(f"/v1/attributions/{attribution['id']}/results", params={"page_size": 100}).json()
-            assert len(rows["results"]) == 3 * 4
-            assert rows["results"][0]["rank"] == 1
-            assert client.get("/readyz").status_code == 200
-            assert client.get("/metrics").status_code == 404  # off: no operator token was set
+            yield client, server, log_path
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -106,3 +68,81 @@ def test_serve_runs_a_job_to_ranked_results(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
             raise
+
+
+def run_tiny_job(client: httpx.Client) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Upload a tiny model and data, attribute, wait; returns the attribution and its finished job."""
+    metadata = {"name": "m", "format": "spec", "architecture": MLP_ARCHITECTURE, "task": {"loss": "cross_entropy"}}
+    weights = save_safetensors({k: v.contiguous() for k, v in tiny_classifier().state_dict().items()})
+    model = client.post(
+        "/v1/models", data={"metadata": json.dumps(metadata)}, files={"weights": ("w.safetensors", weights)}
+    ).json()
+    train = client.post(
+        "/v1/datasets",
+        data={"metadata": json.dumps({"name": "t"})},
+        files={"data": ("t.npz", npz(**tiny_dataset(40, seed=1)))},
+    ).json()
+    query = client.post(
+        "/v1/datasets",
+        data={"metadata": json.dumps({"name": "q"})},
+        files={"data": ("q.npz", npz(**tiny_dataset(3, seed=2)))},
+    ).json()
+    attribution = client.post(
+        "/v1/attributions",
+        json={
+            "model_id": model["id"],
+            "train_dataset_id": train["id"],
+            "query_dataset_id": query["id"],
+            "method": "influence",
+            "top_k": 4,
+        },
+    ).json()
+    assert "job_id" in attribution, attribution
+    deadline = time.monotonic() + 120
+    while (job := client.get(f"/v1/jobs/{attribution['job_id']}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    return attribution, job
+
+
+def embedded_worker_pids(server_pid: int) -> list[int]:
+    """The pids of `attrib serve`'s worker processes (its children running the embedded worker)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == server_pid and b"service.embedded_worker" in command:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.e2e
+def test_serve_runs_a_job_to_ranked_results(tmp_path: Path) -> None:
+    with serving(tmp_path) as (client, _, _):
+        assert "/v1/attributions" in client.get("/openapi.json").json()["paths"]
+        attribution, job = run_tiny_job(client)
+        assert job["status"] == "succeeded", job
+        rows = client.get(f"/v1/attributions/{attribution['id']}/results", params={"page_size": 100}).json()
+        assert len(rows["results"]) == 3 * 4
+        assert rows["results"][0]["rank"] == 1
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/metrics").status_code == 404  # off: no operator token was set
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the worker process through /proc")
+@pytest.mark.e2e
+def test_serve_starts_another_worker_when_its_worker_is_killed(tmp_path: Path) -> None:
+    """A worker that dies (here SIGKILL, as from the OOM killer) must not leave every later job queued forever."""
+    with serving(tmp_path) as (client, server, log_path):
+        deadline = time.monotonic() + 60
+        while not (workers := embedded_worker_pids(server.pid)):
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        os.kill(workers[0], signal.SIGKILL)
+        _, job = run_tiny_job(client)
+        assert job["status"] == "succeeded", (job, log_path.read_text())
+        assert f"the worker (pid {workers[0]}) exited with code -9" in log_path.read_text()
+        assert embedded_worker_pids(server.pid) not in ([], workers)
