@@ -21,7 +21,7 @@ from service.results import page_of_results, page_query, query_positions, query_
 from tests.service.conftest import Api, build_api, tiny_classifier, tiny_dataset
 from worker.attribution import AttributionScores, TopK
 from worker.tasks import attribution as attribution_task
-from worker.tasks.result_writer import write_results
+from worker.tasks.result_writer import key_ordered_parts, write_results
 from worker.tasks.rows import QueryTokenLabels, ResultColumns, result_columns
 
 STORED = (
@@ -212,6 +212,18 @@ def job_row(url: str, job_id: str) -> Job:
         job = session.get(Job, job_id)
         assert job is not None
         return job
+
+
+@pytest.mark.parametrize("case", ["pairwise, string ids", "meta instances", "pairwise, per token"])
+def test_rows_are_written_in_primary_key_order_whatever_order_they_come_in(case: str) -> None:
+    scores, method, top_k, train_ids, query_ids = CASES[case]
+    columns = result_columns(scores, method, top_k, train_ids, query_ids, TOKENS.get(case))
+    shuffled = columns.take(np.random.default_rng(0).permutation(len(columns)))
+    for given in (columns, shuffled):
+        written = [row for _, part in key_ordered_parts(given) for row in part.tuples()]
+        key = [(row[0], row[1], row[3]) for row in written]  # direction, query_pos, rank
+        assert key == sorted(key) and len(set(key)) == len(key)
+        assert sorted(written, key=repr) == sorted(columns.tuples(), key=repr)
 
 
 def test_bulk_writes_store_what_orm_inserts_stored(api: Api) -> None:

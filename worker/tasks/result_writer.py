@@ -7,6 +7,11 @@ into the statement: a fifth fewer bindings for a full ranking). Another database
 attribution's query rows (``attribution_queries``: one per query_pos, a few hundred at most for most jobs) by one
 Core executemany. No path builds an ORM object, and none commits: the rows become visible with the job's final
 status when the caller's transaction commits, or never, when it rolls back.
+
+Rows go in the order of the table's primary key (`key_ordered_parts`: direction ``negative`` before
+``positive``, then query_pos, then rank): each insert then lands at the right end of the key's b-tree, where
+both databases append without searching (a full ranking's write took a quarter less time on PostgreSQL than with
+the ``positive`` rows first).
 """
 
 from __future__ import annotations
@@ -70,6 +75,21 @@ def query_rows(attribution_id: str, columns: ResultColumns) -> list[dict[str, An
     ]
 
 
+def key_ordered_parts(columns: ResultColumns) -> Iterator[tuple[str, ResultColumns]]:
+    """The rows of each direction in primary-key order: directions as the databases sort them (byte order of the
+    names), each one's rows by (query_pos, rank); rows already in that order (the scoring loops make them so)
+    are not sorted again."""
+    for direction in sorted(DIRECTIONS):
+        part = columns.where(columns.direction == direction)
+        if len(part) == 0:
+            continue
+        position, rank = part.query_pos.astype(np.int64), part.rank.astype(np.int64)
+        position_step, rank_step = np.diff(position), np.diff(rank)
+        if not bool(((position_step > 0) | ((position_step == 0) & (rank_step > 0))).all()):
+            part = part.take(np.lexsort((rank, position)))
+        yield direction, part
+
+
 def _copy_rows(driver_connection: Any, attribution_id: str, columns: ResultColumns) -> None:
     """psycopg 3: stream the rows through a binary COPY on the transaction's own connection. Only the columns that
     hold values are copied (the others are NULL by default): a plain ranking sends six columns of its eleven.
@@ -80,8 +100,9 @@ def _copy_rows(driver_connection: Any, attribution_id: str, columns: ResultColum
     statement = f"COPY {TABLE} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
     with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
         copy.set_types([COPY_TYPES[name] for name in names])
-        for row in columns.tuples(fields):
-            copy.write_row((attribution_id, *row))
+        for _, part in key_ordered_parts(columns):
+            for row in part.tuples(fields):
+                copy.write_row((attribution_id, *row))
 
 
 def _executemany_rows(connection: Connection, attribution_id: str, columns: ResultColumns) -> None:
@@ -92,11 +113,8 @@ def _executemany_rows(connection: Connection, attribution_id: str, columns: Resu
     connection.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_WRITE_CACHE_KIB}")
     written = 0
     try:
-        for direction in DIRECTIONS:  # the order of the rows (rowids as one executemany of every row gave them)
-            part = columns.where(columns.direction == direction)
+        for direction, part in key_ordered_parts(columns):
             written += len(part)
-            if len(part) == 0:
-                continue
             fixed: dict[str, str | None] = {"attribution_id": attribution_id, "direction": direction}
             fixed.update({name: None for name in RESULT_FIELDS if getattr(part, name) is None})
             bound = [name for name in RESULT_FIELDS if name not in fixed]

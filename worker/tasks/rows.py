@@ -80,17 +80,21 @@ class ResultColumns:
 
     def where(self, mask: np.ndarray) -> ResultColumns:
         """The rows where ``mask`` (a boolean array) is true, in order."""
+        return self.take(mask)
+
+    def take(self, index: np.ndarray) -> ResultColumns:
+        """The rows that ``index`` picks (a boolean mask, or positions in the order wanted)."""
 
         def optional(column: np.ndarray | None) -> np.ndarray | None:
-            return None if column is None else column[mask]
+            return None if column is None else column[index]
 
         return ResultColumns(
-            direction=self.direction[mask],
-            query_pos=self.query_pos[mask],
+            direction=self.direction[index],
+            query_pos=self.query_pos[index],
             query_id=optional(self.query_id),
-            rank=self.rank[mask],
-            train_id=self.train_id[mask],
-            score=self.score[mask],
+            rank=self.rank[index],
+            train_id=self.train_id[index],
+            score=self.score[index],
             task=optional(self.task),
             split=optional(self.split),
             query_token=optional(self.query_token),
