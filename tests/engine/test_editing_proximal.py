@@ -92,13 +92,14 @@ def proximal_retrain(model: nn.Module, data: Examples, remove: torch.Tensor, pro
 def edit(model: nn.Module, data: Examples, remove: torch.Tensor, **edit_options: object) -> dict[str, torch.Tensor]:
     options = InfluenceOptions(strategy="exact", damping=PROXIMITY)
     edit_options.setdefault("estimator", "proximal")
+    edit_options.setdefault("proximity", PROXIMITY)
     return edit_parameters(
         model,
         data,
         remove,
         loss="cross_entropy",
         options=options,
-        edit=EditOptions(proximity=PROXIMITY, cg_tol=1e-10, cg_max_iter=200, **edit_options),
+        edit=EditOptions(cg_tol=1e-10, cg_max_iter=200, **edit_options),  # type: ignore[arg-type]
     ).state
 
 
@@ -112,6 +113,44 @@ def test_proximal_edit_approaches_the_proximal_retrain_as_tolerance_tightens(set
     assert errors[1] <= errors[0] / 10 and errors[2] <= errors[0] / 10
     newton = flat_change(model, edit(model, data, REMOVE, estimator="newton", trust_radius=10.0))
     assert float((newton - reference).norm() / reference.norm()) < 0.5  # one step: close, not exact
+
+
+def proximal_objective(
+    model: nn.Module, data: Examples, remove: torch.Tensor, proximity: float, change: torch.Tensor
+) -> float:
+    """J_S at θ₀ + ``change`` (flat, in parameter order)."""
+    names = [name for name, _ in model.named_parameters()]
+    theta0 = [p.detach() for p in model.parameters()]
+    keep = torch.tensor([i for i in range(N) if i not in set(remove.tolist())])
+    start = [t.clone().requires_grad_(True) for t in theta0]
+    full = F.cross_entropy(
+        functional_call(model, dict(zip(names, start, strict=True)), (data.inputs,)), data.targets, reduction="sum"
+    )
+    anchor = torch.cat([g.flatten() for g in torch.autograd.grad(full / N, start)])
+    sizes = [t.numel() for t in theta0]
+    params = [p0 + c.view_as(p0) for p0, c in zip(theta0, change.split(sizes), strict=True)]
+    kept = F.cross_entropy(
+        functional_call(model, dict(zip(names, params, strict=True)), (data.inputs[keep],)),
+        data.targets[keep],
+        reduction="sum",
+    )
+    return float(kept / N - anchor @ change + 0.5 * proximity * change @ change)
+
+
+def test_a_short_proximal_edit_of_a_large_removal_moves_at_least_as_far_down_as_newton(setup) -> None:
+    """A third of the data removed and little proximity: the plain first Levenberg-Marquardt step overshoots, and a
+    few steps started there all used to be rejected (the edit was the unedited model). The proximal estimator
+    now starts with the Newton step (trust radius, line search), so it never ends above it on J_S."""
+    model, data, _ = setup
+    remove, proximity = torch.nonzero(data.targets == 0).reshape(-1), 1e-4
+    changes = {
+        estimator: flat_change(model, edit(model, data, remove, estimator=estimator, proximity=proximity, max_steps=3))
+        for estimator in ("newton", "proximal")
+    }
+    values = {name: proximal_objective(model, data, remove, proximity, change) for name, change in changes.items()}
+    start = proximal_objective(model, data, remove, proximity, torch.zeros_like(changes["newton"]))
+    assert float(changes["proximal"].norm()) > 0
+    assert values["proximal"] <= values["newton"] < start
 
 
 @pytest.mark.parametrize("estimator", ["proximal", "newton", "first_order"])

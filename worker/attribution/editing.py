@@ -181,7 +181,9 @@ def estimate_edit(
         elif edit.estimator == "newton":
             theta, report = newton_step(objective, edit.trust_radius, edit.cg_tol, edit.cg_max_iter, progress)
         else:
-            theta, report = minimise(objective, edit.tol, edit.max_steps, edit.cg_tol, edit.cg_max_iter, progress)
+            theta, report = minimise(
+                objective, edit.tol, edit.max_steps, edit.cg_tol, edit.cg_max_iter, edit.trust_radius, progress
+            )
         check_finite_vectors({"tracked layers": theta}, "edited parameters")
         diagnostics = _diagnostics(objective, theta, report, edit, rule, queries)
     for key, value in state_entries(layers, theta).items():

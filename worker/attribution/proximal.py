@@ -767,10 +767,15 @@ def minimise(
     max_steps: int,
     cg_tol: float,
     cg_max_iter: int,
+    trust_radius: float,
     progress: Progress = no_progress,
 ) -> tuple[Flat, SolveReport]:
     """Levenberg-Marquardt on J_S from θ₀: steps (G_{−S}(θ) + (λ + μ)I) d = −∇J_S(θ), accepted when the real
-    decrease is a fair share of the model's, μ adapted by that ratio; stops at ‖∇J_S‖ ≤ tol · ‖∇J_S(θ₀)‖."""
+    decrease is a fair share of the model's, μ adapted by that ratio; stops at ‖∇J_S‖ ≤ tol · ‖∇J_S(θ₀)‖.
+
+    The first step is `newton_step` (clipped to the trust radius, then a line search on J_S): started at μ = 0,
+    the plain first step of a large removal overshoots so far that the next few, with μ still small, are all
+    rejected too, and a run of a few steps ended where it began (at θ₀, the model unedited)."""
     report = SolveReport()
     point = objective.theta0
     value, gradient = objective.kept_loss0, -objective.removal_gradient  # J_S(θ₀), ∇J_S(θ₀)
@@ -778,8 +783,17 @@ def minimise(
     if norm0 == 0.0:
         report.converged, report.gradient_norm_ratio = True, 0.0
         return point, report
+    point, first = newton_step(objective, trust_radius, cg_tol, cg_max_iter, progress)
+    value, gradient = objective.value_and_gradient(point)
+    report.steps, report.accepted_steps, report.cg_iterations = 1, 1, list(first.cg_iterations)
+    report.clipped, report.step_scale, report.warnings = first.clipped, first.step_scale, list(first.warnings)
+    report.gradient_norm_ratio = float(gradient.norm()) / norm0
+    if report.gradient_norm_ratio <= tol:
+        report.converged = True
     mu = 0.0
-    for step in range(1, max_steps + 1):
+    for step in range(2, max_steps + 1):
+        if report.converged:
+            break
         progress("edit", step - 1, max_steps)
         report.steps = step
         solved = _solve(objective, point, -gradient, objective.proximity + mu, cg_tol, cg_max_iter)
