@@ -338,7 +338,7 @@ class EditOptionsIn(StrictModel):
     tol: float = Field(1e-3, gt=0, lt=1, description="`proximal`: stop when ‖∇J‖ ≤ tol × its value at θ₀.")
     cg_max_iter: int = Field(20, ge=1, le=1000, description="Conjugate-gradient iterations per Gauss-Newton step.")
     trust_radius: float = Field(
-        0.2,
+        1.0,
         gt=0,
         le=100,
         allow_inf_nan=False,

@@ -162,7 +162,7 @@ class EditOptions:
     tol: float = 1e-3
     cg_max_iter: int = 20
     cg_tol: float = 1e-3
-    trust_radius: float = 0.2
+    trust_radius: float = 1.0
     batch_size: int = 2048
     curvature_products: CurvatureProducts = "auto"
     curvature_tol: float = 1e-4
