@@ -400,3 +400,14 @@ def write_result(name: str, title: str, body: str) -> Path:
     path.write_text(text)
     print(text)
     return path
+
+
+def write_keeping_earlier_runs(path: Path, text: str) -> None:
+    """Write a run's results at the top of ``path`` and keep the file's earlier runs below them (figures quoted in
+    the README and the notes point at runs that a later one would otherwise overwrite)."""
+    earlier = path.read_text() if path.exists() else ""
+    _, _, earlier_body = earlier.partition("\n")  # its title line is the new text's own
+    kept = (
+        f"\n\n## Earlier runs (the file before this run)\n{earlier_body.rstrip()}\n" if earlier_body.strip() else "\n"
+    )
+    path.write_text(text.rstrip("\n") + kept)

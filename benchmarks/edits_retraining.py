@@ -160,9 +160,9 @@ def estimators(
         )
     for variant in variants:  # "cg_max_iter=12,batch_size=512": the default newton with these options changed
         changes = {key: _option_value(value) for key, value in (p.split("=") for p in variant.split(","))}
-        chosen[f"newton {variant}"] = replace(
-            EditOptions(estimator="newton", cg_max_iter=cg_max_iter, cg_tol=cg_tol), **changes
-        )
+        options = replace(EditOptions(estimator="newton", cg_max_iter=cg_max_iter, cg_tol=cg_tol), **changes)
+        rest = ",".join(part for part in variant.split(",") if not part.startswith("estimator="))
+        chosen[f"{options.estimator} {rest}".strip()] = options
     return chosen
 
 

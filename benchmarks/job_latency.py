@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from benchmarks.common import mlp, teacher_data
+from benchmarks.common import mlp, teacher_data, write_keeping_earlier_runs
 from service.pagination import RankCursor, encode_token
 from tests.conftest import private_postgres_schema
 from tests.loadgen import api_server, free_port
@@ -318,12 +318,13 @@ def main() -> None:
             pages_table.append(f'| {database} | "50" | {" | ".join(cells[3:])} |')
     body = "\n\n".join(["\n".join(table) for table in (jobs_table, queue_table, pages_table)])
     print(body)
-    RESULTS.write_text(
+    write_keeping_earlier_runs(
+        RESULTS,
         f"# Job time, queue latency and results-page latency\n\n`python -m benchmarks.job_latency "
         f"{' '.join(sys.argv[1:])}`".rstrip()
         + f" on {platform.machine()} ({platform.python_version()}, "
         f"{os.cpu_count()} CPUs shared with other work, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
-        f"), {time.strftime('%Y-%m-%d')}, one `attrib serve` and one worker process.\n\n{body}\n"
+        f"), {time.strftime('%Y-%m-%d')}, one `attrib serve` and one worker process.\n\n{body}\n",
     )
 
 
@@ -340,11 +341,12 @@ def full_ranking_only(topologies: list[str], repeats: int) -> None:
             table.append(f"| {database} | {' | '.join(full_ranking_repeats(Client(base_url, key), repeats))} |")
     body = "\n".join(table)
     print(body)
-    FULL_RANKING_RESULTS.write_text(
+    write_keeping_earlier_runs(
+        FULL_RANKING_RESULTS,
         f"# Full ranking against top_k 100\n\n`python -m benchmarks.job_latency {' '.join(sys.argv[1:])}` on "
         f"{platform.machine()} ({platform.python_version()}, {os.cpu_count()} CPUs shared with other work, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), {time.strftime('%Y-%m-%d %H:%M')}, one "
-        f"`attrib serve` and one worker process; job time = submission until the client sees it succeeded.\n\n{body}\n"
+        f"`attrib serve` and one worker process; job time = submission until the client sees it succeeded.\n\n{body}\n",
     )
 
 

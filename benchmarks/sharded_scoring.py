@@ -27,7 +27,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import teacher_data
+from benchmarks.common import teacher_data, write_keeping_earlier_runs
 from benchmarks.job_latency import Client
 from tests.conftest import private_postgres_schema
 from tests.loadgen import api_server, free_port
@@ -202,7 +202,7 @@ def main() -> None:
         f"{args.scale + 1}x).",
         "",
     ]
-    RESULTS.write_text("\n".join(lines))
+    write_keeping_earlier_runs(RESULTS, "\n".join(lines))
     print("\n".join(lines[-3:]))
 
 
