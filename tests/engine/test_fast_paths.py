@@ -347,3 +347,22 @@ def test_a_recorder_that_gives_up_removes_its_files(tmp_path, monkeypatch) -> No
     fit = _fit(model, train, "ekfac", "empirical", memory_budget_bytes=4000)
     assert fit.training_index is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_spilled_rows_have_no_name_in_the_file_system_even_mid_pass(tmp_path, monkeypatch) -> None:
+    """A worker killed (SIGKILL, out of memory) in the middle of a fit's pass can leave nothing behind: the spill
+    files are anonymous from their first byte, so the temporary directory stays empty throughout."""
+    monkeypatch.setattr(training_index, "SPILL_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen_during_pass: list[list[str]] = []
+    append = training_index.FileRows.append
+
+    def append_and_look(self: training_index.FileRows, rows: torch.Tensor) -> None:
+        append(self, rows)
+        seen_during_pass.append([path.name for path in tmp_path.iterdir()])
+
+    monkeypatch.setattr(training_index.FileRows, "append", append_and_look)
+    model = make_mlp()
+    fit = _fit(model, make_data(23, (5,), 3, 5), "ekfac", "empirical")
+    assert fit.training_index is not None and fit.training_index.mappings  # it did spill
+    assert seen_during_pass and all(names == [] for names in seen_during_pass)

@@ -16,11 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import IO
 
 import torch
 from torch import nn
@@ -203,11 +202,12 @@ class MemoryRows:
 
 
 class FileRows:
-    """One statistic's rows of one layer, appended batch by batch to a file in ``folder`` and mapped back
-    (private, read-only use) when the pass is done; the file itself is removed once mapped."""
+    """One statistic's rows of one layer, appended batch by batch to an anonymous temporary file (it has no name
+    in the file system from the start, so the kernel frees it whenever the process ends, even by SIGKILL in the
+    middle of a pass) and mapped back (private, read-only use) when the pass is done."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self) -> None:
+        self.file: IO[bytes] = tempfile.TemporaryFile(prefix="attrib-index-")  # noqa: SIM115  (closed by finish or close)
         self.rows = 0
         self.shape: tuple[int, ...] = ()
         self.dtype = torch.float32
@@ -216,15 +216,20 @@ class FileRows:
         rows = rows.detach().to("cpu").contiguous()
         if not self.rows:
             self.shape, self.dtype = tuple(rows.shape[1:]), rows.dtype
-        with self.path.open("ab") as file:
-            file.write(rows.view(torch.uint8).numpy().data)
+        self.file.write(rows.view(torch.uint8).numpy().data)
         self.rows += rows.shape[0]
 
     def finish(self) -> tuple[torch.Tensor, mmap.mmap | None]:
-        with self.path.open("r+b") as file:
-            mapping = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.path.unlink()
+        try:
+            self.file.flush()
+            mapping = mmap.mmap(self.file.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            self.close()
         return torch.frombuffer(mapping, dtype=self.dtype).view(self.rows, *self.shape), mapping
+
+    def close(self) -> None:
+        """Frees the file (a mapping of it keeps its pages until the mapping is closed)."""
+        self.file.close()
 
 
 RowStore = MemoryRows | FileRows
@@ -250,27 +255,26 @@ class IndexRecorder:
         self.batch_rows: list[int] = []
         self.expected_rows = expected_rows
         self.spill_bytes = SPILL_BYTES if spill_bytes is None else spill_bytes
-        self.folder: Path | None = None
+        self.spilling = False  # rows go to temporary files (FileRows) rather than memory
         self.stores: dict[tuple[str, str], RowStore] = {}
         self.finished: dict[tuple[str, str], torch.Tensor] = {}
         self.mappings: list[mmap.mmap] = []
 
     def drop(self) -> None:
         self.active = False
+        self._close_files()
         self.stores, self.finished, self.mappings, self.batch_rows = {}, {}, [], []
         self.used = 0
-        self._remove_folder()
 
-    def _remove_folder(self) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
+    def _close_files(self) -> None:
+        for store in self.stores.values():
+            if isinstance(store, FileRows):
+                store.close()
 
     def _store(self, name: str, statistic: str) -> RowStore:
         key = (name, statistic)
         if key not in self.stores:
-            folder = self.folder
-            self.stores[key] = MemoryRows() if folder is None else FileRows(folder / f"{len(self.stores)}.rows")
+            self.stores[key] = FileRows() if self.spilling else MemoryRows()
         return self.stores[key]
 
     def add(self, activities: Activities) -> None:
@@ -295,7 +299,7 @@ class IndexRecorder:
         rows_in_batch = activities[self.layer_names[0]].batch_size
         try:
             if not self.batch_rows and size * self.expected_rows >= self.spill_bytes * max(rows_in_batch, 1):
-                self.folder = Path(tempfile.mkdtemp(prefix="attrib-index-"))
+                self.spilling = True
             for name in self.layer_names:
                 activity = activities[name]
                 if forms[name]:
@@ -324,8 +328,6 @@ class IndexRecorder:
             except (OSError, ValueError):
                 self.drop()
                 return False
-            finally:
-                self._remove_folder()
         return True
 
     def release(self) -> None:
