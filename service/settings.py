@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="Device of a worker's jobs: auto (CUDA when the pool process has it), cpu, cuda or cuda:N.",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads of each pool process's torch (intra-op); default: torch's own (every core). "
+        "Set it to cores / --concurrency when several pool processes run jobs on the CPU of one machine.",
+    )
     fault_kill_before_publish: bool = Field(
         False,
         description="Tests only: the API process SIGKILLs itself after committing a job, before publishing "

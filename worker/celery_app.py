@@ -146,7 +146,8 @@ def _choose_the_device(**_: Any) -> None:
     initialised in the processes that run jobs, never in the worker's parent process."""
     from worker.devices import start_pool_process
 
-    start_pool_process(get_settings().device)
+    settings = get_settings()
+    start_pool_process(settings.device, settings.torch_threads)
 
 
 @signals.worker_ready.connect(weak=False)

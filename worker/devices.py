@@ -59,11 +59,14 @@ def pool_process_index() -> int:
     return index if isinstance(index, int) else 0
 
 
-def start_pool_process(setting: str) -> torch.device | None:
-    """Choose this pool process's device once, make it CUDA's current device, and log it (None: ``setting``
-    names a GPU this process lacks; each job then fails, from `job_device`, with the reason)."""
+def start_pool_process(setting: str, torch_threads: int | None = None) -> torch.device | None:
+    """Choose this pool process's device once, make it CUDA's current device, set torch's CPU threads
+    (``ATTRIB_TORCH_THREADS``; None keeps torch's default), and log both (None: ``setting`` names a GPU this
+    process lacks; each job then fails, from `job_device`, with the reason)."""
     global _device
     index = pool_process_index()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
     try:
         _device = choose_device(setting, index)
     except DeviceUnavailable as exc:
@@ -71,7 +74,13 @@ def start_pool_process(setting: str) -> torch.device | None:
         return None
     if _device.type == "cuda":
         torch.cuda.set_device(_device)
-    log.warning("attrib pool process %d (index %d) runs jobs on %s", os.getpid(), index, _device)
+    log.warning(
+        "attrib pool process %d (index %d) runs jobs on %s, %d CPU threads",
+        os.getpid(),
+        index,
+        _device,
+        torch.get_num_threads(),
+    )
     return _device
 
 

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from service.cli import build_parser, worker_argv
 from service.queue import QUEUE_OF_KIND, QUEUE_OF_STEP, QUEUES, CeleryQueue, queue_for
-from service.settings import Settings
+from service.settings import Settings, get_settings
 from tests.conftest import REDIS_URL, require_server
 from tests.service.conftest import Api
 from worker import devices
@@ -149,6 +149,30 @@ def test_the_worker_parent_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -
 
     signals.worker_init.send(sender=None)
     assert probe.calls == [] and devices._device is None and not torch.cuda.is_initialized()
+
+
+def test_a_pool_process_takes_its_cpu_threads_from_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ATTRIB_TORCH_THREADS, applied by the handler Celery runs in each new pool process (worker_process_init);
+    unset, torch keeps its own default."""
+    import worker.celery_app  # noqa: F401  (connects the app's signal handlers, as `attrib worker` does)
+
+    default = torch.get_num_threads()
+    monkeypatch.setattr(devices, "_device", None)
+    monkeypatch.setenv("ATTRIB_DEVICE", "cpu")
+    try:
+        for threads, expected in (("1", 1), (None, 1), ("2", 2)):
+            if threads is None:
+                monkeypatch.delenv("ATTRIB_TORCH_THREADS", raising=False)
+            else:
+                monkeypatch.setenv("ATTRIB_TORCH_THREADS", threads)
+            get_settings.cache_clear()
+            signals.worker_process_init.send(sender=None)
+            assert torch.get_num_threads() == expected  # unset: whatever the process had
+    finally:
+        get_settings.cache_clear()
+        torch.set_num_threads(default)
+    with pytest.raises(ValueError):
+        Settings(torch_threads=0)
 
 
 def test_a_job_on_a_worker_without_the_gpu_it_was_told_to_use_fails_with_the_reason(
