@@ -13,9 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import func, select
+
 from service.auth import create_api_key
 from service.db.migrate import upgrade_to_head
 from service.db.session import session_scope
+from service.db.tables import Job
 from service.queue import QUEUES, broker_queues
 from service.settings import Settings
 from worker.sqlite_broker import declare_queues
@@ -89,18 +92,45 @@ def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
         "--without-mingle",
         "--without-heartbeat",
     ]
-    return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    # its own process group: a Ctrl-C in the terminal reaches `attrib serve` alone, which stops the worker (and
+    # its pool process with it, `stop_worker`)
+    return subprocess.Popen(
+        command,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
 
 
-def stop_worker(process: subprocess.Popen[bytes]) -> None:
+def stop_worker(process: subprocess.Popen[bytes], idle: bool = False) -> None:
+    """Stop the worker and its pool process. Idle (no job running), at once: Celery's warm shutdown of an idle
+    worker only waits out its broker poll and its pool's threads (6-10 s). Otherwise a warm shutdown (the running
+    job may finish) for up to 15 s, then SIGKILL; a job cut short is requeued by the reaper on the next start."""
     if process.poll() is not None:
+        return
+    if idle:
+        _kill_group(process)
         return
     process.terminate()
     try:
         process.wait(timeout=15)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        _kill_group(process)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # the worker's own group (start_new_session): it and its pool
+    process.wait()
+
+
+def jobs_running(settings: Settings) -> bool:
+    """Whether any job is running (in the embedded default: on this server's worker); True when unsure."""
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            return bool(session.scalar(select(func.count()).select_from(Job).where(Job.status == "running")))
+    except Exception:  # noqa: BLE001  (the safe answer: stop the worker warmly)
+        return True
 
 
 class WorkerSupervisor:
@@ -130,7 +160,7 @@ class WorkerSupervisor:
         with self._lock:
             process = self.process
         if process is not None:
-            stop_worker(process)
+            stop_worker(process, idle=not jobs_running(self.settings))
         self._thread.join(timeout=30)
 
     def _supervise(self) -> None:

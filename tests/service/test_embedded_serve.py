@@ -119,9 +119,29 @@ def embedded_worker_pids(server_pid: int) -> list[int]:
     return pids
 
 
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s live children."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 @pytest.mark.e2e
 def test_serve_runs_a_job_to_ranked_results(tmp_path: Path) -> None:
-    with serving(tmp_path) as (client, _, _):
+    with serving(tmp_path) as (client, server, _):
         assert "/v1/attributions" in client.get("/openapi.json").json()["paths"]
         attribution, job = run_tiny_job(client)
         assert job["status"] == "succeeded", job
@@ -130,6 +150,10 @@ def test_serve_runs_a_job_to_ranked_results(tmp_path: Path) -> None:
         assert rows["results"][0]["rank"] == 1
         assert client.get("/readyz").status_code == 200
         assert client.get("/metrics").status_code == 404  # off: no operator token was set
+        workers = embedded_worker_pids(server.pid) if sys.platform == "linux" else []
+        worker_processes = workers + [child for pid in workers for child in children(pid)]
+    # stopped (SIGINT) while idle: the worker and its pool process are gone with it
+    assert not [pid for pid in worker_processes if alive(pid)]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the worker process through /proc")
