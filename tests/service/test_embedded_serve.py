@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,13 +19,8 @@ import numpy as np
 import pytest
 from safetensors.torch import save as save_safetensors
 
+from tests.loadgen import free_port, wait_until_healthy
 from tests.service.conftest import MLP_ARCHITECTURE, tiny_classifier, tiny_dataset
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def npz(**arrays: np.ndarray) -> bytes:
@@ -47,17 +41,9 @@ def serving(tmp_path: Path) -> Iterator[tuple[httpx.Client, subprocess.Popen[byt
             [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=log
         )
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                assert server.poll() is None, log_path.read_text()
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "attrib serve did not start"
-                time.sleep(0.2)
+        base_url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(base_url, server, log_path, timeout=60)
+        with httpx.Client(base_url=base_url, timeout=30) as client:
             key = (tmp_path / "data" / "api-key").read_text().strip()
             client.headers["Authorization"] = f"Bearer {key}"
             yield client, server, log_path
@@ -105,31 +91,23 @@ def run_tiny_job(client: httpx.Client) -> tuple[dict[str, Any], dict[str, Any]]:
     return attribution, job
 
 
-def embedded_worker_pids(server_pid: int) -> list[int]:
-    """The pids of `attrib serve`'s worker processes (its children running the embedded worker)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            command = (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == server_pid and b"service.embedded_worker" in command:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def children(pid: int) -> list[int]:
-    """The pids of ``pid``'s live children."""
+def children(pid: int, command_part: bytes = b"") -> list[int]:
+    """The pids of ``pid``'s live children whose command line contains ``command_part``."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[1]) == pid and fields[0] != "Z" and command_part in command:
             found.append(int(stat.parent.name))
     return found
+
+
+def embedded_worker_pids(server_pid: int) -> list[int]:
+    """The pids of `attrib serve`'s worker processes (its children running the embedded worker)."""
+    return children(server_pid, b"service.embedded_worker")
 
 
 def alive(pid: int) -> bool:
