@@ -5,41 +5,34 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-from pydantic_core import to_json
+import numpy as np
+from pydantic_core import from_json, to_json
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
 
-from service.db.tables import Attribution, AttributionQuery, AttributionResult, Dataset
+from service.db.tables import Attribution, AttributionQuery, Dataset, ResultChunk
 from service.pagination import RankCursor
 from service.schemas.attributions import ResultIdTypes, ResultRow, caller_id
 from worker.methods.registry import get_method
 
 
-class StoredResult(Protocol):
-    """A stored result row as read back (a row of RESULT_COLUMNS, or a table row): ids are text."""
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """A stored result row as read back from its chunk: ids are text."""
 
-    @property
-    def query_pos(self) -> int: ...
-    @property
-    def query_id(self) -> str | None: ...
-    @property
-    def direction(self) -> str: ...
-    @property
-    def rank(self) -> int: ...
-    @property
-    def train_id(self) -> str: ...
-    @property
-    def score(self) -> float: ...
-    @property
-    def task(self) -> int | None: ...
-    @property
-    def split(self) -> int | None: ...
-    @property
-    def query_token(self) -> int | None: ...
-    @property
-    def query_token_text(self) -> str | None: ...
+    query_pos: int
+    query_id: str | None
+    direction: str
+    rank: int
+    train_id: str
+    score: float
+    task: int | None
+    split: int | None
+    query_token: int | None
+    query_token_text: str | None
 
 
 def id_types(session: Session, attribution: Attribution) -> ResultIdTypes:
@@ -76,18 +69,52 @@ def known_finished(attribution_id: str, tenant_id: str) -> ResultIdTypes | None:
     return known[1] if known is not None and known[0] == tenant_id else None
 
 
-RESULT_COLUMNS = (
-    AttributionResult.query_pos,
-    AttributionResult.query_id,
-    AttributionResult.direction,
-    AttributionResult.rank,
-    AttributionResult.train_id,
-    AttributionResult.score,
-    AttributionResult.task,
-    AttributionResult.split,
-    AttributionResult.query_token,
-    AttributionResult.query_token_text,
+CHUNK_HEADER = (ResultChunk.query_pos, ResultChunk.first_rank, ResultChunk.last_rank)
+CHUNK_COLUMNS = (
+    *CHUNK_HEADER,
+    ResultChunk.direction,
+    ResultChunk.query_id,
+    ResultChunk.query_token,
+    ResultChunk.query_token_text,
+    ResultChunk.train_ids,
+    ResultChunk.scores,
+    ResultChunk.tasks,
+    ResultChunk.splits,
 )
+
+
+def _integers(packed: bytes | None, start: int, stop: int) -> list[int | None]:
+    if packed is None:
+        return [None] * (stop - start)
+    return np.frombuffer(packed, dtype="<i8")[start:stop].tolist()
+
+
+def chunk_rows(chunk: Any, after: RankCursor | None, limit: int) -> list[StoredResult]:
+    """Up to ``limit`` rows of a chunk (a row of CHUNK_COLUMNS), those after the cursor, in rank order."""
+    skip = max(0, after.rank - chunk.first_rank + 1) if after is not None and after.query_pos == chunk.query_pos else 0
+    stop = min(chunk.last_rank - chunk.first_rank + 1, skip + limit)
+    if stop <= skip:
+        return []
+    train_ids = from_json(chunk.train_ids)[skip:stop]
+    scores = np.frombuffer(chunk.scores, dtype="<f8")[skip:stop].tolist()
+    tasks, splits = _integers(chunk.tasks, skip, stop), _integers(chunk.splits, skip, stop)
+    return [
+        StoredResult(
+            query_pos=chunk.query_pos,
+            query_id=chunk.query_id,
+            direction=chunk.direction,
+            rank=chunk.first_rank + offset,
+            train_id=train_id,
+            score=score,
+            task=task,
+            split=split,
+            query_token=chunk.query_token,
+            query_token_text=chunk.query_token_text,
+        )
+        for offset, train_id, score, task, split in zip(
+            range(skip, stop), train_ids, scores, tasks, splits, strict=True
+        )
+    ]
 
 
 def row_out(row: StoredResult, types: ResultIdTypes) -> ResultRow:
@@ -111,20 +138,66 @@ def page_json(rows: Sequence[StoredResult], types: ResultIdTypes, next_page_toke
     return to_json({"results": results, "next_page_token": next_page_token})
 
 
-def page_query(attribution_id: str, direction: str, after: RankCursor | None, limit: int) -> Select[*tuple[Any, ...]]:
-    """The statement of one unfiltered page of RESULT_COLUMNS rows after ``after``, ordered by (query_pos, rank).
+def chunk_query(
+    columns: Sequence[Any],
+    attribution_id: str,
+    direction: str,
+    after: RankCursor | None,
+    limit: int,
+    query_pos: int | None = None,
+) -> Select[*tuple[Any, ...]]:
+    """The first ``limit`` chunks (``columns`` of them) of one direction (and one query row) that hold rows after
+    the cursor, in key order.
 
-    The cursor is a row-value comparison on (query_pos, rank): PostgreSQL and SQLite read the page as one range of
-    the primary key (attribution_id, direction, query_pos, rank) that starts at the cursor, in key order, with no
-    sort, so a page costs the same at any depth (tests/service/test_result_storage.py checks the plans). A
-    per-token query row (one token of one query) has its own query_pos, so the cursor needs nothing more.
+    The cursor is a row-value comparison on (query_pos, last_rank): PostgreSQL and SQLite read the chunks as one
+    range of the primary key (attribution_id, direction, query_pos, last_rank) that starts at the cursor, in key
+    order, with no sort, so a page costs the same at any depth (tests/service/test_result_storage.py checks the
+    plans). A per-token query row (one token of one query) has its own query_pos, so the cursor needs nothing more.
     """
-    query = select(*RESULT_COLUMNS).where(
-        AttributionResult.attribution_id == attribution_id, AttributionResult.direction == direction
-    )
+    query = select(*columns).where(ResultChunk.attribution_id == attribution_id, ResultChunk.direction == direction)
+    if query_pos is not None:  # one query row's chunks (the cursor is at or before that query row)
+        query = query.where(ResultChunk.query_pos == query_pos)
+        if after is not None and after.query_pos == query_pos:
+            query = query.where(ResultChunk.last_rank > after.rank)
+        return query.order_by(ResultChunk.last_rank).limit(limit)
     if after is not None:
-        query = query.where(tuple_(AttributionResult.query_pos, AttributionResult.rank) > tuple_(*after))
-    return query.order_by(AttributionResult.query_pos, AttributionResult.rank).limit(limit)
+        query = query.where(tuple_(ResultChunk.query_pos, ResultChunk.last_rank) > tuple_(*after))
+    return query.order_by(ResultChunk.query_pos, ResultChunk.last_rank).limit(limit)
+
+
+FIRST_CHUNKS = 2  # chunks a page reads at once: most pages (at most 1,001 rows) lie in one or two
+
+
+def read_rows(
+    session: Session,
+    attribution_id: str,
+    direction: str,
+    after: RankCursor | None,
+    limit: int,
+    query_pos: int | None = None,
+) -> list[StoredResult]:
+    """The first ``limit`` rows after the cursor (of one query row). The first `FIRST_CHUNKS` chunks are read
+    whole, which serves most pages in one statement; when the page needs more, the following chunks' ranks (a few
+    integers per chunk; each chunk found holds at least one row after the cursor, so ``limit`` of them are enough)
+    say how many, and only those are read."""
+    rows: list[StoredResult] = []
+    statement = chunk_query(CHUNK_COLUMNS, attribution_id, direction, after, FIRST_CHUNKS, query_pos)
+    chunks = session.execute(statement).all()
+    for chunk in chunks:
+        rows.extend(chunk_rows(chunk, after, limit - len(rows)))
+    if len(rows) >= limit or len(chunks) < FIRST_CHUNKS:
+        return rows
+    after = RankCursor(chunks[-1].query_pos, chunks[-1].last_rank)  # every row of the chunks read is taken
+    wanted, needed = limit - len(rows), 0
+    for header in session.execute(chunk_query(CHUNK_HEADER, attribution_id, direction, after, wanted, query_pos)):
+        wanted -= header.last_rank - header.first_rank + 1
+        needed += 1
+        if wanted <= 0:
+            break
+    if needed:
+        for chunk in session.execute(chunk_query(CHUNK_COLUMNS, attribution_id, direction, after, needed, query_pos)):
+            rows.extend(chunk_rows(chunk, after, limit - len(rows)))
+    return rows
 
 
 def query_positions(
@@ -144,20 +217,6 @@ def query_positions(
     return query.order_by(AttributionQuery.query_pos).limit(limit)
 
 
-def query_row_page(
-    attribution_id: str, direction: str, query_pos: int, after: RankCursor | None, limit: int
-) -> Select[*tuple[Any, ...]]:
-    """A page of one query row's rows after ``after``: a range of the primary key, in rank order."""
-    query = select(*RESULT_COLUMNS).where(
-        AttributionResult.attribution_id == attribution_id,
-        AttributionResult.direction == direction,
-        AttributionResult.query_pos == query_pos,
-    )
-    if after is not None and after.query_pos == query_pos:
-        query = query.where(AttributionResult.rank > after.rank)
-    return query.order_by(AttributionResult.rank).limit(limit)
-
-
 def page_of_results(
     session: Session,
     attribution_id: str,
@@ -167,23 +226,21 @@ def page_of_results(
     size: int,
     query_token: int | None = None,
 ) -> tuple[Sequence[StoredResult], RankCursor | None]:
-    """One page of RESULT_COLUMNS rows (plain rows, not ORM objects: a page is read, never changed).
+    """One page of rows and the cursor of the next page (None after the last row).
 
-    Unfiltered: one range of the primary key. Filtered by query_id and/or query_token: the matching query rows from
-    the cursor's query_pos on (one range of a small index, at most ``size + 2`` of them: each after the cursor's
-    own has at least one row in each direction), then each one's rows as a range of the primary key until the page
-    is full -- a few statements for a page of one query row's ranking, never more than ``size + 3``, and none of
-    them reads rows before the cursor.
+    Unfiltered: one range of the chunks' primary key (`read_rows`). Filtered by query_id and/or query_token: the
+    matching query rows from the cursor's query_pos on (one range of a small index, at most ``size + 2`` of them:
+    each after the cursor's own has at least one row in each direction), then each one's chunks as a range of the
+    primary key until the page is full -- none of the statements reads rows before the cursor.
     """
     if query_id is None and query_token is None:
-        rows = list(session.execute(page_query(attribution_id, direction, after, size + 1)))
+        rows = read_rows(session, attribution_id, direction, after, size + 1)
     else:
         start = after.query_pos if after is not None else 0
         positions = session.scalars(query_positions(attribution_id, query_id, query_token, start, size + 2)).all()
         rows = []
         for query_pos in positions:
-            statement = query_row_page(attribution_id, direction, query_pos, after, size + 1 - len(rows))
-            rows.extend(session.execute(statement))
+            rows.extend(read_rows(session, attribution_id, direction, after, size + 1 - len(rows), query_pos))
             if len(rows) > size:
                 break
     if len(rows) <= size:
@@ -198,13 +255,9 @@ def has_query(session: Session, attribution_id: str, query_id: str | None, query
 
 def all_results(session: Session, attribution_id: str, query_token: int | None = None) -> Iterator[StoredResult]:
     """Every row (or every row of one query token), by query row, positive before negative, then rank."""
-    query = select(*RESULT_COLUMNS).where(AttributionResult.attribution_id == attribution_id)
+    query = select(*CHUNK_COLUMNS).where(ResultChunk.attribution_id == attribution_id)
     if query_token is not None:
-        token_rows = select(AttributionQuery.query_pos).where(
-            AttributionQuery.attribution_id == attribution_id, AttributionQuery.query_token == query_token
-        )
-        query = query.where(AttributionResult.query_pos.in_(token_rows))
-    query = query.order_by(
-        AttributionResult.query_pos, AttributionResult.direction.desc(), AttributionResult.rank
-    ).execution_options(yield_per=5000)
-    yield from session.execute(query)
+        query = query.where(ResultChunk.query_token == query_token)
+    query = query.order_by(ResultChunk.query_pos, ResultChunk.direction.desc(), ResultChunk.last_rank)
+    for chunk in session.execute(query.execution_options(yield_per=20)):
+        yield from chunk_rows(chunk, None, chunk.last_rank - chunk.first_rank + 1)

@@ -35,8 +35,9 @@ from service.app import create_app
 from service.auth import create_api_key
 from service.db.migrate import upgrade_to_head
 from service.db.session import session_scope
-from service.db.tables import AttributionResult, Fit, Job
+from service.db.tables import Fit, Job
 from service.queue import CeleryQueue, JobQueue
+from service.results import all_results
 from service.settings import Settings
 from tests.conftest import POSTGRES_URL, require_server
 from tests.service.conftest import Api
@@ -250,19 +251,11 @@ def running_with_progress(job: dict[str, Any]) -> bool:
 
 def stored_rows(database_url: str, attribution_id: str) -> list[tuple[Any, ...]]:
     with session_scope(database_url) as session:
-        rows = session.execute(
-            select(
-                AttributionResult.direction,
-                AttributionResult.query_pos,
-                AttributionResult.rank,
-                AttributionResult.query_id,
-                AttributionResult.train_id,
-                AttributionResult.score,
-            )
-            .where(AttributionResult.attribution_id == attribution_id)
-            .order_by(AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank)
-        )
-        return [tuple(row) for row in rows]
+        rows = [
+            (row.direction, row.query_pos, row.rank, row.query_id, row.train_id, row.score)
+            for row in all_results(session, attribution_id)
+        ]
+        return sorted(rows, key=lambda row: (row[0], row[1], row[2]))
 
 
 def test_a_job_whose_worker_is_killed_succeeds_on_another_worker(faults: FaultEnv) -> None:

@@ -53,8 +53,9 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
 
 
 def test_0008_moves_result_rows_under_their_key_and_fills_the_query_rows(empty_database: str) -> None:
-    """Rows written under 0007 (a plain and a per-token attribution) survive 0008 with their query rows, page by
-    query_id and query_token, and survive the downgrade back."""
+    """Rows written under 0007 (a plain and a per-token attribution) survive 0008 with their query rows and 0009 as
+    chunks (one per query row and direction, and two where ranks skip one), page by query_id and query_token, and
+    survive the downgrades back."""
     from alembic import command
     from sqlalchemy import text
 
@@ -71,7 +72,7 @@ def test_0008_moves_result_rows_under_their_key_and_fills_the_query_rows(empty_d
         for d in ("positive", "negative")
         for p in range(4)
         for q, k, x in [(f"q{p // 2}", p % 2 + 1, f"w{p}") if per_token else (f"q{p}", None, None)]
-        for r in range(1, 6)
+        for r in (1, 2, 3, 4, 5, 7)  # rank 6 is missing: ranks 1-5 and 7 make two chunks
     ]
     engine = create_engine(empty_database)
     with engine.begin() as connection:
@@ -88,19 +89,34 @@ def test_0008_moves_result_rows_under_their_key_and_fills_the_query_rows(empty_d
             *[("attr_plain", p, f"q{p}", None) for p in range(4)],
             *[("attr_token", p, f"q{p // 2}", p % 2 + 1) for p in range(4)],
         ]
-        assert connection.execute(text("SELECT COUNT(*) FROM attribution_results")).scalar() == len(rows)
+        chunks = connection.execute(
+            text(
+                "SELECT attribution_id, direction, query_pos, first_rank, last_rank FROM result_chunks ORDER BY 1, 2, 3, 4"
+            )
+        ).all()
+        assert [tuple(chunk) for chunk in chunks] == [
+            (a, d, p, first, last)
+            for a in ("attr_plain", "attr_token")
+            for d in ("negative", "positive")
+            for p in range(4)
+            for first, last in ((1, 5), (7, 7))
+        ]
     with session_scope(empty_database) as session:
         page, _ = page_of_results(session, "attr_token", "negative", None, None, 100, query_token=2)
         assert [(row.query_pos, row.rank, row.query_token_text) for row in page] == [
-            (p, r, f"w{p}") for p in (1, 3) for r in range(1, 6)
+            (p, r, f"w{p}") for p in (1, 3) for r in (1, 2, 3, 4, 5, 7)
         ]
         page, _ = page_of_results(session, "attr_plain", "positive", "q2", None, 100)
-        assert [(row.query_pos, row.rank, row.train_id) for row in page] == [(2, r, str(200 + r)) for r in range(1, 6)]
+        assert [(row.query_pos, row.rank, row.train_id, row.score) for row in page] == [
+            (2, r, str(200 + r), float(-r)) for r in (1, 2, 3, 4, 5, 7)
+        ]
     command.downgrade(config, "0007")
     with engine.connect() as connection:
         back = connection.execute(text(f"SELECT {columns} FROM attribution_results ORDER BY id")).all()
         tables = set(inspect(connection).get_table_names())
     engine.dispose()
     assert "attribution_queries" not in tables
-    key = [(row["a"], row["d"], row["p"], row["r"]) for row in rows]
-    assert sorted((row[0], row[1], row[2], row[4]) for row in back) == sorted(key)
+    written = [
+        (row["a"], row["d"], row["p"], row["q"], row["r"], row["t"], row["s"], row["k"], row["x"]) for row in rows
+    ]
+    assert sorted(tuple(row) for row in back) == sorted(written)

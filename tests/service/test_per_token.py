@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedModel
 from service.db.session import session_scope
 from service.db.tables import Dataset, Model
 from service.pagination import RankCursor
-from service.results import page_of_results, query_positions, query_row_page
+from service.results import CHUNK_COLUMNS, chunk_query, page_of_results, query_positions
 from service.storage.local import LocalBlobStore
 from tests.service.conftest import Api, build_api
 from tests.service.test_hf_models import (
@@ -44,7 +44,7 @@ from tests.service.test_hf_models import (
     stored_text,
     summed_nll_gradients,
 )
-from tests.service.test_result_storage import add_other_query_rows, page_plan, pairwise_scores
+from tests.service.test_result_storage import add_other_query_rows, page_plan, pairwise_scores, sqlite_index
 from worker.attribution import attribute
 from worker.attribution.methods.source import attribute_source
 from worker.attribution.methods.tracin import attribute_tracin
@@ -367,12 +367,12 @@ def test_query_token_pages_are_index_range_scans_without_a_sort(api: Api) -> Non
             plans = [  # the matching query rows (query_token; query_id and query_token), then each one's rows
                 (["ix_queries_query_token"], query_positions(attribution_id, None, 3, start, 102)),
                 (QUERY_INDEXES, query_positions(attribution_id, "b", 3, start, 102)),  # either is one range
-                (["pk_attribution_results"], query_row_page(attribution_id, "positive", 6, after, 101)),
+                (["pk_result_chunks"], chunk_query(CHUNK_COLUMNS, attribution_id, "positive", after, 101, 6)),
             ]
             for indexes, statement in plans:
                 plan = page_plan(session, statement)
                 if sqlite:
-                    names = ["PRIMARY KEY" if index.startswith("pk_") else f"INDEX {index}" for index in indexes]
+                    names = [sqlite_index(index, "result_chunks") for index in indexes]
                     assert any(f"USING {name} (" in plan or f"USING COVERING {name} (" in plan for name in names), plan
                     assert "TEMP B-TREE" not in plan and "SCAN" not in plan, plan
                 else:

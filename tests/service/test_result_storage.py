@@ -1,11 +1,11 @@
-"""Result storage: rows built column-wise equal the row-by-row definition; the bulk writers (PostgreSQL COPY,
-SQLite executemany) store exactly what ORM inserts stored; rows appear only with the job's success, never from a
-fenced or cancelled attempt; every results page is an index range scan with no sort, at any depth."""
+"""Result storage: rows built column-wise equal the row-by-row definition; the chunks written read back as exactly
+the rows given, page by page at any chunk size; rows appear only with the job's success, never from a fenced or
+cancelled attempt; every results page is an index range scan with no sort, at any depth."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -15,27 +15,23 @@ from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from service.db.session import session_scope
-from service.db.tables import AttributionQuery, AttributionResult, Job
+from service.db.tables import AttributionQuery, Job, ResultChunk
 from service.pagination import RankCursor
-from service.results import page_of_results, page_query, query_positions, query_row_page
+from service.results import (
+    CHUNK_COLUMNS,
+    CHUNK_HEADER,
+    all_results,
+    chunk_query,
+    page_of_results,
+    query_positions,
+    read_rows,
+)
 from tests.service.conftest import Api, build_api, tiny_classifier, tiny_dataset
 from worker.attribution import AttributionScores, TopK
 from worker.tasks import attribution as attribution_task
-from worker.tasks.result_writer import key_ordered_parts, write_results
-from worker.tasks.rows import QueryTokenLabels, ResultColumns, result_columns
-
-STORED = (
-    AttributionResult.direction,
-    AttributionResult.query_pos,
-    AttributionResult.query_id,
-    AttributionResult.rank,
-    AttributionResult.train_id,
-    AttributionResult.score,
-    AttributionResult.task,
-    AttributionResult.split,
-    AttributionResult.query_token,
-    AttributionResult.query_token_text,
-)
+from worker.tasks import result_writer
+from worker.tasks.result_writer import chunk_bounds, key_ordered_parts, write_results
+from worker.tasks.rows import RESULT_FIELDS, QueryTokenLabels, ResultColumns, result_columns
 
 
 def reference_rows(
@@ -192,19 +188,26 @@ def setup_attribution(api: Api, n_train: int = 40, n_query: int = 5, top_k: int 
     return response.json()
 
 
+def in_key_order(rows: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows (tuples of RESULT_FIELDS) by (direction, query_pos, rank)."""
+    return sorted(rows, key=lambda row: (row[0], row[1], row[3]))
+
+
 def stored(session: Session, attribution_id: str) -> list[tuple[Any, ...]]:
-    query = (
-        select(*STORED)
-        .where(AttributionResult.attribution_id == attribution_id)
-        .order_by(AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank)
-    )
-    return [tuple(row) for row in session.execute(query)]
+    """The attribution's rows as read back, as tuples of RESULT_FIELDS in key order."""
+    rows = all_results(session, attribution_id)
+    return in_key_order(tuple(getattr(row, name) for name in RESULT_FIELDS) for row in rows)
+
+
+def count_results(session: Session, attribution_id: str) -> int:
+    """How many rows the attribution has stored (its chunks' rank counts summed)."""
+    count = func.sum(ResultChunk.last_rank - ResultChunk.first_rank + 1)
+    return int(session.scalar(select(count).where(ResultChunk.attribution_id == attribution_id)) or 0)
 
 
 def count_rows(url: str, attribution_id: str) -> int:
     with session_scope(url) as session:
-        query = select(func.count()).where(AttributionResult.attribution_id == attribution_id)
-        return int(session.scalar(query) or 0)
+        return count_results(session, attribution_id)
 
 
 def job_row(url: str, job_id: str) -> Job:
@@ -226,7 +229,18 @@ def test_rows_are_written_in_primary_key_order_whatever_order_they_come_in(case:
         assert sorted(written, key=repr) == sorted(columns.tuples(), key=repr)
 
 
-def test_bulk_writes_store_what_orm_inserts_stored(api: Api) -> None:
+def test_chunks_are_runs_of_one_query_row_with_consecutive_ranks_cut_at_the_chunk_size() -> None:
+    query_pos = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2, 2])
+    rank = np.array([1, 2, 3, 4, 5, 1, 2, 1, 2, 5])  # query row 2 skips ranks 3 and 4
+    assert chunk_bounds(query_pos, rank, size=2) == [(0, 2), (2, 4), (4, 5), (5, 7), (7, 9), (9, 10)]
+    assert chunk_bounds(query_pos, rank, size=1000) == [(0, 5), (5, 7), (7, 9), (9, 10)]
+
+
+@pytest.mark.parametrize("chunk_rows", [1000, 3])
+def test_written_rows_read_back_exactly(api: Api, monkeypatch: pytest.MonkeyPatch, chunk_rows: int) -> None:
+    """Every kind of row (text and integer ids, meta instances' task and split, aggregate rows without a query,
+    per-token rows with their token text) reads back as written, scores to the last bit, at any chunk size."""
+    monkeypatch.setattr(result_writer, "CHUNK_ROWS", chunk_rows)
     attribution = setup_attribution(api)
     url = api.settings.resolved_database_url
     for case in ("pairwise, string ids", "meta instances", "aggregate", "pairwise, per token"):
@@ -234,14 +248,45 @@ def test_bulk_writes_store_what_orm_inserts_stored(api: Api) -> None:
         columns = result_columns(scores, method, top_k, train_ids, query_ids, TOKENS.get(case))
         with session_scope(url) as session:
             write_results(session, attribution["id"], columns)
-            bulk = stored(session, attribution["id"])
+            back = stored(session, attribution["id"])
+            assert count_results(session, attribution["id"]) == len(columns)
             session.rollback()
-            session.execute(
-                insert(AttributionResult), [{**row, "attribution_id": attribution["id"]} for row in columns.dicts()]
-            )
-            orm = stored(session, attribution["id"])
-            session.rollback()
-        assert bulk == orm and len(bulk) == len(columns), case
+        assert back == in_key_order(columns.tuples()) and len(back) == len(columns), case
+
+
+@pytest.mark.parametrize("chunk_rows", [1000, 7])
+def test_pages_walk_every_row_once_across_chunk_boundaries(
+    api: Api, monkeypatch: pytest.MonkeyPatch, chunk_rows: int
+) -> None:
+    """Pages of 1, 5 and 13 rows, unfiltered and filtered by query id, give each direction's rows once, in order,
+    whatever the chunks' size."""
+    monkeypatch.setattr(result_writer, "CHUNK_ROWS", chunk_rows)
+    attribution = setup_attribution(api)
+    url = api.settings.resolved_database_url
+    columns = result_columns(
+        pairwise_scores(6, 40, 30), "influence", 30, list(range(40)), ["a", "b", "a", "c", "b", "a"]
+    )
+    with session_scope(url) as session:
+        write_results(session, attribution["id"], columns)
+    expected = in_key_order(columns.tuples())
+    for direction in ("positive", "negative"):
+        for query_id in (None, "a", "c"):
+            want = [
+                (row[1], row[3], row[4], row[5])
+                for row in expected
+                if row[0] == direction and (query_id is None or row[2] == query_id)
+            ]
+            for size in (1, 5, 13):
+                got: list[tuple[Any, ...]] = []
+                cursor: RankCursor | None = None
+                with session_scope(url) as session:
+                    while True:
+                        page, cursor = page_of_results(session, attribution["id"], direction, query_id, cursor, size)
+                        assert len(page) == size or cursor is None
+                        got.extend((row.query_pos, row.rank, row.train_id, row.score) for row in page)
+                        if cursor is None:
+                            break
+                assert got == want, (direction, query_id, size)
 
 
 def test_rows_are_visible_only_with_the_jobs_success(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,8 +361,8 @@ def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def add_other_query_rows(session: Session, attributions: int = 500, queries: int = 40) -> None:
-    """The query rows of many other attributions, as a service soon has: on a table of a few rows, PostgreSQL
-    rightly reads it all rather than an index."""
+    """The query rows and result chunks of many other attributions, as a service soon has: on a table of a few
+    rows, PostgreSQL rightly reads it all rather than an index."""
     prefix = f"attr_{uuid.uuid4().hex[:8]}"
     session.execute(
         insert(AttributionQuery),
@@ -325,6 +370,16 @@ def add_other_query_rows(session: Session, attributions: int = 500, queries: int
             {"attribution_id": f"{prefix}{a:04d}", "query_pos": pos, "query_id": f"q{pos}", "query_token": pos % 8}
             for a in range(attributions)
             for pos in range(queries)
+        ],
+    )
+    one_row = {"first_rank": 1, "last_rank": 1, "train_ids": '["0"]', "scores": np.zeros(1).tobytes()}
+    session.execute(
+        insert(ResultChunk),
+        [
+            {"attribution_id": f"{prefix}{a:04d}", "direction": direction, "query_pos": pos, **one_row}
+            for a in range(attributions)
+            for pos in range(queries)
+            for direction in ("positive", "negative")
         ],
     )
 
@@ -342,17 +397,22 @@ def page_plan(session: Session, statement: Any) -> str:
     )
 
 
+def sqlite_index(index: str, table: str) -> str:
+    """How SQLite's plans name an index: a rowid table's primary key is its first automatic index."""
+    return f"INDEX sqlite_autoindex_{table}_1" if index.startswith("pk_") else f"INDEX {index}"
+
+
 def assert_range_scan(session: Session, statement: Any, index: str, table: str, cursor: bool) -> None:
     """``statement`` reads one range of ``index`` of ``table`` in index order: no sort, no scan, no filter."""
     plan = page_plan(session, statement)
     if session.get_bind().dialect.name == "sqlite":
-        name = "PRIMARY KEY" if index.startswith("pk_") else f"INDEX {index}"
+        name = sqlite_index(index, table)
         assert f"SEARCH {table} USING {name} (" in plan or f"SEARCH {table} USING COVERING {name} (" in plan, plan
-        assert "(query_pos,rank)>(?,?)" in plan or not cursor, plan
+        assert "(query_pos,last_rank)>(?,?)" in plan or not cursor, plan
         assert "TEMP B-TREE" not in plan and "SCAN" not in plan, plan
     else:
         assert f"Scan using {index} on {table}" in plan, plan
-        assert "ROW(query_pos, rank) > ROW(" in plan or not cursor, plan
+        assert "ROW(query_pos, last_rank) > ROW(" in plan or not cursor, plan
         assert "Sort" not in plan and "Seq Scan" not in plan and "Filter" not in plan, plan
 
 
@@ -362,10 +422,11 @@ def test_every_results_page_is_an_index_range_scan_without_a_sort(
 ) -> None:
     url, attribution_id = filled
     with session_scope(url) as session:
-        statement = page_query(attribution_id, "positive", after, 101)
-        assert_range_scan(session, statement, "pk_attribution_results", "attribution_results", after is not None)
+        for columns in (CHUNK_HEADER, CHUNK_COLUMNS):  # the chunks' ranks, then the chunks the page reads
+            statement = chunk_query(columns, attribution_id, "positive", after, 101)
+            assert_range_scan(session, statement, "pk_result_chunks", "result_chunks", after is not None)
         # and the page itself: the rows right after the cursor, in order
-        rows = list(session.execute(page_query(attribution_id, "positive", after, 5)))
+        rows = read_rows(session, attribution_id, "positive", after, 5)
     keys = [(row.query_pos, row.rank) for row in rows]
     assert keys == sorted(keys) and len(keys) == 5
     assert after is None or keys[0] > tuple(after)
@@ -382,8 +443,9 @@ def test_a_query_id_page_reads_its_query_rows_then_ranges_of_the_primary_key(
         positions = query_positions(attribution_id, "q3", None, start, 102)
         assert_range_scan(session, positions, "ix_queries_query_id", "attribution_queries", False)
         assert session.scalars(positions).all() == [pos for pos in (3, 13) if pos >= start]
-        statement = query_row_page(attribution_id, "positive", 13, after, 101)
-        assert_range_scan(session, statement, "pk_attribution_results", "attribution_results", False)
+        for columns in (CHUNK_HEADER, CHUNK_COLUMNS):
+            statement = chunk_query(columns, attribution_id, "positive", after, 101, query_pos=13)
+            assert_range_scan(session, statement, "pk_result_chunks", "result_chunks", False)
         pages: list[list[tuple[int, int]]] = []
         cursor = after
         while len(pages) < 3:
@@ -404,14 +466,11 @@ def test_a_page_serialized_from_stored_rows_is_the_documented_page(
     query_ids_are_strings: bool, train_ids_are_strings: bool
 ) -> None:
     """The results route writes pages straight from the stored rows: the same bytes as the ResultsPage model."""
-    from types import SimpleNamespace
-
-    from service.results import RESULT_COLUMNS, page_json, row_out
+    from service.results import StoredResult, page_json, row_out
     from service.schemas.attributions import ResultIdTypes, ResultsPage
 
-    def stored(**values: Any) -> Any:  # a row as read back: an attribute per selected column
-        assert set(values) == {column.key for column in RESULT_COLUMNS}
-        return SimpleNamespace(**values)
+    def stored(**values: Any) -> StoredResult:  # a row as read back from its chunk
+        return StoredResult(**values)
 
     generator = torch.Generator().manual_seed(0)
     scores = (torch.randn(12, generator=generator, dtype=torch.float64) * 10.0 ** torch.arange(-6, 6)).tolist()

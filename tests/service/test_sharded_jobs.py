@@ -12,8 +12,9 @@ import pytest
 from sqlalchemy import delete, select
 
 from service.db.session import session_scope
-from service.db.tables import AttributionQuery, AttributionResult, Job, JobShard
+from service.db.tables import AttributionQuery, Job, JobShard, ResultChunk
 from service.liveness import LivenessPolicy, Superseded
+from service.results import all_results
 from tests.service.conftest import Api, build_api, tiny_classifier, tiny_dataset
 from worker.context import JobContext
 from worker.runner import store_for
@@ -51,19 +52,11 @@ def run_attribution(api: Api, mode: str = "pairwise", strategy: str = "ekfac") -
 
 def result_rows(api: Api, attribution_id: str) -> list[tuple[Any, ...]]:
     with session_scope(api.settings.resolved_database_url) as session:
-        rows = session.execute(
-            select(
-                AttributionResult.direction,
-                AttributionResult.query_pos,
-                AttributionResult.rank,
-                AttributionResult.query_id,
-                AttributionResult.train_id,
-                AttributionResult.score,
-            )
-            .where(AttributionResult.attribution_id == attribution_id)
-            .order_by(AttributionResult.direction, AttributionResult.query_pos, AttributionResult.rank)
-        )
-        return [tuple(row) for row in rows]
+        rows = [
+            (row.direction, row.query_pos, row.rank, row.query_id, row.train_id, row.score)
+            for row in all_results(session, attribution_id)
+        ]
+        return sorted(rows, key=lambda row: (row[0], row[1], row[2]))
 
 
 def assert_same_rows(sharded: list[tuple[Any, ...]], reference: list[tuple[Any, ...]]) -> None:
@@ -150,7 +143,7 @@ def test_a_job_resumes_from_the_shards_an_earlier_attempt_finished(tmp_path: Pat
             done = {
                 s.shard: s.output_sha256 for s in session.scalars(select(JobShard).where(JobShard.job_id == job.id))
             }
-            session.execute(delete(AttributionResult).where(AttributionResult.attribution_id == reference["id"]))
+            session.execute(delete(ResultChunk).where(ResultChunk.attribution_id == reference["id"]))
             session.execute(delete(AttributionQuery).where(AttributionQuery.attribution_id == reference["id"]))
             attempt = job.attempts
         context = JobContext(

@@ -1,47 +1,32 @@
 """Writing result rows in bulk, inside the caller's transaction (the one that also marks the job succeeded).
 
-PostgreSQL: ``COPY attribution_results (...) FROM STDIN (FORMAT BINARY)`` through psycopg 3's copy API on the
-session's own connection (binary: psycopg's C dumpers and no text to parse; doubles go over exactly as they are). SQLite: the driver's ``executemany`` of plain tuples in batches, one statement per direction that binds
-only the columns that vary from row to row (the attribution, the direction and columns without values are written
-into the statement: a fifth fewer bindings for a full ranking). Another database: Core inserts. Then the
-attribution's query rows (``attribution_queries``: one per query_pos, a few hundred at most for most jobs) by one
-Core executemany. No path builds an ORM object, and none commits: the rows become visible with the job's final
-status when the caller's transaction commits, or never, when it rolls back.
+Ranked rows are stored as chunks (`ResultChunk`): the consecutive ranks of one query row in one direction, at most
+`CHUNK_ROWS` of them, their train ids as one JSON array and their scores (tasks, splits) as one packed array. A
+full ranking of a million rows is about a thousand chunk rows, written by one Core ``executemany`` on every
+database: the write costs the rows' bytes, where a row per ranked unit cost a million b-tree inserts (and their
+write-ahead log records on PostgreSQL), most of a full ranking's job time. Then the attribution's query rows
+(``attribution_queries``: one per query_pos) by one Core executemany. Nothing here commits: the rows become
+visible with the job's final status when the caller's transaction commits, or never, when it rolls back.
 
-Rows go in the order of the table's primary key (`key_ordered_parts`: direction ``negative`` before
-``positive``, then query_pos, then rank): each insert then lands at the right end of the key's b-tree, where
-both databases append without searching (a full ranking's write took a quarter less time on PostgreSQL than with
-the ``positive`` rows first).
+Chunks go in the order of the table's primary key (`key_ordered_parts`: direction ``negative`` before
+``positive``, then query_pos, then rank), so that each insert lands at the right end of the key's b-tree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from itertools import islice
+from collections.abc import Iterator
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import BigInteger, Column, Connection, Double, Integer, String, Table, insert
+from pydantic_core import to_json
+from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
-from service.db.tables import AttributionQuery, AttributionResult
-from worker.tasks.rows import DIRECTIONS, RESULT_FIELDS, ResultColumns
+from service.db.tables import AttributionQuery, ResultChunk
+from worker.tasks.rows import DIRECTIONS, ResultColumns
 
-TABLE = AttributionResult.__tablename__
-COLUMNS = ("attribution_id", *RESULT_FIELDS)
-
-
-def _copy_type(column: Column[Any]) -> str:
-    """The PostgreSQL type of a result column, as binary COPY needs it exactly."""
-    for kind, name in ((BigInteger, "int8"), (Integer, "int4"), (Double, "float8"), (String, "varchar")):
-        if isinstance(column.type, kind):
-            return name
-    raise TypeError(f"no binary COPY type for {column.name}: {column.type!r}")
-
-
-COPY_TYPES = {name: _copy_type(cast(Table, AttributionResult.__table__).c[name]) for name in COLUMNS}
-EXECUTEMANY_BATCH = 20_000
-SQLITE_WRITE_CACHE_KIB = 64 * 1024
+CHUNK_ROWS = 1000  # ranked rows per chunk: a page reads one or two; a full ranking of 5,000 units is 5 per query row
+INSERT_BATCH = 200  # chunk rows per executemany batch (a few MiB of parameters)
 
 
 def write_results(session: Session, attribution_id: str, columns: ResultColumns) -> None:
@@ -49,18 +34,15 @@ def write_results(session: Session, attribution_id: str, columns: ResultColumns)
     if len(columns) == 0:
         return
     connection = session.connection()
-    dialect = connection.dialect
-    if dialect.name == "postgresql" and dialect.driver == "psycopg":
-        _copy_rows(connection.connection.driver_connection, attribution_id, columns)
-    elif dialect.paramstyle == "qmark":  # sqlite3
-        _executemany_rows(connection, attribution_id, columns)
-    else:
-        rows = ((attribution_id, *row) for row in columns.tuples())
-        for batch in _batches(rows, EXECUTEMANY_BATCH):
-            connection.execute(
-                insert(cast(Table, AttributionResult.__table__)),
-                [dict(zip(COLUMNS, row, strict=True)) for row in batch],
-            )
+    table = cast(Table, ResultChunk.__table__)
+    batch: list[dict[str, Any]] = []
+    for chunk in result_chunks(attribution_id, columns):
+        batch.append(chunk)
+        if len(batch) == INSERT_BATCH:
+            connection.execute(insert(table), batch)
+            batch = []
+    if batch:
+        connection.execute(insert(table), batch)
     connection.execute(insert(cast(Table, AttributionQuery.__table__)), query_rows(attribution_id, columns))
 
 
@@ -90,50 +72,51 @@ def key_ordered_parts(columns: ResultColumns) -> Iterator[tuple[str, ResultColum
         yield direction, part
 
 
-def _copy_rows(driver_connection: Any, attribution_id: str, columns: ResultColumns) -> None:
-    """psycopg 3: stream the rows through a binary COPY on the transaction's own connection. Only the columns that
-    hold values are copied (the others are NULL by default): a plain ranking sends six columns of its eleven.
-    (Encoding the stream column by column with numpy instead took more CPU time than psycopg's C dumpers row by
-    row.)"""
-    fields = [name for name in RESULT_FIELDS if getattr(columns, name) is not None]
-    names = ["attribution_id", *fields]
-    statement = f"COPY {TABLE} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
-    with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
-        copy.set_types([COPY_TYPES[name] for name in names])
-        for _, part in key_ordered_parts(columns):
-            for row in part.tuples(fields):
-                copy.write_row((attribution_id, *row))
+def chunk_bounds(query_pos: np.ndarray, rank: np.ndarray, size: int = CHUNK_ROWS) -> list[tuple[int, int]]:
+    """[start, stop) of each chunk of rows sorted by (query_pos, rank): runs of one query_pos and consecutive
+    ranks, cut every ``size`` rows."""
+    position, ranks = query_pos.astype(np.int64), rank.astype(np.int64)
+    breaks = np.flatnonzero((np.diff(position) != 0) | (np.diff(ranks) != 1)) + 1
+    starts = [0, *breaks.tolist()]
+    stops = [*breaks.tolist(), len(position)]
+    return [
+        (at, min(at + size, stop)) for start, stop in zip(starts, stops, strict=True) for at in range(start, stop, size)
+    ]
 
 
-def _executemany_rows(connection: Connection, attribution_id: str, columns: ResultColumns) -> None:
-    """The driver's executemany of plain tuples, in batches that bound the memory held at once. SQLite's page
-    cache is raised for the write (a full ranking's index pages would otherwise spill to the WAL mid-transaction)
-    and put back after it, as the connection returns to a pool shared with the API."""
-    cache_size = connection.exec_driver_sql("PRAGMA cache_size").scalar()
-    connection.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_WRITE_CACHE_KIB}")
-    written = 0
-    try:
-        for direction, part in key_ordered_parts(columns):
-            written += len(part)
-            fixed: dict[str, str | None] = {"attribution_id": attribution_id, "direction": direction}
-            fixed.update({name: None for name in RESULT_FIELDS if getattr(part, name) is None})
-            bound = [name for name in RESULT_FIELDS if name not in fixed]
-            statement = (
-                f"INSERT INTO {TABLE} ({', '.join([*fixed, *bound])}) "
-                f"VALUES ({', '.join([*map(_sql_literal, fixed.values()), *'?' * len(bound)])})"
-            )
-            for batch in _batches(part.tuples(bound), EXECUTEMANY_BATCH):
-                connection.exec_driver_sql(statement, batch)
-    finally:
-        connection.exec_driver_sql(f"PRAGMA cache_size = {int(cast(int, cache_size))}")
-    assert written == len(columns)  # every row has one of the directions
+def result_chunks(attribution_id: str, columns: ResultColumns) -> Iterator[dict[str, Any]]:
+    """The chunk rows of ``columns``, in primary-key order."""
+    for direction, part in key_ordered_parts(columns):
+        for start, stop in chunk_bounds(part.query_pos, part.rank):
+            yield {
+                "attribution_id": attribution_id,
+                "direction": direction,
+                "query_pos": int(part.query_pos[start]),
+                "first_rank": int(part.rank[start]),
+                "last_rank": int(part.rank[stop - 1]),
+                "query_id": _first(part.query_id, start),
+                "query_token": _first(part.query_token, start),
+                "query_token_text": _first(part.query_token_text, start),
+                "train_ids": to_json(part.train_id[start:stop].tolist()).decode(),
+                "scores": np.asarray(part.score[start:stop], dtype="<f8").tobytes(),
+                "tasks": _packed_integers(part.task, start, stop),
+                "splits": _packed_integers(part.split, start, stop),
+            }
 
 
-def _sql_literal(value: str | None) -> str:
-    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+def _first(column: np.ndarray | None, index: int) -> Any:
+    """A query row's value (the same on all its rows), as a plain Python value."""
+    if column is None:
+        return None
+    value = column[index]
+    return value.item() if hasattr(value, "item") else value
 
 
-def _batches(rows: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
-    iterator = iter(rows)
-    while batch := list(islice(iterator, size)):
-        yield batch
+def _packed_integers(column: np.ndarray | None, start: int, stop: int) -> bytes | None:
+    """The chunk's values as little-endian int64, or None when the rows have none."""
+    if column is None:
+        return None
+    values = column[start:stop]
+    if values.dtype == object and all(value is None for value in values):
+        return None
+    return np.asarray(values, dtype="<i8").tobytes()

@@ -11,7 +11,7 @@ from service.db.tables.idempotency import IdempotentResponse
 from service.db.tables.job import FINISHED_STATUSES, JOB_STATUSES, Job, JobKind, JobStatus
 from service.db.tables.job_shard import SHARD_STATUSES, JobShard
 from service.db.tables.model import Model
-from service.db.tables.result import AttributionQuery, AttributionResult
+from service.db.tables.result import AttributionQuery, ResultChunk
 from service.db.tables.tenant import Tenant
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "ApiKey",
     "Attribution",
     "AttributionQuery",
-    "AttributionResult",
     "Blob",
     "Checkpoint",
     "Dataset",
@@ -33,5 +32,6 @@ __all__ = [
     "JobShard",
     "JobStatus",
     "Model",
+    "ResultChunk",
     "Tenant",
 ]
