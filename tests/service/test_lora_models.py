@@ -324,6 +324,27 @@ def test_edit_of_a_lora_attribution_is_a_new_adapter_on_the_same_base(uploaded: 
     assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
 
 
+def test_an_edit_whose_base_is_deleted_while_it_waits_fails_and_stores_no_adapter(uploaded: dict[str, Any]) -> None:
+    """An edit of a LoRA attribution is queued; meanwhile its adapter and then the base are deleted (allowed: no
+    live adapter is left on the base). The edit job fails with a problem naming the base, and no adapter on the
+    deleted base appears."""
+    api, base = uploaded["api"], uploaded["base"]
+    attribution = run(api, body(uploaded, "influence", options={"strategy": "kfac"}))
+    api.queue.paused = True
+    edited = api.client.post(f"/v1/attributions/{attribution['id']}/edit", json={"remove": ["t0"], "name": "late"})
+    assert edited.status_code == 202, edited.text
+    assert api.client.delete(f"/v1/models/{uploaded['lora']['id']}").status_code == 204
+    assert api.client.delete(f"/v1/models/{base['id']}").status_code == 204
+    api.queue.paused = False
+    api.queue.enqueue(edited.json()["job_id"], "edit")
+    job = api.client.get(f"/v1/jobs/{edited.json()['job_id']}").json()
+    assert job["status"] == "failed", job
+    assert job["error"]["status"] == 422 and base["id"] in job["error"]["detail"], job["error"]
+    assert api.client.get(f"/v1/models/{edited.json()['model_id']}").status_code == 404
+    with session_scope(api.settings.resolved_database_url) as session:
+        assert session.get(Model, edited.json()["model_id"]) is None
+
+
 def test_edit_of_an_hf_attribution_is_a_new_hf_model(uploaded: dict[str, Any]) -> None:
     api, base = uploaded["api"], uploaded["base"]
     attribution = run(api, {**body(uploaded, "influence", options={"strategy": "kfac"}), "model_id": base["id"]})

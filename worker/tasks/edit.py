@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from torch import nn
 
 from service.db.tables import Attribution, Dataset, Edit, Fit, Model
@@ -109,9 +110,24 @@ def compute_edit(loaded: LoadedEdit, context: JobContext) -> EditResult:
     return method.edit.run(inputs)
 
 
+def _lock_live_base(session: Session, source: Model) -> None:
+    """A LoRA model's edit is a new adapter on the same base: the base row is locked (PostgreSQL; SQLite has one
+    writer at a time) and must still be live, or the edit fails and stores nothing. ``DELETE`` of the base locks
+    the same row, so it either ran first (the edit fails here) or waits and then sees the new adapter (409)."""
+    base_id = source.architecture.get("base_model_id") if source.format == "lora" else None
+    if base_id is None:
+        return
+    base = session.get(Model, base_id, with_for_update=True, populate_existing=True)
+    if base is None or base.deleted_at is not None:
+        raise AttributionError(
+            f"the base model {base_id!r} of {source.id!r} was deleted while the edit ran: no adapter is stored"
+        )
+
+
 def save_edit(context: JobContext, loaded: LoadedEdit, result: EditResult) -> None:
     source = loaded.model_row
     with context.session() as session:
+        _lock_live_base(session, source)
         context.succeed(session)  # first: ends the transaction early if the job was cancelled or taken over
         # the weights file of the source's format: a LoRA model's edit is new adapter weights on the same base
         weights = model_format(source.format).weights_to_store(loaded.module, result.state)
