@@ -100,8 +100,7 @@ def chunk_rows(chunk: Any, after: RankCursor | None, limit: int) -> list[StoredR
     scores = np.frombuffer(chunk.scores, dtype="<f8")[skip:stop].tolist()
     tasks, splits = _integers(chunk.tasks, skip, stop), _integers(chunk.splits, skip, stop)
     count = stop - skip
-    # positional arguments, the query row's values repeated: a page builds its rows at a third of the cost of
-    # keyword construction
+    # positional arguments, the query row's values repeated: about 15% cheaper than keyword construction
     return list(
         map(
             StoredResult,
