@@ -6,6 +6,7 @@ Load only ever goes to 127.0.0.1, for a fixed time with a fixed number of reques
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -124,8 +126,13 @@ async def _reader(client: httpx.AsyncClient, paths: list[str], stop_at: float, r
             await asyncio.sleep(min(float(response.headers.get("retry-after", "1")), 1.0))
 
 
-def _probe(base_url: str, stop_at: float, report: LoadReport, interval: float) -> None:
-    """/healthz every ``interval`` seconds, from its own thread and connection (not queued behind the load)."""
+def _probe(base_url: str, seconds: float, interval: float, results: Any) -> None:
+    """/healthz every ``interval`` seconds for ``seconds``, from its own process and connection: neither queued
+    behind the load nor waiting for the load generator's GIL, so what it measures is the server's answer time.
+    Puts (latencies, failures) on ``results``."""
+    latencies: list[float] = []
+    failures = 0
+    stop_at = time.monotonic() + seconds
     with httpx.Client(base_url=base_url, timeout=5) as client:
         while time.monotonic() < stop_at:
             started = time.perf_counter()
@@ -133,9 +140,28 @@ def _probe(base_url: str, stop_at: float, report: LoadReport, interval: float) -
                 ok = client.get("/healthz").status_code == 200
             except httpx.TransportError:
                 ok = False
-            report.healthz_latencies.append(time.perf_counter() - started)
-            report.healthz_failures += not ok
+            latencies.append(time.perf_counter() - started)
+            failures += not ok
             time.sleep(interval)
+    results.put((latencies, failures))
+
+
+@contextmanager
+def healthz_probe(base_url: str, seconds: float, report: LoadReport, interval: float = 0.1) -> Iterator[None]:
+    """Probe /healthz from a separate process while the body runs; its figures land in ``report``."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    prober = context.Process(target=_probe, args=(base_url, seconds, interval, results), daemon=True)
+    prober.start()
+    try:
+        yield
+        latencies, failures = results.get(timeout=seconds + 60)
+        report.healthz_latencies.extend(latencies)
+        report.healthz_failures += failures
+    finally:
+        prober.join(timeout=10)
+        if prober.is_alive():
+            prober.kill()
 
 
 async def run_load_async(
@@ -144,19 +170,21 @@ async def run_load_async(
     headers: dict[str, str],
     in_flight: int,
     seconds: float,
-    probe_interval: float = 0.1,
 ) -> LoadReport:
     report = LoadReport(in_flight=in_flight, seconds=seconds)
     limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=60) as client:
         stop_at = time.monotonic() + seconds
-        prober = asyncio.to_thread(_probe, base_url, stop_at, report, probe_interval)
-        await asyncio.gather(prober, *(_reader(client, paths, stop_at, report, seed) for seed in range(in_flight)))
+        await asyncio.gather(*(_reader(client, paths, stop_at, report, seed) for seed in range(in_flight)))
     return report
 
 
 def run_load(base_url: str, paths: list[str], headers: dict[str, str], in_flight: int, seconds: float) -> LoadReport:
-    return asyncio.run(run_load_async(base_url, paths, headers, in_flight, seconds))
+    report = LoadReport(in_flight=in_flight, seconds=seconds)
+    with healthz_probe(base_url, seconds, report):
+        loaded = asyncio.run(run_load_async(base_url, paths, headers, in_flight, seconds))
+    loaded.healthz_latencies, loaded.healthz_failures = report.healthz_latencies, report.healthz_failures
+    return loaded
 
 
 async def run_rate_async(
@@ -181,19 +209,21 @@ async def run_rate_async(
                 report.latencies.append(time.perf_counter() - due)
 
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=60) as client:
-        stop_at = time.monotonic() + seconds
-        prober = asyncio.create_task(asyncio.to_thread(_probe, base_url, stop_at, report, 0.1))
         start, sent = time.perf_counter(), []
         for index in range(int(rate * seconds)):
             due = start + index / rate
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
             sent.append(asyncio.create_task(one(client, paths[index % len(paths)], due)))
-        await asyncio.gather(*sent, prober)
+        await asyncio.gather(*sent)
     return report
 
 
 def run_rate(base_url: str, paths: list[str], headers: dict[str, str], rate: float, seconds: float) -> LoadReport:
-    return asyncio.run(run_rate_async(base_url, paths, headers, rate, seconds))
+    probed = LoadReport(in_flight=0, seconds=seconds)
+    with healthz_probe(base_url, seconds, probed):
+        report = asyncio.run(run_rate_async(base_url, paths, headers, rate, seconds))
+    report.healthz_latencies, report.healthz_failures = probed.healthz_latencies, probed.healthz_failures
+    return report
 
 
 WRK_SCRIPT = """

@@ -50,12 +50,18 @@ class Channel(kombu_sqlalchemy.Channel):
         return create_engine(client.hostname, **options)
 
     def _open(self) -> Any:
-        """The engine and session factory, creating the tables if missing (another process creating them at the
-        same moment makes the first try fail with "table ... already exists"; the second finds them)."""
-        try:
-            return super()._open()
-        except OperationalError:
-            return super()._open()
+        """The engine and session factory, creating the tables if missing. kombu checks and creates its tables one
+        at a time, so another process creating them at the same moment can make a try fail with "table ... already
+        exists" once per table; each such failure means one more table exists, so a try per table and one more
+        always end with all of them found."""
+        tries = len(kombu_sqlalchemy.metadata.tables) + 1
+        for _ in range(tries - 1):
+            try:
+                return super()._open()
+            except OperationalError as exc:
+                if "already exists" not in str(exc):
+                    raise
+        return super()._open()
 
     def _get_or_create(self, queue: str) -> Any:
         """The queue's row, made if missing; another process making it at the same moment is no error."""

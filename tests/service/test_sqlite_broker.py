@@ -14,6 +14,8 @@ from service.settings import Settings
 from worker.celery_app import create_celery_app
 from worker.sqlite_broker import Transport, declare_queues, register
 
+PROCESSES = 6  # first users of one new broker at once (the API, workers, a CLI)
+
 
 def test_the_embedded_broker_polls_at_the_configured_interval_and_carries_messages(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, broker_polling_seconds=0.05)
@@ -54,9 +56,10 @@ def test_processes_using_a_new_broker_at_once_never_fail_on_each_others_tables_a
     outcomes: list[str] = []
     for round_ in range(12):
         broker_url = f"sqla+sqlite:///{tmp_path}/broker-{round_}.db"
-        barrier, results = context.Barrier(3), context.Queue()
+        barrier, results = context.Barrier(PROCESSES), context.Queue()
         processes = [
-            context.Process(target=_first_use_of_the_broker, args=(broker_url, barrier, results)) for _ in range(3)
+            context.Process(target=_first_use_of_the_broker, args=(broker_url, barrier, results))
+            for _ in range(PROCESSES)
         ]
         for process in processes:
             process.start()
