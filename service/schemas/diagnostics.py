@@ -57,9 +57,16 @@ class ScorerDiagnostics(Diagnostics):
     max_relative_residual: float | None = None
     lissa_scale: float | None = None
     converged: bool | None = None
-    training_passes: int | None = Field(None, description="DataInf: passes over the training data.")
+    training_passes: int | None = Field(
+        None,
+        description="DataInf: model passes over the training data its preconditioner ran (0 when the first pass's "
+        "activities were kept).",
+    )
     cached_training_activities: bool | None = Field(
         None, description="DataInf: whether the first pass's training activities were kept for scoring."
+    )
+    cached_activities_spilled: bool | None = Field(
+        None, description="DataInf: whether the kept activities were large enough to live in mapped temporary files."
     )
 
 

@@ -87,11 +87,11 @@ def test_kept_sequence_layers_hold_each_examples_gradient_matrix() -> None:
         return datainf_dampings(model, layers, train, "cross_entropy", 4, torch.device("cpu"), counter, cache_bytes)
 
     dampings, kept = first_pass(10**6)
-    assert kept is not None and [start for start, _ in kept.batches] == [0, 4]
+    assert kept is not None and not kept.spilled and [start for start, _ in kept.batches()] == [0, 4]
     expected = explicit_gradients(model, train, "cross_entropy")  # (6, 25 + 18): token layer, then head
-    token = torch.cat([activities["token"].example_gradients for _, activities in kept.batches])
+    token = torch.cat([activities["token"].example_gradients for _, activities in kept.batches()])
     assert torch.allclose(token.flatten(1), expected[:, :25], rtol=1e-12, atol=1e-12)
-    head = [activities["head"] for _, activities in kept.batches]
+    head = [activities["head"] for _, activities in kept.batches()]
     assert all(a.example_gradients is None and a.rank_one for a in head)
     lam = 0.1 * float(expected[:, :25].pow(2).sum(1).mean()) / 25
     assert abs(dampings["token"] - lam) <= 1e-12 * lam

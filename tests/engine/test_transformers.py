@@ -31,6 +31,7 @@ from worker.attribution import (
     InfluenceOptions,
     attribute,
     fit_curvature,
+    kept_activities,
 )
 from worker.attribution.curvature.ekfac import EkfacCurvature
 from worker.attribution.gradients import FisherLabels
@@ -41,7 +42,6 @@ from worker.attribution.hooks import (
     weight_matrix,
 )
 from worker.attribution.losses import LossName, per_example_loss
-from worker.attribution.methods import datainf
 from worker.attribution.options import CurvatureKind, InfluenceStrategy
 from worker.attribution.progress import StageCounter
 from worker.attribution.statistics import Eigenbasis, fit_corrected_eigenvalues, numerical_null_space
@@ -342,12 +342,13 @@ def test_adapter_only_attribution_equals_full_gradients_restricted_to_the_adapte
 # ---------------------------------------------------------------- DataInf on LoRA
 
 
-@pytest.mark.parametrize("keep_activities", [True, False], ids=["kept", "recomputed"])
-def test_datainf_on_lora_matches_its_formula(keep_activities: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the first pass's activities kept (sequence layers reduced to min(d_in, d_out) rows per example)
-    and without (every pass runs the model)."""
-    if not keep_activities:
-        monkeypatch.setattr(datainf, "DEFAULT_CACHE_BYTES", 0)
+@pytest.mark.parametrize("kept", ["memory", "files", "recomputed"])
+def test_datainf_on_lora_matches_its_formula(kept: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the first pass's activities kept (sequence layers as their per-example gradient matrices) in memory,
+    kept in mapped temporary files (as when they are large), and not kept (every pass runs the model)."""
+    keep_activities = kept != "recomputed"
+    if kept == "files":
+        monkeypatch.setattr(kept_activities, "SPILL_BYTES", 0)
     model = lora_gpt2(seed=5)
     train, queries = token_lists(6, 6), token_lists(2, 7)
     tracked = resolve_layers(model, None)
@@ -375,11 +376,12 @@ def test_datainf_on_lora_matches_its_formula(keep_activities: bool, monkeypatch:
         method="datainf",
         mode="pairwise",
         top_k=n,
-        options=DataInfOptions(batch_size=4),
+        options=DataInfOptions(batch_size=4, memory_budget_bytes=2**30 if keep_activities else 0),
     )
     assert close(full_matrix(result, 2, n), expected)
     used = result.diagnostics["models"][0]
     assert used["cached_training_activities"] is keep_activities
+    assert used["cached_activities_spilled"] is (kept == "files")
     assert used["training_passes"] == (0 if keep_activities else 1)  # passes of the preconditioner
 
 

@@ -165,7 +165,9 @@ def build_scorers(
             layers = resolve_layers(model, options.layers)
             cache = None
             if options.damping is None:
-                dampings, cache = datainf_dampings(model, layers, train, loss, options.batch_size, device, fit_counter)
+                dampings, cache = datainf_dampings(
+                    model, layers, train, loss, options.batch_size, device, fit_counter, options.memory_budget_bytes
+                )
             else:
                 dampings = {layer.name: float(options.damping) for layer in layers}
             datainf = DataInfPreconditioner(

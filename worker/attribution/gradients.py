@@ -210,16 +210,3 @@ def fitting_and_training_activities(
         return [sampled_fitting], training
     fitting_list = fitting_activities(model, recorder, batch, loss, labels, generator)
     return fitting_list, training_activities(model, recorder, batch, loss)
-
-
-@dataclass
-class TrainingActivities:
-    """Every batch's layer activities of one training set (the ``batch_size`` batches of ``batches``), kept
-    so that later passes over that very set (same object, same batching) need no model run."""
-
-    examples: Examples
-    batch_size: int
-    batches: list[tuple[int, Activities]]
-
-    def matches(self, examples: Examples, batch_size: int) -> bool:
-        return examples is self.examples and batch_size == self.batch_size

@@ -36,10 +36,7 @@ class FitOptions:
     memory_budget_bytes: int = DEFAULT_FIT_MEMORY_BUDGET_BYTES
 
     def validate(self) -> None:
-        if not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 0:
-            raise AttributionError(
-                f"memory_budget_bytes must be a non-negative integer, got {self.memory_budget_bytes!r}"
-            )
+        check_memory_budget(self.memory_budget_bytes)
         if self.strategy not in FIT_STRATEGIES:
             raise AttributionError(f"unknown fit strategy {self.strategy!r}; expected one of {FIT_STRATEGIES}")
         if self.fisher not in ("true", "empirical"):
@@ -103,10 +100,13 @@ class DataInfOptions:
     damping: float | None = None
     layers: list[str] | None = None
     batch_size: int = 256
+    # the first training pass's per-example layer activities kept for the later two (see methods/datainf.py)
+    memory_budget_bytes: int = DEFAULT_FIT_MEMORY_BUDGET_BYTES
 
     def validate(self) -> None:
         check_damping(self.damping)
         _check_batch_size(self.batch_size)
+        check_memory_budget(self.memory_budget_bytes)
 
 
 @dataclass
@@ -120,6 +120,11 @@ class GradientSimilarityOptions:
 
     def validate(self) -> None:
         _check_batch_size(self.batch_size)
+
+
+def check_memory_budget(memory_budget_bytes: int) -> None:
+    if not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 0:
+        raise AttributionError(f"memory_budget_bytes must be a non-negative integer, got {memory_budget_bytes!r}")
 
 
 def check_damping(damping: float | None) -> None:

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from worker.attribution.curvature.base import LayerVectors, Preconditioner
-from worker.attribution.gradients import TrainingActivities, batches, measurement_activities, training_activities
+from worker.attribution.gradients import batches, measurement_activities, training_activities
 from worker.attribution.hooks import Activities, ActivityRecorder, TrackedLayer, evaluation_mode
+from worker.attribution.kept_activities import KeptActivities
 from worker.attribution.losses import LossName, MeasurementName
 from worker.attribution.progress import StageCounter
 from worker.attribution.threads import batch_work, few_threads, token_rows
@@ -45,7 +46,7 @@ class ModelScorer:
     # the training set's per-example (a, g) rows, when a fit recorded them for this very training set
     index: TrainingIndex | None = None
     # the training set's batch activities, kept from a pass over it (DataInf's first pass)
-    cached: TrainingActivities | None = None
+    cached: KeptActivities | None = None
 
     @property
     def layer_names(self) -> list[str]:
@@ -163,9 +164,9 @@ def stream_training_activities(
     vectors ``visit`` contracts each block with (sizes the work for the thread policy only)."""
     kept = [s.cached for s in scorers if s.cached is not None and s.cached.matches(train, batch_size)]
     if kept and len(kept) == len(scorers):
-        for position, (start, _) in enumerate(kept[0].batches):
-            visit(start, [cache.batches[position][1] for cache in kept])
-            counter.advance(next(iter(kept[0].batches[position][1].values())).batch_size)
+        for parts in zip(*(cache.batches() for cache in kept), strict=True):
+            visit(parts[0][0], [activities for _, activities in parts])
+            counter.advance(next(iter(parts[0][1].values())).batch_size)
         return
     indexes = [
         scorer.index for scorer in scorers if scorer.index is not None and scorer.index.num_examples == len(train)

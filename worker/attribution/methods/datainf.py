@@ -4,9 +4,11 @@ P_l v = (1/lambda_l) [ v - (1/N) sum_j g_jl <g_jl, v> / (lambda_l + ||g_jl||^2) 
 lambda_l = 0.1 x mean_i ||g_il||^2 / d_l by default. Applying P streams the training set once.
 
 The first pass over the training set (the default damping's) keeps every batch's layer activities when they
-fit ``DEFAULT_CACHE_BYTES`` (sequence layers with more positions than min(d_in, d_out) as their per-example
-gradient matrices, fewer numbers than the rows, formed once): preconditioning and scoring that same training
-set then run no further model pass, so DataInf costs one training pass instead of three.
+fit ``DataInfOptions.memory_budget_bytes`` (1 GiB by default; sequence layers with more positions than
+min(d_in, d_out) as their per-example gradient matrices, fewer numbers than the rows, formed once; from 64 MB on
+in mapped temporary files, see kept_activities.py): preconditioning and scoring that same training set then run
+no further model pass, so DataInf costs one training pass instead of three. With LoRA adapters at GPT-2-small
+width (rank 8 on c_attn and c_proj) they are 3.2 MB per 64-token sequence.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ import torch
 from torch import nn
 
 from worker.attribution.curvature.base import DEFAULT_DAMPING_FRACTION, LayerVectors, Preconditioner
-from worker.attribution.gradients import TrainingActivities, batches, model_dtype, training_activities
+from worker.attribution.gradients import batches, model_dtype, training_activities
 from worker.attribution.hooks import Activities, ActivityRecorder, LayerActivity, TrackedLayer, evaluation_mode
+from worker.attribution.kept_activities import ActivityKeeper, KeptActivities
 from worker.attribution.losses import LossName
 from worker.attribution.progress import StageCounter
 from worker.attribution.types import Examples, Progress, no_progress
-
-DEFAULT_CACHE_BYTES = 256 * 1024**2  # the training activities DataInf keeps from its first pass
 
 
 def compact_activity(activity: LayerActivity) -> LayerActivity:
@@ -40,13 +41,6 @@ def compact_activity(activity: LayerActivity) -> LayerActivity:
     return LayerActivity.of_gradients(activity.per_example_gradients())
 
 
-def _bytes(activities: Activities) -> int:
-    return sum(
-        sum(t.numel() * t.element_size() for t in (a.activations, a.gradients, a.example_gradients) if t is not None)
-        for a in activities.values()
-    )
-
-
 def datainf_dampings(
     model: nn.Module,
     layers: list[TrackedLayer],
@@ -55,14 +49,12 @@ def datainf_dampings(
     batch_size: int,
     device: torch.device,
     counter: StageCounter,
-    cache_bytes: int | None = None,
-) -> tuple[dict[str, float], TrainingActivities | None]:
+    memory_budget_bytes: int,
+) -> tuple[dict[str, float], KeptActivities | None]:
     """lambda_l = 0.1 x mean_i ||g_il||^2 / d_l (one pass over the training data), and the pass's activities
-    when they fit ``cache_bytes`` (default ``DEFAULT_CACHE_BYTES``; else None)."""
-    budget = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+    when they fit ``memory_budget_bytes`` (else None)."""
     totals = {layer.name: 0.0 for layer in layers}
-    kept: list[tuple[int, Activities]] | None = []
-    used = 0
+    keeper = ActivityKeeper(train, batch_size, memory_budget_bytes)
     with evaluation_mode(model), ActivityRecorder(layers) as recorder:
         for start, batch in batches(train, batch_size, device, model_dtype(model)):
             compact = {
@@ -71,18 +63,13 @@ def datainf_dampings(
             }
             for name, activity in compact.items():
                 totals[name] += float(activity.squared_norms().to(torch.float64).sum())
-            if kept is not None:
-                used += _bytes(compact)
-                if used <= budget:
-                    kept.append((start, compact))
-                else:
-                    kept = None  # over budget: later passes run the model
+            keeper.add(start, compact)
             counter.advance(len(batch))
     dampings = {}
     for layer in layers:
         value = DEFAULT_DAMPING_FRACTION * totals[layer.name] / len(train) / layer.num_parameters
         dampings[layer.name] = value if value > 0 else 1.0
-    return dampings, None if kept is None else TrainingActivities(train, batch_size, kept)
+    return dampings, keeper.finish()
 
 
 def _coefficient_weighted_sum(activity: LayerActivity, coefficients: torch.Tensor) -> torch.Tensor:
@@ -106,7 +93,7 @@ class DataInfPreconditioner(Preconditioner):
         batch_size: int,
         device: torch.device,
         progress: Progress = no_progress,
-        cache: TrainingActivities | None = None,
+        cache: KeptActivities | None = None,
     ) -> None:
         self.model = model
         self.layers = layers
@@ -133,7 +120,7 @@ class DataInfPreconditioner(Preconditioner):
             counter.advance(next(iter(activities.values())).batch_size)
 
         if self.cache is not None:
-            for _, activities in self.cache.batches:
+            for _, activities in self.cache.batches():
                 add(activities)
         else:
             with evaluation_mode(self.model), ActivityRecorder(self.layers) as recorder:
@@ -148,4 +135,5 @@ class DataInfPreconditioner(Preconditioner):
             "damping": self.dampings,
             "training_passes": self.passes,
             "cached_training_activities": self.cache is not None,
+            "cached_activities_spilled": self.cache is not None and self.cache.spilled,
         }
