@@ -155,11 +155,22 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("attribution_id", "direction", "query_pos", "last_rank", name=op.f("pk_result_chunks")),
     )
     old = sa.table("attribution_results", *(sa.column(name) for name in ROW_COLUMNS))
-    ordered = sa.select(old).order_by(old.c.attribution_id, old.c.direction, old.c.query_pos, old.c.rank)
-    rows = op.get_bind().execute(ordered.execution_options(yield_per=5000))
-    chunks = list(_chunks(iter(rows)))  # read to the end before writing on the same connection
-    _insert_in_batches(sa.table("result_chunks", *(sa.column(name) for name in CHUNK_COLUMNS)), iter(chunks))
+    new = sa.table("result_chunks", *(sa.column(name) for name in CHUNK_COLUMNS))
+    for attribution_id in _attribution_ids(old):  # one attribution's rows in memory at a time
+        ordered = (
+            sa.select(old)
+            .where(old.c.attribution_id == attribution_id)
+            .order_by(old.c.direction, old.c.query_pos, old.c.rank)
+        )
+        chunks = list(_chunks(iter(op.get_bind().execute(ordered))))  # read before writing on the same connection
+        _insert_in_batches(new, iter(chunks))
     op.drop_table("attribution_results")
+
+
+def _attribution_ids(table: sa.TableClause) -> list[str]:
+    """The attributions that have rows in ``table`` (a scan of its primary key's first column)."""
+    ids = sa.select(table.c.attribution_id).distinct().order_by(table.c.attribution_id)
+    return [row[0] for row in op.get_bind().execute(ids)]
 
 
 def _rows_of(chunk: Any) -> Iterator[dict[str, Any]]:
@@ -197,7 +208,8 @@ def downgrade() -> None:
         sqlite_with_rowid=False,
     )
     chunks = sa.table("result_chunks", *(sa.column(name) for name in CHUNK_COLUMNS))
-    stored = list(op.get_bind().execute(sa.select(chunks)))
-    rows = (row for chunk in stored for row in _rows_of(chunk))
-    _insert_in_batches(sa.table("attribution_results", *(sa.column(name) for name in ROW_COLUMNS)), rows)
+    old = sa.table("attribution_results", *(sa.column(name) for name in ROW_COLUMNS))
+    for attribution_id in _attribution_ids(chunks):  # one attribution's chunks in memory at a time
+        stored = list(op.get_bind().execute(sa.select(chunks).where(chunks.c.attribution_id == attribution_id)))
+        _insert_in_batches(old, (row for chunk in stored for row in _rows_of(chunk)))
     op.drop_table("result_chunks")
