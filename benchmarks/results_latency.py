@@ -21,6 +21,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+from benchmarks.common import write_keeping_earlier_runs
 from tests.conftest import REDIS_URL, private_postgres_schema
 from tests.loadgen import LoadReport, api_server, run_load, run_rate, run_wrk
 from tests.service.test_load import results_pages
@@ -109,11 +110,12 @@ def main() -> None:
     print(body)
     mode = f" --rate {args.rate:g}" if args.rate is not None else ""
     target = RESULTS if args.rate is None else RESULTS.with_name("results_latency_rate.md")
-    target.write_text(
+    write_keeping_earlier_runs(
+        target,
         f"# Results-page latency\n\n`python -m benchmarks.results_latency{mode} --seconds {args.seconds:g} --workers "
         f"{args.workers}{' --set ' + ' '.join(args.set) if args.set else ''}` on {platform.machine()} ({platform.python_version()}), `attrib serve --workers "
         f"{args.workers}` with {'these' if args.set else 'the default'} capacity settings, {'`wrk`' if args.rate is None else 'the open-loop generator'} on the same "
-        f"machine.\n\n{body}\n"
+        f"machine.\n\n{body}\n",
     )
 
 
