@@ -13,23 +13,24 @@ from worker.attribution.curvature.ekfac import EkfacCurvature
 from worker.attribution.curvature.identity import IdentityCurvature
 from worker.attribution.curvature.kfac import KfacCurvature
 from worker.attribution.gradients import FisherLabels, model_dtype, place_model
-from worker.attribution.hooks import Activities, TrackedLayer, resolve_layers
+from worker.attribution.hooks import Activities, LayerActivity, TrackedLayer, resolve_layers
 from worker.attribution.losses import LossName, check_examples, check_loss_name
 from worker.attribution.options import FitOptions
 from worker.attribution.progress import StageCounter
 from worker.attribution.statistics import (
     Covariances,
+    Eigenbasis,
     PackedSymmetricSum,
     activation_covariance_product,
     corrected_eigenvalues_from_activities,
     factor_dtype,
     fit_corrected_eigenvalues,
-    fit_covariances,
     fit_diagonal,
     gradient_covariance_product,
     squared_gradient_sum,
     stored_bases,
     stream_fitting_and_training_gradients,
+    stream_fitting_gradients,
     upper_triangle_masks,
 )
 from worker.attribution.training_index import IndexRecorder, examples_fingerprint, model_fingerprint
@@ -81,15 +82,62 @@ def fit_layers(
     if options.strategy == "diagonal":
         diagonals = fit_diagonal(model, layers, train, loss, labels, batch, device, counter)
         return DiagonalCurvature(names, options, _to_cpu(diagonals))
-    bases = stored_bases(
-        fit_covariances(model, layers, train, loss, labels, batch, device, counter), factor_dtype(model_dtype(model))
-    )
+    bases = _packed_covariance_bases(model, layers, train, loss, labels, batch, device, counter)
     if options.strategy == "kfac":
         return KfacCurvature(names, options, bases)
     eigenvalues = fit_corrected_eigenvalues(
         model, layers, train, loss, labels.for_eigenvalues(), bases, batch, device, counter
     )
     return EkfacCurvature(names, options, bases, _to_cpu(eigenvalues))
+
+
+class PackedCovariances:
+    """Per layer, the running float64 sums of the two K-FAC factors as upper triangles (``PackedSymmetricSum``)
+    and their counts; ``bases`` turns them into eigenbases one layer at a time, so a fit's peak memory is the
+    packed sums plus one layer's full matrices, not every layer's full float64 sums."""
+
+    def __init__(self, layers: list[TrackedLayer], device: torch.device) -> None:
+        masks = upper_triangle_masks([d for layer in layers for d in (layer.in_features, layer.out_features)], device)
+        self.activation = {layer.name: PackedSymmetricSum(masks[layer.in_features]) for layer in layers}
+        self.gradient = {layer.name: PackedSymmetricSum(masks[layer.out_features]) for layer in layers}
+        self.positions = {layer.name: 0 for layer in layers}
+        self.rows = {layer.name: 0 for layer in layers}
+
+    def add(self, name: str, activity: LayerActivity) -> None:
+        self.activation[name].add_(activation_covariance_product(activity))
+        self.gradient[name].add_(gradient_covariance_product(activity))
+        self.positions[name] += activity.num_positions
+        self.rows[name] += activity.batch_size
+
+    def bases(self, dtype: torch.dtype) -> dict[str, Eigenbasis]:
+        """The factors' eigenbases (A = sum a a^T / positions, S = sum g g^T / rows), in ``dtype``; the sums
+        are released as each layer is done."""
+        bases = {}
+        for name in list(self.activation):
+            means = Covariances(
+                self.activation.pop(name).full().div_(max(self.positions[name], 1)),
+                self.gradient.pop(name).full().div_(max(self.rows[name], 1)),
+            )
+            bases.update(stored_bases({name: means}, dtype))
+            del means
+        return bases
+
+
+def _packed_covariance_bases(
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    train: Examples,
+    loss: LossName,
+    labels: FisherLabels,
+    batch_size: int,
+    device: torch.device,
+    counter: StageCounter,
+) -> dict[str, Eigenbasis]:
+    """The covariance pass of a fit that keeps no rows: the sums ``fitting_sums`` makes (sharded fits exchange
+    them as full matrices), kept packed while they stream."""
+    sums = PackedCovariances(layers, device)
+    stream_fitting_gradients(model, layers, train, loss, labels, batch_size, device, counter, sums.add)
+    return sums.bases(factor_dtype(model_dtype(model)))
 
 
 @dataclass(frozen=True)
@@ -167,10 +215,7 @@ def _fit_with_cache(
     if diagonal:
         sums = {n: torch.zeros(matrix[n], dtype=torch.float64, device=device) for n in names}
     else:  # float64 sums kept as upper triangles: half the memory of full ones, the same values
-        masks = upper_triangle_masks([d for layer in layers for d in (layer.in_features, layer.out_features)], device)
-        activation = {layer.name: PackedSymmetricSum(masks[layer.in_features]) for layer in layers}
-        gradient = {layer.name: PackedSymmetricSum(masks[layer.out_features]) for layer in layers}
-    positions = {n: 0 for n in names}
+        covariances = PackedCovariances(layers, device)
     rows = {n: 0 for n in names}
     advance_after: list[int] = []  # per recorded fitting activity: examples completed with it (0 mid-batch)
 
@@ -180,11 +225,9 @@ def _fit_with_cache(
             for name, activity in activities.items():
                 if diagonal:
                     sums[name] += squared_gradient_sum(activity).to(torch.float64)
+                    rows[name] += activity.batch_size
                 else:
-                    activation[name].add_(activation_covariance_product(activity))
-                    gradient[name].add_(gradient_covariance_product(activity))
-                    positions[name] += activity.num_positions
-                rows[name] += activity.batch_size
+                    covariances.add(name, activity)
             if fitting_cache is not None:
                 fitting_cache.add(activities)
         if training_cache is not None and training is not None:
@@ -197,14 +240,7 @@ def _fit_with_cache(
     if diagonal:
         fit: Curvature = DiagonalCurvature(names, options, _to_cpu({n: sums[n] / max(rows[n], 1) for n in names}))
     else:
-        # layer by layer: one layer's full float64 means alive at a time, through its eigendecomposition
-        bases = {}
-        for n in names:
-            means = Covariances(
-                activation.pop(n).full().div_(max(positions[n], 1)), gradient.pop(n).full().div_(max(rows[n], 1))
-            )
-            bases.update(stored_bases({n: means}, factor_dtype(dtype)))
-            del means
+        bases = covariances.bases(factor_dtype(dtype))
         if options.strategy == "kfac":
             fit = KfacCurvature(names, options, bases)
         elif fitting_cache is not None and fitting_cache.active and plan.fitting_bytes:
