@@ -244,10 +244,9 @@ end
 
 def run_wrk(base_url: str, paths: list[str], headers: dict[str, str], in_flight: int, seconds: float) -> LoadReport:
     """The same bounded load from `wrk` (a C load generator: the client's cost stays small beside the server's),
-    with /healthz probed from a thread meanwhile. Non-2xx answers are counted together under status 0."""
+    with /healthz probed from another process meanwhile. Non-2xx answers are counted together under status 0."""
     import subprocess
     import tempfile
-    import threading
 
     report = LoadReport(in_flight=in_flight, seconds=seconds)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
@@ -266,10 +265,8 @@ def run_wrk(base_url: str, paths: list[str], headers: dict[str, str], in_flight:
         "--",
         *paths,
     ]
-    prober = threading.Thread(target=_probe, args=(base_url, time.monotonic() + seconds, report, 0.1))
-    prober.start()
-    output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
-    prober.join()
+    with healthz_probe(base_url, seconds, report):
+        output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
     os.unlink(script.name)
     line = next(line for line in output.splitlines() if line.startswith("WRK "))
     requests, non_2xx, socket_errors, timeouts, p50, p99, _ = (int(v) for v in line.split()[1:])
