@@ -6,6 +6,7 @@ import torch
 
 from worker.attribution.hooks import Activities, LayerActivity
 from worker.attribution.kept_activities import ActivityKeeper, activity_bytes
+from worker.attribution.training_index import FileRows
 from worker.attribution.types import Examples
 
 
@@ -80,3 +81,16 @@ def test_the_keeper_gives_up_beyond_its_budget_or_when_a_layer_changes_form() ->
     changed.add(4, other)
     assert changed.finish() is None
     assert ActivityKeeper(train, 4, budget_bytes=0).finish() is None
+
+
+def test_no_room_for_the_files_keeps_nothing_and_the_pass_goes_on(monkeypatch) -> None:
+    """A full temporary directory: the keeper gives up (the later passes run the model) instead of failing."""
+
+    def no_room(self: FileRows, rows: torch.Tensor) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileRows, "append", no_room)
+    train = training_set(8)
+    keeper = ActivityKeeper(train, 4, budget_bytes=10**6, spill_bytes=0)
+    record(keeper, [4, 4])
+    assert keeper.finish() is None and keeper.files == {}
