@@ -32,10 +32,13 @@ def activity_bytes(activities: Activities) -> int:
     )
 
 
-def _form(activity: LayerActivity) -> tuple[tuple[str, tuple[int, ...]] | None, ...]:
+Form = tuple[tuple[torch.dtype, tuple[int, ...]] | None, ...]
+
+
+def _form(activity: LayerActivity) -> Form:
     """Which tensors the activity holds and their shapes past the batch dimension (the same in every batch)."""
     tensors = (activity.activations, activity.gradients, activity.mask, activity.example_gradients)
-    return tuple(None if t is None else (str(t.dtype), tuple(t.shape[1:])) for t in tensors)
+    return tuple(None if t is None else (t.dtype, tuple(t.shape[1:])) for t in tensors)
 
 
 class KeptActivities:
@@ -116,7 +119,7 @@ class ActivityKeeper:
         self.used = 0
         self.in_memory: list[tuple[int, Activities]] | None = None
         self.files: dict[tuple[str, str], FileRows] = {}
-        self.forms: dict[str, tuple[tuple[str, tuple[int, ...]] | None, ...]] = {}
+        self.forms: dict[str, Form] = {}
         self.starts: list[int] = []
         self.sizes: list[int] = []
         self.device: torch.device | None = None
@@ -205,6 +208,5 @@ class ActivityKeeper:
         for name, form in self.forms.items():
             for field, described in zip(FIELDS, form, strict=True):
                 if described is not None and (name, field) not in tensors:
-                    dtype_name, shape = described
-                    dtype = getattr(torch, dtype_name.removeprefix("torch."))
+                    dtype, shape = described
                     tensors[(name, field)] = torch.empty((rows, *shape), dtype=dtype)
