@@ -19,9 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+import uvloop
 
 
 def free_port() -> int:
@@ -81,6 +83,7 @@ class LoadReport:
     healthz_latencies: list[float] = field(default_factory=list)
     healthz_failures: int = 0
     quantiles: dict[int, float] = field(default_factory=dict)  # from wrk: seconds
+    client_cpu_seconds: float = float("nan")  # the open-loop generator's own CPU time, its process's
 
     @property
     def requests(self) -> int:
@@ -104,7 +107,8 @@ class LoadReport:
             f"({self.requests / self.seconds:.0f}/s), statuses {dict(self.statuses)}, "
             f"transport errors {dict(self.transport_errors)}, p50 {1000 * self.percentile(50):.0f} ms, "
             f"p99 {1000 * self.percentile(99):.0f} ms; /healthz max {1000 * healthz:.0f} ms, "
-            f"{self.healthz_failures} failed"
+            f"{self.healthz_failures} failed; client CPU {1e6 * self.client_cpu_seconds / max(self.requests, 1):.0f} µs "
+            "a request"
         )
 
 
@@ -129,9 +133,10 @@ async def _reader(client: httpx.AsyncClient, paths: list[str], stop_at: float, r
 def _probe(base_url: str, seconds: float, interval: float, results: Any) -> None:
     """/healthz every ``interval`` seconds for ``seconds``, from its own process and connection: neither queued
     behind the load nor waiting for the load generator's GIL, so what it measures is the server's answer time.
-    Puts (latencies, failures) on ``results``."""
+    Puts "ready" on ``results`` once started, then (latencies, failures)."""
     latencies: list[float] = []
     failures = 0
+    results.put("ready")  # started and imported: from now on this process costs the machine only its probes
     stop_at = time.monotonic() + seconds
     with httpx.Client(base_url=base_url, timeout=5) as client:
         while time.monotonic() < stop_at:
@@ -154,6 +159,8 @@ def healthz_probe(base_url: str, seconds: float, report: LoadReport, interval: f
     prober = context.Process(target=_probe, args=(base_url, seconds, interval, results), daemon=True)
     prober.start()
     try:
+        if results.get(timeout=60) != "ready":  # the load starts once the probe's own start-up is over
+            raise RuntimeError("the /healthz probe did not start")
         yield
         latencies, failures = results.get(timeout=seconds + 60)
         report.healthz_latencies.extend(latencies)
@@ -187,41 +194,106 @@ def run_load(base_url: str, paths: list[str], headers: dict[str, str], in_flight
     return loaded
 
 
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection of the open-loop generator: a pre-encoded GET out, the status and body
+    in. Hand-written so that a request costs the generator a few tens of microseconds of its core, not the
+    millisecond of a full client: on a machine whose cores the server shares, the generator must not be what
+    saturates at the rate it offers."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> HttpConnection:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def get(self, request: bytes) -> tuple[int, bool]:
+        """Send ``request`` and read its answer: (status, whether the connection can carry another)."""
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        status = int(status_line.split(" ", 2)[1])
+        fields = dict(line.split(":", 1) for line in header_lines if ":" in line)
+        fields = {name.strip().lower(): value.strip().lower() for name, value in fields.items()}
+        if "content-length" in fields:
+            await self.reader.readexactly(int(fields["content-length"]))
+        elif fields.get("transfer-encoding") == "chunked":
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                await self.reader.readexactly(size + 2)
+            await self.reader.readuntil(b"\r\n")  # no trailers: the empty line after the last chunk
+        else:
+            raise ValueError("an answer with neither Content-Length nor chunked framing")
+        return status, fields.get("connection") != "close"
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def get_requests(base_url: str, paths: list[str], headers: dict[str, str]) -> tuple[str, int, list[bytes]]:
+    """(host, port, one encoded GET per path) for ``base_url`` (plain http)."""
+    parts = urlsplit(base_url)
+    if parts.scheme != "http" or parts.hostname is None or parts.port is None:
+        raise ValueError(f"the open-loop generator needs http://host:port, not {base_url!r}")
+    lines = "".join(f"{name}: {value}\r\n" for name, value in {"Host": parts.netloc, **headers}.items())
+    return parts.hostname, parts.port, [f"GET {path} HTTP/1.1\r\n{lines}\r\n".encode() for path in paths]
+
+
 async def run_rate_async(
-    base_url: str, paths: list[str], headers: dict[str, str], rate: float, seconds: float, max_outstanding: int = 256
+    base_url: str,
+    paths: list[str],
+    headers: dict[str, str],
+    rate: float,
+    seconds: float,
+    max_outstanding: int = 256,
+    timeout: float = 60,
 ) -> LoadReport:
     """An open-loop load: a request every 1/``rate`` seconds whatever the answers (at most ``max_outstanding``
-    unanswered), each request's latency counted from when it was due, so a stalled server is charged for the
-    requests it delayed (no coordinated omission). ``in_flight`` in the report holds the outstanding bound."""
+    unanswered, each on a keep-alive connection of its own while it waits), each request's latency counted from
+    when it was due, so a stalled server is charged for the requests it delayed (no coordinated omission).
+    ``in_flight`` in the report holds the outstanding bound."""
     report = LoadReport(in_flight=max_outstanding, seconds=seconds)
-    limits = httpx.Limits(max_connections=max_outstanding, max_keepalive_connections=max_outstanding)
+    host, port, requests = get_requests(base_url, paths, headers)
     outstanding = asyncio.Semaphore(max_outstanding)
+    idle: list[HttpConnection] = []
 
-    async def one(client: httpx.AsyncClient, path: str, due: float) -> None:
+    async def one(request: bytes, due: float) -> None:
         async with outstanding:
+            connection: HttpConnection | None = None
             try:
-                response = await client.get(path)
-            except httpx.TransportError as exc:
+                async with asyncio.timeout(timeout):
+                    connection = idle.pop() if idle else await HttpConnection.open(host, port)
+                    status, reusable = await connection.get(request)
+            except (OSError, EOFError, ValueError, TimeoutError) as exc:
                 report.transport_errors[type(exc).__name__] += 1
+                if connection is not None:
+                    connection.close()
                 return
-            report.statuses[response.status_code] += 1
-            if response.status_code == 200:
+            if reusable:
+                idle.append(connection)
+            else:
+                connection.close()
+            report.statuses[status] += 1
+            if status == 200:
                 report.latencies.append(time.perf_counter() - due)
 
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=60) as client:
-        start, sent = time.perf_counter(), []
-        for index in range(int(rate * seconds)):
-            due = start + index / rate
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            sent.append(asyncio.create_task(one(client, paths[index % len(paths)], due)))
-        await asyncio.gather(*sent)
+    start, sent = time.perf_counter(), []
+    for index in range(int(rate * seconds)):
+        due = start + index / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        sent.append(asyncio.create_task(one(requests[index % len(requests)], due)))
+    await asyncio.gather(*sent)
+    for connection in idle:
+        connection.close()
     return report
 
 
 def run_rate(base_url: str, paths: list[str], headers: dict[str, str], rate: float, seconds: float) -> LoadReport:
     probed = LoadReport(in_flight=0, seconds=seconds)
-    with healthz_probe(base_url, seconds, probed):
-        report = asyncio.run(run_rate_async(base_url, paths, headers, rate, seconds))
+    with healthz_probe(base_url, seconds, probed), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        started = time.process_time()
+        report = runner.run(run_rate_async(base_url, paths, headers, rate, seconds))
+        report.client_cpu_seconds = time.process_time() - started
     report.healthz_latencies, report.healthz_failures = probed.healthz_latencies, probed.healthz_failures
     return report
 
