@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -93,10 +92,9 @@ def load_text_examples(store: BlobStore, dataset: Dataset) -> tuple[Examples, Da
     return examples, DatasetArrays(inputs=text.input_ids, targets=targets, ids=text.ids)
 
 
-def put_file(session: Session, store: BlobStore, path: Path) -> StoredBlob:
-    with open(path, "rb") as handle:
-        staged = store.stage(handle, limit=1 << 62)
-    stored = staged.commit()
+def put_written(session: Session, store: BlobStore, write: Callable[[Path], object]) -> StoredBlob:
+    """Store the file that ``write`` creates at the path it is given (written once, in the store's staging area)."""
+    stored = store.stage_written(write).commit()
     if session.get(Blob, stored.sha256) is None:
         session.add(Blob(sha256=stored.sha256, size=stored.size))
         session.flush()
@@ -104,10 +102,7 @@ def put_file(session: Session, store: BlobStore, path: Path) -> StoredBlob:
 
 
 def put_state_dict(session: Session, store: BlobStore, state: dict[str, torch.Tensor]) -> StoredBlob:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "weights.safetensors"
-        save_weights(state, path)
-        return put_file(session, store, path)
+    return put_written(session, store, lambda path: save_weights(state, path))
 
 
 def put_curvatures(session: Session, store: BlobStore, curvatures: dict[str, Curvature]) -> StoredBlob:
@@ -118,13 +113,8 @@ def put_curvatures(session: Session, store: BlobStore, curvatures: dict[str, Cur
         for key, tensor in curvature.to_tensors().items():
             tensors[f"{name}{KEY_SEPARATOR}{key}"] = tensor.detach().cpu().contiguous()
         entries[name] = curvature.metadata()
-    handle, name = tempfile.mkstemp(suffix=".safetensors")
-    os.close(handle)
-    try:
-        save_file(tensors, name, metadata={"entries": json.dumps(entries)})
-        return put_file(session, store, Path(name))
-    finally:
-        os.unlink(name)
+    metadata = {"entries": json.dumps(entries)}
+    return put_written(session, store, lambda path: save_file(tensors, str(path), metadata=metadata))
 
 
 def load_curvatures(store: BlobStore, sha256: str) -> dict[str, Curvature]:

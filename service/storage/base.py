@@ -1,8 +1,8 @@
-"""The blob store interface. An S3 backend implements the same four methods."""
+"""The blob store interface. An S3 backend implements the same methods."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,12 @@ class BlobStore(Protocol):
 
     def stage_bytes_from(self, chunks: Iterator[bytes], *, limit: int) -> StagedBlob:
         """The same from an iterator of byte chunks (blobs the service makes itself)."""
+        ...
+
+    def stage_written(self, write: Callable[[Path], object]) -> StagedBlob:
+        """A file that ``write`` creates at the path it is given (a library's own writer, such as safetensors'
+        ``save_file``), staged without a second copy: written once where the store stages, then hashed by
+        reading it once."""
         ...
 
     def local_path(self, sha256: str) -> AbstractContextManager[Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +67,21 @@ class LocalBlobStore:
             path.unlink(missing_ok=True)
             raise
         return LocalStagedBlob(self, path, digest.hexdigest(), size)
+
+    def stage_written(self, write: Callable[[Path], object]) -> LocalStagedBlob:
+        handle, name = tempfile.mkstemp(dir=self.staging, prefix="written-")
+        os.close(handle)
+        path = Path(name)
+        try:
+            write(path)
+            digest = hashlib.sha256()
+            with open(path, "rb") as written:
+                for chunk in iter(lambda: written.read(CHUNK_BYTES), b""):
+                    digest.update(chunk)
+            return LocalStagedBlob(self, path, digest.hexdigest(), path.stat().st_size)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
     @contextmanager
     def local_path(self, sha256: str) -> Iterator[Path]:
