@@ -218,6 +218,32 @@ def query_positions(
     return query.order_by(AttributionQuery.query_pos).limit(limit)
 
 
+_FinishedPositionsKey = tuple[str, str | None, int | None, int, int]
+_finished_positions: OrderedDict[_FinishedPositionsKey, tuple[int, ...]] = OrderedDict()
+
+
+def matching_positions(
+    session: Session, attribution_id: str, query_id: str | None, query_token: int | None, start: int, limit: int
+) -> tuple[int, ...]:
+    """`query_positions`' answer, remembered by this process (FINISHED_CACHE_SIZE answers at most): a finished
+    attribution's query rows are written with its results, in one transaction, and never change or go away, so
+    a filtered page that asked before costs one statement, its chunks. An empty answer (no such query, or no
+    results yet) is not remembered."""
+    key = (attribution_id, query_id, query_token, start, limit)
+    with _finished_lock:
+        known = _finished_positions.get(key)
+    if known is not None:
+        return known
+    positions = tuple(session.scalars(query_positions(attribution_id, query_id, query_token, start, limit)))
+    if positions:
+        with _finished_lock:
+            _finished_positions[key] = positions
+            _finished_positions.move_to_end(key)
+            while len(_finished_positions) > FINISHED_CACHE_SIZE:
+                _finished_positions.popitem(last=False)
+    return positions
+
+
 def page_of_results(
     session: Session,
     attribution_id: str,
@@ -231,14 +257,15 @@ def page_of_results(
 
     Unfiltered: one range of the chunks' primary key (`read_rows`). Filtered by query_id and/or query_token: the
     matching query rows from the cursor's query_pos on (one range of a small index, at most ``size + 2`` of them:
-    each after the cursor's own has at least one row in each direction), then each one's chunks as a range of the
-    primary key until the page is full -- none of the statements reads rows before the cursor.
+    each after the cursor's own has at least one row in each direction; remembered, `matching_positions`), then
+    each one's chunks as a range of the primary key until the page is full -- none of the statements reads rows
+    before the cursor.
     """
     if query_id is None and query_token is None:
         rows = read_rows(session, attribution_id, direction, after, size + 1)
     else:
         start = after.query_pos if after is not None else 0
-        positions = session.scalars(query_positions(attribution_id, query_id, query_token, start, size + 2)).all()
+        positions = matching_positions(session, attribution_id, query_id, query_token, start, size + 2)
         rows = []
         for query_pos in positions:
             rows.extend(read_rows(session, attribution_id, direction, after, size + 1 - len(rows), query_pos))

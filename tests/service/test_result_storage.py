@@ -495,3 +495,42 @@ def test_a_page_serialized_from_stored_rows_is_the_documented_page(
     for token in (None, "WzAsIDJd"):
         documented = ResultsPage(results=[row_out(row, types) for row in rows], next_page_token=token)
         assert page_json(rows, types, token) == documented.model_dump_json().encode()
+
+
+def test_a_filtered_page_asked_again_costs_one_statement_and_an_unknown_query_is_not_remembered(
+    api: Api,
+) -> None:
+    """A finished attribution's query rows never change: the positions a filtered page found are remembered, so
+    the same pages again read only their chunks, and give the same rows. A query id with no rows (yet) is asked
+    again each time: rows written later are found."""
+    from sqlalchemy import event
+
+    attribution = setup_attribution(api)
+    url = api.settings.resolved_database_url
+    columns = result_columns(pairwise_scores(4, 30, 10), "influence", 10, list(range(30)), ["a", "b", "a", "c"])
+    statements: list[str] = []
+
+    def count(connection: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        statements.append(statement)
+
+    def two_pages(session: Session) -> tuple[list[tuple[int, int]], int]:
+        """Query "a"'s rows (query rows 0 and 2) in a page of 5 and the rest, and the statements they took."""
+        statements.clear()
+        first, cursor = page_of_results(session, attribution["id"], "positive", "a", None, 5)
+        rest, last = page_of_results(session, attribution["id"], "positive", "a", cursor, 50)
+        assert last is None
+        return [(row.query_pos, row.rank) for row in [*first, *rest]], len(statements)
+
+    with session_scope(url) as session:
+        event.listen(session.get_bind(), "before_cursor_execute", count)
+        try:
+            assert page_of_results(session, attribution["id"], "positive", "a", None, 5) == ([], None)
+            write_results(session, attribution["id"], columns)  # the job's success, after the page above
+            walks = [two_pages(session) for _ in range(3)]
+        finally:
+            event.remove(session.get_bind(), "before_cursor_execute", count)
+    expected = [(pos, rank) for pos in (0, 2) for rank in range(1, 11)]
+    assert [rows for rows, _ in walks] == [expected] * 3
+    # first: each page asks for its query rows' positions, then reads their chunks (one statement for the first
+    # page, one per query row for the second); again: the chunks only
+    assert [statements for _, statements in walks] == [5, 3, 3]
