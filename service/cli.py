@@ -27,7 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = load_settings()
     if not settings.embedded:
         # the app is built in each process (from the same ATTRIB_* environment) when there are several
-        target = create_app(settings) if args.workers == 1 else "service.app:create_app"
+        target = create_app(settings, freeze_heap=True) if args.workers == 1 else "service.app:create_served_app"
         uvicorn.run(
             target,
             factory=args.workers > 1,
@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "ATTRIB_BROKER_URL); the embedded default serves from one process"
         )
     embedded.prepare(settings)
-    app = create_app(settings)  # its reaper requeues the jobs a previous run left running
+    app = create_app(settings, freeze_heap=True)  # its reaper requeues the jobs a previous run left running
     worker = embedded.WorkerSupervisor(settings).start()
     print(embedded.serve_banner(settings, args.host, args.port), file=sys.stderr)
     try:
