@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.edits_retraining import Outcome, RemovalSet, group_values, pearson, truth_ceiling
+from benchmarks.edits_retraining import Outcome, RemovalSet, accuracy_ceiling, group_values, pearson, truth_ceiling
 
 
 def members_of(seed_changes: list[np.ndarray], query: int | None) -> list[tuple[RemovalSet, Outcome]]:
@@ -51,3 +51,14 @@ def test_own_query_sets_take_their_query_only_and_identical_seeds_agree() -> Non
     assert r == pytest.approx(1.0) and sign == 1.0 and ceiling == pytest.approx(1.0)
     one_seed = members_of([c[:1] for c in changes], 2)
     assert all(np.isnan(v) for v in truth_ceiling(one_seed))
+
+
+def test_accuracy_ceiling_is_each_seed_against_the_mean_of_the_others() -> None:
+    changes = np.zeros((3, 2))
+    first = (RemovalSet("group", torch.arange(3), None), Outcome(changes.mean(0), changes, [0.90, 0.92, 0.94], 1.0))
+    second = (RemovalSet("group", torch.arange(3), None), Outcome(changes.mean(0), changes, [0.95, 0.95, 0.95], 1.0))
+    # first set: 0.90 − 0.93, 0.92 − 0.92, 0.94 − 0.91; second: three zeros
+    typical, worst = accuracy_ceiling([first, second])
+    assert typical == pytest.approx(0.06 / 6) and worst == pytest.approx(0.03)
+    one_seed = (RemovalSet("group", torch.arange(3), None), Outcome(changes[0], changes[:1], [0.9], 1.0))
+    assert all(np.isnan(v) for v in accuracy_ceiling([one_seed]))
