@@ -363,6 +363,21 @@ class EditOptionsIn(StrictModel):
         description="`stored` products: the share of the output-curvature weight (Σ_i w_i trace H_i) whose terms "
         "may be left out, smallest first (0: none).",
     )
+    line_search: Literal["boundary", "halving"] = Field(
+        "boundary",
+        description="How far `newton` (and the first step of `proximal`) goes along its Gauss-Newton step d. A "
+        "scale s is acceptable when the proximal objective J at θ₀ + s d has decreased by at least 1e-4 of its "
+        "predicted first-order decrease. `boundary` (default): find the edge b of the acceptable scales (to within "
+        "1/32) and step min(1, `boundary_share` × b). `halving`: the first acceptable scale of 1, ½, ¼, … (its "
+        "answer jumps by factors of two as the removal changes). Meta methods: ignored.",
+    )
+    boundary_share: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="`boundary` line search: the share of the way to the edge that the step goes.",
+    )
 
 
 class EditIn(StrictModel):

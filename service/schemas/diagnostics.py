@@ -240,7 +240,10 @@ class EditSolverReport(Diagnostics):
     cg_iterations: list[int] | None = None
     gradient_norm_ratio: float | None = Field(None, description="‖∇J‖ at the answer over ‖∇J‖ at the start.")
     converged: bool | None = None
-    line_search_step: float | None = None
+    line_search_step: float | None = Field(None, description="The scale of the Newton step taken (1: all of it).")
+    line_search_boundary: float | None = Field(
+        None, description="`boundary` line search: the edge of the acceptable scales it found (0: none)."
+    )
     clipped_to_trust_radius: bool | None = None
 
 

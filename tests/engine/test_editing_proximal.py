@@ -153,6 +153,71 @@ def test_a_short_proximal_edit_of_a_large_removal_moves_at_least_as_far_down_as_
     assert values["proximal"] <= values["newton"] < start
 
 
+def test_the_boundary_line_search_finds_the_edge_of_the_acceptable_steps(setup) -> None:
+    """A removal whose full Newton step raises J_S: ``halving`` takes the first of 1, ½, ¼, … at which J_S
+    decreases enough (Armijo, c = 1e-4); ``boundary`` finds the edge b of those scales along the same direction
+    (within 1/32: acceptable there, rejected a little further, checked on J_S written here, not the engine's)
+    and steps ``boundary_share`` × b."""
+    model, data, _ = setup
+    remove, proximity = torch.nonzero(data.targets == 0).reshape(-1), 1e-3
+    results = {
+        (search, share): edit_parameters(
+            model,
+            data,
+            remove,
+            loss="cross_entropy",
+            edit=EditOptions(
+                estimator="newton",
+                proximity=proximity,
+                line_search=search,  # type: ignore[arg-type]
+                boundary_share=share,
+                cg_tol=1e-10,
+                cg_max_iter=200,
+            ),
+        )
+        for search, share in (("halving", 0.85), ("boundary", 0.85), ("boundary", 1.0))
+    }
+    solver = {key: result.diagnostics["solver"] for key, result in results.items()}
+    halving, edge = solver["halving", 0.85]["line_search_step"], solver["boundary", 1.0]["line_search_boundary"]
+    assert solver["halving", 0.85]["line_search_boundary"] is None
+    assert halving < 1.0 and halving <= edge < 2 * halving
+    assert solver["boundary", 1.0]["line_search_step"] == edge
+    assert solver["boundary", 0.85]["line_search_boundary"] == pytest.approx(edge, rel=1 / 16)
+    assert solver["boundary", 0.85]["line_search_step"] == pytest.approx(
+        0.85 * solver["boundary", 0.85]["line_search_boundary"]
+    )
+    direction = flat_change(model, results["halving", 0.85].state) / halving
+    for key, result in results.items():
+        change = flat_change(model, result.state)
+        expected = solver[key]["line_search_step"] * direction
+        assert float((change - expected).norm()) <= 1e-9 * float(change.norm())
+
+    def objective(scale: float) -> float:
+        return proximal_objective(model, data, remove, proximity, scale * direction)
+
+    start, epsilon = objective(0.0), 1e-7
+    slope = (objective(epsilon) - start) / epsilon
+    assert slope < 0
+    assert objective(edge) <= start + 1e-4 * edge * slope
+    beyond = edge * (1 + 2 / 32)
+    assert objective(beyond) > start + 1e-4 * beyond * slope
+
+
+def test_a_full_newton_step_within_the_boundary_is_taken_whole(setup) -> None:
+    """Two removed rows: J_S is nearly quadratic along the step, the edge lies beyond 1 / share, and the edit is
+    the full Newton step (scale 1, as ``halving`` gives)."""
+    model, data, _ = setup
+    for search in ("boundary", "halving"):
+        solver = edit_parameters(
+            model,
+            data,
+            torch.tensor([3, 50]),
+            loss="cross_entropy",
+            edit=EditOptions(estimator="newton", proximity=PROXIMITY, line_search=search),  # type: ignore[arg-type]
+        ).diagnostics["solver"]
+        assert solver["line_search_step"] == 1.0
+
+
 @pytest.mark.parametrize("estimator", ["proximal", "newton", "first_order"])
 def test_removing_nothing_changes_nothing(setup, estimator: EditEstimator) -> None:
     model, data, queries = setup

@@ -275,6 +275,8 @@ def test_fit_then_influence_with_fit_id_then_edit(api: Api) -> None:
         diagnostics["curvature"]["products"] == "matrix_free" and "linear layers" in diagnostics["curvature"]["reason"]
     )
     assert diagnostics["remaining_loss_after"] <= diagnostics["remaining_loss_before"] * 1.1
+    solver = diagnostics["solver"]  # the default boundary line search: the edge found, and the share of it taken
+    assert solver["line_search_step"] == pytest.approx(min(1.0, 0.85 * solver["line_search_boundary"]))
     assert len(diagnostics["query_loss_changes"]) == len(setup["query"]["targets"]) and "warnings" in diagnostics
     weights = load_safetensors(api.client.get(f"/v1/models/{new_model['id']}/weights").content)
     original = setup["module"].state_dict()
@@ -295,7 +297,13 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
     body = {
         "remove": [1, 2],
         "name": "minus2",
-        "options": {"estimator": "proximal", "max_steps": 3, "curvature_products": "stored", "curvature_tol": 0},
+        "options": {
+            "estimator": "proximal",
+            "max_steps": 3,
+            "curvature_products": "stored",
+            "curvature_tol": 0,
+            "line_search": "halving",
+        },
     }
     first = api.client.post(route, json=body, headers={"Idempotency-Key": "edit-1"})
     again = api.client.post(route, json=body, headers={"Idempotency-Key": "edit-1"})
@@ -311,6 +319,7 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
     assert model["name"] == "minus2" and model["edit_diagnostics"]["estimator"] == "proximal"
     curvature = model["edit_diagnostics"]["curvature"]
     assert (curvature["products"], curvature["left_out_share"]) == ("stored", 0.0)
+    assert model["edit_diagnostics"]["solver"]["line_search_boundary"] is None  # halving looks for no edge
     assert curvature["stored_terms"] == curvature["candidate_terms"]
     listed = {m["id"]: m for m in api.client.get("/v1/models").json()["models"]}
     assert listed[accepted["model_id"]]["edit_diagnostics"] == model["edit_diagnostics"]
@@ -327,6 +336,9 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
         ({"remove": [1], "name": "x", "options": {"steps": 3}}, "steps"),
         ({"remove": [1], "name": "x", "options": {"curvature_products": "dense"}}, "curvature_products"),
         ({"remove": [1], "name": "x", "options": {"curvature_tol": 1}}, "curvature_tol"),
+        ({"remove": [1], "name": "x", "options": {"line_search": "exact"}}, "line_search"),
+        ({"remove": [1], "name": "x", "options": {"boundary_share": 1.5}}, "boundary_share"),
+        ({"remove": [1], "name": "x", "options": {"boundary_share": 0}}, "boundary_share"),
     ):
         response = api.client.post(route, json=bad)
         assert response.status_code == 422 and field in response.text, (bad, response.text)

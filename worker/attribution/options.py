@@ -142,6 +142,11 @@ def _check_batch_size(batch_size: int) -> None:
 EditEstimator = Literal["proximal", "newton", "first_order"]
 EDIT_ESTIMATORS: tuple[str, ...] = ("proximal", "newton", "first_order")
 CurvatureProducts = Literal["auto", "stored", "matrix_free"]
+LineSearch = Literal["boundary", "halving"]
+LINE_SEARCHES: tuple[str, ...] = ("boundary", "halving")
+# the ``boundary`` line search's step: this share of the way to the edge of the acceptable scales (chosen by
+# benchmarks/edits_retraining.py on two models and checked on two held-out ones, see docs/editing.md)
+DEFAULT_BOUNDARY_SHARE = 0.85
 CURVATURE_PRODUCTS: tuple[str, ...] = ("auto", "stored", "matrix_free")
 # λ of the auto proximity: this many times the mean Gauss-Newton eigenvalue trace(G)/D (chosen by
 # benchmarks/edits_retraining.py, see docs/editing.md)
@@ -155,6 +160,9 @@ class EditOptions:
     ``proximal``: minimise the anchored proximal retrain objective J_S (worker/attribution/proximal.py) by
     Gauss-Newton steps; ``newton``: one such step from the current weights with a trust radius and a line search;
     ``first_order``: θ + (1/N) P Σ ∇ℓ with the attribution's own preconditioner P (its scoring damping).
+    ``line_search``: how far along the Newton step (``newton``, and the first step of ``proximal``):
+    ``boundary`` goes ``boundary_share`` of the way to the edge of the scales at which the proximal objective
+    still decreases enough, at most the full step; ``halving`` takes the first such scale of 1, ½, ¼, …
     ``proximity`` None: DEFAULT_PROXIMITY_FRACTION × the mean Gauss-Newton eigenvalue.
     ``curvature_products``: how the Gauss-Newton products of the solves are computed: ``matrix_free`` (two
     backward passes over the kept rows each), ``stored`` (the rows of a square root of G kept in memory, leaving
@@ -171,8 +179,14 @@ class EditOptions:
     batch_size: int = 2048
     curvature_products: CurvatureProducts = "auto"
     curvature_tol: float = 1e-4
+    line_search: LineSearch = "boundary"
+    boundary_share: float = DEFAULT_BOUNDARY_SHARE
 
     def validate(self) -> None:
+        if self.line_search not in LINE_SEARCHES:
+            raise AttributionError(f"unknown line_search {self.line_search!r}; expected one of {LINE_SEARCHES}")
+        if not 0 < self.boundary_share <= 1:
+            raise AttributionError(f"boundary_share must lie in (0, 1], got {self.boundary_share}")
         if self.curvature_products not in CURVATURE_PRODUCTS:
             raise AttributionError(
                 f"unknown curvature_products {self.curvature_products!r}; expected one of {CURVATURE_PRODUCTS}"

@@ -54,7 +54,7 @@ from worker.attribution.losses import (
     scored_positions,
     without_padding,
 )
-from worker.attribution.options import CurvatureProducts
+from worker.attribution.options import DEFAULT_BOUNDARY_SHARE, CurvatureProducts, LineSearch
 from worker.attribution.text import text_model_kwargs
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
@@ -63,6 +63,8 @@ CURVATURE_SCALE_ROWS = 2048  # rows used to measure the mean Gauss-Newton eigenv
 STORED_CURVATURE_BYTES = 512 * 2**20  # the most memory the stored square root of G may take ("auto" falls back)
 STORED_CURVATURE_OUTPUTS = 1024  # the most model outputs per row for which the square root of G is stored
 STORED_COST_SHARE = 0.5  # "auto" stores the rows of G when that costs at most this share of matrix-free products
+LINE_SEARCH_HALVINGS = 12  # the line search's tries at 1, ½, ¼, … of its first scale
+BOUNDARY_TOLERANCE = 1 / 32  # ``boundary`` line search: the edge is bracketed to within this share of its scale
 PRODUCT_BLOCK_ROWS = 256  # stored rows per block of a product (a block of a small model's rows stays in the cache)
 
 
@@ -702,6 +704,7 @@ class SolveReport:
     gradient_norm_ratio: float | None = 1.0  # ‖∇J_S‖ at the answer / ‖∇J_S(θ₀)‖ (newton: None)
     converged: bool = False
     step_scale: float = 1.0  # the newton step's line-search factor
+    boundary: float | None = None  # ``boundary`` line search: the edge of the acceptable scales it found
     clipped: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -713,6 +716,7 @@ class SolveReport:
             "gradient_norm_ratio": self.gradient_norm_ratio,
             "converged": self.converged,
             "line_search_step": self.step_scale,
+            "line_search_boundary": self.boundary,
             "clipped_to_trust_radius": self.clipped,
         }
 
@@ -729,10 +733,21 @@ def _solve(
 
 
 def newton_step(
-    objective: ProximalObjective, trust_radius: float, cg_tol: float, cg_max_iter: int, progress: Progress = no_progress
+    objective: ProximalObjective,
+    trust_radius: float,
+    cg_tol: float,
+    cg_max_iter: int,
+    progress: Progress = no_progress,
+    line_search: LineSearch = "boundary",
+    boundary_share: float = DEFAULT_BOUNDARY_SHARE,
 ) -> tuple[Flat, SolveReport]:
-    """One Gauss-Newton step (G_{−S}(θ₀) + λI) d = r from θ₀, clipped to the trust radius, then a backtracking
-    (Armijo) line search on the real J_S."""
+    """One Gauss-Newton step (G_{−S}(θ₀) + λI) d = r from θ₀, clipped to the trust radius, then a line search on
+    the real J_S along d. A scale s is acceptable when J_S(θ₀ + s d) ≤ J_S(θ₀) + 1e-4 s ⟨∇J_S(θ₀), d⟩ (Armijo).
+
+    ``halving``: the first acceptable scale of 1, ½, ¼, …  ``boundary``: the edge b of the acceptable scales (the
+    first acceptable one of 1/share, 1/(2 share), …, then bisection towards the rejected one until within
+    BOUNDARY_TOLERANCE), and the step s = min(1, share × b). The halving's answer jumps by factors of two as the
+    removal or λ change; the boundary's moves continuously (docs/editing.md)."""
     report = SolveReport(steps=1)
     theta0 = objective.theta0
     value0, gradient0 = objective.kept_loss0, -objective.removal_gradient
@@ -744,21 +759,56 @@ def newton_step(
         direction = direction * (radius / float(direction.norm()))
         report.clipped = True
     slope = float(gradient0 @ direction)
-    scale = 1.0
-    for _ in range(12):
+
+    def acceptable(scale: float) -> bool:
         progress("edit", report.steps, 1)
-        if objective.value(theta0 + scale * direction) <= value0 + 1e-4 * scale * slope:
-            break
-        scale *= 0.5
+        return objective.value(theta0 + scale * direction) <= value0 + 1e-4 * scale * slope
+
+    if line_search == "halving":
+        scale = _first_acceptable(acceptable, 1.0)
+        if scale is None:
+            report.warnings.append(
+                "the line search found no decrease of the proximal objective along the Newton step; "
+                "the edit is θ₀ moved by a tiny step"
+            )
+            scale = 0.5**LINE_SEARCH_HALVINGS
     else:
-        report.warnings.append(
-            "the line search found no decrease of the proximal objective along the Newton step; "
-            "the edit is θ₀ moved by a tiny step"
-        )
+        boundary = _acceptable_boundary(acceptable, 1.0 / boundary_share)
+        if boundary is None:
+            report.warnings.append(
+                "the line search found no decrease of the proximal objective along the Newton step; "
+                "the edit is the unedited model"
+            )
+            boundary = 0.0
+        report.boundary = boundary
+        scale = min(1.0, boundary_share * boundary)
     report.step_scale = scale
     report.accepted_steps = 1
     report.gradient_norm_ratio = None  # not computed: it would cost a gradient pass (the line search needs values)
     return theta0 + scale * direction, report
+
+
+def _first_acceptable(acceptable: Callable[[float], bool], start: float) -> float | None:
+    """The first acceptable scale of start, start/2, start/4, … (LINE_SEARCH_HALVINGS tries), or None."""
+    scale = start
+    for _ in range(LINE_SEARCH_HALVINGS):
+        if acceptable(scale):
+            return scale
+        scale *= 0.5
+    return None
+
+
+def _acceptable_boundary(acceptable: Callable[[float], bool], top: float) -> float | None:
+    """The largest acceptable scale up to ``top``, to within BOUNDARY_TOLERANCE (``top`` itself when acceptable;
+    None when no halving of it is)."""
+    low = _first_acceptable(acceptable, top)
+    if low is None or low == top:
+        return low
+    high = 2.0 * low  # rejected
+    while high - low > BOUNDARY_TOLERANCE * low:
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if acceptable(middle) else (low, middle)
+    return low
 
 
 def minimise(
@@ -769,6 +819,8 @@ def minimise(
     cg_max_iter: int,
     trust_radius: float,
     progress: Progress = no_progress,
+    line_search: LineSearch = "boundary",
+    boundary_share: float = DEFAULT_BOUNDARY_SHARE,
 ) -> tuple[Flat, SolveReport]:
     """Levenberg-Marquardt on J_S from θ₀: steps (G_{−S}(θ) + (λ + μ)I) d = −∇J_S(θ), accepted when the real
     decrease is a fair share of the model's, μ adapted by that ratio; stops at ‖∇J_S‖ ≤ tol · ‖∇J_S(θ₀)‖.
@@ -783,10 +835,11 @@ def minimise(
     if norm0 == 0.0:
         report.converged, report.gradient_norm_ratio = True, 0.0
         return point, report
-    point, first = newton_step(objective, trust_radius, cg_tol, cg_max_iter, progress)
+    point, first = newton_step(objective, trust_radius, cg_tol, cg_max_iter, progress, line_search, boundary_share)
     value, gradient = objective.value_and_gradient(point)
     report.steps, report.accepted_steps, report.cg_iterations = 1, 1, list(first.cg_iterations)
     report.clipped, report.step_scale, report.warnings = first.clipped, first.step_scale, list(first.warnings)
+    report.boundary = first.boundary
     report.gradient_norm_ratio = float(gradient.norm()) / norm0
     if report.gradient_norm_ratio <= tol:
         report.converged = True

@@ -138,4 +138,6 @@ def edit_options(options: EditOptionsIn, default_estimator: EstimatorName) -> Ed
         batch_size=options.batch_size,
         curvature_products=options.curvature_products,
         curvature_tol=options.curvature_tol,
+        line_search=options.line_search,
+        boundary_share=options.boundary_share,
     )
