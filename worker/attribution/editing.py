@@ -179,27 +179,9 @@ def estimate_edit(
         if edit.estimator == "first_order":
             theta = first_order().to(objective.theta0.device, objective.theta0.dtype)
         elif edit.estimator == "newton":
-            theta, report = newton_step(
-                objective,
-                edit.trust_radius,
-                edit.cg_tol,
-                edit.cg_max_iter,
-                progress,
-                edit.line_search,
-                edit.boundary_share,
-            )
+            theta, report = newton_step(objective, edit, progress)
         else:
-            theta, report = minimise(
-                objective,
-                edit.tol,
-                edit.max_steps,
-                edit.cg_tol,
-                edit.cg_max_iter,
-                edit.trust_radius,
-                progress,
-                edit.line_search,
-                edit.boundary_share,
-            )
+            theta, report = minimise(objective, edit, progress)
         check_finite_vectors({"tracked layers": theta}, "edited parameters")
         diagnostics = _diagnostics(objective, theta, report, edit, rule, queries)
     for key, value in state_entries(layers, theta).items():

@@ -54,7 +54,7 @@ from worker.attribution.losses import (
     scored_positions,
     without_padding,
 )
-from worker.attribution.options import DEFAULT_BOUNDARY_SHARE, CurvatureProducts, LineSearch
+from worker.attribution.options import CurvatureProducts, EditOptions
 from worker.attribution.text import text_model_kwargs
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
@@ -733,28 +733,23 @@ def _solve(
 
 
 def newton_step(
-    objective: ProximalObjective,
-    trust_radius: float,
-    cg_tol: float,
-    cg_max_iter: int,
-    progress: Progress = no_progress,
-    line_search: LineSearch = "boundary",
-    boundary_share: float = DEFAULT_BOUNDARY_SHARE,
+    objective: ProximalObjective, edit: EditOptions, progress: Progress = no_progress
 ) -> tuple[Flat, SolveReport]:
     """One Gauss-Newton step (G_{−S}(θ₀) + λI) d = r from θ₀, clipped to the trust radius, then a line search on
     the real J_S along d. A scale s is acceptable when J_S(θ₀ + s d) ≤ J_S(θ₀) + 1e-4 s ⟨∇J_S(θ₀), d⟩ (Armijo).
 
-    ``halving``: the first acceptable scale of 1, ½, ¼, …  ``boundary``: the edge b of the acceptable scales (the
-    first acceptable one of 1/share, 1/(2 share), …, then bisection towards the rejected one until within
-    BOUNDARY_TOLERANCE), and the step s = min(1, share × b). The halving's answer jumps by factors of two as the
-    removal or λ change; the boundary's moves continuously (docs/editing.md)."""
+    ``edit.line_search`` ``halving``: the first acceptable scale of 1, ½, ¼, …  ``boundary``: the edge b of the
+    acceptable scales (the first acceptable one of 1/share, 1/(2 share), …, then bisection towards the rejected one
+    until within BOUNDARY_TOLERANCE), and the step s = min(1, share × b), share = ``edit.boundary_share``. The
+    halving's answer jumps by factors of two as the removal or λ change; the boundary's moves continuously
+    (docs/editing.md)."""
     report = SolveReport(steps=1)
     theta0 = objective.theta0
     value0, gradient0 = objective.kept_loss0, -objective.removal_gradient
-    solved = _solve(objective, theta0, -gradient0, objective.proximity, cg_tol, cg_max_iter)
+    solved = _solve(objective, theta0, -gradient0, objective.proximity, edit.cg_tol, edit.cg_max_iter)
     report.cg_iterations.append(solved.iterations)
     direction = solved.solution
-    radius = trust_radius * float(theta0.norm())
+    radius = edit.trust_radius * float(theta0.norm())
     if float(direction.norm()) > radius > 0:
         direction = direction * (radius / float(direction.norm()))
         report.clipped = True
@@ -764,7 +759,7 @@ def newton_step(
         progress("edit", report.steps, 1)
         return objective.value(theta0 + scale * direction) <= value0 + 1e-4 * scale * slope
 
-    if line_search == "halving":
+    if edit.line_search == "halving":
         scale = _first_acceptable(acceptable, 1.0)
         if scale is None:
             report.warnings.append(
@@ -773,7 +768,7 @@ def newton_step(
             )
             scale = 0.5**LINE_SEARCH_HALVINGS
     else:
-        boundary = _acceptable_boundary(acceptable, 1.0 / boundary_share)
+        boundary = _acceptable_boundary(acceptable, 1.0 / edit.boundary_share)
         if boundary is None:
             report.warnings.append(
                 "the line search found no decrease of the proximal objective along the Newton step; "
@@ -781,7 +776,7 @@ def newton_step(
             )
             boundary = 0.0
         report.boundary = boundary
-        scale = min(1.0, boundary_share * boundary)
+        scale = min(1.0, edit.boundary_share * boundary)
     report.step_scale = scale
     report.accepted_steps = 1
     report.gradient_norm_ratio = None  # not computed: it would cost a gradient pass (the line search needs values)
@@ -812,15 +807,7 @@ def _acceptable_boundary(acceptable: Callable[[float], bool], top: float) -> flo
 
 
 def minimise(
-    objective: ProximalObjective,
-    tol: float,
-    max_steps: int,
-    cg_tol: float,
-    cg_max_iter: int,
-    trust_radius: float,
-    progress: Progress = no_progress,
-    line_search: LineSearch = "boundary",
-    boundary_share: float = DEFAULT_BOUNDARY_SHARE,
+    objective: ProximalObjective, edit: EditOptions, progress: Progress = no_progress
 ) -> tuple[Flat, SolveReport]:
     """Levenberg-Marquardt on J_S from θ₀: steps (G_{−S}(θ) + (λ + μ)I) d = −∇J_S(θ), accepted when the real
     decrease is a fair share of the model's, μ adapted by that ratio; stops at ‖∇J_S‖ ≤ tol · ‖∇J_S(θ₀)‖.
@@ -828,6 +815,7 @@ def minimise(
     The first step is `newton_step` (clipped to the trust radius, then a line search on J_S): started at μ = 0,
     the plain first step of a large removal overshoots so far that the next few, with μ still small, are all
     rejected too, and a run of a few steps ended where it began (at θ₀, the model unedited)."""
+    tol, max_steps = edit.tol, edit.max_steps
     report = SolveReport()
     point = objective.theta0
     value, gradient = objective.kept_loss0, -objective.removal_gradient  # J_S(θ₀), ∇J_S(θ₀)
@@ -835,7 +823,7 @@ def minimise(
     if norm0 == 0.0:
         report.converged, report.gradient_norm_ratio = True, 0.0
         return point, report
-    point, first = newton_step(objective, trust_radius, cg_tol, cg_max_iter, progress, line_search, boundary_share)
+    point, first = newton_step(objective, edit, progress)
     value, gradient = objective.value_and_gradient(point)
     report.steps, report.accepted_steps, report.cg_iterations = 1, 1, list(first.cg_iterations)
     report.clipped, report.step_scale, report.warnings = first.clipped, first.step_scale, list(first.warnings)
@@ -849,7 +837,7 @@ def minimise(
             break
         progress("edit", step - 1, max_steps)
         report.steps = step
-        solved = _solve(objective, point, -gradient, objective.proximity + mu, cg_tol, cg_max_iter)
+        solved = _solve(objective, point, -gradient, objective.proximity + mu, edit.cg_tol, edit.cg_max_iter)
         report.cg_iterations.append(solved.iterations)
         direction = solved.solution
         # model decrease of the real objective (without μ): −gᵀd − ½ dᵀ(G + λ)d, with (G + λ + μ)d ≈ −g
