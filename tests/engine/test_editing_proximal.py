@@ -216,6 +216,8 @@ def test_a_full_newton_step_within_the_boundary_is_taken_whole(setup) -> None:
             edit=EditOptions(estimator="newton", proximity=PROXIMITY, line_search=search),  # type: ignore[arg-type]
         ).diagnostics["solver"]
         assert solver["line_search_step"] == 1.0
+        if search == "boundary":  # acceptable at the first try, 1 / share
+            assert solver["line_search_boundary"] == pytest.approx(1 / 0.85)
 
 
 @pytest.mark.parametrize("estimator", ["proximal", "newton", "first_order"])
