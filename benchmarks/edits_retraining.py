@@ -30,9 +30,9 @@ from torch import nn
 
 from benchmarks.common import RESULTS, digits_split, set_threads
 from worker.attribution import EditOptions, Examples, InfluenceOptions, attribute, edit_parameters, fit_curvature
-from worker.attribution.hooks import resolve_layers
+from worker.attribution.hooks import TrackedLayer, resolve_layers
 from worker.attribution.options import DEFAULT_PROXIMITY_FRACTION
-from worker.attribution.proximal import mean_curvature_eigenvalue
+from worker.attribution.proximal import ProximalObjective
 
 KS = (10, 40, 100)
 
@@ -121,6 +121,16 @@ class Outcome:
         return float(np.mean(self.retrained_accuracies))
 
 
+def reference_eigenvalue(model: nn.Module, layers: list[TrackedLayer], data: Examples) -> float:
+    """The mean Gauss-Newton eigenvalue that the default edit's λ is (the unit of ``--fractions``): trace(G)/D
+    over every training row, computed as an edit computes it when it stores no rows of G."""
+    nothing = torch.zeros(0, dtype=torch.long)
+    objective = ProximalObjective(model, layers, data, nothing, "cross_entropy", 1024, linearised=False)
+    computed = objective.mean_eigenvalue()
+    assert computed is not None
+    return computed[0]
+
+
 def removal_sets(
     arch: str, model: nn.Module, train_data: Examples, queries: Examples, fit, seed: int, ks: tuple[int, ...] = KS
 ) -> list[RemovalSet]:
@@ -199,7 +209,7 @@ def run_setting(
     base = full[0]
     fit = fit_curvature(base, train_data, "cross_entropy", InfluenceOptions(strategy="ekfac").fit_options())
     layers = resolve_layers(base, None)
-    mean_eigenvalue = mean_curvature_eigenvalue(base, layers, train_data, "cross_entropy", 1024)
+    mean_eigenvalue = reference_eigenvalue(base, layers, train_data)
     chosen = estimators(fractions, mean_eigenvalue, cg_max_iter, cg_tol, variants)
     sets = removal_sets(arch, base, train_data, queries, fit, seed=1, ks=ks)
     full_losses = [losses(m, queries) for m in full]

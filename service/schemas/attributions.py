@@ -331,8 +331,9 @@ class EditOptionsIn(StrictModel):
         gt=0,
         le=1e12,
         allow_inf_nan=False,
-        description="λ of the proximal term (λ/2)‖θ − θ₀‖² of the retrain objective. Null: the mean "
-        "Gauss-Newton eigenvalue of the tracked layers (meta: the attribution's damping ρ).",
+        description="λ of the proximal term (λ/2)‖θ − θ₀‖² of the retrain objective. Null: 0.5 × the mean "
+        "Gauss-Newton eigenvalue trace(G)/D of the tracked layers, computed from the rows of a square root of G "
+        "(sampled for token datasets; the diagnostics' `proximity_rule` says how) (meta: the attribution's damping ρ).",
     )
     max_steps: int = Field(5, ge=1, le=100, description="`proximal`: at most this many Gauss-Newton steps.")
     tol: float = Field(1e-3, gt=0, lt=1, description="`proximal`: stop when ‖∇J‖ ≤ tol × its value at θ₀.")

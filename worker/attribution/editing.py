@@ -32,6 +32,7 @@ from worker.attribution.options import (
     InfluenceOptions,
 )
 from worker.attribution.proximal import (
+    CURVATURE_SCALE_ROWS,
     Flat,
     ProximalObjective,
     SolveReport,
@@ -174,7 +175,7 @@ def estimate_edit(
             curvature_tol=edit.curvature_tol,
             cg_max_iter=edit.cg_max_iter,
         )
-        objective.proximity, rule = _proximity(model, layers, train, loss, edit)
+        objective.proximity, rule = _proximity(objective, edit)
         report = SolveReport()
         if edit.estimator == "first_order":
             theta = first_order().to(objective.theta0.device, objective.theta0.dtype)
@@ -246,13 +247,19 @@ def first_order_parameters(
     return flat_parameters(scorer.layers).to(step.dtype) + step / len(train)
 
 
-def _proximity(
-    model: nn.Module, layers: list[TrackedLayer], train: Examples, loss: LossName, edit: EditOptions
-) -> tuple[float, str]:
+def _proximity(objective: ProximalObjective, edit: EditOptions) -> tuple[float, str]:
+    """λ: given, or DEFAULT_PROXIMITY_FRACTION × the mean Gauss-Newton eigenvalue trace(G)/D at θ₀ (computed from
+    the rows of G's square root where they can be formed, else sampled: ``ProximalObjective.mean_eigenvalue``)."""
     if edit.proximity is not None:
         return float(edit.proximity), "given"
-    mean = mean_curvature_eigenvalue(model, layers, train, loss, edit.batch_size)
-    return DEFAULT_PROXIMITY_FRACTION * mean, f"auto: {DEFAULT_PROXIMITY_FRACTION:g} × mean Gauss-Newton eigenvalue"
+    rule = f"auto: {DEFAULT_PROXIMITY_FRACTION:g} × mean Gauss-Newton eigenvalue"
+    computed = objective.mean_eigenvalue()
+    if computed is not None:
+        return DEFAULT_PROXIMITY_FRACTION * computed[0], f"{rule} ({computed[1]})"
+    train = objective.train
+    sampled = mean_curvature_eigenvalue(objective.model, objective.layers, train, objective.loss, edit.batch_size)
+    rows = min(len(train), CURVATURE_SCALE_ROWS)
+    return DEFAULT_PROXIMITY_FRACTION * sampled, f"{rule} (sampled labels on {rows} rows)"
 
 
 def query_losses(objective: ProximalObjective, flat: Flat, queries: Examples) -> torch.Tensor:
