@@ -1,14 +1,18 @@
-"""The default proximity λ of an edit.
+"""The default proximity λ of an edit and the ``boundary`` line search's search for the edge of the acceptable steps.
 
 λ = DEFAULT_PROXIMITY_FRACTION × trace(G)/D at the current weights, G = (1/N) Σ_i w_i J_iᵀ H_i J_i over the tracked
 layers. The tests write trace(G) from explicit per-example Jacobians (one backward pass per row and output) and
 compare: where the edit stores the rows of G's square root, λ is exact (curvature_tol 0: to rounding, 1e-9
 relative) and the same whichever rows are removed; where it does not (matrix-free products, first-order edits), the
 trace comes from the output terms holding 95% of the output-curvature weight, scaled up by that share, within 5%
-(the share left out; on the benchmark's digits models it is within 1%).
+(the share left out; on the benchmark's digits models it is within 1%). The edge search is checked on functions
+written here: exact at the first secant try for a quadratic J_S (φ linear), within BOUNDARY_TOLERANCE of the edge
+for a steep one, None when nothing is acceptable.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -18,6 +22,12 @@ from tests.engine.test_editing_stored_curvature import REMOVE, trained
 from worker.attribution import EditOptions, Examples, edit_parameters
 from worker.attribution.losses import LossName
 from worker.attribution.options import DEFAULT_PROXIMITY_FRACTION
+from worker.attribution.proximal import (
+    ARMIJO,
+    BOUNDARY_TOLERANCE,
+    EDGE_EVALUATIONS,
+    _acceptable_edge,
+)
 
 
 def explicit_mean_eigenvalue(model: nn.Module, data: Examples, loss: LossName) -> float:
@@ -60,3 +70,61 @@ def test_the_default_proximity_is_the_mean_gauss_newton_eigenvalue(kind) -> None
         result = diagnostics(REMOVE, estimator, products)
         assert "95% of the weight" in result["proximity_rule"]
         assert result["proximity"] == pytest.approx(expected, rel=0.05)
+
+
+def linear_excess(edge: float) -> tuple[list[float], object, float]:
+    """φ(s) for J_S(s) = J₀ + g s + κ s²/2 along the step, with κ putting the Armijo edge at ``edge``; the list
+    records the scales tried."""
+    slope = -1.0
+    curvature = -2 * (1 - ARMIJO) * slope / edge
+    tried: list[float] = []
+
+    def excess(scale: float) -> float:
+        tried.append(scale)
+        return (1 - ARMIJO) * slope + 0.5 * curvature * scale
+
+    return tried, excess, (1 - ARMIJO) * slope
+
+
+@pytest.mark.parametrize("edge", [0.03, 0.4, 1.0])
+def test_the_edge_of_a_quadratic_objective_is_found_in_a_few_tries(edge: float) -> None:
+    """φ is linear: the secant estimate is the edge itself, the tries after it only confirm it (the halvings and
+    bisection of a plain search took 1 + log2(1.18 / edge) + 5 tries: 11 for the first edge)."""
+    tried, excess, at_zero = linear_excess(edge)
+    found = _acceptable_edge(excess, 1 / 0.85, at_zero)  # type: ignore[arg-type]
+    assert found is not None
+    assert edge * (1 - BOUNDARY_TOLERANCE) <= found <= edge * (1 + 1e-12)
+    assert len(tried) <= 5
+
+
+def test_the_edge_of_a_steep_objective_is_found_within_the_tolerance() -> None:
+    """J_S(s) = −s + (e^{8s} − 1 − 8s)/40: flat, then exploding (a large removal's step on a neural network)."""
+    slope = -1.0
+
+    def value(scale: float) -> float:
+        return -scale + (math.exp(8 * scale) - 1 - 8 * scale) / 40
+
+    def excess(scale: float) -> float:
+        tried.append(scale)
+        return value(scale) / scale - ARMIJO * slope
+
+    low, high = 1e-6, 1.0  # the edge by bisection, to rounding
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if value(middle) / middle - ARMIJO * slope <= 0 else (low, middle)
+    tried: list[float] = []
+    found = _acceptable_edge(excess, 1 / 0.85, (1 - ARMIJO) * slope)
+    assert found is not None
+    assert low * (1 - BOUNDARY_TOLERANCE) <= found <= low
+    assert len(tried) <= EDGE_EVALUATIONS
+
+
+def test_no_acceptable_scale_gives_none() -> None:
+    tried: list[float] = []
+
+    def excess(scale: float) -> float:
+        tried.append(scale)
+        return 1.0
+
+    assert _acceptable_edge(excess, 1 / 0.85, -1.0) is None
+    assert len(tried) <= EDGE_EVALUATIONS

@@ -27,6 +27,7 @@ Hessians of the next-token logits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,8 @@ STORED_CURVATURE_OUTPUTS = 1024  # the most model outputs per row for which the 
 STORED_COST_SHARE = 0.5  # "auto" stores the rows of G when that costs at most this share of matrix-free products
 LINE_SEARCH_HALVINGS = 12  # the line search's tries at 1, ½, ¼, … of its first scale
 BOUNDARY_TOLERANCE = 1 / 32  # ``boundary`` line search: the edge is bracketed to within this share of its scale
+EDGE_EVALUATIONS = 20  # ``boundary`` line search: the most values of J_S it computes
+ARMIJO = 1e-4  # a scale s is acceptable when J_S falls by at least this share of the slope's prediction s ⟨∇J_S, d⟩
 PRODUCT_BLOCK_ROWS = 256  # stored rows per block of a product (a block of a small model's rows stays in the cache)
 
 
@@ -828,11 +831,12 @@ def newton_step(
     objective: ProximalObjective, edit: EditOptions, progress: Progress = no_progress
 ) -> tuple[Flat, SolveReport]:
     """One Gauss-Newton step (G_{−S}(θ₀) + λI) d = r from θ₀, clipped to the trust radius, then a line search on
-    the real J_S along d. A scale s is acceptable when J_S(θ₀ + s d) ≤ J_S(θ₀) + 1e-4 s ⟨∇J_S(θ₀), d⟩ (Armijo).
+    the real J_S along d. A scale s is acceptable when J_S(θ₀ + s d) ≤ J_S(θ₀) + c s ⟨∇J_S(θ₀), d⟩ (Armijo,
+    c = ARMIJO).
 
     ``edit.line_search`` ``halving``: the first acceptable scale of 1, ½, ¼, …  ``boundary``: the edge b of the
-    acceptable scales (the first acceptable one of 1/share, 1/(2 share), …, then bisection towards the rejected one
-    until within BOUNDARY_TOLERANCE), and the step s = min(1, share × b), share = ``edit.boundary_share``. The
+    acceptable scales up to 1/share (``_acceptable_edge``: secant tries, to within BOUNDARY_TOLERANCE), and the
+    step s = min(1, share × b), share = ``edit.boundary_share``. The
     halving's answer jumps by factors of two as the removal or λ change; the boundary's moves continuously
     (docs/editing.md)."""
     report = SolveReport(steps=1)
@@ -847,12 +851,12 @@ def newton_step(
         report.clipped = True
     slope = float(gradient0 @ direction)
 
-    def acceptable(scale: float) -> bool:
+    def excess(scale: float) -> float:  # φ(s) = (J_S(θ₀ + s d) − J_S(θ₀)) / s − c ⟨∇J_S(θ₀), d⟩: acceptable ≤ 0
         progress("edit", report.steps, 1)
-        return objective.value(theta0 + scale * direction) <= value0 + 1e-4 * scale * slope
+        return (objective.value(theta0 + scale * direction) - value0) / scale - ARMIJO * slope
 
     if edit.line_search == "halving":
-        scale = _first_acceptable(acceptable, 1.0)
+        scale = _first_acceptable(lambda scale: excess(scale) <= 0, 1.0)
         if scale is None:
             report.warnings.append(
                 "the line search found no decrease of the proximal objective along the Newton step; "
@@ -860,7 +864,7 @@ def newton_step(
             )
             scale = 0.5**LINE_SEARCH_HALVINGS
     else:
-        boundary = _acceptable_boundary(acceptable, 1.0 / edit.boundary_share)
+        boundary = _acceptable_edge(excess, 1.0 / edit.boundary_share, (1 - ARMIJO) * slope)
         if boundary is None:
             report.warnings.append(
                 "the line search found no decrease of the proximal objective along the Newton step; "
@@ -885,17 +889,53 @@ def _first_acceptable(acceptable: Callable[[float], bool], start: float) -> floa
     return None
 
 
-def _acceptable_boundary(acceptable: Callable[[float], bool], top: float) -> float | None:
-    """The largest acceptable scale up to ``top``, to within BOUNDARY_TOLERANCE (``top`` itself when acceptable;
-    None when no halving of it is)."""
-    low = _first_acceptable(acceptable, top)
-    if low is None or low == top:
-        return low
-    high = 2.0 * low  # rejected
-    while high - low > BOUNDARY_TOLERANCE * low:
-        middle = 0.5 * (low + high)
-        low, high = (middle, high) if acceptable(middle) else (low, middle)
+def _acceptable_edge(excess: Callable[[float], float], top: float, at_zero: float) -> float | None:
+    """The largest acceptable scale up to ``top`` (``top`` itself when acceptable), to within BOUNDARY_TOLERANCE,
+    from φ = ``excess`` (acceptable where φ ≤ 0; ``at_zero`` = φ(0+) < 0). For a quadratic J_S, φ is linear in the
+    scale, so each try goes to the secant estimate of φ's root: first from φ(0+) and the last rejected scale
+    (kept within 0.1 and 0.9 of that scale) until a scale is acceptable, then by regula falsi (the Illinois
+    variant) between the acceptable and the rejected scale, each try at least half the tolerance inside them, so
+    that a close estimate ends the search with one more try. The secants run on asinh(φ / |φ(0+)|), the same sign
+    and nearly φ near the root: where J_S explodes further along, φ at the rejected scale is huge and would pin
+    every secant estimate to the acceptable end. None when no scale above ``top`` × ½^12 is acceptable within
+    EDGE_EVALUATIONS tries."""
+    scale = abs(at_zero)
+
+    def compressed(value: float) -> float:
+        return math.asinh(value / scale)
+
+    high, f_high = top, compressed(excess(top))
+    if f_high <= 0:
+        return top
+    tries, floor, f_zero = 1, top * 0.5**LINE_SEARCH_HALVINGS, compressed(at_zero)
+    while True:  # step back towards 0 until a scale is acceptable
+        if tries >= EDGE_EVALUATIONS or high <= floor:
+            return None
+        guess = min(max(_secant_root(0.0, f_zero, high, f_high), 0.1 * high), 0.9 * high)
+        value, tries = compressed(excess(guess)), tries + 1
+        if value <= 0:
+            low, f_low = guess, value
+            break
+        high, f_high = guess, value
+    moved = ""  # the end the last try replaced
+    while high - low > BOUNDARY_TOLERANCE * low and tries < EDGE_EVALUATIONS:
+        margin = 0.5 * BOUNDARY_TOLERANCE * low
+        guess = min(max(_secant_root(low, f_low, high, f_high), low + margin), high - margin)
+        value, tries = compressed(excess(guess)), tries + 1
+        if value <= 0:
+            low, f_low = guess, value
+            f_high = 0.5 * f_high if moved == "low" else f_high  # Illinois: the kept end's value halved
+            moved = "low"
+        else:
+            high, f_high = guess, value
+            f_low = 0.5 * f_low if moved == "high" else f_low
+            moved = "high"
     return low
+
+
+def _secant_root(low: float, f_low: float, high: float, f_high: float) -> float:
+    """Where the line through (low, f_low ≤ 0) and (high, f_high > 0) crosses zero."""
+    return low - f_low * (high - low) / (f_high - f_low)
 
 
 def minimise(
