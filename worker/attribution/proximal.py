@@ -233,21 +233,20 @@ class ProximalObjective:
         squared norms over the output terms kept, divided by the share of the output-curvature weight they hold:
         where the kept rows' were stored, with those (exact but for ``curvature_tol``) plus the removed rows'; else
         over every row from the terms holding 1 − TRACE_TOL of the weight (within 1% of the exact trace on the
-        benchmark's models, at a fifth of the cost)."""
-        size = self.theta0.numel()
+        benchmark's models)."""
+        parts: list[tuple[float, float]] | None = None  # (trace of some rows' kept terms, share left out)
+        rule = "exact trace"
         if self.kept_curvature_trace is not None:
-            kept, kept_share = self.kept_curvature_trace
             removed = curvature_trace(self, self.train.subset(self.removed), self.theta0, self.curvature_tol)
             if removed is not None:
-                value = kept / (1 - kept_share) + removed[0] / (1 - removed[1])
-                return _checked_eigenvalue(value / size), "exact trace"
-        whole = curvature_trace(self, self.train, self.theta0, TRACE_TOL)
-        if whole is None:
-            return None
-        value = whole[0] / (1 - whole[1])
-        return _checked_eigenvalue(
-            value / size
-        ), f"trace over the output terms holding {1 - TRACE_TOL:.0%} of the weight"
+                parts = [self.kept_curvature_trace, removed]
+        if parts is None:
+            whole = curvature_trace(self, self.train, self.theta0, TRACE_TOL)
+            if whole is None:
+                return None
+            parts, rule = [whole], f"trace over the output terms holding {1 - TRACE_TOL:.0%} of the weight"
+        trace = sum(value / (1 - share) for value, share in parts)
+        return _checked_eigenvalue(trace / self.theta0.numel()), rule
 
     def mean_kept_loss(self, flat: Flat) -> float:
         """The remaining rows' mean loss Σ_{i∉S} w_i ℓ_i / |kept| at ``flat`` (a diagnostic)."""
@@ -529,14 +528,15 @@ class StoredGaussNewton:
                     f"{cost:.2f} of the matrix-free products' work (linear layers gain little)"
                 )
         chunks: list[list[torch.Tensor | RankOneRows]] = []
-        stored_bytes, trace = 0, 0.0
+        stored_bytes, stored_terms, trace = 0, 0, 0.0
         for parts in square_root_rows(objective, kept, point, outputs, rows, columns):
             if isinstance(parts, str):
                 return parts
             chunks.append(parts)
             stored_bytes += sum(_part_bytes(part) for part in parts)
+            stored_terms += _part_terms(parts[0])
             trace += sum(_part_squared_norm(part) for part in parts)
-            estimate = stored_bytes * len(rows) / sum(_part_terms(chunk[0]) for chunk in chunks)
+            estimate = stored_bytes * len(rows) / stored_terms
             if estimate > STORED_CURVATURE_BYTES:
                 return (
                     f"the {len(rows)} square-root rows of G would take about {estimate / 2**20:.0f} MiB "
