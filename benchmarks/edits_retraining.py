@@ -162,7 +162,7 @@ def removal_sets(
 
 
 def estimators(
-    fractions: list[float], mean_eigenvalue: float, cg_max_iter: int, cg_tol: float, variants: list[str]
+    fractions: list[float], mean_eigenvalue: float, cg_max_iter: int | None, cg_tol: float, variants: list[str]
 ) -> dict[str, EditOptions]:
     """first_order, and newton at each proximity fraction (fraction 1 is the default: proximity None, so the
     edit's time includes estimating the mean eigenvalue)."""
@@ -196,7 +196,7 @@ def run_setting(
     arch: str,
     setting: Setting,
     fractions: list[float],
-    cg_max_iter: int,
+    cg_max_iter: int | None,
     cg_tol: float,
     variants: list[str],
     ks: tuple[int, ...] = KS,
@@ -406,7 +406,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["mlp", "cnn", "mlp_narrow", "cnn_wide"], default=None)
     parser.add_argument("--fractions", default="1,10", help="proximity λ as multiples of the mean GN eigenvalue")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cg-max-iter", type=int, default=EditOptions().cg_max_iter, help="CG iterations per step")
+    parser.add_argument(
+        "--cg-max-iter", type=int, default=None, help="CG iterations per step (default: the edit's, by preconditioner)"
+    )
     parser.add_argument("--cg-tol", type=float, default=EditOptions().cg_tol, help="CG stopping tolerance")
     parser.add_argument(
         "--variant", dest="variants", action="append", default=[], help="newton with options changed: key=value,..."

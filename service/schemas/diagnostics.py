@@ -257,6 +257,9 @@ class EditCurvatureReport(Diagnostics):
     left_out_share: float | None = Field(
         None, description="`stored`: the weight of the terms left out (≤ curvature_tol of the total)."
     )
+    preconditioner: str | None = Field(
+        None, description="The solves' preconditioner (`kronecker`, `none`, or why none could be fitted)."
+    )
 
 
 class EditDiagnostics(Diagnostics):

@@ -58,16 +58,27 @@ def test_the_default_proximity_is_the_mean_gauss_newton_eigenvalue(kind) -> None
     model, data, loss = trained(kind)  # type: ignore[arg-type]
     expected = DEFAULT_PROXIMITY_FRACTION * explicit_mean_eigenvalue(model, data, loss)
 
-    def diagnostics(rows: torch.Tensor, estimator: str, products: str) -> dict:
-        edit = EditOptions(estimator=estimator, curvature_products=products, curvature_tol=0.0)  # type: ignore[arg-type]
+    def diagnostics(rows: torch.Tensor, estimator: str, products: str, preconditioner: str = "none") -> dict:
+        edit = EditOptions(
+            estimator=estimator,  # type: ignore[arg-type]
+            curvature_products=products,  # type: ignore[arg-type]
+            curvature_tol=0.0,
+            preconditioner=preconditioner,  # type: ignore[arg-type]
+        )
         return edit_parameters(model, data, rows, loss=loss, edit=edit).diagnostics
 
-    stored = [diagnostics(rows, "newton", "stored") for rows in (REMOVE, torch.arange(30))]
+    stored = [diagnostics(rows, "newton", "stored", "kronecker") for rows in (REMOVE, torch.arange(30))]
     for result in stored:
         assert "exact trace" in result["proximity_rule"]
         assert result["proximity"] == pytest.approx(expected, rel=1e-9)
-    for estimator, products in (("newton", "matrix_free"), ("first_order", "stored")):
-        result = diagnostics(REMOVE, estimator, products)
+    # matrix-free edits take the trace over every row, or, fitting the preconditioner, over the remaining rows
+    # (which the preconditioner needs) plus the removed rows
+    for estimator, products, preconditioner in (
+        ("newton", "matrix_free", "none"),
+        ("newton", "matrix_free", "kronecker"),
+        ("first_order", "stored", "none"),
+    ):
+        result = diagnostics(REMOVE, estimator, products, preconditioner)
         assert "95% of the weight" in result["proximity_rule"]
         assert result["proximity"] == pytest.approx(expected, rel=0.05)
 

@@ -303,6 +303,7 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
             "curvature_products": "stored",
             "curvature_tol": 0,
             "line_search": "halving",
+            "preconditioner": "kronecker",
         },
     }
     first = api.client.post(route, json=body, headers={"Idempotency-Key": "edit-1"})
@@ -319,6 +320,7 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
     assert model["name"] == "minus2" and model["edit_diagnostics"]["estimator"] == "proximal"
     curvature = model["edit_diagnostics"]["curvature"]
     assert (curvature["products"], curvature["left_out_share"]) == ("stored", 0.0)
+    assert curvature["preconditioner"] == "kronecker"
     assert model["edit_diagnostics"]["solver"]["line_search_boundary"] is None  # halving looks for no edge
     assert curvature["stored_terms"] == curvature["candidate_terms"]
     listed = {m["id"]: m for m in api.client.get("/v1/models").json()["models"]}
@@ -339,6 +341,7 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
         ({"remove": [1], "name": "x", "options": {"line_search": "exact"}}, "line_search"),
         ({"remove": [1], "name": "x", "options": {"boundary_share": 1.5}}, "boundary_share"),
         ({"remove": [1], "name": "x", "options": {"boundary_share": 0}}, "boundary_share"),
+        ({"remove": [1], "name": "x", "options": {"preconditioner": "jacobi"}}, "preconditioner"),
     ):
         response = api.client.post(route, json=bad)
         assert response.status_code == 422 and field in response.text, (bad, response.text)

@@ -174,6 +174,7 @@ def estimate_edit(
             curvature_products=edit.curvature_products,
             curvature_tol=edit.curvature_tol,
             cg_max_iter=edit.cg_max_iter,
+            preconditioner_kind=edit.preconditioner,
         )
         objective.proximity, rule = _proximity(objective, edit)
         report = SolveReport()

@@ -144,6 +144,10 @@ EDIT_ESTIMATORS: tuple[str, ...] = ("proximal", "newton", "first_order")
 CurvatureProducts = Literal["auto", "stored", "matrix_free"]
 LineSearch = Literal["boundary", "halving"]
 LINE_SEARCHES: tuple[str, ...] = ("boundary", "halving")
+EditPreconditioner = Literal["auto", "kronecker", "none"]
+EDIT_PRECONDITIONERS: tuple[str, ...] = ("auto", "kronecker", "none")
+PRECONDITIONED_CG_ITERATIONS = 8  # CG products per solve by default with the Kronecker preconditioner
+PLAIN_CG_ITERATIONS = 20  # and without it
 # the ``boundary`` line search's step: this share of the way to the edge of the acceptable scales (chosen by
 # benchmarks/edits_retraining.py on two models and checked on two held-out ones, see docs/editing.md)
 DEFAULT_BOUNDARY_SHARE = 0.85
@@ -169,13 +173,18 @@ class EditOptions:
     ``curvature_products``: how the Gauss-Newton products of the solves are computed: ``matrix_free`` (two
     backward passes over the kept rows each), ``stored`` (the rows of a square root of G kept in memory, leaving
     out terms worth at most ``curvature_tol`` of its trace), ``auto`` (stored where the model has few outputs per
-    row, it fits in memory and it saves at least half the products' work, else matrix-free)."""
+    row, it fits in memory and it saves at least half the products' work, else matrix-free).
+    ``preconditioner``: of the CG solves, ``kronecker`` (per layer, in the eigenbases of the Gram factors of the
+    square-root rows of G: edit_preconditioner.py), ``none``, or ``auto`` (kronecker where the rows of G are
+    stored, so fitting it costs no pass over the data; none with matrix-free products, where plain CG truncated
+    at 20 products is part of the measured estimate). ``cg_max_iter`` None: PRECONDITIONED_CG_ITERATIONS with the
+    preconditioner, PLAIN_CG_ITERATIONS without."""
 
     estimator: EditEstimator = "newton"
     proximity: float | None = None
     max_steps: int = 5
     tol: float = 1e-3
-    cg_max_iter: int = 20
+    cg_max_iter: int | None = None
     cg_tol: float = 1e-3
     trust_radius: float = 1.0
     batch_size: int = 2048
@@ -183,8 +192,13 @@ class EditOptions:
     curvature_tol: float = 1e-4
     line_search: LineSearch = "boundary"
     boundary_share: float = DEFAULT_BOUNDARY_SHARE
+    preconditioner: EditPreconditioner = "auto"
 
     def validate(self) -> None:
+        if self.preconditioner not in EDIT_PRECONDITIONERS:
+            raise AttributionError(
+                f"unknown preconditioner {self.preconditioner!r}; expected one of {EDIT_PRECONDITIONERS}"
+            )
         if self.line_search not in LINE_SEARCHES:
             raise AttributionError(f"unknown line_search {self.line_search!r}; expected one of {LINE_SEARCHES}")
         if not 0 < self.boundary_share <= 1:
@@ -198,7 +212,7 @@ class EditOptions:
         if self.estimator not in EDIT_ESTIMATORS:
             raise AttributionError(f"unknown edit estimator {self.estimator!r}; expected one of {EDIT_ESTIMATORS}")
         check_damping(self.proximity)
-        if self.max_steps < 1 or self.cg_max_iter < 1:
+        if self.max_steps < 1 or (self.cg_max_iter is not None and self.cg_max_iter < 1):
             raise AttributionError("max_steps and cg_max_iter must be >= 1")
         if not 0 < self.tol < 1 or not 0 < self.cg_tol < 1:
             raise AttributionError("tol and cg_tol must lie in (0, 1)")

@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from worker.attribution.edit_preconditioner import KroneckerPreconditioner, RankOneRows, RowPart
 from worker.attribution.gradients import FisherLabels, batches, fitting_activities, model_dtype
 from worker.attribution.hooks import (
     ActivityRecorder,
@@ -55,7 +56,13 @@ from worker.attribution.losses import (
     scored_positions,
     without_padding,
 )
-from worker.attribution.options import CurvatureProducts, EditOptions
+from worker.attribution.options import (
+    PLAIN_CG_ITERATIONS,
+    PRECONDITIONED_CG_ITERATIONS,
+    CurvatureProducts,
+    EditOptions,
+    EditPreconditioner,
+)
 from worker.attribution.text import text_model_kwargs
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
@@ -144,14 +151,18 @@ class ProximalObjective:
     linearised: bool = True  # build the curvature operator at θ₀ with the objective (False: no solve will follow)
     curvature_products: CurvatureProducts = "matrix_free"  # how G v is computed (EditOptions.curvature_products)
     curvature_tol: float = 0.0  # stored products: the share of the output-curvature terms' weight left out
-    cg_max_iter: int = 20  # products per solve ("auto" weighs the stored rows' build against them)
+    cg_max_iter: int | None = None  # products per solve (None: by the preconditioner; ``cg_iterations``)
+    preconditioner_kind: EditPreconditioner = "none"  # the solves' preconditioner (EditOptions.preconditioner)
     theta0: Flat = field(init=False)
     removal_gradient: Flat = field(init=False)  # r = (1/N) Σ_{i∈S} w_i ∇ℓ_i(θ₀)
     anchor: Flat = field(init=False)  # g₀ = ∇L(θ₀) over all rows
     kept: Examples = field(init=False)
     passes: int = field(init=False, default=0)  # passes over the kept rows (forward, gradient or GN product)
     curvature_report: dict[str, Any] = field(init=False, default_factory=dict)  # how the last operator was built
-    kept_curvature_trace: tuple[float, float] | None = field(init=False, default=None)  # stored at θ₀: trace, share
+    # the kept rows' curvature trace at θ₀ when their square-root rows were formed (stored, or fitting the
+    # preconditioner): (trace of the terms kept, share of the weight left out, the tolerance that left it out)
+    kept_curvature_trace: tuple[float, float, float] | None = field(init=False, default=None)
+    preconditioner: KroneckerPreconditioner | None = field(init=False, default=None)  # fitted at θ₀
 
     def __post_init__(self) -> None:
         self.device = next(self.model.parameters()).device
@@ -237,9 +248,12 @@ class ProximalObjective:
         parts: list[tuple[float, float]] | None = None  # (trace of some rows' kept terms, share left out)
         rule = "exact trace"
         if self.kept_curvature_trace is not None:
-            removed = curvature_trace(self, self.train.subset(self.removed), self.theta0, self.curvature_tol)
+            kept_trace, kept_share, tol = self.kept_curvature_trace
+            removed = curvature_trace(self, self.train.subset(self.removed), self.theta0, tol)
             if removed is not None:
-                parts = [self.kept_curvature_trace, removed]
+                parts = [(kept_trace, kept_share), removed]
+                if tol > self.curvature_tol:
+                    rule = f"trace over the output terms holding {1 - tol:.0%} of the weight"
         if parts is None:
             whole = curvature_trace(self, self.train, self.theta0, TRACE_TOL)
             if whole is None:
@@ -277,7 +291,35 @@ class ProximalObjective:
 
     def linearise(self, flat: Flat) -> tuple[float, Flat, Callable[[Flat], Flat]]:
         """The kept rows' Σ w_i ℓ_i / N, its gradient, and v ↦ G_{−S}(θ) v, all at θ = ``flat``: with stored
-        square-root rows of G (``StoredGaussNewton``) when ``curvature_products`` allows it, else matrix-free."""
+        square-root rows of G (``StoredGaussNewton``) when ``curvature_products`` allows it, else matrix-free.
+        At θ₀ it also fits the solves' preconditioner (``preconditioner_kind`` ``kronecker``, or ``auto`` with
+        stored rows)."""
+        linearised = self._linearise_products(flat)
+        if flat is self.theta0:
+            if self.preconditioner is not None:
+                chosen = "kronecker"
+            elif self.preconditioner_kind == "auto":
+                chosen = "none (auto: the preconditioner is fitted where the rows of G are stored)"
+            else:
+                chosen = "none"
+            self.curvature_report.setdefault("preconditioner", chosen)
+        return linearised
+
+    def cg_iterations(self) -> int:
+        """Products per CG solve: ``cg_max_iter``, or by default PRECONDITIONED_CG_ITERATIONS with the fitted
+        preconditioner and PLAIN_CG_ITERATIONS without."""
+        if self.cg_max_iter is not None:
+            return self.cg_max_iter
+        return PRECONDITIONED_CG_ITERATIONS if self.preconditioner is not None else PLAIN_CG_ITERATIONS
+
+    def _default_iterations(self, stored: bool) -> int:
+        """``cg_iterations`` for stored (True) or matrix-free products, before the operator is built."""
+        if self.cg_max_iter is not None:
+            return self.cg_max_iter
+        fitted = self.preconditioner_kind == "kronecker" or (stored and self.preconditioner_kind == "auto")
+        return PRECONDITIONED_CG_ITERATIONS if fitted else PLAIN_CG_ITERATIONS
+
+    def _linearise_products(self, flat: Flat) -> tuple[float, Flat, Callable[[Flat], Flat]]:
         if self.curvature_products != "matrix_free":
             reason = self._stored_unavailable()
             if reason is None:
@@ -325,7 +367,12 @@ class ProximalObjective:
         self.passes += 1
         self.curvature_report = stored.report()
         if flat is self.theta0:
-            self.kept_curvature_trace = (stored.trace, stored.dropped_share)
+            self.kept_curvature_trace = (stored.trace, stored.dropped_share, self.curvature_tol)
+            if self.preconditioner_kind in ("kronecker", "auto"):
+                self.preconditioner = KroneckerPreconditioner(self.layers)
+                for parts in stored.chunks:
+                    self.preconditioner.add(parts)
+                self.preconditioner.finish(stored.dropped_share)
         return total, gradient, stored.product
 
     def _positions(self, flat: Flat) -> dict[str, int]:
@@ -376,6 +423,8 @@ class ProximalObjective:
             output_gradient = torch.autograd.grad(value, logits)[0]
             total += float(value.detach())
             gradient += torch.autograd.grad(outputs, point, output_gradient, retain_graph=True)[0].detach()
+        if flat is self.theta0 and self.preconditioner_kind == "kronecker":
+            self._fit_preconditioner()
 
         def apply(vector: Flat) -> Flat:
             self.passes += 1
@@ -389,6 +438,19 @@ class ProximalObjective:
             return result
 
         return total, gradient, apply
+
+    def _fit_preconditioner(self) -> None:
+        """Matrix-free edits: the preconditioner at θ₀ from the square-root rows of the kept rows' terms that hold
+        1 − TRACE_TOL of the output curvature weight (formed chunk by chunk, not kept; their trace is the kept
+        part of ``mean_eigenvalue``). Left unset where those rows cannot be formed (``curvature_trace``)."""
+        preconditioner = KroneckerPreconditioner(self.layers)
+        traced = curvature_trace(self, self.kept, self.theta0, TRACE_TOL, preconditioner)
+        if traced is None:
+            self.curvature_report["preconditioner"] = "none: the square-root rows of G cannot be formed here"
+            return
+        preconditioner.finish(traced[1])
+        self.preconditioner = preconditioner
+        self.kept_curvature_trace = (traced[0], traced[1], TRACE_TOL)
 
 
 def output_curvature_weights(outputs: torch.Tensor, loss: LossName, weights: torch.Tensor | None, n: int) -> Flat:
@@ -417,20 +479,19 @@ def kept_output_terms(values: Flat, tol: float) -> tuple[torch.Tensor, torch.Ten
     return chosen // columns, chosen % columns, share
 
 
-@dataclass
-class RankOneRows:
-    """A linear layer's part of stored rows: term m's gradient g_m a_{row m}ᵀ, a held once per row."""
-
-    a: torch.Tensor  # (rows, d_in)
-    g: torch.Tensor  # (terms, d_out)
-    row: torch.Tensor  # (terms,) index into a
-
-
 def stored_cost_share(
-    layers: list[TrackedLayer], positions: dict[str, int], terms: int, rows: int, kept: int, iterations: int
+    layers: list[TrackedLayer],
+    positions: dict[str, int],
+    terms: int,
+    rows: int,
+    kept: int,
+    iterations: int,
+    free_iterations: int | None = None,
 ) -> float:
-    """Multiply-adds of stored products over those of matrix-free products for one solve of ``iterations`` CG
-    products (a rough model): with F = Σ_l T_l D_l per row (T_l positions, D_l parameters of layer l),
+    """Multiply-adds of stored products over those of matrix-free products for one solve of ``iterations`` stored
+    CG products against ``free_iterations`` (default: as many) matrix-free ones (a rough model: the preconditioner
+    that stored rows come with takes fewer products). With F = Σ_l T_l D_l per row (T_l positions, D_l parameters
+    of layer l),
     matrix-free costs 3 F per row and product; stored costs 3 F per term to build (a forward and a backward
     pass), T_l D_l per term for each layer with positions (its per-example gradient), and per product
     2 D_l per term (layers with positions) or 2 D_l per row (linear layers, held as factors)."""
@@ -447,7 +508,8 @@ def stored_cost_share(
             + terms * sum(layer.out_features for layer in single)
         )
     )
-    return (build + products) / max(1, iterations * 3 * kept * spread)
+    free = iterations if free_iterations is None else free_iterations
+    return (build + products) / max(1, free * 3 * kept * spread)
 
 
 def _whole_row_chunks(rows: torch.Tensor, size: int) -> list[tuple[int, int]]:
@@ -493,7 +555,7 @@ class StoredGaussNewton:
     once per kept output); a product is then two matrix-vector products per layer, without the data."""
 
     layers: list[TrackedLayer]
-    chunks: list[list[torch.Tensor | RankOneRows]]  # per chunk of whole rows, per layer
+    chunks: list[list[RowPart]]  # per chunk of whole rows, per layer
     terms: int
     rows: int
     candidates: int
@@ -520,14 +582,15 @@ class StoredGaussNewton:
                 len(rows),
                 int(torch.unique(rows).numel()),
                 len(kept),
-                objective.cg_max_iter,
+                objective._default_iterations(stored=True),
+                objective._default_iterations(stored=False),
             )
             if cost > STORED_COST_SHARE:
                 return (
                     f"storing the {len(rows)} square-root rows of G and their products would cost about "
                     f"{cost:.2f} of the matrix-free products' work (linear layers gain little)"
                 )
-        chunks: list[list[torch.Tensor | RankOneRows]] = []
+        chunks: list[list[RowPart]] = []
         stored_bytes, stored_terms, trace = 0, 0, 0.0
         for parts in square_root_rows(objective, kept, point, outputs, rows, columns):
             if isinstance(parts, str):
@@ -590,7 +653,7 @@ def square_root_rows(
     outputs: torch.Tensor,
     rows: torch.Tensor,
     columns: torch.Tensor,
-) -> Iterator[list[torch.Tensor | RankOneRows] | str]:
+) -> Iterator[list[RowPart] | str]:
     """The square-root rows J_iᵀ c_ik of the terms (rows, columns) of ``examples`` at θ = ``point`` (requiring
     grad), one list per chunk of whole rows with each tracked layer's part (``StoredGaussNewton``), from one
     forward and one backward pass over the terms' rows. ``outputs``: the examples' outputs (rows, C) at θ, on the
@@ -631,7 +694,7 @@ def square_root_rows(
             inverse = inverse.to(output.device)
             sizes, rows_of_size = torch.unique_consecutive(per_row, return_counts=True)
             groups = list(zip(sizes.tolist(), rows_of_size.tolist(), strict=True))
-            parts: list[torch.Tensor | RankOneRows] = []
+            parts: list[RowPart] = []
             position = 0
             for layer in objective.layers:
                 acts, gs = [], []
@@ -675,16 +738,16 @@ def _coefficients(
     return coefficients * scale.sqrt()
 
 
-def _part_terms(part: torch.Tensor | RankOneRows) -> int:
+def _part_terms(part: RowPart) -> int:
     return int(part.g.shape[0]) if isinstance(part, RankOneRows) else int(part.shape[0])
 
 
-def _part_bytes(part: torch.Tensor | RankOneRows) -> int:
+def _part_bytes(part: RowPart) -> int:
     tensors = (part.a, part.g, part.row) if isinstance(part, RankOneRows) else (part,)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _part_squared_norm(part: torch.Tensor | RankOneRows) -> float:
+def _part_squared_norm(part: RowPart) -> float:
     """Σ_m ‖r_m‖² of a layer's part of the rows (‖g aᵀ‖² = ‖g‖² ‖a‖² for factors)."""
     if isinstance(part, RankOneRows):
         return float((part.g.double().pow(2).sum(1) * part.a.double().pow(2).sum(1)[part.row]).sum())
@@ -692,12 +755,17 @@ def _part_squared_norm(part: torch.Tensor | RankOneRows) -> float:
 
 
 def curvature_trace(
-    objective: ProximalObjective, examples: Examples, point: Flat, tol: float
+    objective: ProximalObjective,
+    examples: Examples,
+    point: Flat,
+    tol: float,
+    preconditioner: KroneckerPreconditioner | None = None,
 ) -> tuple[float, float] | None:
     """(trace((1/N) Σ_{i ∈ examples} w_i J_iᵀ H_i J_i) less the output terms worth at most ``tol`` of the output
     curvature weight, that share) at θ = ``point``, from the square-root rows of the terms kept (chunk by chunk, not
     kept). None when they cannot be formed: token datasets, more than STORED_CURVATURE_OUTPUTS outputs per row,
-    negative row weights, or a tracked layer that the forward pass does not call."""
+    negative row weights, or a tracked layer that the forward pass does not call. ``preconditioner``: also
+    given every chunk of those rows."""
     if len(examples) == 0:
         return 0.0, 0.0
     if objective.loss == "causal_lm" or examples.attention_mask is not None:
@@ -716,6 +784,8 @@ def curvature_trace(
         if isinstance(parts, str):
             return None
         total += sum(_part_squared_norm(part) for part in parts)
+        if preconditioner is not None:
+            preconditioner.add(parts)
     return total, share
 
 
@@ -763,15 +833,24 @@ class CGResult:
     relative_residual: float
 
 
-def conjugate_gradient(matvec: Callable[[Flat], Flat], rhs: Flat, tol: float, max_iter: int) -> CGResult:
-    """CG for an SPD system A x = rhs, from x = 0; stops at ‖r‖ ≤ tol ‖rhs‖ or after max_iter iterations."""
+def conjugate_gradient(
+    matvec: Callable[[Flat], Flat],
+    rhs: Flat,
+    tol: float,
+    max_iter: int,
+    preconditioner: Callable[[Flat], Flat] | None = None,
+) -> CGResult:
+    """CG for an SPD system A x = rhs, from x = 0, preconditioned by the SPD map ``preconditioner`` ≈ A⁻¹ if
+    given; stops at ‖r‖ ≤ tol ‖rhs‖ or after max_iter iterations."""
+    precondition = preconditioner if preconditioner is not None else (lambda vector: vector)
     x = torch.zeros_like(rhs)
     residual = rhs.clone()
     norm0 = float(rhs.norm())
     if norm0 == 0.0:
         return CGResult(x, 0, 0.0)
-    direction = residual.clone()
-    rz = float(residual @ residual)
+    preconditioned = precondition(residual)
+    direction = preconditioned.clone()
+    rz = float(residual @ preconditioned)
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007  (the count is reported after the loop)
         product = matvec(direction)
@@ -783,8 +862,9 @@ def conjugate_gradient(matvec: Callable[[Flat], Flat], rhs: Flat, tol: float, ma
         residual = residual - alpha * product
         if float(residual.norm()) <= tol * norm0:
             break
-        rz_next = float(residual @ residual)
-        direction = residual + (rz_next / rz) * direction
+        preconditioned = precondition(residual)
+        rz_next = float(residual @ preconditioned)
+        direction = preconditioned + (rz_next / rz) * direction
         rz = rz_next
     return CGResult(x, iterations, float(residual.norm()) / norm0)
 
@@ -816,15 +896,19 @@ class SolveReport:
         }
 
 
-def _solve(
-    objective: ProximalObjective, point: Flat, rhs: Flat, damping: float, cg_tol: float, cg_max_iter: int
-) -> CGResult:
+def _solve(objective: ProximalObjective, point: Flat, rhs: Flat, damping: float, cg_tol: float) -> CGResult:
     curvature = objective.curvature_operator(point)
+    fitted = objective.preconditioner
 
     def matvec(v: Flat) -> Flat:
         return curvature(v) + damping * v
 
-    return conjugate_gradient(matvec, rhs, cg_tol, cg_max_iter)
+    def precondition(v: Flat) -> Flat:
+        assert fitted is not None
+        return fitted.apply(v, damping)
+
+    iterations = objective.cg_iterations()
+    return conjugate_gradient(matvec, rhs, cg_tol, iterations, precondition if fitted is not None else None)
 
 
 def newton_step(
@@ -842,7 +926,7 @@ def newton_step(
     report = SolveReport(steps=1)
     theta0 = objective.theta0
     value0, gradient0 = objective.kept_loss0, -objective.removal_gradient
-    solved = _solve(objective, theta0, -gradient0, objective.proximity, edit.cg_tol, edit.cg_max_iter)
+    solved = _solve(objective, theta0, -gradient0, objective.proximity, edit.cg_tol)
     report.cg_iterations.append(solved.iterations)
     direction = solved.solution
     radius = edit.trust_radius * float(theta0.norm())
@@ -969,7 +1053,7 @@ def minimise(
             break
         progress("edit", step - 1, max_steps)
         report.steps = step
-        solved = _solve(objective, point, -gradient, objective.proximity + mu, edit.cg_tol, edit.cg_max_iter)
+        solved = _solve(objective, point, -gradient, objective.proximity + mu, edit.cg_tol)
         report.cg_iterations.append(solved.iterations)
         direction = solved.solution
         # model decrease of the real objective (without μ): −gᵀd − ½ dᵀ(G + λ)d, with (G + λ + μ)d ≈ −g

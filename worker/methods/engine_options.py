@@ -140,4 +140,5 @@ def edit_options(options: EditOptionsIn, default_estimator: EstimatorName) -> Ed
         curvature_tol=options.curvature_tol,
         line_search=options.line_search,
         boundary_share=options.boundary_share,
+        preconditioner=options.preconditioner,
     )
