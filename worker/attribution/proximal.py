@@ -20,6 +20,11 @@ G = Σ_{i,k} (w_i/N) (J_iᵀ l_ik)(J_iᵀ l_ik)ᵀ, and the terms with the small
 ``curvature_tol`` of the total (confidently classified rows, unlikely classes) are left out
 (``StoredGaussNewton``, docs/editing.md).
 
+The CG solves can be preconditioned (``EditOptions.preconditioner``): each layer's block of G is approximated by
+a Kronecker product in the eigenbases of the Gram factors of its part of those square-root rows
+(``edit_preconditioner.KroneckerPreconditioner``), fitted from the stored rows, or, asked for with matrix-free
+products, from one pass over the kept rows' terms holding 1 − TRACE_TOL of the output-curvature weight.
+
 Token datasets (an ``attention_mask``: Hugging Face and LoRA models) are run as the rest of the engine runs them
 (``text.run_text_model``); for loss ``causal_lm`` H_i is the sum over the scored positions of the softmax
 Hessians of the next-token logits.
@@ -163,6 +168,7 @@ class ProximalObjective:
     # preconditioner): (trace of the terms kept, share of the weight left out, the tolerance that left it out)
     kept_curvature_trace: tuple[float, float, float] | None = field(init=False, default=None)
     preconditioner: KroneckerPreconditioner | None = field(init=False, default=None)  # fitted at θ₀
+    preconditioner_report: str | None = field(init=False, default=None)  # which, or why none (set at θ₀)
 
     def __post_init__(self) -> None:
         self.device = next(self.model.parameters()).device
@@ -295,14 +301,15 @@ class ProximalObjective:
         At θ₀ it also fits the solves' preconditioner (``preconditioner_kind`` ``kronecker``, or ``auto`` with
         stored rows)."""
         linearised = self._linearise_products(flat)
-        if flat is self.theta0:
+        if flat is self.theta0 and self.preconditioner_report is None:
             if self.preconditioner is not None:
-                chosen = "kronecker"
+                self.preconditioner_report = "kronecker"
             elif self.preconditioner_kind == "auto":
-                chosen = "none (auto: the preconditioner is fitted where the rows of G are stored)"
+                self.preconditioner_report = "none (auto: the preconditioner is fitted where the rows of G are stored)"
             else:
-                chosen = "none"
-            self.curvature_report.setdefault("preconditioner", chosen)
+                self.preconditioner_report = "none"
+        if self.preconditioner_report is not None:  # the one fitted at θ₀ serves every later solve
+            self.curvature_report["preconditioner"] = self.preconditioner_report
         return linearised
 
     def cg_iterations(self) -> int:
@@ -312,7 +319,7 @@ class ProximalObjective:
             return self.cg_max_iter
         return PRECONDITIONED_CG_ITERATIONS if self.preconditioner is not None else PLAIN_CG_ITERATIONS
 
-    def _default_iterations(self, stored: bool) -> int:
+    def default_iterations(self, stored: bool) -> int:
         """``cg_iterations`` for stored (True) or matrix-free products, before the operator is built."""
         if self.cg_max_iter is not None:
             return self.cg_max_iter
@@ -446,7 +453,7 @@ class ProximalObjective:
         preconditioner = KroneckerPreconditioner(self.layers)
         traced = curvature_trace(self, self.kept, self.theta0, TRACE_TOL, preconditioner)
         if traced is None:
-            self.curvature_report["preconditioner"] = "none: the square-root rows of G cannot be formed here"
+            self.preconditioner_report = "none: the square-root rows of G cannot be formed here"
             return
         preconditioner.finish(traced[1])
         self.preconditioner = preconditioner
@@ -491,9 +498,8 @@ def stored_cost_share(
     """Multiply-adds of stored products over those of matrix-free products for one solve of ``iterations`` stored
     CG products against ``free_iterations`` (default: as many) matrix-free ones (a rough model: the preconditioner
     that stored rows come with takes fewer products). With F = Σ_l T_l D_l per row (T_l positions, D_l parameters
-    of layer l),
-    matrix-free costs 3 F per row and product; stored costs 3 F per term to build (a forward and a backward
-    pass), T_l D_l per term for each layer with positions (its per-example gradient), and per product
+    of layer l), matrix-free costs 3 F per row and product; stored costs 3 F per term to build (a forward and a
+    backward pass), T_l D_l per term for each layer with positions (its per-example gradient), and per product
     2 D_l per term (layers with positions) or 2 D_l per row (linear layers, held as factors)."""
     spread = sum(positions.get(layer.name, 1) * layer.num_parameters for layer in layers)
     with_positions = [layer for layer in layers if positions.get(layer.name, 1) > 1]
@@ -582,8 +588,8 @@ class StoredGaussNewton:
                 len(rows),
                 int(torch.unique(rows).numel()),
                 len(kept),
-                objective._default_iterations(stored=True),
-                objective._default_iterations(stored=False),
+                objective.default_iterations(stored=True),
+                objective.default_iterations(stored=False),
             )
             if cost > STORED_COST_SHARE:
                 return (
