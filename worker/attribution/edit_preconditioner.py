@@ -49,7 +49,7 @@ class _LayerFit:
 
 @dataclass
 class _LayerBasis:
-    left: torch.Tensor  # Q_S (model dtype)
+    left: torch.Tensor  # Q_S (float64, like the factors; cast to the vector's dtype when applied)
     right: torch.Tensor  # Q_A
     eigenvalues: torch.Tensor  # Λ (d_out, d_in)
 
@@ -111,12 +111,6 @@ class KroneckerPreconditioner:
             scaled = rotated / (basis.eigenvalues.to(vector.dtype) + damping)
             parts.append((left @ scaled @ right.T).reshape(-1))
         return torch.cat(parts)
-
-    def report(self) -> dict[str, int]:
-        return {
-            "kronecker_layers": sum(1 for basis in self.bases.values() if not isinstance(basis, float)),
-            "scalar_layers": sum(1 for basis in self.bases.values() if isinstance(basis, float)),
-        }
 
 
 def _add_part(fit: _LayerFit, layer: TrackedLayer, part: RowPart) -> None:
