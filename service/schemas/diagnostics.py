@@ -262,6 +262,14 @@ class EditCurvatureReport(Diagnostics):
     )
 
 
+class EditCurvatureScale(Diagnostics):
+    """The mean Gauss-Newton eigenvalue at the model's weights over every training row that the default λ is a
+    multiple of. It does not depend on the removed rows: later edits of the same attribution reuse it."""
+
+    mean_eigenvalue: float = Field(description="trace(G)/D over the tracked parameters.")
+    rule: str = Field(description="How it was computed (exact trace, dominant output terms, or sampled labels).")
+
+
 class EditDiagnostics(Diagnostics):
     """What an edit did: its estimator, how far it moved the weights, and what that did to the losses."""
 
@@ -271,6 +279,9 @@ class EditDiagnostics(Diagnostics):
     num_train: int | None = None
     proximity: float | None = Field(None, description="λ of the proximal term ‖θ − θ₀‖².")
     proximity_rule: str | None = None
+    curvature_scale: EditCurvatureScale | None = Field(
+        None, description="Set where λ is the default multiple of it (computed by this edit or an earlier one)."
+    )
     step_norm: float | None = None
     relative_step_norm: float | None = Field(None, description="‖θ − θ₀‖ / ‖θ₀‖ (tracked weights).")
     remaining_loss_before: float | None = None

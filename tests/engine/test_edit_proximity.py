@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from tests.engine.test_editing_stored_curvature import REMOVE, trained
-from worker.attribution import EditOptions, Examples, edit_parameters
+from worker.attribution import AttributionError, CurvatureScale, EditOptions, Examples, edit_parameters
 from worker.attribution.losses import LossName
 from worker.attribution.options import DEFAULT_PROXIMITY_FRACTION
 from worker.attribution.proximal import (
     ARMIJO,
     BOUNDARY_TOLERANCE,
     EDGE_EVALUATIONS,
+    ProximalObjective,
     _acceptable_edge,
 )
 
@@ -139,3 +140,37 @@ def test_no_acceptable_scale_gives_none() -> None:
 
     assert _acceptable_edge(excess, 1 / 0.85, -1.0) is None
     assert len(tried) <= EDGE_EVALUATIONS
+
+
+def test_an_earlier_edits_curvature_scale_is_reused_and_gives_the_same_edit(monkeypatch) -> None:
+    """trace(G)/D over every row does not depend on the removed rows: an edit given the scale an earlier edit of
+    the same model returned takes the same λ without computing it, and edits as if it had (1e-6 relative: the
+    computed trace differs from the reused one only by rounding)."""
+    model, data, loss = trained("mlp")
+    edit = EditOptions(estimator="newton", curvature_products="matrix_free")
+    first = edit_parameters(model, data, REMOVE, loss=loss, edit=edit)
+    scale = first.curvature_scale
+    assert scale is not None and first.diagnostics["curvature_scale"] == scale.as_dict()
+    assert first.diagnostics["proximity"] == pytest.approx(DEFAULT_PROXIMITY_FRACTION * scale.mean_eigenvalue)
+    others = torch.arange(30)
+    fresh = edit_parameters(model, data, others, loss=loss, edit=edit)
+
+    def not_again(self: ProximalObjective) -> None:
+        raise AssertionError("the curvature scale was computed again")
+
+    monkeypatch.setattr(ProximalObjective, "mean_eigenvalue", not_again)
+    reused = edit_parameters(model, data, others, loss=loss, edit=edit, curvature_scale=scale)
+    assert reused.diagnostics["proximity"] == first.diagnostics["proximity"]
+    assert "computed by an earlier edit" in reused.diagnostics["proximity_rule"]
+    assert reused.curvature_scale == scale
+    for key, value in fresh.state.items():
+        assert torch.allclose(reused.state[key], value, rtol=1e-6, atol=1e-9), key
+    given = edit_parameters(model, data, others, loss=loss, edit=EditOptions(estimator="newton", proximity=0.3))
+    assert given.curvature_scale is None and "curvature_scale" not in given.diagnostics
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_curvature_scale_that_is_not_a_positive_finite_number_is_refused(value: float) -> None:
+    model, data, loss = trained("mlp")
+    with pytest.raises(AttributionError, match="positive finite"):
+        edit_parameters(model, data, REMOVE, loss=loss, curvature_scale=CurvatureScale(value, "made up"))

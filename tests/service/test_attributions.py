@@ -284,6 +284,17 @@ def test_fit_then_influence_with_fit_id_then_edit(api: Api) -> None:
     assert any(not torch.equal(weights[k], original[k]) for k in original)
     unknown = api.client.post(f"/v1/attributions/{with_fit['id']}/edit", json={"remove": [9999], "name": "x"})
     assert unknown.status_code == 422
+    # the default λ's scale (trace(G)/D over every training row) is the attribution's: a second edit reuses it
+    scale = diagnostics["curvature_scale"]
+    assert scale["mean_eigenvalue"] > 0 and diagnostics["proximity"] == pytest.approx(0.5 * scale["mean_eigenvalue"])
+    assert "earlier edit" not in diagnostics["proximity_rule"]
+    second = api.client.post(f"/v1/attributions/{with_fit['id']}/edit", json={"remove": [1, 2], "name": "minus2"})
+    again = api.client.get(f"/v1/models/{second.json()['model_id']}").json()["edit_diagnostics"]
+    assert again["curvature_scale"] == scale and again["proximity"] == diagnostics["proximity"]
+    assert "computed by an earlier edit of this model" in again["proximity_rule"]
+    other = api.client.post(f"/v1/attributions/{fresh['id']}/edit", json={"remove": [1, 2], "name": "other"})
+    own = api.client.get(f"/v1/models/{other.json()['model_id']}").json()["edit_diagnostics"]
+    assert "earlier edit" not in own["proximity_rule"]  # another attribution computes its own
 
 
 def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> None:

@@ -7,7 +7,7 @@ positive = training example i helps query q. See docs/ for the methods.
 from worker.attribution.attribute import attribute
 from worker.attribution.curvature.base import Curvature, Preconditioner, load_curvature
 from worker.attribution.curvature.fit import fit_curvature
-from worker.attribution.editing import EditResult, assess_edit, edit_parameters, retrain_objective_edit
+from worker.attribution.editing import CurvatureScale, EditResult, assess_edit, edit_parameters, retrain_objective_edit
 from worker.attribution.hooks import trackable_layers
 from worker.attribution.options import (
     DataInfOptions,
@@ -31,6 +31,7 @@ __all__ = [
     "AttributionScores",
     "Cancelled",
     "Curvature",
+    "CurvatureScale",
     "DataInfOptions",
     "EditOptions",
     "EditResult",

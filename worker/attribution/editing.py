@@ -11,6 +11,7 @@ Removing nothing is the identity for every estimator. Every edit carries diagnos
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -50,12 +51,28 @@ MAX_REPORTED_QUERIES = 1000
 LOSS_RISE_WARNING = 0.1  # relative rise of the remaining rows' mean loss that is reported as a warning
 
 
+@dataclass(frozen=True)
+class CurvatureScale:
+    """The mean Gauss-Newton eigenvalue trace(G)/D of a model's tracked layers at its current weights over every
+    training row, the unit of the default proximity λ, and how it was computed. It depends on the model, its
+    training rows, its tracked layers and its loss, not on the removed rows: the edits of one attribution can all
+    use the one their first edit computed (the same λ for each, and no pass over the data for it)."""
+
+    mean_eigenvalue: float
+    rule: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean_eigenvalue": self.mean_eigenvalue, "rule": self.rule}
+
+
 @dataclass
 class EditResult:
-    """The edited model's full state_dict and what the edit did (JSON-serialisable diagnostics)."""
+    """The edited model's full state_dict and what the edit did (JSON-serialisable diagnostics).
+    ``curvature_scale``: the scale the default λ was set from (None where λ was given)."""
 
     state: dict[str, torch.Tensor]
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    curvature_scale: CurvatureScale | None = None
 
 
 # The methods whose attributions this module edits, and the options each takes.
@@ -78,10 +95,12 @@ def edit_parameters(
     queries: Examples | None = None,
     device: torch.device | str | None = None,
     progress: Progress = no_progress,
+    curvature_scale: CurvatureScale | None = None,
 ) -> EditResult:
     """The model retrained without the rows ``remove`` of ``train``, estimated with the attribution's method
     (``influence`` or ``datainf``) and ``options``; ``fit`` is the attribution's stored curvature, if any.
-    ``queries``: the attribution's queries, whose loss changes are reported."""
+    ``queries``: the attribution's queries, whose loss changes are reported. ``curvature_scale``: the one an
+    earlier edit of the same model, rows, method options and loss returned (not computed again)."""
     check_loss_name(loss)
     expected = EDITABLE_OPTIONS.get(method)
     if expected is None:
@@ -105,7 +124,7 @@ def edit_parameters(
     def first_order() -> Flat:
         return first_order_parameters(placed, train, rows, loss, method, options, fit, progress)
 
-    return estimate_edit(placed, layers, train, rows, loss, edit, first_order, queries, progress)
+    return estimate_edit(placed, layers, train, rows, loss, edit, first_order, queries, progress, curvature_scale)
 
 
 def retrain_objective_edit(
@@ -118,6 +137,7 @@ def retrain_objective_edit(
     layers: list[TrackedLayer] | None = None,
     queries: Examples | None = None,
     progress: Progress = no_progress,
+    curvature_scale: CurvatureScale | None = None,
 ) -> EditResult:
     """A ``newton`` or ``proximal`` edit of any model (every trackable layer by default): it needs no method's
     preconditioner (SOURCE edits use it; their first-order estimate comes from the trajectory)."""
@@ -131,7 +151,7 @@ def retrain_objective_edit(
     def no_first_order() -> Flat:
         raise AssertionError("unreachable")
 
-    return estimate_edit(model, layers, train, rows, loss, edit, no_first_order, queries, progress)
+    return estimate_edit(model, layers, train, rows, loss, edit, no_first_order, queries, progress, curvature_scale)
 
 
 def estimate_edit(
@@ -144,11 +164,15 @@ def estimate_edit(
     first_order: Callable[[], Flat],
     queries: Examples | None = None,
     progress: Progress = no_progress,
+    curvature_scale: CurvatureScale | None = None,
 ) -> EditResult:
     """The edit of ``model``'s tracked ``layers`` for removed ``rows`` by ``edit.estimator``. ``first_order``
-    gives the method's own first-order parameters (a flat vector)."""
+    gives the method's own first-order parameters (a flat vector). ``curvature_scale``: an earlier edit's, reused
+    for the default λ (``_proximity``)."""
     edit.validate()
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    if curvature_scale is not None:
+        _checked_scale(curvature_scale)
     if rows.numel() == 0:
         return EditResult(
             state,
@@ -176,7 +200,7 @@ def estimate_edit(
             cg_max_iter=edit.cg_max_iter,
             preconditioner_kind=edit.preconditioner,
         )
-        objective.proximity, rule = _proximity(objective, edit)
+        objective.proximity, rule, scale = _proximity(objective, edit, curvature_scale)
         report = SolveReport()
         if edit.estimator == "first_order":
             theta = first_order().to(objective.theta0.device, objective.theta0.dtype)
@@ -186,9 +210,11 @@ def estimate_edit(
             theta, report = minimise(objective, edit, progress)
         check_finite_vectors({"tracked layers": theta}, "edited parameters")
         diagnostics = _diagnostics(objective, theta, report, edit, rule, queries)
+    if scale is not None:
+        diagnostics["curvature_scale"] = scale.as_dict()
     for key, value in state_entries(layers, theta).items():
         state[key] = value.detach().to(state[key].device, state[key].dtype).clone()
-    return EditResult(state, diagnostics)
+    return EditResult(state, diagnostics, scale)
 
 
 def assess_edit(
@@ -200,6 +226,7 @@ def assess_edit(
     edit: EditOptions,
     layers: list[TrackedLayer] | None = None,
     queries: Examples | None = None,
+    curvature_scale: CurvatureScale | None = None,
 ) -> EditResult:
     """Diagnostics for a first-order state computed elsewhere (SOURCE's unrolled estimate)."""
     layers = layers if layers is not None else resolve_layers(model, None)
@@ -208,8 +235,9 @@ def assess_edit(
     def given() -> Flat:
         return flat_from_state(layers, state, next(model.parameters()))
 
+    first_order = EditOptions(**{**edit.__dict__, "estimator": "first_order"})
     result = estimate_edit(
-        model, layers, train, rows, loss, EditOptions(**{**edit.__dict__, "estimator": "first_order"}), given, queries
+        model, layers, train, rows, loss, first_order, given, queries, curvature_scale=curvature_scale
     )
     result.state = {key: value.detach().clone() for key, value in state.items()}
     return result
@@ -248,19 +276,38 @@ def first_order_parameters(
     return flat_parameters(scorer.layers).to(step.dtype) + step / len(train)
 
 
-def _proximity(objective: ProximalObjective, edit: EditOptions) -> tuple[float, str]:
-    """λ: given, or DEFAULT_PROXIMITY_FRACTION × the mean Gauss-Newton eigenvalue trace(G)/D at θ₀ (computed from
-    the rows of G's square root where they can be formed, else sampled: ``ProximalObjective.mean_eigenvalue``)."""
+def _proximity(
+    objective: ProximalObjective, edit: EditOptions, known: CurvatureScale | None
+) -> tuple[float, str, CurvatureScale | None]:
+    """(λ, how it was set, the curvature scale it was set from): given, or DEFAULT_PROXIMITY_FRACTION × the mean
+    Gauss-Newton eigenvalue trace(G)/D at θ₀: ``known`` (an earlier edit's), else computed from the rows of G's
+    square root where they can be formed (``ProximalObjective.mean_eigenvalue``), else sampled."""
     if edit.proximity is not None:
-        return float(edit.proximity), "given"
+        return float(edit.proximity), "given", None
     rule = f"auto: {DEFAULT_PROXIMITY_FRACTION:g} × mean Gauss-Newton eigenvalue"
+    if known is not None:
+        scale = known
+        how = f"{known.rule}; computed by an earlier edit of this model"
+    else:
+        scale = _curvature_scale(objective, edit)
+        how = scale.rule
+    return DEFAULT_PROXIMITY_FRACTION * scale.mean_eigenvalue, f"{rule} ({how})", scale
+
+
+def _curvature_scale(objective: ProximalObjective, edit: EditOptions) -> CurvatureScale:
     computed = objective.mean_eigenvalue()
     if computed is not None:
-        return DEFAULT_PROXIMITY_FRACTION * computed[0], f"{rule} ({computed[1]})"
+        return CurvatureScale(*computed)
     train = objective.train
     sampled = mean_curvature_eigenvalue(objective.model, objective.layers, train, objective.loss, edit.batch_size)
     rows = min(len(train), CURVATURE_SCALE_ROWS)
-    return DEFAULT_PROXIMITY_FRACTION * sampled, f"{rule} (sampled labels on {rows} rows)"
+    return CurvatureScale(sampled, f"sampled labels on {rows} rows")
+
+
+def _checked_scale(scale: CurvatureScale) -> None:
+    value = scale.mean_eigenvalue
+    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise AttributionError(f"a curvature scale must be a positive finite mean eigenvalue, got {value!r}")
 
 
 def query_losses(objective: ProximalObjective, flat: Flat, queries: Examples) -> torch.Tensor:

@@ -18,7 +18,15 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from worker.attribution import AttributionScores, Curvature, EditOptions, EditResult, Examples, Progress
+    from worker.attribution import (
+        AttributionScores,
+        Curvature,
+        CurvatureScale,
+        EditOptions,
+        EditResult,
+        Examples,
+        Progress,
+    )
     from worker.attribution.losses import LossName
     from worker.attribution.trajectory import TrajectoryCheckpoint
 
@@ -101,7 +109,8 @@ class RunOutput:
 @dataclass(frozen=True)
 class EditInputs:
     """What the edit job loaded: the attribution's typed options, the model, the removed units (rows of the
-    training set, or task ids when the method ranks tasks) and the engine's edit options."""
+    training set, or task ids when the method ranks tasks) and the engine's edit options. ``curvature_scale``: the
+    one an earlier edit of the same attribution computed (methods whose λ is set from it reuse it)."""
 
     options: StrictModel
     module: nn.Module
@@ -114,6 +123,7 @@ class EditInputs:
     fit: Curvature | None
     trajectory: Callable[[], Trajectory]
     device: torch.device | None = None  # the worker's device (None: the engine's default)
+    curvature_scale: CurvatureScale | None = None
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def edit(inputs: EditInputs) -> EditResult:
         queries=inputs.queries,
         progress=inputs.progress,
         device=inputs.device,
+        curvature_scale=inputs.curvature_scale,
     )
 
 

@@ -103,6 +103,7 @@ def edit(inputs: EditInputs) -> EditResult:
         queries=inputs.queries,
         progress=inputs.progress,
         device=inputs.device,
+        curvature_scale=inputs.curvature_scale,
     )
 
 

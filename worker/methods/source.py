@@ -100,6 +100,7 @@ def edit(inputs: EditInputs) -> EditResult:
             edit=inputs.edit,
             queries=inputs.queries,
             progress=inputs.progress,
+            curvature_scale=inputs.curvature_scale,
         )
     trajectory = inputs.trajectory()
     state = edit_source(
@@ -113,7 +114,14 @@ def edit(inputs: EditInputs) -> EditResult:
         attributed_stages=trajectory.attributed_stages,
     )
     return assess_edit(
-        inputs.module, state, inputs.train, inputs.removed, inputs.loss, inputs.edit, queries=inputs.queries
+        inputs.module,
+        state,
+        inputs.train,
+        inputs.removed,
+        inputs.loss,
+        inputs.edit,
+        queries=inputs.queries,
+        curvature_scale=inputs.curvature_scale,
     )
 
 

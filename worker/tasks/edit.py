@@ -7,18 +7,21 @@ transaction as the job's final status, so the model exists exactly when the job 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from torch import nn
 
 from service.db.tables import Attribution, Dataset, Edit, Fit, Model
+from service.schemas.diagnostics import EditCurvatureScale
 from worker.artifacts.datasets import DatasetArrays
 from worker.artifacts.formats import model_format
 from worker.artifacts.removal import removal_rows, removal_tasks
-from worker.attribution import AttributionError, EditResult, Examples
+from worker.attribution import AttributionError, CurvatureScale, EditResult, Examples
 from worker.context import JobContext
 from worker.loading import load_curvatures, load_examples, load_model, put_state_dict
 from worker.methods.base import EditInputs, Method, Trajectory
@@ -26,6 +29,8 @@ from worker.methods.engine_options import edit_options as engine_edit_options
 from worker.tasks.diagnostics import edit_diagnostics
 from worker.tasks.options import edit_options, loss_name, method_of, method_options
 from worker.tasks.trajectory import load_trajectory
+
+EARLIER_EDITS_READ = 20
 
 
 @dataclass
@@ -39,6 +44,7 @@ class LoadedEdit:
     arrays: DatasetArrays
     queries: Examples | None
     fit: Fit | None
+    curvature_scale: CurvatureScale | None  # an earlier edit's of the same attribution
 
 
 def run_edit(context: JobContext) -> None:
@@ -60,12 +66,35 @@ def load_edit(context: JobContext) -> LoadedEdit:
         query_row = session.get(Dataset, attribution.query_dataset_id) if attribution.query_dataset_id else None
         fit_ids = attribution.used_fit_ids or []
         fit = session.get(Fit, fit_ids[0]) if method.accepts_fit and fit_ids else None
+        scale = earlier_curvature_scale(session, edit)
     if model_row is None or train_row is None:
         raise AttributionError("the attribution's model or training dataset no longer exists")
     train, arrays = load_examples(context.store, train_row)
     queries = load_examples(context.store, query_row)[0] if query_row is not None else None
     module = load_model(context.store, model_row)
-    return LoadedEdit(edit, attribution, method, model_row, module, train, arrays, queries, fit)
+    return LoadedEdit(edit, attribution, method, model_row, module, train, arrays, queries, fit, scale)
+
+
+def earlier_curvature_scale(session: Session, edit: Edit) -> CurvatureScale | None:
+    """The curvature scale of the latest succeeded edit of the same attribution (the same model, training rows,
+    method options and loss, so the same trace(G)/D), if one computed it. Diagnostics are written only when an
+    edit succeeds; the latest few are read, which is enough, as every default-λ edit records its scale."""
+    earlier = session.scalars(
+        select(Edit.diagnostics)
+        .where(Edit.attribution_id == edit.attribution_id, Edit.id != edit.id, Edit.diagnostics.is_not(None))
+        .order_by(Edit.created_at.desc())
+        .limit(EARLIER_EDITS_READ)
+    )
+    for diagnostics in earlier:
+        recorded = (diagnostics or {}).get("curvature_scale")
+        if isinstance(recorded, dict):
+            try:
+                scale = EditCurvatureScale.model_validate(recorded)
+            except ValidationError:
+                continue
+            if math.isfinite(scale.mean_eigenvalue) and scale.mean_eigenvalue > 0:
+                return CurvatureScale(scale.mean_eigenvalue, scale.rule)
+    return None
 
 
 def removed_units(loaded: LoadedEdit) -> torch.Tensor:
@@ -106,6 +135,7 @@ def compute_edit(loaded: LoadedEdit, context: JobContext) -> EditResult:
         fit=curvature,
         trajectory=trajectory,
         device=context.device,
+        curvature_scale=loaded.curvature_scale,
     )
     return method.edit.run(inputs)
 
