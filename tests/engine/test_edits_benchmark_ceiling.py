@@ -62,3 +62,15 @@ def test_accuracy_ceiling_is_each_seed_against_the_mean_of_the_others() -> None:
     assert typical == pytest.approx(0.06 / 6) and worst == pytest.approx(0.03)
     one_seed = (RemovalSet("group", torch.arange(3), None), Outcome(changes[0], changes[:1], [0.9], 1.0))
     assert all(np.isnan(v) for v in accuracy_ceiling([one_seed]))
+
+
+def test_edited_models_are_compared_as_means_over_seeds_and_each_with_its_own_seed() -> None:
+    changes = np.array([[0.1, 0.2], [0.3, 0.0], [0.2, 0.4]])
+    outcome = Outcome(changes.mean(0), changes, [0.90, 0.92, 0.94], 1.0)
+    outcome.edited_changes["newton"] = np.array([[0.0, 0.3], [0.2, 0.1], [0.4, 0.2]])
+    outcome.edited_accuracies["newton"] = [0.91, 0.90, 0.95]
+    assert outcome.edited_change("newton").tolist() == pytest.approx([0.2, 0.2])
+    assert outcome.edited_accuracy("newton") == pytest.approx(0.92)
+    # seed by seed: 0.91 − 0.90, 0.90 − 0.92, 0.95 − 0.94 (the means agree, the seeds do not)
+    assert outcome.same_seed_gaps("newton").tolist() == pytest.approx([0.01, -0.02, 0.01])
+    assert outcome.edited_accuracy("newton") - outcome.retrained_accuracy == pytest.approx(0.0)
