@@ -14,6 +14,7 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from tests.service.conftest import Api, tiny_classifier, tiny_dataset
+from worker.attribution.options import DEFAULT_PROXIMITY_FRACTION
 
 
 def setup_job(api: Api, n_train: int = 30, n_query: int = 4, string_ids: bool = False) -> dict:
@@ -286,7 +287,9 @@ def test_fit_then_influence_with_fit_id_then_edit(api: Api) -> None:
     assert unknown.status_code == 422
     # the default λ's scale (trace(G)/D over every training row) is the attribution's: a second edit reuses it
     scale = diagnostics["curvature_scale"]
-    assert scale["mean_eigenvalue"] > 0 and diagnostics["proximity"] == pytest.approx(0.5 * scale["mean_eigenvalue"])
+    assert scale["mean_eigenvalue"] > 0 and diagnostics["proximity"] == pytest.approx(
+        DEFAULT_PROXIMITY_FRACTION * scale["mean_eigenvalue"]
+    )
     assert "earlier edit" not in diagnostics["proximity_rule"]
     second = api.client.post(f"/v1/attributions/{with_fit['id']}/edit", json={"remove": [1, 2], "name": "minus2"})
     again = api.client.get(f"/v1/models/{second.json()['model_id']}").json()["edit_diagnostics"]
