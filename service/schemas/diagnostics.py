@@ -266,7 +266,7 @@ class EditCurvatureScale(Diagnostics):
     """The mean Gauss-Newton eigenvalue at the model's weights over every training row that the default λ is a
     multiple of. It does not depend on the removed rows: later edits of the same attribution reuse it."""
 
-    mean_eigenvalue: float = Field(description="trace(G)/D over the tracked parameters.")
+    mean_eigenvalue: float = Field(gt=0, allow_inf_nan=False, description="trace(G)/D over the tracked parameters.")
     rule: str = Field(description="How it was computed (exact trace, dominant output terms, or sampled labels).")
 
 

@@ -16,7 +16,7 @@ eigenvalue instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,9 +49,16 @@ class _LayerFit:
 
 @dataclass
 class _LayerBasis:
-    left: torch.Tensor  # Q_S (float64, like the factors; cast to the vector's dtype when applied)
+    left: torch.Tensor  # Q_S (float64, like the factors)
     right: torch.Tensor  # Q_A
     eigenvalues: torch.Tensor  # Λ (d_out, d_in)
+    cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def in_dtype(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Q_S, Q_A, Λ) in the vectors' dtype, cast once (every CG iteration applies them)."""
+        if dtype not in self.cast:
+            self.cast[dtype] = (self.left.to(dtype), self.right.to(dtype), self.eigenvalues.to(dtype))
+        return self.cast[dtype]
 
 
 class KroneckerPreconditioner:
@@ -106,9 +113,9 @@ class KroneckerPreconditioner:
             if isinstance(basis, float):
                 parts.append((block / (basis + damping)).reshape(-1))
                 continue
-            left, right = basis.left.to(vector.dtype), basis.right.to(vector.dtype)
+            left, right, eigenvalues = basis.in_dtype(vector.dtype)
             rotated = left.T @ block @ right
-            scaled = rotated / (basis.eigenvalues.to(vector.dtype) + damping)
+            scaled = rotated / (eigenvalues + damping)
             parts.append((left @ scaled @ right.T).reshape(-1))
         return torch.cat(parts)
 

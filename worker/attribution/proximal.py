@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -909,12 +910,8 @@ def _solve(objective: ProximalObjective, point: Flat, rhs: Flat, damping: float,
     def matvec(v: Flat) -> Flat:
         return curvature(v) + damping * v
 
-    def precondition(v: Flat) -> Flat:
-        assert fitted is not None
-        return fitted.apply(v, damping)
-
-    iterations = objective.cg_iterations()
-    return conjugate_gradient(matvec, rhs, cg_tol, iterations, precondition if fitted is not None else None)
+    precondition = None if fitted is None else partial(fitted.apply, damping=damping)
+    return conjugate_gradient(matvec, rhs, cg_tol, objective.cg_iterations(), precondition)
 
 
 def newton_step(

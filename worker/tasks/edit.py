@@ -7,7 +7,6 @@ transaction as the job's final status, so the model exists exactly when the job 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -88,12 +87,11 @@ def earlier_curvature_scale(session: Session, edit: Edit) -> CurvatureScale | No
     for diagnostics in earlier:
         recorded = (diagnostics or {}).get("curvature_scale")
         if isinstance(recorded, dict):
-            try:
+            try:  # positive and finite, as the engine requires
                 scale = EditCurvatureScale.model_validate(recorded)
             except ValidationError:
                 continue
-            if math.isfinite(scale.mean_eigenvalue) and scale.mean_eigenvalue > 0:
-                return CurvatureScale(scale.mean_eigenvalue, scale.rule)
+            return CurvatureScale(scale.mean_eigenvalue, scale.rule)
     return None
 
 
