@@ -286,6 +286,19 @@ class EditDiagnostics(Diagnostics):
     relative_step_norm: float | None = Field(None, description="‖θ − θ₀‖ / ‖θ₀‖ (tracked weights).")
     remaining_loss_before: float | None = None
     remaining_loss_after: float | None = None
+    remaining_loss_constant: float | None = Field(
+        None,
+        description="The remaining rows' mean loss under the best constant prediction (the class frequencies, the "
+        "mean target, or the token frequencies): what the model had learned about them is this minus "
+        "`remaining_loss_before`. Null when undefined (meta methods; negative example weights).",
+    )
+    learned_given_back: float | None = Field(
+        None,
+        description="(`remaining_loss_after` − `remaining_loss_before`) / (`remaining_loss_constant` − "
+        "`remaining_loss_before`): the share of what the model had learned about the rows it keeps that the edit "
+        "gave back. Above 0.01 the edit carries a warning (the default edits of the benchmark's models stay "
+        "below 0.004). Null where the model was no better than the constant on those rows.",
+    )
     passes_over_remaining_data: int | None = None
     solver: EditSolverReport | None = None
     curvature: EditCurvatureReport | None = None

@@ -276,6 +276,12 @@ def test_fit_then_influence_with_fit_id_then_edit(api: Api) -> None:
         diagnostics["curvature"]["products"] == "matrix_free" and "linear layers" in diagnostics["curvature"]["reason"]
     )
     assert diagnostics["remaining_loss_after"] <= diagnostics["remaining_loss_before"] * 1.1
+    # what the model had learned about the rows it keeps (their loss below the class frequencies'), and the share
+    # of it the edit gave back: both reach the client
+    constant, before = diagnostics["remaining_loss_constant"], diagnostics["remaining_loss_before"]
+    assert constant > before and diagnostics["learned_given_back"] == pytest.approx(
+        (diagnostics["remaining_loss_after"] - before) / (constant - before)
+    )
     solver = diagnostics["solver"]  # the default boundary line search: the edge found, and the share of it taken
     assert solver["line_search_step"] == pytest.approx(min(1.0, 0.85 * solver["line_search_boundary"]))
     assert len(diagnostics["query_loss_changes"]) == len(setup["query"]["targets"]) and "warnings" in diagnostics

@@ -271,3 +271,32 @@ def check_scoring_request(loss: str, mode: str, measurement: str, top_k: int) ->
         raise AttributionError("measurement 'margin' needs loss 'cross_entropy'")
     if mode == "pairwise" and (not isinstance(top_k, int) or top_k < 1):
         raise AttributionError(f"top_k must be a positive integer, got {top_k!r}")
+
+
+def constant_prediction_loss(targets: torch.Tensor, weights: torch.Tensor | None, loss: LossName) -> float | None:
+    """Σ_i w_i ℓ_i(c) / B for the best constant prediction c of these B rows' targets (w_i = 1 without weights):
+    the weighted class frequencies (cross_entropy), the weighted mean target (mse), the weighted unigram
+    frequencies of the scored next tokens (causal_lm). What a model has learned about rows is this minus their
+    mean loss. None when it is undefined: no rows (or no scored token), or weights that are negative or sum to 0."""
+    if len(targets) == 0:
+        return None
+    w = torch.ones(len(targets), dtype=torch.float64) if weights is None else weights.detach().cpu().double()
+    if bool((w < 0).any()) or float(w.sum()) <= 0:
+        return None
+    labels = targets.detach().cpu()
+    if loss == "mse":
+        values = labels.double().reshape(len(labels), -1)
+        mean = (w.unsqueeze(1) * values).sum(0) / w.sum()
+        return float((w * 0.5 * (values - mean).pow(2).sum(1)).sum()) / len(labels)
+    if loss == "cross_entropy":
+        rows, tokens = w, labels.long()
+    else:
+        scored = labels[:, 1:] != IGNORE_INDEX
+        rows, tokens = w.unsqueeze(1).expand(scored.shape)[scored], labels[:, 1:][scored].long()
+    weighted = rows > 0  # (a token seen only in rows of weight 0 has frequency 0 and counts for nothing)
+    rows, tokens = rows[weighted], tokens[weighted]
+    if tokens.numel() == 0:
+        return None
+    counts = torch.zeros(int(tokens.max()) + 1, dtype=torch.float64).index_add_(0, tokens, rows)
+    frequencies = counts / counts.sum()
+    return float(-(rows * frequencies[tokens].log()).sum()) / len(labels)
