@@ -12,7 +12,8 @@ For an MLP 64→128→128→10 and a small CNN on scikit-learn's 8×8 digits (1,
    reuse it; ``--fresh-scale``: every edit computes it);
 4. report the Pearson correlation and the sign agreement of the query-loss changes (the mean over seeds of the
    edited changes against the mean over seeds of the retrained ones, each against its own seed's full model; for
-   a query's own top-k set its own loss, for self-influence and random sets every query's loss), the test
+   a query's own top-k set its own loss, for self-influence and random sets every query's loss; the sign also
+   over the values whose retrained seed mean is resolved, SIGN_RESOLUTION standard errors from zero), the test
    accuracy of the edited models against the retrained ones (means over seeds, and each seed against its own),
    and edit time against retrain time.
 
@@ -42,11 +43,14 @@ from worker.attribution import (
     edit_parameters,
     fit_curvature,
 )
+from worker.attribution.editing import LEARNED_SHARE_WARNING
 from worker.attribution.hooks import TrackedLayer, resolve_layers
+from worker.attribution.losses import constant_prediction_loss
 from worker.attribution.options import DEFAULT_PROXIMITY_FRACTION
 from worker.attribution.proximal import ProximalObjective
 
 KS = (10, 40, 100)
+SIGN_RESOLUTION = 2.0  # a retrained change's sign is resolved beyond this many standard errors of its seed mean
 
 
 @dataclass
@@ -126,6 +130,11 @@ class Outcome:
     edited_changes: dict[str, np.ndarray] = field(default_factory=dict)  # (seeds, Q): seed s's model, edited
     edited_accuracies: dict[str, list[float]] = field(default_factory=dict)  # per seed
     edit_seconds: dict[str, float] = field(default_factory=dict)  # mean over the seeds' edits
+    # per seed, the remaining rows' mean training loss (before, after): each retrain against its own seed's full
+    # model, each edit as its diagnostics report it; and their best constant prediction's (``loss_table``)
+    retrained_losses: list[tuple[float, float]] = field(default_factory=list)
+    edited_losses: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    constant_loss: float = float("nan")
     warnings: dict[str, int] = field(default_factory=dict)  # edits (of any seed) that warned
 
     @property
@@ -252,7 +261,9 @@ def run_setting(
         keep[removal.rows] = False
         rows = torch.nonzero(keep).reshape(-1)
         edits: dict[str, list[tuple[dict[str, torch.Tensor], float, int]]] = {name: [] for name in chosen}
+        remaining_losses: dict[str, list[tuple[float, float]]] = {name: [] for name in chosen}
         retrained, retrain_times = [], []
+        kept = train_data.subset(rows)
         # each seed's retrain, then the edits of the same seed's model: both timed under the same load
         for seed in range(setting.seeds):
             began = time.perf_counter()
@@ -272,6 +283,9 @@ def run_setting(
                     curvature_scale=scales.get((seed, name)),
                 )
                 edits[name].append((result.state, time.perf_counter() - began, len(result.diagnostics["warnings"])))
+                remaining_losses[name].append(
+                    (result.diagnostics["remaining_loss_before"], result.diagnostics["remaining_loss_after"])
+                )
                 if reuse_scale and result.curvature_scale is not None:
                     scales[(seed, name)] = result.curvature_scale
         per_seed = torch.stack([losses(m, queries) - full_losses[s] for s, m in enumerate(retrained)])
@@ -280,6 +294,11 @@ def run_setting(
             per_seed.numpy(),
             [accuracy(m, test) for m in retrained],
             float(np.mean(retrain_times)),
+            retrained_losses=[
+                (float(losses(full[s], kept).mean()), float(losses(m, kept).mean())) for s, m in enumerate(retrained)
+            ],
+            edited_losses=remaining_losses,
+            constant_loss=constant_prediction_loss(kept.targets, None, "cross_entropy") or float("nan"),
         )
         for name, by_seed in edits.items():
             edited = [load(arch, state) for state, _, _ in by_seed]
@@ -347,6 +366,19 @@ def truth_ceiling(members: list[tuple[RemovalSet, Outcome]]) -> tuple[float, flo
     return r, sign, ceiling
 
 
+def resolved_signs(members: list[tuple[RemovalSet, Outcome]]) -> np.ndarray:
+    """For each measured value of a group (``group_values``' order): whether the retrained change's sign is
+    resolved, its mean over seeds further from zero than SIGN_RESOLUTION standard errors of that mean (the seeds'
+    sample spread / √K). Where it is not, retraining with another seed may as well flip it, and a sign
+    "agreement" there scores the seed noise. All False with fewer than two seeds."""
+    seeds = members[0][1].seed_changes.shape[0]
+    per_seed = np.stack([group_values(members, [o.seed_changes[s] for _, o in members]) for s in range(seeds)])
+    if seeds < 2:
+        return np.zeros(per_seed.shape[1], dtype=bool)
+    error = per_seed.std(0, ddof=1) / np.sqrt(seeds)
+    return np.abs(per_seed.mean(0)) > SIGN_RESOLUTION * error
+
+
 def accuracy_ceiling(members: list[tuple[RemovalSet, Outcome]]) -> tuple[float, float]:
     """How close retraining comes to itself in test accuracy: for each set and seed s, acc_s − the mean of the
     other seeds' accuracies; (mean of |·|, worst |·|) over the sets and seeds. A retrain that lands this far from
@@ -380,11 +412,12 @@ def table(
         f"Full retrain: test accuracy {np.mean(full_accuracy):.4f} (seeds {', '.join(f'{a:.3f}' for a in full_accuracy)}); "
         f"a retrain without a set took {retrain_seconds:.2f} s on average (timed between the edits of the same set).",
         "",
-        "| removal set | estimator | Pearson | sign agree | seed 0's edit alone: Pearson, sign | "
+        "| removal set | estimator | Pearson | sign agree | sign agree where retraining resolves it | "
+        "seed 0's edit alone: Pearson, sign | "
         "acc. edited − retrained, means over seeds (mean / worst) | retrain seed std of acc. | "
         "acc. edited − retrained, same seed (mean / worst) | retrained Δloss range | edited Δloss range | "
         "edit time (× cheaper than a retrain) | edits with warnings |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     ceilings = [
         "",
@@ -407,6 +440,11 @@ def table(
             predicted_a = group_values(members, [o.edited_change(name) for _, o in members])
             correlation = pearson(truth_a, predicted_a)
             sign = float(np.mean(np.sign(truth_a) == np.sign(predicted_a)))
+            resolved = resolved_signs(members)
+            agreeing = int(np.sum((np.sign(truth_a) == np.sign(predicted_a))[resolved]))
+            resolved_cell = (
+                f"{100 * agreeing / resolved.sum():.0f}% ({agreeing}/{resolved.sum()})" if resolved.any() else "none"
+            )
             seed0_a = group_values(members, [o.edited_changes[name][0] for _, o in members])
             seed0_sign = float(np.mean(np.sign(truth_a) == np.sign(seed0_a)))
             gaps = np.array([o.edited_accuracy(name) - o.retrained_accuracy for _, o in members])
@@ -417,7 +455,8 @@ def table(
             )
             warned = sum(o.warnings[name] for _, o in members)
             lines.append(
-                f"| {group} | {name} | {correlation:.2f} | {100 * sign:.0f}% | {pearson(truth_a, seed0_a):.2f}, "
+                f"| {group} | {name} | {correlation:.2f} | {100 * sign:.0f}% | {resolved_cell} | "
+                f"{pearson(truth_a, seed0_a):.2f}, "
                 f"{100 * seed0_sign:.0f}% | {100 * gaps.mean():+.2f} / {100 * gaps[np.abs(gaps).argmax()]:+.2f} pt | "
                 f"{100 * spread:.2f} pt | {100 * same_seed.mean():+.2f} / "
                 f"{100 * same_seed[np.abs(same_seed).argmax()]:+.2f} pt | [{truth_a.min():.3f}, {truth_a.max():.3f}] | "
@@ -435,13 +474,46 @@ def table(
         worst = max(abs(o.edited_accuracy(name) - o.retrained_accuracy) for o in outcomes)
         worst_same_seed = max(float(np.abs(o.same_seed_gaps(name)).max()) for o in outcomes)
         lines.append(
-            f"| every set ({len(outcomes)}) | {name} | | | | worst abs {100 * worst:.2f} pt | | "
+            f"| every set ({len(outcomes)}) | {name} | | | | | worst abs {100 * worst:.2f} pt | | "
             f"worst abs {100 * worst_same_seed:.2f} pt | | | "
             f"{np.mean([o.edit_seconds[name] for o in outcomes]):.3f} s ({cheaper:.1f}×) | |"
         )
     typical, worst_gap = accuracy_ceiling(list(zip(sets, outcomes, strict=True)))
     ceilings.append(f"| every set ({len(outcomes)}) | | | | {100 * typical:.2f} / {100 * worst_gap:.2f} pt |")
-    lines += [*ceilings, ""]
+    lines += [*ceilings, "", *loss_table(outcomes, chosen), ""]
+    return lines
+
+
+def given_back(before: float, after: float, constant: float) -> float:
+    """The share of what a model had learned about the remaining rows (their loss below the best constant
+    prediction's) that ``after`` gives back: the edit's ``learned_given_back``, for a retrain too."""
+    return (after - before) / (constant - before)
+
+
+def loss_table(outcomes: list[Outcome], chosen: dict[str, EditOptions]) -> list[str]:
+    """The remaining rows' mean training loss over every set and seed, the retrains' (each against its own seed's
+    full model) beside each estimator's: after / before, and the share of what the model had learned about those
+    rows that it gave back (the edit's warning is above LEARNED_SHARE_WARNING of it)."""
+    rows = [("retrained", [(b, a, o.constant_loss) for o in outcomes for b, a in o.retrained_losses])]
+    rows += [(name, [(b, a, o.constant_loss) for o in outcomes for b, a in o.edited_losses[name]]) for name in chosen]
+    lines = [
+        "The remaining rows' mean training loss (every set and seed; the retrains against their own seed's full "
+        "model): after / before, and the share of what the model had learned about those rows (their loss below "
+        "that of predicting the class frequencies) given back; an edit's diagnostics warn above "
+        f"{100 * LEARNED_SHARE_WARNING:g}%.",
+        "",
+        "| model | after / before: median / max | share given back: min / median / 90th percentile / max | "
+        f"above {100 * LEARNED_SHARE_WARNING:g}% |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, values in rows:
+        ratios = np.array([after / before for before, after, _ in values])
+        shares = np.array([given_back(*value) for value in values])
+        lines.append(
+            f"| {name} | {np.median(ratios):.2f} / {ratios.max():.2f} | {100 * shares.min():.2f}% / "
+            f"{100 * np.median(shares):.2f}% / {100 * np.percentile(shares, 90):.2f}% / {100 * shares.max():.2f}% | "
+            f"{np.sum(shares > LEARNED_SHARE_WARNING)}/{shares.size} |"
+        )
     return lines
 
 
@@ -484,7 +556,9 @@ def main() -> None:
         "Each seed's full model is edited and retrained without each set (the edit estimates the retrain of its "
         "own seed). Pearson and sign agreement: the mean over seeds of the edited models' query-loss changes (each "
         "against its own full model) against the mean over seeds of (retrained without the set − full retrain, same "
-        "seed); the seed-0 edit's alone against the same mean beside them. Own-query sets: each query's own loss "
+        "seed); the seed-0 edit's alone against the same mean beside them. Sign agreement where retraining "
+        f"resolves it: over the values whose seed mean is more than {SIGN_RESOLUTION:g} standard errors from zero "
+        "(agreeing / resolved). Own-query sets: each query's own loss "
         "over the queries; self-influence and random sets: every query's loss. Accuracy (397 test images): the mean "
         "over seeds of the edited models' test accuracy minus the retrained models' mean, and each seed's edited "
         "model against its own retrain. "

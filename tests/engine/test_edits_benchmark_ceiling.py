@@ -11,7 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.edits_retraining import Outcome, RemovalSet, accuracy_ceiling, group_values, pearson, truth_ceiling
+from benchmarks.edits_retraining import (
+    Outcome,
+    RemovalSet,
+    accuracy_ceiling,
+    given_back,
+    group_values,
+    loss_table,
+    pearson,
+    resolved_signs,
+    truth_ceiling,
+)
+from worker.attribution import EditOptions
 
 
 def members_of(seed_changes: list[np.ndarray], query: int | None) -> list[tuple[RemovalSet, Outcome]]:
@@ -74,3 +85,36 @@ def test_edited_models_are_compared_as_means_over_seeds_and_each_with_its_own_se
     # seed by seed: 0.91 − 0.90, 0.90 − 0.92, 0.95 − 0.94 (the means agree, the seeds do not)
     assert outcome.same_seed_gaps("newton").tolist() == pytest.approx([0.01, -0.02, 0.01])
     assert outcome.edited_accuracy("newton") - outcome.retrained_accuracy == pytest.approx(0.0)
+
+
+def test_a_sign_is_resolved_only_beyond_two_standard_errors_of_the_seed_mean() -> None:
+    # per query (columns), three seeds: a clear change, one at the noise floor, one that flips between seeds,
+    # and two with seed std 1 (standard error 1/√3) at 1.9 and 2.1 standard errors from zero
+    clear = [0.50, 0.52, 0.48]
+    floor = [1e-4, 0.0, -1e-4]
+    flipping = [0.03, -0.02, 0.01]
+    below, above = 1.9 / np.sqrt(3), 2.1 / np.sqrt(3)
+    changes = np.array([clear, floor, flipping, [below - 1, below, below + 1], [above - 1, above, above + 1]]).T
+    members = members_of([changes], None)  # (seeds, queries)
+    assert resolved_signs(members).tolist() == [True, False, False, False, True]
+    one_seed = members_of([changes[:1]], None)
+    assert not resolved_signs(one_seed).any()
+
+
+def test_resolved_signs_follow_group_values_for_own_query_sets() -> None:
+    # own-query sets measure one query's value each: the mask has one entry per set, in the sets' order
+    resolved = np.array([[0.5, 1e-4], [0.52, -1e-4], [0.48, 0.0]])  # query 0 clear, query 1 at the floor
+    members = members_of([resolved, resolved], 0) + members_of([resolved], 1)
+    assert resolved_signs(members).tolist() == [True, True, False]
+
+
+def test_the_loss_table_counts_the_edits_that_would_warn() -> None:
+    # full-model loss 0.01, constant 1.01: what was learned is 1.0; a rise to 0.015 gives back 0.5%, to 0.03 2%
+    outcome = Outcome(np.zeros(1), np.zeros((2, 1)), [0.9, 0.9], 1.0, constant_loss=1.01)
+    outcome.retrained_losses = [(0.01, 0.011), (0.01, 0.012)]
+    outcome.edited_losses = {"newton": [(0.01, 0.015), (0.01, 0.03)]}
+    assert given_back(0.01, 0.03, 1.01) == pytest.approx(0.02)
+    lines = loss_table([outcome], {"newton": EditOptions()})
+    retrained, newton = lines[-2], lines[-1]
+    assert retrained.endswith("| 0/2 |") and newton.endswith("| 1/2 |")
+    assert "0.50% / 1.25% /" in newton  # min / median of the shares given back
