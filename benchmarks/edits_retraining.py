@@ -494,25 +494,40 @@ def loss_table(outcomes: list[Outcome], chosen: dict[str, EditOptions]) -> list[
     """The remaining rows' mean training loss over every set and seed, the retrains' (each against its own seed's
     full model) beside each estimator's: after / before, and the share of what the model had learned about those
     rows that it gave back (the edit's warning is above LEARNED_SHARE_WARNING of it)."""
-    rows = [("retrained", [(b, a, o.constant_loss) for o in outcomes for b, a in o.retrained_losses])]
-    rows += [(name, [(b, a, o.constant_loss) for o in outcomes for b, a in o.edited_losses[name]]) for name in chosen]
+    rows = [("retrained", [(b, a, o.constant_loss, 0.0) for o in outcomes for b, a in o.retrained_losses])]
+    rows += [
+        (
+            name,
+            [
+                (before, after, o.constant_loss, float(gap))
+                for o in outcomes
+                for (before, after), gap in zip(o.edited_losses[name], o.same_seed_gaps(name), strict=True)
+            ],
+        )
+        for name in chosen
+    ]
     lines = [
         "The remaining rows' mean training loss (every set and seed; the retrains against their own seed's full "
         "model): after / before, and the share of what the model had learned about those rows (their loss below "
         "that of predicting the class frequencies) given back; an edit's diagnostics warn above "
-        f"{100 * LEARNED_SHARE_WARNING:g}%.",
+        f"{100 * LEARNED_SHARE_WARNING:g}%. Beside them, the largest share given back by an edit whose test "
+        "accuracy is within 1 point of its own seed's retrain, and the smallest by one more than 1 point below it.",
         "",
         "| model | after / before: median / max | share given back: min / median / 90th percentile / max | "
-        f"above {100 * LEARNED_SHARE_WARNING:g}% |",
-        "| --- | --- | --- | --- |",
+        f"above {100 * LEARNED_SHARE_WARNING:g}% | largest share within 1 pt | smallest share > 1 pt below |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, values in rows:
-        ratios = np.array([after / before for before, after, _ in values])
-        shares = np.array([given_back(*value) for value in values])
+        ratios = np.array([after / before for before, after, _, _ in values])
+        shares = np.array([given_back(before, after, constant) for before, after, constant, _ in values])
+        gaps = np.array([gap for *_, gap in values])
+        close, below = shares[np.abs(gaps) <= 0.01], shares[gaps < -0.01]
         lines.append(
             f"| {name} | {np.median(ratios):.2f} / {ratios.max():.2f} | {100 * shares.min():.2f}% / "
             f"{100 * np.median(shares):.2f}% / {100 * np.percentile(shares, 90):.2f}% / {100 * shares.max():.2f}% | "
-            f"{np.sum(shares > LEARNED_SHARE_WARNING)}/{shares.size} |"
+            f"{np.sum(shares > LEARNED_SHARE_WARNING)}/{shares.size} | "
+            f"{f'{100 * close.max():.2f}%' if close.size else '—'} | "
+            f"{f'{100 * below.min():.2f}%' if below.size else '—'} |"
         )
     return lines
 

@@ -110,11 +110,13 @@ def test_resolved_signs_follow_group_values_for_own_query_sets() -> None:
 
 def test_the_loss_table_counts_the_edits_that_would_warn() -> None:
     # full-model loss 0.01, constant 1.01: what was learned is 1.0; a rise to 0.015 gives back 0.5%, to 0.03 2%
+    # seed 1's edit is 2 points below its retrain
     outcome = Outcome(np.zeros(1), np.zeros((2, 1)), [0.9, 0.9], 1.0, constant_loss=1.01)
     outcome.retrained_losses = [(0.01, 0.011), (0.01, 0.012)]
     outcome.edited_losses = {"newton": [(0.01, 0.015), (0.01, 0.03)]}
+    outcome.edited_accuracies = {"newton": [0.905, 0.88]}
     assert given_back(0.01, 0.03, 1.01) == pytest.approx(0.02)
     lines = loss_table([outcome], {"newton": EditOptions()})
     retrained, newton = lines[-2], lines[-1]
-    assert retrained.endswith("| 0/2 |") and newton.endswith("| 1/2 |")
+    assert retrained.endswith("| 0/2 | 0.20% | — |") and newton.endswith("| 1/2 | 0.50% | 2.00% |")
     assert "0.50% / 1.25% /" in newton  # min / median of the shares given back
