@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tests.engine.helpers import SequenceNet, SmallConvNet, explicit_gradients, make_data, make_mlp
 from worker.attribution import Examples, trackable_layers
 from worker.attribution.gradients import training_activities
-from worker.attribution.hooks import ActivityRecorder, resolve_layers
+from worker.attribution.hooks import ActivityRecorder, _conv_patches, _padded, resolve_layers
 
 TOL = 1e-10
 
@@ -100,6 +103,28 @@ def test_conv_variants_match_explicit(conv) -> None:
         activities = training_activities(model, recorder, data, "cross_entropy")
     got = torch.cat([activities[t.name].per_example_gradients().flatten(1) for t in layers], dim=1)
     assert torch.allclose(got, expected, atol=TOL, rtol=0)
+
+
+CONV_SHAPES = [
+    (kernel, stride, dilation, padding, mode)
+    for kernel, stride, dilation, padding, mode in itertools.product(
+        [(3, 3), (2, 3), (1, 1)], [1, 2, (2, 1)], [1, 2], [0, (2, 1), "same", "valid"], ["zeros", "reflect", "circular"]
+    )
+    if not (padding == "same" and stride != 1)  # torch allows "same" with stride 1 only
+]
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding,padding_mode", CONV_SHAPES)
+def test_conv_patches_equal_unfold(kernel, stride, dilation, padding, padding_mode) -> None:
+    """The patches are copied from strided slices of the padded input: the very values of F.unfold."""
+    module = nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation, padding=padding, padding_mode=padding_mode)
+    x = torch.randn(2, 3, 11, 9, generator=torch.Generator().manual_seed(0))
+    padded = _padded(module, x)
+    expected = F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride).transpose(1, 2)
+    assert torch.equal(_conv_patches(module, x), expected)
+    with_ones = _conv_patches(module, x, ones_column=True)
+    assert torch.equal(with_ones[..., :-1], expected) and bool((with_ones[..., -1] == 1).all())
+    assert padded is x or padded.shape[-2:] != x.shape[-2:]
 
 
 def test_shared_layer_called_twice_sums_both_calls() -> None:

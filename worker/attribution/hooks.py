@@ -172,24 +172,47 @@ def _append_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones((*x.shape[:-1], 1))], dim=-1)
 
 
-def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """(B, C_in, H, W) -> (B, L, C_in*kh*kw) patches in the order of weight.reshape(C_out, -1)."""
+def _padded(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution's input with its padding applied (x itself when it has none)."""
     padding = module.padding
-    if isinstance(padding, str) or module.padding_mode != "zeros":
-        if isinstance(padding, str) and padding == "valid":
-            pad = [0, 0, 0, 0]
-        elif isinstance(padding, str):  # "same"
-            pad = []
-            for d, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
-                total = d * (k - 1)
-                pad += [total // 2, total - total // 2]
-        else:
-            pad = list(module._reversed_padding_repeated_twice)
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pad, mode=mode)
-        padding = (0, 0)
-    patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-    return patches.transpose(1, 2)
+    if isinstance(padding, str) and padding == "valid":
+        return x
+    if isinstance(padding, str):  # "same"
+        pad = []
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
+            total = d * (k - 1)
+            pad += [total // 2, total - total // 2]
+    else:
+        pad = list(module._reversed_padding_repeated_twice)
+    if not any(pad):
+        return x
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, pad, mode=mode)
+
+
+def _conv_patches(module: nn.Conv2d, x: torch.Tensor, ones_column: bool = False) -> torch.Tensor:
+    """(B, C_in, H, W) -> (B, L, C_in*kh*kw) patches in the order of weight.reshape(C_out, -1), with a column of
+    ones appended when ``ones_column`` (the bias's input). Each kernel offset's strided slice of the padded input
+    is copied into its place of one output tensor: on the CPU several times faster than ``F.unfold`` followed by
+    a transpose and a concatenation (the same values)."""
+    x = _padded(module, x)
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    batch, channels, height, width = x.shape
+    rows, columns = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    if rows < 1 or columns < 1:
+        raise AttributionError(
+            f"a convolution with kernel {module.kernel_size} got a {height}×{width} input (padded): no output"
+        )
+    features = channels * kh * kw
+    out = x.new_empty(batch, rows * columns, features + int(ones_column))
+    patches = out[..., :features].view(batch, rows, columns, channels, kh * kw)
+    for i in range(kh):
+        for j in range(kw):
+            window = x[:, :, i * dh : i * dh + sh * (rows - 1) + 1 : sh, j * dw : j * dw + sw * (columns - 1) + 1 : sw]
+            patches[..., i * kw + j] = window.permute(0, 2, 3, 1)
+    if ones_column:
+        out[..., features] = 1
+    return out
 
 
 def layer_activations(layer: TrackedLayer, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +227,7 @@ def layer_activations(layer: TrackedLayer, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise AttributionError(f"layer {layer.name!r} expects (B, C, H, W) inputs, got {tuple(x.shape)}")
         assert isinstance(layer.module, nn.Conv2d)  # the only other kind of tracked layer
-        a = _conv_patches(layer.module, x)
+        return _conv_patches(layer.module, x, ones_column=layer.has_bias)
     return _append_ones(a) if layer.has_bias else a
 
 
