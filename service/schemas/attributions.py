@@ -350,7 +350,8 @@ class EditOptionsIn(StrictModel):
         le=100,
         allow_inf_nan=False,
         description="Step norm, relative to the tracked weights' norm, beyond which the estimate is not trusted: "
-        "a warning in the diagnostics (the `newton` step is shortened to it).",
+        "an edit that moves further carries a warning (`first_order`); a longer `newton` step is shortened to it "
+        "before its line search (the solver's `clipped_to_trust_radius`).",
     )
     batch_size: int = Field(2048, ge=1, le=65536, description="Rows per forward pass over the training data.")
     curvature_products: Literal["auto", "stored", "matrix_free"] = Field(

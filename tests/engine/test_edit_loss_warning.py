@@ -131,6 +131,8 @@ def test_an_edit_that_gives_back_what_the_model_learned_warns(trained) -> None:
     )
     diagnostics = result.diagnostics
     assert diagnostics["learned_given_back"] > LEARNED_SHARE_WARNING
+    assert diagnostics["relative_step_norm"] > 1.0  # and the step leaves the trust radius: a warning of its own
+    assert any("outside the region" in w for w in diagnostics["warnings"])
     (warning,) = loss_warnings(diagnostics)
     assert f"{100 * diagnostics['learned_given_back']:.1f}%" in warning and "class frequencies" in warning
 

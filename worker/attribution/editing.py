@@ -354,8 +354,6 @@ def _diagnostics(
             f"{100 * edit.trust_radius:.0f}%): outside the region where a local estimate of retraining "
             "can be trusted"
         )
-    if report.clipped:
-        warnings.append("the Newton step left the trust radius and was shortened to it")
     constant = constant_prediction_loss(objective.kept.targets, objective.kept.weights, objective.loss)
     given_back = _learned_given_back(before, after, constant)
     warning = _loss_warning(before, after, constant, given_back, objective.loss)
