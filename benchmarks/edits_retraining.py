@@ -289,6 +289,8 @@ def run_setting(
                 if reuse_scale and result.curvature_scale is not None:
                     scales[(seed, name)] = result.curvature_scale
         per_seed = torch.stack([losses(m, queries) - full_losses[s] for s, m in enumerate(retrained)])
+        constant = constant_prediction_loss(kept.targets, None, "cross_entropy")
+        assert constant is not None  # rows remain and their weights are 1
         outcome = Outcome(
             per_seed.mean(0).numpy(),
             per_seed.numpy(),
@@ -298,7 +300,7 @@ def run_setting(
                 (float(losses(full[s], kept).mean()), float(losses(m, kept).mean())) for s, m in enumerate(retrained)
             ],
             edited_losses=remaining_losses,
-            constant_loss=constant_prediction_loss(kept.targets, None, "cross_entropy") or float("nan"),
+            constant_loss=constant,
         )
         for name, by_seed in edits.items():
             edited = [load(arch, state) for state, _, _ in by_seed]
@@ -432,6 +434,7 @@ def table(
     ]
     for group in groups:
         members = [(s, o) for s, o in zip(sets, outcomes, strict=True) if s.group == group]
+        resolved = resolved_signs(members)
         spread = (
             float(np.mean([np.std(o.retrained_accuracies, ddof=1) for _, o in members])) if setting.seeds > 1 else 0.0
         )
@@ -440,7 +443,6 @@ def table(
             predicted_a = group_values(members, [o.edited_change(name) for _, o in members])
             correlation = pearson(truth_a, predicted_a)
             sign = float(np.mean(np.sign(truth_a) == np.sign(predicted_a)))
-            resolved = resolved_signs(members)
             agreeing = int(np.sum((np.sign(truth_a) == np.sign(predicted_a))[resolved]))
             resolved_cell = (
                 f"{100 * agreeing / resolved.sum():.0f}% ({agreeing}/{resolved.sum()})" if resolved.any() else "none"
