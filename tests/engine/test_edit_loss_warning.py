@@ -14,9 +14,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tests.engine.helpers import fit_classifier
 from worker.attribution import EditOptions, Examples, InfluenceOptions, edit_parameters
 from worker.attribution.editing import LEARNED_SHARE_WARNING
 from worker.attribution.losses import IGNORE_INDEX, constant_prediction_loss, per_example_loss
@@ -88,13 +88,8 @@ def trained() -> tuple[nn.Module, Examples]:
     inputs = torch.randn(120, 4, generator=generator, dtype=torch.float64)
     targets = (inputs @ torch.randn(4, 3, generator=generator, dtype=torch.float64)).argmax(1)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
-    for _ in range(400):
-        optimizer.zero_grad()
-        F.cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
-    return model, Examples(inputs, targets)
+    data = Examples(inputs, targets)
+    return fit_classifier(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double(), data, 400), data
 
 
 def loss_warnings(diagnostics: dict) -> list[str]:

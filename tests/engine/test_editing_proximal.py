@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from tests.engine.helpers import fit_classifier
 from worker.attribution import DataInfOptions, EditOptions, Examples, InfluenceOptions, edit_parameters
 from worker.attribution.options import EditEstimator
 
@@ -33,14 +34,10 @@ def setup() -> tuple[nn.Module, Examples, Examples]:
         + 0.7 * torch.randn(N, 3, generator=generator, dtype=torch.float64)
     ).argmax(1)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
-    for _ in range(300):
-        optimizer.zero_grad()
-        F.cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
+    data = Examples(inputs, targets)
+    model = fit_classifier(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double(), data, 300)
     queries = Examples(inputs[:5] + 0.1, targets[:5])
-    return model, Examples(inputs, targets), queries
+    return model, data, queries
 
 
 @pytest.fixture(scope="module")
