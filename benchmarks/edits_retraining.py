@@ -196,13 +196,18 @@ def removal_sets(
 def estimators(
     fractions: list[float], mean_eigenvalue: float, cg_max_iter: int | None, cg_tol: float, variants: list[str]
 ) -> dict[str, EditOptions]:
-    """first_order, and newton at each proximity fraction (fraction 1 is the default: proximity None, so the
-    edit's time includes estimating the mean eigenvalue)."""
+    """first_order, and newton at each proximity fraction of the mean eigenvalue; DEFAULT_PROXIMITY_FRACTION
+    stands for the default λ (proximity None: the L2 penalty the model's gradient shows where it shows one, else
+    that fraction, so the edit's time includes estimating the mean eigenvalue)."""
     chosen = {"first_order": EditOptions(estimator="first_order")}
     for fraction in fractions:
-        proximity = None if fraction == DEFAULT_PROXIMITY_FRACTION else fraction * mean_eigenvalue
-        chosen[f"newton λ={fraction:g}·mean"] = EditOptions(
-            estimator="newton", proximity=proximity, cg_max_iter=cg_max_iter, cg_tol=cg_tol
+        default = fraction == DEFAULT_PROXIMITY_FRACTION
+        name = "newton default λ" if default else f"newton λ={fraction:g}·mean"
+        chosen[name] = EditOptions(
+            estimator="newton",
+            proximity=None if default else fraction * mean_eigenvalue,
+            cg_max_iter=cg_max_iter,
+            cg_tol=cg_tol,
         )
     for variant in variants:  # "cg_max_iter=12,batch_size=512": the default newton with these options changed
         changes = {key: _option_value(value) for key, value in (p.split("=") for p in variant.split(","))}
@@ -255,6 +260,7 @@ def run_setting(
     # as the service runs edits: the first edit of a model computes the default λ's curvature scale, later edits
     # of the same model reuse it (kept per estimator, so that each pays for it once)
     scales: dict[tuple[int, str], CurvatureScale] = {}
+    lambdas: dict[int, str] = {}  # each seed's default λ and its rule (as its first default edit reported them)
     outcomes = []
     for index, removal in enumerate(sets):
         keep = torch.ones(len(train_data), dtype=torch.bool)
@@ -286,6 +292,8 @@ def run_setting(
                 remaining_losses[name].append(
                     (result.diagnostics["remaining_loss_before"], result.diagnostics["remaining_loss_after"])
                 )
+                if name == "newton default λ" and seed not in lambdas:
+                    lambdas[seed] = f"{result.diagnostics['proximity']:.3g} ({result.diagnostics['proximity_rule']})"
                 if reuse_scale and result.curvature_scale is not None:
                     scales[(seed, name)] = result.curvature_scale
         per_seed = torch.stack([losses(m, queries) - full_losses[s] for s, m in enumerate(retrained)])
@@ -338,6 +346,8 @@ def run_setting(
             flush=True,
         )
     lines = table(arch, setting, sets, outcomes, chosen, [accuracy(m, test) for m in full])
+    if lambdas:
+        lines[3:3] = ["", "The default edit's λ by seed: " + "; ".join(lambdas[s] for s in sorted(lambdas)) + "."]
     return lines, {}
 
 

@@ -331,9 +331,12 @@ class EditOptionsIn(StrictModel):
         gt=0,
         le=1e12,
         allow_inf_nan=False,
-        description="λ of the proximal term (λ/2)‖θ − θ₀‖² of the retrain objective. Null: 0.5 × the mean "
-        "Gauss-Newton eigenvalue trace(G)/D of the tracked layers, computed from the rows of a square root of G "
-        "(sampled for token datasets; the diagnostics' `proximity_rule` says how) (meta: the attribution's damping ρ).",
+        description="λ of the proximal term (λ/2)‖θ − θ₀‖² of the retrain objective; a model trained with an L2 "
+        "penalty (δ/2)‖θ‖² is best edited with λ = δ (the objective is then its penalised retrain objective). Null: "
+        "the L2 penalty the model's gradient shows, where it shows one (the diagnostics' `implied_weight_decay`, "
+        "when `implied_weight_decay_cosine` ≥ 0.65), else 0.5 × the mean Gauss-Newton eigenvalue trace(G)/D of the "
+        "tracked layers, computed from the rows of a square root of G (sampled for token datasets; the diagnostics' "
+        "`proximity_rule` says which) (meta: the attribution's damping ρ).",
     )
     max_steps: int = Field(5, ge=1, le=100, description="`proximal`: at most this many Gauss-Newton steps.")
     tol: float = Field(1e-3, gt=0, lt=1, description="`proximal`: stop when ‖∇J‖ ≤ tol × its value at θ₀.")

@@ -279,6 +279,15 @@ class EditDiagnostics(Diagnostics):
     num_train: int | None = None
     proximity: float | None = Field(None, description="λ of the proximal term ‖θ − θ₀‖².")
     proximity_rule: str | None = None
+    implied_weight_decay: float | None = Field(
+        None,
+        description="δ̂ = −⟨g₀, θ₀⟩ / ‖θ₀‖²: the L2 penalty that the training data's loss gradient g₀ at the "
+        "model's weights θ₀ shows (a model trained to convergence with the penalty (δ/2)‖θ‖² has g₀ = −δ θ₀). "
+        "The default λ is δ̂ where `implied_weight_decay_cosine` is at least 0.65.",
+    )
+    implied_weight_decay_cosine: float | None = Field(
+        None, description="cos(g₀, −θ₀): how much of g₀ such a penalty explains (1: all of it; near 0: none)."
+    )
     curvature_scale: EditCurvatureScale | None = Field(
         None, description="Set where λ is the default multiple of it (computed by this edit or an earlier one)."
     )

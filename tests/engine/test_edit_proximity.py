@@ -21,7 +21,7 @@ from torch import nn
 from tests.engine.test_editing_stored_curvature import REMOVE, trained
 from worker.attribution import AttributionError, CurvatureScale, EditOptions, Examples, edit_parameters
 from worker.attribution.losses import LossName
-from worker.attribution.options import DEFAULT_PROXIMITY_FRACTION
+from worker.attribution.options import DEFAULT_PROXIMITY_FRACTION, WEIGHT_DECAY_EVIDENCE
 from worker.attribution.proximal import (
     ARMIJO,
     BOUNDARY_TOLERANCE,
@@ -54,10 +54,29 @@ def explicit_mean_eigenvalue(model: nn.Module, data: Examples, loss: LossName) -
     return total / len(data) / size
 
 
+def explicit_implied_weight_decay(model: nn.Module, data: Examples, loss: LossName) -> tuple[float, float]:
+    """(−⟨g₀, θ₀⟩/‖θ₀‖², cos(g₀, −θ₀)) with g₀ = ∇ (1/N) Σ_i w_i ℓ_i by autograd over every parameter."""
+    parameters = list(model.parameters())
+    outputs = model(data.inputs)
+    if loss == "cross_entropy":
+        values = torch.nn.functional.cross_entropy(outputs, data.targets, reduction="none")
+    else:
+        values = 0.5 * (outputs - data.targets).pow(2).sum(1)
+    weights = torch.ones_like(values) if data.weights is None else data.weights
+    gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad((weights * values).mean(), parameters)])
+    theta = torch.cat([p.detach().reshape(-1) for p in parameters])
+    along = -float(gradient @ theta)
+    return along / float(theta @ theta), along / float(gradient.norm() * theta.norm())
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "mse"])
 def test_the_default_proximity_is_the_mean_gauss_newton_eigenvalue(kind) -> None:
+    """Without an L2 penalty in its training, a model's gradient shows none (cosine below the evidence needed):
+    the default λ is the curvature rule's."""
     model, data, loss = trained(kind)  # type: ignore[arg-type]
     expected = DEFAULT_PROXIMITY_FRACTION * explicit_mean_eigenvalue(model, data, loss)
+    decay, cosine = explicit_implied_weight_decay(model, data, loss)
+    assert cosine < WEIGHT_DECAY_EVIDENCE
 
     def diagnostics(rows: torch.Tensor, estimator: str, products: str, preconditioner: str = "none") -> dict:
         edit = EditOptions(
@@ -72,6 +91,8 @@ def test_the_default_proximity_is_the_mean_gauss_newton_eigenvalue(kind) -> None
     for result in stored:
         assert "exact trace" in result["proximity_rule"]
         assert result["proximity"] == pytest.approx(expected, rel=1e-9)
+        assert result["implied_weight_decay"] == pytest.approx(decay, rel=1e-9)
+        assert result["implied_weight_decay_cosine"] == pytest.approx(cosine, rel=1e-9)
     # matrix-free edits take the trace over every row, or, fitting the preconditioner, over the remaining rows
     # (which the preconditioner needs) plus the removed rows
     for estimator, products, preconditioner in (

@@ -101,6 +101,17 @@ def test_edit_matches_retraining(loss: str, rel: float) -> None:
     ).state
     newton_change = torch.cat([newton["weight"].flatten(), newton["bias"]]) - before
     assert float((newton_change - actual).norm() / actual.norm()) <= 0.03
+    # λ not given: the model's gradient shows its L2 penalty (converged, g₀ = −DELTA θ₀), and the edit takes it
+    default = edit_parameters(
+        model, data, remove, loss=loss, options=options, edit=EditOptions(cg_tol=1e-12, cg_max_iter=500)
+    )
+    diagnostics = default.diagnostics
+    assert diagnostics["implied_weight_decay"] == pytest.approx(DELTA, rel=1e-6)
+    assert diagnostics["implied_weight_decay_cosine"] == pytest.approx(1.0, abs=1e-9)
+    assert diagnostics["proximity"] == diagnostics["implied_weight_decay"]
+    assert "own L2 penalty" in diagnostics["proximity_rule"] and default.curvature_scale is None
+    for key, value in newton.items():
+        assert torch.allclose(default.state[key], value, rtol=1e-5, atol=1e-10), key
     # the closed-form first-order step (H + delta I)^-1 (1/N) sum_removed grad l, by torch.autograd.functional
     theta = before.clone()
     out_dim = model.out_features

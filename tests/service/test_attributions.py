@@ -14,7 +14,7 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from tests.service.conftest import Api, tiny_classifier, tiny_dataset
-from worker.attribution.options import DEFAULT_PROXIMITY_FRACTION
+from worker.attribution.options import DEFAULT_PROXIMITY_FRACTION, WEIGHT_DECAY_EVIDENCE
 
 
 def setup_job(api: Api, n_train: int = 30, n_query: int = 4, string_ids: bool = False) -> dict:
@@ -297,6 +297,9 @@ def test_fit_then_influence_with_fit_id_then_edit(api: Api) -> None:
         DEFAULT_PROXIMITY_FRACTION * scale["mean_eigenvalue"]
     )
     assert "earlier edit" not in diagnostics["proximity_rule"]
+    # the L2 penalty the model's gradient shows reaches the client: this model shows none, so λ is the curvature's
+    assert -1.0 <= diagnostics["implied_weight_decay_cosine"] < WEIGHT_DECAY_EVIDENCE
+    assert isinstance(diagnostics["implied_weight_decay"], float)
     second = api.client.post(f"/v1/attributions/{with_fit['id']}/edit", json={"remove": [1, 2], "name": "minus2"})
     again = api.client.get(f"/v1/models/{second.json()['model_id']}").json()["edit_diagnostics"]
     assert again["curvature_scale"] == scale and again["proximity"] == diagnostics["proximity"]

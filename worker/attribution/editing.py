@@ -35,6 +35,7 @@ from worker.attribution.methods.influence import influence_layers
 from worker.attribution.options import (
     DEFAULT_PROXIMITY_FRACTION,
     FIT_STRATEGIES,
+    WEIGHT_DECAY_EVIDENCE,
     DataInfOptions,
     EditOptions,
     InfluenceOptions,
@@ -293,11 +294,20 @@ def first_order_parameters(
 def _proximity(
     objective: ProximalObjective, edit: EditOptions, known: CurvatureScale | None
 ) -> tuple[float, str, CurvatureScale | None]:
-    """(λ, how it was set, the curvature scale it was set from): given, or DEFAULT_PROXIMITY_FRACTION × the mean
-    Gauss-Newton eigenvalue trace(G)/D at θ₀: ``known`` (an earlier edit's), else computed from the rows of G's
-    square root where they can be formed (``ProximalObjective.mean_eigenvalue``), else sampled."""
+    """(λ, how it was set, the curvature scale it was set from): given; else the L2 penalty δ̂ that the model's
+    own gradient shows where it shows one (cos(g₀, −θ₀) ≥ WEIGHT_DECAY_EVIDENCE: with λ = δ̂ the proximal
+    objective is the penalised retrain objective); else DEFAULT_PROXIMITY_FRACTION × the mean Gauss-Newton
+    eigenvalue trace(G)/D at θ₀: ``known`` (an earlier edit's), else computed from the rows of G's square root
+    where they can be formed (``ProximalObjective.mean_eigenvalue``), else sampled."""
     if edit.proximity is not None:
         return float(edit.proximity), "given", None
+    decay, cosine = objective.implied_weight_decay()
+    if cosine >= WEIGHT_DECAY_EVIDENCE and decay > 0:
+        rule = (
+            f"auto: the model's own L2 penalty, read off its gradient (δ̂ = {decay:.3g}, cos(g₀, −θ₀) = "
+            f"{cosine:.2f} ≥ {WEIGHT_DECAY_EVIDENCE:g})"
+        )
+        return decay, rule, None
     rule = f"auto: {DEFAULT_PROXIMITY_FRACTION:g} × mean Gauss-Newton eigenvalue"
     if known is not None:
         scale = known
@@ -347,6 +357,7 @@ def _diagnostics(
     step = theta - objective.theta0
     relative = float(step.norm()) / max(float(objective.theta0.norm()), 1e-300)
     before, after = objective.mean_kept_loss(objective.theta0), objective.mean_kept_loss(theta)
+    decay, cosine = objective.implied_weight_decay()
     warnings = list(report.warnings)
     if relative > edit.trust_radius:
         warnings.append(
@@ -365,6 +376,8 @@ def _diagnostics(
         "num_train": objective.n,
         "proximity": objective.proximity,
         "proximity_rule": rule,
+        "implied_weight_decay": decay,
+        "implied_weight_decay_cosine": cosine,
         "step_norm": float(step.norm()),
         "relative_step_norm": relative,
         "remaining_loss_before": before,

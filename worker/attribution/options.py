@@ -156,6 +156,11 @@ CURVATURE_PRODUCTS: tuple[str, ...] = ("auto", "stored", "matrix_free")
 # G's square root (chosen by benchmarks/edits_retraining.py on two models, checked on two held-out ones; until
 # 2026-11-30 the fraction was 1 of a sampled estimate that came out at 0.64 of the trace on the CNN, docs/editing.md)
 DEFAULT_PROXIMITY_FRACTION = 0.5
+# λ of the auto proximity where the model shows the L2 penalty it was trained with: its own δ̂ = −⟨g₀, θ₀⟩/‖θ₀‖²,
+# read off the data-loss gradient g₀ at its weights, when cos(g₀, −θ₀) is at least this (with λ = δ the proximal
+# objective is that penalised retrain objective). Measured by benchmarks/implied_weight_decay.py: 0.72–0.99 on the
+# benchmark's four models trained with L2, 0.29–0.55 on them trained without (docs/editing.md).
+WEIGHT_DECAY_EVIDENCE = 0.65
 
 
 @dataclass
@@ -168,8 +173,10 @@ class EditOptions:
     ``line_search``: how far along the Newton step (``newton``, and the first step of ``proximal``):
     ``boundary`` goes ``boundary_share`` of the way to the edge of the scales at which the proximal objective
     still decreases enough, at most the full step; ``halving`` takes the first such scale of 1, ½, ¼, …
-    ``proximity`` None: DEFAULT_PROXIMITY_FRACTION × the mean Gauss-Newton eigenvalue trace(G)/D at θ₀ (computed
-    from the rows of a square root of G where they can be formed: ``ProximalObjective.mean_eigenvalue``).
+    ``proximity`` None: the L2 penalty the model's own gradient shows, where it shows one clearly
+    (``ProximalObjective.implied_weight_decay``, cosine at least WEIGHT_DECAY_EVIDENCE), else
+    DEFAULT_PROXIMITY_FRACTION × the mean Gauss-Newton eigenvalue trace(G)/D at θ₀ (computed from the rows of a
+    square root of G where they can be formed: ``ProximalObjective.mean_eigenvalue``).
     ``curvature_products``: how the Gauss-Newton products of the solves are computed: ``matrix_free`` (two
     backward passes over the kept rows each), ``stored`` (the rows of a square root of G kept in memory, leaving
     out terms worth at most ``curvature_tol`` of its trace), ``auto`` (stored where the model has few outputs per
