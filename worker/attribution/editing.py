@@ -302,7 +302,7 @@ def _proximity(
     if edit.proximity is not None:
         return float(edit.proximity), "given", None
     decay, cosine = objective.implied_weight_decay()
-    if cosine >= WEIGHT_DECAY_EVIDENCE and decay > 0:
+    if cosine >= WEIGHT_DECAY_EVIDENCE and 0 < decay < math.inf:
         rule = (
             f"auto: the model's own L2 penalty, read off its gradient (δ̂ = {decay:.3g}, cos(g₀, −θ₀) = "
             f"{cosine:.2f} ≥ {WEIGHT_DECAY_EVIDENCE:g})"

@@ -77,7 +77,9 @@ def load_edit(context: JobContext) -> LoadedEdit:
 def earlier_curvature_scale(session: Session, edit: Edit) -> CurvatureScale | None:
     """The curvature scale of the latest succeeded edit of the same attribution (the same model, training rows,
     method options and loss, so the same trace(G)/D), if one computed it. Diagnostics are written only when an
-    edit succeeds; the latest few are read, which is enough, as every default-λ edit records its scale."""
+    edit succeeds; the latest few are read, which is enough, as every edit whose λ came from the curvature rule
+    records its scale (and an attribution's default-λ edits all take the same rule: the L2 penalty the model's
+    gradient shows does not depend on the removed rows)."""
     earlier = session.scalars(
         select(Edit.diagnostics)
         .where(Edit.attribution_id == edit.attribution_id, Edit.id != edit.id, Edit.diagnostics.is_not(None))
