@@ -46,10 +46,8 @@ def reading(model: torch.nn.Module, data: Examples) -> tuple[float, float, float
     nothing = torch.zeros(0, dtype=torch.long)
     with evaluation_mode(model):
         objective = ProximalObjective(model, layers, data, nothing, "cross_entropy", 2048, linearised=False)
-    default = DEFAULT_PROXIMITY_FRACTION * reference_eigenvalue(model, layers, data)
-    gradient, theta = objective.anchor, objective.theta0
-    along = -float(gradient @ theta)
-    return along / float(theta @ theta), along / float(gradient.norm() * theta.norm()), default
+    decay, cosine = objective.implied_weight_decay  # what an edit reads
+    return decay, cosine, DEFAULT_PROXIMITY_FRACTION * reference_eigenvalue(model, layers, data)
 
 
 def main() -> None:

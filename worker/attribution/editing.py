@@ -301,7 +301,7 @@ def _proximity(
     where they can be formed (``ProximalObjective.mean_eigenvalue``), else sampled."""
     if edit.proximity is not None:
         return float(edit.proximity), "given", None
-    decay, cosine = objective.implied_weight_decay()
+    decay, cosine = objective.implied_weight_decay
     if cosine >= WEIGHT_DECAY_EVIDENCE and 0 < decay < math.inf:
         rule = (
             f"auto: the model's own L2 penalty, read off its gradient (δ̂ = {decay:.3g}, cos(g₀, −θ₀) = "
@@ -357,7 +357,7 @@ def _diagnostics(
     step = theta - objective.theta0
     relative = float(step.norm()) / max(float(objective.theta0.norm()), 1e-300)
     before, after = objective.mean_kept_loss(objective.theta0), objective.mean_kept_loss(theta)
-    decay, cosine = objective.implied_weight_decay()
+    decay, cosine = objective.implied_weight_decay
     warnings = list(report.warnings)
     if relative > edit.trust_radius:
         warnings.append(

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import torch
@@ -269,10 +269,11 @@ class ProximalObjective:
         trace = sum(value / (1 - share) for value, share in parts)
         return _checked_eigenvalue(trace / self.theta0.numel()), rule
 
+    @cached_property
     def implied_weight_decay(self) -> tuple[float, float]:
         """(δ̂, cos(g₀, −θ₀)): the L2 penalty that the full data's loss gradient g₀ at θ₀ shows, δ̂ = −⟨g₀, θ₀⟩ /
         ‖θ₀‖², the least-squares δ of g₀ = −δ θ₀ (a stationary point of the loss + (δ/2)‖θ‖²), and how much of g₀
-        it explains (1: all of it). (0, 0) where θ₀ or g₀ is zero. Free: g₀ is the objective's anchor."""
+        it explains (1: all of it). (0, 0) where θ₀ or g₀ is zero. Free: g₀ is the objective's anchor; read once."""
         gradient_norm, weight_norm = float(self.anchor.norm()), float(self.theta0.norm())
         if gradient_norm == 0.0 or weight_norm == 0.0:
             return 0.0, 0.0
