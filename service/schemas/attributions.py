@@ -319,9 +319,10 @@ class EditOptionsIn(StrictModel):
 
     estimator: Literal["newton", "proximal", "first_order"] | None = Field(
         None,
-        description="`newton` (default; meta instance influence: `first_order`): one Gauss-Newton step of the "
+        description="`newton` (default; meta instance influence: `first_order`): a Gauss-Newton step of the "
         "proximal retrain objective from the current weights, inside a trust radius, with a line search on the real "
-        "remaining-data loss. `proximal`: Gauss-Newton (Levenberg-Marquardt) steps until that objective is minimised "
+        "remaining-data loss, and a further one from the point reached where that line search stopped short "
+        "(`newton_steps`). `proximal`: Gauss-Newton (Levenberg-Marquardt) steps until that objective is minimised "
         "to `tol` (slower). `first_order`: θ + (1/N) P Σ ∇ℓ with the attribution's own preconditioner and scoring "
         "damping (SOURCE: its unrolled estimate; meta: (H + ρI)⁻¹ Σ g). Meta task influence: `newton` solves with "
         "H − Σ H_k, `proximal` iterates the retrain; meta instance influence supports `first_order` and `proximal`.",
@@ -368,7 +369,7 @@ class EditOptionsIn(StrictModel):
         "models of linear layers only), matrix-free otherwise.",
     )
     curvature_tol: float = Field(
-        1e-4,
+        0.01,
         ge=0,
         lt=1,
         description="`stored` products: the share of the output-curvature weight (Σ_i w_i trace H_i) whose terms "
@@ -397,6 +398,17 @@ class EditOptionsIn(StrictModel):
         "pass over the remaining rows' terms holding 95% of the output-curvature weight; not for token datasets). "
         "`none`: plain CG. `auto` (default): `kronecker` where the products are `stored`, `none` where they are "
         "matrix-free (there plain CG truncated at 20 iterations is part of the measured estimate).",
+    )
+    newton_steps: int | None = Field(
+        None,
+        ge=1,
+        le=20,
+        description="`newton`: at most this many Gauss-Newton steps, each line-searched on the proximal objective J; "
+        "a further step is taken while the last line search stopped short of its full step (J left its quadratic "
+        "model along the straight line), from the point reached, with the remaining rows linearised afresh there. "
+        "Null (auto): 2 where the rows of G are stored (`curvature_products`; a further step then costs one pass "
+        "and a cheap solve), 1 where the products are matrix-free (it would cost as much as the first step). "
+        "Ignored by the other estimators.",
     )
 
 

@@ -245,6 +245,11 @@ class EditSolverReport(Diagnostics):
         None, description="`boundary` line search: the edge of the acceptable scales it found (0: none)."
     )
     clipped_to_trust_radius: bool | None = None
+    further_step_scales: list[float] | None = Field(
+        None,
+        description="`newton`: the line-search scale of each step after the first (0: J did not decrease along it, "
+        "the point before it stands).",
+    )
 
 
 class EditCurvatureReport(Diagnostics):

@@ -90,7 +90,8 @@ def test_edit_matches_retraining(loss: str, rel: float) -> None:
     proximal = edit_parameters(model, data, remove, loss=loss, options=options, edit=tight).state
     proximal_change = torch.cat([proximal["weight"].flatten(), proximal["bias"]]) - before
     assert float((proximal_change - actual).norm() / actual.norm()) <= 1e-5
-    # one Newton step of that objective (the default estimator): 1.8% (logistic) here, exact for mse
+    # one Newton step of that objective (the default estimator; one step where the products are matrix-free, as for
+    # these linear models): 1.8% (logistic) here, exact for mse
     newton = edit_parameters(
         model,
         data,

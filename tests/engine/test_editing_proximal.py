@@ -9,7 +9,7 @@ strategy and DataInf give the same minimiser (the objective does not depend on t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from tests.engine.helpers import fit_classifier
 from worker.attribution import DataInfOptions, EditOptions, Examples, InfluenceOptions, edit_parameters
+from worker.attribution.hooks import TrackedLayer
 from worker.attribution.options import EditEstimator
 
 N, PROXIMITY = 80, 0.05
@@ -351,3 +352,105 @@ def test_one_pass_linearisation_matches_exact_loss_gradient_and_gauss_newton(set
         assert float((product - expected).norm()) <= 1e-10 * float(expected.norm())
         rebuilt = objective.curvature_operator(theta0)(vector)  # taken once: this one is linearised afresh
         assert float((rebuilt - expected).norm()) <= 1e-10 * float(expected.norm())
+
+
+def test_further_newton_steps_are_gauss_newton_steps_from_the_point_reached(setup) -> None:
+    """A removal whose first line search stops short (a third of the data, little proximity): each further step
+    is (G_{−S}(θ) + λI) d = −∇J_S(θ) with the Gauss-Newton matrix of the point θ reached (built here from the full
+    Jacobian at θ with torch.func, not the engine's operator), scaled by its own line search; J_S falls at each
+    step and the edit comes closer to the minimiser of J_S (an L-BFGS retrain of it)."""
+    from torch.func import jacrev
+
+    from worker.attribution.hooks import resolve_layers
+    from worker.attribution.proximal import flat_from_state, state_entries
+
+    model, data, _ = setup
+    remove, proximity = torch.nonzero(data.targets == 0).reshape(-1), 1e-3
+    layers = resolve_layers(model, None)
+    theta0 = flat_from_state(layers, model.state_dict(), next(model.parameters()).detach())
+    keep = torch.tensor([i for i in range(N) if i not in set(remove.tolist())])
+
+    def run(newton_steps: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        result = edit_parameters(
+            model,
+            data,
+            remove,
+            loss="cross_entropy",
+            edit=EditOptions(
+                estimator="newton",
+                proximity=proximity,
+                newton_steps=newton_steps,
+                trust_radius=10.0,
+                cg_tol=1e-12,
+                cg_max_iter=400,
+            ),
+        )
+        return flat_from_state(layers, result.state, theta0), result.diagnostics["solver"]
+
+    def outputs(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, state_entries(layers, flat), (data.inputs[rows],))
+
+    def full_loss(flat: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs(flat, torch.arange(N)), data.targets, reduction="sum") / N
+
+    anchor = torch.func.grad(full_loss)(theta0)
+
+    def objective(flat: torch.Tensor) -> torch.Tensor:
+        step = flat - theta0
+        kept = F.cross_entropy(outputs(flat, keep), data.targets[keep], reduction="sum") / N
+        return kept - anchor @ step + 0.5 * proximity * step @ step
+
+    def gauss_newton_step(point: torch.Tensor) -> torch.Tensor:
+        jacobian = jacrev(lambda flat: outputs(flat, keep))(point)  # (rows, classes, D) at the point
+        p = torch.softmax(outputs(point, keep), 1)
+        hessians = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+        curvature = torch.einsum("rcd,rce,ref->df", jacobian, hessians, jacobian) / N
+        system = curvature + proximity * torch.eye(point.numel(), dtype=point.dtype)
+        return torch.linalg.solve(system, -torch.func.grad(objective)(point))
+
+    points = {steps: run(steps) for steps in (1, 2, 3)}
+    assert points[1][1]["line_search_step"] < 1.0 and points[1][1]["further_step_scales"] == []
+    scales = points[3][1]["further_step_scales"]
+    assert len(scales) >= 1 and all(0 < s <= 1 for s in scales)
+    assert points[2][1]["further_step_scales"] == scales[:1] and points[2][1]["steps"] == 2
+    expected = points[1][0] + scales[0] * gauss_newton_step(points[1][0])
+    assert float((points[2][0] - expected).norm()) <= 1e-6 * float((points[2][0] - theta0).norm())
+    values = [float(objective(points[steps][0])) for steps in (1, 2, 3)]
+    assert values[2] <= values[1] < values[0] < float(objective(theta0))
+    reference = theta0 + proximal_retrain_flat(model, data, remove, proximity, layers)
+    distances = [float((points[steps][0] - reference).norm()) for steps in (1, 2, 3)]
+    assert distances[2] <= distances[1] < distances[0]
+
+
+def proximal_retrain_flat(
+    model: nn.Module, data: Examples, remove: torch.Tensor, proximity: float, layers: list[TrackedLayer]
+) -> torch.Tensor:
+    """``proximal_retrain``'s change in the engine's flat layout (each layer's weight with its bias as a column)."""
+    from worker.attribution.proximal import flat_from_state
+
+    change = proximal_retrain(model, data, remove, proximity)
+    state, start = {}, 0
+    for key, value in model.state_dict().items():
+        state[key] = value + change[start : start + value.numel()].view_as(value)
+        start += value.numel()
+    like = next(model.parameters()).detach()
+    return flat_from_state(layers, state, like) - flat_from_state(layers, model.state_dict(), like)
+
+
+def test_a_full_first_step_takes_no_further_step(setup) -> None:
+    model, data, _ = setup
+    results = [
+        edit_parameters(
+            model,
+            data,
+            torch.tensor([3, 50]),
+            loss="cross_entropy",
+            edit=EditOptions(estimator="newton", proximity=PROXIMITY, newton_steps=newton_steps),
+        )
+        for newton_steps in (1, 3)
+    ]
+    assert results[1].diagnostics["solver"]["line_search_step"] == 1.0
+    assert results[1].diagnostics["solver"]["further_step_scales"] == []
+    assert results[1].diagnostics["solver"]["steps"] == 1
+    for key, value in results[0].state.items():
+        assert torch.equal(results[1].state[key], value)

@@ -145,6 +145,7 @@ def test_newton_edits_agree_with_stored_and_matrix_free_products(kind) -> None:
                 curvature_products=products,  # type: ignore[arg-type]
                 curvature_tol=0.0,
                 preconditioner="none",  # the same CG iterates from either product (``auto`` fits it to stored rows)
+                newton_steps=2,  # as many for either (``auto`` takes a second step with stored rows only)
             ),
         )
         assert result.diagnostics["curvature"]["products"] == products
@@ -188,3 +189,20 @@ def test_invalid_curvature_options_are_rejected() -> None:
         EditOptions(curvature_products="dense").validate()  # type: ignore[arg-type]
     with pytest.raises(AttributionError, match="curvature_tol"):
         EditOptions(curvature_tol=1.0).validate()
+
+
+@pytest.mark.parametrize(("kind", "products", "steps"), [("cnn", "stored", 2), ("mlp", "matrix_free", 1)])
+def test_auto_newton_steps_take_a_second_step_where_the_rows_are_stored(kind, products, steps) -> None:
+    """A third of the rows removed with little proximity: the first line search stops short on both models. The
+    default (``newton_steps`` None) takes a second Gauss-Newton step where the rows of G are stored (a further
+    linearisation is cheap) and none where the products are matrix-free; asked for, the MLP takes it too."""
+    model, data, loss = trained(kind)
+    remove = torch.arange(0, N, 3)
+    result = edit_parameters(model, data, remove, loss=loss, edit=EditOptions(proximity=1e-4))
+    solver = result.diagnostics["solver"]
+    assert result.diagnostics["curvature"]["products"] == products
+    assert solver["line_search_step"] < 1.0
+    assert solver["steps"] == steps and len(solver["further_step_scales"]) == steps - 1
+    if steps == 1:
+        asked = edit_parameters(model, data, remove, loss=loss, edit=EditOptions(proximity=1e-4, newton_steps=2))
+        assert asked.diagnostics["solver"]["steps"] == 2

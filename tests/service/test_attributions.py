@@ -284,6 +284,8 @@ def test_fit_then_influence_with_fit_id_then_edit(api: Api) -> None:
     )
     solver = diagnostics["solver"]  # the default boundary line search: the edge found, and the share of it taken
     assert solver["line_search_step"] == pytest.approx(min(1.0, 0.85 * solver["line_search_boundary"]))
+    # auto newton_steps: one step where the products are matrix-free (a second would cost as much as the first)
+    assert solver["steps"] == 1 and solver["further_step_scales"] == []
     assert len(diagnostics["query_loss_changes"]) == len(setup["query"]["targets"]) and "warnings" in diagnostics
     weights = load_safetensors(api.client.get(f"/v1/models/{new_model['id']}/weights").content)
     original = setup["module"].state_dict()
@@ -365,6 +367,8 @@ def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> Non
         ({"remove": [1], "name": "x", "options": {"boundary_share": 1.5}}, "boundary_share"),
         ({"remove": [1], "name": "x", "options": {"boundary_share": 0}}, "boundary_share"),
         ({"remove": [1], "name": "x", "options": {"preconditioner": "jacobi"}}, "preconditioner"),
+        ({"remove": [1], "name": "x", "options": {"newton_steps": 0}}, "newton_steps"),
+        ({"remove": [1], "name": "x", "options": {"newton_steps": 1.5}}, "newton_steps"),
     ):
         response = api.client.post(route, json=bad)
         assert response.status_code == 422 and field in response.text, (bad, response.text)

@@ -3,7 +3,8 @@
 Three estimators (``EditOptions.estimator``, docs/editing.md says what each assumes):
 - ``proximal`` (default): the minimiser of the anchored proximal retrain objective J_S (proximal.py), by
   Levenberg-Marquardt Gauss-Newton steps over the remaining rows (each solved by CG);
-- ``newton``: one Gauss-Newton step of J_S from the current weights, clipped to a trust radius, line-searched;
+- ``newton``: a Gauss-Newton step of J_S from the current weights, clipped to a trust radius, line-searched, and
+  further such steps from the point reached while a line search stops short (``EditOptions.newton_steps``);
 - ``first_order``: θ + (1/N) P Σ_{removed} ∇ℓ with the attribution's preconditioner P (its scoring damping):
   removing z from L = (1/N) Σ ℓ_i moves a minimiser by (1/N) H⁻¹ ∇ℓ(z) to first order.
 Removing nothing is the identity for every estimator. Every edit carries diagnostics (``EditResult``).
@@ -50,6 +51,7 @@ from worker.attribution.proximal import (
     mean_curvature_eigenvalue,
     minimise,
     newton_step,
+    newton_step_count,
     state_entries,
 )
 from worker.attribution.scoring import check_finite_vectors
@@ -220,7 +222,7 @@ def estimate_edit(
         if edit.estimator == "first_order":
             theta = first_order().to(objective.theta0.device, objective.theta0.dtype)
         elif edit.estimator == "newton":
-            theta, report = newton_step(objective, edit, progress)
+            theta, report = newton_step(objective, edit, progress, newton_step_count(objective, edit))
         else:
             theta, report = minimise(objective, edit, progress)
         check_finite_vectors({"tracked layers": theta}, "edited parameters")

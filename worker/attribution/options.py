@@ -161,6 +161,15 @@ DEFAULT_PROXIMITY_FRACTION = 0.5
 # objective is that penalised retrain objective). Measured by benchmarks/implied_weight_decay.py: 0.72–0.99 on the
 # benchmark's four models trained with L2, 0.29–0.55 on them trained without (docs/editing.md).
 WEIGHT_DECAY_EVIDENCE = 0.65
+# stored products: the share of the output-curvature weight whose smallest terms are left out (1e-4 until the
+# seventh change of 2026-11-30: with two Gauss-Newton steps the CNN's edit at 1e-2 cost what one step cost at 1e-4,
+# docs/editing.md)
+DEFAULT_CURVATURE_TOL = 1e-2
+# ``newton``'s Gauss-Newton steps where ``newton_steps`` is None (auto) and the rows of G are stored: a further step
+# costs one linearisation (a pass over the remaining rows and the rows of G formed again) and a cheap solve; with
+# matrix-free products it costs as much as the first step (its CG products), and auto takes one step
+# (benchmarks/edits_retraining.py, docs/editing.md)
+STORED_NEWTON_STEPS = 2
 
 
 @dataclass
@@ -168,7 +177,9 @@ class EditOptions:
     """How an edit estimates the model retrained without some examples (docs/editing.md).
 
     ``proximal``: minimise the anchored proximal retrain objective J_S (worker/attribution/proximal.py) by
-    Gauss-Newton steps; ``newton``: one such step from the current weights with a trust radius and a line search;
+    Gauss-Newton steps; ``newton``: such a step from the current weights with a trust radius and a line search, and
+    further ones (each linearised afresh at the point reached) while a line search stops short, at most
+    ``newton_steps`` in all (None: STORED_NEWTON_STEPS where the rows of G are stored, else 1);
     ``first_order``: θ + (1/N) P Σ ∇ℓ with the attribution's own preconditioner P (its scoring damping).
     ``line_search``: how far along the Newton step (``newton``, and the first step of ``proximal``):
     ``boundary`` goes ``boundary_share`` of the way to the edge of the scales at which the proximal objective
@@ -179,8 +190,9 @@ class EditOptions:
     square root of G where they can be formed: ``ProximalObjective.mean_eigenvalue``).
     ``curvature_products``: how the Gauss-Newton products of the solves are computed: ``matrix_free`` (two
     backward passes over the kept rows each), ``stored`` (the rows of a square root of G kept in memory, leaving
-    out terms worth at most ``curvature_tol`` of its trace), ``auto`` (stored where the model has few outputs per
-    row, it fits in memory and it saves at least half the products' work, else matrix-free).
+    out terms worth at most ``curvature_tol`` of its trace, by default DEFAULT_CURVATURE_TOL), ``auto`` (stored
+    where the model has few outputs per row, it fits in memory and it saves at least half the products' work,
+    else matrix-free).
     ``preconditioner``: of the CG solves, ``kronecker`` (per layer, in the eigenbases of the Gram factors of the
     square-root rows of G: edit_preconditioner.py), ``none``, or ``auto`` (kronecker where the rows of G are
     stored, so fitting it costs no pass over the data; none with matrix-free products, where plain CG truncated
@@ -196,10 +208,11 @@ class EditOptions:
     trust_radius: float = 1.0
     batch_size: int = 2048
     curvature_products: CurvatureProducts = "auto"
-    curvature_tol: float = 1e-4
+    curvature_tol: float = DEFAULT_CURVATURE_TOL
     line_search: LineSearch = "boundary"
     boundary_share: float = DEFAULT_BOUNDARY_SHARE
     preconditioner: EditPreconditioner = "auto"
+    newton_steps: int | None = None
 
     def validate(self) -> None:
         if self.preconditioner not in EDIT_PRECONDITIONERS:
@@ -223,6 +236,8 @@ class EditOptions:
             raise AttributionError("max_steps and cg_max_iter must be >= 1")
         if not 0 < self.tol < 1 or not 0 < self.cg_tol < 1:
             raise AttributionError("tol and cg_tol must lie in (0, 1)")
+        if self.newton_steps is not None and self.newton_steps < 1:
+            raise AttributionError(f"newton_steps must be >= 1, got {self.newton_steps}")
         if not self.trust_radius > 0:
             raise AttributionError(f"trust_radius must be > 0, got {self.trust_radius}")
         _check_batch_size(self.batch_size)

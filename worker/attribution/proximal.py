@@ -65,6 +65,7 @@ from worker.attribution.losses import (
 from worker.attribution.options import (
     PLAIN_CG_ITERATIONS,
     PRECONDITIONED_CG_ITERATIONS,
+    STORED_NEWTON_STEPS,
     CurvatureProducts,
     EditOptions,
     EditPreconditioner,
@@ -295,6 +296,13 @@ class ProximalObjective:
         kept_loss, kept_gradient = self.kept_loss_and_gradient(flat)
         value = kept_loss - float(self.anchor @ step) + 0.5 * self.proximity * float(step @ step)
         return value, kept_gradient - self.anchor + self.proximity * step
+
+    def linearised_objective(self, flat: Flat) -> tuple[float, Flat, Callable[[Flat], Flat]]:
+        """J_S(θ), ∇J_S(θ) and v ↦ G_{−S}(θ) v at θ = ``flat``, from one linearisation of the kept rows."""
+        step = flat - self.theta0
+        kept_loss, kept_gradient, operator = self.linearise(flat)
+        value = kept_loss - float(self.anchor @ step) + 0.5 * self.proximity * float(step @ step)
+        return value, kept_gradient - self.anchor + self.proximity * step, operator
 
     def curvature_product(self, flat: Flat, vector: Flat) -> Flat:
         """G_{−S}(θ) v: the kept rows' Gauss-Newton product (1/N) Σ w_i J_iᵀ H_i J_i v."""
@@ -899,6 +907,7 @@ class SolveReport:
     step_scale: float = 1.0  # the newton step's line-search factor
     boundary: float | None = None  # ``boundary`` line search: the edge of the acceptable scales it found
     clipped: bool = False
+    further_step_scales: list[float] = field(default_factory=list)  # ``newton``: the later steps' line-search factors
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -911,11 +920,18 @@ class SolveReport:
             "line_search_step": self.step_scale,
             "line_search_boundary": self.boundary,
             "clipped_to_trust_radius": self.clipped,
+            "further_step_scales": self.further_step_scales,
         }
 
 
 def _solve(objective: ProximalObjective, point: Flat, rhs: Flat, damping: float, cg_tol: float) -> CGResult:
-    curvature = objective.curvature_operator(point)
+    return _solve_with(objective, objective.curvature_operator(point), rhs, damping, cg_tol)
+
+
+def _solve_with(
+    objective: ProximalObjective, curvature: Callable[[Flat], Flat], rhs: Flat, damping: float, cg_tol: float
+) -> CGResult:
+    """(G + damping I) x = rhs by CG with the curvature operator v ↦ G v (preconditioned where one is fitted)."""
     fitted = objective.preconditioner
 
     def matvec(v: Flat) -> Flat:
@@ -925,56 +941,107 @@ def _solve(objective: ProximalObjective, point: Flat, rhs: Flat, damping: float,
     return conjugate_gradient(matvec, rhs, cg_tol, objective.cg_iterations(), precondition)
 
 
-def newton_step(
-    objective: ProximalObjective, edit: EditOptions, progress: Progress = no_progress
-) -> tuple[Flat, SolveReport]:
-    """One Gauss-Newton step (G_{−S}(θ₀) + λI) d = r from θ₀, clipped to the trust radius, then a line search on
-    the real J_S along d. A scale s is acceptable when J_S(θ₀ + s d) ≤ J_S(θ₀) + c s ⟨∇J_S(θ₀), d⟩ (Armijo,
-    c = ARMIJO).
+def newton_step_count(objective: ProximalObjective, edit: EditOptions) -> int:
+    """``edit.newton_steps``, or (None, auto) STORED_NEWTON_STEPS where the kept rows' curvature at θ₀ was stored
+    (a further step costs a linearisation and a solve with cheap products) and 1 where it is matrix-free (a further
+    step would cost as much as the first)."""
+    if edit.newton_steps is not None:
+        return edit.newton_steps
+    return STORED_NEWTON_STEPS if objective.curvature_report.get("products") == "stored" else 1
 
-    ``edit.line_search`` ``halving``: the first acceptable scale of 1, ½, ¼, …  ``boundary``: the edge b of the
-    acceptable scales up to 1/share (``_acceptable_edge``: secant tries, to within BOUNDARY_TOLERANCE), and the
-    step s = min(1, share × b), share = ``edit.boundary_share``. The
-    halving's answer jumps by factors of two as the removal or λ change; the boundary's moves continuously
-    (docs/editing.md)."""
+
+def newton_step(
+    objective: ProximalObjective, edit: EditOptions, progress: Progress = no_progress, steps: int = 1
+) -> tuple[Flat, SolveReport]:
+    """Gauss-Newton steps on J_S from θ₀, each shortened to the trust radius and line-searched on the real J_S
+    (``_line_search``): the first (G_{−S}(θ₀) + λI) d = r; then, while the last line search stopped short of its
+    full step and fewer than ``steps`` were taken, (G_{−S}(θ) + λI) d = −∇J_S(θ) from the point θ reached, with
+    the kept rows linearised afresh there (one pass that gives J_S's gradient and the curvature operator
+    together). A line search that stops short says J_S left its quadratic model along the straight line; the next
+    step follows J_S's valley from where it turned up (docs/editing.md)."""
     report = SolveReport(steps=1)
     theta0 = objective.theta0
     value0, gradient0 = objective.kept_loss0, -objective.removal_gradient
-    solved = _solve(objective, theta0, -gradient0, objective.proximity, edit.cg_tol)
-    report.cg_iterations.append(solved.iterations)
-    direction = solved.solution
     radius = edit.trust_radius * float(theta0.norm())
-    if float(direction.norm()) > radius > 0:
-        direction = direction * (radius / float(direction.norm()))
-        report.clipped = True
-    slope = float(gradient0 @ direction)
-
-    def excess(scale: float) -> float:  # φ(s) = (J_S(θ₀ + s d) − J_S(θ₀)) / s − c ⟨∇J_S(θ₀), d⟩: acceptable ≤ 0
-        progress("edit", report.steps, 1)
-        return (objective.value(theta0 + scale * direction) - value0) / scale - ARMIJO * slope
-
-    if edit.line_search == "halving":
-        scale = _first_acceptable(lambda scale: excess(scale) <= 0, 1.0)
-        if scale is None:
-            report.warnings.append(
-                "the line search found no decrease of the proximal objective along the Newton step; "
-                "the edit is θ₀ moved by a tiny step"
-            )
-            scale = 0.5**LINE_SEARCH_HALVINGS
-    else:
-        boundary = _acceptable_edge(excess, 1.0 / edit.boundary_share, (1 - ARMIJO) * slope)
-        if boundary is None:
-            report.warnings.append(
-                "the line search found no decrease of the proximal objective along the Newton step; "
-                "the edit is the unedited model"
-            )
-            boundary = 0.0
-        report.boundary = boundary
-        scale = min(1.0, edit.boundary_share * boundary)
+    direction = _clipped_direction(objective, objective.curvature_operator(theta0), -gradient0, edit, radius, report)
+    found = _line_search(objective, theta0, value0, gradient0, direction, edit, report, progress)
+    if found is None:
+        fallback = "θ₀ moved by a tiny step" if edit.line_search == "halving" else "the unedited model"
+        report.warnings.append(
+            "the line search found no decrease of the proximal objective along the Newton step; the edit is " + fallback
+        )
+    scale = found if found is not None else (0.5**LINE_SEARCH_HALVINGS if edit.line_search == "halving" else 0.0)
     report.step_scale = scale
     report.accepted_steps = 1
     report.gradient_norm_ratio = None  # not computed: it would cost a gradient pass (the line search needs values)
-    return theta0 + scale * direction, report
+    point = theta0 + scale * direction
+    while report.steps < steps and 0.0 < scale < 1.0:
+        value, gradient, curvature = objective.linearised_objective(point)
+        direction = _clipped_direction(objective, curvature, -gradient, edit, radius, report)
+        report.steps += 1
+        found = None
+        if float(gradient @ direction) < 0:
+            found = _line_search(
+                objective, point, value, gradient, direction, edit, SolveReport(report.steps), progress
+            )
+        if found is None:  # J_S does not decrease along it: the point reached stands
+            report.further_step_scales.append(0.0)
+            break
+        scale = found
+        report.further_step_scales.append(scale)
+        point = point + scale * direction
+        report.accepted_steps += 1
+    return point, report
+
+
+def _clipped_direction(
+    objective: ProximalObjective,
+    curvature: Callable[[Flat], Flat],
+    rhs: Flat,
+    edit: EditOptions,
+    radius: float,
+    report: SolveReport,
+) -> Flat:
+    """The solve (G + λI) d = rhs, clipped to the trust radius (noted in ``report``)."""
+    solved = _solve_with(objective, curvature, rhs, objective.proximity, edit.cg_tol)
+    report.cg_iterations.append(solved.iterations)
+    direction = solved.solution
+    if float(direction.norm()) > radius > 0:
+        direction = direction * (radius / float(direction.norm()))
+        report.clipped = True
+    return direction
+
+
+def _line_search(
+    objective: ProximalObjective,
+    origin: Flat,
+    value: float,
+    gradient: Flat,
+    direction: Flat,
+    edit: EditOptions,
+    report: SolveReport,
+    progress: Progress,
+) -> float | None:
+    """The scale s of the step ``direction`` from ``origin`` (where J_S = ``value``, ∇J_S = ``gradient``). A scale
+    is acceptable when J_S(origin + s d) ≤ J_S(origin) + c s ⟨∇J_S, d⟩ (Armijo, c = ARMIJO).
+
+    ``edit.line_search`` ``halving``: the first acceptable scale of 1, ½, ¼, …  ``boundary``: the edge b of the
+    acceptable scales up to 1/share (``_acceptable_edge``: secant tries, to within BOUNDARY_TOLERANCE), and the
+    step s = min(1, share × b), share = ``edit.boundary_share``. The halving's answer jumps by factors of two as
+    the removal or λ change; the boundary's moves continuously (docs/editing.md). None: no acceptable scale."""
+    slope = float(gradient @ direction)
+
+    def excess(scale: float) -> float:  # φ(s) = (J_S(origin + s d) − J_S(origin)) / s − c ⟨∇J_S, d⟩: acceptable ≤ 0
+        progress("edit", report.steps, 1)
+        return (objective.value(origin + scale * direction) - value) / scale - ARMIJO * slope
+
+    if edit.line_search == "halving":
+        return _first_acceptable(lambda scale: excess(scale) <= 0, 1.0)
+    boundary = _acceptable_edge(excess, 1.0 / edit.boundary_share, (1 - ARMIJO) * slope)
+    report.boundary = boundary if boundary is not None else 0.0
+    if boundary is None:
+        return None
+    return min(1.0, edit.boundary_share * boundary)
 
 
 def _first_acceptable(acceptable: Callable[[float], bool], start: float) -> float | None:

@@ -141,4 +141,5 @@ def edit_options(options: EditOptionsIn, default_estimator: EstimatorName) -> Ed
         line_search=options.line_search,
         boundary_share=options.boundary_share,
         preconditioner=options.preconditioner,
+        newton_steps=options.newton_steps,
     )
