@@ -363,7 +363,8 @@ def run_setting(
 
 
 def _step_counts(name: str, counts: Counter[int]) -> str:
-    """ "newton default λ: 1 step on 40, 2 steps on 32 of 72 edits": the edits by the Gauss-Newton steps they took."""
+    """An estimator's edits by the Gauss-Newton steps they took ("newton default λ: 1 step on 40, 2 steps on 32 of
+    72 edits")."""
     parts = [f"{steps} step{'s' if steps > 1 else ''} on {count}" for steps, count in sorted(counts.items())]
     return f"{name}: {', '.join(parts)} of {sum(counts.values())} edits"
 
