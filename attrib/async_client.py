@@ -13,7 +13,7 @@ from attrib import calls
 from attrib.client import DEFAULT_TIMEOUT, read_parquet, to_pandas
 from attrib.config import resolve_api_key, resolve_base_url
 from attrib.jobs import AsyncJob
-from attrib.options import MethodOptions
+from attrib.options import Edit, MethodOptions
 from attrib.resources import Attribution, Checkpoint, Dataset, Fit, JobState, Model, ResultRow
 from attrib.transport import Call, RetryPolicy, send_async, stream_async
 
@@ -281,9 +281,17 @@ class AsyncClient:
 
     # --- editing -----------------------------------------------------------------------------------------
 
-    async def edit(self, attribution: Any, remove: list[Any], *, name: str, progress: bool = True) -> Model:
+    async def edit(
+        self,
+        attribution: Any,
+        remove: list[Any],
+        *,
+        name: str,
+        options: Edit | dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> Model:
         """See :meth:`attrib.Client.edit`."""
-        body = await self.call(calls.edit(attribution, remove, name))
+        body = await self.call(calls.edit(attribution, remove, name, options))
         await AsyncJob(self, body["job_id"]).wait(progress=progress)
         return await self.get_model(body["model_id"])
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from attrib.options import MethodOptions, method_and_options
+from attrib.options import Edit, MethodOptions, edit_options_json, method_and_options
 from attrib.payloads import FilePart, dataset_part, file_part, weights_part
 from attrib.transport import Call
 
@@ -148,9 +148,13 @@ def export(attribution: Any, format: str) -> Call:
     return Call("GET", f"/v1/attributions/{ident(attribution)}/results/export", params={"format": format})
 
 
-def edit(attribution: Any, remove: list[Any], name: str) -> Call:
+def edit(attribution: Any, remove: list[Any], name: str, options: Edit | dict[str, Any] | None = None) -> Call:
     ids = [item.item() if hasattr(item, "item") else item for item in remove]  # numpy / torch scalars → int, str
-    return Call("POST", f"/v1/attributions/{ident(attribution)}/edit", json={"remove": ids, "name": name})
+    body: dict[str, Any] = {"remove": ids, "name": name}
+    chosen = edit_options_json(options)
+    if chosen:
+        body["options"] = chosen
+    return Call("POST", f"/v1/attributions/{ident(attribution)}/edit", json=body)
 
 
 def examples(dataset: Any, ids: list[Any]) -> Call:

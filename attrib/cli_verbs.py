@@ -219,7 +219,7 @@ def export(client: Client, args: argparse.Namespace) -> int:
 
 def edit(client: Client, args: argparse.Namespace) -> int:
     remove = [int(value) if value.lstrip("-").isdigit() else value for value in args.remove]
-    model = client.edit(args.attribution, remove, name=args.name, progress=not args.json)
+    model = client.edit(args.attribution, remove, name=args.name, options=args.options, progress=not args.json)
     raw = dict(model.raw)
     if args.weights_out:
         raw["weights_path"] = str(client.download_weights(model, args.weights_out))
@@ -341,6 +341,12 @@ def add_client_verbs(commands: Any) -> None:
     change.add_argument("--remove", required=True, nargs="+", help="training ids (or task ids) to remove")
     change.add_argument("--name", required=True, help="name of the new model")
     change.add_argument("--weights-out", default=None, help="also download the new weights to this file")
+    change.add_argument(
+        "--options",
+        type=json_argument,
+        default=None,
+        help='edit options as JSON (inline or a file), e.g. \'{"estimator": "proximal", "max_steps": 10}\'',
+    )
 
 
 def run(handler: Handler, args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ import httpx
 from attrib import calls
 from attrib.config import resolve_api_key, resolve_base_url
 from attrib.jobs import Job
-from attrib.options import MethodOptions
+from attrib.options import Edit, MethodOptions
 from attrib.resources import Attribution, Checkpoint, Dataset, Fit, JobState, Model, ResultRow
 from attrib.transport import Call, RetryPolicy, send, stream
 
@@ -357,16 +357,28 @@ class Client:
 
     # --- editing -----------------------------------------------------------------------------------------
 
-    def edit(self, attribution: Any, remove: list[Any], *, name: str, progress: bool = True) -> Model:
+    def edit(
+        self,
+        attribution: Any,
+        remove: list[Any],
+        *,
+        name: str,
+        options: Edit | dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> Model:
         """A new model estimating the model retrained without ``remove`` (training ids, or task ids).
 
-        The server computes it as a job; this waits for it and returns the new model.
+        The server computes it as a job; this waits for it and returns the new model. ``options``: how the
+        retrain is estimated (:class:`attrib.options.Edit` or a dict; only the ones set are sent). The new
+        model's ``raw["edit_diagnostics"]`` say what the edit did.
 
         >>> negative = [row.train_id for row in client.results(attribution, direction="negative")][:20]
         >>> cleaned = client.edit(attribution, negative, name="mlp-cleaned")
         >>> client.download_weights(cleaned, "cleaned.safetensors")
+        >>> from attrib.options import Edit
+        >>> lighter = client.edit(attribution, negative, name="mlp-l2", options=Edit(proximity=1e-3))
         """
-        body = self.call(calls.edit(attribution, remove, name))
+        body = self.call(calls.edit(attribution, remove, name, options))
         Job(self, body["job_id"]).wait(progress=progress)
         return self.get_model(body["model_id"])
 

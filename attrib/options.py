@@ -1,4 +1,5 @@
-"""Typed method options for :meth:`attrib.Client.attribute` (plain dicts are accepted too).
+"""Typed method options for :meth:`attrib.Client.attribute`, and edit options for :meth:`attrib.Client.edit`
+(plain dicts are accepted too).
 
 Only the options you set are sent; the server fills in its defaults and refuses unknown ones with a 422.
 
@@ -84,6 +85,37 @@ class Source(MethodOptions):
     layers: list[str] | None = None
     batch_size: int | None = None
     method: ClassVar[str] = "source"
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Options of :meth:`attrib.Client.edit`: how the model retrained without the removed examples is estimated
+    (the server's docs/editing.md says what each assumes). ``estimator``: ``newton`` (the default for most
+    methods), ``proximal`` or ``first_order``; ``proximity``: λ of the proximal term (None: the L2 penalty the
+    model's gradient shows, else a multiple of its mean curvature); ``newton_steps``: at most this many Gauss-Newton
+    steps (None: two where the curvature's rows are stored, one matrix-free)."""
+
+    estimator: Literal["newton", "proximal", "first_order"] | None = None
+    proximity: float | None = None
+    newton_steps: int | None = None
+    max_steps: int | None = None
+    tol: float | None = None
+    cg_max_iter: int | None = None
+    trust_radius: float | None = None
+    batch_size: int | None = None
+    curvature_products: Literal["auto", "stored", "matrix_free"] | None = None
+    curvature_tol: float | None = None
+    line_search: Literal["boundary", "halving"] | None = None
+    boundary_share: float | None = None
+    preconditioner: Literal["auto", "kronecker", "none"] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+def edit_options_json(options: Edit | dict[str, Any] | None) -> dict[str, Any]:
+    """The edit request's ``options``: only the ones set (the server fills in its defaults)."""
+    return options.to_json() if isinstance(options, Edit) else dict(options or {})
 
 
 def method_and_options(

@@ -101,9 +101,20 @@ def test_upload_attribute_results_export_edit(served: Served, files: dict[str, P
     harmful = [str(r["train_id"]) for r in rows if r["direction"] == "negative"]
     weights = files["folder"] / "edited.safetensors"
     edited = attrib_json(
-        served, "edit", attribution["id"], "--remove", *harmful, "--name", "tiny-edited", "--weights-out", str(weights)
+        served,
+        "edit",
+        attribution["id"],
+        "--remove",
+        *harmful,
+        "--name",
+        "tiny-edited",
+        "--weights-out",
+        str(weights),
+        "--options",
+        '{"estimator": "first_order"}',
     )
     assert edited["id"] != model["id"] and edited["weights_path"] == str(weights)
+    assert edited["edit_diagnostics"]["estimator"] == "first_order"  # the options reached the edit
     assert set(load_file(weights)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 

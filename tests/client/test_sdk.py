@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from attrib import AsyncClient, Client, InvalidInput, NotFound, Unauthorized
-from attrib.options import Influence
+from attrib.options import Edit, Influence
 from tests.client.conftest import Served
 from tests.service.conftest import MLP_ARCHITECTURE, tiny_classifier, tiny_dataset
 
@@ -88,8 +88,11 @@ def test_results_export_and_edit(client_env: Served, pipeline: dict[str, Any], t
         assert len(rows) == 2 * 3 * TOP_K and {"query_id", "train_id", "score"} <= set(rows[0])
 
         remove = [row.train_id for row in negative[:2]]
-        edited = client.edit(attribution, remove, name="tiny-edited")
+        edited = client.edit(attribution, remove, name="tiny-edited", options=Edit(proximity=0.05, newton_steps=2))
         assert edited.id != pipeline["model"].id and edited.tracked_layers == ["0", "2"]
+        diagnostics = edited.raw["edit_diagnostics"]
+        assert diagnostics["proximity"] == 0.05 and diagnostics["proximity_rule"] == "given"
+        assert diagnostics["solver"]["steps"] <= 2
         weights = load_file(client.download_weights(edited, tmp_path / "edited.safetensors"))
         original = pipeline["net"].state_dict()
         assert set(weights) == set(original)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -20,7 +21,7 @@ from attrib import (
     RetryPolicy,
     ServiceUnavailable,
 )
-from attrib.options import DataInf, Influence
+from attrib.options import DataInf, Edit, Influence
 from attrib.payloads import dataset_part
 
 NO_WAIT = RetryPolicy(attempts=3, backoff=0.0)
@@ -208,6 +209,26 @@ def test_edit_waits_for_its_job_then_returns_the_model(monkeypatch: pytest.Monke
         "/v1/models/mdl_2",
     ]
     assert json.loads(script.requests[0].content) == {"remove": [3, "x"], "name": "edited"}
+
+
+@pytest.mark.parametrize(
+    ("options", "sent"),
+    [
+        (Edit(estimator="proximal", max_steps=10), {"estimator": "proximal", "max_steps": 10}),
+        (Edit(newton_steps=1, proximity=1e-3), {"newton_steps": 1, "proximity": 1e-3}),
+        ({"estimator": "first_order"}, {"estimator": "first_order"}),
+    ],
+)
+def test_edit_sends_only_the_options_set(monkeypatch: pytest.MonkeyPatch, options: Any, sent: dict[str, Any]) -> None:
+    monkeypatch.setattr("attrib.jobs.POLL_SECONDS", 0.0)
+    script = Script(
+        httpx.Response(202, json={"model_id": "mdl_2", "job_id": "job_e"}),
+        httpx.Response(200, json=job_json("succeeded", 2)),
+        httpx.Response(200, json=MODEL | {"id": "mdl_2"}),
+    )
+    with client_for(script) as client:
+        client.edit("attr_1", [3], name="edited", options=options, progress=False)
+    assert json.loads(script.requests[0].content) == {"remove": [3], "name": "edited", "options": sent}
 
 
 def test_a_failed_edit_job_raises_job_failed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,11 +1,13 @@
-"""The edit options of `POST /v1/attributions/{id}/edit` are typed from HTTP to the engine: every field of the
-request's `options` reaches `EditOptions` with its value, and the two sets of defaults are the same."""
+"""The edit options of `POST /v1/attributions/{id}/edit` are typed from the SDK to the engine: the SDK's `Edit`
+names the request's fields, every field of the request's `options` reaches `EditOptions` with its value, and the
+request's defaults are the engine's."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 from typing import Any
 
+from attrib.options import Edit
 from service.schemas.attributions import EditOptionsIn
 from worker.attribution import EditOptions
 from worker.methods.engine_options import edit_options
@@ -40,3 +42,8 @@ def test_every_request_option_reaches_the_engine() -> None:
     engine = edit_options(EditOptionsIn(**CHANGED), "newton")
     assert {name: getattr(engine, name) for name in CHANGED} == CHANGED
     engine.validate()
+
+
+def test_the_sdks_edit_options_are_the_requests() -> None:
+    assert {field.name for field in fields(Edit)} == set(EditOptionsIn.model_fields)
+    assert EditOptionsIn(**Edit(**CHANGED).to_json()) == EditOptionsIn(**CHANGED)
