@@ -361,7 +361,7 @@ def _diagnostics(
     before, after = objective.mean_kept_loss(objective.theta0), objective.mean_kept_loss(theta)
     decay, cosine = objective.implied_weight_decay
     warnings = list(report.warnings)
-    if relative > edit.trust_radius:
+    if relative > edit.trust_radius * (1 + 1e-9):  # a step shortened to the radius lies on it, up to rounding
         warnings.append(
             f"the edit moves the tracked weights by {100 * relative:.1f}% of their norm (trust radius "
             f"{100 * edit.trust_radius:.0f}%): outside the region where a local estimate of retraining "

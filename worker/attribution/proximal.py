@@ -128,19 +128,31 @@ def flat_from_state(layers: list[TrackedLayer], state: dict[str, torch.Tensor], 
 # ---------------------------------------------------------------- the objective
 
 
-def _output_hessian_product(
-    outputs: torch.Tensor, tangent: torch.Tensor, loss: LossName, targets: torch.Tensor
-) -> torch.Tensor:
-    """H_i u_i for each row: cross-entropy (diag(p) − p pᵀ) u, mse (½‖·‖²) u; causal_lm: the cross-entropy
-    product at each scored position of the (B, T, vocabulary) logits, 0 at the others."""
-    if loss == "cross_entropy":
-        p = torch.softmax(outputs.detach(), dim=1)
-        return p * tangent - p * (p * tangent).sum(1, keepdim=True)
+def output_hessian(
+    outputs: torch.Tensor, loss: LossName, targets: torch.Tensor, scale: torch.Tensor | float
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """u ↦ scale · H_i u_i for each row of a batch's ``outputs``: cross-entropy p ⊙ (u − ⟨p, u⟩) = (diag(p) − p pᵀ)
+    u, mse (½‖·‖²) u; causal_lm: the cross-entropy product at each scored position of the (B, T, vocabulary)
+    logits, 0 at the others. ``scale``: w_i / N (broadcast over the rows). Cross-entropy keeps the softmax of its
+    few outputs for every product; causal_lm computes it at each product (kept, it would double the memory the
+    operator holds: a batch's logits are already kept in its graph)."""
+    if loss == "mse":
+        return lambda tangent: tangent * scale
     if loss == "causal_lm":
-        p = torch.softmax(outputs.detach(), dim=-1)
-        product = p * tangent - p * (p * tangent).sum(-1, keepdim=True)
-        return product * scored_positions(targets).unsqueeze(-1).to(product.dtype)
-    return tangent
+        mask = scored_positions(targets).unsqueeze(-1)
+
+        def token_product(tangent: torch.Tensor) -> torch.Tensor:
+            p = torch.softmax(outputs.detach(), dim=-1) * mask.to(tangent.dtype)
+            return p * scale * (tangent - (p * tangent).sum(-1, keepdim=True))
+
+        return token_product
+    p = torch.softmax(outputs.detach(), dim=-1)
+    weighted = p * scale
+
+    def product(tangent: torch.Tensor) -> torch.Tensor:
+        return weighted * (tangent - (p * tangent).sum(-1, keepdim=True))
+
+    return product
 
 
 @dataclass
@@ -440,8 +452,10 @@ class ProximalObjective:
                 targets = check_targets(outputs, batch.targets, self.loss)
                 dual = torch.zeros_like(outputs, requires_grad=True)
                 transposed = torch.autograd.grad(outputs, point, dual, create_graph=True)[0]  # Jᵀu, linear in u
-            weights = None if batch.weights is None else batch.weights.reshape(-1, *([1] * (outputs.dim() - 1)))
-            maps.append((outputs, targets, dual, transposed, weights))
+            scale: torch.Tensor | float = 1.0 / self.n
+            if batch.weights is not None:
+                scale = batch.weights.reshape(-1, *([1] * (outputs.dim() - 1))) / self.n
+            maps.append((outputs, dual, transposed, output_hessian(outputs, self.loss, targets, scale)))
             logits = outputs.detach().requires_grad_(True)
             values = per_example_loss(logits, targets, self.loss)
             if batch.weights is not None:
@@ -456,12 +470,9 @@ class ProximalObjective:
         def apply(vector: Flat) -> Flat:
             self.passes += 1
             result = torch.zeros_like(vector)
-            for outputs, targets, dual, transposed, weights in maps:
+            for outputs, dual, transposed, hessian in maps:
                 pushed = torch.autograd.grad(transposed, dual, vector, retain_graph=True)[0]  # J v
-                weighted = _output_hessian_product(outputs.detach(), pushed, self.loss, targets)
-                if weights is not None:
-                    weighted = weighted * weights
-                result += torch.autograd.grad(outputs, point, weighted / self.n, retain_graph=True)[0].detach()
+                result += torch.autograd.grad(outputs, point, hessian(pushed), retain_graph=True)[0].detach()
             return result
 
         return total, gradient, apply
