@@ -15,11 +15,16 @@ from typing import Any, ClassVar, Literal
 
 
 @dataclass(frozen=True)
-class MethodOptions:
-    method: ClassVar[str]
+class RequestOptions:
+    """Options sent as a request's ``options``: only the ones set."""
 
     def to_json(self) -> dict[str, Any]:
         return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class MethodOptions(RequestOptions):
+    method: ClassVar[str]
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ class Source(MethodOptions):
 
 
 @dataclass(frozen=True)
-class Edit:
+class Edit(RequestOptions):
     """Options of :meth:`attrib.Client.edit`: how the model retrained without the removed examples is estimated
     (the server's docs/editing.md says what each assumes). ``estimator``: ``newton`` (the default for most
     methods), ``proximal`` or ``first_order``; ``proximity``: λ of the proximal term (None: the L2 penalty the
@@ -108,9 +113,6 @@ class Edit:
     line_search: Literal["boundary", "halving"] | None = None
     boundary_share: float | None = None
     preconditioner: Literal["auto", "kronecker", "none"] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {name: value for name, value in asdict(self).items() if value is not None}
 
 
 def edit_options_json(options: Edit | dict[str, Any] | None) -> dict[str, Any]:

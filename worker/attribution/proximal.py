@@ -304,17 +304,18 @@ class ProximalObjective:
 
     def value_and_gradient(self, flat: Flat) -> tuple[float, Flat]:
         """J_S(θ) and ∇J_S(θ)."""
-        step = flat - self.theta0
-        kept_loss, kept_gradient = self.kept_loss_and_gradient(flat)
-        value = kept_loss - float(self.anchor @ step) + 0.5 * self.proximity * float(step @ step)
-        return value, kept_gradient - self.anchor + self.proximity * step
+        return self._with_kept_terms(flat, *self.kept_loss_and_gradient(flat))
 
     def linearised_objective(self, flat: Flat) -> tuple[float, Flat, Callable[[Flat], Flat]]:
         """J_S(θ), ∇J_S(θ) and v ↦ G_{−S}(θ) v at θ = ``flat``, from one linearisation of the kept rows."""
-        step = flat - self.theta0
         kept_loss, kept_gradient, operator = self.linearise(flat)
+        return *self._with_kept_terms(flat, kept_loss, kept_gradient), operator
+
+    def _with_kept_terms(self, flat: Flat, kept_loss: float, kept_gradient: Flat) -> tuple[float, Flat]:
+        """J_S(θ) and ∇J_S(θ) from the kept rows' Σ w_i ℓ_i / N and its gradient at θ = ``flat``."""
+        step = flat - self.theta0
         value = kept_loss - float(self.anchor @ step) + 0.5 * self.proximity * float(step @ step)
-        return value, kept_gradient - self.anchor + self.proximity * step, operator
+        return value, kept_gradient - self.anchor + self.proximity * step
 
     def curvature_product(self, flat: Flat, vector: Flat) -> Flat:
         """G_{−S}(θ) v: the kept rows' Gauss-Newton product (1/N) Σ w_i J_iᵀ H_i J_i v."""
@@ -975,14 +976,15 @@ def newton_step(
     value0, gradient0 = objective.kept_loss0, -objective.removal_gradient
     radius = edit.trust_radius * float(theta0.norm())
     direction = _clipped_direction(objective, objective.curvature_operator(theta0), -gradient0, edit, radius, report)
-    found = _line_search(objective, theta0, value0, gradient0, direction, edit, report, progress)
+    found, report.boundary = _line_search(objective, theta0, value0, gradient0, direction, edit, progress, 1)
     if found is None:
-        fallback = "θ₀ moved by a tiny step" if edit.line_search == "halving" else "the unedited model"
+        halving = edit.line_search == "halving"
+        found = 0.5**LINE_SEARCH_HALVINGS if halving else 0.0
         report.warnings.append(
-            "the line search found no decrease of the proximal objective along the Newton step; the edit is " + fallback
+            "the line search found no decrease of the proximal objective along the Newton step; the edit is "
+            + ("θ₀ moved by a tiny step" if halving else "the unedited model")
         )
-    scale = found if found is not None else (0.5**LINE_SEARCH_HALVINGS if edit.line_search == "halving" else 0.0)
-    report.step_scale = scale
+    scale = report.step_scale = found
     report.accepted_steps = 1
     report.gradient_norm_ratio = None  # not computed: it would cost a gradient pass (the line search needs values)
     point = theta0 + scale * direction
@@ -992,9 +994,7 @@ def newton_step(
         report.steps += 1
         found = None
         if float(gradient @ direction) < 0:
-            found = _line_search(
-                objective, point, value, gradient, direction, edit, SolveReport(report.steps), progress
-            )
+            found = _line_search(objective, point, value, gradient, direction, edit, progress, report.steps)[0]
         if found is None:  # J_S does not decrease along it: the point reached stands
             report.further_step_scales.append(0.0)
             break
@@ -1030,29 +1030,29 @@ def _line_search(
     gradient: Flat,
     direction: Flat,
     edit: EditOptions,
-    report: SolveReport,
     progress: Progress,
-) -> float | None:
-    """The scale s of the step ``direction`` from ``origin`` (where J_S = ``value``, ∇J_S = ``gradient``). A scale
-    is acceptable when J_S(origin + s d) ≤ J_S(origin) + c s ⟨∇J_S, d⟩ (Armijo, c = ARMIJO).
+    step: int,
+) -> tuple[float | None, float | None]:
+    """(the scale s of the step ``direction`` from ``origin``, where J_S = ``value`` and ∇J_S = ``gradient``; the
+    ``boundary`` search's edge, 0 where it found none, None for ``halving``). A scale is acceptable when
+    J_S(origin + s d) ≤ J_S(origin) + c s ⟨∇J_S, d⟩ (Armijo, c = ARMIJO); ``step`` numbers the progress reports.
 
     ``edit.line_search`` ``halving``: the first acceptable scale of 1, ½, ¼, …  ``boundary``: the edge b of the
     acceptable scales up to 1/share (``_acceptable_edge``: secant tries, to within BOUNDARY_TOLERANCE), and the
     step s = min(1, share × b), share = ``edit.boundary_share``. The halving's answer jumps by factors of two as
-    the removal or λ change; the boundary's moves continuously (docs/editing.md). None: no acceptable scale."""
+    the removal or λ change; the boundary's moves continuously (docs/editing.md). Scale None: none acceptable."""
     slope = float(gradient @ direction)
 
     def excess(scale: float) -> float:  # φ(s) = (J_S(origin + s d) − J_S(origin)) / s − c ⟨∇J_S, d⟩: acceptable ≤ 0
-        progress("edit", report.steps, 1)
+        progress("edit", step, 1)
         return (objective.value(origin + scale * direction) - value) / scale - ARMIJO * slope
 
     if edit.line_search == "halving":
-        return _first_acceptable(lambda scale: excess(scale) <= 0, 1.0)
+        return _first_acceptable(lambda scale: excess(scale) <= 0, 1.0), None
     boundary = _acceptable_edge(excess, 1.0 / edit.boundary_share, (1 - ARMIJO) * slope)
-    report.boundary = boundary if boundary is not None else 0.0
     if boundary is None:
-        return None
-    return min(1.0, edit.boundary_share * boundary)
+        return None, 0.0
+    return min(1.0, edit.boundary_share * boundary), boundary
 
 
 def _first_acceptable(acceptable: Callable[[float], bool], start: float) -> float | None:
