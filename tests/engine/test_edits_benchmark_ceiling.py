@@ -19,6 +19,7 @@ from benchmarks.edits_retraining import (
     group_values,
     loss_table,
     pearson,
+    query_table,
     resolved_signs,
     truth_ceiling,
 )
@@ -120,3 +121,29 @@ def test_the_loss_table_counts_the_edits_that_would_warn() -> None:
     retrained, newton = lines[-2], lines[-1]
     assert retrained.endswith("| 0/2 | 0.20% | — |") and newton.endswith("| 1/2 | 0.50% | 2.00% |")
     assert "0.50% / 1.25% /" in newton  # min / median of the shares given back
+
+
+def test_the_query_table_counts_each_seed_against_its_own_retrain() -> None:
+    # query 1's top-10 set, three seeds: retrains +0.2, −0.1, −0.3 (two lower the loss); edits +0.1, +0.2, −0.4
+    # agree with their own seeds' retrains on seeds 0 and 2 although their mean (−0.033) has the retrained mean's
+    # sign (−0.067); query 0's set: every edit agrees; the self-influence set (no query) is left out
+    first = np.array([[0.5, 0.2], [0.4, -0.1], [0.6, -0.3]])
+    second = np.array([[0.1, 0.0], [0.2, 0.0], [0.3, 0.0]])
+    members = [
+        (RemovalSet("top-10 helpful (own query)", torch.arange(3), 1), Outcome(first.mean(0), first, [0.9] * 3, 1.0)),
+        (RemovalSet("top-10 helpful (own query)", torch.arange(3), 0), Outcome(second.mean(0), second, [0.9] * 3, 1.0)),
+        (RemovalSet("top-10 self-influence", torch.arange(3), None), Outcome(first.mean(0), first, [0.9] * 3, 1.0)),
+    ]
+    members[0][1].edited_changes["newton"] = np.array([[0.0, 0.1], [0.0, 0.2], [0.0, -0.4]])
+    members[1][1].edited_changes["newton"] = np.array([[0.2, 0.0], [0.1, 0.0], [0.4, 0.0]])
+    members[2][1].edited_changes["newton"] = np.zeros((3, 2))
+    sets, outcomes = [s for s, _ in members], [o for _, o in members]
+    lines = query_table(sets, outcomes, {"newton": EditOptions()}, np.array([0.01, 0.002]), torch.tensor([3, 7]))
+    rows = [line for line in lines if line.startswith("| top-10")]
+    assert len(rows) == 3  # two queries and the size's summary; nothing of the self-influence set
+    assert rows[0].startswith("| top-10 helpful (own query) | 1 (7) | 2.00e-03 | -0.06667 ± ")
+    assert rows[0].endswith("| 2/3 | +0.20000 | -0.03333, 2/3 |")
+    assert rows[1].endswith("| 0/3 | +0.10000 | +0.23333, 3/3 |")
+    assert rows[2].endswith("| 83% (5/6) |")
+    no_own_query = query_table(sets[2:], outcomes[2:], {"newton": EditOptions()}, np.zeros(2), torch.tensor([3, 7]))
+    assert no_own_query == []
