@@ -562,11 +562,11 @@ def query_table(
                 edited = outcome.edited_changes[name][:, q]
                 agree = int(np.sum(np.sign(edited) == np.sign(truth)))
                 agreeing[name] += agree
-                cells.append(f"{edited.mean():+.5f}, {agree}/{seeds}")
+                cells.append(f"{edited.mean():+.2e}, {agree}/{seeds}")
             pairs += seeds
             lines.append(
-                f"| {group} | {q} ({int(classes[q])}) | {full_loss[q]:.2e} | {truth.mean():+.5f} ± {error:.5f} | "
-                f"{int(np.sum(truth < 0))}/{seeds} | {truth[0]:+.5f} | " + " | ".join(cells) + " |"
+                f"| {group} | {q} ({int(classes[q])}) | {full_loss[q]:.2e} | {truth.mean():+.2e} ± {error:.1e} | "
+                f"{int(np.sum(truth < 0))}/{seeds} | {truth[0]:+.2e} | " + " | ".join(cells) + " |"
             )
         lines.append(
             f"| {group}: every query and seed | | | | | | "

@@ -141,9 +141,9 @@ def test_the_query_table_counts_each_seed_against_its_own_retrain() -> None:
     lines = query_table(sets, outcomes, {"newton": EditOptions()}, np.array([0.01, 0.002]), torch.tensor([3, 7]))
     rows = [line for line in lines if line.startswith("| top-10")]
     assert len(rows) == 3  # two queries and the size's summary; nothing of the self-influence set
-    assert rows[0].startswith("| top-10 helpful (own query) | 1 (7) | 2.00e-03 | -0.06667 ± ")
-    assert rows[0].endswith("| 2/3 | +0.20000 | -0.03333, 2/3 |")
-    assert rows[1].endswith("| 0/3 | +0.10000 | +0.23333, 3/3 |")
+    assert rows[0].startswith("| top-10 helpful (own query) | 1 (7) | 2.00e-03 | -6.67e-02 ± 1.5e-01 | ")
+    assert rows[0].endswith("| 2/3 | +2.00e-01 | -3.33e-02, 2/3 |")
+    assert rows[1].endswith("| 0/3 | +1.00e-01 | +2.33e-01, 3/3 |")
     assert rows[2].endswith("| 83% (5/6) |")
     no_own_query = query_table(sets[2:], outcomes[2:], {"newton": EditOptions()}, np.zeros(2), torch.tensor([3, 7]))
     assert no_own_query == []
