@@ -15,7 +15,10 @@ For an MLP 64→128→128→10 and a small CNN on scikit-learn's 8×8 digits (1,
    a query's own top-k set its own loss, for self-influence and random sets every query's loss; the sign also
    over the values whose retrained seed mean is resolved, SIGN_RESOLUTION standard errors from zero), the test
    accuracy of the edited models against the retrained ones (means over seeds, and each seed against its own),
-   and edit time against retrain time.
+   and edit time against retrain time;
+5. then each own-query set's own query one by one (``query_table``): the retrained change with its standard error
+   and each estimator's same-seed sign agreement (the seeds whose edit moves the loss the way their own retrain
+   does). Query losses are evaluated in float64 (``losses``).
 
     python -m benchmarks.edits_retraining            # full size, writes results/edits_retraining.md
     python -m benchmarks.edits_retraining --quick    # a smaller run, results/edits_retraining_quick.md

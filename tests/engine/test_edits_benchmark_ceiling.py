@@ -125,8 +125,8 @@ def test_the_loss_table_counts_the_edits_that_would_warn() -> None:
 
 def test_the_query_table_counts_each_seed_against_its_own_retrain() -> None:
     # query 1's top-10 set, three seeds: retrains +0.2, −0.1, −0.3 (two lower the loss); edits +0.1, +0.2, −0.4
-    # agree with their own seeds' retrains on seeds 0 and 2 although their mean (−0.033) has the retrained mean's
-    # sign (−0.067); query 0's set: every edit agrees; the self-influence set (no query) is left out
+    # agree with their own seeds' retrains on seeds 0 and 2 only, while their mean (−0.033) has the retrained
+    # mean's sign (−0.067); query 0's set: every edit agrees; the self-influence set (no query) is left out
     first = np.array([[0.5, 0.2], [0.4, -0.1], [0.6, -0.3]])
     second = np.array([[0.1, 0.0], [0.2, 0.0], [0.3, 0.0]])
     members = [
