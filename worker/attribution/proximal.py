@@ -70,6 +70,7 @@ from worker.attribution.options import (
     EditOptions,
     EditPreconditioner,
 )
+from worker.attribution.pooling_layout import channels_last_max_pooling
 from worker.attribution.text import text_model_kwargs
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
@@ -243,13 +244,14 @@ class ProximalObjective:
         return self._loss_and_gradient(self.kept, flat)
 
     def kept_loss(self, flat: Flat) -> float:
-        """Σ_{i∉S} w_i ℓ_i / N at ``flat`` (forward passes only; θ₀ and the last point of ``value`` are cached)."""
+        """Σ_{i∉S} w_i ℓ_i / N at ``flat`` (forward passes only, max-pooling channels-last on the CPU:
+        ``pooling_layout``; θ₀ and the last point of ``value`` are cached)."""
         if torch.equal(flat, self.theta0):
             return self.kept_loss0
         if self._last_kept_loss is not None and torch.equal(flat, self._last_kept_loss[0]):
             return self._last_kept_loss[1]
         self.passes += 1
-        with torch.no_grad():
+        with torch.no_grad(), channels_last_max_pooling(self.model):
             total = 0.0
             for batch in self._batches(self.kept):
                 outputs = self._outputs(flat, batch)
