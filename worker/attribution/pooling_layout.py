@@ -1,10 +1,10 @@
 """Max-pooling in the channels-last layout during the engine's forward-only passes on the CPU.
 
 PyTorch's CPU kernel for ``max_pool2d`` on a contiguous (N, C, H, W) tensor is several times slower than on the
-same values stored channels-last (N, H, W, C): on the benchmark's CNN (1,300 rows, 16 channels, 8×8) 4.4 ms
-against 1.2 ms including both layout copies (``benchmarks/pooling_layout.py``). An edit's line search evaluates
-the remaining rows' loss with forward passes only, a dozen of them, and there that kernel was a quarter of the
-edit's time.
+same values stored channels-last (N, H, W, C): at the edits benchmark's CNN shape (1,300 rows, 16 channels, 8×8)
+4.3 ms against 1.0 ms including both layout copies (``benchmarks/pooling_layout.py``). An edit's line search
+evaluates the remaining rows' loss with forward passes only, seven to nine of them on that CNN, and there that
+kernel was a quarter of the edit's time.
 
 ``channels_last_max_pooling(model)`` wraps each ``nn.MaxPool2d`` of the model for the duration of a ``with``
 block: a forward pre-hook copies a 4-D input to channels-last, and a forward hook copies the pooled output back
