@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Any
@@ -210,11 +211,15 @@ class ProximalObjective:
 
     # -- the model as a function of the flat tracked parameters
     def _outputs(self, flat: Flat, batch: Examples) -> torch.Tensor:
+        """The model's outputs on ``batch`` with the tracked parameters ``flat``. Forward-only passes (gradients
+        off: the line search's, the curvature trace's) max-pool channels-last on the CPU (``pooling_layout``)."""
         mask = batch.attention_mask
         kwargs = {} if mask is None else text_model_kwargs(mask)
-        outputs = functional_call(
-            self.model, {**self.frozen, **state_entries(self.layers, flat)}, (batch.inputs,), kwargs
-        )
+        layout = nullcontext() if torch.is_grad_enabled() else channels_last_max_pooling(self.model)
+        with layout:
+            outputs = functional_call(
+                self.model, {**self.frozen, **state_entries(self.layers, flat)}, (batch.inputs,), kwargs
+            )
         return without_padding(output_tensor(outputs), mask)
 
     def _batches(self, examples: Examples) -> list[Examples]:
@@ -244,14 +249,13 @@ class ProximalObjective:
         return self._loss_and_gradient(self.kept, flat)
 
     def kept_loss(self, flat: Flat) -> float:
-        """Σ_{i∉S} w_i ℓ_i / N at ``flat`` (forward passes only, max-pooling channels-last on the CPU:
-        ``pooling_layout``; θ₀ and the last point of ``value`` are cached)."""
+        """Σ_{i∉S} w_i ℓ_i / N at ``flat`` (forward passes only; θ₀ and the last point of ``value`` are cached)."""
         if torch.equal(flat, self.theta0):
             return self.kept_loss0
         if self._last_kept_loss is not None and torch.equal(flat, self._last_kept_loss[0]):
             return self._last_kept_loss[1]
         self.passes += 1
-        with torch.no_grad(), channels_last_max_pooling(self.model):
+        with torch.no_grad():
             total = 0.0
             for batch in self._batches(self.kept):
                 outputs = self._outputs(flat, batch)
