@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
@@ -309,6 +310,59 @@ def test_fit_then_influence_with_fit_id_then_edit(api: Api) -> None:
     other = api.client.post(f"/v1/attributions/{fresh['id']}/edit", json={"remove": [1, 2], "name": "other"})
     own = api.client.get(f"/v1/models/{other.json()['model_id']}").json()["edit_diagnostics"]
     assert "earlier edit" not in own["proximity_rule"]  # another attribution computes its own
+
+
+POOLING_CNN = {
+    "type": "sequential",
+    "layers": [
+        {"type": "conv2d", "in_channels": 1, "out_channels": 4, "kernel_size": 3, "padding": 1},
+        {"type": "relu"},
+        {"type": "maxpool2d", "kernel_size": 2},
+        {"type": "flatten"},
+        {"type": "linear", "in_features": 36, "out_features": 3},
+    ],
+}
+
+
+def test_edit_of_a_pooling_cnn_is_the_engines(sqlite_api: Api) -> None:
+    """A spec CNN with max-pooling edited through the API (its forward-only passes pool channels-last:
+    ``pooling_layout``): the rows of its curvature are stored, and the weights served are those of the engine's
+    edit of the same model and rows."""
+    from worker.attribution import EditOptions, Examples, edit_parameters
+
+    api = sqlite_api
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 3))
+    rng = np.random.default_rng(3)
+    train = {"inputs": rng.normal(size=(40, 1, 6, 6)).astype(np.float32), "targets": rng.integers(0, 3, size=40)}
+    query = {"inputs": rng.normal(size=(3, 1, 6, 6)).astype(np.float32), "targets": rng.integers(0, 3, size=3)}
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.02, weight_decay=1e-3)
+    for _ in range(150):  # trained, as a model a user edits is
+        optimizer.zero_grad()
+        F.cross_entropy(module(torch.from_numpy(train["inputs"])), torch.from_numpy(train["targets"])).backward()
+        optimizer.step()
+    uploaded = api.upload_model(module, architecture=POOLING_CNN)
+    assert uploaded.status_code == 201, uploaded.text
+    setup = {
+        "model_id": uploaded.json()["id"],
+        "train_dataset_id": api.upload_npz(**train).json()["id"],
+        "query_dataset_id": api.upload_npz(**query).json()["id"],
+    }
+    attribution = submit(api, setup, method="influence")
+    edited = api.client.post(f"/v1/attributions/{attribution['id']}/edit", json={"remove": [2, 7, 11], "name": "cnn"})
+    assert edited.status_code == 202, edited.text
+    model_id = edited.json()["model_id"]
+    diagnostics = api.client.get(f"/v1/models/{model_id}").json()["edit_diagnostics"]
+    assert diagnostics["curvature"]["products"] == "stored" and diagnostics["warnings"] == []
+    served = load_safetensors(api.client.get(f"/v1/models/{model_id}/weights").content)
+    examples = Examples(torch.from_numpy(train["inputs"]), torch.from_numpy(train["targets"]))
+    engine = edit_parameters(
+        module, examples, torch.tensor([2, 7, 11]), loss="cross_entropy", method="influence", edit=EditOptions()
+    )
+    assert set(served) == set(engine.state)
+    for key, value in engine.state.items():
+        assert torch.allclose(served[key], value, rtol=1e-5, atol=1e-7), key
+    assert any(not torch.equal(served[key], value) for key, value in module.state_dict().items())
 
 
 def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> None:
