@@ -91,7 +91,7 @@ def edit_rows(arch: str, repeats: int) -> list[str]:
     for _ in range(repeats):  # alternating, so that both see the same load
         for name in times:
             proximal_module.channels_last_max_pooling = (  # type: ignore[assignment]
-                hooked if name != "plain" else (lambda model: contextlib.nullcontext())
+                hooked if name != "plain" else (lambda layers: contextlib.nullcontext())
             )
             began = time.perf_counter()
             states[name] = edit()

@@ -13,7 +13,7 @@ from torch import nn
 from tests.engine.helpers import fit_classifier
 from worker.attribution import EditOptions, Examples, InfluenceOptions, edit_parameters, fit_curvature
 from worker.attribution import proximal as proximal_module
-from worker.attribution.pooling_layout import MIN_CHANNELS, channels_last_max_pooling
+from worker.attribution.pooling_layout import MIN_CHANNELS, channels_last_max_pooling, max_pooling_layers
 
 
 class ViewingConvNet(nn.Module):
@@ -45,7 +45,7 @@ def test_same_values_and_layout_for_a_viewing_model() -> None:
     inputs = _data(7, 1).inputs
     with torch.no_grad():
         plain = model(inputs)
-        with channels_last_max_pooling(model):
+        with channels_last_max_pooling(max_pooling_layers(model)):
             pooled_channels_last = model(inputs)
     assert torch.equal(plain, pooled_channels_last)
     assert not model.pool._forward_hooks and not model.pool._forward_pre_hooks
@@ -60,7 +60,7 @@ def test_pooling_runs_channels_last_inside_and_returns_contiguous() -> None:
     x = torch.randn(3, 5, 4, 4)
     with torch.no_grad():
         values, indices = pool(x)
-        with channels_last_max_pooling(pool):
+        with channels_last_max_pooling([pool]):
             values_cl, indices_cl = pool(x)
     assert seen == [False, True]
     assert torch.equal(values, values_cl) and torch.equal(indices, indices_cl)
@@ -73,7 +73,7 @@ def test_few_channels_are_left_alone() -> None:
     pool.register_forward_hook(
         lambda module, inputs, output: seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
     )
-    with torch.no_grad(), channels_last_max_pooling(pool):
+    with torch.no_grad(), channels_last_max_pooling([pool]):
         pool(torch.randn(3, MIN_CHANNELS - 1, 4, 4))
         pool(torch.randn(3, MIN_CHANNELS, 4, 4))
     assert seen == [False, True]
@@ -87,7 +87,7 @@ def test_gradient_passes_are_left_alone() -> None:
         lambda module, inputs, output: seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
     )
     inputs = _data(4, 2).inputs
-    with channels_last_max_pooling(model):
+    with channels_last_max_pooling(max_pooling_layers(model)):
         model(inputs).sum().backward()
     assert seen == [False]
 
@@ -117,7 +117,7 @@ def test_edit_of_a_pooling_cnn_is_the_same_with_and_without(monkeypatch: pytest.
     with_hooks = edited()
     assert any(layouts)  # the line search's forward passes pooled channels-last
     layouts.clear()
-    monkeypatch.setattr(proximal_module, "channels_last_max_pooling", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(proximal_module, "channels_last_max_pooling", lambda layers: contextlib.nullcontext())
     without = edited()
     assert not any(layouts)
     for key, value in with_hooks.items():

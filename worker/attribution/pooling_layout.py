@@ -6,8 +6,8 @@ same values stored channels-last (N, H, W, C): at the edits benchmark's CNN shap
 evaluates the remaining rows' loss with forward passes only, seven to nine of them on that CNN, and there that
 kernel was a quarter of the edit's time.
 
-``channels_last_max_pooling(model)`` wraps each ``nn.MaxPool2d`` of the model for the duration of a ``with``
-block: a forward pre-hook copies a 4-D input to channels-last, and a forward hook copies the pooled output back
+``channels_last_max_pooling(layers)`` wraps the given ``nn.MaxPool2d`` layers (``max_pooling_layers(model)``,
+found once per model) for the duration of a ``with`` block: a forward pre-hook copies a 4-D input to channels-last, and a forward hook copies the pooled output back
 to the contiguous layout. The values are identical (the same windows, the same maxima); the layer's output has
 the layout it has without the hooks, so a model that calls ``.view`` on it runs as before. The hooks act only
 where gradients are off and the tensor lies on the CPU: the backward pass of the channels-last kernel, with the
@@ -63,16 +63,20 @@ def _to_contiguous(module: nn.Module, inputs: tuple[object, ...], output: object
     return None
 
 
+def max_pooling_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's ``nn.MaxPool2d`` modules (the model itself when it is one)."""
+    return [module for module in model.modules() if isinstance(module, nn.MaxPool2d)]
+
+
 @contextmanager
-def channels_last_max_pooling(model: nn.Module) -> Iterator[None]:
-    """Within the block, the model's ``nn.MaxPool2d`` layers pool channels-last on the CPU with gradients off
-    (module docstring); the hooks are removed on leaving it."""
+def channels_last_max_pooling(layers: list[nn.Module]) -> Iterator[None]:
+    """Within the block, the ``nn.MaxPool2d`` ``layers`` pool channels-last on the CPU with gradients off (module
+    docstring); the hooks are removed on leaving it."""
     handles = []
     try:
-        for module in model.modules():
-            if isinstance(module, nn.MaxPool2d):
-                handles.append(module.register_forward_pre_hook(_to_channels_last))
-                handles.append(module.register_forward_hook(_to_contiguous))
+        for layer in layers:
+            handles.append(layer.register_forward_pre_hook(_to_channels_last))
+            handles.append(layer.register_forward_hook(_to_contiguous))
         yield
     finally:
         for handle in handles:

@@ -71,7 +71,7 @@ from worker.attribution.options import (
     EditOptions,
     EditPreconditioner,
 )
-from worker.attribution.pooling_layout import channels_last_max_pooling
+from worker.attribution.pooling_layout import channels_last_max_pooling, max_pooling_layers
 from worker.attribution.text import text_model_kwargs
 from worker.attribution.types import AttributionError, Examples, Progress, no_progress
 
@@ -192,6 +192,7 @@ class ProximalObjective:
         self.theta0 = flat_parameters(self.layers).to(self.device, self.dtype)
         tracked = set(state_entries(self.layers, self.theta0))
         self.frozen = {key: value.detach() for key, value in self.model.named_parameters() if key not in tracked}
+        self.pooling_layers = max_pooling_layers(self.model)  # pooled channels-last in forward-only passes
         keep = torch.ones(len(self.train), dtype=torch.bool)
         keep[self.removed] = False
         self.kept = self.train.subset(torch.nonzero(keep).reshape(-1))
@@ -215,7 +216,8 @@ class ProximalObjective:
         off: the line search's, the curvature trace's) max-pool channels-last on the CPU (``pooling_layout``)."""
         mask = batch.attention_mask
         kwargs = {} if mask is None else text_model_kwargs(mask)
-        layout = nullcontext() if torch.is_grad_enabled() else channels_last_max_pooling(self.model)
+        forward_only = bool(self.pooling_layers) and not torch.is_grad_enabled()
+        layout = channels_last_max_pooling(self.pooling_layers) if forward_only else nullcontext()
         with layout:
             outputs = functional_call(
                 self.model, {**self.frozen, **state_entries(self.layers, flat)}, (batch.inputs,), kwargs
