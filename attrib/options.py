@@ -98,7 +98,8 @@ class Edit(RequestOptions):
     (the server's docs/editing.md says what each assumes). ``estimator``: ``newton`` (the default for most
     methods), ``proximal`` or ``first_order``; ``proximity``: λ of the proximal term (None: the L2 penalty the
     model's gradient shows, else a multiple of its mean curvature); ``newton_steps``: at most this many Gauss-Newton
-    steps (None: two where the curvature's rows are stored, one matrix-free)."""
+    steps (None: two where the curvature's rows are stored, one matrix-free); ``reduction``: the retrain's loss over
+    the remaining rows, ``mean`` (the default: as a model trained on its rows' mean loss) or ``sum``."""
 
     estimator: Literal["newton", "proximal", "first_order"] | None = None
     proximity: float | None = None
@@ -113,6 +114,7 @@ class Edit(RequestOptions):
     line_search: Literal["boundary", "halving"] | None = None
     boundary_share: float | None = None
     preconditioner: Literal["auto", "kronecker", "none"] | None = None
+    reduction: Literal["mean", "sum"] | None = None
 
 
 def edit_options_json(options: Edit | dict[str, Any] | None) -> dict[str, Any]:

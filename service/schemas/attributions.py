@@ -410,6 +410,14 @@ class EditOptionsIn(StrictModel):
         "and a cheap solve), 1 where the products are matrix-free (it would cost as much as the first step). "
         "Ignored by the other estimators.",
     )
+    reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description="The loss the retrain minimises over the remaining rows. `mean` (default): their mean, as a "
+        "model trained on the mean loss over its rows (PyTorch's default reduction) is retrained: each remaining "
+        "row then weighs N / (N − removed) times more against the model's penalty and the proximal term. `sum`: "
+        "each row keeps its weight (a loss summed over the rows, or divided by the full count). `newton` and "
+        "`proximal`; ignored by `first_order` and the meta methods.",
+    )
 
 
 class EditIn(StrictModel):

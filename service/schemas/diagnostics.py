@@ -284,6 +284,12 @@ class EditDiagnostics(Diagnostics):
     num_train: int | None = None
     proximity: float | None = Field(None, description="λ of the proximal term ‖θ − θ₀‖².")
     proximity_rule: str | None = None
+    reduction: str | None = Field(
+        None,
+        description="The retrain's loss over the remaining rows that the edit estimated: `mean` (over the rows "
+        "kept) or `sum` (each row's weight unchanged). Null: `first_order` (the method's own step), meta methods "
+        "and older edits.",
+    )
     implied_weight_decay: float | None = Field(
         None,
         description="δ̂ = −⟨g₀, θ₀⟩ / ‖θ₀‖²: the L2 penalty that the training data's loss gradient g₀ at the "

@@ -1,8 +1,8 @@
 """Proximal and Newton edits on a small float64 MLP (a non-convex model).
 
 The reference is an independent retrain from the same weights of the anchored proximal objective
-J_S(θ) = (1/N) Σ_{i∉S} ℓ_i(θ) − ⟨∇L(θ₀), θ − θ₀⟩ + (λ/2)‖θ − θ₀‖², written here with torch.func and minimised
-by L-BFGS to a gradient norm of 1e-12. Tolerances (relative distance of the parameter changes): the proximal
+J_S(θ) = (1/M) Σ_{i∉S} ℓ_i(θ) − ⟨∇L(θ₀), θ − θ₀⟩ + (λ/2)‖θ − θ₀‖² (M = N − |S| for the `mean` reduction, N for
+`sum`), written here with torch.func and minimised by L-BFGS to a gradient norm of 1e-12. Tolerances (relative distance of the parameter changes): the proximal
 estimator 1e-6 at tol 1e-8, and each tighter tolerance at least 10× closer than tol 1e-1; every influence
 strategy and DataInf give the same minimiser (the objective does not depend on the method): 1e-4 at tol 1e-6.
 """
@@ -20,7 +20,7 @@ from torch.func import functional_call
 from tests.engine.helpers import fit_classifier
 from worker.attribution import DataInfOptions, EditOptions, Examples, InfluenceOptions, edit_parameters
 from worker.attribution.hooks import TrackedLayer
-from worker.attribution.options import EditEstimator
+from worker.attribution.options import EditEstimator, KeptReduction
 
 N, PROXIMITY = 80, 0.05
 REMOVE = torch.tensor([2, 7, 11, 30, 31, 64])
@@ -42,27 +42,34 @@ def setup() -> tuple[nn.Module, Examples, Examples]:
 
 
 @pytest.fixture(scope="module")
-def reference(setup) -> torch.Tensor:
+def references(setup) -> dict[str, torch.Tensor]:
     model, data, _ = setup
-    return proximal_retrain(model, data, REMOVE, PROXIMITY)
+    return {reduction: proximal_retrain(model, data, REMOVE, PROXIMITY, reduction) for reduction in ("mean", "sum")}
+
+
+def kept_count(remove: torch.Tensor, reduction: str) -> int:
+    """M: the kept rows' loss is divided by this (their count for the mean reduction, N for the sum)."""
+    return N - len(set(remove.tolist())) if reduction == "mean" else N
 
 
 def flat_change(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([(state[k] - v).flatten() for k, v in model.state_dict().items()])
 
 
-def proximal_retrain(model: nn.Module, data: Examples, remove: torch.Tensor, proximity: float) -> torch.Tensor:
+def proximal_retrain(
+    model: nn.Module, data: Examples, remove: torch.Tensor, proximity: float, reduction: str
+) -> torch.Tensor:
     """argmin J_S by L-BFGS from θ₀; returns θ − θ₀ over every parameter (all are tracked here)."""
     names = [name for name, _ in model.named_parameters()]
     theta0 = [p.detach().clone() for p in model.parameters()]
     keep = torch.tensor([i for i in range(N) if i not in set(remove.tolist())])
 
-    def total_loss(params: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    def total_loss(params: list[torch.Tensor], rows: torch.Tensor, count: int) -> torch.Tensor:
         out = functional_call(model, dict(zip(names, params, strict=True)), (data.inputs[rows],))
-        return F.cross_entropy(out, data.targets[rows], reduction="sum") / N
+        return F.cross_entropy(out, data.targets[rows], reduction="sum") / count
 
     start = [t.clone().requires_grad_(True) for t in theta0]
-    anchor = torch.autograd.grad(total_loss(start, torch.arange(N)), start)
+    anchor = torch.autograd.grad(total_loss(start, torch.arange(N), N), start)
     params = [t.clone().requires_grad_(True) for t in theta0]
     optimizer = torch.optim.LBFGS(
         params,
@@ -76,7 +83,7 @@ def proximal_retrain(model: nn.Module, data: Examples, remove: torch.Tensor, pro
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        value = total_loss(params, keep)
+        value = total_loss(params, keep, kept_count(remove, reduction))
         for p, p0, g in zip(params, theta0, anchor, strict=True):
             value = value - (g * (p - p0)).sum() + 0.5 * proximity * (p - p0).pow(2).sum()
         value.backward()
@@ -91,6 +98,7 @@ def edit(model: nn.Module, data: Examples, remove: torch.Tensor, **edit_options:
     options = InfluenceOptions(strategy="exact", damping=PROXIMITY)
     edit_options.setdefault("estimator", "proximal")
     edit_options.setdefault("proximity", PROXIMITY)
+    edit_options.setdefault("reduction", "sum")  # the objective proximal_objective writes out by default
     return edit_parameters(
         model,
         data,
@@ -101,15 +109,20 @@ def edit(model: nn.Module, data: Examples, remove: torch.Tensor, **edit_options:
     ).state
 
 
-def test_proximal_edit_approaches_the_proximal_retrain_as_tolerance_tightens(setup, reference) -> None:
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_proximal_edit_approaches_the_proximal_retrain_as_tolerance_tightens(
+    setup, references, reduction: KeptReduction
+) -> None:
     model, data, _ = setup
-    errors = []
+    reference, errors = references[reduction], []
     for tol in (1e-1, 1e-3, 1e-8):
-        change = flat_change(model, edit(model, data, REMOVE, tol=tol, max_steps=100))
+        change = flat_change(model, edit(model, data, REMOVE, tol=tol, max_steps=100, reduction=reduction))
         errors.append(float((change - reference).norm() / reference.norm()))
     assert errors[-1] <= 1e-6
     assert errors[1] <= errors[0] / 10 and errors[2] <= errors[0] / 10
-    newton = flat_change(model, edit(model, data, REMOVE, estimator="newton", trust_radius=10.0))
+    other = references["sum" if reduction == "mean" else "mean"]  # the other objective's minimiser is elsewhere
+    assert float((change - other).norm() / reference.norm()) > 1e-2
+    newton = flat_change(model, edit(model, data, REMOVE, estimator="newton", trust_radius=10.0, reduction=reduction))
     assert float((newton - reference).norm() / reference.norm()) < 0.5  # one step: close, not exact
 
 
@@ -171,6 +184,7 @@ def test_the_boundary_line_search_finds_the_edge_of_the_acceptable_steps(setup) 
                 boundary_share=share,
                 cg_tol=1e-10,
                 cg_max_iter=200,
+                reduction="sum",  # the objective proximal_objective writes out
             ),
         )
         for search, share in (("halving", 0.85), ("boundary", 0.85), ("boundary", 1.0))
@@ -234,10 +248,13 @@ def test_removing_nothing_changes_nothing(setup, estimator: EditEstimator) -> No
     assert result.diagnostics["num_removed"] == 0 and result.diagnostics["step_norm"] == 0.0
 
 
-def test_a_set_and_its_complement_are_consistent_with_the_full_data_objective(setup) -> None:
-    """Each proximal edit is stationary for its objective; the two objectives' data terms add up to the full
-    data loss, so ∇L_{−S}(θ_S) + ∇L_{−S^c}(θ_{S^c}) + λ(θ_S + θ_{S^c} − 2θ₀) = 2∇L(θ₀). First-order edits are
-    additive: Δ(S) + Δ(S^c) = Δ(everything)."""
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_set_and_its_complement_are_consistent_with_the_full_data_objective(setup, reduction: KeptReduction) -> None:
+    """Each proximal edit is stationary for its objective: (M_X/N) J_X, with L_{−X} = (1/N) Σ_{i∉X} ℓ_i, has
+    ∇L_{−X}(θ_X) − s_X ∇L(θ₀) + s_X λ(θ_X − θ₀) = 0, s_X = M_X / N (1 for the sum reduction). The two objectives'
+    data terms add up to the full data loss, so ∇L_{−S}(θ_S) + ∇L_{−S^c}(θ_{S^c}) + λ(s_S(θ_S − θ₀) +
+    s_{S^c}(θ_{S^c} − θ₀)) = (s_S + s_{S^c}) ∇L(θ₀): 2∇L(θ₀) for the sum, ∇L(θ₀) for the mean (M_S + M_{S^c} = N).
+    First-order edits are additive: Δ(S) + Δ(S^c) = Δ(everything)."""
     model, data, _ = setup
     complement = torch.tensor([i for i in range(N) if i not in set(REMOVE.tolist())])
     names = [name for name, _ in model.named_parameters()]
@@ -250,17 +267,19 @@ def test_a_set_and_its_complement_are_consistent_with_the_full_data_objective(se
         value = F.cross_entropy(out, data.targets[keep], reduction="sum") / N
         return torch.cat([g.flatten() for g in torch.autograd.grad(value, list(params.values()))])
 
-    tight = {"tol": 1e-9, "max_steps": 100}
+    tight: dict[str, Any] = {"tol": 1e-9, "max_steps": 100, "reduction": reduction}
     s_state, c_state = edit(model, data, REMOVE, **tight), edit(model, data, complement, **tight)
+    share_s, share_c = kept_count(REMOVE, reduction) / N, kept_count(complement, reduction) / N
     full = kept_gradient(model.state_dict(), torch.zeros(0, dtype=torch.long))
     theta_s = theta0 + flat_change(model, s_state)
     theta_c = theta0 + flat_change(model, c_state)
     total = (
         kept_gradient(s_state, REMOVE)
         + kept_gradient(c_state, complement)
-        + PROXIMITY * (theta_s + theta_c - 2 * theta0)
+        + PROXIMITY * (share_s * (theta_s - theta0) + share_c * (theta_c - theta0))
     )
-    assert float((total - 2 * full).norm()) <= 1e-7 * max(float(full.norm()), 1e-3)
+    expected = (share_s + share_c) * full
+    assert float((total - expected).norm()) <= 1e-7 * max(float(full.norm()), 1e-3)
     first = {"estimator": "first_order"}
     additive = flat_change(model, edit(model, data, REMOVE, **first)) + flat_change(
         model, edit(model, data, complement, **first)
@@ -279,7 +298,7 @@ def test_a_set_and_its_complement_are_consistent_with_the_full_data_objective(se
 )
 def test_every_method_reaches_the_same_proximal_minimiser(
     setup,
-    reference,
+    references,
     method: Literal["influence", "datainf"],
     options: InfluenceOptions | DataInfOptions,
 ) -> None:
@@ -296,6 +315,7 @@ def test_every_method_reaches_the_same_proximal_minimiser(
         ),
         queries=queries,
     )
+    reference = references["mean"]  # the default reduction
     assert float((flat_change(model, result.state) - reference).norm()) <= 1e-4 * float(reference.norm())
     diagnostics = result.diagnostics
     assert diagnostics["solver"]["converged"]
@@ -383,6 +403,7 @@ def test_further_newton_steps_are_gauss_newton_steps_from_the_point_reached(setu
                 trust_radius=10.0,
                 cg_tol=1e-12,
                 cg_max_iter=400,
+                reduction="sum",  # the objective written out below
             ),
         )
         return flat_from_state(layers, result.state, theta0), result.diagnostics["solver"]
@@ -428,7 +449,7 @@ def proximal_retrain_flat(
     """``proximal_retrain``'s change in the engine's flat layout (each layer's weight with its bias as a column)."""
     from worker.attribution.proximal import flat_from_state
 
-    change = proximal_retrain(model, data, remove, proximity)
+    change = proximal_retrain(model, data, remove, proximity, "sum")
     state, start = {}, 0
     for key, value in model.state_dict().items():
         state[key] = value + change[start : start + value.numel()].view_as(value)

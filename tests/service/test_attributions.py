@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -327,7 +328,8 @@ POOLING_CNN = {
 def test_edit_of_a_pooling_cnn_is_the_engines(sqlite_api: Api) -> None:
     """A spec CNN with max-pooling edited through the API (its forward-only passes pool channels-last:
     ``pooling_layout``): the rows of its curvature are stored, and the weights served are those of the engine's
-    edit of the same model and rows."""
+    edit of the same model and rows, for the default reduction (the kept rows' mean loss) and for ``sum``, which
+    the diagnostics name and which give different weights."""
     from worker.attribution import EditOptions, Examples, edit_parameters
 
     api = sqlite_api
@@ -349,20 +351,33 @@ def test_edit_of_a_pooling_cnn_is_the_engines(sqlite_api: Api) -> None:
         "query_dataset_id": api.upload_npz(**query).json()["id"],
     }
     attribution = submit(api, setup, method="influence")
-    edited = api.client.post(f"/v1/attributions/{attribution['id']}/edit", json={"remove": [2, 7, 11], "name": "cnn"})
-    assert edited.status_code == 202, edited.text
-    model_id = edited.json()["model_id"]
-    diagnostics = api.client.get(f"/v1/models/{model_id}").json()["edit_diagnostics"]
-    assert diagnostics["curvature"]["products"] == "stored" and diagnostics["warnings"] == []
-    served = load_safetensors(api.client.get(f"/v1/models/{model_id}/weights").content)
     examples = Examples(torch.from_numpy(train["inputs"]), torch.from_numpy(train["targets"]))
-    engine = edit_parameters(
-        module, examples, torch.tensor([2, 7, 11]), loss="cross_entropy", method="influence", edit=EditOptions()
-    )
-    assert set(served) == set(engine.state)
-    for key, value in engine.state.items():
-        assert torch.allclose(served[key], value, rtol=1e-5, atol=1e-7), key
-    assert any(not torch.equal(served[key], value) for key, value in module.state_dict().items())
+    served_edits = []
+    for reduction in ("mean", "sum"):  # the default; each row keeping its weight
+        request: dict[str, Any] = {"remove": [2, 7, 11], "name": f"cnn-{reduction}"}
+        if reduction != "mean":
+            request["options"] = {"reduction": reduction}
+        edited = api.client.post(f"/v1/attributions/{attribution['id']}/edit", json=request)
+        assert edited.status_code == 202, edited.text
+        model_id = edited.json()["model_id"]
+        diagnostics = api.client.get(f"/v1/models/{model_id}").json()["edit_diagnostics"]
+        assert diagnostics["curvature"]["products"] == "stored" and diagnostics["warnings"] == []
+        assert diagnostics["reduction"] == reduction
+        served = load_safetensors(api.client.get(f"/v1/models/{model_id}/weights").content)
+        engine = edit_parameters(
+            module,
+            examples,
+            torch.tensor([2, 7, 11]),
+            loss="cross_entropy",
+            method="influence",
+            edit=EditOptions(reduction=reduction),  # type: ignore[arg-type]
+        )
+        assert set(served) == set(engine.state)
+        for key, value in engine.state.items():
+            assert torch.allclose(served[key], value, rtol=1e-5, atol=1e-7), key
+        assert any(not torch.equal(served[key], value) for key, value in module.state_dict().items())
+        served_edits.append(served)
+    assert any(not torch.allclose(served_edits[0][key], value) for key, value in served_edits[1].items())
 
 
 def test_edit_is_a_job_the_model_exists_once_it_succeeds(sqlite_api: Api) -> None:

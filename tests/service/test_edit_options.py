@@ -27,6 +27,7 @@ CHANGED: dict[str, Any] = {
     "boundary_share": 0.5,
     "preconditioner": "none",
     "newton_steps": 3,
+    "reduction": "sum",
 }
 
 

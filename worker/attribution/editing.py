@@ -216,6 +216,7 @@ def estimate_edit(
             curvature_tol=edit.curvature_tol,
             cg_max_iter=edit.cg_max_iter,
             preconditioner_kind=edit.preconditioner,
+            reduction=edit.reduction,
         )
         objective.proximity, rule, scale = _proximity(objective, edit, curvature_scale)
         report = SolveReport()
@@ -378,6 +379,7 @@ def _diagnostics(
         "num_train": objective.n,
         "proximity": objective.proximity,
         "proximity_rule": rule,
+        "reduction": objective.reduction if edit.estimator != "first_order" else None,
         "implied_weight_decay": decay,
         "implied_weight_decay_cosine": cosine,
         "step_norm": float(step.norm()),

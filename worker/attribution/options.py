@@ -144,6 +144,8 @@ EDIT_ESTIMATORS: tuple[str, ...] = ("proximal", "newton", "first_order")
 CurvatureProducts = Literal["auto", "stored", "matrix_free"]
 LineSearch = Literal["boundary", "halving"]
 LINE_SEARCHES: tuple[str, ...] = ("boundary", "halving")
+KeptReduction = Literal["mean", "sum"]
+KEPT_REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 EditPreconditioner = Literal["auto", "kronecker", "none"]
 EDIT_PRECONDITIONERS: tuple[str, ...] = ("auto", "kronecker", "none")
 PRECONDITIONED_CG_ITERATIONS = 8  # CG products per solve by default with the Kronecker preconditioner
@@ -197,7 +199,11 @@ class EditOptions:
     square-root rows of G: edit_preconditioner.py), ``none``, or ``auto`` (kronecker where the rows of G are
     stored, so fitting it costs no pass over the data; none with matrix-free products, where plain CG truncated
     at 20 products is part of the measured estimate). ``cg_max_iter`` None: PRECONDITIONED_CG_ITERATIONS with the
-    preconditioner, PLAIN_CG_ITERATIONS without."""
+    preconditioner, PLAIN_CG_ITERATIONS without.
+    ``reduction``: the loss the retrain minimises over the remaining rows: ``mean`` (Σ_{kept} w ℓ / |kept|, as a
+    model trained on the mean loss is retrained: each remaining row then weighs N / |kept| times more against the
+    penalty) or ``sum`` (Σ_{kept} w ℓ / N: each row keeps its weight, as for a loss summed over the rows).
+    ``newton`` and ``proximal`` only (``first_order`` is the method's own step; meta methods have their own)."""
 
     estimator: EditEstimator = "newton"
     proximity: float | None = None
@@ -213,8 +219,11 @@ class EditOptions:
     boundary_share: float = DEFAULT_BOUNDARY_SHARE
     preconditioner: EditPreconditioner = "auto"
     newton_steps: int | None = None
+    reduction: KeptReduction = "mean"
 
     def validate(self) -> None:
+        if self.reduction not in KEPT_REDUCTIONS:
+            raise AttributionError(f"unknown reduction {self.reduction!r}; expected one of {KEPT_REDUCTIONS}")
         if self.preconditioner not in EDIT_PRECONDITIONERS:
             raise AttributionError(
                 f"unknown preconditioner {self.preconditioner!r}; expected one of {EDIT_PRECONDITIONERS}"

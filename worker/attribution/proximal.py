@@ -2,16 +2,22 @@
 
 Removing the rows S of the training data from a model at θ₀ is estimated as the minimiser of
 
-    J_S(θ) = (1/N) Σ_{i ∉ S} w_i ℓ_i(θ) − ⟨g₀, θ − θ₀⟩ + (λ/2) ‖θ − θ₀‖²,    g₀ = ∇ (1/N) Σ_i w_i ℓ_i (θ₀)
+    J_S(θ) = (1/M) Σ_{i ∉ S} w_i ℓ_i(θ) − ⟨g₀, θ − θ₀⟩ + (λ/2) ‖θ − θ₀‖²,    g₀ = ∇ (1/N) Σ_i w_i ℓ_i (θ₀)
 
-over the tracked layers' parameters θ (everything else stays fixed). N is the full training count. The anchor
-term −⟨g₀, θ − θ₀⟩ makes θ₀ stationary when nothing is removed (so an edit answers the removal only, not the
-leftover gradient of an unfinished training run); for a model trained with an L2 penalty (δ/2)‖θ‖² and λ = δ,
-J_S equals that penalised retrain objective up to a constant. The proximal term (λ/2)‖θ − θ₀‖² keeps the retrain
-near θ₀: it stands in for the finite training that a real retrain from the same start would do (docs/editing.md).
+over the tracked layers' parameters θ (everything else stays fixed). N is the full training count; M the count of
+the rows kept, N − |S| (``reduction`` "mean": a model trained on its rows' mean loss is retrained on the mean over
+those it keeps, so each of them weighs N / M times more against the other terms) or N ("sum": each row keeps its
+weight). The anchor term −⟨g₀, θ − θ₀⟩ makes θ₀ stationary when nothing is removed (so an edit answers the removal
+only, not the leftover gradient of an unfinished training run); for a model trained with an L2 penalty (δ/2)‖θ‖²
+and λ = δ, J_S equals that penalised retrain objective up to a constant. The proximal term (λ/2)‖θ − θ₀‖² keeps
+the retrain near θ₀: it stands in for the finite training that a real retrain from the same start would do
+(docs/editing.md).
+
+The code works with (M/N) J_S, whose minimiser is the same: the kept rows' terms stay in units of 1/N (as the
+curvature products G = (1/N) Σ … below), and the anchor and proximal terms are scaled by M/N (``kept_share``).
 
 Curvature products use the Gauss-Newton matrix G = (1/N) Σ w_i J_iᵀ H_i J_i (H_i: the loss Hessian in the
-outputs, PSD), so every linear system (G_{−S} + λI + μI) d = −∇J is positive definite.
+outputs, PSD), so every linear system (G_{−S} + (M/N)λI + μI) d = −∇J is positive definite.
 
 Each product G v costs two backward passes over the kept rows (matrix-free), or, when the model's outputs are few
 (classification or regression, not token logits) and the memory allows, next to nothing once the rows of a square
@@ -70,6 +76,7 @@ from worker.attribution.options import (
     CurvatureProducts,
     EditOptions,
     EditPreconditioner,
+    KeptReduction,
 )
 from worker.attribution.pooling_layout import channels_last_max_pooling, max_pooling_layers
 from worker.attribution.text import text_model_kwargs
@@ -174,6 +181,7 @@ class ProximalObjective:
     curvature_tol: float = 0.0  # stored products: the share of the output-curvature terms' weight left out
     cg_max_iter: int | None = None  # products per solve (None: by the preconditioner; ``cg_iterations``)
     preconditioner_kind: EditPreconditioner = "none"  # the solves' preconditioner (EditOptions.preconditioner)
+    reduction: KeptReduction = "mean"  # the retrain's loss over the kept rows: their mean, or Σ / N (EditOptions)
     theta0: Flat = field(init=False)
     removal_gradient: Flat = field(init=False)  # r = (1/N) Σ_{i∈S} w_i ∇ℓ_i(θ₀)
     anchor: Flat = field(init=False)  # g₀ = ∇L(θ₀) over all rows
@@ -204,10 +212,15 @@ class ProximalObjective:
             kept_loss, kept_gradient, self._start_operator = self.linearise(self.theta0)
         else:
             kept_loss, kept_gradient = self.kept_loss_and_gradient(self.theta0)
-        self.kept_loss0 = kept_loss  # J_S(θ₀) = this; ∇J_S(θ₀) = −removal_gradient
+        self.kept_loss0 = kept_loss  # (M/N) J_S(θ₀) = this
         removed_rows = self.train.subset(self.removed)
         self.removal_gradient = self._loss_and_gradient(removed_rows, self.theta0)[1]
         self.anchor = kept_gradient + self.removal_gradient
+        # (M/N) J_S: the kept rows' terms in units of 1/N, the anchor and proximal terms scaled by M/N
+        self.kept_share = len(self.kept) / self.n if self.reduction == "mean" else 1.0
+        self.anchor_term = self.kept_share * self.anchor
+        # ∇(M/N) J_S at θ₀: −r with the sum; (1 − M/N) g₀ − r with the mean (the kept rows' gradient − (M/N) g₀)
+        self.gradient0 = -self.removal_gradient if self.reduction == "sum" else kept_gradient - self.anchor_term
         self._last_kept_loss: tuple[Flat, float] | None = None  # (θ, Σ_{kept} w ℓ / N) of the last value()
 
     # -- the model as a function of the flat tracked parameters
@@ -301,29 +314,34 @@ class ProximalObjective:
         along = -float(self.anchor @ self.theta0)
         return along / weight_norm**2, along / (gradient_norm * weight_norm)
 
+    @property
+    def damping(self) -> float:
+        """(M/N) λ: the proximal term's weight in (M/N) J_S, the damping of its Gauss-Newton solves."""
+        return self.kept_share * self.proximity
+
     def mean_kept_loss(self, flat: Flat) -> float:
         """The remaining rows' mean loss Σ_{i∉S} w_i ℓ_i / |kept| at ``flat`` (a diagnostic)."""
         return self.kept_loss(flat) * self.n / max(len(self.kept), 1)
 
     def value(self, flat: Flat) -> float:
-        """J_S(θ) alone (forward passes only)."""
+        """(M/N) J_S(θ) alone (forward passes only)."""
         step = flat - self.theta0
-        return self.kept_loss(flat) - float(self.anchor @ step) + 0.5 * self.proximity * float(step @ step)
+        return self.kept_loss(flat) - float(self.anchor_term @ step) + 0.5 * self.damping * float(step @ step)
 
     def value_and_gradient(self, flat: Flat) -> tuple[float, Flat]:
-        """J_S(θ) and ∇J_S(θ)."""
+        """(M/N) J_S(θ) and its gradient."""
         return self._with_kept_terms(flat, *self.kept_loss_and_gradient(flat))
 
     def linearised_objective(self, flat: Flat) -> tuple[float, Flat, Callable[[Flat], Flat]]:
-        """J_S(θ), ∇J_S(θ) and v ↦ G_{−S}(θ) v at θ = ``flat``, from one linearisation of the kept rows."""
+        """(M/N) J_S(θ), its gradient and v ↦ G_{−S}(θ) v at θ = ``flat``, from one linearisation of the kept rows."""
         kept_loss, kept_gradient, operator = self.linearise(flat)
         return *self._with_kept_terms(flat, kept_loss, kept_gradient), operator
 
     def _with_kept_terms(self, flat: Flat, kept_loss: float, kept_gradient: Flat) -> tuple[float, Flat]:
-        """J_S(θ) and ∇J_S(θ) from the kept rows' Σ w_i ℓ_i / N and its gradient at θ = ``flat``."""
+        """(M/N) J_S(θ) and its gradient from the kept rows' Σ w_i ℓ_i / N and its gradient at θ = ``flat``."""
         step = flat - self.theta0
-        value = kept_loss - float(self.anchor @ step) + 0.5 * self.proximity * float(step @ step)
-        return value, kept_gradient - self.anchor + self.proximity * step
+        value = kept_loss - float(self.anchor_term @ step) + 0.5 * self.damping * float(step @ step)
+        return value, kept_gradient - self.anchor_term + self.damping * step
 
     def curvature_product(self, flat: Flat, vector: Flat) -> Flat:
         """G_{−S}(θ) v: the kept rows' Gauss-Newton product (1/N) Σ w_i J_iᵀ H_i J_i v."""
@@ -981,7 +999,7 @@ def newton_step(
     step follows J_S's valley from where it turned up (docs/editing.md)."""
     report = SolveReport(steps=1)
     theta0 = objective.theta0
-    value0, gradient0 = objective.kept_loss0, -objective.removal_gradient
+    value0, gradient0 = objective.kept_loss0, objective.gradient0
     radius = edit.trust_radius * float(theta0.norm())
     direction = _clipped_direction(objective, objective.curvature_operator(theta0), -gradient0, edit, radius, report)
     found, report.boundary = _line_search(objective, theta0, value0, gradient0, direction, edit, progress, 1)
@@ -1022,7 +1040,7 @@ def _clipped_direction(
     report: SolveReport,
 ) -> Flat:
     """The solve (G + λI) d = rhs, clipped to the trust radius (noted in ``report``)."""
-    solved = _solve_with(objective, curvature, rhs, objective.proximity, edit.cg_tol)
+    solved = _solve_with(objective, curvature, rhs, objective.damping, edit.cg_tol)
     report.cg_iterations.append(solved.iterations)
     direction = solved.solution
     if float(direction.norm()) > radius > 0:
@@ -1134,7 +1152,7 @@ def minimise(
     tol, max_steps = edit.tol, edit.max_steps
     report = SolveReport()
     point = objective.theta0
-    value, gradient = objective.kept_loss0, -objective.removal_gradient  # J_S(θ₀), ∇J_S(θ₀)
+    value, gradient = objective.kept_loss0, objective.gradient0  # J_S(θ₀), ∇J_S(θ₀)
     norm0 = float(gradient.norm())
     if norm0 == 0.0:
         report.converged, report.gradient_norm_ratio = True, 0.0
@@ -1153,7 +1171,7 @@ def minimise(
             break
         progress("edit", step - 1, max_steps)
         report.steps = step
-        solved = _solve(objective, point, -gradient, objective.proximity + mu, edit.cg_tol)
+        solved = _solve(objective, point, -gradient, objective.damping + mu, edit.cg_tol)
         report.cg_iterations.append(solved.iterations)
         direction = solved.solution
         # model decrease of the real objective (without μ): −gᵀd − ½ dᵀ(G + λ)d, with (G + λ + μ)d ≈ −g
@@ -1168,7 +1186,7 @@ def minimise(
             if ratio > 0.75:
                 mu = mu / 3.0
         if ratio < 0.25:
-            mu = max(4.0 * mu, objective.proximity)
+            mu = max(4.0 * mu, objective.damping)
         report.gradient_norm_ratio = float(gradient.norm()) / norm0
         if report.gradient_norm_ratio <= tol:
             report.converged = True

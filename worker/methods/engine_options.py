@@ -142,4 +142,5 @@ def edit_options(options: EditOptionsIn, default_estimator: EstimatorName) -> Ed
         boundary_share=options.boundary_share,
         preconditioner=options.preconditioner,
         newton_steps=options.newton_steps,
+        reduction=options.reduction,
     )
