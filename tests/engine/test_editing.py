@@ -2,12 +2,12 @@
 
 Convex first-order edit:
 
-Objective: (1/M) sum_{kept} l_i + (delta/2) ||theta||^2, M the kept count (``reduction`` "mean") or the full
-count N ("sum"; its Hessian is exactly the engine's exact Hessian + damping delta). Tolerances: against retraining, 8% relative error of the parameter
-change (the first-order estimate uses the full-data Hessian: 3.2% (mse) and 5.2% (logistic) inherent error when
-removing 3 of 300 here); the proximal estimator with proximity = delta, 1e-5 (it minimises the same
-objective), the Newton estimator 3%; against the closed-form first-order step (H + delta I)^-1 (1/N) sum grad l built with
-torch.autograd.functional, 1e-8 relative.
+Objective: (1/M) sum_{kept} l_i + (delta/2) ||theta||^2, M the kept count (``reduction`` "mean") or the full count N
+("sum"; its Hessian is exactly the engine's exact Hessian + damping delta). Tolerances: the first-order estimate
+against the sum's retraining, 8% relative error of the parameter change (it uses the full-data Hessian: 3.2% (mse)
+and 5.2% (logistic) inherent error when removing 3 of 300 here); the proximal estimator with proximity = delta, 1e-5
+(it minimises the same objective), the Newton estimator 3%; against the closed-form first-order step (H + delta
+I)^-1 (1/N) sum grad l built with torch.autograd.functional, 1e-8 relative.
 """
 
 from __future__ import annotations

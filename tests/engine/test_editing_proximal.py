@@ -1,10 +1,13 @@
 """Proximal and Newton edits on a small float64 MLP (a non-convex model).
 
 The reference is an independent retrain from the same weights of the anchored proximal objective
-J_S(θ) = (1/M) Σ_{i∉S} ℓ_i(θ) − ⟨∇L(θ₀), θ − θ₀⟩ + (λ/2)‖θ − θ₀‖² (M = N − |S| for the `mean` reduction, N for
-`sum`), written here with torch.func and minimised by L-BFGS to a gradient norm of 1e-12. Tolerances (relative distance of the parameter changes): the proximal
-estimator 1e-6 at tol 1e-8, and each tighter tolerance at least 10× closer than tol 1e-1; every influence
-strategy and DataInf give the same minimiser (the objective does not depend on the method): 1e-4 at tol 1e-6.
+
+    J_S(θ) = (1/M) Σ_{i∉S} ℓ_i(θ) − ⟨∇L(θ₀), θ − θ₀⟩ + (λ/2)‖θ − θ₀‖²
+
+(M = N − |S| for the `mean` reduction, N for `sum`), written here with torch.func and minimised by L-BFGS to a
+gradient norm of 1e-12. Tolerances (relative distance of the parameter changes): the proximal estimator 1e-6 at tol
+1e-8, and each tighter tolerance at least 10× closer than tol 1e-1; every influence strategy and DataInf give the
+same minimiser (the objective does not depend on the method): 1e-4 at tol 1e-6.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Editing: the parameters the model would have if retrained without some training examples.
 
 Three estimators (``EditOptions.estimator``, docs/editing.md says what each assumes):
-- ``proximal`` (default): the minimiser of the anchored proximal retrain objective J_S (proximal.py), by
-  Levenberg-Marquardt Gauss-Newton steps over the remaining rows (each solved by CG);
-- ``newton``: a Gauss-Newton step of J_S from the current weights, clipped to a trust radius, line-searched, and
-  further such steps from the point reached while a line search stops short (``EditOptions.newton_steps``);
+- ``newton`` (default): a Gauss-Newton step of J_S (proximal.py) from the current weights, clipped to a trust
+  radius, line-searched, and further such steps from the point reached while a line search stops short
+  (``EditOptions.newton_steps``);
+- ``proximal``: the minimiser of the anchored proximal retrain objective J_S, by Levenberg-Marquardt Gauss-Newton
+  steps over the remaining rows (each solved by CG);
 - ``first_order``: θ + (1/N) P Σ_{removed} ∇ℓ with the attribution's preconditioner P (its scoring damping):
   removing z from L = (1/N) Σ ℓ_i moves a minimiser by (1/N) H⁻¹ ∇ℓ(z) to first order.
-Removing nothing is the identity for every estimator. Every edit carries diagnostics (``EditResult``).
+J_S's loss over the remaining rows is their mean by default (``EditOptions.reduction``). Removing nothing is the
+identity for every estimator. Every edit carries diagnostics (``EditResult``).
 """
 
 from __future__ import annotations
