@@ -90,10 +90,16 @@ def build(arch: str, seed: int) -> nn.Module:
 
 def train(arch: str, data: Examples, rows: torch.Tensor, seed: int, setting: Setting) -> nn.Module:
     """Full-batch Adam on the mean cross-entropy + (weight_decay/2)‖θ‖² (the seed picks the initialisation)."""
-    model = build(arch, seed)
+    return train_epochs(build(arch, seed), data, rows, setting, setting.epochs)
+
+
+def train_epochs(model: nn.Module, data: Examples, rows: torch.Tensor, setting: Setting, epochs: int) -> nn.Module:
+    """``model`` trained in place for ``epochs`` full-batch Adam epochs (a fresh optimiser) on ``rows``: the mean
+    cross-entropy + (weight_decay/2)‖θ‖²; returned in eval mode."""
+    model.train()
     x, y = data.inputs[rows], data.targets[rows]
     optimizer = torch.optim.Adam(model.parameters(), lr=setting.lr)
-    for _ in range(setting.epochs):
+    for _ in range(epochs):
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y) + 0.5 * setting.weight_decay * sum(
             p.pow(2).sum() for p in model.parameters()

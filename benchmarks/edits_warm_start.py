@@ -28,26 +28,16 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import RESULTS, digits_split, set_threads
-from benchmarks.edits_retraining import Setting, load, losses, removal_sets, train
+from benchmarks.edits_retraining import Setting, load, losses, removal_sets, train, train_epochs
 from worker.attribution import EditOptions, Examples, InfluenceOptions, edit_parameters, fit_curvature
 
 
 def continued(model: nn.Module, data: Examples, rows: torch.Tensor, epochs: int, setting: Setting) -> nn.Module:
-    """``model`` trained ``epochs`` more full-batch Adam epochs on ``rows`` (mean cross-entropy + the L2 penalty)."""
-    warm = copy.deepcopy(model).train()
-    x, y = data.inputs[rows], data.targets[rows]
-    optimizer = torch.optim.Adam(warm.parameters(), lr=setting.lr)
-    for _ in range(epochs):
-        optimizer.zero_grad(set_to_none=True)
-        penalty = sum(p.pow(2).sum() for p in warm.parameters())
-        loss = F.cross_entropy(warm(x), y) + 0.5 * setting.weight_decay * penalty
-        loss.backward()
-        optimizer.step()
-    return warm.eval()
+    """A copy of ``model`` trained ``epochs`` more full-batch Adam epochs on ``rows`` (as it was trained)."""
+    return train_epochs(copy.deepcopy(model), data, rows, setting, epochs)
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> str:
