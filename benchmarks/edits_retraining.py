@@ -55,6 +55,7 @@ from worker.attribution.options import DEFAULT_PROXIMITY_FRACTION
 from worker.attribution.proximal import ProximalObjective
 
 KS = (10, 40, 100)
+EPOCHS = {"mlp": 300, "cnn": 150, "mlp_narrow": 300, "cnn_wide": 150}  # full-batch Adam epochs of each model
 SIGN_RESOLUTION = 2.0  # a retrained change's sign is resolved beyond this many standard errors of its seed mean
 
 
@@ -656,11 +657,10 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     fractions = [float(f) for f in args.fractions.split(",")]
+    default_queries = {"mlp": 3 if args.quick else 6, "cnn": 2 if args.quick else 3, "mlp_narrow": 6, "cnn_wide": 3}
     settings = {
-        "mlp": Setting("mlp", queries=args.queries or (3 if args.quick else 6), seeds=args.seeds, epochs=300),
-        "cnn": Setting("cnn", queries=args.queries or (2 if args.quick else 3), seeds=args.seeds, epochs=150),
-        "mlp_narrow": Setting("mlp_narrow", queries=args.queries or 6, seeds=args.seeds, epochs=300),
-        "cnn_wide": Setting("cnn_wide", queries=args.queries or 3, seeds=args.seeds, epochs=150),
+        arch: Setting(arch, queries=args.queries or default_queries[arch], seeds=args.seeds, epochs=EPOCHS[arch])
+        for arch in EPOCHS
     }
     archs = [args.only] if args.only else ["mlp", "cnn"]
     lines = [
