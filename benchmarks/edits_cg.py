@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import RESULTS, digits_split, set_threads
-from benchmarks.edits_retraining import Setting, accuracy, load, losses, removal_sets, train
+from benchmarks.edits_retraining import EPOCHS, Setting, accuracy, load, losses, removal_sets, train
 from worker.attribution import Examples, InfluenceOptions, fit_curvature
 from worker.attribution.curvature.diagonal import DiagonalCurvature
 from worker.attribution.edit_preconditioner import KroneckerPreconditioner
@@ -52,7 +52,7 @@ def pcg(
 
 
 def run(arch: str) -> list[str]:
-    setting = {"mlp": Setting("mlp", 6, 1, 300), "cnn": Setting("cnn", 3, 1, 150)}[arch]
+    setting = Setting(arch, queries={"mlp": 6, "cnn": 3}[arch], seeds=1, epochs=EPOCHS[arch])
     train_data, test = digits_split(num_queries=397)
     queries = Examples(test.inputs[: setting.queries], test.targets[: setting.queries])
     base = train(arch, train_data, torch.arange(len(train_data)), 0, setting)

@@ -48,6 +48,7 @@ def time_set(
     train_data: Examples,
     model: nn.Module,
     fit: Curvature,
+    options: InfluenceOptions,
     removal: RemovalSet,
     seed: int,
     repeats: int,
@@ -64,7 +65,7 @@ def time_set(
             removal.rows,
             loss="cross_entropy",
             method="influence",
-            options=InfluenceOptions(strategy="ekfac"),
+            options=options,
             fit=fit,
             edit=EditOptions(),
             curvature_scale=scale,
@@ -98,7 +99,7 @@ def group_rows(arch: str, group: str, seeds: int, queries: int, repeats: int) ->
     retrain_total, edit_total = 0.0, 0.0
     for seed, (model, fit) in enumerate(zip(models, fits, strict=True)):
         for removal in sets:
-            retrains, edits = time_set(arch, setting, train_data, model, fit, removal, seed, repeats)
+            retrains, edits = time_set(arch, setting, train_data, model, fit, options, removal, seed, repeats)
             retrain, edited = statistics.median(retrains), statistics.median(edits)
             retrain_total, edit_total = retrain_total + retrain, edit_total + edited
             where = "" if removal.query is None else f" (query {removal.query})"

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import RESULTS, digits_split, set_threads
-from benchmarks.edits_retraining import Setting, load, losses, removal_sets, train, train_epochs
+from benchmarks.edits_retraining import EPOCHS, Setting, load, losses, removal_sets, train, train_epochs
 from worker.attribution import EditOptions, Examples, InfluenceOptions, edit_parameters, fit_curvature
 
 
@@ -48,7 +48,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="cnn", choices=["mlp", "cnn", "mlp_narrow", "cnn_wide"])
+    parser.add_argument("--arch", default="cnn", choices=sorted(EPOCHS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--queries", type=int, default=12)
     parser.add_argument("--ks", type=int, nargs="+", default=[10, 40])
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     set_threads(args.threads)
-    setting = Setting(args.arch, queries=args.queries, seeds=args.seeds, epochs=150)
+    setting = Setting(args.arch, queries=args.queries, seeds=args.seeds, epochs=EPOCHS[args.arch])
     train_data, test = digits_split(num_queries=397)
     queries = Examples(test.inputs[: args.queries], test.targets[: args.queries])
     everything = torch.arange(len(train_data))

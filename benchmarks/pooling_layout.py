@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, digits_split, set_threads
-from benchmarks.edits_retraining import Setting, removal_sets, train
+from benchmarks.edits_retraining import EPOCHS, Setting, removal_sets, train
 from worker.attribution import EditOptions, Examples, InfluenceOptions, edit_parameters, fit_curvature
 from worker.attribution import proximal as proximal_module
 from worker.attribution.pooling_layout import channels_last_max_pooling
@@ -59,7 +59,7 @@ def kernel_rows(repeats: int) -> list[str]:
 
 def edit_rows(arch: str, repeats: int) -> list[str]:
     train_data, test = digits_split(num_queries=397)
-    setting = Setting(arch, queries=2, seeds=1, epochs=150)
+    setting = Setting(arch, queries=2, seeds=1, epochs=EPOCHS[arch])
     model = train(arch, train_data, torch.arange(len(train_data)), 0, setting)
     fit = fit_curvature(model, train_data, "cross_entropy", InfluenceOptions(strategy="ekfac").fit_options())
     queries = Examples(test.inputs[:2], test.targets[:2])
